@@ -1,0 +1,283 @@
+/*
+** buzz.h: internal interface of the buzz C core.
+**
+** Every C file of the core includes this header; none of them but lbuzz.c
+** includes a Lua header. The pieces talk through plain C types: Lua values
+** that must travel with an event or a subscription are held by lbuzz.c as
+** integer references ("refs") that the core stores without interpreting.
+**
+** Functions return 0 or a negative BUZZ_E* code. When a call fails, it has
+** changed nothing and calls no callback (libuv's rule).
+**
+** Names: shared functions are buzz__<concern>_<verb>; everything else in a
+** file is static. The only exported symbol is luaopen_buzz_core.
+*/
+#ifndef BUZZ_H
+#define BUZZ_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/*
+** The error map. One list generates the enum, the names ("EFULL") and the
+** messages. Numbers are stable: later issues append, never renumber.
+*/
+#define BUZZ_ERRNO_MAP(X)                                          \
+  X(NOMEM,   1, "out of memory")                                   \
+  X(SUBJECT, 2, "malformed subject")                               \
+  X(FULL,    3, "queue is full")                                   \
+  X(CLOSED,  4, "attempt to use a closed bus")                     \
+  X(LOOP,    5, "event loop failure")                              \
+  X(INVAL,   6, "invalid argument")
+
+typedef enum {
+  BUZZ_OK = 0,
+#define BUZZ__GEN_ENUM(name, num, msg) BUZZ_E##name = -(num),
+  BUZZ_ERRNO_MAP(BUZZ__GEN_ENUM)
+#undef BUZZ__GEN_ENUM
+  BUZZ__EMIN
+} buzz_errno;
+
+/* "No Lua value": equals LUA_NOREF (lbuzz.c checks at compile time). */
+#define BUZZ_NOREF (-2)
+
+const char *buzz__err_name(int code);     /* "EFULL"; "EUNKNOWN" if none */
+const char *buzz__err_message(int code);  /* "queue is full" */
+
+
+/* ---------------------------------------------------------------- map.c */
+
+/*
+** An open-addressing hash map from byte strings to pointers. The map does
+** not own keys or values: a key must stay valid while its entry exists
+** (callers point it into the value they store).
+** CONSTRUCTOR: buzz__map_init()   DESTRUCTOR: buzz__map_free()
+*/
+typedef struct buzz_map_slot {
+  const char *key;   /* borrows; NULL = empty, BUZZ__MAP_TOMB = deleted */
+  size_t len;
+  uint32_t hash;
+  void *value;       /* borrows */
+} buzz_map_slot;
+
+typedef struct buzz_map {
+  buzz_map_slot *slots;  /* owns; NULL while empty */
+  size_t cap;            /* power of two, or 0 */
+  size_t count;          /* live entries */
+  size_t used;           /* live + tombstones */
+} buzz_map;
+
+void buzz__map_init(buzz_map *m);
+void buzz__map_free(buzz_map *m);
+uint32_t buzz__map_hash(const char *key, size_t len);
+void *buzz__map_get(const buzz_map *m, const char *key, size_t len,
+                    uint32_t hash);
+int buzz__map_put(buzz_map *m, const char *key, size_t len, uint32_t hash,
+                  void *value);
+void *buzz__map_del(buzz_map *m, const char *key, size_t len, uint32_t hash);
+/* Iteration: i starts at 0; returns the next live slot or NULL. */
+buzz_map_slot *buzz__map_next(const buzz_map *m, size_t *i);
+
+
+/* -------------------------------------------------------------- match.c */
+
+#define BUZZ_SUBJECT_MAX 1024   /* bytes in a subject or pattern */
+
+/*
+** A subscription as the dispatcher sees it.
+** CONSTRUCTOR: buzz__bus_subscribe()   DESTRUCTOR: sub_release() in bus.c,
+** when the last reference goes (never during a delivery that holds one).
+*/
+typedef struct buzz_sub {
+  uint64_t seq;          /* subscription order; unique within a bus */
+  size_t slot;           /* index in bus->slots while live; the sub's id */
+  char *pattern;         /* owns; NUL-terminated */
+  size_t len;
+  unsigned refcount;     /* bus slot + each match vector that lists it */
+  unsigned is_dead : 1;  /* set by unsubscribe; never delivered again */
+  unsigned is_once : 1;  /* unsubscribed when its first delivery is handed */
+  int data_ref;          /* borrows; a Lua ref owned by lbuzz.c */
+  void *trie_node;       /* private to match.c: where the sub is indexed */
+} buzz_sub;
+
+/*
+** The subscriptions that match one type, in subscription order. Immutable
+** once built; shared by the cache and by every cursor delivering an event of
+** that type. Holds a reference on each sub it lists.
+*/
+typedef struct buzz_matchvec {
+  unsigned refcount;
+  size_t n;
+  buzz_sub *subs[1];     /* n entries (at least one slot allocated) */
+} buzz_matchvec;
+
+/*
+** An interned published type and its cached audience. Events hold a
+** reference so the type string is stored once however many are queued.
+*/
+typedef struct buzz_subject {
+  char *type;            /* owns; NUL-terminated */
+  size_t len;
+  uint32_t hash;
+  unsigned refcount;     /* events that point here */
+  unsigned is_cached : 1;/* still in the trie's subject map */
+  unsigned is_reserved : 1; /* first token starts with '$' */
+  uint64_t gen;          /* trie generation vec was built at */
+  buzz_matchvec *vec;    /* owns a reference; NULL until first lookup */
+} buzz_subject;
+
+typedef struct buzz_trie buzz_trie;
+
+/*
+** Checks a subject. is_pattern allows the wildcards "*" and ">" (">" only
+** as the last token). Returns NULL if valid, else a static sentence that
+** says what is wrong and how to fix it.
+*/
+const char *buzz__subject_check(const char *s, size_t len, int is_pattern);
+
+buzz_trie *buzz__trie_new(void);
+void buzz__trie_free(buzz_trie *t);
+int buzz__trie_insert(buzz_trie *t, buzz_sub *sub);
+void buzz__trie_remove(buzz_trie *t, buzz_sub *sub);
+/* Interns a type (assumed valid); the caller takes a reference. */
+buzz_subject *buzz__trie_subject(buzz_trie *t, const char *type,
+                                 size_t len);
+void buzz__subject_release(buzz_subject *s);
+/* The audience of a subject, rebuilt if subscriptions changed; borrowed. */
+int buzz__trie_match(buzz_trie *t, buzz_subject *s, buzz_matchvec **out);
+void buzz__matchvec_release(buzz_matchvec *v);
+size_t buzz__trie_cached(const buzz_trie *t);  /* for tests and stats */
+/* Called by bus.c when a sub's last reference goes. */
+void buzz__sub_free(buzz_sub *sub);
+
+
+/* -------------------------------------------------------------- queue.c */
+
+enum {
+  BUZZ_PRIO_CRITICAL = 0, BUZZ_PRIO_HIGH, BUZZ_PRIO_NORMAL, BUZZ_PRIO_LOW,
+  BUZZ_NPRIO
+};
+
+/*
+** A pending event. Lua values travel as refs owned by lbuzz.c; the core
+** stores them and hands them back through bus->on_event_free.
+** CONSTRUCTOR: buzz__event_new()   DESTRUCTOR: buzz__event_free()
+*/
+typedef struct buzz_event {
+  struct buzz_event *next;  /* link; owned by the queue while queued */
+  int64_t id;
+  int64_t ts;               /* milliseconds since the epoch */
+  int64_t causation_id;     /* 0 = none */
+  buzz_subject *subject;    /* owns a reference */
+  uint64_t audience;        /* subs with seq <= audience may receive it */
+  int payload_ref;          /* Lua refs, owned by lbuzz.c */
+  int key_ref;
+  int corr_ref;
+  int headers_ref;
+  int table_ref;            /* the event table, once built */
+  unsigned char priority;
+} buzz_event;
+
+typedef struct buzz_queue {
+  buzz_event *head[BUZZ_NPRIO];   /* owns the events */
+  buzz_event *tail[BUZZ_NPRIO];
+  size_t count;
+  size_t limit;                   /* 0 = unlimited */
+} buzz_queue;
+
+buzz_event *buzz__event_new(void);
+void buzz__event_free(buzz_event *ev);
+void buzz__queue_init(buzz_queue *q, size_t limit);
+int buzz__queue_push(buzz_queue *q, buzz_event *ev);   /* BUZZ_EFULL */
+buzz_event *buzz__queue_pop(buzz_queue *q);
+int64_t buzz__clock_ms(void);
+
+
+/* ---------------------------------------------------------------- bus.c */
+
+/*
+** A delivery cursor: the event being delivered and how far through its
+** audience the dispatcher has got. Level 0 reads the queue; each nested
+** publish_sync pushes one more level.
+*/
+typedef struct buzz_cursor {
+  buzz_event *ev;         /* owns while set */
+  buzz_matchvec *vec;     /* owns a reference while set */
+  size_t i;               /* next index into vec */
+} buzz_cursor;
+
+typedef void (*buzz_event_free_cb)(void *ctx, buzz_event *ev);
+
+/*
+** The dispatcher: subscriptions, the queue and the cursors.
+** CONSTRUCTOR: buzz__bus_init()   DESTRUCTOR: buzz__bus_close()
+*/
+typedef struct buzz_bus {
+  /* public */
+  buzz_event_free_cb on_event_free;  /* releases an event's refs */
+  /* read-only */
+  buzz_queue queue;
+  int64_t last_id;
+  uint64_t last_seq;
+  size_t nsubs;           /* live subscriptions */
+  unsigned is_closed : 1;
+  /* private */
+  buzz_trie *trie;        /* owns */
+  buzz_sub **slots;       /* owns a reference on each live sub */
+  size_t nslots;
+  size_t *free_slots;     /* owns; a stack of reusable slot indices */
+  size_t nfree;
+  buzz_cursor *cursors;   /* owns; cursors[0] is the queue's */
+  size_t depth;           /* levels in use, >= 1 */
+  size_t cap;
+} buzz_bus;
+
+int buzz__bus_init(buzz_bus *b, size_t queue_limit);
+/* Discards pending events (through on_event_free) and frees everything;
+** returns how many pending events were discarded. Idempotent. */
+size_t buzz__bus_close(buzz_bus *b, void *ctx);
+int buzz__bus_subscribe(buzz_bus *b, const char *pattern, size_t len,
+                        int is_once, int data_ref, buzz_sub **out);
+/* Returns 1 if the sub was live, 0 if it was already unsubscribed. */
+int buzz__bus_unsubscribe(buzz_bus *b, buzz_sub *sub);
+/*
+** Publishes ev (filled by the caller, id and ts assigned here). With
+** is_sync, the event gets a cursor of its own at level *level instead of
+** a place in the queue. On failure ev is untouched and still the caller's.
+** An event with no audience is not queued: it is freed at once (its id is
+** still consumed). Returns 1 if the bus kept ev (the caller then fills
+** its refs), 0 if it freed it for want of an audience.
+*/
+int buzz__bus_publish(buzz_bus *b, buzz_event *ev, const char *type,
+                      size_t len, int is_sync, size_t *level, void *ctx);
+/*
+** The next delivery at a level: sets *sub and *ev and returns 1, or returns
+** 0 when that level has nothing more (a sync level is then popped).
+** lbuzz.c builds the event table on the first delivery (table_ref unset).
+*/
+int buzz__bus_next(buzz_bus *b, size_t level, buzz_sub **sub,
+                   buzz_event **ev, void *ctx);
+size_t buzz__bus_pending(const buzz_bus *b);
+/* The live sub with this id (slot + 1), or NULL. */
+buzz_sub *buzz__bus_sub(const buzz_bus *b, int64_t id);
+
+
+/* --------------------------------------------------------------- loop.c */
+
+/*
+** The core's own libuv loop and the pollable descriptor of the loop
+** contract. The descriptor is the loop's backend fd (uv_backend_fd); it is
+** made readable while work is pending once a host has asked for it.
+** CONSTRUCTOR: buzz__loop_new()   DESTRUCTOR: buzz__loop_close()
+*/
+typedef struct buzz_loop buzz_loop;
+
+int buzz__loop_new(buzz_loop **out);
+void buzz__loop_close(buzz_loop *l);     /* closes handles, frees */
+int buzz__loop_fd(buzz_loop *l);         /* enables signalling */
+void buzz__loop_signal(buzz_loop *l, int has_work);
+int buzz__loop_timeout(buzz_loop *l);    /* ms, -1 = no timer armed */
+/* Waits for one round of loop activity; returns 0 if nothing can arrive. */
+int buzz__loop_wait(buzz_loop *l);
+
+#endif

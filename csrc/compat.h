@@ -1,0 +1,31 @@
+/*
+** compat.h: the few Lua C API differences between 5.1/LuaJIT and 5.4 that
+** lbuzz.c needs. Included only by lbuzz.c. Never defines a lua_* or
+** luaL_* name that LuaJIT 2.1 already provides (luaL_setfuncs,
+** luaL_testudata, luaL_traceback are there); the rest get buzz_* names.
+*/
+#ifndef BUZZ_COMPAT_H
+#define BUZZ_COMPAT_H
+
+#include <lua.h>
+#include <lauxlib.h>
+
+#if LUA_VERSION_NUM == 501
+#define buzz_newud(L, size)  lua_newuserdata((L), (size))
+#define buzz_getuv(L, idx)   lua_getfenv((L), (idx))
+#define buzz_setuv(L, idx)   lua_setfenv((L), (idx))
+#define buzz_absindex(L, i) \
+  ((i) > 0 || (i) <= LUA_REGISTRYINDEX ? (i) : lua_gettop(L) + (i) + 1)
+#elif LUA_VERSION_NUM < 504
+#define buzz_newud(L, size)  lua_newuserdata((L), (size))
+#define buzz_getuv(L, idx)   lua_getuservalue((L), (idx))
+#define buzz_setuv(L, idx)   lua_setuservalue((L), (idx))
+#define buzz_absindex(L, i)  lua_absindex((L), (i))
+#else
+#define buzz_newud(L, size)  lua_newuserdatauv((L), (size), 1)
+#define buzz_getuv(L, idx)   lua_getiuservalue((L), (idx), 1)
+#define buzz_setuv(L, idx)   lua_setiuservalue((L), (idx), 1)
+#define buzz_absindex(L, i)  lua_absindex((L), (i))
+#endif
+
+#endif

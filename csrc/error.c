@@ -1,0 +1,23 @@
+/*
+** error.c: names and messages of the BUZZ_E* codes, generated from the one
+** list in buzz.h (libuv's UV_ERRNO_MAP). No state.
+*/
+#include "buzz.h"
+
+const char *buzz__err_name(int code) {
+  switch (code) {
+#define BUZZ__GEN_NAME(name, num, msg) case BUZZ_E##name: return "E" #name;
+    BUZZ_ERRNO_MAP(BUZZ__GEN_NAME)
+#undef BUZZ__GEN_NAME
+    default: return "EUNKNOWN";
+  }
+}
+
+const char *buzz__err_message(int code) {
+  switch (code) {
+#define BUZZ__GEN_MSG(name, num, msg) case BUZZ_E##name: return msg;
+    BUZZ_ERRNO_MAP(BUZZ__GEN_MSG)
+#undef BUZZ__GEN_MSG
+    default: return "unknown error";
+  }
+}

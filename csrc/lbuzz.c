@@ -1,0 +1,530 @@
+/*
+** lbuzz.c: the Lua binding of the core, module "buzz.core". The only file
+** that includes Lua headers.
+**
+** A core object ("buzz.core" userdata) embeds the dispatcher and owns the
+** libuv loop. Its user value is the ref table U: every Lua value the core
+** keeps (payloads, keys, headers, correlation ids, event tables, the Lua
+** subscription objects) is a luaL_ref into U, released here when the core
+** lets go of it (on_event_free, unsubscribe) or all at once when close()
+** drops U. Lua's GC therefore traces everything the core holds.
+**
+** Conventions (STYLE.md): misuse the Lua layer can phrase better comes back
+** as nil, message, "ESUBJECT"/"EINVAL" so lua/buzz/init.lua raises it at
+** the caller's level; failures of the world come back as nil, "CODE:
+** message", "CODE"; a method on a closed core raises. No malloc'd memory is
+** held across a call that can raise: the core's allocations are owned by
+** the core object, and strings are built in luaL_Buffer.
+**
+** It does not run handlers: lua/buzz/init.lua pulls deliveries with next()
+** and runs each in a coroutine.
+*/
+#include <string.h>
+
+#include "compat.h"
+#include "buzz.h"
+
+#define CORE_MT "buzz.core"
+
+#if BUZZ_NOREF != LUA_NOREF
+#error "BUZZ_NOREF must equal LUA_NOREF"
+#endif
+
+/*
+** The core object.
+** CONSTRUCTOR: lcore_new()   DESTRUCTOR: lcore_close() (also __gc/__close)
+*/
+typedef struct lcore {
+  buzz_bus bus;        /* owns; embedded */
+  buzz_loop *loop;     /* owns; NULL once closed */
+  int is_open;
+} lcore;
+
+/* What on_event_free needs: the state and the stack slot of U. */
+typedef struct lctx {
+  lua_State *L;
+  int u;
+} lctx;
+
+static const char *const prio_names[BUZZ_NPRIO] = {
+  "critical", "high", "normal", "low"
+};
+
+
+/* ------------------------------------------------------------ helpers */
+
+static lcore *check_core(lua_State *L) {
+  lcore *c = (lcore *)luaL_checkudata(L, 1, CORE_MT);
+  if (!c->is_open) luaL_error(L, "attempt to use a closed bus");
+  return c;
+}
+
+/* Pushes U and returns its absolute index. */
+static int push_refs(lua_State *L) {
+  buzz_getuv(L, 1);
+  return lua_gettop(L);
+}
+
+/* Returns nil, "CODE: message", "CODE" for a core error. */
+static int push_fail(lua_State *L, int rc, const char *detail) {
+  lua_pushnil(L);
+  if (detail)
+    lua_pushfstring(L, "%s: %s", buzz__err_name(rc), detail);
+  else
+    lua_pushfstring(L, "%s: %s", buzz__err_name(rc), buzz__err_message(rc));
+  lua_pushstring(L, buzz__err_name(rc));
+  return 3;
+}
+
+/* Pushes s quoted, with control bytes escaped and long strings cut. */
+static void push_quoted(lua_State *L, const char *s, size_t len) {
+  luaL_Buffer b;
+  size_t i, n = len > 64 ? 64 : len;
+  luaL_buffinit(L, &b);
+  luaL_addchar(&b, '"');
+  for (i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    if (ch < 0x20 || ch == 0x7f || ch == '"' || ch == '\\') {
+      char esc[8];
+      int k = 0;
+      esc[k++] = '\\';
+      if (ch == '"' || ch == '\\') esc[k++] = (char)ch;
+      else {
+        esc[k++] = (char)('0' + ch / 100);
+        esc[k++] = (char)('0' + ch / 10 % 10);
+        esc[k++] = (char)('0' + ch % 10);
+      }
+      luaL_addlstring(&b, esc, (size_t)k);
+    } else {
+      luaL_addchar(&b, (char)ch);
+    }
+  }
+  if (n < len) luaL_addstring(&b, "...");
+  luaL_addchar(&b, '"');
+  luaL_pushresult(&b);
+}
+
+/*
+** Returns nil, 'bad <what> "<s>": <why>', "ESUBJECT" if s is not a valid
+** subject (pushing 3 values), or 0 if it is.
+*/
+static int subject_usage(lua_State *L, const char *what, const char *s,
+                         size_t len, int is_pattern) {
+  const char *why = buzz__subject_check(s, len, is_pattern);
+  if (why == NULL) {
+    if (is_pattern || s[0] != '$') return 0;
+    why = "subjects starting with \"$\" are reserved for the engine "
+          "($DLQ.>, $SYS.>); publish a type without the leading \"$\"";
+  }
+  lua_pushnil(L);
+  lua_pushfstring(L, "bad %s ", what);
+  push_quoted(L, s, len);
+  lua_pushfstring(L, ": %s", why);
+  lua_concat(L, 3);
+  lua_pushliteral(L, "ESUBJECT");
+  return 3;
+}
+
+static int ref_opt(lua_State *L, int u, int idx) {
+  if (lua_isnoneornil(L, idx)) return BUZZ_NOREF;
+  lua_pushvalue(L, idx);
+  return luaL_ref(L, u);
+}
+
+static void unref(lua_State *L, int u, int *ref) {
+  if (*ref >= 0) luaL_unref(L, u, *ref);
+  *ref = BUZZ_NOREF;
+}
+
+/* bus.c calls this when an event leaves the bus. ctx NULL: U is gone. */
+static void on_event_free(void *ctx, buzz_event *ev) {
+  lctx *x = (lctx *)ctx;
+  if (x == NULL) return;
+  unref(x->L, x->u, &ev->payload_ref);
+  unref(x->L, x->u, &ev->key_ref);
+  unref(x->L, x->u, &ev->corr_ref);
+  unref(x->L, x->u, &ev->headers_ref);
+  unref(x->L, x->u, &ev->table_ref);
+}
+
+/* Moves a ref's value into field k of the table on top. */
+static void move_field(lua_State *L, int u, int *ref, const char *k) {
+  if (*ref == BUZZ_NOREF) return;
+  lua_rawgeti(L, u, *ref);
+  lua_setfield(L, -2, k);
+  unref(L, u, ref);
+}
+
+/*
+** Pushes the event table of ev, building it on its first delivery. The
+** table takes over the payload, key, correlation id and headers; it is kept
+** in U (table_ref) until the event leaves the bus, so every subscription
+** receives the same table.
+*/
+static void push_event(lua_State *L, int u, buzz_event *ev) {
+  if (ev->table_ref != BUZZ_NOREF) {
+    lua_rawgeti(L, u, ev->table_ref);
+    return;
+  }
+  lua_createtable(L, 0, 10);
+  lua_pushinteger(L, (lua_Integer)ev->id);
+  lua_setfield(L, -2, "id");
+  lua_pushlstring(L, ev->subject->type, ev->subject->len);
+  lua_setfield(L, -2, "type");
+  move_field(L, u, &ev->payload_ref, "payload");
+  lua_pushinteger(L, (lua_Integer)ev->ts);
+  lua_setfield(L, -2, "ts");
+  lua_pushstring(L, prio_names[ev->priority]);
+  lua_setfield(L, -2, "priority");
+  lua_pushinteger(L, 1);
+  lua_setfield(L, -2, "attempt");
+  move_field(L, u, &ev->key_ref, "key");
+  move_field(L, u, &ev->corr_ref, "correlation_id");
+  if (ev->causation_id != 0) {
+    lua_pushinteger(L, (lua_Integer)ev->causation_id);
+    lua_setfield(L, -2, "causation_id");
+  }
+  move_field(L, u, &ev->headers_ref, "headers");
+  lua_pushvalue(L, -1);
+  ev->table_ref = luaL_ref(L, u);
+}
+
+
+/* -------------------------------------------------------------- core */
+
+/* core.new(queue_limit) -> core | nil, err, code */
+static int lcore_new(lua_State *L) {
+  lua_Integer limit = luaL_optinteger(L, 1, 100000);
+  lcore *c;
+  int rc;
+  luaL_argcheck(L, limit >= 0, 1, "queue_limit must be >= 0");
+  c = (lcore *)buzz_newud(L, sizeof *c);
+  memset(c, 0, sizeof *c);             /* closed until acquired */
+  c->bus.is_closed = 1;
+  luaL_setmetatable(L, CORE_MT);
+  lua_newtable(L);
+  buzz_setuv(L, -2);
+  if ((rc = buzz__bus_init(&c->bus, (size_t)limit)) < 0)
+    return push_fail(L, rc, NULL);
+  c->bus.on_event_free = on_event_free;
+  if ((rc = buzz__loop_new(&c->loop)) < 0) {
+    buzz__bus_close(&c->bus, NULL);
+    return push_fail(L, rc, NULL);
+  }
+  c->is_open = 1;
+  return 1;
+}
+
+/*
+** core:close() -> number of pending events discarded. Idempotent; also
+** __gc and __close, so it never raises.
+*/
+static int lcore_close(lua_State *L) {
+  lcore *c = (lcore *)luaL_checkudata(L, 1, CORE_MT);
+  size_t n;
+  if (!c->is_open) {
+    lua_pushinteger(L, 0);
+    return 1;
+  }
+  c->is_open = 0;                      /* mark closed before releasing */
+  n = buzz__bus_close(&c->bus, NULL);  /* U is dropped whole below */
+  buzz__loop_close(c->loop);
+  c->loop = NULL;
+  lua_newtable(L);
+  buzz_setuv(L, 1);
+  lua_pushinteger(L, (lua_Integer)n);
+  return 1;
+}
+
+static int lcore_is_closed(lua_State *L) {
+  lcore *c = (lcore *)luaL_checkudata(L, 1, CORE_MT);
+  lua_pushboolean(L, !c->is_open);
+  return 1;
+}
+
+/* core:subscribe(pattern, subobj, is_once) -> id | nil, err, code */
+static int lcore_subscribe(lua_State *L) {
+  lcore *c = check_core(L);
+  size_t len;
+  const char *pat = luaL_checklstring(L, 2, &len);
+  int is_once = lua_toboolean(L, 4), u, ref, rc;
+  buzz_sub *sub;
+  luaL_checkany(L, 3);
+  if (subject_usage(L, "pattern", pat, len, 1)) return 3;
+  u = push_refs(L);
+  lua_pushvalue(L, 3);
+  ref = luaL_ref(L, u);
+  if ((rc = buzz__bus_subscribe(&c->bus, pat, len, is_once, ref, &sub)) < 0) {
+    luaL_unref(L, u, ref);
+    return push_fail(L, rc, NULL);
+  }
+  lua_pushinteger(L, (lua_Integer)sub->slot + 1);
+  return 1;
+}
+
+/*
+** core:unsubscribe(id, subobj) -> true if it was live. subobj guards
+** against a stale id whose slot has been reused.
+*/
+static int lcore_unsubscribe(lua_State *L) {
+  lcore *c = check_core(L);
+  buzz_sub *sub = buzz__bus_sub(&c->bus, luaL_checkinteger(L, 2));
+  int u, ref;
+  if (sub == NULL) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  u = push_refs(L);
+  lua_rawgeti(L, u, sub->data_ref);
+  if (!lua_rawequal(L, -1, 3)) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  ref = sub->data_ref;
+  sub->data_ref = BUZZ_NOREF;
+  buzz__bus_unsubscribe(&c->bus, sub);
+  luaL_unref(L, u, ref);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/*
+** Shared by publish and publish_sync. Arguments: self, type, payload,
+** priority (0..3), key, correlation_id, causation_id, headers.
+** publish returns id; publish_sync returns id, level (level nil when the
+** event had no audience).
+*/
+static int do_publish(lua_State *L, int is_sync) {
+  lcore *c = check_core(L);
+  size_t len, level = 0;
+  const char *type = luaL_checklstring(L, 2, &len);
+  lua_Integer prio = luaL_optinteger(L, 4, BUZZ_PRIO_NORMAL);
+  lua_Integer caus = luaL_optinteger(L, 7, 0);
+  buzz_event *ev;
+  lctx ctx;
+  int rc;
+  if (subject_usage(L, "type", type, len, 0)) return 3;
+  luaL_argcheck(L, prio >= 0 && prio < BUZZ_NPRIO, 4, "priority out of range");
+  if ((ev = buzz__event_new()) == NULL)
+    return push_fail(L, BUZZ_ENOMEM, NULL);
+  ev->priority = (unsigned char)prio;
+  ev->causation_id = (int64_t)caus;
+  ctx.L = L;
+  ctx.u = 0;
+  rc = buzz__bus_publish(&c->bus, ev, type, len, is_sync, &level, &ctx);
+  if (rc < 0) {
+    buzz__event_free(ev);
+    if (rc == BUZZ_EFULL) {
+      lua_pushnil(L);
+      lua_pushfstring(L, "EFULL: queue is full (%d pending events); drain "
+                      "the bus or raise queue_limit",
+                      (int)buzz__bus_pending(&c->bus));
+      lua_pushliteral(L, "EFULL");
+      return 3;
+    }
+    return push_fail(L, rc, NULL);
+  }
+  if (rc == 0) {                       /* no audience: freed already */
+    lua_pushinteger(L, (lua_Integer)c->bus.last_id);
+    return 1;
+  }
+  ctx.u = push_refs(L);
+  ev->payload_ref = ref_opt(L, ctx.u, 3);
+  ev->key_ref = ref_opt(L, ctx.u, 5);
+  ev->corr_ref = ref_opt(L, ctx.u, 6);
+  ev->headers_ref = ref_opt(L, ctx.u, 8);
+  lua_pushinteger(L, (lua_Integer)ev->id);
+  if (is_sync) {
+    lua_pushinteger(L, (lua_Integer)level);
+    return 2;
+  }
+  buzz__loop_signal(c->loop, 1);
+  return 1;
+}
+
+static int lcore_publish(lua_State *L) {
+  return do_publish(L, 0);
+}
+
+static int lcore_publish_sync(lua_State *L) {
+  return do_publish(L, 1);
+}
+
+/*
+** core:next(level) -> subobj, event | nothing. Hands out the next delivery
+** at a level (0 = the queue, k = the k-th nested publish_sync).
+*/
+static int lcore_next(lua_State *L) {
+  lcore *c = check_core(L);
+  lua_Integer level = luaL_optinteger(L, 2, 0);
+  buzz_sub *sub;
+  buzz_event *ev;
+  lctx ctx;
+  int rc;
+  luaL_argcheck(L, level >= 0, 2, "level must be >= 0");
+  ctx.L = L;
+  ctx.u = push_refs(L);
+  rc = buzz__bus_next(&c->bus, (size_t)level, &sub, &ev, &ctx);
+  if (rc == 0) {
+    if (level == 0) buzz__loop_signal(c->loop, 0);
+    return 0;
+  }
+  if (rc < 0) return push_fail(L, rc, NULL);
+  lua_rawgeti(L, ctx.u, sub->data_ref);
+  if (sub->is_once) unref(L, ctx.u, &sub->data_ref);
+  push_event(L, ctx.u, ev);
+  return 2;
+}
+
+static int lcore_pending(lua_State *L) {
+  lcore *c = check_core(L);
+  lua_pushinteger(L, (lua_Integer)buzz__bus_pending(&c->bus));
+  return 1;
+}
+
+/* core:timeout() -> ms until work is due: 0 now, -1 never (nothing armed) */
+static int lcore_timeout(lua_State *L) {
+  lcore *c = check_core(L);
+  if (buzz__bus_pending(&c->bus) > 0) lua_pushinteger(L, 0);
+  else lua_pushinteger(L, buzz__loop_timeout(c->loop));
+  return 1;
+}
+
+/* core:fd() -> the descriptor a host polls; readable while work is due. */
+static int lcore_fd(lua_State *L) {
+  lcore *c = check_core(L);
+  lua_pushinteger(L, buzz__loop_fd(c->loop));
+  buzz__loop_signal(c->loop, buzz__bus_pending(&c->bus) > 0);
+  return 1;
+}
+
+/* core:wait() -> true after one round of loop activity, false if none can
+** come (nothing pending, nothing armed). */
+static int lcore_wait(lua_State *L) {
+  lcore *c = check_core(L);
+  if (buzz__bus_pending(&c->bus) > 0) lua_pushboolean(L, 1);
+  else lua_pushboolean(L, buzz__loop_wait(c->loop));
+  return 1;
+}
+
+/* core:audience(type) -> array of the subobjs a publish would reach now */
+static int lcore_audience(lua_State *L) {
+  lcore *c = check_core(L);
+  size_t len, i, n = 0;
+  const char *type = luaL_checklstring(L, 2, &len);
+  buzz_subject *s;
+  buzz_matchvec *v;
+  int u, rc;
+  if (subject_usage(L, "type", type, len, 0)) return 3;
+  if ((s = buzz__trie_subject(c->bus.trie, type, len)) == NULL)
+    return push_fail(L, BUZZ_ENOMEM, NULL);
+  rc = buzz__trie_match(c->bus.trie, s, &v);
+  buzz__subject_release(s);
+  if (rc < 0) return push_fail(L, rc, NULL);
+  u = push_refs(L);
+  lua_createtable(L, (int)v->n, 0);
+  for (i = 0; i < v->n; i++) {
+    if (v->subs[i]->is_dead) continue;
+    lua_rawgeti(L, u, v->subs[i]->data_ref);
+    lua_rawseti(L, -2, (int)++n);
+  }
+  return 1;
+}
+
+static int lcore_stats(lua_State *L) {
+  lcore *c = check_core(L);
+  lua_createtable(L, 0, 5);
+  lua_pushinteger(L, (lua_Integer)buzz__bus_pending(&c->bus));
+  lua_setfield(L, -2, "pending");
+  lua_pushinteger(L, (lua_Integer)c->bus.nsubs);
+  lua_setfield(L, -2, "subscriptions");
+  lua_pushinteger(L, (lua_Integer)c->bus.last_id);
+  lua_setfield(L, -2, "last_id");
+  lua_pushinteger(L, (lua_Integer)buzz__trie_cached(c->bus.trie));
+  lua_setfield(L, -2, "cached_types");
+  lua_pushinteger(L, (lua_Integer)c->bus.queue.limit);
+  lua_setfield(L, -2, "queue_limit");
+  return 1;
+}
+
+static int lcore_tostring(lua_State *L) {
+  lcore *c = (lcore *)luaL_checkudata(L, 1, CORE_MT);
+  lua_pushfstring(L, "buzz.core (%s)", c->is_open ? "open" : "closed");
+  return 1;
+}
+
+
+/* ------------------------------------------------------------ module */
+
+/* core.check_subject(s, is_pattern) -> true | false, why */
+static int l_check_subject(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  const char *why = buzz__subject_check(s, len, lua_toboolean(L, 2));
+  if (why == NULL) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_pushstring(L, why);
+  return 2;
+}
+
+/* core.now_ms() -> the clock the core stamps events with */
+static int l_now_ms(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)buzz__clock_ms());
+  return 1;
+}
+
+static const luaL_Reg core_methods[] = {
+  { "subscribe", lcore_subscribe },
+  { "unsubscribe", lcore_unsubscribe },
+  { "publish", lcore_publish },
+  { "publish_sync", lcore_publish_sync },
+  { "next", lcore_next },
+  { "pending", lcore_pending },
+  { "timeout", lcore_timeout },
+  { "fd", lcore_fd },
+  { "wait", lcore_wait },
+  { "audience", lcore_audience },
+  { "stats", lcore_stats },
+  { "close", lcore_close },
+  { "is_closed", lcore_is_closed },
+  { NULL, NULL }
+};
+
+static const luaL_Reg module_funcs[] = {
+  { "new", lcore_new },
+  { "check_subject", l_check_subject },
+  { "now_ms", l_now_ms },
+  { NULL, NULL }
+};
+
+#if defined(_WIN32)
+__declspec(dllexport)
+#else
+__attribute__((visibility("default")))
+#endif
+int luaopen_buzz_core(lua_State *L);
+
+int luaopen_buzz_core(lua_State *L) {
+  if (luaL_newmetatable(L, CORE_MT)) {
+    lua_pushliteral(L, CORE_MT);       /* LuaJIT does not set __name */
+    lua_setfield(L, -2, "__name");
+    lua_newtable(L);
+    luaL_setfuncs(L, core_methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, lcore_close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, lcore_close);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, lcore_tostring);
+    lua_setfield(L, -2, "__tostring");
+  }
+  lua_pop(L, 1);
+  lua_newtable(L);
+  luaL_setfuncs(L, module_funcs, 0);
+  lua_pushliteral(L, "0.1.0");
+  lua_setfield(L, -2, "version");
+  return 1;
+}

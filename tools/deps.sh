@@ -1,0 +1,34 @@
+#!/bin/sh
+# Installs, from Debian's archive, whatever buzz needs that is missing.
+# Idempotent and silent when everything is already there. Used by `make deps`,
+# which both README commands (make demo, make test) run first.
+set -eu
+
+PACKAGES="
+  build-essential pkg-config
+  lua5.4 liblua5.4-dev
+  luajit2 libluajit2-5.1-dev
+  libuv1-dev libcjson-dev libsqlite3-dev
+  lua-busted lua-mediator lua-luv lua-check
+  luarocks cppcheck
+"
+
+missing=""
+for p in $PACKAGES; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed"; then
+    missing="$missing $p"
+  fi
+done
+[ -z "$missing" ] && exit 0
+
+echo "buzz: installing from Debian:$missing"
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO=sudo; else
+    echo "buzz: need root (or sudo) to install:$missing" >&2; exit 1
+  fi
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
