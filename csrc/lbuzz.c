@@ -106,13 +106,14 @@ static void push_quoted(lua_State *L, const char *s, size_t len) {
 
 /*
 ** Returns nil, 'bad <what> "<s>": <why>', "ESUBJECT" if s is not a valid
-** subject (pushing 3 values), or 0 if it is.
+** subject (pushing 3 values), or 0 if it is. A type starting with '$' is
+** refused unless is_reserved_ok (the engine's own types, inspection).
 */
 static int subject_usage(lua_State *L, const char *what, const char *s,
-                         size_t len, int is_pattern) {
+                         size_t len, int is_pattern, int is_reserved_ok) {
   const char *why = buzz__subject_check(s, len, is_pattern);
   if (why == NULL) {
-    if (is_pattern || s[0] != '$') return 0;
+    if (is_pattern || is_reserved_ok || s[0] != '$') return 0;
     why = "subjects starting with \"$\" are reserved for the engine "
           "($DLQ.>, $SYS.>); publish a type without the leading \"$\"";
   }
@@ -250,7 +251,7 @@ static int lcore_subscribe(lua_State *L) {
   int is_once = lua_toboolean(L, 4), u, ref, rc;
   buzz_sub *sub;
   luaL_checkany(L, 3);
-  if (subject_usage(L, "pattern", pat, len, 1)) return 3;
+  if (subject_usage(L, "pattern", pat, len, 1, 1)) return 3;
   u = push_refs(L);
   lua_pushvalue(L, 3);
   ref = luaL_ref(L, u);
@@ -303,7 +304,7 @@ static int do_publish(lua_State *L, int is_sync) {
   buzz_event *ev;
   lctx ctx;
   int rc;
-  if (subject_usage(L, "type", type, len, 0)) return 3;
+  if (subject_usage(L, "type", type, len, 0, 0)) return 3;
   luaL_argcheck(L, prio >= 0 && prio < BUZZ_NPRIO, 4, "priority out of range");
   if ((ev = buzz__event_new()) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
@@ -415,7 +416,7 @@ static int lcore_audience(lua_State *L) {
   buzz_subject *s;
   buzz_matchvec *v;
   int u, rc;
-  if (subject_usage(L, "type", type, len, 0)) return 3;
+  if (subject_usage(L, "type", type, len, 0, 1)) return 3;
   if ((s = buzz__trie_subject(c->bus.trie, type, len)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   rc = buzz__trie_match(c->bus.trie, s, &v);

@@ -76,8 +76,23 @@ void buzz__loop_close(buzz_loop *l) {
   free(l);
 }
 
+/*
+** One non-blocking pass of the loop with the async handle counted as
+** alive. libuv adds watchers to the backend only inside uv_run, and skips
+** polling when nothing keeps the loop alive; this pass registers the wake
+** handle's descriptor and consumes a pending wake-up.
+*/
+static void loop_poll_once(buzz_loop *l) {
+  uv_ref((uv_handle_t *)l->wake);
+  uv_run(l->loop, UV_RUN_NOWAIT);
+  uv_unref((uv_handle_t *)l->wake);
+}
+
 int buzz__loop_fd(buzz_loop *l) {
-  l->is_polled = 1;
+  if (!l->is_polled) {
+    l->is_polled = 1;
+    loop_poll_once(l);                     /* register the wake handle */
+  }
   return uv_backend_fd(l->loop);
 }
 
@@ -87,7 +102,7 @@ void buzz__loop_signal(buzz_loop *l, int has_work) {
     uv_async_send(l->wake);
     l->is_signalled = 1;
   } else if (!has_work && l->is_signalled) {
-    uv_run(l->loop, UV_RUN_NOWAIT);         /* consumes the wake-up */
+    loop_poll_once(l);                     /* consumes the wake-up */
     l->is_signalled = 0;
   }
 }

@@ -250,7 +250,8 @@ function M.new(opts)
   local durability = opts.durability
   if durability ~= nil and not DURABILITIES[durability] then
     error(('bad durability %s: expected "batch", "sync" or "none"')
-          :format(tostring(durability)), 2)
+          :format(type(durability) == "string" and ("%q"):format(durability)
+                  or tostring(durability)), 2)
   end
   if opts.store ~= nil then
     error("the SQLite store is not available yet: omit store for an "
