@@ -85,4 +85,4 @@ rock: deps
 	luarocks --lua-version=5.4 make --local rockspec/buzz-scm-1.rockspec
 
 clean:
-	rm -rf build luacov.*
+	rm -rf build buzz luacov.* csrc/*.o

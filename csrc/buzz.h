@@ -18,6 +18,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Internal functions stay internal even in builds (LuaRocks) that do not
+** pass -fvisibility=hidden: only luaopen_buzz_core is exported. */
+#if defined(__GNUC__) && !defined(_WIN32)
+#pragma GCC visibility push(hidden)
+#endif
+
 /*
 ** The error map. One list generates the enum, the names ("EFULL") and the
 ** messages. Numbers are stable: later issues append, never renumber.
@@ -96,7 +102,8 @@ typedef struct buzz_sub {
   unsigned refcount;     /* bus slot + each match vector that lists it */
   unsigned is_dead : 1;  /* set by unsubscribe; never delivered again */
   unsigned is_once : 1;  /* unsubscribed when its first delivery is handed */
-  int data_ref;          /* borrows; a Lua ref owned by lbuzz.c */
+  int data_ref;          /* borrows; Lua refs owned by lbuzz.c: the */
+  int fn_ref;            /* subscription object and its handler */
   void *trie_node;       /* private to match.c: where the sub is indexed */
 } buzz_sub;
 
@@ -279,5 +286,9 @@ void buzz__loop_signal(buzz_loop *l, int has_work);
 int buzz__loop_timeout(buzz_loop *l);    /* ms, -1 = no timer armed */
 /* Waits for one round of loop activity; returns 0 if nothing can arrive. */
 int buzz__loop_wait(buzz_loop *l);
+
+#if defined(__GNUC__) && !defined(_WIN32)
+#pragma GCC visibility pop
+#endif
 
 #endif

@@ -10,6 +10,25 @@
 #include <lua.h>
 #include <lauxlib.h>
 
+/* Resumes co with nargs arguments from its stack; returns the status. */
+#if LUA_VERSION_NUM >= 504
+static int buzz_resume(lua_State *co, lua_State *from, int nargs) {
+  int nres;
+  return lua_resume(co, from, nargs, &nres);
+}
+#elif LUA_VERSION_NUM >= 502
+#define buzz_resume(co, from, nargs)  lua_resume((co), (from), (nargs))
+#else
+#define buzz_resume(co, from, nargs)  lua_resume((co), (nargs))
+#endif
+
+/* Closes a thread's pending to-be-closed variables before it is dropped. */
+#if LUA_VERSION_NUM >= 504
+#define buzz_resetthread(co)  ((void)lua_resetthread(co))
+#else
+#define buzz_resetthread(co)  ((void)(co))
+#endif
+
 #if LUA_VERSION_NUM == 501
 #define buzz_newud(L, size)  lua_newuserdata((L), (size))
 #define buzz_getuv(L, idx)   lua_getfenv((L), (idx))

@@ -16,9 +16,17 @@
 ** held across a call that can raise: the core's allocations are owned by
 ** the core object, and strings are built in luaL_Buffer.
 **
-** It does not run handlers: lua/buzz/init.lua pulls deliveries with next()
-** and runs each in a coroutine.
+** Delivery: pump() and publish_sync() run each delivery in a Lua thread
+** from a pool (U.pool): the handler is resumed with lua_resume, so it may
+** yield; a handler that returns leaves its thread reusable with no yield
+** at all. A raise or a yield that nothing here can resume goes to the
+** reporter function (U.report, from lua/buzz/init.lua) through lua_pcall.
+** While a handler runs, its event is on the "current" stack, from which
+** publish inherits the correlation id and takes the causation id.
+** next() hands deliveries out one by one instead, for tests and drivers
+** that run handlers themselves.
 */
+#include <stdlib.h>
 #include <string.h>
 
 #include "compat.h"
@@ -37,8 +45,14 @@
 typedef struct lcore {
   buzz_bus bus;        /* owns; embedded */
   buzz_loop *loop;     /* owns; NULL once closed */
+  buzz_event **cur;    /* owns the array (freed by __gc); the events whose */
+  size_t ncur, capcur; /* handlers are running, innermost last; borrowed */
+  int npool;           /* idle threads in U.pool */
   int is_open;
+  int is_stopped;      /* set by stop(); pump() returns */
 } lcore;
+
+#define POOL_MAX 64    /* idle threads kept per core */
 
 /* What on_event_free needs: the state and the stack slot of U. */
 typedef struct lctx {
@@ -53,8 +67,17 @@ static const char *const prio_names[BUZZ_NPRIO] = {
 
 /* ------------------------------------------------------------ helpers */
 
+/*
+** Methods get the metatable as upvalue 1, so the type check is one
+** comparison (luaL_checkudata looks the name up in the registry).
+*/
 static lcore *check_core(lua_State *L) {
-  lcore *c = (lcore *)luaL_checkudata(L, 1, CORE_MT);
+  lcore *c = (lcore *)lua_touserdata(L, 1);
+  if (c == NULL || !lua_getmetatable(L, 1) ||
+      !lua_rawequal(L, -1, lua_upvalueindex(1)))
+    c = (lcore *)luaL_checkudata(L, 1, CORE_MT);   /* raises */
+  else
+    lua_pop(L, 1);
   if (!c->is_open) luaL_error(L, "attempt to use a closed bus");
   return c;
 }
@@ -191,19 +214,120 @@ static void push_event(lua_State *L, int u, buzz_event *ev) {
 }
 
 
+/* ----------------------------------------------------------- delivery */
+
+static int cur_push(lcore *c, buzz_event *ev) {
+  if (c->ncur == c->capcur) {
+    size_t ncap = c->capcur ? c->capcur * 2 : 8;
+    buzz_event **n = (buzz_event **)realloc(c->cur, ncap * sizeof *n);
+    if (n == NULL) return 0;
+    c->cur = n;
+    c->capcur = ncap;
+  }
+  c->cur[c->ncur++] = ev;
+  return 1;
+}
+
+/*
+** Calls U.report(err, ev, sub, trace) for a failed delivery. Reads the
+** error at err_idx (or uses msg if err_idx is 0), the sub and the event at
+** sub_idx and sub_idx + 1, and the thread co for the traceback. The
+** reporter runs protected: its own failure is dropped here (the Lua
+** reporter already guards on_error).
+*/
+static void report(lua_State *L, int u, lua_State *co, int err_idx,
+                   const char *msg, int sub_idx) {
+  int top = lua_gettop(L);
+  lua_getfield(L, u, "report");
+  if (err_idx) lua_pushvalue(L, err_idx);
+  else lua_pushstring(L, msg);
+  lua_pushvalue(L, sub_idx + 1);
+  lua_pushvalue(L, sub_idx);
+  if (err_idx && lua_type(L, err_idx) == LUA_TSTRING)
+    luaL_traceback(L, co, lua_tostring(L, err_idx), 0);
+  else if (err_idx)
+    luaL_traceback(L, co, "(error object is not a string)", 0);
+  else
+    lua_pushnil(L);
+  if (lua_pcall(L, 4, 0, 0) != 0) lua_pop(L, 1);
+  lua_settop(L, top);
+}
+
+/*
+** Runs one delivery: resumes the sub's handler with the event in a pooled
+** thread. Stack: U at u; leaves the stack as it found it. Never raises
+** for the handler's sake (except out of memory in the Lua state). Does not
+** touch sub after resuming: a handler may close the bus, which frees it.
+*/
+static void dispatch(lua_State *L, lcore *c, int u, buzz_sub *sub,
+                     buzz_event *ev) {
+  int top = lua_gettop(L), rc, is_current;
+  lua_State *co;
+  lua_rawgeti(L, u, sub->data_ref);                 /* top+1: sub */
+  push_event(L, u, ev);                             /* top+2: event */
+  if (c->npool > 0) {
+    lua_getfield(L, u, "pool");
+    lua_rawgeti(L, -1, c->npool);
+    lua_pushnil(L);
+    lua_rawseti(L, -3, c->npool--);
+    lua_remove(L, -2);
+    co = lua_tothread(L, -1);                       /* top+3: thread */
+  } else {
+    co = lua_newthread(L);
+  }
+  lua_rawgeti(L, u, sub->fn_ref);
+  lua_pushvalue(L, top + 2);
+  lua_xmove(L, co, 2);
+  if (sub->is_once) {                               /* the core ended it */
+    lua_pushboolean(L, 0);
+    lua_setfield(L, top + 1, "is_active");
+    unref(L, u, &sub->data_ref);
+    unref(L, u, &sub->fn_ref);
+  }
+  is_current = cur_push(c, ev);
+  rc = buzz_resume(co, L, 1);
+  if (is_current) c->ncur--;
+  if (rc == LUA_OK) {
+    lua_settop(co, 0);
+    if (c->npool < POOL_MAX) {
+      lua_getfield(L, u, "pool");
+      lua_pushvalue(L, top + 3);
+      lua_rawseti(L, -2, ++c->npool);
+    }
+  } else if (rc == LUA_YIELD) {
+    buzz_resetthread(co);
+    report(L, u, co, 0, "handler yielded, but nothing drives this bus to "
+           "resume it (yield only under a driver that supports it)", top + 1);
+  } else {
+    lua_xmove(co, L, 1);                            /* the error value */
+    report(L, u, co, lua_gettop(L), NULL, top + 1);
+    buzz_resetthread(co);
+  }
+  lua_settop(L, top);
+}
+
+
 /* -------------------------------------------------------------- core */
 
-/* core.new(queue_limit) -> core | nil, err, code */
+/*
+** core.new(queue_limit, report) -> core | nil, err, code. report(err, ev,
+** sub, trace) is called for every failed delivery.
+*/
 static int lcore_new(lua_State *L) {
   lua_Integer limit = luaL_optinteger(L, 1, 100000);
   lcore *c;
   int rc;
   luaL_argcheck(L, limit >= 0, 1, "queue_limit must be >= 0");
+  luaL_checktype(L, 2, LUA_TFUNCTION);
   c = (lcore *)buzz_newud(L, sizeof *c);
   memset(c, 0, sizeof *c);             /* closed until acquired */
   c->bus.is_closed = 1;
   luaL_setmetatable(L, CORE_MT);
+  lua_createtable(L, 0, 2);            /* U */
   lua_newtable(L);
+  lua_setfield(L, -2, "pool");
+  lua_pushvalue(L, 2);
+  lua_setfield(L, -2, "report");
   buzz_setuv(L, -2);
   if ((rc = buzz__bus_init(&c->bus, (size_t)limit)) < 0)
     return push_fail(L, rc, NULL);
@@ -228,6 +352,21 @@ static int lcore_close(lua_State *L) {
     return 1;
   }
   c->is_open = 0;                      /* mark closed before releasing */
+  if (c->bus.slots != NULL) {          /* tell live subscriptions */
+    size_t i;
+    buzz_getuv(L, 1);
+    for (i = 0; i < c->bus.nslots; i++) {
+      buzz_sub *sub = c->bus.slots[i];
+      if (sub == NULL) continue;
+      lua_rawgeti(L, -1, sub->data_ref);
+      if (lua_istable(L, -1)) {
+        lua_pushboolean(L, 0);
+        lua_setfield(L, -2, "is_active");
+      }
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+  }
   n = buzz__bus_close(&c->bus, NULL);  /* U is dropped whole below */
   buzz__loop_close(c->loop);
   c->loop = NULL;
@@ -237,28 +376,45 @@ static int lcore_close(lua_State *L) {
   return 1;
 }
 
+static int lcore_gc(lua_State *L) {
+  lcore *c = (lcore *)luaL_checkudata(L, 1, CORE_MT);
+  lcore_close(L);
+  free(c->cur);
+  c->cur = NULL;
+  c->ncur = c->capcur = 0;
+  return 0;
+}
+
 static int lcore_is_closed(lua_State *L) {
   lcore *c = (lcore *)luaL_checkudata(L, 1, CORE_MT);
   lua_pushboolean(L, !c->is_open);
   return 1;
 }
 
-/* core:subscribe(pattern, subobj, is_once) -> id | nil, err, code */
+/*
+** core:subscribe(pattern, subobj, handler, is_once) -> id | nil, err, code.
+** subobj is what next() and the reporter hand back; handler is called.
+*/
 static int lcore_subscribe(lua_State *L) {
   lcore *c = check_core(L);
   size_t len;
   const char *pat = luaL_checklstring(L, 2, &len);
-  int is_once = lua_toboolean(L, 4), u, ref, rc;
+  int is_once = lua_toboolean(L, 5), u, ref, fn_ref, rc;
   buzz_sub *sub;
   luaL_checkany(L, 3);
+  luaL_checkany(L, 4);
   if (subject_usage(L, "pattern", pat, len, 1, 1)) return 3;
   u = push_refs(L);
   lua_pushvalue(L, 3);
   ref = luaL_ref(L, u);
+  lua_pushvalue(L, 4);
+  fn_ref = luaL_ref(L, u);
   if ((rc = buzz__bus_subscribe(&c->bus, pat, len, is_once, ref, &sub)) < 0) {
     luaL_unref(L, u, ref);
+    luaL_unref(L, u, fn_ref);
     return push_fail(L, rc, NULL);
   }
+  sub->fn_ref = fn_ref;
   lua_pushinteger(L, (lua_Integer)sub->slot + 1);
   return 1;
 }
@@ -285,23 +441,28 @@ static int lcore_unsubscribe(lua_State *L) {
   sub->data_ref = BUZZ_NOREF;
   buzz__bus_unsubscribe(&c->bus, sub);
   luaL_unref(L, u, ref);
+  unref(L, u, &sub->fn_ref);
   lua_pushboolean(L, 1);
   return 1;
 }
 
 /*
-** Shared by publish and publish_sync. Arguments: self, type, payload,
-** priority (0..3), key, correlation_id, causation_id, headers.
-** publish returns id; publish_sync returns id, level (level nil when the
-** event had no audience).
+** Shared by publish, publish_sync and publish_cursor. Arguments: self,
+** type, payload, priority (0..3), key, correlation_id, causation_id,
+** headers. Inside a handler, a nil correlation_id is inherited from the
+** current event and a nil causation_id is the current event's id.
+** mode 0 queues and returns id; mode 1 delivers at once and returns id;
+** mode 2 (for tests and drivers) opens a sync cursor without delivering
+** and returns id, level (level nil when nobody listens).
 */
-static int do_publish(lua_State *L, int is_sync) {
+static int do_publish(lua_State *L, int mode) {
   lcore *c = check_core(L);
   size_t len, level = 0;
   const char *type = luaL_checklstring(L, 2, &len);
   lua_Integer prio = luaL_optinteger(L, 4, BUZZ_PRIO_NORMAL);
   lua_Integer caus = luaL_optinteger(L, 7, 0);
-  buzz_event *ev;
+  buzz_event *ev, *cur = c->ncur > 0 ? c->cur[c->ncur - 1] : NULL;
+  int64_t id;
   lctx ctx;
   int rc;
   if (subject_usage(L, "type", type, len, 0, 0)) return 3;
@@ -309,10 +470,10 @@ static int do_publish(lua_State *L, int is_sync) {
   if ((ev = buzz__event_new()) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   ev->priority = (unsigned char)prio;
-  ev->causation_id = (int64_t)caus;
+  ev->causation_id = caus == 0 && cur ? cur->id : (int64_t)caus;
   ctx.L = L;
   ctx.u = 0;
-  rc = buzz__bus_publish(&c->bus, ev, type, len, is_sync, &level, &ctx);
+  rc = buzz__bus_publish(&c->bus, ev, type, len, mode != 0, &level, &ctx);
   if (rc < 0) {
     buzz__event_free(ev);
     if (rc == BUZZ_EFULL) {
@@ -329,17 +490,33 @@ static int do_publish(lua_State *L, int is_sync) {
     lua_pushinteger(L, (lua_Integer)c->bus.last_id);
     return 1;
   }
+  id = ev->id;
   ctx.u = push_refs(L);
   ev->payload_ref = ref_opt(L, ctx.u, 3);
   ev->key_ref = ref_opt(L, ctx.u, 5);
-  ev->corr_ref = ref_opt(L, ctx.u, 6);
   ev->headers_ref = ref_opt(L, ctx.u, 8);
-  lua_pushinteger(L, (lua_Integer)ev->id);
-  if (is_sync) {
+  if (!lua_isnoneornil(L, 6)) {
+    ev->corr_ref = ref_opt(L, ctx.u, 6);
+  } else if (cur && cur->table_ref != BUZZ_NOREF) {
+    lua_rawgeti(L, ctx.u, cur->table_ref);
+    lua_getfield(L, -1, "correlation_id");
+    if (!lua_isnil(L, -1)) ev->corr_ref = luaL_ref(L, ctx.u);
+    lua_settop(L, ctx.u);
+  }
+  if (mode == 0) {
+    buzz__loop_signal(c->loop, 1);
+  } else if (mode == 1) {
+    buzz_sub *sub;
+    buzz_event *e;
+    while (c->is_open &&
+           buzz__bus_next(&c->bus, level, &sub, &e, &ctx) > 0)
+      dispatch(L, c, ctx.u, sub, e);
+  } else {
+    lua_pushinteger(L, (lua_Integer)id);
     lua_pushinteger(L, (lua_Integer)level);
     return 2;
   }
-  buzz__loop_signal(c->loop, 1);
+  lua_pushinteger(L, (lua_Integer)id);
   return 1;
 }
 
@@ -349,6 +526,67 @@ static int lcore_publish(lua_State *L) {
 
 static int lcore_publish_sync(lua_State *L) {
   return do_publish(L, 1);
+}
+
+static int lcore_publish_cursor(lua_State *L) {
+  return do_publish(L, 2);
+}
+
+/*
+** core:pump(max) -> deliveries made (max < 0: no limit), or nil,
+** "EINHANDLER" when called from inside a handler. Runs queued deliveries
+** until the queue is empty, stop() is called or the core is closed.
+*/
+static int lcore_pump(lua_State *L) {
+  lcore *c = check_core(L);
+  lua_Integer max = luaL_checkinteger(L, 2), n = 0;
+  buzz_sub *sub;
+  buzz_event *ev;
+  lctx ctx;
+  if (c->ncur > 0) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "EINHANDLER");
+    return 2;
+  }
+  ctx.L = L;
+  ctx.u = push_refs(L);
+  while ((max < 0 || n < max) && c->is_open && !c->is_stopped &&
+         buzz__bus_next(&c->bus, 0, &sub, &ev, &ctx) > 0) {
+    dispatch(L, c, ctx.u, sub, ev);
+    n++;
+  }
+  if (c->is_open)
+    buzz__loop_signal(c->loop, buzz__bus_pending(&c->bus) > 0);
+  lua_pushinteger(L, n);
+  return 1;
+}
+
+/* core:stop(flag): pump() returns while the flag is set. */
+static int lcore_stop(lua_State *L) {
+  lcore *c = check_core(L);
+  c->is_stopped = lua_toboolean(L, 2);
+  return 0;
+}
+
+static int lcore_is_stopped(lua_State *L) {
+  lcore *c = check_core(L);
+  lua_pushboolean(L, c->is_stopped);
+  return 1;
+}
+
+/* core:subs() -> array of the live subscription objects, in order */
+static int lcore_subs(lua_State *L) {
+  lcore *c = check_core(L);
+  int u = push_refs(L), n = 0;
+  size_t i;
+  lua_createtable(L, (int)c->bus.nsubs, 0);
+  for (i = 0; i < c->bus.nslots; i++) {
+    buzz_sub *sub = c->bus.slots[i];
+    if (sub == NULL) continue;
+    lua_rawgeti(L, u, sub->data_ref);
+    lua_rawseti(L, -2, ++n);
+  }
+  return 1;
 }
 
 /*
@@ -372,7 +610,10 @@ static int lcore_next(lua_State *L) {
   }
   if (rc < 0) return push_fail(L, rc, NULL);
   lua_rawgeti(L, ctx.u, sub->data_ref);
-  if (sub->is_once) unref(L, ctx.u, &sub->data_ref);
+  if (sub->is_once) {
+    unref(L, ctx.u, &sub->data_ref);
+    unref(L, ctx.u, &sub->fn_ref);
+  }
   push_event(L, ctx.u, ev);
   return 2;
 }
@@ -482,6 +723,11 @@ static const luaL_Reg core_methods[] = {
   { "unsubscribe", lcore_unsubscribe },
   { "publish", lcore_publish },
   { "publish_sync", lcore_publish_sync },
+  { "publish_cursor", lcore_publish_cursor },
+  { "pump", lcore_pump },
+  { "stop", lcore_stop },
+  { "is_stopped", lcore_is_stopped },
+  { "subs", lcore_subs },
   { "next", lcore_next },
   { "pending", lcore_pending },
   { "timeout", lcore_timeout },
@@ -513,9 +759,10 @@ int luaopen_buzz_core(lua_State *L) {
     lua_pushliteral(L, CORE_MT);       /* LuaJIT does not set __name */
     lua_setfield(L, -2, "__name");
     lua_newtable(L);
-    luaL_setfuncs(L, core_methods, 0);
+    lua_pushvalue(L, -2);              /* methods check against it */
+    luaL_setfuncs(L, core_methods, 1);
     lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, lcore_close);
+    lua_pushcfunction(L, lcore_gc);
     lua_setfield(L, -2, "__gc");
     lua_pushcfunction(L, lcore_close);
     lua_setfield(L, -2, "__close");

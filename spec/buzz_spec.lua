@@ -23,7 +23,8 @@ describe("a bus", function()
       assert.equal(id, got.id)
       assert.equal("task.start", got.type)
       assert.same({ task_id = "1735560000" }, got.payload)
-      assert.is_true(got.ts >= before - 1000 and got.ts <= os.time() * 1000 + 1000)
+      assert.is_true(got.ts >= before - 1000
+                     and got.ts <= os.time() * 1000 + 1000)
       assert.equal("high", got.priority)
       assert.equal("task-1", got.key)
       assert.equal(1, got.attempt)
@@ -232,7 +233,8 @@ describe("a bus", function()
     it("survives an on_error that raises, saying so on stderr", function()
       local ok, out = H.run([[
         local buzz = require "buzz"
-        local bus = buzz.new{ on_error = function() error("on_error broke") end }
+        local bus = buzz.new{
+          on_error = function() error("on_error broke") end }
         local n = 0
         bus:subscribe("e", function() error("x") end)
         bus:subscribe("e", function() n = n + 1 end)

@@ -8,9 +8,6 @@ local core = require "buzz.core"
 local type, error, pairs, tostring, pcall =
       type, error, pairs, tostring, pcall
 local setmetatable, getmetatable, rawget = setmetatable, getmetatable, rawget
-local co_create, co_resume, co_yield =
-      coroutine.create, coroutine.resume, coroutine.yield
-local traceback = debug.traceback
 local floor, huge = math.floor, math.huge
 local concat, sort = table.concat, table.sort
 local stderr = io.stderr
@@ -30,9 +27,6 @@ local DURABILITIES = { batch = true, sync = true, none = true }
 
 -- Deliveries run() makes between checks of the loop.
 local RUN_BATCH = 256
-
--- What a pooled coroutine yields when its handler has returned.
-local DONE = setmetatable({}, { __name = "buzz.done" })
 
 
 -- ------------------------------------------------------------ validation
@@ -146,84 +140,30 @@ local function default_on_error(err, ev, sub, trace)
                        trace or tostring(err)))
 end
 
--- Calls on_error protected; an on_error that raises is reported on stderr.
-local function report(self, err, ev, sub, trace)
-  local ok, e2 = pcall(self._on_error, err, ev, sub, trace)
-  if not ok then
-    stderr:write(("buzz: on_error raised while reporting %q: %s\n")
-                 :format(tostring(err), tostring(e2)))
-  end
-end
-
--- The body of a pooled coroutine: runs handlers until one fails or yields.
-local function runner(fn, ev)
-  while true do
-    fn(ev)
-    fn, ev = nil, nil               -- hold nothing while pooled
-    fn, ev = co_yield(DONE)
-  end
-end
-
---[[
-Runs one delivery in a coroutine from the bus's pool. A handler that
-returns puts its coroutine back; one that raises (its coroutine is dead) or
-yields with no driver to resume it is reported through on_error, and its
-coroutine is dropped.
-]]
-local function deliver(self, sub, ev)
-  if sub.is_once then                     -- the core has unsubscribed it
-    sub.is_active = false
-    self._subs[sub._id] = nil
-    sub._id = nil
-  end
-  local pool, n = self._pool, self._npool
-  local co
-  if n > 0 then
-    co = pool[n]
-    pool[n] = nil
-    self._npool = n - 1
-  else
-    co = co_create(runner)
-  end
-  local prev = self._current
-  self._current = ev
-  local ok, res = co_resume(co, sub.handler, ev)
-  self._current = prev
-  if ok then
-    if res == DONE then
-      n = self._npool + 1
-      pool[n] = co
-      self._npool = n
-      return true
+-- The core calls this for a failed delivery; on_error runs protected, and
+-- an on_error that raises is reported on stderr.
+local function reporter(on_error)
+  return function(err, ev, sub, trace)
+    local ok, e2 = pcall(on_error, err, ev, sub, trace)
+    if not ok then
+      stderr:write(("buzz: on_error raised while reporting %q: %s\n")
+                   :format(tostring(err), tostring(e2)))
     end
-    report(self, "handler yielded, but nothing drives this bus to resume "
-           .. "it (yield only under a driver that supports it)", ev, sub)
-    return false
   end
-  report(self, res, ev, sub, traceback(co, tostring(res)))
-  return false
 end
 
--- Makes up to max deliveries from the queue; stops early on stop/close.
-local function pump(self, max)
-  local n = 0
-  while n < max do
-    local c = self._core
-    if not c or self._stopped then break end
-    local sub, ev = c:next(0)
-    if not sub then break end
-    n = n + 1
-    deliver(self, sub, ev)
+-- Runs queued deliveries in the core; raises if called from a handler.
+local function pump(c, max, method)
+  local n, code = c:pump(max)
+  if not n then
+    if code == "EINHANDLER" then
+      error(("bus:%s() called from inside a handler; use "
+             .. "bus:publish_sync(...) to deliver an event at once")
+            :format(method), 3)
+    end
+    error(code, 3)
   end
   return n
-end
-
-local function check_not_in_handler(self, method, level)
-  if self._current ~= nil then
-    error(("bus:%s() called from inside a handler; use "
-           .. "bus:publish_sync(...) to deliver an event at once")
-          :format(method), level + 1)
-  end
 end
 
 
@@ -257,16 +197,12 @@ function M.new(opts)
     error("the SQLite store is not available yet: omit store for an "
           .. "in-memory bus", 2)
   end
-  local c, err, code = core.new(limit)
+  local c, err, code = core.new(limit,
+                                reporter(on_error or default_on_error))
   if not c then return nil, err, code end
   return setmetatable({
     _core = c,                -- false once closed
-    _subs = {},               -- id -> live sub, for unsubscribe_handler
-    _pool = {}, _npool = 0,   -- idle coroutines
-    _current = nil,           -- the event whose handler is running
-    _stopped = false,
     _running = false,
-    _on_error = on_error or default_on_error,
   }, Bus)
 end
 
@@ -287,13 +223,12 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
     pattern = pattern, handler = handler, bus = self,
     is_once = is_once or false, is_active = true,
   }, Sub)
-  local id, err, code = c:subscribe(pattern, sub, sub.is_once)
+  local id, err, code = c:subscribe(pattern, sub, handler, sub.is_once)
   if not id then
     if code == "ESUBJECT" then error(err, level + 1) end
     return nil, err, code
   end
   sub._id = id
-  self._subs[id] = sub
   return sub
 end
 
@@ -304,7 +239,8 @@ end
 ---@return table sub
 function Bus:subscribe(pattern, handler, opts)
   local c = check_bus(self, "subscribe")
-  return subscribe(self, c, pattern, handler, opts, false, 2)
+  local sub, err, code = subscribe(self, c, pattern, handler, opts, false, 2)
+  return sub, err, code       -- not a tail call: error levels count frames
 end
 
 -- Returns the decorator for on/once, checking what it can up front.
@@ -316,7 +252,9 @@ local function decorator(self, method, pattern, opts, is_once)
   check_options(opts, SUBSCRIBE_OPTIONS, method, 3)
   return function(handler)
     local c = check_bus(self, method)
-    return subscribe(self, c, pattern, handler, opts, is_once, 2)
+    local sub, err, code = subscribe(self, c, pattern, handler, opts,
+                                     is_once, 2)
+    return sub, err, code     -- not a tail call: error levels count frames
   end
 end
 
@@ -325,7 +263,8 @@ end
 ---@param opts table|nil
 ---@return function decorate taking the handler, returning the sub
 function Bus:on(pattern, opts)
-  return decorator(self, "on", pattern, opts, false)
+  local decorate = decorator(self, "on", pattern, opts, false)
+  return decorate
 end
 
 --- Like on, but the subscription ends after its first delivery.
@@ -333,38 +272,28 @@ end
 ---@param opts table|nil
 ---@return function decorate taking the handler, returning the sub
 function Bus:once(pattern, opts)
-  return decorator(self, "once", pattern, opts, true)
+  local decorate = decorator(self, "once", pattern, opts, true)
+  return decorate
 end
 
 --- Removes every subscription whose handler is fn.
 ---@param fn function
 ---@return integer removed
 function Bus:unsubscribe_handler(fn)
-  check_bus(self, "unsubscribe_handler")
-  local found, n = {}, 0
-  for _, sub in pairs(self._subs) do
-    if sub.handler == fn then
-      n = n + 1
-      found[n] = sub
-    end
+  local subs = check_bus(self, "unsubscribe_handler"):subs()
+  local n = 0
+  for i = 1, #subs do
+    if subs[i].handler == fn and subs[i]:unsubscribe() then n = n + 1 end
   end
-  for i = 1, n do found[i]:unsubscribe() end
   return n
 end
 
--- The shared front half of publish and publish_sync.
-local function publish_args(self, etype, opts, level)
+-- The shared front half of publish and publish_sync. Inside a handler the
+-- core inherits the correlation id and sets the causation id itself.
+local function publish_args(etype, opts, level)
   check_subject_arg(etype, "type", "task.start", level + 1)
-  local prio, key, corr, headers = 2, nil, nil, nil
-  if opts ~= nil then
-    prio, key, corr, headers = publish_options(opts, level + 1)
-  end
-  local cur, caus = self._current, nil
-  if cur then
-    caus = cur.id
-    if corr == nil then corr = cur.correlation_id end
-  end
-  return prio, key, corr, caus, headers
+  if opts == nil then return 2 end
+  return publish_options(opts, level + 1)
 end
 
 --- Queues an event; handlers run when the bus is driven.
@@ -374,8 +303,8 @@ end
 ---@return integer|nil id, string|nil err, string|nil code
 function Bus:publish(etype, payload, opts)
   local c = check_bus(self, "publish")
-  local prio, key, corr, caus, headers = publish_args(self, etype, opts, 2)
-  local id, err, code = c:publish(etype, payload, prio, key, corr, caus,
+  local prio, key, corr, headers = publish_args(etype, opts, 2)
+  local id, err, code = c:publish(etype, payload, prio, key, corr, nil,
                                   headers)
   if not id then
     if code == "ESUBJECT" then error(err, 2) end
@@ -391,21 +320,12 @@ end
 ---@return integer|nil id, string|nil err, string|nil code
 function Bus:publish_sync(etype, payload, opts)
   local c = check_bus(self, "publish_sync")
-  local prio, key, corr, caus, headers = publish_args(self, etype, opts, 2)
-  local id, level, code = c:publish_sync(etype, payload, prio, key, corr,
-                                         caus, headers)
+  local prio, key, corr, headers = publish_args(etype, opts, 2)
+  local id, err, code = c:publish_sync(etype, payload, prio, key, corr, nil,
+                                       headers)
   if not id then
-    if code == "ESUBJECT" then error(level, 2) end
-    return nil, level, code
-  end
-  if level then
-    while true do
-      c = self._core
-      if not c then break end
-      local sub, ev = c:next(level)
-      if not sub then break end
-      deliver(self, sub, ev)
-    end
+    if code == "ESUBJECT" then error(err, 2) end
+    return nil, err, code
   end
   return id
 end
@@ -414,25 +334,23 @@ end
 ---@param max integer|nil
 ---@return integer
 function Bus:step(max)
-  check_bus(self, "step")
+  local c = check_bus(self, "step")
   if max == nil then
     max = 1
   elseif not is_integer(max) or max < 0 then
     error(("bad max: expected a non-negative integer, got %s")
           :format(tostring(max)), 2)
   end
-  check_not_in_handler(self, "step", 2)
-  self._stopped = false
-  return pump(self, max)
+  c:stop(false)
+  return pump(c, max, "step")
 end
 
 --- Delivers until nothing is due; returns the number of deliveries.
 ---@return integer
 function Bus:drain()
-  check_bus(self, "drain")
-  check_not_in_handler(self, "drain", 2)
-  self._stopped = false
-  return pump(self, huge)
+  local c = check_bus(self, "drain")
+  c:stop(false)
+  return pump(c, -1, "drain")
 end
 
 --- Drives the bus on its own loop until stop(), or until nothing is
@@ -440,15 +358,15 @@ end
 ---@return integer
 function Bus:run()
   local c = check_bus(self, "run")
-  check_not_in_handler(self, "run", 2)
   if self._running then error("bus:run() is already running", 2) end
-  self._running, self._stopped = true, false
-  local total = 0
+  c:stop(false)
+  local total = pump(c, RUN_BATCH, "run")
+  self._running = true
   while true do
-    local n = pump(self, RUN_BATCH)
-    total = total + n
     c = self._core
-    if self._stopped or not c then break end
+    if not c or c:is_stopped() then break end
+    local n = c:pump(RUN_BATCH)
+    total = total + n
     if n == 0 and not c:wait() then break end
   end
   self._running = false
@@ -458,8 +376,7 @@ end
 --- Makes run() (or a drain/step in progress) return after the current
 --- delivery.
 function Bus:stop()
-  check_bus(self, "stop")
-  self._stopped = true
+  check_bus(self, "stop"):stop(true)
 end
 
 --- Closes the bus: nothing more is delivered. Returns the number of pending
@@ -472,14 +389,7 @@ function Bus:close()
   local c = self._core
   if not c then return 0 end
   self._core = false
-  self._stopped = true
-  for _, sub in pairs(self._subs) do
-    sub.is_active = false
-    sub._id = nil
-  end
-  self._subs = {}
-  self._pool, self._npool = {}, 0
-  return c:close()
+  return c:close()            -- marks every live subscription inactive
 end
 Bus.__close = Bus.close
 
@@ -528,13 +438,9 @@ function Sub:unsubscribe()
   end
   if not self.is_active then return false end
   self.is_active = false
-  local bus, id = self.bus, self._id
+  local id, c = self._id, self.bus._core
   self._id = nil
-  local c = bus._core
-  if c and id then
-    c:unsubscribe(id, self)
-    bus._subs[id] = nil
-  end
+  if c and id then c:unsubscribe(id, self) end
   return true
 end
 Sub.__close = Sub.unsubscribe

@@ -1,16 +1,18 @@
 -- csrc/bus.c and csrc/loop.c: cursors, audiences, once, the loop contract.
 local core = require "buzz.core"
 
+local function noop() end
+
 describe("the dispatcher", function()
   local c
-  before_each(function() c = assert(core.new(100)) end)
+  before_each(function() c = assert(core.new(100, noop)) end)
   after_each(function() c:close() end)
 
   it("hands one event to each subscription in order, then the next",
      function()
     local a, b = { "a" }, { "b" }
-    assert(c:subscribe("e.*", a))
-    assert(c:subscribe("e.>", b))
+    assert(c:subscribe("e.*", a, noop))
+    assert(c:subscribe("e.>", b, noop))
     c:publish("e.1", 1)
     c:publish("e.2", 2)
     local seen = {}
@@ -23,8 +25,8 @@ describe("the dispatcher", function()
   end)
 
   it("shares one event table among an event's subscriptions", function()
-    assert(c:subscribe("e", {}))
-    assert(c:subscribe("e", {}))
+    assert(c:subscribe("e", {}, noop))
+    assert(c:subscribe("e", {}, noop))
     c:publish("e", 1)
     local _, ev1 = c:next(0)
     local _, ev2 = c:next(0)
@@ -32,9 +34,9 @@ describe("the dispatcher", function()
   end)
 
   it("fixes the audience when the event is published", function()
-    assert(c:subscribe("e", { "early" }))
+    assert(c:subscribe("e", { "early" }, noop))
     c:publish("e", 1)
-    assert(c:subscribe("e", { "late" }))
+    assert(c:subscribe("e", { "late" }, noop))
     local sub = c:next(0)
     assert.same({ "early" }, sub)
     assert.is_nil((c:next(0)))
@@ -43,8 +45,8 @@ describe("the dispatcher", function()
   it("skips a subscription removed while its event is being delivered",
      function()
     local a, b = { "a" }, { "b" }
-    assert(c:subscribe("e", a))
-    local idb = assert(c:subscribe("e", b))
+    assert(c:subscribe("e", a, noop))
+    local idb = assert(c:subscribe("e", b, noop))
     c:publish("e", 1)
     assert.equal(a, (c:next(0)))
     assert.is_true(c:unsubscribe(idb, b))
@@ -54,7 +56,7 @@ describe("the dispatcher", function()
   it("ends a once subscription when its first delivery is handed out",
      function()
     local s = { "once" }
-    local id = assert(c:subscribe("e", s, true))
+    local id = assert(c:subscribe("e", s, noop, true))
     c:publish("e", 1)
     c:publish("e", 2)
     local sub, ev = c:next(0)
@@ -67,9 +69,9 @@ describe("the dispatcher", function()
 
   it("delivers a sync event on its own level, before queued ones", function()
     local s = {}
-    assert(c:subscribe("e", s))
+    assert(c:subscribe("e", s, noop))
     c:publish("e", "queued")
-    local id, level = c:publish_sync("e", "sync")
+    local id, level = c:publish_cursor("e", "sync")
     assert.equal(1, level)
     assert.equal(2, id)
     local sub, ev = c:next(level)
@@ -80,9 +82,9 @@ describe("the dispatcher", function()
   end)
 
   it("nests sync levels", function()
-    assert(c:subscribe("e", {}))
-    local _, l1 = c:publish_sync("e", 1)
-    local _, l2 = c:publish_sync("e", 2)
+    assert(c:subscribe("e", {}, noop))
+    local _, l1 = c:publish_cursor("e", 1)
+    local _, l2 = c:publish_cursor("e", 2)
     assert.equal(l1 + 1, l2)
     assert.equal(2, select(2, c:next(l2)).payload)
     assert.is_nil((c:next(l2)))
@@ -91,13 +93,13 @@ describe("the dispatcher", function()
   end)
 
   it("returns no level for a sync event nobody listens to", function()
-    local id, level = c:publish_sync("nobody", 1)
+    local id, level = c:publish_cursor("nobody", 1)
     assert.equal(1, id)
     assert.is_nil(level)
   end)
 
   it("drops the refs of delivered events (no growth over many)", function()
-    assert(c:subscribe("e", {}))
+    assert(c:subscribe("e", {}, noop))
     for _ = 1, 3 do
       for i = 1, 2000 do c:publish("e", { i }) end
       while c:next(0) do end
@@ -119,13 +121,13 @@ end)
 
 describe("the loop contract", function()
   local c
-  before_each(function() c = assert(core.new(100)) end)
+  before_each(function() c = assert(core.new(100, noop)) end)
   after_each(function() c:close() end)
 
   it("reports timeout 0 while events are pending and -1 when idle",
      function()
     assert.equal(-1, c:timeout())
-    assert(c:subscribe("e", {}))
+    assert(c:subscribe("e", {}, noop))
     c:publish("e", 1)
     assert.equal(0, c:timeout())
     c:next(0)
@@ -135,7 +137,7 @@ describe("the loop contract", function()
 
   it("wait() returns false when nothing can arrive", function()
     assert.is_false(c:wait())
-    assert(c:subscribe("e", {}))
+    assert(c:subscribe("e", {}, noop))
     c:publish("e", 1)
     assert.is_true(c:wait())
   end)
@@ -163,7 +165,7 @@ describe("the loop contract", function()
       return readable_now
     end
     assert.is_false(readable())
-    assert(c:subscribe("e", {}))
+    assert(c:subscribe("e", {}, noop))
     c:publish("e", 1)
     assert.is_true(readable())
     c:next(0)

@@ -1,6 +1,8 @@
 -- csrc/match.c: the subject grammar, the trie and the match cache.
 local core = require "buzz.core"
 
+local function noop() end
+
 -- { subject, valid as a published type?, valid as a pattern? }
 local GRAMMAR = {
   { "task",              true,  true  },
@@ -99,7 +101,7 @@ local MATCHING = {
 
 describe("matching", function()
   local c
-  before_each(function() c = assert(core.new(1000)) end)
+  before_each(function() c = assert(core.new(1000, noop)) end)
   after_each(function() c:close() end)
 
   for _, case in ipairs(MATCHING) do
@@ -107,7 +109,7 @@ describe("matching", function()
     it(("%q %s %q"):format(pattern, expected and "matches" or "does not match",
                            etype), function()
       local sub = {}
-      assert(c:subscribe(pattern, sub))
+      assert(c:subscribe(pattern, sub, noop))
       local aud = c:audience(etype)
       assert.equal(expected and 1 or 0, #aud)
       if expected then assert.equal(sub, aud[1]) end
@@ -120,7 +122,7 @@ describe("matching", function()
     local patterns = { "a.>", "a.b.c", "*.b.*", ">", "a.*.c", "a.b.>" }
     for i, p in ipairs(patterns) do
       subs[i] = { p }
-      assert(c:subscribe(p, subs[i]))
+      assert(c:subscribe(p, subs[i], noop))
     end
     local aud = c:audience("a.b.c")
     assert.equal(#patterns, #aud)
@@ -129,9 +131,9 @@ describe("matching", function()
 
   it("rebuilds a cached audience after subscribe and unsubscribe", function()
     local s1, s2 = {}, {}
-    local id1 = assert(c:subscribe("x.*", s1))
+    local id1 = assert(c:subscribe("x.*", s1, noop))
     assert.equal(1, #c:audience("x.y"))        -- now cached
-    local id2 = assert(c:subscribe("x.>", s2))
+    local id2 = assert(c:subscribe("x.>", s2, noop))
     assert.same({ s1, s2 }, c:audience("x.y"))
     assert.is_true(c:unsubscribe(id1, s1))
     assert.same({ s2 }, c:audience("x.y"))
@@ -141,9 +143,9 @@ describe("matching", function()
 
   it("refuses a stale id whose slot was reused", function()
     local s1, s2 = {}, {}
-    local id1 = assert(c:subscribe("x", s1))
+    local id1 = assert(c:subscribe("x", s1, noop))
     assert.is_true(c:unsubscribe(id1, s1))
-    local id2 = assert(c:subscribe("x", s2))
+    local id2 = assert(c:subscribe("x", s2, noop))
     assert.equal(id1, id2)                     -- the slot is reused
     assert.is_false(c:unsubscribe(id1, s1))    -- but s1 cannot remove s2
     assert.same({ s2 }, c:audience("x"))
@@ -152,8 +154,8 @@ describe("matching", function()
   it("keeps many patterns apart (trie, not a scan)", function()
     local n = 0
     for i = 1, 200 do
-      assert(c:subscribe(("svc%d.*"):format(i), { i }))
-      assert(c:subscribe(("svc%d.>"):format(i), { -i }))
+      assert(c:subscribe(("svc%d.*"):format(i), { i }, noop))
+      assert(c:subscribe(("svc%d.>"):format(i), { -i }, noop))
       n = n + 2
     end
     assert.equal(n, c:stats().subscriptions)
@@ -167,7 +169,7 @@ describe("matching", function()
   end)
 
   it("bounds the cache of published types", function()
-    assert(c:subscribe(">", {}))
+    assert(c:subscribe(">", {}, noop))
     for i = 1, 10000 do c:audience("t" .. i) end
     assert.is_true(c:stats().cached_types <= 4096)
     assert.equal(1, #c:audience("t1"))         -- still correct after eviction
@@ -178,7 +180,8 @@ describe("matching", function()
       local ids, subs = {}, {}
       for i = 1, 500 do
         subs[i] = {}
-        ids[i] = assert(c:subscribe(("r%d.k%d.*"):format(round, i), subs[i]))
+        ids[i] = assert(c:subscribe(("r%d.k%d.*"):format(round, i), subs[i],
+                                      noop))
       end
       for i = 1, 500 do assert.is_true(c:unsubscribe(ids[i], subs[i])) end
       assert.equal(0, c:stats().subscriptions)
@@ -187,7 +190,7 @@ describe("matching", function()
   end)
 
   it("rejects bad patterns with ESUBJECT, leaving no subscription", function()
-    local ok, err, code = c:subscribe("a..b", {})
+    local ok, err, code = c:subscribe("a..b", {}, noop)
     assert.is_nil(ok)
     assert.equal("ESUBJECT", code)
     assert.matches('bad pattern "a..b"', err, 1, true)
@@ -195,7 +198,7 @@ describe("matching", function()
   end)
 
   it("quotes unprintable subjects in its messages", function()
-    local _, err = c:subscribe("a\nb", {})
+    local _, err = c:subscribe("a\nb", {}, noop)
     assert.matches('"a\\010b"', err, 1, true)
   end)
 end)

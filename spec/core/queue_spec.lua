@@ -1,11 +1,13 @@
 -- csrc/queue.c: event records, priorities, FIFO order, back-pressure.
 local core = require "buzz.core"
 
+local function noop() end
+
 local PRIO = { critical = 0, high = 1, normal = 2, low = 3 }
 
 describe("the queue", function()
   local c
-  before_each(function() c = assert(core.new(10)) end)
+  before_each(function() c = assert(core.new(10, noop)) end)
   after_each(function() c:close() end)
 
   local function drain_types()
@@ -18,7 +20,7 @@ describe("the queue", function()
   end
 
   it("delivers by priority, then in publish order", function()
-    assert(c:subscribe(">", {}))
+    assert(c:subscribe(">", {}, noop))
     local plan = { "low", "normal", "critical", "high", "low", "critical",
                    "normal", "high" }
     for i, p in ipairs(plan) do
@@ -29,7 +31,7 @@ describe("the queue", function()
   end)
 
   it("gives increasing integer ids and millisecond timestamps", function()
-    assert(c:subscribe("e", {}))
+    assert(c:subscribe("e", {}, noop))
     local before = core.now_ms()
     local ids = {}
     for i = 1, 5 do ids[i] = assert(c:publish("e", i)) end
@@ -46,7 +48,7 @@ describe("the queue", function()
   end)
 
   it("refuses with EFULL at queue_limit and loses nothing queued", function()
-    assert(c:subscribe("e", {}))
+    assert(c:subscribe("e", {}, noop))
     for i = 1, 10 do assert(c:publish("e", i)) end
     local id, err, code = c:publish("e", 11)
     assert.is_nil(id)
@@ -65,7 +67,7 @@ describe("the queue", function()
   end)
 
   it("carries key, correlation id, causation id and headers", function()
-    assert(c:subscribe("e", {}))
+    assert(c:subscribe("e", {}, noop))
     local headers = { traceparent = "00-abc-def-01" }
     assert(c:publish("e", "p", PRIO.high, "k1", "corr-1", 41, headers))
     local _, ev = c:next(0)
@@ -80,7 +82,7 @@ describe("the queue", function()
   end)
 
   it("passes payloads by reference", function()
-    assert(c:subscribe("e", {}))
+    assert(c:subscribe("e", {}, noop))
     local payload = { nested = { 1, 2, 3 } }
     assert(c:publish("e", payload))
     local _, ev = c:next(0)
@@ -88,7 +90,7 @@ describe("the queue", function()
   end)
 
   it("discards pending events on close and says how many", function()
-    assert(c:subscribe("e", {}))
+    assert(c:subscribe("e", {}, noop))
     for i = 1, 7 do c:publish("e", i) end
     assert.equal(7, c:close())
     assert.equal(0, c:close())                      -- idempotent
@@ -97,8 +99,8 @@ describe("the queue", function()
   end)
 
   it("accepts an unlimited queue with limit 0", function()
-    local u = assert(core.new(0))
-    assert(u:subscribe("e", {}))
+    local u = assert(core.new(0, noop))
+    assert(u:subscribe("e", {}, noop))
     for i = 1, 1000 do assert(u:publish("e", i)) end
     assert.equal(1000, u:pending())
     u:close()

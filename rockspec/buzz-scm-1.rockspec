@@ -1,0 +1,70 @@
+-- LuaRocks build of buzz. From the repository root:
+--
+--   luarocks --lua-version=5.4 make --local rockspec/buzz-scm-1.rockspec
+--
+-- (or `make rock`). It builds offline: the C core needs only Debian's
+-- libuv1-dev, libsqlite3-dev and libcjson-dev, found as external
+-- dependencies, and the rock depends on nothing but Lua itself.
+rockspec_format = "3.0"
+package = "buzz"
+version = "scm-1"
+
+source = {
+  url = "git+https://example.invalid/buzz.git",
+}
+
+description = {
+  summary = "An embeddable event-processing engine for Lua",
+  detailed = [[
+buzz is an event bus for Lua 5.1 to 5.4 and LuaJIT: a C core (subject trie,
+priority queue, libuv loop, SQLite store) under a small Lua API of
+decorator-style routes in which every handler is a plain Lua function.
+]],
+  license = "MIT",
+}
+
+dependencies = {
+  "lua >= 5.1",                       -- LuaJIT counts as 5.1
+}
+
+external_dependencies = {
+  LIBUV = { header = "uv.h", library = "uv" },
+  SQLITE = { header = "sqlite3.h", library = "sqlite3" },
+  CJSON = { header = "cjson/cJSON.h", library = "cjson" },
+}
+
+build = {
+  type = "builtin",
+  modules = {
+    -- The C core: every file in csrc/, in the Makefile's order.
+    ["buzz.core"] = {
+      sources = {
+        "csrc/error.c",
+        "csrc/map.c",
+        "csrc/match.c",
+        "csrc/queue.c",
+        "csrc/bus.c",
+        "csrc/loop.c",
+        "csrc/lbuzz.c",
+      },
+      defines = { "_POSIX_C_SOURCE=200809L" },
+      incdirs = {
+        "csrc",
+        "$(LIBUV_INCDIR)",
+        "$(SQLITE_INCDIR)",
+        "$(CJSON_INCDIR)",
+      },
+      libdirs = {
+        "$(LIBUV_LIBDIR)",
+        "$(SQLITE_LIBDIR)",
+        "$(CJSON_LIBDIR)",
+      },
+      libraries = { "uv", "sqlite3", "cjson" },
+    },
+
+    -- The Lua layer: one line per file under lua/, such as
+    -- ["buzz.router"] = "lua/buzz/router.lua". (The builtin backend also
+    -- copies all of lua/ into the tree, but the list is the record.)
+    ["buzz"] = "lua/buzz/init.lua",
+  },
+}

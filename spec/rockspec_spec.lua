@@ -1,0 +1,125 @@
+--- The rockspec: `luarocks make` builds buzz offline into a fresh tree, and
+-- what it installs loads and works on its own, without the checkout.
+--
+-- The rock is built for Lua 5.4 under either busted flavour: the test shells
+-- out to luarocks and lua5.4, so it does not depend on the interpreter
+-- running busted. luarocks compiles in its working directory (csrc/*.o,
+-- buzz/core.so), so it runs in a scratch copy of the checkout: nothing is
+-- left in the working tree, and the two flavours may run at once.
+
+local ROCKSPEC = "rockspec/buzz-scm-1.rockspec"
+local LUA = "lua5.4"
+
+local function quote(s)
+  return "'" .. s:gsub("'", [['\'']]) .. "'"
+end
+
+-- Runs a shell command; returns its exit status and its output (stdout and
+-- stderr). io.popen():close() does not give the status under LuaJIT, so the
+-- command echoes it, as H.run does.
+local function sh(cmd)
+  local p = assert(io.popen(cmd .. " 2>&1; echo \"__exit=$?\""))
+  local out = p:read("*a")
+  p:close()
+  local status = tonumber(out:match("__exit=(%d+)%s*$"))
+  return status, (out:gsub("__exit=%d+%s*$", ""))
+end
+
+local function mktemp_dir()
+  local status, out = sh("mktemp -d")
+  local dir = out:match("^(/%S+)\n?$")
+  assert(status == 0 and dir, "mktemp -d failed: " .. out)
+  return dir
+end
+
+local function remove_dir(dir)
+  -- Only what mktemp_dir made: an absolute path, never "/" or the checkout.
+  assert(dir:match("^/.*/tmp%.%w+$"), "refusing to remove " .. dir)
+  sh("rm -rf " .. quote(dir))
+end
+
+-- Builds and installs the rock from a copy of the checkout into tree.
+-- Returns luarocks's exit status and output.
+local function install(scratch, tree)
+  local src = scratch .. "/src"
+  local status, out = sh(("mkdir %s && tar -cf - --exclude=./.git "
+                          .. "--exclude=./build --exclude=./buzz "
+                          .. "--exclude='*.o' . | tar -xf - -C %s")
+                         :format(quote(src), quote(src)))
+  assert(status == 0, "copying the checkout failed: " .. out)
+  return sh(("cd %s && luarocks --lua-version=5.4 make --tree=%s %s")
+            :format(quote(src), quote(tree), ROCKSPEC))
+end
+
+-- Runs a Lua file with lua5.4 from inside tree, with package paths that
+-- reach only the tree and the system defaults.
+local function run_installed(tree, file)
+  local lpath = ("%s/share/lua/5.4/?.lua;%s/share/lua/5.4/?/init.lua;;")
+                :format(tree, tree)
+  local cpath = ("%s/lib/lua/5.4/?.so;;"):format(tree)
+  return sh(("cd %s && env -u LUA_INIT -u LUA_INIT_5_4 "
+             .. "LUA_PATH=%s LUA_PATH_5_4=%s LUA_CPATH=%s LUA_CPATH_5_4=%s "
+             .. "%s %s")
+            :format(quote(tree), quote(lpath), quote(lpath), quote(cpath),
+                    quote(cpath), LUA, quote(file)))
+end
+
+local CHECK = [[
+local buzz, where = require "buzz"
+print("buzz: " .. where)
+print("buzz.core: " .. package.searchpath("buzz.core", package.cpath))
+local bus = buzz.new()
+local got = {}
+bus:subscribe("order.*", function(ev)
+  got[#got + 1] = ev.type .. "=" .. ev.payload.n
+end)
+bus:publish("order.created", { n = 1 })
+bus:publish("order.paid", { n = 2 }, { priority = "high" })
+bus:publish("invoice.sent", { n = 3 })
+print("drained " .. bus:drain() .. ": " .. table.concat(got, " "))
+print("closed " .. bus:close())
+]]
+
+describe("rockspec/buzz-scm-1.rockspec", function()
+  it("installs with luarocks make offline, and the installed buzz works",
+     function()
+    local scratch = mktemp_dir()
+    finally(function() remove_dir(scratch) end)
+    local tree = scratch .. "/tree"
+
+    local status, out = install(scratch, tree)
+    assert.are.equal(0, status, out)
+    assert.matches("buzz scm-1 is now installed in " .. tree, out, 1, true)
+
+    local f = assert(io.open(tree .. "/check.lua", "w"))
+    f:write(CHECK)
+    f:close()
+    status, out = run_installed(tree, tree .. "/check.lua")
+    assert.are.equal(0, status, out)
+    assert.are.equal(table.concat({
+      "buzz: " .. tree .. "/share/lua/5.4/buzz/init.lua",
+      "buzz.core: " .. tree .. "/lib/lua/5.4/buzz/core.so",
+      "drained 2: order.paid=2 order.created=1",
+      "closed 0",
+      "",
+    }, "\n"), out)
+  end)
+
+  it("runs examples/demo.lua against the installed rock", function()
+    local scratch = mktemp_dir()
+    finally(function() remove_dir(scratch) end)
+    local tree = scratch .. "/tree"
+
+    local status, out = install(scratch, tree)
+    assert.are.equal(0, status, out)
+
+    -- A copy outside the checkout, so the demo finds no build to prefer.
+    status, out = sh(("mkdir %s/examples && cp examples/demo.lua %s/examples/")
+                     :format(quote(tree), quote(tree)))
+    assert.are.equal(0, status, out)
+    status, out = run_installed(tree, tree .. "/examples/demo.lua")
+    assert.are.equal(0, status, out)
+    local last = "close() discarded 1 pending event; bus closed\n"
+    assert.are.equal(last, out:sub(-#last), out)
+  end)
+end)
