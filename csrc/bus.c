@@ -53,7 +53,7 @@ int buzz__bus_init(buzz_bus *b, size_t queue_limit) {
 static void cursor_finish(buzz_bus *b, buzz_cursor *c, void *ctx) {
   if (c->ev) {
     if (b->on_event_free) b->on_event_free(ctx, c->ev);
-    buzz__event_free(c->ev);
+    buzz__event_free(&b->queue, c->ev);
     c->ev = NULL;
   }
   buzz__matchvec_release(c->vec);
@@ -69,7 +69,7 @@ size_t buzz__bus_close(buzz_bus *b, void *ctx) {
   for (i = 0; i < b->depth; i++) cursor_finish(b, &b->cursors[i], ctx);
   while ((ev = buzz__queue_pop(&b->queue)) != NULL) {
     if (b->on_event_free) b->on_event_free(ctx, ev);
-    buzz__event_free(ev);
+    buzz__event_free(&b->queue, ev);
     n++;
   }
   for (i = 0; i < b->nslots; i++) {
@@ -80,6 +80,7 @@ size_t buzz__bus_close(buzz_bus *b, void *ctx) {
     b->slots[i] = NULL;
     sub_release(sub);
   }
+  buzz__queue_free(&b->queue);
   buzz__trie_free(b->trie);     /* releases cached vectors and their subs */
   b->trie = NULL;
   free(b->slots);
@@ -204,7 +205,7 @@ int buzz__bus_publish(buzz_bus *b, buzz_event *ev, const char *type,
     buzz__subject_release(subject);
     ev->id = ++b->last_id;
     ev->ts = buzz__clock_ms();
-    buzz__event_free(ev);
+    buzz__event_free(&b->queue, ev);
     (void)ctx;
     return 0;
   }

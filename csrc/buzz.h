@@ -169,6 +169,7 @@ enum {
 ** A pending event. Lua values travel as refs owned by lbuzz.c; the core
 ** stores them and hands them back through bus->on_event_free.
 ** CONSTRUCTOR: buzz__event_new()   DESTRUCTOR: buzz__event_free()
+** (both through the queue's spare list, so the hot path rarely mallocs)
 */
 typedef struct buzz_event {
   struct buzz_event *next;  /* link; owned by the queue while queued */
@@ -190,10 +191,14 @@ typedef struct buzz_queue {
   buzz_event *tail[BUZZ_NPRIO];
   size_t count;
   size_t limit;                   /* 0 = unlimited */
+  buzz_event *spare;              /* owns; freed records kept for reuse */
+  size_t nspare;
 } buzz_queue;
 
-buzz_event *buzz__event_new(void);
-void buzz__event_free(buzz_event *ev);
+/* Records come from and go back to q's spare list (bounded). */
+buzz_event *buzz__event_new(buzz_queue *q);
+void buzz__event_free(buzz_queue *q, buzz_event *ev);
+void buzz__queue_free(buzz_queue *q);    /* frees the spare records */
 void buzz__queue_init(buzz_queue *q, size_t limit);
 int buzz__queue_push(buzz_queue *q, buzz_event *ev);   /* BUZZ_EFULL */
 buzz_event *buzz__queue_pop(buzz_queue *q);

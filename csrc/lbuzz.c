@@ -47,7 +47,9 @@ typedef struct lcore {
   buzz_loop *loop;     /* owns; NULL once closed */
   buzz_event **cur;    /* owns the array (freed by __gc); the events whose */
   size_t ncur, capcur; /* handlers are running, innermost last; borrowed */
-  int npool;           /* idle threads in U.pool */
+  int npool;           /* idle threads in the pool table */
+  int pool_ref;        /* U refs: the pool of idle threads, and the */
+  int report_ref;      /* reporter function (both released with U) */
   int is_open;
   int is_stopped;      /* set by stop(); pump() returns */
 } lcore;
@@ -60,9 +62,24 @@ typedef struct lctx {
   int u;
 } lctx;
 
-static const char *const prio_names[BUZZ_NPRIO] = {
+/*
+** Upvalues of every method: the metatable (for the type check), then the
+** strings the hot path uses as table keys and values, so building an
+** event table never interns a C string.
+*/
+enum {
+  UV_MT = 1, UV_ID, UV_TYPE, UV_PAYLOAD, UV_TS, UV_PRIORITY, UV_ATTEMPT,
+  UV_KEY, UV_CORR, UV_CAUS, UV_HEADERS, UV_ACTIVE, UV_PRIO0,
+  UV_COUNT = UV_PRIO0 + BUZZ_NPRIO - 1
+};
+
+static const char *const uv_strings[] = {
+  "id", "type", "payload", "ts", "priority", "attempt", "key",
+  "correlation_id", "causation_id", "headers", "is_active",
   "critical", "high", "normal", "low"
 };
+
+#define UV(i) lua_upvalueindex(i)
 
 
 /* ------------------------------------------------------------ helpers */
@@ -171,44 +188,57 @@ static void on_event_free(void *ctx, buzz_event *ev) {
   unref(x->L, x->u, &ev->table_ref);
 }
 
-/* Moves a ref's value into field k of the table on top. */
-static void move_field(lua_State *L, int u, int *ref, const char *k) {
-  if (*ref == BUZZ_NOREF) return;
-  lua_rawgeti(L, u, *ref);
-  lua_setfield(L, -2, k);
-  unref(L, u, ref);
+/*
+** Sets field UV(key) of the table on top from stack slot arg when arg is
+** not 0 (and the slot holds a value), else moves the value of *ref.
+*/
+static void set_field(lua_State *L, int u, int *ref, int arg, int key) {
+  if (arg != 0 && !lua_isnoneornil(L, arg)) {
+    lua_pushvalue(L, UV(key));
+    lua_pushvalue(L, arg);
+    lua_rawset(L, -3);
+  } else if (*ref != BUZZ_NOREF) {
+    lua_pushvalue(L, UV(key));
+    lua_rawgeti(L, u, *ref);
+    lua_rawset(L, -3);
+    unref(L, u, ref);
+  }
+}
+
+static void set_int(lua_State *L, int key, int64_t v) {
+  lua_pushvalue(L, UV(key));
+  lua_pushinteger(L, (lua_Integer)v);
+  lua_rawset(L, -3);
 }
 
 /*
-** Pushes the event table of ev, building it on its first delivery. The
-** table takes over the payload, key, correlation id and headers; it is kept
+** Pushes the event table of ev, building it on its first delivery. Its
+** payload, key and headers come from the refs, or with from_args from the
+** publish call's own arguments (slots 3, 5, 8; publish_sync needs no refs
+** for them); the correlation id from slot 6 or its ref. The table is kept
 ** in U (table_ref) until the event leaves the bus, so every subscription
-** receives the same table.
+** receives the same table. Only called from methods (uses the upvalues).
 */
-static void push_event(lua_State *L, int u, buzz_event *ev) {
+static void push_event(lua_State *L, int u, buzz_event *ev, int from_args) {
   if (ev->table_ref != BUZZ_NOREF) {
     lua_rawgeti(L, u, ev->table_ref);
     return;
   }
   lua_createtable(L, 0, 10);
-  lua_pushinteger(L, (lua_Integer)ev->id);
-  lua_setfield(L, -2, "id");
+  set_int(L, UV_ID, ev->id);
+  lua_pushvalue(L, UV(UV_TYPE));
   lua_pushlstring(L, ev->subject->type, ev->subject->len);
-  lua_setfield(L, -2, "type");
-  move_field(L, u, &ev->payload_ref, "payload");
-  lua_pushinteger(L, (lua_Integer)ev->ts);
-  lua_setfield(L, -2, "ts");
-  lua_pushstring(L, prio_names[ev->priority]);
-  lua_setfield(L, -2, "priority");
-  lua_pushinteger(L, 1);
-  lua_setfield(L, -2, "attempt");
-  move_field(L, u, &ev->key_ref, "key");
-  move_field(L, u, &ev->corr_ref, "correlation_id");
-  if (ev->causation_id != 0) {
-    lua_pushinteger(L, (lua_Integer)ev->causation_id);
-    lua_setfield(L, -2, "causation_id");
-  }
-  move_field(L, u, &ev->headers_ref, "headers");
+  lua_rawset(L, -3);
+  set_field(L, u, &ev->payload_ref, from_args ? 3 : 0, UV_PAYLOAD);
+  set_int(L, UV_TS, ev->ts);
+  lua_pushvalue(L, UV(UV_PRIORITY));
+  lua_pushvalue(L, UV(UV_PRIO0 + ev->priority));
+  lua_rawset(L, -3);
+  set_int(L, UV_ATTEMPT, 1);
+  set_field(L, u, &ev->key_ref, from_args ? 5 : 0, UV_KEY);
+  set_field(L, u, &ev->corr_ref, from_args ? 6 : 0, UV_CORR);
+  if (ev->causation_id != 0) set_int(L, UV_CAUS, ev->causation_id);
+  set_field(L, u, &ev->headers_ref, from_args ? 8 : 0, UV_HEADERS);
   lua_pushvalue(L, -1);
   ev->table_ref = luaL_ref(L, u);
 }
@@ -235,10 +265,10 @@ static int cur_push(lcore *c, buzz_event *ev) {
 ** reporter runs protected: its own failure is dropped here (the Lua
 ** reporter already guards on_error).
 */
-static void report(lua_State *L, int u, lua_State *co, int err_idx,
-                   const char *msg, int sub_idx) {
+static void report(lua_State *L, lcore *c, int u, lua_State *co,
+                   int err_idx, const char *msg, int sub_idx) {
   int top = lua_gettop(L);
-  lua_getfield(L, u, "report");
+  lua_rawgeti(L, u, c->report_ref);
   if (err_idx) lua_pushvalue(L, err_idx);
   else lua_pushstring(L, msg);
   lua_pushvalue(L, sub_idx + 1);
@@ -264,9 +294,9 @@ static void dispatch(lua_State *L, lcore *c, int u, buzz_sub *sub,
   int top = lua_gettop(L), rc, is_current;
   lua_State *co;
   lua_rawgeti(L, u, sub->data_ref);                 /* top+1: sub */
-  push_event(L, u, ev);                             /* top+2: event */
+  push_event(L, u, ev, 0);                          /* top+2: event */
   if (c->npool > 0) {
-    lua_getfield(L, u, "pool");
+    lua_rawgeti(L, u, c->pool_ref);
     lua_rawgeti(L, -1, c->npool);
     lua_pushnil(L);
     lua_rawseti(L, -3, c->npool--);
@@ -279,8 +309,9 @@ static void dispatch(lua_State *L, lcore *c, int u, buzz_sub *sub,
   lua_pushvalue(L, top + 2);
   lua_xmove(L, co, 2);
   if (sub->is_once) {                               /* the core ended it */
+    lua_pushvalue(L, UV(UV_ACTIVE));
     lua_pushboolean(L, 0);
-    lua_setfield(L, top + 1, "is_active");
+    lua_rawset(L, top + 1);
     unref(L, u, &sub->data_ref);
     unref(L, u, &sub->fn_ref);
   }
@@ -290,17 +321,17 @@ static void dispatch(lua_State *L, lcore *c, int u, buzz_sub *sub,
   if (rc == LUA_OK) {
     lua_settop(co, 0);
     if (c->npool < POOL_MAX) {
-      lua_getfield(L, u, "pool");
+      lua_rawgeti(L, u, c->pool_ref);
       lua_pushvalue(L, top + 3);
       lua_rawseti(L, -2, ++c->npool);
     }
   } else if (rc == LUA_YIELD) {
     buzz_resetthread(co);
-    report(L, u, co, 0, "handler yielded, but nothing drives this bus to "
+    report(L, c, u, co, 0, "handler yielded, but nothing drives this bus to "
            "resume it (yield only under a driver that supports it)", top + 1);
   } else {
     lua_xmove(co, L, 1);                            /* the error value */
-    report(L, u, co, lua_gettop(L), NULL, top + 1);
+    report(L, c, u, co, lua_gettop(L), NULL, top + 1);
     buzz_resetthread(co);
   }
   lua_settop(L, top);
@@ -323,11 +354,11 @@ static int lcore_new(lua_State *L) {
   memset(c, 0, sizeof *c);             /* closed until acquired */
   c->bus.is_closed = 1;
   luaL_setmetatable(L, CORE_MT);
-  lua_createtable(L, 0, 2);            /* U */
+  lua_newtable(L);                     /* U */
   lua_newtable(L);
-  lua_setfield(L, -2, "pool");
+  c->pool_ref = luaL_ref(L, -2);
   lua_pushvalue(L, 2);
-  lua_setfield(L, -2, "report");
+  c->report_ref = luaL_ref(L, -2);
   buzz_setuv(L, -2);
   if ((rc = buzz__bus_init(&c->bus, (size_t)limit)) < 0)
     return push_fail(L, rc, NULL);
@@ -458,16 +489,24 @@ static int lcore_unsubscribe(lua_State *L) {
 static int do_publish(lua_State *L, int mode) {
   lcore *c = check_core(L);
   size_t len, level = 0;
-  const char *type = luaL_checklstring(L, 2, &len);
+  const char *type = lua_type(L, 2) == LUA_TSTRING
+                     ? lua_tolstring(L, 2, &len) : NULL;
   lua_Integer prio = luaL_optinteger(L, 4, BUZZ_PRIO_NORMAL);
   lua_Integer caus = luaL_optinteger(L, 7, 0);
   buzz_event *ev, *cur = c->ncur > 0 ? c->cur[c->ncur - 1] : NULL;
   int64_t id;
   lctx ctx;
   int rc;
+  if (type == NULL) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "bad type: expected a string such as "
+                    "\"task.start\", got %s", luaL_typename(L, 2));
+    lua_pushliteral(L, "ESUBJECT");
+    return 3;
+  }
   if (subject_usage(L, "type", type, len, 0, 0)) return 3;
   luaL_argcheck(L, prio >= 0 && prio < BUZZ_NPRIO, 4, "priority out of range");
-  if ((ev = buzz__event_new()) == NULL)
+  if ((ev = buzz__event_new(&c->bus.queue)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   ev->priority = (unsigned char)prio;
   ev->causation_id = caus == 0 && cur ? cur->id : (int64_t)caus;
@@ -475,7 +514,7 @@ static int do_publish(lua_State *L, int mode) {
   ctx.u = 0;
   rc = buzz__bus_publish(&c->bus, ev, type, len, mode != 0, &level, &ctx);
   if (rc < 0) {
-    buzz__event_free(ev);
+    buzz__event_free(&c->bus.queue, ev);
     if (rc == BUZZ_EFULL) {
       lua_pushnil(L);
       lua_pushfstring(L, "EFULL: queue is full (%d pending events); drain "
@@ -492,16 +531,22 @@ static int do_publish(lua_State *L, int mode) {
   }
   id = ev->id;
   ctx.u = push_refs(L);
-  ev->payload_ref = ref_opt(L, ctx.u, 3);
-  ev->key_ref = ref_opt(L, ctx.u, 5);
-  ev->headers_ref = ref_opt(L, ctx.u, 8);
-  if (!lua_isnoneornil(L, 6)) {
+  if (mode != 1) {                     /* values wait in U until delivery */
+    ev->payload_ref = ref_opt(L, ctx.u, 3);
+    ev->key_ref = ref_opt(L, ctx.u, 5);
+    ev->headers_ref = ref_opt(L, ctx.u, 8);
     ev->corr_ref = ref_opt(L, ctx.u, 6);
-  } else if (cur && cur->table_ref != BUZZ_NOREF) {
-    lua_rawgeti(L, ctx.u, cur->table_ref);
-    lua_getfield(L, -1, "correlation_id");
+  }
+  if (lua_isnoneornil(L, 6) && cur && cur->table_ref != BUZZ_NOREF) {
+    lua_rawgeti(L, ctx.u, cur->table_ref);     /* inherit correlation */
+    lua_pushvalue(L, UV(UV_CORR));
+    lua_rawget(L, -2);
     if (!lua_isnil(L, -1)) ev->corr_ref = luaL_ref(L, ctx.u);
     lua_settop(L, ctx.u);
+  }
+  if (mode == 1) {                     /* build the table from the args */
+    push_event(L, ctx.u, ev, 1);
+    lua_pop(L, 1);
   }
   if (mode == 0) {
     buzz__loop_signal(c->loop, 1);
@@ -614,7 +659,7 @@ static int lcore_next(lua_State *L) {
     unref(L, ctx.u, &sub->data_ref);
     unref(L, ctx.u, &sub->fn_ref);
   }
-  push_event(L, ctx.u, ev);
+  push_event(L, ctx.u, ev, 0);
   return 2;
 }
 
@@ -758,9 +803,12 @@ int luaopen_buzz_core(lua_State *L) {
   if (luaL_newmetatable(L, CORE_MT)) {
     lua_pushliteral(L, CORE_MT);       /* LuaJIT does not set __name */
     lua_setfield(L, -2, "__name");
+    size_t i;
     lua_newtable(L);
-    lua_pushvalue(L, -2);              /* methods check against it */
-    luaL_setfuncs(L, core_methods, 1);
+    lua_pushvalue(L, -2);              /* UV_MT: methods check against it */
+    for (i = 0; i < sizeof uv_strings / sizeof uv_strings[0]; i++)
+      lua_pushstring(L, uv_strings[i]);
+    luaL_setfuncs(L, core_methods, UV_COUNT);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, lcore_gc);
     lua_setfield(L, -2, "__gc");

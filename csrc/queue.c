@@ -19,9 +19,16 @@
 
 #include "buzz.h"
 
-buzz_event *buzz__event_new(void) {
-  buzz_event *ev = malloc(sizeof *ev);
-  if (ev == NULL) return NULL;
+#define SPARE_MAX 256
+
+buzz_event *buzz__event_new(buzz_queue *q) {
+  buzz_event *ev = q->spare;
+  if (ev != NULL) {
+    q->spare = ev->next;
+    q->nspare--;
+  } else if ((ev = malloc(sizeof *ev)) == NULL) {
+    return NULL;
+  }
   ev->next = NULL;
   ev->id = ev->ts = ev->causation_id = 0;
   ev->subject = NULL;
@@ -33,10 +40,25 @@ buzz_event *buzz__event_new(void) {
   return ev;
 }
 
-void buzz__event_free(buzz_event *ev) {
+void buzz__event_free(buzz_queue *q, buzz_event *ev) {
   if (ev == NULL) return;
   if (ev->subject) buzz__subject_release(ev->subject);
-  free(ev);
+  if (q->nspare < SPARE_MAX) {
+    ev->next = q->spare;
+    q->spare = ev;
+    q->nspare++;
+  } else {
+    free(ev);
+  }
+}
+
+void buzz__queue_free(buzz_queue *q) {
+  while (q->spare) {
+    buzz_event *ev = q->spare;
+    q->spare = ev->next;
+    free(ev);
+  }
+  q->nspare = 0;
 }
 
 void buzz__queue_init(buzz_queue *q, size_t limit) {
@@ -44,6 +66,8 @@ void buzz__queue_init(buzz_queue *q, size_t limit) {
   for (p = 0; p < BUZZ_NPRIO; p++) q->head[p] = q->tail[p] = NULL;
   q->count = 0;
   q->limit = limit;
+  q->spare = NULL;
+  q->nspare = 0;
 }
 
 int buzz__queue_push(buzz_queue *q, buzz_event *ev) {

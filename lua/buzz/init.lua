@@ -290,9 +290,8 @@ end
 
 -- The shared front half of publish and publish_sync. Inside a handler the
 -- core inherits the correlation id and sets the causation id itself.
-local function publish_args(etype, opts, level)
-  check_subject_arg(etype, "type", "task.start", level + 1)
-  if opts == nil then return 2 end
+local function publish_args(opts, level)
+  if opts == nil then return 2 end     -- the core checks the type itself
   return publish_options(opts, level + 1)
 end
 
@@ -303,7 +302,7 @@ end
 ---@return integer|nil id, string|nil err, string|nil code
 function Bus:publish(etype, payload, opts)
   local c = check_bus(self, "publish")
-  local prio, key, corr, headers = publish_args(etype, opts, 2)
+  local prio, key, corr, headers = publish_args(opts, 2)
   local id, err, code = c:publish(etype, payload, prio, key, corr, nil,
                                   headers)
   if not id then
@@ -320,7 +319,7 @@ end
 ---@return integer|nil id, string|nil err, string|nil code
 function Bus:publish_sync(etype, payload, opts)
   local c = check_bus(self, "publish_sync")
-  local prio, key, corr, headers = publish_args(etype, opts, 2)
+  local prio, key, corr, headers = publish_args(opts, 2)
   local id, err, code = c:publish_sync(etype, payload, prio, key, corr, nil,
                                        headers)
   if not id then
