@@ -72,7 +72,7 @@ asan: deps
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 \
 	LSAN_OPTIONS=suppressions=$(CURDIR)/tools/lsan.supp:print_suppressions=0 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  $(BUSTED) --lua=$(LUA54) $(BUSTED_ARGS)
+	  $(BUSTED) --lua=$(LUA54) --exclude-tags=rock $(BUSTED_ARGS)
 
 bench: deps all
 	$(LUA54) bench/run.lua

@@ -457,7 +457,7 @@ static int lcore_subscribe(lua_State *L) {
 static int lcore_unsubscribe(lua_State *L) {
   lcore *c = check_core(L);
   buzz_sub *sub = buzz__bus_sub(&c->bus, luaL_checkinteger(L, 2));
-  int u, ref;
+  int u, ref, fn_ref;
   if (sub == NULL) {
     lua_pushboolean(L, 0);
     return 1;
@@ -469,10 +469,11 @@ static int lcore_unsubscribe(lua_State *L) {
     return 1;
   }
   ref = sub->data_ref;
-  sub->data_ref = BUZZ_NOREF;
-  buzz__bus_unsubscribe(&c->bus, sub);
+  fn_ref = sub->fn_ref;
+  sub->data_ref = sub->fn_ref = BUZZ_NOREF;
+  buzz__bus_unsubscribe(&c->bus, sub);   /* may free sub */
   luaL_unref(L, u, ref);
-  unref(L, u, &sub->fn_ref);
+  luaL_unref(L, u, fn_ref);
   lua_pushboolean(L, 1);
   return 1;
 }

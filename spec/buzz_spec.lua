@@ -659,6 +659,22 @@ describe("bad input", function()
     assert.matches("buzz_spec.lua:%d+: bad type", err)
   end)
 
+  it("points subscribe, on and once errors at the caller's line too",
+     function()
+    local calls = {
+      function() bus:subscribe("a.>.b", print) end,
+      function() bus:subscribe("a", 42) end,
+      function() bus:on("a.>.b") end,
+      function() bus:on("a")(42) end,
+      function() bus:once("a", { bogus = 1 }) end,
+    }
+    for _, f in ipairs(calls) do
+      local ok, err = pcall(f)
+      assert.is_false(ok)
+      assert.matches("^spec/buzz_spec.lua:%d+: ", err)
+    end
+  end)
+
   it("leaves the bus usable after every rejected call", function()
     pcall(bus.subscribe, bus, "a..b", print)
     pcall(bus.publish, bus, "x.*")
