@@ -188,7 +188,7 @@ static int cursor_push(buzz_bus *b, buzz_event *ev, buzz_matchvec *vec,
 }
 
 int buzz__bus_publish(buzz_bus *b, buzz_event *ev, const char *type,
-                      size_t len, int is_sync, size_t *level, void *ctx) {
+                      size_t len, int is_sync, size_t *level) {
   buzz_subject *subject;
   buzz_matchvec *vec;
   int rc;
@@ -206,7 +206,6 @@ int buzz__bus_publish(buzz_bus *b, buzz_event *ev, const char *type,
     ev->id = ++b->last_id;
     ev->ts = buzz__clock_ms();
     buzz__event_free(&b->queue, ev);
-    (void)ctx;
     return 0;
   }
   ev->subject = subject;

@@ -261,7 +261,7 @@ int buzz__bus_unsubscribe(buzz_bus *b, buzz_sub *sub);
 ** its refs), 0 if it freed it for want of an audience.
 */
 int buzz__bus_publish(buzz_bus *b, buzz_event *ev, const char *type,
-                      size_t len, int is_sync, size_t *level, void *ctx);
+                      size_t len, int is_sync, size_t *level);
 /*
 ** The next delivery at a level: sets *sub and *ev and returns 1, or returns
 ** 0 when that level has nothing more (a sync level is then popped).

@@ -224,7 +224,8 @@ static void push_event(lua_State *L, int u, buzz_event *ev, int from_args) {
     lua_rawgeti(L, u, ev->table_ref);
     return;
   }
-  lua_createtable(L, 0, 10);
+  lua_createtable(L, 0, 8);  /* 6 fields always, 4 optional: 8 slots fit
+                                the usual event; 10 would round up to 16 */
   set_int(L, UV_ID, ev->id);
   lua_pushvalue(L, UV(UV_TYPE));
   lua_pushlstring(L, ev->subject->type, ev->subject->len);
@@ -245,6 +246,21 @@ static void push_event(lua_State *L, int u, buzz_event *ev, int from_args) {
 
 
 /* ----------------------------------------------------------- delivery */
+
+/*
+** A once subscription has been handed its delivery and the core has ended
+** it: mark its Lua object (at sub_idx) inactive and drop its refs. The
+** handler must already be pushed if it is still needed.
+*/
+static void once_ended(lua_State *L, int u, buzz_sub *sub, int sub_idx) {
+  if (lua_istable(L, sub_idx)) {
+    lua_pushvalue(L, UV(UV_ACTIVE));
+    lua_pushboolean(L, 0);
+    lua_rawset(L, sub_idx);
+  }
+  unref(L, u, &sub->data_ref);
+  unref(L, u, &sub->fn_ref);
+}
 
 static int cur_push(lcore *c, buzz_event *ev) {
   if (c->ncur == c->capcur) {
@@ -308,13 +324,7 @@ static void dispatch(lua_State *L, lcore *c, int u, buzz_sub *sub,
   lua_rawgeti(L, u, sub->fn_ref);
   lua_pushvalue(L, top + 2);
   lua_xmove(L, co, 2);
-  if (sub->is_once) {                               /* the core ended it */
-    lua_pushvalue(L, UV(UV_ACTIVE));
-    lua_pushboolean(L, 0);
-    lua_rawset(L, top + 1);
-    unref(L, u, &sub->data_ref);
-    unref(L, u, &sub->fn_ref);
-  }
+  if (sub->is_once) once_ended(L, u, sub, top + 1);
   is_current = cur_push(c, ev);
   rc = buzz_resume(co, L, 1);
   if (is_current) c->ncur--;
@@ -513,7 +523,7 @@ static int do_publish(lua_State *L, int mode) {
   ev->causation_id = caus == 0 && cur ? cur->id : (int64_t)caus;
   ctx.L = L;
   ctx.u = 0;
-  rc = buzz__bus_publish(&c->bus, ev, type, len, mode != 0, &level, &ctx);
+  rc = buzz__bus_publish(&c->bus, ev, type, len, mode != 0, &level);
   if (rc < 0) {
     buzz__event_free(&c->bus.queue, ev);
     if (rc == BUZZ_EFULL) {
@@ -656,10 +666,7 @@ static int lcore_next(lua_State *L) {
   }
   if (rc < 0) return push_fail(L, rc, NULL);
   lua_rawgeti(L, ctx.u, sub->data_ref);
-  if (sub->is_once) {
-    unref(L, ctx.u, &sub->data_ref);
-    unref(L, ctx.u, &sub->fn_ref);
-  }
+  if (sub->is_once) once_ended(L, ctx.u, sub, lua_gettop(L));
   push_event(L, ctx.u, ev, 0);
   return 2;
 }
@@ -744,17 +751,23 @@ static int lcore_tostring(lua_State *L) {
 
 /* ------------------------------------------------------------ module */
 
-/* core.check_subject(s, is_pattern) -> true | false, why */
+/*
+** core.check_subject(s, is_pattern) -> true | false, message. The message
+** is the one subscribe and publish raise ('bad pattern "a..b": ...');
+** reserved '$' types count as valid here.
+*/
 static int l_check_subject(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
-  const char *why = buzz__subject_check(s, len, lua_toboolean(L, 2));
-  if (why == NULL) {
+  int is_pattern = lua_toboolean(L, 2);
+  if (!subject_usage(L, is_pattern ? "pattern" : "type", s, len,
+                     is_pattern, 1)) {
     lua_pushboolean(L, 1);
     return 1;
   }
-  lua_pushboolean(L, 0);
-  lua_pushstring(L, why);
+  lua_pop(L, 1);                       /* nil, message, code -> */
+  lua_pushboolean(L, 0);               /* false, message */
+  lua_replace(L, -3);
   return 2;
 }
 

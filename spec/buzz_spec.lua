@@ -567,6 +567,18 @@ describe("bad input", function()
     end)
   end
 
+  it("words a bad pattern the same in subscribe and in the decorators",
+     function()
+    for _, p in ipairs({ "a..b", "a\nb", "a.>.b" }) do
+      local _, e1 = pcall(bus.subscribe, bus, p, print)
+      local _, e2 = pcall(bus.on, bus, p)
+      local _, e3 = pcall(bus.once, bus, p)
+      assert.matches('bad pattern "', e1, 1, true)
+      assert.equal(e1, e2)
+      assert.equal(e1, e3)
+    end
+  end)
+
   it("accepts a wildcard inside a token as a literal", function()
     local got
     bus:subscribe("a.b*", function(ev) got = ev.type end)

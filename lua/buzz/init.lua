@@ -152,18 +152,23 @@ local function reporter(on_error)
   end
 end
 
--- Runs queued deliveries in the core; raises if called from a handler.
+-- Runs queued deliveries in the core; raises if called from a handler
+-- (the core's only refusal, "EINHANDLER").
 local function pump(c, max, method)
-  local n, code = c:pump(max)
+  local n = c:pump(max)
   if not n then
-    if code == "EINHANDLER" then
-      error(("bus:%s() called from inside a handler; use "
-             .. "bus:publish_sync(...) to deliver an event at once")
-            :format(method), 3)
-    end
-    error(code, 3)
+    error(("bus:%s() called from inside a handler; use "
+           .. "bus:publish_sync(...) to deliver an event at once")
+          :format(method), 3)
   end
   return n
+end
+
+-- The core refused a call: its misuse ("ESUBJECT") is raised at the
+-- caller's level; failures of the world are returned.
+local function refused(err, code, level)
+  if code == "ESUBJECT" then error(err, level + 1) end
+  return nil, err, code
 end
 
 
@@ -202,7 +207,6 @@ function M.new(opts)
   if not c then return nil, err, code end
   return setmetatable({
     _core = c,                -- false once closed
-    _running = false,
   }, Bus)
 end
 
@@ -225,8 +229,8 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
   }, Sub)
   local id, err, code = c:subscribe(pattern, sub, handler, sub.is_once)
   if not id then
-    if code == "ESUBJECT" then error(err, level + 1) end
-    return nil, err, code
+    local _, e, k = refused(err, code, level + 1)  -- not a tail call
+    return nil, e, k
   end
   sub._id = id
   return sub
@@ -248,7 +252,7 @@ local function decorator(self, method, pattern, opts, is_once)
   check_bus(self, method)
   check_subject_arg(pattern, "pattern", "task.*", 3)
   local ok, why = core.check_subject(pattern, true)
-  if not ok then error(("bad pattern %q: %s"):format(pattern, why), 3) end
+  if not ok then error(why, 3) end
   check_options(opts, SUBSCRIBE_OPTIONS, method, 3)
   return function(handler)
     local c = check_bus(self, method)
@@ -306,8 +310,8 @@ function Bus:publish(etype, payload, opts)
   local id, err, code = c:publish(etype, payload, prio, key, corr, nil,
                                   headers)
   if not id then
-    if code == "ESUBJECT" then error(err, 2) end
-    return nil, err, code
+    local _, e, k = refused(err, code, 2)     -- not a tail call: levels
+    return nil, e, k
   end
   return id
 end
@@ -323,8 +327,8 @@ function Bus:publish_sync(etype, payload, opts)
   local id, err, code = c:publish_sync(etype, payload, prio, key, corr, nil,
                                        headers)
   if not id then
-    if code == "ESUBJECT" then error(err, 2) end
-    return nil, err, code
+    local _, e, k = refused(err, code, 2)     -- not a tail call: levels
+    return nil, e, k
   end
   return id
 end
@@ -357,18 +361,15 @@ end
 ---@return integer
 function Bus:run()
   local c = check_bus(self, "run")
-  if self._running then error("bus:run() is already running", 2) end
   c:stop(false)
-  local total = pump(c, RUN_BATCH, "run")
-  self._running = true
+  local total = 0
   while true do
+    local n = pump(c, RUN_BATCH, "run")
+    total = total + n
     c = self._core
     if not c or c:is_stopped() then break end
-    local n = c:pump(RUN_BATCH)
-    total = total + n
     if n == 0 and not c:wait() then break end
   end
-  self._running = false
   return total
 end
 

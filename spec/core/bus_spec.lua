@@ -62,6 +62,7 @@ describe("the dispatcher", function()
     local sub, ev = c:next(0)
     assert.equal(s, sub)
     assert.equal(1, ev.payload)
+    assert.is_false(s.is_active)              -- told, as dispatch tells it
     assert.is_nil((c:next(0)))
     assert.is_false(c:unsubscribe(id, s))
     assert.equal(0, c:stats().subscriptions)
