@@ -12,15 +12,17 @@
 CC      ?= cc
 FLAVOURS = lua5.4 luajit
 SRCS     = csrc/error.c csrc/map.c csrc/match.c csrc/queue.c csrc/bus.c \
-           csrc/loop.c csrc/lbuzz.c
-HDRS     = csrc/buzz.h csrc/compat.h
+           csrc/loop.c csrc/json.c csrc/store.c csrc/dedup.c \
+           csrc/lbuzz.c
+HDRS     = csrc/buzz.h csrc/compat.h csrc/json.h
 
 WARN     = -std=c99 -Wall -Wextra -pedantic -Wshadow -Wmissing-prototypes \
            -Werror=implicit-function-declaration
 OPT     ?= -O2 -g
 CFLAGS_COMMON = $(WARN) $(OPT) -fPIC -fvisibility=hidden -D_POSIX_C_SOURCE=200809L
-DEP_CFLAGS := $(shell pkg-config --cflags libuv 2>/dev/null)
-DEP_LIBS   := $(shell pkg-config --libs libuv 2>/dev/null || echo -luv)
+DEP_CFLAGS := $(shell pkg-config --cflags libuv libcjson sqlite3 2>/dev/null)
+DEP_LIBS   := $(shell pkg-config --libs libuv libcjson sqlite3 2>/dev/null \
+                || echo -luv -lcjson -lsqlite3 -lpthread)
 LDFLAGS_SO = -shared
 
 lua_cflags = $(shell pkg-config --cflags $(1) 2>/dev/null)
@@ -54,7 +56,7 @@ test: deps all
 
 check: deps
 	$(MAKE) -B all EXTRA_CFLAGS=-Werror
-	luacheck -q lua spec bench examples
+	luacheck -q lua spec bench examples bin/buzz
 	cppcheck --quiet --error-exitcode=1 --enable=warning,portability \
 	  --inline-suppr --std=c99 -Icsrc $(SRCS)
 

@@ -27,11 +27,20 @@
 
 void buzz__sub_free(buzz_sub *sub) {
   free(sub->pattern);
+  free(sub->durable);
   free(sub);
 }
 
 static void sub_release(buzz_sub *sub) {
   if (--sub->refcount == 0) buzz__sub_free(sub);
+}
+
+void buzz__sub_hold(buzz_sub *sub) {
+  sub->refcount++;
+}
+
+void buzz__sub_release(buzz_sub *sub) {
+  sub_release(sub);
 }
 
 int buzz__bus_init(buzz_bus *b, size_t queue_limit) {
@@ -201,10 +210,11 @@ int buzz__bus_publish(buzz_bus *b, buzz_event *ev, const char *type,
     buzz__subject_release(subject);
     return rc;
   }
+  if (ev->id == 0) ev->id = b->last_id + 1;   /* or preset by a store */
+  if (ev->ts == 0) ev->ts = buzz__clock_ms();
   if (vec->n == 0) {                 /* nobody to tell: accept and drop */
     buzz__subject_release(subject);
-    ev->id = ++b->last_id;
-    ev->ts = buzz__clock_ms();
+    b->last_id = ev->id;
     buzz__event_free(&b->queue, ev);
     return 0;
   }
@@ -220,10 +230,49 @@ int buzz__bus_publish(buzz_bus *b, buzz_event *ev, const char *type,
     buzz__subject_release(subject);
     return rc;
   }
-  ev->id = ++b->last_id;
-  ev->ts = buzz__clock_ms();
+  b->last_id = ev->id;
   ev->audience = b->last_seq;
   return 1;
+}
+
+int64_t buzz__bus_next_id(const buzz_bus *b) {
+  int p;
+  const buzz_cursor *c = &b->cursors[0];
+  if (b->is_closed) return 0;
+  if (c->ev) {                  /* deliveries left: still that event */
+    size_t i;
+    for (i = c->i; i < c->vec->n; i++) {
+      const buzz_sub *s = c->vec->subs[i];
+      if (!s->is_dead && s->seq <= c->ev->audience && !s->durable)
+        return c->ev->id;
+    }
+  }                             /* else bus_next moves to the queue */
+  for (p = 0; p < BUZZ_NPRIO; p++)
+    if (b->queue.head[p]) return b->queue.head[p]->id;
+  return 0;
+}
+
+size_t buzz__bus_drop_range(buzz_bus *b, int64_t lo, int64_t hi, void *ctx) {
+  size_t n = 0;
+  int p;
+  if (b->is_closed) return 0;
+  for (p = 0; p < BUZZ_NPRIO; p++) {
+    buzz_event **link = &b->queue.head[p], *ev, *prev = NULL;
+    while ((ev = *link) != NULL) {
+      if (ev->id >= lo && ev->id <= hi) {
+        *link = ev->next;
+        if (b->queue.tail[p] == ev) b->queue.tail[p] = prev;
+        b->queue.count--;
+        if (b->on_event_free) b->on_event_free(ctx, ev);
+        buzz__event_free(&b->queue, ev);
+        n++;
+      } else {
+        prev = ev;
+        link = &ev->next;
+      }
+    }
+  }
+  return n;
 }
 
 int buzz__bus_next(buzz_bus *b, size_t level, buzz_sub **sub,
@@ -253,7 +302,7 @@ int buzz__bus_next(buzz_bus *b, size_t level, buzz_sub **sub,
     }
     while (c->i < c->vec->n) {
       buzz_sub *s = c->vec->subs[c->i++];
-      if (s->is_dead || s->seq > c->ev->audience) continue;
+      if (s->is_dead || s->seq > c->ev->audience || s->durable) continue;
       if (s->is_once) buzz__bus_unsubscribe(b, s);
       *sub = s;
       *ev = c->ev;

@@ -34,7 +34,10 @@
   X(FULL,    3, "queue is full")                                   \
   X(CLOSED,  4, "attempt to use a closed bus")                     \
   X(LOOP,    5, "event loop failure")                              \
-  X(INVAL,   6, "invalid argument")
+  X(INVAL,   6, "invalid argument")                              \
+  X(STORE,   7, "store failure")                                 \
+  X(LOCKED,  8, "store is locked by another writer")             \
+  X(TOOBIG,  9, "payload is too big")
 
 typedef enum {
   BUZZ_OK = 0,
@@ -104,6 +107,9 @@ typedef struct buzz_sub {
   unsigned is_once : 1;  /* unsubscribed when its first delivery is handed */
   int data_ref;          /* borrows; Lua refs owned by lbuzz.c: the */
   int fn_ref;            /* subscription object and its handler */
+  char *durable;         /* owns; durable consumer name, or NULL: such a
+                            sub reads the store, not the live queue */
+  int64_t acked;         /* durable: last id handled (its position) */
   void *trie_node;       /* private to match.c: where the sub is indexed */
 } buzz_sub;
 
@@ -183,6 +189,7 @@ typedef struct buzz_event {
   int corr_ref;
   int headers_ref;
   int table_ref;            /* the event table, once built */
+  int version;              /* schema version given at publish, or 0 */
   unsigned char priority;
 } buzz_event;
 
@@ -253,7 +260,8 @@ int buzz__bus_subscribe(buzz_bus *b, const char *pattern, size_t len,
 /* Returns 1 if the sub was live, 0 if it was already unsubscribed. */
 int buzz__bus_unsubscribe(buzz_bus *b, buzz_sub *sub);
 /*
-** Publishes ev (filled by the caller, id and ts assigned here). With
+** Publishes ev (filled by the caller; id and ts assigned here unless the
+** caller preset them, as a store does: a preset id must exceed last_id). With
 ** is_sync, the event gets a cursor of its own at level *level instead of
 ** a place in the queue. On failure ev is untouched and still the caller's.
 ** An event with no audience is not queued: it is freed at once (its id is
@@ -272,6 +280,14 @@ int buzz__bus_next(buzz_bus *b, size_t level, buzz_sub **sub,
 size_t buzz__bus_pending(const buzz_bus *b);
 /* The live sub with this id (slot + 1), or NULL. */
 buzz_sub *buzz__bus_sub(const buzz_bus *b, int64_t id);
+/* Keeps a sub's memory alive across a call that may unsubscribe it. */
+void buzz__sub_hold(buzz_sub *sub);
+void buzz__sub_release(buzz_sub *sub);
+/* The id of the event the next buzz__bus_next() at level 0 would hand
+** out, or 0 if none: the gate a store checks against its commits. */
+int64_t buzz__bus_next_id(const buzz_bus *b);
+/* Removes queued events with lo <= id <= hi; returns how many. */
+size_t buzz__bus_drop_range(buzz_bus *b, int64_t lo, int64_t hi, void *ctx);
 
 
 /* --------------------------------------------------------------- loop.c */
@@ -288,9 +304,171 @@ int buzz__loop_new(buzz_loop **out);
 void buzz__loop_close(buzz_loop *l);     /* closes handles, frees */
 int buzz__loop_fd(buzz_loop *l);         /* enables signalling */
 void buzz__loop_signal(buzz_loop *l, int has_work);
+uint64_t buzz__hrtime(void);            /* ns, monotonic (uv_hrtime) */
+/* Makes the descriptor readable; callable from any thread. */
+void buzz__loop_wake(buzz_loop *l);
 int buzz__loop_timeout(buzz_loop *l);    /* ms, -1 = no timer armed */
 /* Waits for one round of loop activity; returns 0 if nothing can arrive. */
 int buzz__loop_wait(buzz_loop *l);
+
+/* ---------------------------------------------------------------- store.c */
+
+/*
+** The durable log: one SQLite file in WAL mode, written by a writer thread
+** of its own (group commit) and read on the loop thread through a second,
+** read-only connection. Rows travel to the writer as buzz_row records.
+*/
+typedef struct buzz_store buzz_store;
+
+enum { BUZZ_DUR_NONE = 0, BUZZ_DUR_BATCH, BUZZ_DUR_SYNC };
+enum { BUZZ_ROW_EVENT = 0, BUZZ_ROW_ACK, BUZZ_ROW_DROP_CONSUMER };
+
+/* A byte string that may be absent (p == NULL). */
+typedef struct buzz_str {
+  const char *p;
+  size_t n;
+} buzz_str;
+
+/*
+** One record for the writer: an event to append, or a consumer position to
+** save (name in type, pattern in key, position in id), or a consumer to
+** forget. The strings live in the same malloc'd block as the record.
+** CONSTRUCTOR: buzz__row_new()   DESTRUCTOR: free(), by the writer once
+** written (the store owns a row from buzz__store_append() on).
+*/
+typedef struct buzz_row {
+  struct buzz_row *next;   /* link; owned by the store's queue */
+  int kind;                /* BUZZ_ROW_* */
+  int64_t id, ts, causation_id, key_int;
+  int priority, version;
+  unsigned is_key_int : 1; /* key is the integer key_int, not a string */
+  buzz_str type, key, corr, headers, payload, dedup;
+} buzz_row;
+
+/* Copies spec's strings into one block with the record. NULL: no memory. */
+buzz_row *buzz__row_new(const buzz_row *spec);
+
+typedef void (*buzz_store_notify_cb)(void *data);
+
+typedef struct buzz_store_opts {
+  int durability;          /* BUZZ_DUR_* */
+  int is_readonly;         /* read only: no writer, no lock */
+  int64_t max_bytes;       /* 0 = no cap on the file's size */
+  int64_t max_age_ms;      /* retention; 0 = keep forever */
+  int64_t max_events;      /* retention; 0 = no limit */
+  buzz_store_notify_cb notify;  /* called on the writer thread after each
+                                   commit; must be thread-safe */
+  void *data;              /* for notify */
+} buzz_store_opts;
+
+/* A stored event as read back; strings borrow the read statement's memory
+** and are valid until the next read call. */
+typedef struct buzz_stored {
+  int64_t id, ts, causation_id, key_int;
+  int priority, version;
+  int key_kind;            /* 0 none, 1 string, 2 integer */
+  buzz_str type, key, corr, headers, payload;
+} buzz_stored;
+
+/* A query over stored events; zero fields are unset. Rows come in id
+** order, only committed ones. */
+typedef struct buzz_query {
+  int64_t after_id;        /* id > after_id */
+  int64_t to_id;           /* id <= to_id (0 = no bound) */
+  int64_t from_ts, to_ts;  /* ts bounds in ms (0 = none) */
+  buzz_str pattern;        /* subject pattern; p NULL = every type */
+  buzz_str key;            /* string key (or is_key_int) */
+  int64_t key_int;
+  int has_key, is_key_int;
+  int64_t limit;           /* rows in this page, > 0 */
+} buzz_query;
+
+typedef struct buzz_store_stats {
+  int64_t appended, committed, commits, failed, pending;
+  int64_t committed_id, held_back, deleted;
+} buzz_store_stats;
+
+/*
+** Opens (creating if needed) the store at path. On failure returns
+** BUZZ_ESTORE or BUZZ_ELOCKED with a sentence in err, and *out is NULL.
+*/
+int buzz__store_open(buzz_store **out, const char *path,
+                     const buzz_store_opts *o, char *err, size_t errlen);
+/* Commits what is queued, stops the writer and closes. Idempotent on NULL. */
+void buzz__store_close(buzz_store *s);
+int64_t buzz__store_last_id(const buzz_store *s);  /* highest id at open */
+/*
+** Hands a row to the writer; the store owns it from here, even on failure
+** (BUZZ_ESTORE: the store was opened read-only). Blocks while the writer's
+** backlog is full.
+*/
+int buzz__store_append(buzz_store *s, buzz_row *row);
+/* Waits until everything appended so far is committed or has failed. */
+void buzz__store_flush(buzz_store *s);
+/*
+** Reads the committed id and hands every unreported failed group to cb
+** (message, lowest and highest event id lost, 0 if none), under one lock:
+** an event of a failed group is never taken for committed by a caller
+** that drops what cb reports. cb must not call back into the store.
+** Returns the number of failures handed over.
+*/
+typedef void (*buzz_fail_cb)(void *data, const char *msg, int64_t lo,
+                             int64_t hi);
+int buzz__store_poll(buzz_store *s, int64_t *committed, buzz_fail_cb cb,
+                     void *data);
+int64_t buzz__store_committed(buzz_store *s);     /* highest committed id */
+int buzz__store_is_idle(buzz_store *s);           /* nothing in flight */
+void buzz__store_stats(buzz_store *s, buzz_store_stats *st);
+
+/* Reads (loop thread only). Each returns 0 or BUZZ_ESTORE with err. */
+int buzz__store_query(buzz_store *s, const buzz_query *q);
+/* 1 and *row filled, 0 when the page is done, or BUZZ_ESTORE. */
+int buzz__store_next(buzz_store *s, buzz_stored *row, char *err,
+                     size_t errlen);
+/* A consumer's saved position: 1 found, 0 not found, or BUZZ_ESTORE. */
+int buzz__store_consumer(buzz_store *s, const char *name, size_t len,
+                         int64_t *acked, char *err, size_t errlen);
+/* Calls cb for each consumer (name, pattern, acked), in name order. */
+typedef void (*buzz_consumer_cb)(void *data, buzz_str name, buzz_str pattern,
+                                 int64_t acked, int64_t updated);
+int buzz__store_consumers(buzz_store *s, buzz_consumer_cb cb, void *data,
+                          char *err, size_t errlen);
+/* Calls cb for each type and its count, in type order. */
+typedef void (*buzz_count_cb)(void *data, buzz_str type, int64_t n);
+int buzz__store_types(buzz_store *s, buzz_count_cb cb, void *data,
+                      char *err, size_t errlen);
+/* Counts events after id whose type matches pattern (NULL: any). */
+int buzz__store_count(buzz_store *s, int64_t after, buzz_str pattern,
+                      int64_t *n, char *err, size_t errlen);
+/* Counts events, first and last id, bytes on disk. */
+int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
+                     int64_t *last, int64_t *bytes, char *err, size_t errlen);
+/* Calls cb(key, id, ts) for events with a dedup key and ts >= since. */
+typedef void (*buzz_dedup_cb)(void *data, buzz_str key, int64_t id,
+                              int64_t ts);
+int buzz__store_dedup_load(buzz_store *s, int64_t since, buzz_dedup_cb cb,
+                           void *data, char *err, size_t errlen);
+
+/* ---------------------------------------------------------------- dedup.c */
+
+/*
+** Idempotency keys: dedup key -> the id first published with it, kept for
+** window_ms. CONSTRUCTOR: buzz__dedup_new()  DESTRUCTOR: buzz__dedup_free()
+*/
+typedef struct buzz_dedup buzz_dedup;
+
+int buzz__dedup_new(buzz_dedup **out, int64_t window_ms);
+void buzz__dedup_free(buzz_dedup *d);
+/* The id published with key within the window before now, or 0. */
+int64_t buzz__dedup_find(buzz_dedup *d, const char *key, size_t len,
+                         int64_t now);
+int buzz__dedup_put(buzz_dedup *d, const char *key, size_t len, int64_t id,
+                    int64_t ts);
+size_t buzz__dedup_count(const buzz_dedup *d);
+
+/* match.c: does type match pattern (both valid)? For one-off checks. */
+int buzz__subject_match(const char *pat, size_t plen, const char *type,
+                        size_t tlen);
 
 #if defined(__GNUC__) && !defined(_WIN32)
 #pragma GCC visibility pop

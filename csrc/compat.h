@@ -1,6 +1,6 @@
 /*
 ** compat.h: the few Lua C API differences between 5.1/LuaJIT and 5.4 that
-** lbuzz.c needs. Included only by lbuzz.c. Never defines a lua_* or
+** lbuzz.c and json.c need. Included only by them. Never defines a lua_* or
 ** luaL_* name that LuaJIT 2.1 already provides (luaL_setfuncs,
 ** luaL_testudata, luaL_traceback are there); the rest get buzz_* names.
 */
@@ -12,7 +12,7 @@
 
 /* Resumes co with nargs arguments from its stack; returns the status. */
 #if LUA_VERSION_NUM >= 504
-static int buzz_resume(lua_State *co, lua_State *from, int nargs) {
+static inline int buzz_resume(lua_State *co, lua_State *from, int nargs) {
   int nres;
   return lua_resume(co, from, nargs, &nres);
 }

@@ -26,11 +26,13 @@
 ** next() hands deliveries out one by one instead, for tests and drivers
 ** that run handlers themselves.
 */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "compat.h"
 #include "buzz.h"
+#include "json.h"
 
 #define CORE_MT "buzz.core"
 
@@ -45,6 +47,16 @@
 typedef struct lcore {
   buzz_bus bus;        /* owns; embedded */
   buzz_loop *loop;     /* owns; NULL once closed */
+  buzz_store *store;   /* owns; NULL for a memory bus or once closed */
+  buzz_dedup *dedup;   /* owns; NULL until the first dedup key */
+  int64_t dedup_window;/* ms */
+  size_t max_payload;  /* bytes of JSON a stored payload may take */
+  int durability;      /* BUZZ_DUR_* */
+  int64_t gate_id;     /* the highest queued id that must be committed */
+  int64_t committed;   /* before delivery, and the committed id last seen */
+  int64_t appended_id; /* the last event id handed to the writer */
+  size_t ndurable;     /* live durable subs */
+  int upcast_ref;      /* U ref: upcast(ev) from lua/buzz, or LUA_NOREF */
   buzz_event **cur;    /* owns the array (freed by __gc); the events whose */
   size_t ncur, capcur; /* handlers are running, innermost last; borrowed */
   int npool;           /* idle threads in the pool table */
@@ -55,6 +67,8 @@ typedef struct lcore {
 } lcore;
 
 #define POOL_MAX 64    /* idle threads kept per core */
+#define PAGE_MAX 256   /* stored events read per query page */
+#define ERR_MAX 512
 
 /* What on_event_free needs: the state and the stack slot of U. */
 typedef struct lctx {
@@ -69,13 +83,13 @@ typedef struct lctx {
 */
 enum {
   UV_MT = 1, UV_ID, UV_TYPE, UV_PAYLOAD, UV_TS, UV_PRIORITY, UV_ATTEMPT,
-  UV_KEY, UV_CORR, UV_CAUS, UV_HEADERS, UV_ACTIVE, UV_PRIO0,
+  UV_KEY, UV_CORR, UV_CAUS, UV_HEADERS, UV_ACTIVE, UV_VERSION, UV_PRIO0,
   UV_COUNT = UV_PRIO0 + BUZZ_NPRIO - 1
 };
 
 static const char *const uv_strings[] = {
   "id", "type", "payload", "ts", "priority", "attempt", "key",
-  "correlation_id", "causation_id", "headers", "is_active",
+  "correlation_id", "causation_id", "headers", "is_active", "version",
   "critical", "high", "normal", "low"
 };
 
@@ -240,6 +254,7 @@ static void push_event(lua_State *L, int u, buzz_event *ev, int from_args) {
   set_field(L, u, &ev->corr_ref, from_args ? 6 : 0, UV_CORR);
   if (ev->causation_id != 0) set_int(L, UV_CAUS, ev->causation_id);
   set_field(L, u, &ev->headers_ref, from_args ? 8 : 0, UV_HEADERS);
+  if (ev->version != 0) set_int(L, UV_VERSION, ev->version);
   lua_pushvalue(L, -1);
   ev->table_ref = luaL_ref(L, u);
 }
@@ -348,21 +363,358 @@ static void dispatch(lua_State *L, lcore *c, int u, buzz_sub *sub,
 }
 
 
+/* -------------------------------------------------------------- store */
+
+/* The writer thread calls this after each commit: wake a polling host. */
+static void on_commit(void *data) {
+  buzz__loop_wake((buzz_loop *)data);
+}
+
+static int push_store_fail(lua_State *L, int rc, const char *err) {
+  return push_fail(L, rc, err[0] ? err : NULL);
+}
+
+typedef struct sync_ctx {
+  lcore *c;
+  lctx x;
+  char *err;
+  int n;
+} sync_ctx;
+
+/* A group failed to commit: its events leave the queue, undelivered. */
+static void on_store_fail(void *data, const char *msg, int64_t lo,
+                          int64_t hi) {
+  sync_ctx *y = (sync_ctx *)data;
+  size_t dropped = lo > 0 ? buzz__bus_drop_range(&y->c->bus, lo, hi, &y->x)
+                   : 0;
+  if (y->n++ > 0) return;             /* the first failure tells the story */
+  if (lo > 0)
+    snprintf(y->err, ERR_MAX, "%s (events %lld to %lld were not stored%s)",
+             msg, (long long)lo, (long long)hi,
+             dropped ? " and will not be delivered" : "");
+  else
+    snprintf(y->err, ERR_MAX, "%s", msg);
+}
+
+/*
+** Takes the writer's news: the committed id, and failed groups, whose
+** events are dropped from the queue. Returns 0, or BUZZ_ESTORE with the
+** first failure's message in err. Stack: U at u.
+*/
+static int store_sync(lua_State *L, lcore *c, int u, char *err) {
+  sync_ctx y;
+  y.c = c;
+  y.x.L = L;
+  y.x.u = u;
+  y.err = err;
+  y.n = 0;
+  err[0] = '\0';
+  buzz__store_poll(c->store, &c->committed, on_store_fail, &y);
+  return y.n > 0 ? BUZZ_ESTORE : 0;
+}
+
+/* Waits for every commit, then takes the writer's news (store_sync). */
+static int store_flush(lua_State *L, lcore *c, int u, char *err) {
+  buzz__store_flush(c->store);
+  return store_sync(L, c, u, err);
+}
+
+/* Sets field UV(key) of the table on top to the string v, if present. */
+static void set_str(lua_State *L, int key, buzz_str v) {
+  if (v.p == NULL) return;
+  lua_pushvalue(L, UV(key));
+  lua_pushlstring(L, v.p, v.n);
+  lua_rawset(L, -3);
+}
+
+/* Decodes JSON text into field UV(key); a row that does not decode keeps
+** the text in decode_error instead (the log is never rewritten here). */
+static void set_json(lua_State *L, int key, buzz_str v) {
+  if (v.p == NULL) return;
+  if (buzz__json_decode(L, v.p, v.n) == 0) {
+    lua_pushvalue(L, UV(key));
+    lua_insert(L, -2);
+    lua_rawset(L, -3);
+  } else {
+    lua_setfield(L, -2, "decode_error");
+  }
+}
+
+/*
+** Pushes the event table of a stored row, upcast when an upcaster is set.
+** Returns 0, or an error code with the upcaster's error on top instead of
+** the table. Only called from methods (uses the upvalues).
+*/
+static int push_stored(lua_State *L, lcore *c, int u, const buzz_stored *r) {
+  int prio = r->priority >= 0 && r->priority < BUZZ_NPRIO ? r->priority
+             : BUZZ_PRIO_NORMAL;
+  lua_createtable(L, 0, 12);
+  set_int(L, UV_ID, r->id);
+  set_str(L, UV_TYPE, r->type);
+  set_json(L, UV_PAYLOAD, r->payload);
+  set_int(L, UV_TS, r->ts);
+  lua_pushvalue(L, UV(UV_PRIORITY));
+  lua_pushvalue(L, UV(UV_PRIO0 + prio));
+  lua_rawset(L, -3);
+  set_int(L, UV_ATTEMPT, 1);
+  if (r->key_kind == 1) set_str(L, UV_KEY, r->key);
+  else if (r->key_kind == 2) set_int(L, UV_KEY, r->key_int);
+  set_str(L, UV_CORR, r->corr);
+  if (r->causation_id) set_int(L, UV_CAUS, r->causation_id);
+  set_json(L, UV_HEADERS, r->headers);
+  set_int(L, UV_VERSION, r->version);
+  if (c->upcast_ref != LUA_NOREF) {
+    lua_rawgeti(L, u, c->upcast_ref);
+    lua_pushvalue(L, -2);
+    if (lua_pcall(L, 1, 0, 0) != 0) {
+      lua_remove(L, -2);
+      return BUZZ_EINVAL;
+    }
+  }
+  return 0;
+}
+
+/*
+** Reads one page of stored events into a new array on top: the rows of q
+** up to q->limit. Returns the number read, or a negative code with an
+** error message on top instead (a store failure, or an upcaster's raise
+** when *bad_id is set to the failing event's id).
+*/
+static int read_page(lua_State *L, lcore *c, int u, const buzz_query *q,
+                     int64_t *bad_id) {
+  buzz_stored row;
+  char err[ERR_MAX];
+  int n = 0, rc;
+  err[0] = '\0';
+  *bad_id = 0;
+  if (buzz__store_query(c->store, q) < 0) {
+    lua_pushliteral(L, "ESTORE: cannot query the store");
+    return BUZZ_ESTORE;
+  }
+  lua_createtable(L, (int)q->limit, 0);
+  while ((rc = buzz__store_next(c->store, &row, err, sizeof err)) > 0) {
+    if (push_stored(L, c, u, &row) != 0) {
+      *bad_id = row.id;
+      lua_remove(L, -2);
+      return BUZZ_EINVAL;
+    }
+    lua_rawseti(L, -2, ++n);
+  }
+  if (rc < 0) {
+    lua_pop(L, 1);
+    lua_pushfstring(L, "ESTORE: %s", err);
+    return BUZZ_ESTORE;
+  }
+  return n;
+}
+
+/* Appends a durable consumer's position for the writer. */
+static int append_ack(lcore *c, const char *name, const char *pattern,
+                      int64_t acked, char *err) {
+  buzz_row spec;
+  buzz_row *row;
+  memset(&spec, 0, sizeof spec);
+  spec.kind = BUZZ_ROW_ACK;
+  spec.id = acked;
+  spec.ts = buzz__clock_ms();
+  spec.type.p = name;
+  spec.type.n = strlen(name);
+  spec.key.p = pattern;
+  spec.key.n = strlen(pattern);
+  if ((row = buzz__row_new(&spec)) == NULL) return BUZZ_ENOMEM;
+  if (buzz__store_append(c->store, row) < 0) {
+    snprintf(err, ERR_MAX, "the store was opened read-only");
+    return BUZZ_ESTORE;
+  }
+  return 0;
+}
+
+/* Calls the reporter with a failure that belongs to no delivery. */
+static void report_store(lua_State *L, lcore *c, int u, const char *err) {
+  lua_rawgeti(L, u, c->report_ref);
+  lua_pushfstring(L, "ESTORE: %s", err);
+  if (lua_pcall(L, 1, 0, 0) != 0) lua_pop(L, 1);
+}
+
+/*
+** Delivers stored events to durable subscriptions, each in id order and
+** one at a time, at most *budget of them (< 0: no limit). A delivery
+** that returns or raises moves the consumer's position past its event;
+** positions reach the writer after each page. Stack: U at u.
+*/
+static lua_Integer pump_durables(lua_State *L, lcore *c, int u,
+                                 lua_Integer budget) {
+  lua_Integer n = 0;
+  size_t i;
+  char err[ERR_MAX];
+  int wrote = 0;
+  if (c->store == NULL || c->ndurable == 0) return 0;
+  if (c->appended_id > c->committed) {  /* what is due includes the writes */
+    if (store_flush(L, c, u, err) < 0)  /* in flight */
+      report_store(L, c, u, err);
+  } else if (store_sync(L, c, u, err) < 0) {
+    report_store(L, c, u, err);
+  }
+  for (i = 0; i < c->bus.nslots && c->is_open && !c->is_stopped; i++) {
+    buzz_sub *sub = c->bus.slots[i];
+    buzz_query q;
+    int64_t before, bad;
+    int k, j, top = lua_gettop(L);
+    if (sub == NULL || sub->durable == NULL || sub->acked >= c->committed)
+      continue;
+    if (budget >= 0 && n >= budget) break;
+    memset(&q, 0, sizeof q);
+    q.after_id = before = sub->acked;
+    q.to_id = c->committed;
+    q.pattern.p = sub->pattern;
+    q.pattern.n = sub->len;
+    q.limit = budget < 0 || budget - n > PAGE_MAX ? PAGE_MAX : budget - n;
+    buzz__sub_hold(sub);
+    k = read_page(L, c, u, &q, &bad);
+    if (k < 0 && bad > 0) {            /* an upcaster raised: report it */
+      lua_rawgeti(L, u, c->report_ref);
+      lua_pushvalue(L, -2);
+      lua_pushnil(L);
+      lua_rawgeti(L, u, sub->data_ref);
+      if (lua_pcall(L, 3, 0, 0) != 0) lua_pop(L, 1);
+      sub->acked = bad;                /* skip it, as a failed delivery */
+    } else if (k < 0) {
+      report_store(L, c, u, lua_tostring(L, -1));
+    } else {
+      for (j = 1; j <= k; j++) {
+        buzz_event *ev;
+        lctx ctx;
+        if (sub->is_dead || !c->is_open || c->is_stopped) break;
+        if ((ev = buzz__event_new(&c->bus.queue)) == NULL) break;
+        lua_rawgeti(L, top + 1, j);
+        lua_getfield(L, -1, "id");
+        ev->id = (int64_t)lua_tointeger(L, -1);
+        lua_pop(L, 1);
+        ev->table_ref = luaL_ref(L, u);
+        dispatch(L, c, u, sub, ev);
+        ctx.L = L;
+        ctx.u = u;
+        on_event_free(&ctx, ev);
+        sub->acked = ev->id;
+        buzz__event_free(&c->bus.queue, ev);
+        n++;
+      }
+      if (j > k && k < q.limit) sub->acked = q.to_id;  /* read it all */
+    }
+    lua_settop(L, top);
+    if (sub->acked != before && !sub->is_dead && c->is_open) {
+      if (append_ack(c, sub->durable, sub->pattern, sub->acked, err) < 0)
+        report_store(L, c, u, err);
+      wrote = 1;
+    }
+    buzz__sub_release(sub);
+  }
+  if (wrote && c->is_open && c->durability == BUZZ_DUR_SYNC &&
+      store_flush(L, c, u, err) < 0)
+    report_store(L, c, u, err);
+  return n;
+}
+
+/* Is a durable subscription behind the committed log? */
+static int durables_behind(lcore *c) {
+  size_t i;
+  int64_t committed;                  /* a peek: store_sync() takes news */
+  if (c->store == NULL || c->ndurable == 0) return 0;
+  if (c->appended_id > c->committed) return 1;   /* writes in flight */
+  committed = buzz__store_committed(c->store);
+  for (i = 0; i < c->bus.nslots; i++) {
+    buzz_sub *sub = c->bus.slots[i];
+    if (sub && sub->durable && sub->acked < committed) return 1;
+  }
+  return 0;
+}
+
+/* Work that is due now: queued events or durable consumers behind. */
+static int has_work(lcore *c) {
+  return buzz__bus_pending(&c->bus) > 0 || durables_behind(c);
+}
+
+static void dedup_loaded(void *data, buzz_str key, int64_t id, int64_t ts) {
+  buzz__dedup_put((buzz_dedup *)data, key.p, key.n, id, ts);
+}
+
+static int opt_int(lua_State *L, int t, const char *k, lua_Integer dflt) {
+  lua_Integer v;
+  lua_getfield(L, t, k);
+  v = lua_isnil(L, -1) ? dflt : lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  return (int)v;
+}
+
+static int64_t opt_int64(lua_State *L, int t, const char *k) {
+  int64_t v;
+  lua_getfield(L, t, k);
+  v = (int64_t)lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/*
+** Opens the store described by the options table at t (path, durability,
+** readonly, max_bytes, max_age_ms, max_events) and loads the dedup keys
+** still in their window. Returns 0, or pushes nil, err, code.
+*/
+static int open_store(lua_State *L, lcore *c, int t) {
+  buzz_store_opts o;
+  char err[ERR_MAX];
+  const char *path;
+  int rc;
+  memset(&o, 0, sizeof o);
+  lua_getfield(L, t, "path");
+  path = lua_tostring(L, -1);
+  o.durability = opt_int(L, t, "durability", BUZZ_DUR_BATCH);
+  o.is_readonly = opt_int(L, t, "readonly", 0);
+  o.max_bytes = opt_int64(L, t, "max_bytes");
+  o.max_age_ms = opt_int64(L, t, "max_age_ms");
+  o.max_events = opt_int64(L, t, "max_events");
+  o.notify = on_commit;
+  o.data = c->loop;
+  err[0] = '\0';
+  if ((rc = buzz__store_open(&c->store, path, &o, err, sizeof err)) < 0)
+    return push_store_fail(L, rc, err);
+  lua_pop(L, 1);
+  c->durability = o.durability;
+  c->bus.last_id = buzz__store_last_id(c->store);
+  c->committed = c->bus.last_id;
+  if ((rc = buzz__dedup_new(&c->dedup, c->dedup_window)) < 0)
+    return push_fail(L, rc, NULL);
+  if ((rc = buzz__store_dedup_load(c->store, buzz__clock_ms() -
+                                   c->dedup_window, dedup_loaded, c->dedup,
+                                   err, sizeof err)) < 0)
+    return push_store_fail(L, rc, err);
+  return 0;
+}
+
+
 /* -------------------------------------------------------------- core */
 
 /*
-** core.new(queue_limit, report) -> core | nil, err, code. report(err, ev,
-** sub, trace) is called for every failed delivery.
+** core.new(queue_limit, report, opts) -> core | nil, err, code.
+** report(err, ev, sub, trace) is called for every failed delivery (and
+** with err alone for a store failure that belongs to no delivery). opts
+** (optional): dedup_window_ms, max_payload, and store = { path, durability
+** (0 none, 1 batch, 2 sync), readonly, max_bytes, max_age_ms, max_events }.
 */
 static int lcore_new(lua_State *L) {
   lua_Integer limit = luaL_optinteger(L, 1, 100000);
   lcore *c;
-  int rc;
+  int rc, has_opts = lua_istable(L, 3);
   luaL_argcheck(L, limit >= 0, 1, "queue_limit must be >= 0");
   luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_settop(L, 3);
   c = (lcore *)buzz_newud(L, sizeof *c);
   memset(c, 0, sizeof *c);             /* closed until acquired */
   c->bus.is_closed = 1;
+  c->upcast_ref = LUA_NOREF;
+  c->dedup_window = has_opts ? opt_int64(L, 3, "dedup_window_ms") : 0;
+  if (c->dedup_window <= 0) c->dedup_window = 120000;
+  c->max_payload = has_opts ? (size_t)opt_int64(L, 3, "max_payload") : 0;
+  if (c->max_payload == 0) c->max_payload = 1048576;
   luaL_setmetatable(L, CORE_MT);
   lua_newtable(L);                     /* U */
   lua_newtable(L);
@@ -377,7 +729,21 @@ static int lcore_new(lua_State *L) {
     buzz__bus_close(&c->bus, NULL);
     return push_fail(L, rc, NULL);
   }
+  if (has_opts) {
+    lua_getfield(L, 3, "store");
+    if (lua_istable(L, -1) && open_store(L, c, lua_gettop(L)) != 0) {
+      buzz__dedup_free(c->dedup);      /* nil, err, code are on top */
+      c->dedup = NULL;
+      buzz__store_close(c->store);
+      c->store = NULL;
+      buzz__bus_close(&c->bus, NULL);
+      buzz__loop_close(c->loop);
+      c->loop = NULL;
+      return 3;
+    }
+  }
   c->is_open = 1;
+  lua_settop(L, 4);
   return 1;
 }
 
@@ -409,6 +775,12 @@ static int lcore_close(lua_State *L) {
     lua_pop(L, 1);
   }
   n = buzz__bus_close(&c->bus, NULL);  /* U is dropped whole below */
+  c->ndurable = 0;
+  buzz__store_close(c->store);         /* commits what is left; before the
+                                          loop, whose handle it wakes */
+  c->store = NULL;
+  buzz__dedup_free(c->dedup);
+  c->dedup = NULL;
   buzz__loop_close(c->loop);
   c->loop = NULL;
   lua_newtable(L);
@@ -433,18 +805,70 @@ static int lcore_is_closed(lua_State *L) {
 }
 
 /*
-** core:subscribe(pattern, subobj, handler, is_once) -> id | nil, err, code.
-** subobj is what next() and the reporter hand back; handler is called.
+** Checks a durable consumer name for subscribe and finds where it starts:
+** its saved position, or for a new consumer 0 (the whole log) or, with
+** start_new, the last id. Returns 0, or pushes nil, err, code.
+*/
+static int durable_start(lua_State *L, lcore *c, const char *name,
+                         size_t nlen, int start_new, int64_t *acked) {
+  char err[ERR_MAX];
+  size_t i;
+  int rc;
+  if (c->store == NULL) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "durable consumers keep their position in a store: "
+                    "create the bus with buzz.new{ store = \"events.db\" }");
+    lua_pushliteral(L, "EINVAL");
+    return 3;
+  }
+  for (i = 0; i < c->bus.nslots; i++) {
+    buzz_sub *s = c->bus.slots[i];
+    if (s && s->durable && strcmp(s->durable, name) == 0) {
+      lua_pushnil(L);
+      lua_pushfstring(L, "durable consumer \"%s\" is already subscribed on "
+                      "this bus; unsubscribe it first or pick another name",
+                      name);
+      lua_pushliteral(L, "EINVAL");
+      return 3;
+    }
+  }
+  err[0] = '\0';
+  rc = buzz__store_consumer(c->store, name, nlen, acked, err, sizeof err);
+  if (rc < 0) return push_store_fail(L, rc, err);
+  if (rc == 0) *acked = start_new ? c->bus.last_id : 0;
+  return 0;
+}
+
+/*
+** core:subscribe(pattern, subobj, handler, is_once, durable, start_new)
+** -> id | nil, err, code. subobj is what next() and the reporter hand
+** back; handler is called. durable names a durable consumer, which reads
+** the store from its saved position instead of the live queue.
 */
 static int lcore_subscribe(lua_State *L) {
   lcore *c = check_core(L);
-  size_t len;
+  size_t len, nlen = 0;
   const char *pat = luaL_checklstring(L, 2, &len);
+  const char *durable = luaL_optlstring(L, 6, NULL, &nlen);
   int is_once = lua_toboolean(L, 5), u, ref, fn_ref, rc;
+  int64_t acked = 0;
+  char *name = NULL, err[ERR_MAX];
   buzz_sub *sub;
   luaL_checkany(L, 3);
   luaL_checkany(L, 4);
   if (subject_usage(L, "pattern", pat, len, 1, 1)) return 3;
+  if (durable) {
+    if (durable_start(L, c, durable, nlen, lua_toboolean(L, 7), &acked))
+      return 3;
+    if ((name = (char *)malloc(nlen + 1)) == NULL)
+      return push_fail(L, BUZZ_ENOMEM, NULL);
+    memcpy(name, durable, nlen + 1);
+    err[0] = '\0';
+    if ((rc = append_ack(c, name, pat, acked, err)) < 0) {
+      free(name);
+      return push_store_fail(L, rc, err);
+    }
+  }
   u = push_refs(L);
   lua_pushvalue(L, 3);
   ref = luaL_ref(L, u);
@@ -453,9 +877,16 @@ static int lcore_subscribe(lua_State *L) {
   if ((rc = buzz__bus_subscribe(&c->bus, pat, len, is_once, ref, &sub)) < 0) {
     luaL_unref(L, u, ref);
     luaL_unref(L, u, fn_ref);
+    free(name);
     return push_fail(L, rc, NULL);
   }
   sub->fn_ref = fn_ref;
+  if (name) {
+    sub->durable = name;
+    sub->acked = acked;
+    c->ndurable++;
+    buzz__loop_signal(c->loop, 1);
+  }
   lua_pushinteger(L, (lua_Integer)sub->slot + 1);
   return 1;
 }
@@ -481,6 +912,7 @@ static int lcore_unsubscribe(lua_State *L) {
   ref = sub->data_ref;
   fn_ref = sub->fn_ref;
   sub->data_ref = sub->fn_ref = BUZZ_NOREF;
+  if (sub->durable) c->ndurable--;
   buzz__bus_unsubscribe(&c->bus, sub);   /* may free sub */
   luaL_unref(L, u, ref);
   luaL_unref(L, u, fn_ref);
@@ -489,21 +921,91 @@ static int lcore_unsubscribe(lua_State *L) {
 }
 
 /*
+** With a store: encodes the payload (slot 3) and headers (slot 8), appends
+** the row (id and ts preset in ev) and, for sync durability or a
+** publish_sync, waits for its commit. Returns 0, or pushes nil, err, code
+** (EINVAL/ETOOBIG for a payload JSON cannot hold, which the Lua layer
+** raises; ESTORE for the world) and returns 3. Stack: U at u.
+*/
+static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
+                         int is_sync, const char *type, size_t len,
+                         const char *dkey, size_t dlen) {
+  buzz_row spec, *row;
+  char err[ERR_MAX];
+  int rc, top = lua_gettop(L);
+  memset(&spec, 0, sizeof spec);
+  if ((rc = store_sync(L, c, u, err)) < 0)  /* an earlier group failed */
+    return push_store_fail(L, rc, err);
+  if ((rc = buzz__json_encode(L, 3, "payload", c->max_payload)) != 0) {
+    lua_pushnil(L);
+    lua_insert(L, -2);
+    lua_pushstring(L, buzz__err_name(rc));
+    return 3;
+  }
+  spec.payload.p = lua_tolstring(L, -1, &spec.payload.n);
+  if (!lua_isnil(L, 8)) {
+    if ((rc = buzz__json_encode(L, 8, "headers", 0)) != 0) {
+      lua_pushnil(L);
+      lua_insert(L, -2);
+      lua_pushstring(L, buzz__err_name(rc));
+      return 3;
+    }
+    spec.headers.p = lua_tolstring(L, -1, &spec.headers.n);
+  }
+  spec.kind = BUZZ_ROW_EVENT;
+  spec.id = ev->id = c->bus.last_id + 1;
+  spec.ts = ev->ts = buzz__clock_ms();
+  spec.causation_id = ev->causation_id;
+  spec.priority = ev->priority;
+  spec.version = ev->version ? ev->version : 1;
+  spec.type.p = type;
+  spec.type.n = len;
+  if (lua_type(L, 5) == LUA_TNUMBER) {
+    spec.is_key_int = 1;
+    spec.key_int = (int64_t)lua_tointeger(L, 5);
+  } else if (lua_type(L, 5) == LUA_TSTRING) {
+    spec.key.p = lua_tolstring(L, 5, &spec.key.n);
+  }
+  if (lua_type(L, 6) == LUA_TSTRING)
+    spec.corr.p = lua_tolstring(L, 6, &spec.corr.n);
+  spec.dedup.p = dkey;
+  spec.dedup.n = dlen;
+  if ((row = buzz__row_new(&spec)) == NULL)
+    return push_fail(L, BUZZ_ENOMEM, NULL);
+  lua_settop(L, top);
+  if ((rc = buzz__store_append(c->store, row)) < 0)
+    return push_fail(L, rc, "the store was opened read-only");
+  c->appended_id = spec.id;
+  if ((is_sync && c->durability != BUZZ_DUR_NONE) ||
+      c->durability == BUZZ_DUR_SYNC) {
+    if ((rc = store_flush(L, c, u, err)) < 0) {
+      if (c->bus.last_id < ev->id) c->bus.last_id = ev->id;  /* used up */
+      return push_store_fail(L, rc, err);
+    }
+  }
+  return 0;
+}
+
+/*
 ** Shared by publish, publish_sync and publish_cursor. Arguments: self,
 ** type, payload, priority (0..3), key, correlation_id, causation_id,
-** headers. Inside a handler, a nil correlation_id is inherited from the
-** current event and a nil causation_id is the current event's id.
+** headers, dedup, version. Inside a handler, a nil correlation_id is
+** inherited from the current event and a nil causation_id is the current
+** event's id. A dedup key seen within the window returns the first id and
+** "duplicate", and publishes nothing.
 ** mode 0 queues and returns id; mode 1 delivers at once and returns id;
 ** mode 2 (for tests and drivers) opens a sync cursor without delivering
 ** and returns id, level (level nil when nobody listens).
 */
 static int do_publish(lua_State *L, int mode) {
   lcore *c = check_core(L);
-  size_t len, level = 0;
+  size_t len, level = 0, dlen = 0;
   const char *type = lua_type(L, 2) == LUA_TSTRING
                      ? lua_tolstring(L, 2, &len) : NULL;
   lua_Integer prio = luaL_optinteger(L, 4, BUZZ_PRIO_NORMAL);
   lua_Integer caus = luaL_optinteger(L, 7, 0);
+  const char *dkey = luaL_optlstring(L, 9, NULL, &dlen);
+  lua_Integer version = luaL_optinteger(L, 10, 0);
   buzz_event *ev, *cur = c->ncur > 0 ? c->cur[c->ncur - 1] : NULL;
   int64_t id;
   lctx ctx;
@@ -517,43 +1019,60 @@ static int do_publish(lua_State *L, int mode) {
   }
   if (subject_usage(L, "type", type, len, 0, 0)) return 3;
   luaL_argcheck(L, prio >= 0 && prio < BUZZ_NPRIO, 4, "priority out of range");
+  lua_settop(L, 10);
+  ctx.L = L;
+  ctx.u = push_refs(L);                /* slot 11 */
+  if (dkey && c->dedup &&
+      (id = buzz__dedup_find(c->dedup, dkey, dlen, buzz__clock_ms())) != 0) {
+    lua_pushinteger(L, (lua_Integer)id);
+    lua_pushliteral(L, "duplicate");
+    return 2;
+  }
+  if (lua_isnil(L, 6) && cur && cur->table_ref != BUZZ_NOREF) {
+    lua_rawgeti(L, ctx.u, cur->table_ref);     /* inherit correlation */
+    lua_pushvalue(L, UV(UV_CORR));
+    lua_rawget(L, -2);
+    lua_replace(L, 6);
+    lua_settop(L, ctx.u);
+  }
+  if (mode == 0 && c->bus.queue.limit &&
+      c->bus.queue.count >= c->bus.queue.limit)
+    goto full;
   if ((ev = buzz__event_new(&c->bus.queue)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   ev->priority = (unsigned char)prio;
   ev->causation_id = caus == 0 && cur ? cur->id : (int64_t)caus;
-  ctx.L = L;
-  ctx.u = 0;
+  ev->version = (int)version;
+  if (c->store && mode != 2 &&
+      store_publish(L, c, ctx.u, ev, mode == 1, type, len, dkey, dlen)) {
+    buzz__event_free(&c->bus.queue, ev);
+    return 3;
+  }
   rc = buzz__bus_publish(&c->bus, ev, type, len, mode != 0, &level);
   if (rc < 0) {
     buzz__event_free(&c->bus.queue, ev);
-    if (rc == BUZZ_EFULL) {
-      lua_pushnil(L);
-      lua_pushfstring(L, "EFULL: queue is full (%d pending events); drain "
-                      "the bus or raise queue_limit",
-                      (int)buzz__bus_pending(&c->bus));
-      lua_pushliteral(L, "EFULL");
-      return 3;
-    }
+    if (rc == BUZZ_EFULL) goto full;
     return push_fail(L, rc, NULL);
   }
+  id = c->bus.last_id;
+  if (dkey) {
+    if (c->dedup == NULL &&
+        buzz__dedup_new(&c->dedup, c->dedup_window) < 0)
+      return push_fail(L, BUZZ_ENOMEM, NULL);
+    if (buzz__dedup_put(c->dedup, dkey, dlen, id, buzz__clock_ms()) < 0)
+      return push_fail(L, BUZZ_ENOMEM, NULL);
+  }
   if (rc == 0) {                       /* no audience: freed already */
-    lua_pushinteger(L, (lua_Integer)c->bus.last_id);
+    lua_pushinteger(L, (lua_Integer)id);
     return 1;
   }
-  id = ev->id;
-  ctx.u = push_refs(L);
+  if (c->store && mode == 0 && c->durability != BUZZ_DUR_NONE)
+    c->gate_id = id;                   /* deliver only once committed */
   if (mode != 1) {                     /* values wait in U until delivery */
     ev->payload_ref = ref_opt(L, ctx.u, 3);
     ev->key_ref = ref_opt(L, ctx.u, 5);
     ev->headers_ref = ref_opt(L, ctx.u, 8);
     ev->corr_ref = ref_opt(L, ctx.u, 6);
-  }
-  if (lua_isnoneornil(L, 6) && cur && cur->table_ref != BUZZ_NOREF) {
-    lua_rawgeti(L, ctx.u, cur->table_ref);     /* inherit correlation */
-    lua_pushvalue(L, UV(UV_CORR));
-    lua_rawget(L, -2);
-    if (!lua_isnil(L, -1)) ev->corr_ref = luaL_ref(L, ctx.u);
-    lua_settop(L, ctx.u);
   }
   if (mode == 1) {                     /* build the table from the args */
     push_event(L, ctx.u, ev, 1);
@@ -574,6 +1093,13 @@ static int do_publish(lua_State *L, int mode) {
   }
   lua_pushinteger(L, (lua_Integer)id);
   return 1;
+full:
+  lua_pushnil(L);
+  lua_pushfstring(L, "EFULL: queue is full (%d pending events); drain "
+                  "the bus or raise queue_limit",
+                  (int)buzz__bus_pending(&c->bus));
+  lua_pushliteral(L, "EFULL");
+  return 3;
 }
 
 static int lcore_publish(lua_State *L) {
@@ -606,13 +1132,35 @@ static int lcore_pump(lua_State *L) {
   }
   ctx.L = L;
   ctx.u = push_refs(L);
-  while ((max < 0 || n < max) && c->is_open && !c->is_stopped &&
-         buzz__bus_next(&c->bus, 0, &sub, &ev, &ctx) > 0) {
-    dispatch(L, c, ctx.u, sub, ev);
-    n++;
+  for (;;) {                           /* the queue, then durable subs, */
+    lua_Integer before = n;            /* until neither has work left */
+    while ((max < 0 || n < max) && c->is_open && !c->is_stopped) {
+      if (c->gate_id > c->committed) {   /* never deliver uncommitted */
+        int64_t next = buzz__bus_next_id(&c->bus);
+        char err[ERR_MAX];
+        if (next > c->committed) {
+          if (store_sync(L, c, ctx.u, err) < 0) {
+            report_store(L, c, ctx.u, err);
+            continue;
+          }
+          if (next > c->committed) {
+            if (store_flush(L, c, ctx.u, err) < 0)
+              report_store(L, c, ctx.u, err);
+            continue;
+          }
+        }
+      }
+      if (buzz__bus_next(&c->bus, 0, &sub, &ev, &ctx) <= 0) break;
+      dispatch(L, c, ctx.u, sub, ev);
+      n++;
+    }
+    if (c->is_open && !c->is_stopped && (max < 0 || n < max))
+      n += pump_durables(L, c, ctx.u, max < 0 ? -1 : max - n);
+    if (n == before || (max >= 0 && n >= max) || !c->is_open ||
+        c->is_stopped)
+      break;
   }
-  if (c->is_open)
-    buzz__loop_signal(c->loop, buzz__bus_pending(&c->bus) > 0);
+  if (c->is_open) buzz__loop_signal(c->loop, has_work(c));
   lua_pushinteger(L, n);
   return 1;
 }
@@ -680,7 +1228,7 @@ static int lcore_pending(lua_State *L) {
 /* core:timeout() -> ms until work is due: 0 now, -1 never (nothing armed) */
 static int lcore_timeout(lua_State *L) {
   lcore *c = check_core(L);
-  if (buzz__bus_pending(&c->bus) > 0) lua_pushinteger(L, 0);
+  if (has_work(c)) lua_pushinteger(L, 0);
   else lua_pushinteger(L, buzz__loop_timeout(c->loop));
   return 1;
 }
@@ -689,17 +1237,259 @@ static int lcore_timeout(lua_State *L) {
 static int lcore_fd(lua_State *L) {
   lcore *c = check_core(L);
   lua_pushinteger(L, buzz__loop_fd(c->loop));
-  buzz__loop_signal(c->loop, buzz__bus_pending(&c->bus) > 0);
+  buzz__loop_signal(c->loop, has_work(c));
   return 1;
 }
 
-/* core:wait() -> true after one round of loop activity, false if none can
-** come (nothing pending, nothing armed). */
+/*
+** core:wait() -> true after one round of loop activity, false if none can
+** come (nothing pending, nothing armed, no write in flight). A write in
+** flight is waited for here: its commit may give durable consumers work.
+*/
 static int lcore_wait(lua_State *L) {
   lcore *c = check_core(L);
-  if (buzz__bus_pending(&c->bus) > 0) lua_pushboolean(L, 1);
-  else lua_pushboolean(L, buzz__loop_wait(c->loop));
+  if (has_work(c)) {
+    lua_pushboolean(L, 1);
+  } else if (c->store && !buzz__store_is_idle(c->store)) {
+    char err[ERR_MAX];
+    if (store_flush(L, c, push_refs(L), err) < 0)
+      report_store(L, c, lua_gettop(L), err);
+    lua_pushboolean(L, 1);
+  } else {
+    lua_pushboolean(L, buzz__loop_wait(c->loop));
+  }
   return 1;
+}
+
+/* core:flush() -> true | nil, err, code: waits for every commit. */
+static int lcore_flush(lua_State *L) {
+  lcore *c = check_core(L);
+  char err[ERR_MAX];
+  int rc;
+  if (c->store == NULL) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if ((rc = store_flush(L, c, push_refs(L), err)) < 0)
+    return push_store_fail(L, rc, err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/*
+** Returns the store, or pushes nil, err, "EINVAL" for a memory bus. Reads
+** see the caller's own writes: what is in flight is committed first (a
+** failed group is reported to on_error, and the read goes on).
+*/
+static buzz_store *need_store(lua_State *L, lcore *c, const char *what) {
+  if (c->store) {
+    if (!buzz__store_is_idle(c->store)) {
+      char err[ERR_MAX];
+      int u = push_refs(L);
+      if (store_flush(L, c, u, err) < 0) report_store(L, c, u, err);
+      lua_pop(L, 1);
+    }
+    return c->store;
+  }
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s reads the store, and this bus has none: create it "
+                  "with buzz.new{ store = \"events.db\" }", what);
+  lua_pushliteral(L, "EINVAL");
+  return NULL;
+}
+
+/*
+** core:query(filters, after_id, limit) -> array of events | nil, err,
+** code. filters: pattern, to_id, from_ts, to_ts, key (string or
+** integer). One page of stored events with id > after_id, in id order.
+** An upcaster's raise is raised (the caller is in Lua, not a handler).
+*/
+static int lcore_query(lua_State *L) {
+  lcore *c = check_core(L);
+  buzz_query q;
+  int64_t bad;
+  int u, n;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  memset(&q, 0, sizeof q);
+  q.after_id = (int64_t)luaL_checkinteger(L, 3);
+  q.limit = (int64_t)luaL_checkinteger(L, 4);
+  if (!need_store(L, c, "events()")) return 3;
+  q.to_id = opt_int64(L, 2, "to_id");
+  q.from_ts = opt_int64(L, 2, "from_ts");
+  q.to_ts = opt_int64(L, 2, "to_ts");
+  lua_getfield(L, 2, "pattern");
+  q.pattern.p = lua_tolstring(L, -1, &q.pattern.n);
+  lua_getfield(L, 2, "key");
+  if (lua_type(L, -1) == LUA_TNUMBER) {
+    q.has_key = q.is_key_int = 1;
+    q.key_int = (int64_t)lua_tointeger(L, -1);
+  } else if (lua_type(L, -1) == LUA_TSTRING) {
+    q.has_key = 1;
+    q.key.p = lua_tolstring(L, -1, &q.key.n);
+  }
+  u = push_refs(L);
+  if ((n = read_page(L, c, u, &q, &bad)) < 0) {
+    if (bad > 0) return lua_error(L);
+    lua_pushnil(L);
+    lua_insert(L, -2);
+    lua_pushliteral(L, "ESTORE");
+    return 3;
+  }
+  return 1;
+}
+
+typedef struct consumers_ctx {
+  lua_State *L;
+  buzz_store *store;
+  int n;
+} consumers_ctx;
+
+static void on_consumer(void *data, buzz_str name, buzz_str pattern,
+                        int64_t acked, int64_t updated) {
+  consumers_ctx *x = (consumers_ctx *)data;
+  lua_State *L = x->L;
+  int64_t lag = 0;
+  char err[ERR_MAX];
+  lua_createtable(L, 0, 5);
+  lua_pushlstring(L, name.p, name.n);
+  lua_setfield(L, -2, "name");
+  lua_pushlstring(L, pattern.p, pattern.n);
+  lua_setfield(L, -2, "pattern");
+  lua_pushinteger(L, (lua_Integer)acked);
+  lua_setfield(L, -2, "acked");
+  lua_pushinteger(L, (lua_Integer)updated);
+  lua_setfield(L, -2, "updated_ms");
+  if (buzz__store_count(x->store, acked, pattern, &lag, err, sizeof err) == 0)
+  {
+    lua_pushinteger(L, (lua_Integer)lag);
+    lua_setfield(L, -2, "lag");
+  }
+  lua_rawseti(L, -2, ++x->n);
+}
+
+/* core:consumers() -> array of { name, pattern, acked, updated_ms, lag } */
+static int lcore_consumers(lua_State *L) {
+  lcore *c = check_core(L);
+  consumers_ctx x;
+  char err[ERR_MAX];
+  int rc;
+  if (!need_store(L, c, "consumers()")) return 3;
+  lua_newtable(L);
+  x.L = L;
+  x.store = c->store;
+  x.n = 0;
+  err[0] = '\0';
+  if ((rc = buzz__store_consumers(c->store, on_consumer, &x, err,
+                                  sizeof err)) < 0)
+    return push_store_fail(L, rc, err);
+  return 1;
+}
+
+/*
+** core:remove_consumer(name) -> true if it existed | nil, err, code. A
+** consumer subscribed on this bus must be unsubscribed first.
+*/
+static int lcore_remove_consumer(lua_State *L) {
+  lcore *c = check_core(L);
+  size_t len, i;
+  const char *name = luaL_checklstring(L, 2, &len);
+  buzz_row spec, *row;
+  char err[ERR_MAX];
+  int64_t acked;
+  int rc, found;
+  if (!need_store(L, c, "remove_consumer()")) return 3;
+  for (i = 0; i < c->bus.nslots; i++) {
+    buzz_sub *s = c->bus.slots[i];
+    if (s && s->durable && strcmp(s->durable, name) == 0) {
+      lua_pushnil(L);
+      lua_pushfstring(L, "durable consumer \"%s\" is subscribed on this "
+                      "bus: unsubscribe it before removing it", name);
+      lua_pushliteral(L, "EINVAL");
+      return 3;
+    }
+  }
+  err[0] = '\0';
+  if ((found = buzz__store_consumer(c->store, name, len, &acked, err,
+                                    sizeof err)) < 0)
+    return push_store_fail(L, found, err);
+  memset(&spec, 0, sizeof spec);
+  spec.kind = BUZZ_ROW_DROP_CONSUMER;
+  spec.type.p = name;
+  spec.type.n = len;
+  if ((row = buzz__row_new(&spec)) == NULL)
+    return push_fail(L, BUZZ_ENOMEM, NULL);
+  if ((rc = buzz__store_append(c->store, row)) < 0)
+    return push_fail(L, rc, "the store was opened read-only");
+  if ((rc = store_flush(L, c, push_refs(L), err)) < 0)
+    return push_store_fail(L, rc, err);
+  lua_pushboolean(L, found);
+  return 1;
+}
+
+static void on_type_count(void *data, buzz_str type, int64_t n) {
+  lua_State *L = (lua_State *)data;
+  lua_pushlstring(L, type.p, type.n);
+  lua_pushinteger(L, (lua_Integer)n);
+  lua_rawset(L, -3);
+}
+
+static void set_i(lua_State *L, const char *k, int64_t v) {
+  lua_pushinteger(L, (lua_Integer)v);
+  lua_setfield(L, -2, k);
+}
+
+/*
+** core:store_info(with_types) -> { events, first_id, last_id, size_bytes,
+** appended, committed, commits, failed, pending_writes, committed_id,
+** held_back, deleted, dedup_keys, types = { [type] = count } }
+*/
+static int lcore_store_info(lua_State *L) {
+  lcore *c = check_core(L);
+  buzz_store_stats st;
+  int64_t count, first, last, bytes;
+  char err[ERR_MAX];
+  int rc;
+  if (!need_store(L, c, "store_info()")) return 3;
+  err[0] = '\0';
+  if ((rc = buzz__store_size(c->store, &count, &first, &last, &bytes, err,
+                             sizeof err)) < 0)
+    return push_store_fail(L, rc, err);
+  buzz__store_stats(c->store, &st);
+  lua_createtable(L, 0, 16);
+  set_i(L, "events", count);
+  set_i(L, "first_id", first);
+  set_i(L, "last_id", last);
+  set_i(L, "size_bytes", bytes);
+  set_i(L, "appended", st.appended);
+  set_i(L, "committed", st.committed);
+  set_i(L, "commits", st.commits);
+  set_i(L, "failed", st.failed);
+  set_i(L, "pending_writes", st.pending);
+  set_i(L, "committed_id", st.committed_id);
+  set_i(L, "held_back", st.held_back);
+  set_i(L, "deleted", st.deleted);
+  set_i(L, "dedup_keys", c->dedup ? (int64_t)buzz__dedup_count(c->dedup) : 0);
+  if (lua_toboolean(L, 2)) {
+    lua_newtable(L);
+    if ((rc = buzz__store_types(c->store, on_type_count, L, err,
+                                sizeof err)) < 0)
+      return push_store_fail(L, rc, err);
+    lua_setfield(L, -2, "types");
+  }
+  return 1;
+}
+
+/* core:set_upcast(fn | nil): fn(ev) upcasts stored events in place. */
+static int lcore_set_upcast(lua_State *L) {
+  lcore *c = check_core(L);
+  int u = push_refs(L);
+  if (c->upcast_ref != LUA_NOREF) luaL_unref(L, u, c->upcast_ref);
+  c->upcast_ref = LUA_NOREF;
+  if (!lua_isnoneornil(L, 2)) {
+    lua_pushvalue(L, 2);
+    c->upcast_ref = luaL_ref(L, u);   /* released here or with U */
+  }
+  return 0;
 }
 
 /* core:audience(type) -> array of the subobjs a publish would reach now */
@@ -777,6 +1567,13 @@ static int l_now_ms(lua_State *L) {
   return 1;
 }
 
+/* core.hrtime() -> nanoseconds from an arbitrary point (uv_hrtime), for
+** latency measurements */
+static int l_hrtime(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)buzz__hrtime());
+  return 1;
+}
+
 static const luaL_Reg core_methods[] = {
   { "subscribe", lcore_subscribe },
   { "unsubscribe", lcore_unsubscribe },
@@ -794,6 +1591,12 @@ static const luaL_Reg core_methods[] = {
   { "wait", lcore_wait },
   { "audience", lcore_audience },
   { "stats", lcore_stats },
+  { "flush", lcore_flush },
+  { "query", lcore_query },
+  { "consumers", lcore_consumers },
+  { "remove_consumer", lcore_remove_consumer },
+  { "store_info", lcore_store_info },
+  { "set_upcast", lcore_set_upcast },
   { "close", lcore_close },
   { "is_closed", lcore_is_closed },
   { NULL, NULL }
@@ -803,6 +1606,7 @@ static const luaL_Reg module_funcs[] = {
   { "new", lcore_new },
   { "check_subject", l_check_subject },
   { "now_ms", l_now_ms },
+  { "hrtime", l_hrtime },
   { NULL, NULL }
 };
 
@@ -834,6 +1638,7 @@ int luaopen_buzz_core(lua_State *L) {
   lua_pop(L, 1);
   lua_newtable(L);
   luaL_setfuncs(L, module_funcs, 0);
+  buzz__json_register(L);
   lua_pushliteral(L, "0.1.0");
   lua_setfield(L, -2, "version");
   return 1;

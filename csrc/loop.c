@@ -101,10 +101,14 @@ void buzz__loop_signal(buzz_loop *l, int has_work) {
   if (has_work && !l->is_signalled) {
     uv_async_send(l->wake);
     l->is_signalled = 1;
-  } else if (!has_work && l->is_signalled) {
-    loop_poll_once(l);                     /* consumes the wake-up */
+  } else if (!has_work) {
+    loop_poll_once(l);    /* consumes our wake-up or the store writer's */
     l->is_signalled = 0;
   }
+}
+
+void buzz__loop_wake(buzz_loop *l) {
+  uv_async_send(l->wake);                  /* thread-safe, coalesced */
 }
 
 int buzz__loop_timeout(buzz_loop *l) {
@@ -116,4 +120,8 @@ int buzz__loop_wait(buzz_loop *l) {
   if (!uv_loop_alive(l->loop)) return 0;
   uv_run(l->loop, UV_RUN_ONCE);
   return 1;
+}
+
+uint64_t buzz__hrtime(void) {
+  return uv_hrtime();
 }

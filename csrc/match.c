@@ -393,3 +393,32 @@ void buzz__subject_release(buzz_subject *s) {
 size_t buzz__trie_cached(const buzz_trie *t) {
   return t->subjects.count;
 }
+
+/*
+** One pattern against one type, without a trie: for store queries (a SQL
+** function) and other one-off checks. Both must be valid; the reserved
+** rule holds (a wildcard first token never matches a '$' type).
+*/
+int buzz__subject_match(const char *pat, size_t plen, const char *type,
+                        size_t tlen) {
+  size_t pi = 0, ti = 0;
+  int is_first = 1;
+  for (;;) {
+    size_t pe = pi, te = ti;
+    while (pe < plen && pat[pe] != '.') pe++;
+    if (pe - pi == 1 && pat[pi] == '>')
+      return ti < tlen && !(is_first && type[0] == '$');
+    if (ti >= tlen) return 0;
+    while (te < tlen && type[te] != '.') te++;
+    if (pe - pi == 1 && pat[pi] == '*') {
+      if (is_first && type[0] == '$') return 0;
+    } else if (pe - pi != te - ti || memcmp(pat + pi, type + ti, pe - pi)) {
+      return 0;
+    }
+    is_first = 0;
+    if (pe >= plen) return te >= tlen;
+    if (te >= tlen) return 0;
+    pi = pe + 1;
+    ti = te + 1;
+  }
+}

@@ -36,6 +36,7 @@ buzz_event *buzz__event_new(buzz_queue *q) {
   ev->payload_ref = ev->key_ref = BUZZ_NOREF;
   ev->corr_ref = ev->headers_ref = BUZZ_NOREF;
   ev->table_ref = BUZZ_NOREF;
+  ev->version = 0;
   ev->priority = BUZZ_PRIO_NORMAL;
   return ev;
 }

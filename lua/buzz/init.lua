@@ -5,8 +5,9 @@
 -- @module buzz
 local core = require "buzz.core"
 
-local type, error, pairs, tostring, pcall =
-      type, error, pairs, tostring, pcall
+local type, error, pairs, ipairs, tostring, pcall, xpcall =
+      type, error, pairs, ipairs, tostring, pcall, xpcall
+local traceback = debug.traceback
 local setmetatable, getmetatable, rawget = setmetatable, getmetatable, rawget
 local floor, huge = math.floor, math.huge
 local concat, sort = table.concat, table.sort
@@ -23,7 +24,11 @@ Sub.__index = Sub
 local PRIORITIES = { critical = 0, high = 1, normal = 2, low = 3 }
 local PRIORITY_CHOICES = '"critical", "high", "normal" or "low"'
 
-local DURABILITIES = { batch = true, sync = true, none = true }
+-- Durability modes and the number the core uses for each.
+local DURABILITIES = { none = 0, batch = 1, sync = 2 }
+
+-- Stored events read per page by events() and replay().
+local PAGE = 256
 
 -- Deliveries run() makes between checks of the loop.
 local RUN_BATCH = 256
@@ -40,10 +45,16 @@ local function option_set(...)
 end
 
 local NEW_OPTIONS = option_set("store", "durability", "queue_limit",
-                               "on_error")
-local SUBSCRIBE_OPTIONS = option_set("once")
+                               "on_error", "readonly", "max_payload",
+                               "dedup_window", "max_age", "max_events",
+                               "max_size")
+local SUBSCRIBE_OPTIONS = option_set("once", "durable", "start")
 local PUBLISH_OPTIONS = option_set("priority", "key", "delay", "at",
-                                   "correlation_id", "headers")
+                                   "correlation_id", "headers", "dedup",
+                                   "version")
+local QUERY_OPTIONS = option_set("types", "from", "to", "key", "limit")
+local REPLAY_OPTIONS = option_set("types", "from", "to", "key", "limit",
+                                  "handler", "consumer")
 
 -- Raises if opts is not nil or a table of known options.
 local function check_options(opts, allowed, what, level)
@@ -88,7 +99,23 @@ local function check_subject_arg(s, what, example, level)
   end
 end
 
--- Validates publish options; returns priority, key, correlation_id, headers.
+local function quote(v)
+  return type(v) == "string" and ("%q"):format(v) or tostring(v)
+end
+
+-- Raises unless v is nil or a number > 0 (an integer if is_int).
+local function check_positive(v, name, is_int, level)
+  if v == nil then return end
+  if type(v) ~= "number" or v ~= v or v <= 0 or v == huge
+     or (is_int and not is_integer(v)) then
+    error(("bad %s: expected a positive %s, got %s")
+          :format(name, is_int and "integer" or "number", quote(v)),
+          level + 1)
+  end
+end
+
+-- Validates publish options; returns priority, key, correlation_id,
+-- headers, dedup, version.
 local function publish_options(opts, level)
   check_options(opts, PUBLISH_OPTIONS, "publish", level + 1)
   local prio = 2
@@ -128,16 +155,26 @@ local function publish_options(opts, level)
     error("delayed events (delay, at) are not available yet: publish "
           .. "without them, or schedule the publish yourself", level + 1)
   end
-  return prio, key, corr, headers
+  local dedup = opts.dedup
+  if dedup ~= nil and (type(dedup) ~= "string" or dedup == "") then
+    error(("bad dedup: expected a non-empty string such as \"req-77\", "
+           .. "got %s"):format(quote(dedup)), level + 1)
+  end
+  check_positive(opts.version, "version", true, level + 1)
+  return prio, key, corr, headers, dedup, opts.version
 end
 
 
 -- ------------------------------------------------------------ delivery
 
 local function default_on_error(err, ev, sub, trace)
+  if not ev then                      -- the store, not a delivery
+    stderr:write(("buzz: %s\n"):format(tostring(err)))
+    return
+  end
   stderr:write(("buzz: handler for %q failed on %s #%s: %s\n")
-               :format(sub.pattern, tostring(ev.type), tostring(ev.id),
-                       trace or tostring(err)))
+               :format(sub and sub.pattern or "?", tostring(ev.type),
+                       tostring(ev.id), trace or tostring(err)))
 end
 
 -- The core calls this for a failed delivery; on_error runs protected, and
@@ -164,10 +201,12 @@ local function pump(c, max, method)
   return n
 end
 
--- The core refused a call: its misuse ("ESUBJECT") is raised at the
--- caller's level; failures of the world are returned.
+-- The core refused a call: its misuse (a bad subject, a payload JSON cannot
+-- hold, a durable consumer without a store) is raised at the caller's
+-- level; failures of the world are returned.
+local MISUSE = { ESUBJECT = true, EINVAL = true, ETOOBIG = true }
 local function refused(err, code, level)
-  if code == "ESUBJECT" then error(err, level + 1) end
+  if MISUSE[code] then error(err, level + 1) end
   return nil, err, code
 end
 
@@ -195,18 +234,54 @@ function M.new(opts)
   local durability = opts.durability
   if durability ~= nil and not DURABILITIES[durability] then
     error(('bad durability %s: expected "batch", "sync" or "none"')
-          :format(type(durability) == "string" and ("%q"):format(durability)
-                  or tostring(durability)), 2)
+          :format(quote(durability)), 2)
   end
-  if opts.store ~= nil then
-    error("the SQLite store is not available yet: omit store for an "
-          .. "in-memory bus", 2)
+  local store = opts.store
+  if store ~= nil and (type(store) ~= "string" or store == "") then
+    error(("bad store: expected the path of a SQLite file such as "
+           .. "\"events.db\", got %s"):format(quote(store)), 2)
   end
-  local c, err, code = core.new(limit,
-                                reporter(on_error or default_on_error))
+  if opts.readonly ~= nil and type(opts.readonly) ~= "boolean" then
+    error("bad readonly: expected a boolean", 2)
+  end
+  check_positive(opts.max_payload, "max_payload", true, 2)
+  check_positive(opts.dedup_window, "dedup_window", false, 2)
+  check_positive(opts.max_age, "max_age", false, 2)
+  check_positive(opts.max_events, "max_events", true, 2)
+  check_positive(opts.max_size, "max_size", true, 2)
+  if not store then
+    for _, k in ipairs { "durability", "readonly", "max_age", "max_events",
+                         "max_size" } do
+      if opts[k] ~= nil then
+        error(("%s applies to a store: give buzz.new{ store = "
+               .. "\"events.db\" } too, or drop %s"):format(k, k), 2)
+      end
+    end
+  end
+  local copts = {
+    max_payload = opts.max_payload,
+    dedup_window_ms = opts.dedup_window and floor(opts.dedup_window * 1000),
+  }
+  if store then
+    copts.store = {
+      path = store,
+      durability = DURABILITIES[durability or "batch"],
+      readonly = opts.readonly and 1 or 0,
+      max_bytes = opts.max_size,
+      max_age_ms = opts.max_age and floor(opts.max_age * 1000),
+      max_events = opts.max_events,
+    }
+  end
+  local report = reporter(on_error or default_on_error)
+  local c, err, code = core.new(limit, report, copts)
   if not c then return nil, err, code end
   return setmetatable({
+    _report = report,
     _core = c,                -- false once closed
+    _store = store,           -- path, or nil for a memory bus
+    _durability = store and (durability or "batch"),
+    _readonly = opts.readonly or false,
+    _upcasters = nil,         -- type -> { [from_version] = fn }
   }, Bus)
 end
 
@@ -217,17 +292,48 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
           level + 1)
   end
   check_options(opts, SUBSCRIBE_OPTIONS, "subscribe", level + 1)
-  if opts and opts.once ~= nil then
-    if type(opts.once) ~= "boolean" then
-      error("bad once: expected a boolean", level + 1)
+  local durable, start_new
+  if opts then
+    if opts.once ~= nil then
+      if type(opts.once) ~= "boolean" then
+        error("bad once: expected a boolean", level + 1)
+      end
+      is_once = is_once or opts.once
     end
-    is_once = is_once or opts.once
+    durable = opts.durable
+    if durable ~= nil then
+      if type(durable) ~= "string" or durable == "" then
+        error(("bad durable: expected a consumer name such as "
+               .. "\"billing\", got %s"):format(quote(durable)), level + 1)
+      end
+      if is_once then
+        error("a durable consumer cannot be once: it keeps a position "
+              .. "across restarts", level + 1)
+      end
+      if self._readonly then
+        error("durable consumers save their position, and this bus opened "
+              .. "its store read-only", level + 1)
+      end
+    end
+    local start = opts.start
+    if start ~= nil then
+      if start ~= "all" and start ~= "new" then
+        error(('bad start %s: expected "all" (the whole log) or "new" '
+               .. '(events after now)'):format(quote(start)), level + 1)
+      end
+      if durable == nil then
+        error("start applies to a durable consumer: give durable = "
+              .. "\"name\" too", level + 1)
+      end
+      start_new = start == "new"
+    end
   end
   local sub = setmetatable({
     pattern = pattern, handler = handler, bus = self,
-    is_once = is_once or false, is_active = true,
+    is_once = is_once or false, is_active = true, durable = durable,
   }, Sub)
-  local id, err, code = c:subscribe(pattern, sub, handler, sub.is_once)
+  local id, err, code = c:subscribe(pattern, sub, handler, sub.is_once,
+                                    durable, start_new)
   if not id then
     local _, e, k = refused(err, code, level + 1)  -- not a tail call
     return nil, e, k
@@ -294,7 +400,11 @@ end
 
 -- The shared front half of publish and publish_sync. Inside a handler the
 -- core inherits the correlation id and sets the causation id itself.
-local function publish_args(opts, level)
+local function publish_args(self, opts, level)
+  if self._readonly then
+    error("this bus opened its store read-only (readonly = true): it "
+          .. "cannot publish", level + 1)
+  end
   if opts == nil then return 2 end     -- the core checks the type itself
   return publish_options(opts, level + 1)
 end
@@ -306,13 +416,14 @@ end
 ---@return integer|nil id, string|nil err, string|nil code
 function Bus:publish(etype, payload, opts)
   local c = check_bus(self, "publish")
-  local prio, key, corr, headers = publish_args(opts, 2)
+  local prio, key, corr, headers, dedup, version = publish_args(self, opts, 2)
   local id, err, code = c:publish(etype, payload, prio, key, corr, nil,
-                                  headers)
+                                  headers, dedup, version)
   if not id then
     local _, e, k = refused(err, code, 2)     -- not a tail call: levels
     return nil, e, k
   end
+  if err then return id, err end     -- "duplicate": a repeated dedup key
   return id
 end
 
@@ -323,13 +434,14 @@ end
 ---@return integer|nil id, string|nil err, string|nil code
 function Bus:publish_sync(etype, payload, opts)
   local c = check_bus(self, "publish_sync")
-  local prio, key, corr, headers = publish_args(opts, 2)
+  local prio, key, corr, headers, dedup, version = publish_args(self, opts, 2)
   local id, err, code = c:publish_sync(etype, payload, prio, key, corr, nil,
-                                       headers)
+                                       headers, dedup, version)
   if not id then
     local _, e, k = refused(err, code, 2)     -- not a tail call: levels
     return nil, e, k
   end
+  if err then return id, err end     -- "duplicate": a repeated dedup key
   return id
 end
 
@@ -394,10 +506,13 @@ end
 Bus.__close = Bus.close
 
 --- Counters from the core: pending, subscriptions, last_id, cached_types,
---- queue_limit.
+--- queue_limit, and with a store `store` (see store_info).
 ---@return table
 function Bus:stats()
-  return check_bus(self, "stats"):stats()
+  local c = check_bus(self, "stats")
+  local st = c:stats()
+  if self._store then st.store = c:store_info(false) end
+  return st
 end
 
 --- True once close() has been called.
@@ -425,6 +540,257 @@ function Bus:__tostring()
   local c = self._core
   return ("buzz.bus (%s)"):format(c and ("%d pending"):format(c:pending())
                                   or "closed")
+end
+
+
+-- ------------------------------------------------------------ the store
+
+-- The core of a bus with a store, raising for a memory bus.
+local function check_store(self, method)
+  local c = check_bus(self, method)
+  if not self._store then
+    error(("bus:%s() reads the store, and this bus has none: create it "
+           .. "with buzz.new{ store = \"events.db\" }"):format(method), 3)
+  end
+  return c
+end
+
+-- One end of a range: an id, or { time = epoch seconds } / { id = n }.
+local function range_end(v, name, level)
+  if v == nil then return nil, nil end
+  if is_integer(v) and v >= 0 then return v, nil end
+  if type(v) == "table" then
+    if is_integer(v.id) and v.id >= 0 and v.time == nil then
+      return v.id, nil
+    end
+    if type(v.time) == "number" and v.time == v.time and v.id == nil then
+      return nil, floor(v.time * 1000)
+    end
+  end
+  error(("bad %s: expected an event id or { time = epoch seconds }, got %s")
+        :format(name, quote(v)), level + 1)
+end
+
+-- Turns events()/replay() filters into the core's query, the id to start
+-- after and the most events to return.
+local function query_filters(f, allowed, what, level)
+  check_options(f, allowed, what, level + 1)
+  f = f or {}
+  local q = {}
+  if f.types ~= nil then
+    check_subject_arg(f.types, "types", "order.*", level + 1)
+    local ok, why = core.check_subject(f.types, true)
+    if not ok then error(why, level + 1) end
+    q.pattern = f.types
+  end
+  local from_id, from_ts = range_end(f.from, "from", level + 1)
+  local to_id, to_ts = range_end(f.to, "to", level + 1)
+  q.from_ts, q.to_ts, q.to_id = from_ts, to_ts, to_id
+  if to_id == 0 then q.to_id = -1 end          -- nothing is at or below 0
+  local key = f.key
+  if key ~= nil and type(key) ~= "string" and not is_integer(key) then
+    error(("bad key: expected a string or an integer, got %s")
+          :format(type(key)), level + 1)
+  end
+  q.key = key
+  check_positive(f.limit, "limit", true, level + 1)
+  return q, from_id and from_id - 1 or 0, f.limit or huge
+end
+
+-- Reads the next page or raises the store's failure.
+local function page_of(c, q, after, limit)
+  local page, err = c:query(q, after, limit < PAGE and limit or PAGE)
+  if not page then error(err, 3) end
+  return page
+end
+
+--- Stored events in id order, as an iterator: for ev in bus:events{...}.
+--- Filters: types (a pattern), from and to (ids, or { time = seconds },
+--- inclusive), key, limit. Old payloads come back upcast. A store that
+--- fails while iterating raises; one that fails at once returns nil, err.
+---@param filters table|nil
+---@return function|nil iterator, string|nil err, string|nil code
+function Bus:events(filters)
+  local c = check_store(self, "events")
+  local q, after, limit = query_filters(filters, QUERY_OPTIONS, "events", 2)
+  local page, err, code = c:query(q, after, limit < PAGE and limit or PAGE)
+  if not page then return nil, err, code end
+  local i, seen = 0, 0
+  return function()
+    if seen >= limit then return nil end
+    i = i + 1
+    local ev = page[i]
+    if ev == nil then
+      if #page < PAGE then return nil end
+      page, i = page_of(c, q, after, limit - seen), 1
+      ev = page[1]
+      if ev == nil then return nil end
+    end
+    after, seen = ev.id, seen + 1
+    return ev
+  end
+end
+
+--- Feeds stored events through a handler without appending them again:
+--- the same filters as events(), plus handler = fn or consumer = "name"
+--- (the handler of that durable consumer, subscribed on this bus). Events
+--- carry is_replay = true. A handler's raise goes to on_error and the
+--- replay goes on. Returns the number of events replayed.
+---@param opts table
+---@return integer|nil count, string|nil err, string|nil code
+function Bus:replay(opts)
+  local c = check_store(self, "replay")
+  if type(opts) ~= "table" then
+    error("bad options to replay: expected a table with handler = fn or "
+          .. "consumer = \"name\"", 2)
+  end
+  local q, after, limit = query_filters(opts, REPLAY_OPTIONS, "replay", 2)
+  local handler, sub = opts.handler, nil
+  if opts.consumer ~= nil then
+    if handler ~= nil then
+      error("give replay a handler or a consumer, not both", 2)
+    end
+    local subs = c:subs()
+    for i = 1, #subs do
+      if subs[i].durable == opts.consumer then sub = subs[i] end
+    end
+    if not sub then
+      error(("no durable consumer %s is subscribed on this bus")
+            :format(quote(opts.consumer)), 2)
+    end
+    handler = sub.handler
+  elseif not is_callable(handler) then
+    error(("bad handler: expected a function, got %s"):format(type(handler)),
+          2)
+  end
+  local report = self._report
+  local trace                 -- the failing handler's traceback
+  local function on_raise(e)
+    trace = traceback(type(e) == "string" and e
+                      or "(error object is not a string)", 2)
+    return e
+  end
+  local n = 0
+  while n < limit do
+    local page, err, code = c:query(q, after, limit - n < PAGE
+                                              and limit - n or PAGE)
+    if not page then return nil, err, code end
+    for i = 1, #page do
+      local ev = page[i]
+      ev.is_replay = true
+      local ok, e = xpcall(handler, on_raise, ev)
+      if not ok then
+        report(e, ev, sub or { pattern = q.pattern or ">" }, trace)
+      end
+    end
+    n = n + #page
+    if #page < PAGE then break end
+    after = page[#page].id
+    c = self._core
+    if not c then break end           -- a handler closed the bus
+  end
+  return n
+end
+
+-- Applies the upcaster chain of ev.type to a stored event, in place.
+local function upcaster_runner(chains)
+  return function(ev)
+    local chain = chains[ev.type]
+    if not chain then return end
+    local v = ev.version or 1
+    local f = chain[v]
+    while f do
+      ev.payload = f(ev.payload, ev)
+      v = v + 1
+      f = chain[v]
+    end
+    ev.version = v
+  end
+end
+
+--- Registers fn to rewrite payloads of etype stored at from_version into
+--- from_version + 1, on read (events, replay, durable consumers). Chains
+--- across versions; the stored row is never modified.
+---@param etype string
+---@param from_version integer
+---@param fn function fn(payload, ev) -> new payload
+function Bus:upcaster(etype, from_version, fn)
+  local c = check_bus(self, "upcaster")
+  check_subject_arg(etype, "type", "order.created", 2)
+  local ok, why = core.check_subject(etype, false)
+  if not ok then error(why, 2) end
+  if not is_integer(from_version) or from_version < 1 then
+    error(("bad from_version: expected a positive integer, got %s")
+          :format(quote(from_version)), 2)
+  end
+  if not is_callable(fn) then
+    error(("bad upcaster: expected a function, got %s"):format(type(fn)), 2)
+  end
+  local chains = self._upcasters
+  if not chains then
+    chains = {}
+    self._upcasters = chains
+    c:set_upcast(upcaster_runner(chains))
+  end
+  local chain = chains[etype] or {}
+  if chain[from_version] then
+    error(("an upcaster for %s version %d is already registered")
+          :format(etype, from_version), 2)
+  end
+  chain[from_version] = fn
+  chains[etype] = chain
+end
+
+--- Commits everything published so far (batch durability commits in the
+--- background); returns true, or nil, err, code if a commit failed.
+---@return boolean|nil ok, string|nil err, string|nil code
+function Bus:flush()
+  local c = check_bus(self, "flush")
+  return c:flush()
+end
+
+--- The durable consumers in the store: { name, pattern, acked, lag,
+--- updated_ms }, by name.
+---@return table|nil consumers, string|nil err, string|nil code
+function Bus:consumers()
+  return check_store(self, "consumers"):consumers()
+end
+
+--- Forgets a durable consumer (its position); retention stops holding
+--- events back for it. Returns true if it existed.
+---@param name string
+---@return boolean|nil removed, string|nil err, string|nil code
+function Bus:remove_consumer(name)
+  local c = check_store(self, "remove_consumer")
+  if type(name) ~= "string" then
+    error(("bad name: expected a string, got %s"):format(type(name)), 2)
+  end
+  if self._readonly then
+    error("this bus opened its store read-only: it cannot remove consumers",
+          2)
+  end
+  local ok, err, code = c:remove_consumer(name)
+  if ok == nil then
+    local _, e, k = refused(err, code, 2)     -- not a tail call: levels
+    return nil, e, k
+  end
+  return ok
+end
+
+--- What the store holds: events, first_id, last_id, size_bytes, the
+--- writer's counters, held_back (events retention keeps for consumers),
+--- and with types = true a count per type.
+---@param opts table|nil types
+---@return table|nil info, string|nil err, string|nil code
+function Bus:store_info(opts)
+  local c = check_store(self, "store_info")
+  check_options(opts, option_set("types"), "store_info", 2)
+  local info, err, code = c:store_info(opts and opts.types)
+  if not info then return nil, err, code end
+  info.path = self._store
+  info.durability = self._durability
+  info.readonly = self._readonly
+  return info
 end
 
 

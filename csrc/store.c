@@ -1,0 +1,884 @@
+/*
+** store.c: the durable log. One SQLite file in WAL mode holds the events
+** (table events, one row per event, id = ev.id) and the durable
+** consumers' positions (table consumers).
+**
+** Writing: a writer thread of the store's own owns the only read-write
+** connection. The loop thread hands it buzz_row records through a queue
+** (mutex + condition variables); the writer takes everything queued at
+** once and writes it in one transaction (group commit), so a burst of
+** publishes costs one commit, and a lone publish waits for nobody. After a
+** commit it advances the committed id, wakes waiters and calls notify (the
+** loop's async handle, so a polled descriptor becomes readable).
+** Retention runs on the writer too, in small transactions between groups.
+**
+** Reading: a second, read-only connection, used only on the loop thread,
+** serves queries, consumer positions and statistics. WAL lets it read while
+** the writer writes, and it only ever sees committed rows.
+**
+** One writer per file: a writer holds an exclusive flock() on "<path>-lock"
+** for its lifetime (a separate file, because closing any descriptor of the
+** database itself would drop SQLite's POSIX locks). A second writer gets
+** BUZZ_ELOCKED; readers (is_readonly) take no lock.
+**
+** Failures: a commit that fails is rolled back whole: the log keeps only
+** complete groups. The failure (message and the ids it lost) is latched
+** and reported once, by the next append or flush.
+**
+** Invariants: ids increase; the newest event is never deleted by retention
+** (so max(id) survives and ids are never reused); an event at or below no
+** durable consumer's position is deleted.
+**
+** It does not know Lua, JSON or subscriptions: payloads arrive as text.
+*/
+#define _DEFAULT_SOURCE 1     /* flock() */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <sqlite3.h>
+#include <uv.h>
+
+#include "buzz.h"
+
+#define APP_ID 0x62757a7a         /* "buzz", PRAGMA application_id */
+#define SCHEMA_VERSION 1          /* PRAGMA user_version */
+#define BACKLOG_MAX 65536         /* rows queued before append blocks */
+#define RETAIN_EVERY_MS 1000      /* retention pass at most this often */
+#define RETAIN_CHUNK 5000         /* rows deleted per retention txn */
+
+static const char *const schema_sql =
+  "CREATE TABLE events ("
+  " id INTEGER PRIMARY KEY,"
+  " type TEXT NOT NULL,"
+  " ts INTEGER NOT NULL,"
+  " priority INTEGER NOT NULL,"
+  " key,"                                /* TEXT or INTEGER, or NULL */
+  " correlation_id TEXT,"
+  " causation_id INTEGER,"
+  " headers TEXT,"                       /* JSON object, or NULL */
+  " payload TEXT,"                       /* JSON */
+  " version INTEGER NOT NULL DEFAULT 1,"
+  " dedup TEXT);"
+  "CREATE INDEX events_dedup ON events(dedup) WHERE dedup IS NOT NULL;"
+  "CREATE TABLE consumers ("
+  " name TEXT PRIMARY KEY,"
+  " pattern TEXT NOT NULL,"
+  " acked INTEGER NOT NULL,"
+  " updated INTEGER NOT NULL);";
+
+typedef struct failure {
+  struct failure *next;
+  char *msg;                 /* owns */
+  int64_t lo, hi;            /* event ids lost; 0 if none */
+} failure;
+
+struct buzz_store {
+  /* set at open, read-only after */
+  buzz_store_opts o;
+  char *path;                /* owns */
+  int lock_fd;               /* owns; -1 for readers */
+  int64_t last_id;           /* max(id) at open */
+  /* loop thread only */
+  sqlite3 *rdb;              /* owns; read-only connection */
+  sqlite3_stmt *q_stmt;      /* owns; the current query page */
+  int64_t appended_seq;      /* rows handed to the writer */
+  /* writer thread only */
+  sqlite3 *wdb;              /* owns; read-write connection */
+  sqlite3_stmt *ins, *ack, *drop;
+  int64_t last_retain;
+  /* shared, under mu */
+  uv_mutex_t mu;
+  uv_cond_t work;            /* writer: rows queued or stop */
+  uv_cond_t done;            /* waiters: a group finished, or room */
+  buzz_row *head, *tail;     /* owns the queued rows */
+  size_t nqueued;
+  int64_t done_seq;          /* rows finished (committed or failed) */
+  int64_t committed_id;
+  failure *fails, *fails_tail;  /* owns; unreported failures */
+  buzz_store_stats st;
+  unsigned is_stopping : 1;
+  unsigned has_thread : 1;
+  uv_thread_t thread;
+};
+
+
+/* ------------------------------------------------------------ helpers */
+
+static void set_err(char *err, size_t errlen, const char *fmt,
+                    const char *a, const char *b) {
+  if (err && errlen) snprintf(err, errlen, fmt, a, b ? b : "");
+}
+
+static void db_err(char *err, size_t errlen, const buzz_store *s,
+                   sqlite3 *db) {
+  set_err(err, errlen, "%s: %s", s->path,
+          db ? sqlite3_errmsg(db) : "cannot open");
+}
+
+buzz_row *buzz__row_new(const buzz_row *spec) {
+  size_t n = sizeof *spec + spec->type.n + spec->key.n + spec->corr.n +
+             spec->headers.n + spec->payload.n + spec->dedup.n + 6;
+  buzz_row *r = malloc(n);
+  char *p;
+  if (r == NULL) return NULL;
+  *r = *spec;
+  r->next = NULL;
+  p = (char *)(r + 1);
+#define COPY(f)                                  \
+  if (spec->f.p) {                               \
+    memcpy(p, spec->f.p, spec->f.n);             \
+    p[spec->f.n] = '\0';                         \
+    r->f.p = p;                                  \
+    p += spec->f.n + 1;                          \
+  }
+  COPY(type) COPY(key) COPY(corr) COPY(headers) COPY(payload) COPY(dedup)
+#undef COPY
+  return r;
+}
+
+static int exec(sqlite3 *db, const char *sql) {
+  return sqlite3_exec(db, sql, NULL, NULL, NULL);
+}
+
+static int64_t query_int(sqlite3 *db, const char *sql, int *rc) {
+  sqlite3_stmt *st;
+  int64_t v = 0;
+  *rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
+  if (*rc != SQLITE_OK) return 0;
+  *rc = sqlite3_step(st);
+  if (*rc == SQLITE_ROW) {
+    v = sqlite3_column_int64(st, 0);
+    *rc = SQLITE_OK;
+  } else if (*rc == SQLITE_DONE) {
+    *rc = SQLITE_OK;
+  }
+  sqlite3_finalize(st);
+  return v;
+}
+
+/* buzz_match(pattern, type): the subject grammar as a SQL function. */
+static void sql_match(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
+  const char *p = (const char *)sqlite3_value_text(argv[0]);
+  const char *t = (const char *)sqlite3_value_text(argv[1]);
+  (void)argc;
+  if (p == NULL || t == NULL) {
+    sqlite3_result_int(ctx, 0);
+    return;
+  }
+  sqlite3_result_int(ctx, buzz__subject_match(
+    p, (size_t)sqlite3_value_bytes(argv[0]),
+    t, (size_t)sqlite3_value_bytes(argv[1])));
+}
+
+
+/* ------------------------------------------------------------ writer */
+
+static int bind_str(sqlite3_stmt *st, int i, buzz_str v) {
+  if (v.p == NULL) return sqlite3_bind_null(st, i);
+  return sqlite3_bind_text(st, i, v.p, (int)v.n, SQLITE_STATIC);
+}
+
+static int write_row(buzz_store *s, buzz_row *r) {
+  sqlite3_stmt *st;
+  int rc;
+  switch (r->kind) {
+  case BUZZ_ROW_EVENT:
+    st = s->ins;
+    sqlite3_bind_int64(st, 1, r->id);
+    bind_str(st, 2, r->type);
+    sqlite3_bind_int64(st, 3, r->ts);
+    sqlite3_bind_int(st, 4, r->priority);
+    if (r->is_key_int) sqlite3_bind_int64(st, 5, r->key_int);
+    else bind_str(st, 5, r->key);
+    bind_str(st, 6, r->corr);
+    if (r->causation_id) sqlite3_bind_int64(st, 7, r->causation_id);
+    else sqlite3_bind_null(st, 7);
+    bind_str(st, 8, r->headers);
+    bind_str(st, 9, r->payload);
+    sqlite3_bind_int(st, 10, r->version);
+    bind_str(st, 11, r->dedup);
+    break;
+  case BUZZ_ROW_ACK:
+    st = s->ack;
+    bind_str(st, 1, r->type);
+    bind_str(st, 2, r->key);
+    sqlite3_bind_int64(st, 3, r->id);
+    sqlite3_bind_int64(st, 4, r->ts);
+    break;
+  default:
+    st = s->drop;
+    bind_str(st, 1, r->type);
+    break;
+  }
+  rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  return rc == SQLITE_DONE ? SQLITE_OK : rc;
+}
+
+/* Deletes expired events in small transactions. Writer thread. */
+static void retain(buzz_store *s) {
+  int64_t now = buzz__clock_ms(), cut = 0, keep_from, floor_id, held;
+  int rc;
+  sqlite3_stmt *st;
+  if (!s->o.max_age_ms && !s->o.max_events) return;
+  if (now - s->last_retain < RETAIN_EVERY_MS) return;
+  s->last_retain = now;
+  if (s->o.max_events > 0) {
+    if (sqlite3_prepare_v2(s->wdb, "SELECT id FROM events ORDER BY id DESC "
+                           "LIMIT 1 OFFSET ?", -1, &st, NULL) != SQLITE_OK)
+      return;
+    sqlite3_bind_int64(st, 1, s->o.max_events);
+    if (sqlite3_step(st) == SQLITE_ROW) cut = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+  }
+  if (s->o.max_age_ms > 0) {
+    /* ids follow time: the first young event bounds the old ones */
+    if (sqlite3_prepare_v2(s->wdb, "SELECT id FROM events WHERE ts >= ? "
+                           "ORDER BY id LIMIT 1", -1, &st, NULL) != SQLITE_OK)
+      return;
+    sqlite3_bind_int64(st, 1, now - s->o.max_age_ms);
+    if (sqlite3_step(st) == SQLITE_ROW) keep_from = sqlite3_column_int64(st, 0);
+    else keep_from = query_int(s->wdb, "SELECT max(id) FROM events", &rc);
+    sqlite3_finalize(st);
+    if (keep_from - 1 > cut) cut = keep_from - 1;
+  }
+  /* never the newest event, never past a durable consumer */
+  {
+    int64_t max_id = query_int(s->wdb, "SELECT max(id) FROM events", &rc);
+    if (cut >= max_id) cut = max_id - 1;
+  }
+  floor_id = cut;
+  if (query_int(s->wdb, "SELECT count(*) FROM consumers", &rc) > 0) {
+    int64_t min_acked = query_int(s->wdb, "SELECT min(acked) FROM consumers",
+                                  &rc);
+    if (min_acked < floor_id) floor_id = min_acked;
+  }
+  held = 0;
+  if (floor_id < cut) {
+    if (sqlite3_prepare_v2(s->wdb, "SELECT count(*) FROM events WHERE id > ? "
+                           "AND id <= ?", -1, &st, NULL) == SQLITE_OK) {
+      sqlite3_bind_int64(st, 1, floor_id);
+      sqlite3_bind_int64(st, 2, cut);
+      if (sqlite3_step(st) == SQLITE_ROW) held = sqlite3_column_int64(st, 0);
+      sqlite3_finalize(st);
+    }
+  }
+  uv_mutex_lock(&s->mu);
+  s->st.held_back = held;
+  uv_mutex_unlock(&s->mu);
+  if (floor_id <= 0) return;
+  if (sqlite3_prepare_v2(s->wdb, "DELETE FROM events WHERE id IN (SELECT id "
+                         "FROM events WHERE id <= ? ORDER BY id LIMIT ?)",
+                         -1, &st, NULL) != SQLITE_OK)
+    return;
+  for (;;) {
+    int n;
+    sqlite3_bind_int64(st, 1, floor_id);
+    sqlite3_bind_int(st, 2, RETAIN_CHUNK);
+    rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    if (rc != SQLITE_DONE) break;
+    n = sqlite3_changes(s->wdb);
+    uv_mutex_lock(&s->mu);
+    s->st.deleted += n;
+    uv_mutex_unlock(&s->mu);
+    if (n < RETAIN_CHUNK) break;
+    uv_mutex_lock(&s->mu);          /* let waiting groups go first */
+    n = s->head != NULL || s->is_stopping;
+    uv_mutex_unlock(&s->mu);
+    if (n) break;
+  }
+  sqlite3_finalize(st);
+}
+
+static void writer_main(void *arg) {
+  buzz_store *s = arg;
+  uv_mutex_lock(&s->mu);
+  for (;;) {
+    buzz_row *batch, *r;
+    int64_t nrows = 0, lo = 0, hi = 0;
+    int rc;
+    while (s->head == NULL && !s->is_stopping) {
+      if (s->o.max_age_ms || s->o.max_events) {
+        uv_mutex_unlock(&s->mu);
+        retain(s);
+        uv_mutex_lock(&s->mu);
+        if (s->head != NULL || s->is_stopping) break;
+        uv_cond_timedwait(&s->work, &s->mu,
+                          (uint64_t)RETAIN_EVERY_MS * 1000000u);
+      } else {
+        uv_cond_wait(&s->work, &s->mu);
+      }
+    }
+    if (s->head == NULL && s->is_stopping) break;
+    batch = s->head;
+    s->head = s->tail = NULL;
+    s->nqueued = 0;
+    uv_cond_broadcast(&s->done);       /* room for blocked appenders */
+    uv_mutex_unlock(&s->mu);
+
+    rc = exec(s->wdb, "BEGIN IMMEDIATE");
+    for (r = batch; r; r = r->next) {
+      nrows++;
+      if (r->kind == BUZZ_ROW_EVENT) {
+        if (lo == 0) lo = r->id;
+        hi = r->id;
+      }
+      if (rc == SQLITE_OK) rc = write_row(s, r);
+    }
+    if (rc == SQLITE_OK) rc = exec(s->wdb, "COMMIT");
+    if (rc != SQLITE_OK) {
+      failure *f = calloc(1, sizeof *f);
+      const char *m = sqlite3_errmsg(s->wdb);
+      if (f) {
+        f->lo = lo;
+        f->hi = hi;
+        if ((f->msg = malloc(strlen(m) + 1)) != NULL) strcpy(f->msg, m);
+      }
+      if (!sqlite3_get_autocommit(s->wdb)) exec(s->wdb, "ROLLBACK");
+      uv_mutex_lock(&s->mu);
+      if (f) {
+        if (s->fails_tail) s->fails_tail->next = f;
+        else s->fails = f;
+        s->fails_tail = f;
+      }
+      s->st.failed += nrows;
+    } else {
+      uv_mutex_lock(&s->mu);
+      if (hi > s->committed_id) s->committed_id = hi;
+      s->st.committed += nrows;
+      s->st.commits++;
+    }
+    s->done_seq += nrows;
+    uv_cond_broadcast(&s->done);
+    uv_mutex_unlock(&s->mu);
+    while (batch) {
+      r = batch->next;
+      free(batch);
+      batch = r;
+    }
+    if (s->o.notify) s->o.notify(s->o.data);
+    retain(s);
+    uv_mutex_lock(&s->mu);
+  }
+  uv_mutex_unlock(&s->mu);
+}
+
+
+/* ------------------------------------------------------------ open/close */
+
+static int lock_writer(buzz_store *s, char *err, size_t errlen) {
+  size_t n = strlen(s->path);
+  char *lp = malloc(n + 6), pid[32];
+  int fd;
+  if (lp == NULL) return BUZZ_ENOMEM;
+  memcpy(lp, s->path, n);
+  memcpy(lp + n, "-lock", 6);
+  fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  free(lp);
+  if (fd < 0) {
+    set_err(err, errlen, "%s: cannot create its lock file: %s", s->path,
+            strerror(errno));
+    return BUZZ_ESTORE;
+  }
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    ssize_t k = pread(fd, pid, sizeof pid - 1, 0);
+    pid[k > 0 ? k : 0] = '\0';
+    close(fd);
+    set_err(err, errlen, "%s is locked by another writer%s (two processes "
+            "may read one store, only one may write it)", s->path,
+            k > 0 ? pid : "");
+    return BUZZ_ELOCKED;
+  }
+  snprintf(pid, sizeof pid, " (pid %ld)", (long)getpid());
+  if (ftruncate(fd, 0) == 0 && pwrite(fd, pid, strlen(pid), 0) < 0) {
+    /* the pid is only for the message; the lock is what counts */
+  }
+  s->lock_fd = fd;
+  return BUZZ_OK;
+}
+
+/*
+** Checks that the file is a buzz store (or empty, and then makes it one).
+** Runs on the writer connection before the writer thread starts.
+*/
+static int prepare_schema(buzz_store *s, char *err, size_t errlen) {
+  int rc;
+  int64_t app = query_int(s->wdb, "PRAGMA application_id", &rc), ver, n;
+  if (rc != SQLITE_OK) goto fail;
+  ver = query_int(s->wdb, "PRAGMA user_version", &rc);
+  if (rc != SQLITE_OK) goto fail;
+  n = query_int(s->wdb, "SELECT count(*) FROM sqlite_schema", &rc);
+  if (rc != SQLITE_OK) goto fail;
+  if (app != APP_ID) {
+    char b[64];
+    if (n > 0 || app != 0) {
+      snprintf(b, sizeof b, "%lld", (long long)n);
+      set_err(err, errlen, "%s is an SQLite database but not a buzz store "
+              "(it has %s other schema objects); give buzz a file of its "
+              "own", s->path, b);
+      return BUZZ_ESTORE;
+    }
+    if (s->o.is_readonly) {
+      set_err(err, errlen, "%s is not a buzz store yet (empty); open it "
+              "for writing once to create it", s->path, NULL);
+      return BUZZ_ESTORE;
+    }
+    if (exec(s->wdb, "BEGIN IMMEDIATE") != SQLITE_OK) goto fail;
+    snprintf(b, sizeof b, "PRAGMA application_id = %d", APP_ID);
+    if (exec(s->wdb, schema_sql) != SQLITE_OK || exec(s->wdb, b) != SQLITE_OK)
+      goto fail_txn;
+    snprintf(b, sizeof b, "PRAGMA user_version = %d", SCHEMA_VERSION);
+    if (exec(s->wdb, b) != SQLITE_OK || exec(s->wdb, "COMMIT") != SQLITE_OK)
+      goto fail_txn;
+  } else if (ver > SCHEMA_VERSION) {
+    set_err(err, errlen, "%s was written by a newer buzz (schema %s); "
+            "upgrade buzz to open it", s->path, "newer than 1");
+    return BUZZ_ESTORE;
+  }
+  return BUZZ_OK;
+fail_txn:
+  db_err(err, errlen, s, s->wdb);
+  exec(s->wdb, "ROLLBACK");
+  return BUZZ_ESTORE;
+fail:
+  db_err(err, errlen, s, s->wdb);
+  return BUZZ_ESTORE;
+}
+
+static int open_db(buzz_store *s, sqlite3 **db, int flags, char *err,
+                   size_t errlen) {
+  if (sqlite3_open_v2(s->path, db, flags | SQLITE_OPEN_NOMUTEX, NULL)
+      != SQLITE_OK) {
+    db_err(err, errlen, s, *db);
+    return BUZZ_ESTORE;
+  }
+  sqlite3_busy_timeout(*db, 5000);
+  sqlite3_extended_result_codes(*db, 0);
+  return BUZZ_OK;
+}
+
+static int open_writer(buzz_store *s, char *err, size_t errlen) {
+  struct stat sb;
+  char b[96];
+  int rc;
+  if (stat(s->path, &sb) == 0 && (sb.st_mode & 0222) == 0) {
+    set_err(err, errlen, "%s is read-only (no write permission bits); open "
+            "it with readonly = true to read it", s->path, NULL);
+    return BUZZ_ESTORE;
+  }
+  if ((rc = lock_writer(s, err, errlen)) < 0) return rc;
+  if ((rc = open_db(s, &s->wdb, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
+                    err, errlen)) < 0)
+    return rc;
+  if (sqlite3_db_readonly(s->wdb, "main") == 1) {
+    set_err(err, errlen, "%s cannot be written (read-only file or "
+            "directory); open it with readonly = true to read it", s->path,
+            NULL);
+    return BUZZ_ESTORE;
+  }
+  (void)query_int(s->wdb, "PRAGMA journal_mode = WAL", &rc);
+  if (rc != SQLITE_OK) {
+    db_err(err, errlen, s, s->wdb);
+    return BUZZ_ESTORE;
+  }
+  if ((rc = prepare_schema(s, err, errlen)) < 0) return rc;
+  snprintf(b, sizeof b, "PRAGMA synchronous = %s",
+           s->o.durability == BUZZ_DUR_SYNC ? "FULL" : "NORMAL");
+  if (exec(s->wdb, b) != SQLITE_OK) goto fail;
+  if (s->o.max_bytes > 0) {
+    int64_t page = query_int(s->wdb, "PRAGMA page_size", &rc);
+    snprintf(b, sizeof b, "PRAGMA max_page_count = %lld",
+             (long long)(s->o.max_bytes / (page > 0 ? page : 4096)));
+    if (exec(s->wdb, b) != SQLITE_OK) goto fail;
+  }
+  if (sqlite3_prepare_v2(s->wdb, "INSERT INTO events (id, type, ts, "
+        "priority, key, correlation_id, causation_id, headers, payload, "
+        "version, dedup) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", -1,
+        &s->ins, NULL) != SQLITE_OK ||
+      sqlite3_prepare_v2(s->wdb, "INSERT INTO consumers (name, pattern, "
+        "acked, updated) VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE "
+        "SET pattern = excluded.pattern, acked = excluded.acked, "
+        "updated = excluded.updated", -1, &s->ack, NULL) != SQLITE_OK ||
+      sqlite3_prepare_v2(s->wdb, "DELETE FROM consumers WHERE name = ?", -1,
+        &s->drop, NULL) != SQLITE_OK)
+    goto fail;
+  s->last_id = query_int(s->wdb, "SELECT max(id) FROM events", &rc);
+  if (rc != SQLITE_OK) goto fail;
+  return BUZZ_OK;
+fail:
+  db_err(err, errlen, s, s->wdb);
+  return BUZZ_ESTORE;
+}
+
+int buzz__store_open(buzz_store **out, const char *path,
+                     const buzz_store_opts *o, char *err, size_t errlen) {
+  buzz_store *s = calloc(1, sizeof *s);
+  int rc;
+  *out = NULL;
+  if (s == NULL) return BUZZ_ENOMEM;
+  s->o = *o;
+  s->lock_fd = -1;
+  if ((s->path = malloc(strlen(path) + 1)) == NULL) {
+    free(s);
+    return BUZZ_ENOMEM;
+  }
+  strcpy(s->path, path);
+  if (uv_mutex_init(&s->mu) != 0) {
+    free(s->path);
+    free(s);
+    return BUZZ_ENOMEM;
+  }
+  uv_cond_init(&s->work);
+  uv_cond_init(&s->done);
+  if (!o->is_readonly) {
+    if ((rc = open_writer(s, err, errlen)) < 0) goto fail;
+  } else {
+    struct stat sb;
+    if (stat(path, &sb) != 0) {
+      set_err(err, errlen, "%s: %s", path, strerror(errno));
+      rc = BUZZ_ESTORE;
+      goto fail;
+    }
+  }
+  if ((rc = open_db(s, &s->rdb, SQLITE_OPEN_READONLY, err, errlen)) < 0)
+    goto fail;
+  if (o->is_readonly) {
+    int64_t app = query_int(s->rdb, "PRAGMA application_id", &rc);
+    if (rc != SQLITE_OK) {
+      db_err(err, errlen, s, s->rdb);
+      rc = BUZZ_ESTORE;
+      goto fail;
+    }
+    if (app != APP_ID) {
+      set_err(err, errlen, "%s is not a buzz store", path, NULL);
+      rc = BUZZ_ESTORE;
+      goto fail;
+    }
+    s->last_id = query_int(s->rdb, "SELECT max(id) FROM events", &rc);
+  }
+  sqlite3_create_function(s->rdb, "buzz_match", 2,
+                          SQLITE_UTF8 | SQLITE_DETERMINISTIC, NULL,
+                          sql_match, NULL, NULL);
+  s->committed_id = s->last_id;
+  if (!o->is_readonly) {
+    if (uv_thread_create(&s->thread, writer_main, s) != 0) {
+      set_err(err, errlen, "%s: cannot start the writer thread", path,
+              NULL);
+      rc = BUZZ_ESTORE;
+      goto fail;
+    }
+    s->has_thread = 1;
+  }
+  *out = s;
+  return BUZZ_OK;
+fail:
+  buzz__store_close(s);
+  return rc;
+}
+
+void buzz__store_close(buzz_store *s) {
+  failure *f;
+  if (s == NULL) return;
+  if (s->has_thread) {
+    uv_mutex_lock(&s->mu);
+    s->is_stopping = 1;
+    uv_cond_signal(&s->work);
+    uv_mutex_unlock(&s->mu);
+    uv_thread_join(&s->thread);        /* the writer commits what is left */
+  }
+  while (s->head) {                    /* rows of a writer never started */
+    buzz_row *r = s->head->next;
+    free(s->head);
+    s->head = r;
+  }
+  sqlite3_finalize(s->q_stmt);
+  sqlite3_finalize(s->ins);
+  sqlite3_finalize(s->ack);
+  sqlite3_finalize(s->drop);
+  sqlite3_close(s->rdb);
+  sqlite3_close(s->wdb);
+  if (s->lock_fd >= 0) close(s->lock_fd);   /* after SQLite let go */
+  while ((f = s->fails) != NULL) {
+    s->fails = f->next;
+    free(f->msg);
+    free(f);
+  }
+  uv_cond_destroy(&s->work);
+  uv_cond_destroy(&s->done);
+  uv_mutex_destroy(&s->mu);
+  free(s->path);
+  free(s);
+}
+
+int64_t buzz__store_last_id(const buzz_store *s) {
+  return s->last_id;
+}
+
+
+/* ------------------------------------------------------------ appends */
+
+int buzz__store_append(buzz_store *s, buzz_row *row) {
+  if (!s->has_thread) {
+    free(row);
+    return BUZZ_ESTORE;
+  }
+  uv_mutex_lock(&s->mu);
+  while (s->nqueued >= BACKLOG_MAX) uv_cond_wait(&s->done, &s->mu);
+  if (s->tail) s->tail->next = row;
+  else s->head = row;
+  s->tail = row;
+  s->nqueued++;
+  s->st.appended++;
+  s->appended_seq++;
+  if (s->nqueued == 1) uv_cond_signal(&s->work);
+  uv_mutex_unlock(&s->mu);
+  return BUZZ_OK;
+}
+
+void buzz__store_flush(buzz_store *s) {
+  if (!s->has_thread) return;
+  uv_mutex_lock(&s->mu);
+  while (s->done_seq < s->appended_seq) uv_cond_wait(&s->done, &s->mu);
+  uv_mutex_unlock(&s->mu);
+}
+
+int buzz__store_poll(buzz_store *s, int64_t *committed, buzz_fail_cb cb,
+                     void *data) {
+  int n = 0;
+  failure *f;
+  uv_mutex_lock(&s->mu);
+  *committed = s->committed_id;
+  while ((f = s->fails) != NULL) {
+    if ((s->fails = f->next) == NULL) s->fails_tail = NULL;
+    cb(data, f->msg ? f->msg : "out of memory", f->lo, f->hi);
+    free(f->msg);
+    free(f);
+    n++;
+  }
+  uv_mutex_unlock(&s->mu);
+  return n;
+}
+
+int64_t buzz__store_committed(buzz_store *s) {
+  int64_t v;
+  uv_mutex_lock(&s->mu);
+  v = s->committed_id;
+  uv_mutex_unlock(&s->mu);
+  return v;
+}
+
+int buzz__store_is_idle(buzz_store *s) {
+  int idle;
+  if (!s->has_thread) return 1;
+  uv_mutex_lock(&s->mu);
+  idle = s->done_seq >= s->appended_seq && s->fails == NULL;
+  uv_mutex_unlock(&s->mu);
+  return idle;
+}
+
+void buzz__store_stats(buzz_store *s, buzz_store_stats *st) {
+  uv_mutex_lock(&s->mu);
+  *st = s->st;
+  st->pending = s->appended_seq - s->done_seq;
+  st->committed_id = s->committed_id;
+  uv_mutex_unlock(&s->mu);
+}
+
+
+/* ------------------------------------------------------------ reads */
+
+int buzz__store_query(buzz_store *s, const buzz_query *q) {
+  int rc;
+  if (s->q_stmt == NULL) {
+    rc = sqlite3_prepare_v2(s->rdb,
+      "SELECT id, type, ts, priority, key, correlation_id, causation_id, "
+      "headers, payload, version FROM events WHERE id > ?1 "
+      "AND (?2 IS NULL OR id <= ?2) AND (?3 IS NULL OR ts >= ?3) "
+      "AND (?4 IS NULL OR ts <= ?4) AND (?5 IS NULL OR key = ?5) "
+      "AND (?6 IS NULL OR buzz_match(?6, type)) ORDER BY id LIMIT ?7",
+      -1, &s->q_stmt, NULL);
+    if (rc != SQLITE_OK) return BUZZ_ESTORE;
+  }
+  sqlite3_reset(s->q_stmt);
+  sqlite3_clear_bindings(s->q_stmt);
+  sqlite3_bind_int64(s->q_stmt, 1, q->after_id);
+  if (q->to_id) sqlite3_bind_int64(s->q_stmt, 2, q->to_id);
+  if (q->from_ts) sqlite3_bind_int64(s->q_stmt, 3, q->from_ts);
+  if (q->to_ts) sqlite3_bind_int64(s->q_stmt, 4, q->to_ts);
+  if (q->has_key) {
+    if (q->is_key_int) sqlite3_bind_int64(s->q_stmt, 5, q->key_int);
+    else bind_str(s->q_stmt, 5, q->key);
+  }
+  if (q->pattern.p) bind_str(s->q_stmt, 6, q->pattern);
+  sqlite3_bind_int64(s->q_stmt, 7, q->limit > 0 ? q->limit : 1);
+  return BUZZ_OK;
+}
+
+static buzz_str col_str(sqlite3_stmt *st, int i) {
+  buzz_str v;
+  v.p = (const char *)sqlite3_column_text(st, i);
+  v.n = v.p ? (size_t)sqlite3_column_bytes(st, i) : 0;
+  return v;
+}
+
+int buzz__store_next(buzz_store *s, buzz_stored *row, char *err,
+                     size_t errlen) {
+  sqlite3_stmt *st = s->q_stmt;
+  int rc = sqlite3_step(st);
+  if (rc == SQLITE_DONE) {
+    sqlite3_reset(st);
+    return 0;
+  }
+  if (rc != SQLITE_ROW) {
+    db_err(err, errlen, s, s->rdb);
+    sqlite3_reset(st);
+    return BUZZ_ESTORE;
+  }
+  row->id = sqlite3_column_int64(st, 0);
+  row->type = col_str(st, 1);
+  row->ts = sqlite3_column_int64(st, 2);
+  row->priority = sqlite3_column_int(st, 3);
+  switch (sqlite3_column_type(st, 4)) {
+  case SQLITE_NULL:
+    row->key_kind = 0;
+    break;
+  case SQLITE_INTEGER:
+    row->key_kind = 2;
+    row->key_int = sqlite3_column_int64(st, 4);
+    break;
+  default:
+    row->key_kind = 1;
+    row->key = col_str(st, 4);
+  }
+  row->corr = col_str(st, 5);
+  row->causation_id = sqlite3_column_int64(st, 6);
+  row->headers = col_str(st, 7);
+  row->payload = col_str(st, 8);
+  row->version = sqlite3_column_int(st, 9);
+  return 1;
+}
+
+int buzz__store_consumer(buzz_store *s, const char *name, size_t len,
+                         int64_t *acked, char *err, size_t errlen) {
+  sqlite3_stmt *st;
+  int rc;
+  if (sqlite3_prepare_v2(s->rdb, "SELECT acked FROM consumers WHERE name = ?",
+                         -1, &st, NULL) != SQLITE_OK) {
+    db_err(err, errlen, s, s->rdb);
+    return BUZZ_ESTORE;
+  }
+  sqlite3_bind_text(st, 1, name, (int)len, SQLITE_STATIC);
+  rc = sqlite3_step(st);
+  if (rc == SQLITE_ROW) *acked = sqlite3_column_int64(st, 0);
+  else if (rc != SQLITE_DONE) db_err(err, errlen, s, s->rdb);
+  sqlite3_finalize(st);
+  return rc == SQLITE_ROW ? 1 : rc == SQLITE_DONE ? 0 : BUZZ_ESTORE;
+}
+
+int buzz__store_consumers(buzz_store *s, buzz_consumer_cb cb, void *data,
+                          char *err, size_t errlen) {
+  sqlite3_stmt *st;
+  int rc;
+  if (sqlite3_prepare_v2(s->rdb, "SELECT name, pattern, acked, updated FROM "
+                         "consumers ORDER BY name", -1, &st, NULL)
+      != SQLITE_OK) {
+    db_err(err, errlen, s, s->rdb);
+    return BUZZ_ESTORE;
+  }
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+    cb(data, col_str(st, 0), col_str(st, 1), sqlite3_column_int64(st, 2),
+       sqlite3_column_int64(st, 3));
+  if (rc != SQLITE_DONE) db_err(err, errlen, s, s->rdb);
+  sqlite3_finalize(st);
+  return rc == SQLITE_DONE ? BUZZ_OK : BUZZ_ESTORE;
+}
+
+int buzz__store_types(buzz_store *s, buzz_count_cb cb, void *data,
+                      char *err, size_t errlen) {
+  sqlite3_stmt *st;
+  int rc;
+  if (sqlite3_prepare_v2(s->rdb, "SELECT type, count(*) FROM events GROUP BY "
+                         "type ORDER BY type", -1, &st, NULL) != SQLITE_OK) {
+    db_err(err, errlen, s, s->rdb);
+    return BUZZ_ESTORE;
+  }
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+    cb(data, col_str(st, 0), sqlite3_column_int64(st, 1));
+  if (rc != SQLITE_DONE) db_err(err, errlen, s, s->rdb);
+  sqlite3_finalize(st);
+  return rc == SQLITE_DONE ? BUZZ_OK : BUZZ_ESTORE;
+}
+
+int buzz__store_count(buzz_store *s, int64_t after, buzz_str pattern,
+                      int64_t *n, char *err, size_t errlen) {
+  sqlite3_stmt *st;
+  int rc;
+  if (sqlite3_prepare_v2(s->rdb, "SELECT count(*) FROM events WHERE id > ? "
+                         "AND (?2 IS NULL OR buzz_match(?2, type))", -1, &st,
+                         NULL) != SQLITE_OK) {
+    db_err(err, errlen, s, s->rdb);
+    return BUZZ_ESTORE;
+  }
+  sqlite3_bind_int64(st, 1, after);
+  bind_str(st, 2, pattern);
+  rc = sqlite3_step(st);
+  if (rc == SQLITE_ROW) *n = sqlite3_column_int64(st, 0);
+  else db_err(err, errlen, s, s->rdb);
+  sqlite3_finalize(st);
+  return rc == SQLITE_ROW ? BUZZ_OK : BUZZ_ESTORE;
+}
+
+int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
+                     int64_t *last, int64_t *bytes, char *err,
+                     size_t errlen) {
+  sqlite3_stmt *st;
+  struct stat sb;
+  size_t n = strlen(s->path);
+  char *wal;
+  if (sqlite3_prepare_v2(s->rdb, "SELECT count(*), min(id), max(id) FROM "
+                         "events", -1, &st, NULL) != SQLITE_OK ||
+      sqlite3_step(st) != SQLITE_ROW) {
+    db_err(err, errlen, s, s->rdb);
+    sqlite3_finalize(st);
+    return BUZZ_ESTORE;
+  }
+  *count = sqlite3_column_int64(st, 0);
+  *first = sqlite3_column_int64(st, 1);
+  *last = sqlite3_column_int64(st, 2);
+  sqlite3_finalize(st);
+  *bytes = stat(s->path, &sb) == 0 ? (int64_t)sb.st_size : 0;
+  if ((wal = malloc(n + 5)) != NULL) {
+    memcpy(wal, s->path, n);
+    memcpy(wal + n, "-wal", 5);
+    if (stat(wal, &sb) == 0) *bytes += (int64_t)sb.st_size;
+    free(wal);
+  }
+  return BUZZ_OK;
+}
+
+int buzz__store_dedup_load(buzz_store *s, int64_t since, buzz_dedup_cb cb,
+                           void *data, char *err, size_t errlen) {
+  sqlite3_stmt *st;
+  int rc;
+  if (sqlite3_prepare_v2(s->rdb, "SELECT dedup, id, ts FROM events WHERE "
+                         "dedup IS NOT NULL AND ts >= ? ORDER BY id", -1,
+                         &st, NULL) != SQLITE_OK) {
+    db_err(err, errlen, s, s->rdb);
+    return BUZZ_ESTORE;
+  }
+  sqlite3_bind_int64(st, 1, since);
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+    cb(data, col_str(st, 0), sqlite3_column_int64(st, 1),
+       sqlite3_column_int64(st, 2));
+  if (rc != SQLITE_DONE) db_err(err, errlen, s, s->rdb);
+  sqlite3_finalize(st);
+  return rc == SQLITE_DONE ? BUZZ_OK : BUZZ_ESTORE;
+}
