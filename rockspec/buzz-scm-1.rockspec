@@ -45,6 +45,9 @@ build = {
         "csrc/queue.c",
         "csrc/bus.c",
         "csrc/loop.c",
+        "csrc/json.c",
+        "csrc/store.c",
+        "csrc/dedup.c",
         "csrc/lbuzz.c",
       },
       defines = { "_POSIX_C_SOURCE=200809L" },
@@ -66,5 +69,10 @@ build = {
     -- ["buzz.router"] = "lua/buzz/router.lua". (The builtin backend also
     -- copies all of lua/ into the tree, but the list is the record.)
     ["buzz"] = "lua/buzz/init.lua",
+  },
+
+  -- The command-line tool; LuaRocks wraps it for the installed Lua.
+  install = {
+    bin = { buzz = "bin/buzz" },
   },
 }

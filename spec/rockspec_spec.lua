@@ -80,6 +80,16 @@ print("drained " .. bus:drain() .. ": " .. table.concat(got, " "))
 print("closed " .. bus:close())
 ]]
 
+-- Writes a small store for the installed bin/buzz to read.
+local WRITE = [[
+local bus = require("buzz").new{ store = "events.db" }
+bus:publish("order.created", { n = 1 }, { key = "k1" })
+bus:publish("invoice.sent", { n = 3 })
+bus:publish("order.paid", { n = 2 })
+assert(bus:flush())
+bus:close()
+]]
+
 -- Tagged #rock: make asan skips it (it tests packaging, and the preloaded
 -- sanitizer runtime would abort the system tools it runs on their leaks).
 describe("rockspec/buzz-scm-1.rockspec #rock", function()
@@ -123,5 +133,29 @@ describe("rockspec/buzz-scm-1.rockspec #rock", function()
     assert.are.equal(0, status, out)
     local last = "close() discarded 1 pending event; bus closed\n"
     assert.are.equal(last, out:sub(-#last), out)
+  end)
+
+  it("installs bin/buzz, which reads a store with the installed buzz",
+     function()
+    local scratch = mktemp_dir()
+    finally(function() remove_dir(scratch) end)
+    local tree = scratch .. "/tree"
+
+    local status, out = install(scratch, tree)
+    assert.are.equal(0, status, out)
+
+    local f = assert(io.open(tree .. "/write.lua", "w"))
+    f:write(WRITE)
+    f:close()
+    status, out = run_installed(tree, tree .. "/write.lua")
+    assert.are.equal(0, status, out)
+    -- The wrapper LuaRocks writes finds the tree by itself: no paths.
+    status, out = sh(("cd %s && env -u LUA_PATH -u LUA_PATH_5_4 "
+                      .. "-u LUA_CPATH -u LUA_CPATH_5_4 %s/bin/buzz "
+                      .. "--store events.db ls --types 'order.*'")
+                     :format(quote(tree), quote(tree)))
+    assert.are.equal(0, status, out)
+    assert.matches("^1 %S+Z order%.created key=k1 {\"n\":1}\n"
+                   .. "3 %S+Z order%.paid {\"n\":2}\n$", out)
   end)
 end)
