@@ -47,5 +47,6 @@ end
 dispatch.run()
 match.run()
 memory.run(arg and arg[-1], arg and arg[0])
+require("bench.store").run()
 
 write(format("\n(%.1f s CPU in this process)\n", clock() - t0))

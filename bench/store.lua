@@ -1,0 +1,374 @@
+--- Benchmark 4: the event store. `lua5.4 bench/store.lua` from the root runs
+-- it alone; bench/run.lua runs it with the others. BENCH_QUICK=1 makes every
+-- size smaller (a smoke run: the figures are then not the issue's).
+--
+-- In one process: the raw SQLite floor (bench/sqlite_floor.c, compiled here
+-- into build/, run with popen) against buzz appending from Lua with
+-- "batch", "none" and "sync", a durable consumer reading the log back,
+-- publish-to-handler latency at an offered rate, and replay.
+--
+-- Timing here is wall-clock (hrtime), best of util.RUNS: the writer is a
+-- thread of its own, so an append is only done when its commit is, and CPU
+-- time would add the two threads' work rather than show how long it took.
+-- The CPU column (os.clock: every thread of the process) is shown beside.
+-- @module bench.store
+
+local root = (arg and arg[0] or ""):match("^(.-)bench/[%w_]+%.lua$") or ""
+local is_main = (arg and arg[0] or ""):match("bench/store%.lua$") ~= nil
+if is_main then
+  local flavour = type(jit) == "table" and "luajit" or "lua5.4"
+  package.path = root .. "lua/?.lua;" .. root .. "lua/?/init.lua;"
+                 .. root .. "?.lua;" .. package.path
+  package.cpath = root .. "build/" .. flavour .. "/?.so;" .. package.cpath
+end
+
+local util = require "bench.util"
+local buzz = require "buzz"
+local core = require "buzz.core"
+local assert, error, tonumber, os_getenv = assert, error, tonumber, os.getenv
+local clock, hrtime = os.clock, core.hrtime
+local floor, huge, max, min = math.floor, math.huge, math.max, math.min
+local format, popen, remove, sort = string.format, io.popen, os.remove,
+                                    table.sort
+
+local M = {}
+
+local is_quick = (os_getenv("BENCH_QUICK") or "") ~= ""
+
+local TYPE, PATTERN = "order.placed", "order.*"
+local ROWS = is_quick and 20000 or 200000         -- appends per timed run
+local PER_TXN = 1000                              -- the floor's transactions
+local SYNC_SECONDS = is_quick and 0.2 or 1.0      -- "sync" runs this long
+local REPLAY_ROWS = is_quick and 100000 or 1000000
+local RATE = 10000                                -- offered events/s
+local LATENCY_SECONDS = is_quick and 0.5 or 2.0
+local APPEND_RUNS = 5                             -- floor and appends
+
+-- Targets, from the issue.
+local TARGET_BATCH = 0.40          -- "batch" appends / floor rows, wall
+local TARGET_P99_MS = 5
+local TARGET_REPLAY = 500000       -- events/s
+
+local function sh(cmd)
+  local p = assert(popen(cmd, "r"))
+  local out = p:read("*a")
+  local ok = p:close()
+  return out, ok
+end
+
+local function seconds_since(w0, c0)
+  return (hrtime() - w0) / 1e9, clock() - c0
+end
+
+-- ------------------------------------------------------------ files
+
+local dir, serial = nil, 0
+
+-- A fresh database path in this run's temporary directory.
+local function fresh_path()
+  if not dir then
+    dir = sh("mktemp -d \"${TMPDIR:-/tmp}/buzz-bench.XXXXXX\""):match("^(%S+)")
+    if not dir then error("bench/store.lua: mktemp -d failed", 0) end
+  end
+  serial = serial + 1
+  return format("%s/store%d.db", dir, serial)
+end
+
+local function remove_db(path)
+  for _, suffix in ipairs { "", "-wal", "-shm", "-journal", "-lock" } do
+    remove(path .. suffix)
+  end
+end
+
+local function remove_dir()
+  if dir then remove(dir) end
+  dir = nil
+end
+
+-- ------------------------------------------------------------ the floor
+
+-- Compiles bench/sqlite_floor.c into build/; returns its path or nil, err.
+local function build_floor()
+  local exe = root .. "build/sqlite_floor"
+  local out, ok = sh(format("mkdir -p %sbuild && ${CC:-cc} -O2 -std=c99 -o %s "
+                            .. "%sbench/sqlite_floor.c "
+                            .. "$(pkg-config --cflags --libs sqlite3 "
+                            .. "2>/dev/null || echo -lsqlite3) 2>&1",
+                            root, exe, root))
+  if not ok then return nil, out end
+  return exe
+end
+
+-- One run of the floor on a fresh file: wall and CPU seconds for n rows.
+local function run_floor(exe, n)
+  local path = fresh_path()
+  local out, ok = sh(format("%s %s %d %d 2>&1", exe, path, n, PER_TXN))
+  remove_db(path)
+  local rows, wall, cpu = out:match("rows=(%d+) wall=([%d.]+) cpu=([%d.]+)")
+  if not ok or tonumber(rows) ~= n then
+    error("bench/store.lua: sqlite_floor failed: " .. out, 0)
+  end
+  return tonumber(wall), tonumber(cpu)
+end
+
+-- ------------------------------------------------------------ buzz
+
+local function new_bus(path, durability)
+  return assert(buzz.new{ store = path, durability = durability })
+end
+
+-- Publishes n events from i0 + 1 on; the payload is the floor's.
+local function publish_n(bus, i0, n)
+  local publish = bus.publish
+  for i = i0 + 1, i0 + n do
+    assert(publish(bus, TYPE, { n = i, sku = "A-1", qty = 3 }))
+  end
+end
+
+-- n appends on a fresh store, timed until flush() returns (all committed).
+local function run_appends(durability, n)
+  local path = fresh_path()
+  local bus = new_bus(path, durability)
+  util.full_gc()
+  local w0, c0 = hrtime(), clock()
+  publish_n(bus, 0, n)
+  assert(bus:flush())
+  local wall, cpu = seconds_since(w0, c0)
+  local count = bus:store_info().events
+  bus:close()
+  remove_db(path)
+  if count ~= n then
+    error(format("bench/store.lua: %d appends stored %s rows", n,
+                 tostring(count)), 0)
+  end
+  return wall, cpu
+end
+
+-- "sync" publishes for about SYNC_SECONDS; returns n, wall, cpu.
+local function run_sync()
+  local path = fresh_path()
+  local bus = new_bus(path, "sync")
+  util.full_gc()
+  local n, limit = 0, SYNC_SECONDS * 1e9
+  local w0, c0 = hrtime(), clock()
+  repeat
+    n = n + 1
+    assert(bus:publish(TYPE, { n = n, sku = "A-1", qty = 3 }))
+  until hrtime() - w0 >= limit
+  local wall, cpu = seconds_since(w0, c0)
+  bus:close()
+  remove_db(path)
+  return n, wall, cpu
+end
+
+-- A store of n committed events, closed; returns its path.
+local function filled_store(n)
+  local path = fresh_path()
+  local bus = new_bus(path, "batch")
+  publish_n(bus, 0, n)
+  assert(bus:flush())
+  bus:close()
+  return path
+end
+
+-- A durable consumer new to a store of n events reads them all in drain().
+local function run_readback(n)
+  local path = filled_store(n)
+  local bus = new_bus(path, "batch")
+  local calls = 0
+  assert(bus:subscribe(PATTERN, function() calls = calls + 1 end,
+                       { durable = "reader" }))
+  util.full_gc()
+  local w0, c0 = hrtime(), clock()
+  repeat until bus:drain() == 0    -- one drain() reads one page (256) only
+  local wall, cpu = seconds_since(w0, c0)
+  bus:close()
+  remove_db(path)
+  if calls ~= n then
+    error(format("bench/store.lua: the durable consumer read %d of %d "
+                 .. "events", calls, n), 0)
+  end
+  return wall, cpu
+end
+
+-- Replays the whole store of bus (n events); types: a pattern or nil.
+local function run_replay(bus, n, types)
+  local calls = 0
+  util.full_gc()
+  local w0, c0 = hrtime(), clock()
+  local count = bus:replay{ types = types, handler = function()
+    calls = calls + 1
+  end }
+  local wall, cpu = seconds_since(w0, c0)
+  if count ~= n or calls ~= n then
+    error(format("bench/store.lua: replay gave %s events, %d handler calls, "
+                 .. "expected %d", tostring(count), calls, n), 0)
+  end
+  return wall, cpu
+end
+
+--[[
+Offers RATE events/s for LATENCY_SECONDS on a bus (opts for buzz.new),
+paced against hrtime; between publishes the bus is drained, so handlers
+run as soon as their event is deliverable (with "batch": committed). Each
+payload carries its publish time; the handler records the delay. Returns
+the sorted delays in ns, the events published, and the worst lateness of
+a publish against its schedule in ns.
+]]
+local function run_latency(opts)
+  local path = opts.store
+  local bus = assert(buzz.new(opts))
+  local lat, k = {}, 0
+  local t0 = hrtime()
+  assert(bus:subscribe(PATTERN, function(ev)
+    k = k + 1
+    lat[k] = hrtime() - t0 - ev.payload.t
+  end))
+  local total = floor(RATE * LATENCY_SECONDS)
+  local interval = 1e9 / RATE
+  local i, late = 0, 0
+  util.full_gc()
+  t0 = hrtime()
+  while i < total do
+    local now = hrtime() - t0
+    local due = i * interval
+    if now >= due then
+      i = i + 1
+      assert(bus:publish(TYPE, { t = now, n = i }))
+      late = max(late, now - due)
+    end
+    bus:drain()
+  end
+  bus:drain()
+  bus:close()
+  if path then remove_db(path) end
+  if k ~= total then
+    error(format("bench/store.lua: %d of %d events reached the handler", k,
+                 total), 0)
+  end
+  sort(lat)
+  return lat, total, late
+end
+
+local function percentile(sorted, p)
+  return sorted[max(1, min(#sorted, floor(#sorted * p + 0.5)))]
+end
+
+-- ------------------------------------------------------------ output
+
+-- Best of util.RUNS by wall time: returns the best wall and its CPU.
+local function best_of(runs, fn, ...)
+  local best_wall, best_cpu = huge, 0
+  for _ = 1, runs do
+    local wall, cpu = fn(...)
+    if wall < best_wall then best_wall, best_cpu = wall, cpu end
+  end
+  return best_wall, best_cpu
+end
+
+local function times(wall, cpu)
+  return format("wall %.3f s, CPU %.3f s", wall, cpu)
+end
+
+--- Runs the benchmark and prints its table.
+function M.run()
+  util.section(format("4. event store (SQLite, WAL): %s appends of %s "
+                      .. "{ n, sku, qty }%s", util.commas(ROWS), TYPE,
+                      is_quick and " (BENCH_QUICK: small sizes)" or ""))
+  util.note(format("wall-clock, best of %d (appends: %d, taking turns with "
+                   .. "the floor; replay: 2); CPU is the whole process (Lua "
+                   .. "thread + writer thread); ratios use wall time",
+                   util.RUNS, APPEND_RUNS))
+  local runs = util.RUNS
+  local ok, err = pcall(function()
+    local exe, cc_err = build_floor()
+    if not exe then
+      util.note("cannot build bench/sqlite_floor.c (needs cc and "
+                .. "libsqlite3-dev): " .. (cc_err or ""))
+    end
+    -- The floor and the buzz appends take turns, so that a busy machine
+    -- slows them alike; each keeps its best run.
+    if exe then run_floor(exe, min(ROWS, 10000)) end         -- warm-ups
+    run_appends("batch", min(ROWS, 10000))
+    local kinds = { "floor", "batch", "none" }
+    local best = { floor = { huge, 0 }, batch = { huge, 0 },
+                   none = { huge, 0 } }
+    for _ = 1, APPEND_RUNS do
+      for _, kind in ipairs(kinds) do
+        local wall, cpu
+        if kind == "floor" then
+          if exe then wall, cpu = run_floor(exe, ROWS) end
+        else
+          wall, cpu = run_appends(kind, ROWS)
+        end
+        if wall and wall < best[kind][1] then best[kind] = { wall, cpu } end
+      end
+    end
+    local floor_rate = exe and ROWS / best.floor[1]
+    if floor_rate then
+      util.row(format("floor: C, prepared INSERT, %d/txn", PER_TXN),
+               floor_rate, times(best.floor[1], best.floor[2]))
+    end
+    for _, durability in ipairs { "batch", "none" } do
+      local wall, cpu = best[durability][1], best[durability][2]
+      local rate = ROWS / wall
+      local rest = times(wall, cpu)
+      if floor_rate then
+        rest = util.ratio(rate / floor_rate, "floor",
+                          durability == "batch" and TARGET_BATCH or nil)
+               .. "  " .. rest
+      end
+      util.row(format("buzz publish + flush, %q", durability), rate, rest)
+    end
+
+    local n, wall, cpu = run_sync()
+    util.row("buzz publish, \"sync\" (fsync each)", n / wall,
+             format("%s events; %s", util.commas(n), times(wall, cpu)))
+
+    wall, cpu = best_of(runs, run_readback, ROWS)
+    util.row("durable consumer reads back", ROWS / wall, times(wall, cpu))
+
+    local path = filled_store(REPLAY_ROWS)
+    local bus = new_bus(path, "batch")
+    run_replay(bus, REPLAY_ROWS)                           -- warm-up
+    for _, types in ipairs { false, PATTERN } do
+      wall, cpu = best_of(2, run_replay, bus, REPLAY_ROWS, types or nil)
+      local rate = REPLAY_ROWS / wall
+      util.row(format("replay %s%s", util.commas(REPLAY_ROWS),
+                      types and (", types = " .. types) or " (all)"), rate,
+               format("target >= %s  %s  %s", util.commas(TARGET_REPLAY),
+                      util.verdict(rate >= TARGET_REPLAY), times(wall, cpu)))
+    end
+    bus:close()
+    remove_db(path)
+
+    for _, case in ipairs {
+      { "\"batch\"", { store = fresh_path(), durability = "batch" }, true },
+      { "no store", {} },
+    } do
+      local lat, total, late = run_latency(case[2])
+      local p99 = percentile(lat, 0.99) / 1e6
+      local rest = format("p50 %.3f  p99 %.3f  p99.9 %.3f  max %.3f ms",
+                          percentile(lat, 0.5) / 1e6, p99,
+                          percentile(lat, 0.999) / 1e6, lat[#lat] / 1e6)
+      if case[3] then
+        rest = rest .. format("  (target p99 < %g ms)  %s", TARGET_P99_MS,
+                              util.verdict(p99 < TARGET_P99_MS))
+      end
+      io.write(format("  publish -> handler, %-13s %s\n", case[1], rest))
+      util.note(format("  %s events offered at %s/s; latest publish %.3f ms "
+                       .. "behind schedule", util.commas(total),
+                       util.commas(RATE), late / 1e6))
+    end
+  end)
+  remove_dir()
+  if not ok then error(err, 0) end
+end
+
+if is_main then
+  local t0 = clock()
+  M.run()
+  io.write(format("\n(%.1f s CPU in this process)\n", clock() - t0))
+end
+
+return M
