@@ -13,6 +13,8 @@
 **   publish_sync and is popped when its event has been handed to everyone.
 **   Every event on a cursor has all its deliveries handed out before the
 **   cursor moves on, so events published meanwhile come after it.
+** - With has_gate, level 0 takes no event with an id above gate from the
+**   queue (a store's committed id): it returns 0 and sets is_gated.
 ** - A sub's memory lives while any match vector lists it, so a sub handed
 **   out for delivery stays valid until its cursor moves on, even if it was
 **   unsubscribed in between.
@@ -235,23 +237,6 @@ int buzz__bus_publish(buzz_bus *b, buzz_event *ev, const char *type,
   return 1;
 }
 
-int64_t buzz__bus_next_id(const buzz_bus *b) {
-  int p;
-  const buzz_cursor *c = &b->cursors[0];
-  if (b->is_closed) return 0;
-  if (c->ev) {                  /* deliveries left: still that event */
-    size_t i;
-    for (i = c->i; i < c->vec->n; i++) {
-      const buzz_sub *s = c->vec->subs[i];
-      if (!s->is_dead && s->seq <= c->ev->audience && !s->durable)
-        return c->ev->id;
-    }
-  }                             /* else bus_next moves to the queue */
-  for (p = 0; p < BUZZ_NPRIO; p++)
-    if (b->queue.head[p]) return b->queue.head[p]->id;
-  return 0;
-}
-
 size_t buzz__bus_drop_range(buzz_bus *b, int64_t lo, int64_t hi, void *ctx) {
   size_t n = 0;
   int p;
@@ -289,6 +274,14 @@ int buzz__bus_next(buzz_bus *b, size_t level, buzz_sub **sub,
       if (level > 0) {
         b->depth--;
         return 0;
+      }
+      if (b->has_gate) {                /* a store: committed ones only */
+        int p;
+        for (p = 0; p < BUZZ_NPRIO && !b->queue.head[p]; p++) {}
+        if (p < BUZZ_NPRIO && b->queue.head[p]->id > b->gate) {
+          b->is_gated = 1;
+          return 0;
+        }
       }
       if ((next = buzz__queue_pop(&b->queue)) == NULL) return 0;
       c->ev = next;

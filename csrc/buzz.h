@@ -110,6 +110,7 @@ typedef struct buzz_sub {
   char *durable;         /* owns; durable consumer name, or NULL: such a
                             sub reads the store, not the live queue */
   int64_t acked;         /* durable: last id handled (its position) */
+  int64_t saved;         /* durable: the position last given the writer */
   void *trie_node;       /* private to match.c: where the sub is indexed */
 } buzz_sub;
 
@@ -240,6 +241,10 @@ typedef struct buzz_bus {
   uint64_t last_seq;
   size_t nsubs;           /* live subscriptions */
   unsigned is_closed : 1;
+  /* public: set by the caller before buzz__bus_next() */
+  int64_t gate;           /* with has_gate, queued events above this id */
+  unsigned has_gate : 1;  /* are not handed out (not committed yet) */
+  unsigned is_gated : 1;  /* set when buzz__bus_next() stopped at the gate */
   /* private */
   buzz_trie *trie;        /* owns */
   buzz_sub **slots;       /* owns a reference on each live sub */
@@ -283,9 +288,6 @@ buzz_sub *buzz__bus_sub(const buzz_bus *b, int64_t id);
 /* Keeps a sub's memory alive across a call that may unsubscribe it. */
 void buzz__sub_hold(buzz_sub *sub);
 void buzz__sub_release(buzz_sub *sub);
-/* The id of the event the next buzz__bus_next() at level 0 would hand
-** out, or 0 if none: the gate a store checks against its commits. */
-int64_t buzz__bus_next_id(const buzz_bus *b);
 /* Removes queued events with lo <= id <= hi; returns how many. */
 size_t buzz__bus_drop_range(buzz_bus *b, int64_t lo, int64_t hi, void *ctx);
 
@@ -422,6 +424,8 @@ void buzz__store_stats(buzz_store *s, buzz_store_stats *st);
 
 /* Reads (loop thread only). Each returns 0 or BUZZ_ESTORE with err. */
 int buzz__store_query(buzz_store *s, const buzz_query *q);
+/* Ends a page early, releasing the read snapshot. */
+void buzz__store_query_done(buzz_store *s);
 /* 1 and *row filled, 0 when the page is done, or BUZZ_ESTORE. */
 int buzz__store_next(buzz_store *s, buzz_stored *row, char *err,
                      size_t errlen);
@@ -464,6 +468,8 @@ int64_t buzz__dedup_find(buzz_dedup *d, const char *key, size_t len,
                          int64_t now);
 int buzz__dedup_put(buzz_dedup *d, const char *key, size_t len, int64_t id,
                     int64_t ts);
+/* Forgets the keys of events lo..hi (their commit failed). */
+void buzz__dedup_forget(buzz_dedup *d, int64_t lo, int64_t hi);
 size_t buzz__dedup_count(const buzz_dedup *d);
 
 /* match.c: does type match pattern (both valid)? For one-off checks. */

@@ -93,6 +93,22 @@ int buzz__dedup_put(buzz_dedup *d, const char *key, size_t len, int64_t id,
   return BUZZ_OK;
 }
 
+void buzz__dedup_forget(buzz_dedup *d, int64_t lo, int64_t hi) {
+  entry **link = &d->head, *e, *prev = NULL;
+  while ((e = *link) != NULL) {
+    if (e->id >= lo && e->id <= hi) {
+      if (buzz__map_get(&d->map, e->key, e->len, e->hash) == e)
+        buzz__map_del(&d->map, e->key, e->len, e->hash);
+      *link = e->next;
+      if (d->tail == e) d->tail = prev;
+      free(e);
+    } else {
+      prev = e;
+      link = &e->next;
+    }
+  }
+}
+
 size_t buzz__dedup_count(const buzz_dedup *d) {
   return d->map.count;
 }

@@ -363,6 +363,13 @@ static void dispatch(lua_State *L, lcore *c, int u, buzz_sub *sub,
 }
 
 
+/* Gives an event record back: to the spare list, or to free() once the
+** bus is closed (its spare list is gone). */
+static void event_drop(lcore *c, buzz_event *ev) {
+  if (c->is_open && !c->bus.is_closed) buzz__event_free(&c->bus.queue, ev);
+  else free(ev);
+}
+
 /* -------------------------------------------------------------- store */
 
 /* The writer thread calls this after each commit: wake a polling host. */
@@ -379,6 +386,8 @@ typedef struct sync_ctx {
   lctx x;
   char *err;
   int n;
+  int64_t watch;       /* an event id the caller asks about, or 0 */
+  int is_lost;         /* set if watch was in a failed group */
 } sync_ctx;
 
 /* A group failed to commit: its events leave the queue, undelivered. */
@@ -387,6 +396,9 @@ static void on_store_fail(void *data, const char *msg, int64_t lo,
   sync_ctx *y = (sync_ctx *)data;
   size_t dropped = lo > 0 ? buzz__bus_drop_range(&y->c->bus, lo, hi, &y->x)
                    : 0;
+  if (lo > 0 && y->c->dedup)          /* a retry must not be a duplicate */
+    buzz__dedup_forget(y->c->dedup, lo, hi);
+  if (y->watch >= lo && y->watch <= hi && lo > 0) y->is_lost = 1;
   if (y->n++ > 0) return;             /* the first failure tells the story */
   if (lo > 0)
     snprintf(y->err, ERR_MAX, "%s (events %lld to %lld were not stored%s)",
@@ -401,16 +413,24 @@ static void on_store_fail(void *data, const char *msg, int64_t lo,
 ** events are dropped from the queue. Returns 0, or BUZZ_ESTORE with the
 ** first failure's message in err. Stack: U at u.
 */
-static int store_sync(lua_State *L, lcore *c, int u, char *err) {
+static int store_sync_watch(lua_State *L, lcore *c, int u, char *err,
+                            int64_t watch, int *is_lost) {
   sync_ctx y;
   y.c = c;
   y.x.L = L;
   y.x.u = u;
   y.err = err;
   y.n = 0;
+  y.watch = watch;
+  y.is_lost = 0;
   err[0] = '\0';
   buzz__store_poll(c->store, &c->committed, on_store_fail, &y);
+  if (is_lost) *is_lost = y.is_lost;
   return y.n > 0 ? BUZZ_ESTORE : 0;
+}
+
+static int store_sync(lua_State *L, lcore *c, int u, char *err) {
+  return store_sync_watch(L, c, u, err, 0, NULL);
 }
 
 /* Waits for every commit, then takes the writer's news (store_sync). */
@@ -476,9 +496,10 @@ static int push_stored(lua_State *L, lcore *c, int u, const buzz_stored *r) {
 
 /*
 ** Reads one page of stored events into a new array on top: the rows of q
-** up to q->limit. Returns the number read, or a negative code with an
-** error message on top instead (a store failure, or an upcaster's raise
-** when *bad_id is set to the failing event's id).
+** up to q->limit. Returns the number read; if an upcaster raised on a
+** row, the page stops before it, *bad_id is its id and the error is
+** pushed above the array. A store failure returns a negative code with a
+** message on top instead of the array.
 */
 static int read_page(lua_State *L, lcore *c, int u, const buzz_query *q,
                      int64_t *bad_id) {
@@ -488,21 +509,24 @@ static int read_page(lua_State *L, lcore *c, int u, const buzz_query *q,
   err[0] = '\0';
   *bad_id = 0;
   if (buzz__store_query(c->store, q) < 0) {
-    lua_pushliteral(L, "ESTORE: cannot query the store");
+    lua_pushliteral(L, "cannot query the store");
     return BUZZ_ESTORE;
   }
   lua_createtable(L, (int)q->limit, 0);
   while ((rc = buzz__store_next(c->store, &row, err, sizeof err)) > 0) {
     if (push_stored(L, c, u, &row) != 0) {
+      buzz__store_query_done(c->store);   /* let go of the snapshot */
       *bad_id = row.id;
-      lua_remove(L, -2);
-      return BUZZ_EINVAL;
+      lua_pushfstring(L, "upcasting event %d failed: ", (int)row.id);
+      lua_insert(L, -2);
+      lua_concat(L, 2);
+      return n;
     }
     lua_rawseti(L, -2, ++n);
   }
   if (rc < 0) {
     lua_pop(L, 1);
-    lua_pushfstring(L, "ESTORE: %s", err);
+    lua_pushstring(L, err);
     return BUZZ_ESTORE;
   }
   return n;
@@ -558,53 +582,58 @@ static lua_Integer pump_durables(lua_State *L, lcore *c, int u,
   for (i = 0; i < c->bus.nslots && c->is_open && !c->is_stopped; i++) {
     buzz_sub *sub = c->bus.slots[i];
     buzz_query q;
-    int64_t before, bad;
-    int k, j, top = lua_gettop(L);
+    int64_t bad;
+    int k, j = 1, top = lua_gettop(L);
     if (sub == NULL || sub->durable == NULL || sub->acked >= c->committed)
       continue;
     if (budget >= 0 && n >= budget) break;
     memset(&q, 0, sizeof q);
-    q.after_id = before = sub->acked;
+    q.after_id = sub->acked;
     q.to_id = c->committed;
     q.pattern.p = sub->pattern;
     q.pattern.n = sub->len;
     q.limit = budget < 0 || budget - n > PAGE_MAX ? PAGE_MAX : budget - n;
     buzz__sub_hold(sub);
     k = read_page(L, c, u, &q, &bad);
-    if (k < 0 && bad > 0) {            /* an upcaster raised: report it */
-      lua_rawgeti(L, u, c->report_ref);
-      lua_pushvalue(L, -2);
-      lua_pushnil(L);
+    if (k < 0) {                       /* the position stays put */
+      report_store(L, c, u, lua_tostring(L, -1));
+      k = 0;
+      bad = -1;
+    }
+    for (j = 1; j <= k; j++) {
+      buzz_event *ev;
+      lctx ctx;
+      if (sub->is_dead || !c->is_open || c->is_stopped) break;
+      if ((ev = buzz__event_new(&c->bus.queue)) == NULL) break;
+      lua_rawgeti(L, top + 1, j);
+      lua_getfield(L, -1, "id");
+      ev->id = (int64_t)lua_tointeger(L, -1);
+      lua_pop(L, 1);
+      ev->table_ref = luaL_ref(L, u);
+      dispatch(L, c, u, sub, ev);
+      ctx.L = L;
+      ctx.u = u;
+      on_event_free(&ctx, ev);         /* U at u is the one ev used */
+      sub->acked = ev->id;
+      event_drop(c, ev);               /* the handler may have closed */
+      n++;
+    }
+    if (j > k && bad > 0 && !sub->is_dead && c->is_open) {
+      lua_rawgeti(L, u, c->report_ref);  /* an upcaster raised: report */
+      lua_pushvalue(L, top + 2);         /* and skip that event, as a */
+      lua_pushnil(L);                    /* failed delivery */
       lua_rawgeti(L, u, sub->data_ref);
       if (lua_pcall(L, 3, 0, 0) != 0) lua_pop(L, 1);
-      sub->acked = bad;                /* skip it, as a failed delivery */
-    } else if (k < 0) {
-      report_store(L, c, u, lua_tostring(L, -1));
-    } else {
-      for (j = 1; j <= k; j++) {
-        buzz_event *ev;
-        lctx ctx;
-        if (sub->is_dead || !c->is_open || c->is_stopped) break;
-        if ((ev = buzz__event_new(&c->bus.queue)) == NULL) break;
-        lua_rawgeti(L, top + 1, j);
-        lua_getfield(L, -1, "id");
-        ev->id = (int64_t)lua_tointeger(L, -1);
-        lua_pop(L, 1);
-        ev->table_ref = luaL_ref(L, u);
-        dispatch(L, c, u, sub, ev);
-        ctx.L = L;
-        ctx.u = u;
-        on_event_free(&ctx, ev);
-        sub->acked = ev->id;
-        buzz__event_free(&c->bus.queue, ev);
-        n++;
-      }
-      if (j > k && k < q.limit) sub->acked = q.to_id;  /* read it all */
+      sub->acked = bad;
+      n++;
+    } else if (j > k && k >= 0 && bad == 0 && k < q.limit) {
+      sub->acked = q.to_id;            /* read to the committed end */
     }
     lua_settop(L, top);
-    if (sub->acked != before && !sub->is_dead && c->is_open) {
+    if (!sub->is_dead && c->is_open && sub->acked != sub->saved) {
       if (append_ack(c, sub->durable, sub->pattern, sub->acked, err) < 0)
         report_store(L, c, u, err);
+      sub->saved = sub->acked;
       wrote = 1;
     }
     buzz__sub_release(sub);
@@ -774,6 +803,16 @@ static int lcore_close(lua_State *L) {
     }
     lua_pop(L, 1);
   }
+  if (c->store && c->bus.slots != NULL) {   /* durable positions, before */
+    size_t i;                              /* the writer stops */
+    char err[ERR_MAX];
+    for (i = 0; i < c->bus.nslots; i++) {
+      buzz_sub *sub = c->bus.slots[i];
+      if (sub && sub->durable && sub->acked != sub->saved &&
+          append_ack(c, sub->durable, sub->pattern, sub->acked, err) == 0)
+        sub->saved = sub->acked;
+    }
+  }
   n = buzz__bus_close(&c->bus, NULL);  /* U is dropped whole below */
   c->ndurable = 0;
   buzz__store_close(c->store);         /* commits what is left; before the
@@ -832,6 +871,12 @@ static int durable_start(lua_State *L, lcore *c, const char *name,
       return 3;
     }
   }
+  if (!buzz__store_is_idle(c->store)) {    /* read its latest position */
+    int u = push_refs(L);
+    if (store_flush(L, c, u, err) < 0) report_store(L, c, u, err);
+    lua_pop(L, 1);
+    if (!c->is_open) luaL_error(L, "attempt to use a closed bus");
+  }
   err[0] = '\0';
   rc = buzz__store_consumer(c->store, name, nlen, acked, err, sizeof err);
   if (rc < 0) return push_store_fail(L, rc, err);
@@ -883,7 +928,7 @@ static int lcore_subscribe(lua_State *L) {
   sub->fn_ref = fn_ref;
   if (name) {
     sub->durable = name;
-    sub->acked = acked;
+    sub->acked = sub->saved = acked;
     c->ndurable++;
     buzz__loop_signal(c->loop, 1);
   }
@@ -912,7 +957,13 @@ static int lcore_unsubscribe(lua_State *L) {
   ref = sub->data_ref;
   fn_ref = sub->fn_ref;
   sub->data_ref = sub->fn_ref = BUZZ_NOREF;
-  if (sub->durable) c->ndurable--;
+  if (sub->durable) {
+    char err[ERR_MAX];
+    c->ndurable--;
+    if (sub->acked != sub->saved &&          /* keep its place */
+        append_ack(c, sub->durable, sub->pattern, sub->acked, err) == 0)
+      sub->saved = sub->acked;
+  }
   buzz__bus_unsubscribe(&c->bus, sub);   /* may free sub */
   luaL_unref(L, u, ref);
   luaL_unref(L, u, fn_ref);
@@ -978,9 +1029,16 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
   c->appended_id = spec.id;
   if ((is_sync && c->durability != BUZZ_DUR_NONE) ||
       c->durability == BUZZ_DUR_SYNC) {
-    if ((rc = store_flush(L, c, u, err)) < 0) {
-      if (c->bus.last_id < ev->id) c->bus.last_id = ev->id;  /* used up */
-      return push_store_fail(L, rc, err);
+    int is_lost;
+    buzz__store_flush(c->store);
+    if ((rc = store_sync_watch(L, c, u, err, ev->id, &is_lost)) < 0) {
+      if (is_lost) {                   /* this event: the caller is told */
+        if (c->bus.last_id < ev->id) c->bus.last_id = ev->id; /* used */
+        return push_store_fail(L, rc, err);
+      }
+      report_store(L, c, u, err);      /* another group's failure (an
+                                          on_error that closes the bus
+                                          gets ECLOSED from bus_publish) */
     }
   }
   return 0;
@@ -1045,12 +1103,14 @@ static int do_publish(lua_State *L, int mode) {
   ev->version = (int)version;
   if (c->store && mode != 2 &&
       store_publish(L, c, ctx.u, ev, mode == 1, type, len, dkey, dlen)) {
-    buzz__event_free(&c->bus.queue, ev);
+    event_drop(c, ev);
     return 3;
   }
   rc = buzz__bus_publish(&c->bus, ev, type, len, mode != 0, &level);
   if (rc < 0) {
-    buzz__event_free(&c->bus.queue, ev);
+    if (c->store && c->bus.last_id < ev->id)
+      c->bus.last_id = ev->id;         /* appended already: used up */
+    event_drop(c, ev);
     if (rc == BUZZ_EFULL) goto full;
     return push_fail(L, rc, NULL);
   }
@@ -1135,22 +1195,21 @@ static int lcore_pump(lua_State *L) {
   for (;;) {                           /* the queue, then durable subs, */
     lua_Integer before = n;            /* until neither has work left */
     while ((max < 0 || n < max) && c->is_open && !c->is_stopped) {
-      if (c->gate_id > c->committed) {   /* never deliver uncommitted */
-        int64_t next = buzz__bus_next_id(&c->bus);
+      int rc;
+      c->bus.has_gate = c->gate_id > c->committed;  /* never deliver */
+      c->bus.gate = c->committed;                   /* uncommitted */
+      c->bus.is_gated = 0;
+      rc = buzz__bus_next(&c->bus, 0, &sub, &ev, &ctx);
+      if (rc == 0 && c->bus.is_gated) {
         char err[ERR_MAX];
-        if (next > c->committed) {
-          if (store_sync(L, c, ctx.u, err) < 0) {
-            report_store(L, c, ctx.u, err);
-            continue;
-          }
-          if (next > c->committed) {
-            if (store_flush(L, c, ctx.u, err) < 0)
-              report_store(L, c, ctx.u, err);
-            continue;
-          }
-        }
+        int64_t was = c->committed;
+        if (store_sync(L, c, ctx.u, err) < 0) report_store(L, c, ctx.u, err);
+        else if (c->committed == was &&
+                 store_flush(L, c, ctx.u, err) < 0)
+          report_store(L, c, ctx.u, err);
+        continue;                        /* committed or dropped now */
       }
-      if (buzz__bus_next(&c->bus, 0, &sub, &ev, &ctx) <= 0) break;
+      if (rc <= 0) break;
       dispatch(L, c, ctx.u, sub, ev);
       n++;
     }
@@ -1160,6 +1219,7 @@ static int lcore_pump(lua_State *L) {
         c->is_stopped)
       break;
   }
+  c->bus.has_gate = 0;
   if (c->is_open) buzz__loop_signal(c->loop, has_work(c));
   lua_pushinteger(L, n);
   return 1;
@@ -1288,6 +1348,7 @@ static buzz_store *need_store(lua_State *L, lcore *c, const char *what) {
       int u = push_refs(L);
       if (store_flush(L, c, u, err) < 0) report_store(L, c, u, err);
       lua_pop(L, 1);
+      if (!c->is_open) luaL_error(L, "attempt to use a closed bus");
     }
     return c->store;
   }
@@ -1329,12 +1390,12 @@ static int lcore_query(lua_State *L) {
   }
   u = push_refs(L);
   if ((n = read_page(L, c, u, &q, &bad)) < 0) {
-    if (bad > 0) return lua_error(L);
     lua_pushnil(L);
-    lua_insert(L, -2);
+    lua_pushfstring(L, "ESTORE: %s", lua_tostring(L, -2));
     lua_pushliteral(L, "ESTORE");
     return 3;
   }
+  if (bad > 0) return lua_error(L);    /* the upcaster's raise */
   return 1;
 }
 

@@ -66,6 +66,7 @@ static const char *const schema_sql =
   " version INTEGER NOT NULL DEFAULT 1,"
   " dedup TEXT);"
   "CREATE INDEX events_dedup ON events(dedup) WHERE dedup IS NOT NULL;"
+  "CREATE TABLE meta (key TEXT PRIMARY KEY, value);"
   "CREATE TABLE consumers ("
   " name TEXT PRIMARY KEY,"
   " pattern TEXT NOT NULL,"
@@ -102,8 +103,8 @@ struct buzz_store {
   int64_t committed_id;
   failure *fails, *fails_tail;  /* owns; unreported failures */
   buzz_store_stats st;
-  unsigned is_stopping : 1;
-  unsigned has_thread : 1;
+  int is_stopping;           /* under mu */
+  int has_thread;            /* set before the thread starts */
   uv_thread_t thread;
 };
 
@@ -298,6 +299,24 @@ static void retain(buzz_store *s) {
   sqlite3_finalize(st);
 }
 
+/*
+** After a failed group: records its highest id on its own, so no id is
+** handed out twice across a restart (with durability "none" a handler may
+** have seen it). Best effort: if this fails too, the disk is in trouble
+** and the ids were seen by nobody in the other modes.
+*/
+static void keep_high_id(buzz_store *s, int64_t hi) {
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(s->wdb, "INSERT INTO meta (key, value) VALUES "
+                         "('last_id', ?1) ON CONFLICT (key) DO UPDATE SET "
+                         "value = max(value, ?1)", -1, &st, NULL)
+      != SQLITE_OK)
+    return;
+  sqlite3_bind_int64(st, 1, hi);
+  sqlite3_step(st);
+  sqlite3_finalize(st);
+}
+
 static void writer_main(void *arg) {
   buzz_store *s = arg;
   uv_mutex_lock(&s->mu);
@@ -343,6 +362,7 @@ static void writer_main(void *arg) {
         if ((f->msg = malloc(strlen(m) + 1)) != NULL) strcpy(f->msg, m);
       }
       if (!sqlite3_get_autocommit(s->wdb)) exec(s->wdb, "ROLLBACK");
+      if (hi > 0) keep_high_id(s, hi);
       uv_mutex_lock(&s->mu);
       if (f) {
         if (s->fails_tail) s->fails_tail->next = f;
@@ -490,6 +510,9 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
     return BUZZ_ESTORE;
   }
   if ((rc = prepare_schema(s, err, errlen)) < 0) return rc;
+  if (exec(s->wdb, "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, "
+           "value)") != SQLITE_OK)
+    goto fail;
   snprintf(b, sizeof b, "PRAGMA synchronous = %s",
            s->o.durability == BUZZ_DUR_SYNC ? "FULL" : "NORMAL");
   if (exec(s->wdb, b) != SQLITE_OK) goto fail;
@@ -512,6 +535,12 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
     goto fail;
   s->last_id = query_int(s->wdb, "SELECT max(id) FROM events", &rc);
   if (rc != SQLITE_OK) goto fail;
+  {
+    int64_t kept = query_int(s->wdb, "SELECT value FROM meta WHERE key = "
+                             "'last_id'", &rc);
+    if (rc != SQLITE_OK) goto fail;
+    if (kept > s->last_id) s->last_id = kept;
+  }
   return BUZZ_OK;
 fail:
   db_err(err, errlen, s, s->wdb);
@@ -569,13 +598,14 @@ int buzz__store_open(buzz_store **out, const char *path,
                           sql_match, NULL, NULL);
   s->committed_id = s->last_id;
   if (!o->is_readonly) {
+    s->has_thread = 1;                 /* before the thread can read it */
     if (uv_thread_create(&s->thread, writer_main, s) != 0) {
+      s->has_thread = 0;
       set_err(err, errlen, "%s: cannot start the writer thread", path,
               NULL);
       rc = BUZZ_ESTORE;
       goto fail;
     }
-    s->has_thread = 1;
   }
   *out = s;
   return BUZZ_OK;
@@ -720,6 +750,10 @@ int buzz__store_query(buzz_store *s, const buzz_query *q) {
   if (q->pattern.p) bind_str(s->q_stmt, 6, q->pattern);
   sqlite3_bind_int64(s->q_stmt, 7, q->limit > 0 ? q->limit : 1);
   return BUZZ_OK;
+}
+
+void buzz__store_query_done(buzz_store *s) {
+  if (s->q_stmt) sqlite3_reset(s->q_stmt);
 }
 
 static buzz_str col_str(sqlite3_stmt *st, int i) {

@@ -132,6 +132,21 @@ describe("the store", function()
       assert.equal(20, seen)
     end)
 
+    it("gates every event, not only the head of the queue", function()
+      local bus = H.bus{ store = path }
+      local reader = H.bus{ store = path, readonly = true }
+      local a = bus:subscribe("a", H.counter(0))
+      bus:subscribe("b", H.counter(50, function(ev)
+        assert.equal(1, #collect(reader:events{ from = ev.id, to = ev.id }))
+      end))
+      for _ = 1, 50 do
+        bus:publish("a", 1)
+        bus:publish("b", 2)
+      end
+      a:unsubscribe()
+      bus:drain()
+    end)
+
     it("commits before publish returns with sync", function()
       local bus = H.bus{ store = path, durability = "sync" }
       local reader = H.bus{ store = path, readonly = true }
@@ -314,6 +329,55 @@ describe("the store", function()
         H.bus():subscribe("e", print, { durable = "d" })
       end, "durable consumers keep their position in a store: create the "
            .. 'bus with buzz.new{ store = "events.db" }')
+    end)
+
+    it("skip only the event an upcaster fails on, and report it",
+       function()
+      local errs = {}
+      local bus = H.bus{ store = path, on_error = function(e)
+        errs[#errs + 1] = e
+      end }
+      for i = 1, 5 do bus:publish("e", i) end
+      bus:upcaster("e", 1, function(p)
+        if p == 3 then error("cannot upcast") end
+        return p
+      end)
+      local got = {}
+      bus:subscribe("e", function(ev) got[#got + 1] = ev.payload end,
+                    { durable = "d" })
+      bus:drain()
+      assert.same({ 1, 2, 4, 5 }, got)
+      assert.equal(1, #errs)
+      assert.matches("upcasting event 3 failed: .*cannot upcast", errs[1])
+    end)
+
+    it("keep their place when a handler unsubscribes mid-page", function()
+      local bus = H.bus{ store = path }
+      for i = 1, 10 do bus:publish("e", i) end
+      local sub
+      sub = bus:subscribe("e", function(ev)
+        if ev.payload == 4 then sub:unsubscribe() end
+      end, { durable = "d" })
+      bus:drain()
+      local got = {}
+      bus:subscribe("e", function(ev) got[#got + 1] = ev.payload end,
+                    { durable = "d" })
+      bus:drain()
+      assert.equal(4, got[1])          -- the one under way comes again
+      assert.equal(7, #got)
+    end)
+
+    it("resubscribed, see nothing twice", function()
+      local bus = H.bus{ store = path }
+      for i = 1, 2000 do bus:publish("e", i) end
+      local n = 0
+      local sub = bus:subscribe("e", function() n = n + 1 end,
+                                { durable = "d" })
+      bus:drain()
+      sub:unsubscribe()
+      bus:subscribe("e", function() n = n + 1 end, { durable = "d" })
+      bus:drain()
+      assert.equal(2000, n)
     end)
 
     it("catch up in one drain, however many pages behind", function()
@@ -689,6 +753,22 @@ describe("the store", function()
       assert.is_true(accepted > stored)
       full:close()
       assert.equal("ok\n", sqlite(path, "PRAGMA integrity_check"))
+    end)
+
+    it("forgets the dedup key of an event that was not stored", function()
+      bus:close()
+      local full = H.bus{ store = path, max_size = 64 * 1024 }
+      local pad = string.rep("p", 900)
+      for i = 1, 200 do
+        assert.truthy(full:publish("e", { pad = pad }, { dedup = "k" .. i }))
+        if not full:flush() then       -- lost: a retry is not a duplicate
+          local _, second = full:publish("e", { pad = pad },
+                                         { dedup = "k" .. i })
+          assert.is_nil(second)
+          return
+        end
+      end
+      error("the store never filled up")
     end)
 
     it("refuses a second writer with ELOCKED, and lets readers in",
