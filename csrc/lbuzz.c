@@ -468,7 +468,8 @@ static void set_json(lua_State *L, int key, buzz_str v) {
 static int push_stored(lua_State *L, lcore *c, int u, const buzz_stored *r) {
   int prio = r->priority >= 0 && r->priority < BUZZ_NPRIO ? r->priority
              : BUZZ_PRIO_NORMAL;
-  lua_createtable(L, 0, 12);
+  lua_createtable(L, 0, 7 + (r->key_kind != 0) + (r->corr.p != NULL) +
+                         (r->causation_id != 0) + (r->headers.p != NULL));
   set_int(L, UV_ID, r->id);
   set_str(L, UV_TYPE, r->type);
   set_json(L, UV_PAYLOAD, r->payload);
