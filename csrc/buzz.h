@@ -307,6 +307,8 @@ void buzz__loop_close(buzz_loop *l);     /* closes handles, frees */
 int buzz__loop_fd(buzz_loop *l);         /* enables signalling */
 void buzz__loop_signal(buzz_loop *l, int has_work);
 uint64_t buzz__hrtime(void);            /* ns, monotonic (uv_hrtime) */
+/* Consumes any wake-up, ours or another thread's (a polled loop only). */
+void buzz__loop_consume(buzz_loop *l);
 /* Makes the descriptor readable; callable from any thread. */
 void buzz__loop_wake(buzz_loop *l);
 int buzz__loop_timeout(buzz_loop *l);    /* ms, -1 = no timer armed */

@@ -664,6 +664,14 @@ static int has_work(lcore *c) {
   return buzz__bus_pending(&c->bus) > 0 || durables_behind(c);
 }
 
+/* Keeps a polled descriptor readable exactly while work is due; with a
+** store, also consumes the writer's wake-ups once nothing is. */
+static void signal_work(lcore *c) {
+  int is_due = has_work(c);
+  buzz__loop_signal(c->loop, is_due);
+  if (!is_due && c->store) buzz__loop_consume(c->loop);
+}
+
 static void dedup_loaded(void *data, buzz_str key, int64_t id, int64_t ts) {
   buzz__dedup_put((buzz_dedup *)data, key.p, key.n, id, ts);
 }
@@ -1066,7 +1074,7 @@ static int do_publish(lua_State *L, int mode) {
   const char *dkey = luaL_optlstring(L, 9, NULL, &dlen);
   lua_Integer version = luaL_optinteger(L, 10, 0);
   buzz_event *ev, *cur = c->ncur > 0 ? c->cur[c->ncur - 1] : NULL;
-  int64_t id;
+  int64_t id, now = 0;
   lctx ctx;
   int rc;
   if (type == NULL) {
@@ -1082,7 +1090,8 @@ static int do_publish(lua_State *L, int mode) {
   ctx.L = L;
   ctx.u = push_refs(L);                /* slot 11 */
   if (dkey && c->dedup &&
-      (id = buzz__dedup_find(c->dedup, dkey, dlen, buzz__clock_ms())) != 0) {
+      (id = buzz__dedup_find(c->dedup, dkey, dlen, now = buzz__clock_ms()))
+      != 0) {
     lua_pushinteger(L, (lua_Integer)id);
     lua_pushliteral(L, "duplicate");
     return 2;
@@ -1094,9 +1103,9 @@ static int do_publish(lua_State *L, int mode) {
     lua_replace(L, 6);
     lua_settop(L, ctx.u);
   }
-  if (mode == 0 && c->bus.queue.limit &&
-      c->bus.queue.count >= c->bus.queue.limit)
-    goto full;
+  if (c->store && mode == 0 && c->bus.queue.limit &&   /* before the */
+      c->bus.queue.count >= c->bus.queue.limit)         /* append; the */
+    goto full;                         /* bus checks memory buses itself */
   if ((ev = buzz__event_new(&c->bus.queue)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   ev->priority = (unsigned char)prio;
@@ -1120,7 +1129,8 @@ static int do_publish(lua_State *L, int mode) {
     if (c->dedup == NULL &&
         buzz__dedup_new(&c->dedup, c->dedup_window) < 0)
       return push_fail(L, BUZZ_ENOMEM, NULL);
-    if (buzz__dedup_put(c->dedup, dkey, dlen, id, buzz__clock_ms()) < 0)
+    if (buzz__dedup_put(c->dedup, dkey, dlen, id,
+                        now ? now : buzz__clock_ms()) < 0)
       return push_fail(L, BUZZ_ENOMEM, NULL);
   }
   if (rc == 0) {                       /* no audience: freed already */
@@ -1221,7 +1231,7 @@ static int lcore_pump(lua_State *L) {
       break;
   }
   c->bus.has_gate = 0;
-  if (c->is_open) buzz__loop_signal(c->loop, has_work(c));
+  if (c->is_open) signal_work(c);
   lua_pushinteger(L, n);
   return 1;
 }
@@ -1298,7 +1308,7 @@ static int lcore_timeout(lua_State *L) {
 static int lcore_fd(lua_State *L) {
   lcore *c = check_core(L);
   lua_pushinteger(L, buzz__loop_fd(c->loop));
-  buzz__loop_signal(c->loop, has_work(c));
+  signal_work(c);
   return 1;
 }
 

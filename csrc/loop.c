@@ -101,10 +101,15 @@ void buzz__loop_signal(buzz_loop *l, int has_work) {
   if (has_work && !l->is_signalled) {
     uv_async_send(l->wake);
     l->is_signalled = 1;
-  } else if (!has_work) {
-    loop_poll_once(l);    /* consumes our wake-up or the store writer's */
+  } else if (!has_work && l->is_signalled) {
+    loop_poll_once(l);                     /* consumes the wake-up */
     l->is_signalled = 0;
   }
+}
+
+void buzz__loop_consume(buzz_loop *l) {
+  if (l->is_polled) loop_poll_once(l);
+  l->is_signalled = 0;
 }
 
 void buzz__loop_wake(buzz_loop *l) {
