@@ -554,11 +554,46 @@ static int append_ack(lcore *c, const char *name, const char *pattern,
   return 0;
 }
 
+/* Gives the writer a durable sub's position if it moved since last time. */
+static int save_position(lcore *c, buzz_sub *sub, char *err) {
+  int rc;
+  if (sub->acked == sub->saved) return 0;
+  if ((rc = append_ack(c, sub->durable, sub->pattern, sub->acked, err)) < 0)
+    return rc;
+  sub->saved = sub->acked;
+  return 1;
+}
+
+/* The live durable sub named name on this bus, or NULL. */
+static buzz_sub *find_durable(const lcore *c, const char *name) {
+  size_t i;
+  for (i = 0; i < c->bus.nslots; i++) {
+    buzz_sub *s = c->bus.slots[i];
+    if (s && s->durable && strcmp(s->durable, name) == 0) return s;
+  }
+  return NULL;
+}
+
 /* Calls the reporter with a failure that belongs to no delivery. */
 static void report_store(lua_State *L, lcore *c, int u, const char *err) {
   lua_rawgeti(L, u, c->report_ref);
   lua_pushfstring(L, "ESTORE: %s", err);
   if (lua_pcall(L, 1, 0, 0) != 0) lua_pop(L, 1);
+}
+
+/*
+** Before a read: commits what is in flight, so the read sees the bus's own
+** writes. A failed group goes to on_error; an on_error that closed the
+** bus makes this raise.
+*/
+static void catch_up(lua_State *L, lcore *c) {
+  char err[ERR_MAX];
+  int u;
+  if (buzz__store_is_idle(c->store)) return;
+  u = push_refs(L);
+  if (store_flush(L, c, u, err) < 0) report_store(L, c, u, err);
+  lua_pop(L, 1);
+  if (!c->is_open) luaL_error(L, "attempt to use a closed bus");
 }
 
 /*
@@ -631,11 +666,10 @@ static lua_Integer pump_durables(lua_State *L, lcore *c, int u,
       sub->acked = q.to_id;            /* read to the committed end */
     }
     lua_settop(L, top);
-    if (!sub->is_dead && c->is_open && sub->acked != sub->saved) {
-      if (append_ack(c, sub->durable, sub->pattern, sub->acked, err) < 0)
-        report_store(L, c, u, err);
-      sub->saved = sub->acked;
-      wrote = 1;
+    if (!sub->is_dead && c->is_open) {
+      int rc = save_position(c, sub, err);
+      if (rc < 0) report_store(L, c, u, err);
+      wrote |= rc > 0;
     }
     buzz__sub_release(sub);
   }
@@ -676,14 +710,6 @@ static void dedup_loaded(void *data, buzz_str key, int64_t id, int64_t ts) {
   buzz__dedup_put((buzz_dedup *)data, key.p, key.n, id, ts);
 }
 
-static int opt_int(lua_State *L, int t, const char *k, lua_Integer dflt) {
-  lua_Integer v;
-  lua_getfield(L, t, k);
-  v = lua_isnil(L, -1) ? dflt : lua_tointeger(L, -1);
-  lua_pop(L, 1);
-  return (int)v;
-}
-
 static int64_t opt_int64(lua_State *L, int t, const char *k) {
   int64_t v;
   lua_getfield(L, t, k);
@@ -705,8 +731,8 @@ static int open_store(lua_State *L, lcore *c, int t) {
   memset(&o, 0, sizeof o);
   lua_getfield(L, t, "path");
   path = lua_tostring(L, -1);
-  o.durability = opt_int(L, t, "durability", BUZZ_DUR_BATCH);
-  o.is_readonly = opt_int(L, t, "readonly", 0);
+  o.durability = (int)opt_int64(L, t, "durability");  /* 0 none */
+  o.is_readonly = opt_int64(L, t, "readonly") != 0;
   o.max_bytes = opt_int64(L, t, "max_bytes");
   o.max_age_ms = opt_int64(L, t, "max_age_ms");
   o.max_events = opt_int64(L, t, "max_events");
@@ -815,12 +841,9 @@ static int lcore_close(lua_State *L) {
   if (c->store && c->bus.slots != NULL) {   /* durable positions, before */
     size_t i;                              /* the writer stops */
     char err[ERR_MAX];
-    for (i = 0; i < c->bus.nslots; i++) {
-      buzz_sub *sub = c->bus.slots[i];
-      if (sub && sub->durable && sub->acked != sub->saved &&
-          append_ack(c, sub->durable, sub->pattern, sub->acked, err) == 0)
-        sub->saved = sub->acked;
-    }
+    for (i = 0; i < c->bus.nslots; i++)
+      if (c->bus.slots[i] && c->bus.slots[i]->durable)
+        save_position(c, c->bus.slots[i], err);
   }
   n = buzz__bus_close(&c->bus, NULL);  /* U is dropped whole below */
   c->ndurable = 0;
@@ -860,7 +883,6 @@ static int lcore_is_closed(lua_State *L) {
 static int durable_start(lua_State *L, lcore *c, const char *name,
                          size_t nlen, int start_new, int64_t *acked) {
   char err[ERR_MAX];
-  size_t i;
   int rc;
   if (c->store == NULL) {
     lua_pushnil(L);
@@ -869,23 +891,15 @@ static int durable_start(lua_State *L, lcore *c, const char *name,
     lua_pushliteral(L, "EINVAL");
     return 3;
   }
-  for (i = 0; i < c->bus.nslots; i++) {
-    buzz_sub *s = c->bus.slots[i];
-    if (s && s->durable && strcmp(s->durable, name) == 0) {
-      lua_pushnil(L);
-      lua_pushfstring(L, "durable consumer \"%s\" is already subscribed on "
-                      "this bus; unsubscribe it first or pick another name",
-                      name);
-      lua_pushliteral(L, "EINVAL");
-      return 3;
-    }
+  if (find_durable(c, name)) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "durable consumer \"%s\" is already subscribed on "
+                    "this bus; unsubscribe it first or pick another name",
+                    name);
+    lua_pushliteral(L, "EINVAL");
+    return 3;
   }
-  if (!buzz__store_is_idle(c->store)) {    /* read its latest position */
-    int u = push_refs(L);
-    if (store_flush(L, c, u, err) < 0) report_store(L, c, u, err);
-    lua_pop(L, 1);
-    if (!c->is_open) luaL_error(L, "attempt to use a closed bus");
-  }
+  catch_up(L, c);                      /* read its latest position */
   err[0] = '\0';
   rc = buzz__store_consumer(c->store, name, nlen, acked, err, sizeof err);
   if (rc < 0) return push_store_fail(L, rc, err);
@@ -969,9 +983,7 @@ static int lcore_unsubscribe(lua_State *L) {
   if (sub->durable) {
     char err[ERR_MAX];
     c->ndurable--;
-    if (sub->acked != sub->saved &&          /* keep its place */
-        append_ack(c, sub->durable, sub->pattern, sub->acked, err) == 0)
-      sub->saved = sub->acked;
+    save_position(c, sub, err);        /* keep its place */
   }
   buzz__bus_unsubscribe(&c->bus, sub);   /* may free sub */
   luaL_unref(L, u, ref);
@@ -1354,13 +1366,7 @@ static int lcore_flush(lua_State *L) {
 */
 static buzz_store *need_store(lua_State *L, lcore *c, const char *what) {
   if (c->store) {
-    if (!buzz__store_is_idle(c->store)) {
-      char err[ERR_MAX];
-      int u = push_refs(L);
-      if (store_flush(L, c, u, err) < 0) report_store(L, c, u, err);
-      lua_pop(L, 1);
-      if (!c->is_open) luaL_error(L, "attempt to use a closed bus");
-    }
+    catch_up(L, c);
     return c->store;
   }
   lua_pushnil(L);
@@ -1463,22 +1469,19 @@ static int lcore_consumers(lua_State *L) {
 */
 static int lcore_remove_consumer(lua_State *L) {
   lcore *c = check_core(L);
-  size_t len, i;
+  size_t len;
   const char *name = luaL_checklstring(L, 2, &len);
   buzz_row spec, *row;
   char err[ERR_MAX];
   int64_t acked;
   int rc, found;
   if (!need_store(L, c, "remove_consumer()")) return 3;
-  for (i = 0; i < c->bus.nslots; i++) {
-    buzz_sub *s = c->bus.slots[i];
-    if (s && s->durable && strcmp(s->durable, name) == 0) {
-      lua_pushnil(L);
-      lua_pushfstring(L, "durable consumer \"%s\" is subscribed on this "
-                      "bus: unsubscribe it before removing it", name);
-      lua_pushliteral(L, "EINVAL");
-      return 3;
-    }
+  if (find_durable(c, name)) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "durable consumer \"%s\" is subscribed on this "
+                    "bus: unsubscribe it before removing it", name);
+    lua_pushliteral(L, "EINVAL");
+    return 3;
   }
   err[0] = '\0';
   if ((found = buzz__store_consumer(c->store, name, len, &acked, err,
@@ -1591,16 +1594,11 @@ static int lcore_audience(lua_State *L) {
 static int lcore_stats(lua_State *L) {
   lcore *c = check_core(L);
   lua_createtable(L, 0, 5);
-  lua_pushinteger(L, (lua_Integer)buzz__bus_pending(&c->bus));
-  lua_setfield(L, -2, "pending");
-  lua_pushinteger(L, (lua_Integer)c->bus.nsubs);
-  lua_setfield(L, -2, "subscriptions");
-  lua_pushinteger(L, (lua_Integer)c->bus.last_id);
-  lua_setfield(L, -2, "last_id");
-  lua_pushinteger(L, (lua_Integer)buzz__trie_cached(c->bus.trie));
-  lua_setfield(L, -2, "cached_types");
-  lua_pushinteger(L, (lua_Integer)c->bus.queue.limit);
-  lua_setfield(L, -2, "queue_limit");
+  set_i(L, "pending", (int64_t)buzz__bus_pending(&c->bus));
+  set_i(L, "subscriptions", (int64_t)c->bus.nsubs);
+  set_i(L, "last_id", c->bus.last_id);
+  set_i(L, "cached_types", (int64_t)buzz__trie_cached(c->bus.trie));
+  set_i(L, "queue_limit", (int64_t)c->bus.queue.limit);
   return 1;
 }
 
