@@ -53,6 +53,7 @@ local PUBLISH_OPTIONS = option_set("priority", "key", "delay", "at",
                                    "correlation_id", "headers", "dedup",
                                    "version")
 local QUERY_OPTIONS = option_set("types", "from", "to", "key", "limit")
+local STORE_INFO_OPTIONS = option_set("types")
 local REPLAY_OPTIONS = option_set("types", "from", "to", "key", "limit",
                                   "handler", "consumer")
 
@@ -409,41 +410,38 @@ local function publish_args(self, opts, level)
   return publish_options(opts, level + 1)
 end
 
+-- Makes Bus:publish and Bus:publish_sync, which differ only in the core
+-- method they call; made once, at load, not per bus.
+local function publisher(method)
+  return function(self, etype, payload, opts)
+    local c = check_bus(self, method)
+    local prio, key, corr, headers, dedup, version =
+      publish_args(self, opts, 2)
+    local id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
+                                    headers, dedup, version)
+    if not id then
+      local _, e, k = refused(err, code, 2)   -- not a tail call: levels
+      return nil, e, k
+    end
+    if err then return id, err end   -- "duplicate": a repeated dedup key
+    return id
+  end
+end
+
 --- Queues an event; handlers run when the bus is driven.
 ---@param etype string a concrete subject, "task.start"
 ---@param payload any
----@param opts table|nil priority, key, correlation_id, headers
+---@param opts table|nil priority, key, correlation_id, headers, dedup,
+---  version
 ---@return integer|nil id, string|nil err, string|nil code
-function Bus:publish(etype, payload, opts)
-  local c = check_bus(self, "publish")
-  local prio, key, corr, headers, dedup, version = publish_args(self, opts, 2)
-  local id, err, code = c:publish(etype, payload, prio, key, corr, nil,
-                                  headers, dedup, version)
-  if not id then
-    local _, e, k = refused(err, code, 2)     -- not a tail call: levels
-    return nil, e, k
-  end
-  if err then return id, err end     -- "duplicate": a repeated dedup key
-  return id
-end
+Bus.publish = publisher("publish")
 
 --- Delivers an event to its handlers before returning, even in a handler.
 ---@param etype string
 ---@param payload any
----@param opts table|nil
+---@param opts table|nil as for publish
 ---@return integer|nil id, string|nil err, string|nil code
-function Bus:publish_sync(etype, payload, opts)
-  local c = check_bus(self, "publish_sync")
-  local prio, key, corr, headers, dedup, version = publish_args(self, opts, 2)
-  local id, err, code = c:publish_sync(etype, payload, prio, key, corr, nil,
-                                       headers, dedup, version)
-  if not id then
-    local _, e, k = refused(err, code, 2)     -- not a tail call: levels
-    return nil, e, k
-  end
-  if err then return id, err end     -- "duplicate": a repeated dedup key
-  return id
-end
+Bus.publish_sync = publisher("publish_sync")
 
 --- Makes at most max deliveries (default 1); returns how many it made.
 ---@param max integer|nil
@@ -505,13 +503,23 @@ function Bus:close()
 end
 Bus.__close = Bus.close
 
+-- The core's store_info with what only this layer knows.
+local function store_info(self, c, with_types)
+  local info, err, code = c:store_info(with_types)
+  if not info then return nil, err, code end
+  info.path = self._store
+  info.durability = self._durability
+  info.readonly = self._readonly
+  return info
+end
+
 --- Counters from the core: pending, subscriptions, last_id, cached_types,
 --- queue_limit, and with a store `store` (see store_info).
 ---@return table
 function Bus:stats()
   local c = check_bus(self, "stats")
   local st = c:stats()
-  if self._store then st.store = c:store_info(false) end
+  if self._store then st.store = store_info(self, c, false) end
   return st
 end
 
@@ -604,15 +612,10 @@ local function page_of(c, q, after, limit)
   return page
 end
 
---- Stored events in id order, as an iterator: for ev in bus:events{...}.
---- Filters: types (a pattern), from and to (ids, or { time = seconds },
---- inclusive), key, limit. Old payloads come back upcast. A store that
---- fails while iterating raises; one that fails at once returns nil, err.
----@param filters table|nil
----@return function|nil iterator, string|nil err, string|nil code
-function Bus:events(filters)
-  local c = check_store(self, "events")
-  local q, after, limit = query_filters(filters, QUERY_OPTIONS, "events", 2)
+-- The iterator of events() over the core c: pages of the query q after
+-- the id after, at most limit events; nil, err, code if the first page
+-- fails.
+local function stored_events(c, q, after, limit)
   local page, err, code = c:query(q, after, limit < PAGE and limit or PAGE)
   if not page then return nil, err, code end
   local i, seen = 0, 0
@@ -631,11 +634,25 @@ function Bus:events(filters)
   end
 end
 
+--- Stored events in id order, as an iterator: for ev in bus:events{...}.
+--- Filters: types (a pattern), from and to (ids, or { time = seconds },
+--- inclusive), key, limit. Old payloads come back upcast. A store that
+--- fails while iterating raises; one that fails at once returns nil, err.
+---@param filters table|nil
+---@return function|nil iterator, string|nil err, string|nil code
+function Bus:events(filters)
+  local c = check_store(self, "events")
+  local q, after, limit = query_filters(filters, QUERY_OPTIONS, "events", 2)
+  local iter, err, code = stored_events(c, q, after, limit)
+  return iter, err, code
+end
+
 --- Feeds stored events through a handler without appending them again:
 --- the same filters as events(), plus handler = fn or consumer = "name"
 --- (the handler of that durable consumer, subscribed on this bus). Events
 --- carry is_replay = true. A handler's raise goes to on_error and the
---- replay goes on. Returns the number of events replayed.
+--- replay goes on. Returns the number of events replayed; a store that
+--- fails at once returns nil, err, code, later raises (as events() does).
 ---@param opts table
 ---@return integer|nil count, string|nil err, string|nil code
 function Bus:replay(opts)
@@ -670,24 +687,17 @@ function Bus:replay(opts)
                       or "(error object is not a string)", 2)
     return e
   end
+  local iter, err, code = stored_events(c, q, after, limit)
+  if not iter then return nil, err, code end
   local n = 0
-  while n < limit do
-    local page, err, code = c:query(q, after, limit - n < PAGE
-                                              and limit - n or PAGE)
-    if not page then return nil, err, code end
-    for i = 1, #page do
-      local ev = page[i]
-      ev.is_replay = true
-      local ok, e = xpcall(handler, on_raise, ev)
-      if not ok then
-        report(e, ev, sub or { pattern = q.pattern or ">" }, trace)
-      end
+  for ev in iter do
+    ev.is_replay = true
+    local ok, e = xpcall(handler, on_raise, ev)
+    if not ok then
+      report(e, ev, sub or { pattern = q.pattern or ">" }, trace)
     end
-    n = n + #page
-    if #page < PAGE then break end
-    after = page[#page].id
-    c = self._core
-    if not c then break end           -- a handler closed the bus
+    n = n + 1
+    if not self._core then break end   -- a handler closed the bus
   end
   return n
 end
@@ -784,13 +794,9 @@ end
 ---@return table|nil info, string|nil err, string|nil code
 function Bus:store_info(opts)
   local c = check_store(self, "store_info")
-  check_options(opts, option_set("types"), "store_info", 2)
-  local info, err, code = c:store_info(opts and opts.types)
-  if not info then return nil, err, code end
-  info.path = self._store
-  info.durability = self._durability
-  info.readonly = self._readonly
-  return info
+  check_options(opts, STORE_INFO_OPTIONS, "store_info", 2)
+  local info, err, code = store_info(self, c, opts and opts.types)
+  return info, err, code
 end
 
 
