@@ -147,18 +147,22 @@ static int exec(sqlite3 *db, const char *sql) {
   return sqlite3_exec(db, sql, NULL, NULL, NULL);
 }
 
-static int64_t query_int(sqlite3 *db, const char *sql, int *rc) {
+/*
+** Runs sql with nargs (0 to 2) integer parameters a, b and returns the
+** first column of its first row, 0 if it has none. *rc is SQLITE_OK or the
+** error.
+*/
+static int64_t query_int(sqlite3 *db, const char *sql, int nargs, int64_t a,
+                         int64_t b, int *rc) {
   sqlite3_stmt *st;
   int64_t v = 0;
   *rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
   if (*rc != SQLITE_OK) return 0;
+  if (nargs > 0) sqlite3_bind_int64(st, 1, a);
+  if (nargs > 1) sqlite3_bind_int64(st, 2, b);
   *rc = sqlite3_step(st);
-  if (*rc == SQLITE_ROW) {
-    v = sqlite3_column_int64(st, 0);
-    *rc = SQLITE_OK;
-  } else if (*rc == SQLITE_DONE) {
-    *rc = SQLITE_OK;
-  }
+  if (*rc == SQLITE_ROW) v = sqlite3_column_int64(st, 0);
+  if (*rc == SQLITE_ROW || *rc == SQLITE_DONE) *rc = SQLITE_OK;
   sqlite3_finalize(st);
   return v;
 }
@@ -225,52 +229,30 @@ static int write_row(buzz_store *s, buzz_row *r) {
 
 /* Deletes expired events in small transactions. Writer thread. */
 static void retain(buzz_store *s) {
-  int64_t now = buzz__clock_ms(), cut = 0, keep_from, floor_id, held;
+  int64_t now = buzz__clock_ms(), cut = 0, max_id, floor_id, held = 0;
   int rc;
   sqlite3_stmt *st;
   if (!s->o.max_age_ms && !s->o.max_events) return;
   if (now - s->last_retain < RETAIN_EVERY_MS) return;
   s->last_retain = now;
-  if (s->o.max_events > 0) {
-    if (sqlite3_prepare_v2(s->wdb, "SELECT id FROM events ORDER BY id DESC "
-                           "LIMIT 1 OFFSET ?", -1, &st, NULL) != SQLITE_OK)
-      return;
-    sqlite3_bind_int64(st, 1, s->o.max_events);
-    if (sqlite3_step(st) == SQLITE_ROW) cut = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-  }
-  if (s->o.max_age_ms > 0) {
-    /* ids follow time: the first young event bounds the old ones */
-    if (sqlite3_prepare_v2(s->wdb, "SELECT id FROM events WHERE ts >= ? "
-                           "ORDER BY id LIMIT 1", -1, &st, NULL) != SQLITE_OK)
-      return;
-    sqlite3_bind_int64(st, 1, now - s->o.max_age_ms);
-    if (sqlite3_step(st) == SQLITE_ROW) keep_from = sqlite3_column_int64(st, 0);
-    else keep_from = query_int(s->wdb, "SELECT max(id) FROM events", &rc);
-    sqlite3_finalize(st);
-    if (keep_from - 1 > cut) cut = keep_from - 1;
+  if (s->o.max_events > 0)                 /* older than the newest n */
+    cut = query_int(s->wdb, "SELECT id FROM events ORDER BY id DESC LIMIT 1 "
+                    "OFFSET ?", 1, s->o.max_events, 0, &rc);
+  if (s->o.max_age_ms > 0) {  /* ids follow time: the first young event */
+    int64_t young = query_int(s->wdb, "SELECT coalesce((SELECT id FROM "
+                              "events WHERE ts >= ? ORDER BY id LIMIT 1), "
+                              "(SELECT max(id) FROM events))", 1,
+                              now - s->o.max_age_ms, 0, &rc);
+    if (young - 1 > cut) cut = young - 1;
   }
   /* never the newest event, never past a durable consumer */
-  {
-    int64_t max_id = query_int(s->wdb, "SELECT max(id) FROM events", &rc);
-    if (cut >= max_id) cut = max_id - 1;
-  }
-  floor_id = cut;
-  if (query_int(s->wdb, "SELECT count(*) FROM consumers", &rc) > 0) {
-    int64_t min_acked = query_int(s->wdb, "SELECT min(acked) FROM consumers",
-                                  &rc);
-    if (min_acked < floor_id) floor_id = min_acked;
-  }
-  held = 0;
-  if (floor_id < cut) {
-    if (sqlite3_prepare_v2(s->wdb, "SELECT count(*) FROM events WHERE id > ? "
-                           "AND id <= ?", -1, &st, NULL) == SQLITE_OK) {
-      sqlite3_bind_int64(st, 1, floor_id);
-      sqlite3_bind_int64(st, 2, cut);
-      if (sqlite3_step(st) == SQLITE_ROW) held = sqlite3_column_int64(st, 0);
-      sqlite3_finalize(st);
-    }
-  }
+  max_id = query_int(s->wdb, "SELECT max(id) FROM events", 0, 0, 0, &rc);
+  if (cut >= max_id) cut = max_id - 1;
+  floor_id = query_int(s->wdb, "SELECT min(coalesce(min(acked), ?1), ?1) "
+                       "FROM consumers", 1, cut, 0, &rc);
+  if (floor_id < cut)
+    held = query_int(s->wdb, "SELECT count(*) FROM events WHERE id > ? AND "
+                     "id <= ?", 2, floor_id, cut, &rc);
   uv_mutex_lock(&s->mu);
   s->st.held_back = held;
   uv_mutex_unlock(&s->mu);
@@ -425,17 +407,30 @@ static int lock_writer(buzz_store *s, char *err, size_t errlen) {
   return BUZZ_OK;
 }
 
+/* A store whose schema this buzz does not know is left alone. */
+static int check_version(const buzz_store *s, int64_t ver, char *err,
+                         size_t errlen) {
+  char b[48];
+  if (ver <= SCHEMA_VERSION) return BUZZ_OK;
+  snprintf(b, sizeof b, "%lld, this buzz knows %d", (long long)ver,
+           SCHEMA_VERSION);
+  set_err(err, errlen, "%s was written by a newer buzz (schema %s); "
+          "upgrade buzz to open it", s->path, b);
+  return BUZZ_ESTORE;
+}
+
 /*
 ** Checks that the file is a buzz store (or empty, and then makes it one).
 ** Runs on the writer connection before the writer thread starts.
 */
 static int prepare_schema(buzz_store *s, char *err, size_t errlen) {
   int rc;
-  int64_t app = query_int(s->wdb, "PRAGMA application_id", &rc), ver, n;
+  int64_t app = query_int(s->wdb, "PRAGMA application_id", 0, 0, 0, &rc);
+  int64_t ver, n;
   if (rc != SQLITE_OK) goto fail;
-  ver = query_int(s->wdb, "PRAGMA user_version", &rc);
+  ver = query_int(s->wdb, "PRAGMA user_version", 0, 0, 0, &rc);
   if (rc != SQLITE_OK) goto fail;
-  n = query_int(s->wdb, "SELECT count(*) FROM sqlite_schema", &rc);
+  n = query_int(s->wdb, "SELECT count(*) FROM sqlite_schema", 0, 0, 0, &rc);
   if (rc != SQLITE_OK) goto fail;
   if (app != APP_ID) {
     char b[64];
@@ -458,10 +453,8 @@ static int prepare_schema(buzz_store *s, char *err, size_t errlen) {
     snprintf(b, sizeof b, "PRAGMA user_version = %d", SCHEMA_VERSION);
     if (exec(s->wdb, b) != SQLITE_OK || exec(s->wdb, "COMMIT") != SQLITE_OK)
       goto fail_txn;
-  } else if (ver > SCHEMA_VERSION) {
-    set_err(err, errlen, "%s was written by a newer buzz (schema %s); "
-            "upgrade buzz to open it", s->path, "newer than 1");
-    return BUZZ_ESTORE;
+  } else {
+    return check_version(s, ver, err, errlen);
   }
   return BUZZ_OK;
 fail_txn:
@@ -485,15 +478,35 @@ static int open_db(buzz_store *s, sqlite3 **db, int flags, char *err,
   return BUZZ_OK;
 }
 
-static int open_writer(buzz_store *s, char *err, size_t errlen) {
+/*
+** What can be said about the path before SQLite opens it: a directory, a
+** missing file for a reader, a file without write permission for a
+** writer (refused even for root, who could write it anyway).
+*/
+static int check_path(buzz_store *s, char *err, size_t errlen) {
   struct stat sb;
-  char b[96];
-  int rc;
-  if (stat(s->path, &sb) == 0 && (sb.st_mode & 0222) == 0) {
+  if (stat(s->path, &sb) != 0) {
+    if (!s->o.is_readonly) return BUZZ_OK;        /* SQLite creates it */
+    set_err(err, errlen, "%s: %s (readonly = true opens an existing store)",
+            s->path, strerror(errno));
+    return BUZZ_ESTORE;
+  }
+  if (S_ISDIR(sb.st_mode)) {
+    set_err(err, errlen, "%s is a directory: give the path of a store file "
+            "in it, such as %s/events.db", s->path, s->path);
+    return BUZZ_ESTORE;
+  }
+  if (!s->o.is_readonly && (sb.st_mode & 0222) == 0) {
     set_err(err, errlen, "%s is read-only (no write permission bits); open "
             "it with readonly = true to read it", s->path, NULL);
     return BUZZ_ESTORE;
   }
+  return BUZZ_OK;
+}
+
+static int open_writer(buzz_store *s, char *err, size_t errlen) {
+  char b[96];
+  int rc;
   if ((rc = lock_writer(s, err, errlen)) < 0) return rc;
   if ((rc = open_db(s, &s->wdb, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
                     err, errlen)) < 0)
@@ -504,7 +517,7 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
             NULL);
     return BUZZ_ESTORE;
   }
-  (void)query_int(s->wdb, "PRAGMA journal_mode = WAL", &rc);
+  (void)query_int(s->wdb, "PRAGMA journal_mode = WAL", 0, 0, 0, &rc);
   if (rc != SQLITE_OK) {
     db_err(err, errlen, s, s->wdb);
     return BUZZ_ESTORE;
@@ -517,7 +530,7 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
            s->o.durability == BUZZ_DUR_SYNC ? "FULL" : "NORMAL");
   if (exec(s->wdb, b) != SQLITE_OK) goto fail;
   if (s->o.max_bytes > 0) {
-    int64_t page = query_int(s->wdb, "PRAGMA page_size", &rc);
+    int64_t page = query_int(s->wdb, "PRAGMA page_size", 0, 0, 0, &rc);
     snprintf(b, sizeof b, "PRAGMA max_page_count = %lld",
              (long long)(s->o.max_bytes / (page > 0 ? page : 4096)));
     if (exec(s->wdb, b) != SQLITE_OK) goto fail;
@@ -533,11 +546,11 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
       sqlite3_prepare_v2(s->wdb, "DELETE FROM consumers WHERE name = ?", -1,
         &s->drop, NULL) != SQLITE_OK)
     goto fail;
-  s->last_id = query_int(s->wdb, "SELECT max(id) FROM events", &rc);
+  s->last_id = query_int(s->wdb, "SELECT max(id) FROM events", 0, 0, 0, &rc);
   if (rc != SQLITE_OK) goto fail;
   {
     int64_t kept = query_int(s->wdb, "SELECT value FROM meta WHERE key = "
-                             "'last_id'", &rc);
+                             "'last_id'", 0, 0, 0, &rc);
     if (rc != SQLITE_OK) goto fail;
     if (kept > s->last_id) s->last_id = kept;
   }
@@ -567,31 +580,31 @@ int buzz__store_open(buzz_store **out, const char *path,
   }
   uv_cond_init(&s->work);
   uv_cond_init(&s->done);
-  if (!o->is_readonly) {
-    if ((rc = open_writer(s, err, errlen)) < 0) goto fail;
-  } else {
-    struct stat sb;
-    if (stat(path, &sb) != 0) {
-      set_err(err, errlen, "%s: %s", path, strerror(errno));
-      rc = BUZZ_ESTORE;
-      goto fail;
-    }
-  }
+  if ((rc = check_path(s, err, errlen)) < 0) goto fail;
+  if (!o->is_readonly && (rc = open_writer(s, err, errlen)) < 0) goto fail;
   if ((rc = open_db(s, &s->rdb, SQLITE_OPEN_READONLY, err, errlen)) < 0)
     goto fail;
   if (o->is_readonly) {
-    int64_t app = query_int(s->rdb, "PRAGMA application_id", &rc);
+    int64_t ver, app = query_int(s->rdb, "PRAGMA application_id", 0, 0, 0, &rc);
     if (rc != SQLITE_OK) {
       db_err(err, errlen, s, s->rdb);
       rc = BUZZ_ESTORE;
       goto fail;
     }
     if (app != APP_ID) {
-      set_err(err, errlen, "%s is not a buzz store", path, NULL);
+      set_err(err, errlen, "%s is not a buzz store (open it once without "
+              "readonly to create one, or check the path)", path, NULL);
       rc = BUZZ_ESTORE;
       goto fail;
     }
-    s->last_id = query_int(s->rdb, "SELECT max(id) FROM events", &rc);
+    ver = query_int(s->rdb, "PRAGMA user_version", 0, 0, 0, &rc);
+    if (rc != SQLITE_OK) {
+      db_err(err, errlen, s, s->rdb);
+      rc = BUZZ_ESTORE;
+      goto fail;
+    }
+    if ((rc = check_version(s, ver, err, errlen)) < 0) goto fail;
+    s->last_id = query_int(s->rdb, "SELECT max(id) FROM events", 0, 0, 0, &rc);
   }
   sqlite3_create_function(s->rdb, "buzz_match", 2,
                           SQLITE_UTF8 | SQLITE_DETERMINISTIC, NULL,
@@ -800,74 +813,76 @@ int buzz__store_next(buzz_store *s, buzz_stored *row, char *err,
   return 1;
 }
 
+/* Prepares sql on the read connection: 0, or BUZZ_ESTORE with err. */
+static int read_prepare(buzz_store *s, const char *sql, sqlite3_stmt **st,
+                        char *err, size_t errlen) {
+  if (sqlite3_prepare_v2(s->rdb, sql, -1, st, NULL) == SQLITE_OK) return 0;
+  db_err(err, errlen, s, s->rdb);
+  return BUZZ_ESTORE;
+}
+
+/* Finalizes a read whose last step gave rc: 0 if it ran to the end (or
+** stopped at a row, with is_row_ok), else BUZZ_ESTORE with err. */
+static int read_done(buzz_store *s, sqlite3_stmt *st, int rc, int is_row_ok,
+                     char *err, size_t errlen) {
+  int ok = rc == SQLITE_DONE || (is_row_ok && rc == SQLITE_ROW);
+  if (!ok) db_err(err, errlen, s, s->rdb);
+  sqlite3_finalize(st);
+  return ok ? BUZZ_OK : BUZZ_ESTORE;
+}
+
 int buzz__store_consumer(buzz_store *s, const char *name, size_t len,
                          int64_t *acked, char *err, size_t errlen) {
   sqlite3_stmt *st;
-  int rc;
-  if (sqlite3_prepare_v2(s->rdb, "SELECT acked FROM consumers WHERE name = ?",
-                         -1, &st, NULL) != SQLITE_OK) {
-    db_err(err, errlen, s, s->rdb);
+  int rc, is_found;
+  if (read_prepare(s, "SELECT acked FROM consumers WHERE name = ?", &st, err,
+                   errlen) < 0)
     return BUZZ_ESTORE;
-  }
   sqlite3_bind_text(st, 1, name, (int)len, SQLITE_STATIC);
   rc = sqlite3_step(st);
-  if (rc == SQLITE_ROW) *acked = sqlite3_column_int64(st, 0);
-  else if (rc != SQLITE_DONE) db_err(err, errlen, s, s->rdb);
-  sqlite3_finalize(st);
-  return rc == SQLITE_ROW ? 1 : rc == SQLITE_DONE ? 0 : BUZZ_ESTORE;
+  if ((is_found = rc == SQLITE_ROW)) *acked = sqlite3_column_int64(st, 0);
+  if (read_done(s, st, rc, 1, err, errlen) < 0) return BUZZ_ESTORE;
+  return is_found;
 }
 
 int buzz__store_consumers(buzz_store *s, buzz_consumer_cb cb, void *data,
                           char *err, size_t errlen) {
   sqlite3_stmt *st;
   int rc;
-  if (sqlite3_prepare_v2(s->rdb, "SELECT name, pattern, acked, updated FROM "
-                         "consumers ORDER BY name", -1, &st, NULL)
-      != SQLITE_OK) {
-    db_err(err, errlen, s, s->rdb);
+  if (read_prepare(s, "SELECT name, pattern, acked, updated FROM consumers "
+                   "ORDER BY name", &st, err, errlen) < 0)
     return BUZZ_ESTORE;
-  }
   while ((rc = sqlite3_step(st)) == SQLITE_ROW)
     cb(data, col_str(st, 0), col_str(st, 1), sqlite3_column_int64(st, 2),
        sqlite3_column_int64(st, 3));
-  if (rc != SQLITE_DONE) db_err(err, errlen, s, s->rdb);
-  sqlite3_finalize(st);
-  return rc == SQLITE_DONE ? BUZZ_OK : BUZZ_ESTORE;
+  return read_done(s, st, rc, 0, err, errlen);
 }
 
 int buzz__store_types(buzz_store *s, buzz_count_cb cb, void *data,
                       char *err, size_t errlen) {
   sqlite3_stmt *st;
   int rc;
-  if (sqlite3_prepare_v2(s->rdb, "SELECT type, count(*) FROM events GROUP BY "
-                         "type ORDER BY type", -1, &st, NULL) != SQLITE_OK) {
-    db_err(err, errlen, s, s->rdb);
+  if (read_prepare(s, "SELECT type, count(*) FROM events GROUP BY type "
+                   "ORDER BY type", &st, err, errlen) < 0)
     return BUZZ_ESTORE;
-  }
   while ((rc = sqlite3_step(st)) == SQLITE_ROW)
     cb(data, col_str(st, 0), sqlite3_column_int64(st, 1));
-  if (rc != SQLITE_DONE) db_err(err, errlen, s, s->rdb);
-  sqlite3_finalize(st);
-  return rc == SQLITE_DONE ? BUZZ_OK : BUZZ_ESTORE;
+  return read_done(s, st, rc, 0, err, errlen);
 }
 
 int buzz__store_count(buzz_store *s, int64_t after, buzz_str pattern,
                       int64_t *n, char *err, size_t errlen) {
   sqlite3_stmt *st;
   int rc;
-  if (sqlite3_prepare_v2(s->rdb, "SELECT count(*) FROM events WHERE id > ? "
-                         "AND (?2 IS NULL OR buzz_match(?2, type))", -1, &st,
-                         NULL) != SQLITE_OK) {
-    db_err(err, errlen, s, s->rdb);
+  if (read_prepare(s, "SELECT count(*) FROM events WHERE id > ?1 AND "
+                   "(?2 IS NULL OR buzz_match(?2, type))", &st, err,
+                   errlen) < 0)
     return BUZZ_ESTORE;
-  }
   sqlite3_bind_int64(st, 1, after);
   bind_str(st, 2, pattern);
   rc = sqlite3_step(st);
   if (rc == SQLITE_ROW) *n = sqlite3_column_int64(st, 0);
-  else db_err(err, errlen, s, s->rdb);
-  sqlite3_finalize(st);
-  return rc == SQLITE_ROW ? BUZZ_OK : BUZZ_ESTORE;
+  return read_done(s, st, rc, 1, err, errlen);
 }
 
 int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
@@ -877,17 +892,16 @@ int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
   struct stat sb;
   size_t n = strlen(s->path);
   char *wal;
-  if (sqlite3_prepare_v2(s->rdb, "SELECT count(*), min(id), max(id) FROM "
-                         "events", -1, &st, NULL) != SQLITE_OK ||
-      sqlite3_step(st) != SQLITE_ROW) {
-    db_err(err, errlen, s, s->rdb);
-    sqlite3_finalize(st);
+  int rc;
+  if (read_prepare(s, "SELECT count(*), min(id), max(id) FROM events", &st,
+                   err, errlen) < 0)
     return BUZZ_ESTORE;
+  if ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    *count = sqlite3_column_int64(st, 0);
+    *first = sqlite3_column_int64(st, 1);
+    *last = sqlite3_column_int64(st, 2);
   }
-  *count = sqlite3_column_int64(st, 0);
-  *first = sqlite3_column_int64(st, 1);
-  *last = sqlite3_column_int64(st, 2);
-  sqlite3_finalize(st);
+  if (read_done(s, st, rc, 1, err, errlen) < 0) return BUZZ_ESTORE;
   *bytes = stat(s->path, &sb) == 0 ? (int64_t)sb.st_size : 0;
   if ((wal = malloc(n + 5)) != NULL) {
     memcpy(wal, s->path, n);
@@ -902,17 +916,12 @@ int buzz__store_dedup_load(buzz_store *s, int64_t since, buzz_dedup_cb cb,
                            void *data, char *err, size_t errlen) {
   sqlite3_stmt *st;
   int rc;
-  if (sqlite3_prepare_v2(s->rdb, "SELECT dedup, id, ts FROM events WHERE "
-                         "dedup IS NOT NULL AND ts >= ? ORDER BY id", -1,
-                         &st, NULL) != SQLITE_OK) {
-    db_err(err, errlen, s, s->rdb);
+  if (read_prepare(s, "SELECT dedup, id, ts FROM events WHERE dedup IS NOT "
+                   "NULL AND ts >= ? ORDER BY id", &st, err, errlen) < 0)
     return BUZZ_ESTORE;
-  }
   sqlite3_bind_int64(st, 1, since);
   while ((rc = sqlite3_step(st)) == SQLITE_ROW)
     cb(data, col_str(st, 0), sqlite3_column_int64(st, 1),
        sqlite3_column_int64(st, 2));
-  if (rc != SQLITE_DONE) db_err(err, errlen, s, s->rdb);
-  sqlite3_finalize(st);
-  return rc == SQLITE_DONE ? BUZZ_OK : BUZZ_ESTORE;
+  return read_done(s, st, rc, 0, err, errlen);
 }

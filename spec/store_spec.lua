@@ -467,6 +467,9 @@ describe("the store", function()
       assert.same({ 6, 12, 18 }, ids(evs))
       assert.same({}, collect(bus:events{ types = "nothing.here" }))
       assert.same({ 599, 600 }, ids(collect(bus:events{ from = 599 })))
+      assert.same({ 599, 600 },
+                  ids(collect(bus:events{ from = { id = 599 } })))
+      assert.same({ 1, 2 }, ids(collect(bus:events{ to = { id = 2 } })))
     end)
 
     it("filters by time", function()
@@ -525,6 +528,9 @@ describe("the store", function()
         .. "to, types)")
       assert.has_error(function() bus:replay{} end,
                        "bad handler: expected a function, got nil")
+      assert.has_error(function()
+        bus:replay{ handler = print, consumer = "u" }
+      end, "give replay a handler or a consumer, not both")
       assert.has_error(function() H.bus():events() end,
         "bus:events() reads the store, and this bus has none: create it "
         .. 'with buzz.new{ store = "events.db" }')
@@ -693,6 +699,67 @@ describe("the store", function()
         "this bus opened its store read-only (readonly = true): it cannot "
         .. "publish")
       os.execute(("chmod 644 %q"):format(path))
+    end)
+
+    it("names a directory given as the store, and what to give instead",
+       function()
+      local dir = os.tmpname()
+      os.remove(dir)
+      assert(os.execute(("mkdir %q"):format(dir)))
+      finally(function() os.execute(("rm -rf %q"):format(dir)) end)
+      for _, readonly in ipairs { false, true } do
+        local b, err, code = buzz.new{ store = dir, readonly = readonly }
+        assert.is_nil(b)
+        assert.equal("ESTORE", code)
+        assert.equal(("ESTORE: %s is a directory: give the path of a store "
+                      .. "file in it, such as %s/events.db"):format(dir, dir),
+                     err)
+      end
+    end)
+
+    it("opens a missing file read-only with an error, creating nothing",
+       function()
+      local missing = tmp_store()
+      local b, err, code = buzz.new{ store = missing, readonly = true }
+      assert.is_nil(b)
+      assert.equal("ESTORE", code)
+      assert.equal("ESTORE: " .. missing .. ": No such file or directory "
+                   .. "(readonly = true opens an existing store)", err)
+      assert.is_nil(io.open(missing))
+    end)
+
+    it("leaves a store written by a newer buzz alone", function()
+      bus:publish("e", 1)
+      bus:close()
+      sqlite(path, "PRAGMA user_version = 5")
+      for _, readonly in ipairs { false, true } do
+        local b, err, code = buzz.new{ store = path, readonly = readonly }
+        assert.is_nil(b)
+        assert.equal("ESTORE", code)
+        assert.equal("ESTORE: " .. path .. " was written by a newer buzz "
+                     .. "(schema 5, this buzz knows 1); upgrade buzz to "
+                     .. "open it", err)
+      end
+      assert.equal("1\n", sqlite(path, "SELECT count(*) FROM events"))
+    end)
+
+    it("refuses writes through a read-only bus, and reads through it",
+       function()
+      bus:subscribe("e", print, { durable = "d" })
+      bus:publish("e", 1)
+      bus:flush()
+      local r = H.bus{ store = path, readonly = true }
+      assert.has_error(function()
+        r:subscribe("e", print, { durable = "r" })
+      end, "durable consumers save their position, and this bus opened its "
+           .. "store read-only")
+      assert.has_error(function() r:remove_consumer("d") end,
+        "this bus opened its store read-only: it cannot remove consumers")
+      assert.has_error(function() r:publish_sync("e", 2) end,
+        "this bus opened its store read-only (readonly = true): it cannot "
+        .. "publish")
+      assert.same({ 1 }, ids(collect(r:events{ from = { id = 1 } })))
+      assert.equal(1, r:store_info().events)
     end)
 
     it("gives nil, err, code in a directory that does not exist", function()
