@@ -34,6 +34,7 @@
 #define _DEFAULT_SOURCE 1     /* flock() */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -111,9 +112,15 @@ struct buzz_store {
 
 /* ------------------------------------------------------------ helpers */
 
-static void set_err(char *err, size_t errlen, const char *fmt,
-                    const char *a, const char *b) {
-  if (err && errlen) snprintf(err, errlen, fmt, a, b ? b : "");
+#if defined(__GNUC__)
+__attribute__((format(printf, 3, 4)))
+#endif
+static void set_err(char *err, size_t errlen, const char *fmt, ...) {
+  va_list ap;
+  if (err == NULL || errlen == 0) return;
+  va_start(ap, fmt);
+  vsnprintf(err, errlen, fmt, ap);
+  va_end(ap);
 }
 
 static void db_err(char *err, size_t errlen, const buzz_store *s,
@@ -410,12 +417,10 @@ static int lock_writer(buzz_store *s, char *err, size_t errlen) {
 /* A store whose schema this buzz does not know is left alone. */
 static int check_version(const buzz_store *s, int64_t ver, char *err,
                          size_t errlen) {
-  char b[48];
   if (ver <= SCHEMA_VERSION) return BUZZ_OK;
-  snprintf(b, sizeof b, "%lld, this buzz knows %d", (long long)ver,
-           SCHEMA_VERSION);
-  set_err(err, errlen, "%s was written by a newer buzz (schema %s); "
-          "upgrade buzz to open it", s->path, b);
+  set_err(err, errlen, "%s was written by a newer buzz (schema %lld, this "
+          "buzz knows %d); upgrade buzz to open it", s->path, (long long)ver,
+          SCHEMA_VERSION);
   return BUZZ_ESTORE;
 }
 
@@ -435,15 +440,14 @@ static int prepare_schema(buzz_store *s, char *err, size_t errlen) {
   if (app != APP_ID) {
     char b[64];
     if (n > 0 || app != 0) {
-      snprintf(b, sizeof b, "%lld", (long long)n);
       set_err(err, errlen, "%s is an SQLite database but not a buzz store "
-              "(it has %s other schema objects); give buzz a file of its "
-              "own", s->path, b);
+              "(it has %lld other schema objects); give buzz a file of its "
+              "own", s->path, (long long)n);
       return BUZZ_ESTORE;
     }
     if (s->o.is_readonly) {
       set_err(err, errlen, "%s is not a buzz store yet (empty); open it "
-              "for writing once to create it", s->path, NULL);
+              "for writing once to create it", s->path);
       return BUZZ_ESTORE;
     }
     if (exec(s->wdb, "BEGIN IMMEDIATE") != SQLITE_OK) goto fail;
@@ -498,7 +502,7 @@ static int check_path(buzz_store *s, char *err, size_t errlen) {
   }
   if (!s->o.is_readonly && (sb.st_mode & 0222) == 0) {
     set_err(err, errlen, "%s is read-only (no write permission bits); open "
-            "it with readonly = true to read it", s->path, NULL);
+            "it with readonly = true to read it", s->path);
     return BUZZ_ESTORE;
   }
   return BUZZ_OK;
@@ -513,8 +517,7 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
     return rc;
   if (sqlite3_db_readonly(s->wdb, "main") == 1) {
     set_err(err, errlen, "%s cannot be written (read-only file or "
-            "directory); open it with readonly = true to read it", s->path,
-            NULL);
+            "directory); open it with readonly = true to read it", s->path);
     return BUZZ_ESTORE;
   }
   (void)query_int(s->wdb, "PRAGMA journal_mode = WAL", 0, 0, 0, &rc);
@@ -593,7 +596,7 @@ int buzz__store_open(buzz_store **out, const char *path,
     }
     if (app != APP_ID) {
       set_err(err, errlen, "%s is not a buzz store (open it once without "
-              "readonly to create one, or check the path)", path, NULL);
+              "readonly to create one, or check the path)", path);
       rc = BUZZ_ESTORE;
       goto fail;
     }
@@ -614,8 +617,7 @@ int buzz__store_open(buzz_store **out, const char *path,
     s->has_thread = 1;                 /* before the thread can read it */
     if (uv_thread_create(&s->thread, writer_main, s) != 0) {
       s->has_thread = 0;
-      set_err(err, errlen, "%s: cannot start the writer thread", path,
-              NULL);
+      set_err(err, errlen, "%s: cannot start the writer thread", path);
       rc = BUZZ_ESTORE;
       goto fail;
     }
