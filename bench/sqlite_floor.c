@@ -4,14 +4,18 @@
 **
 **   sqlite_floor <db path> <rows> [rows per transaction, default 1000]
 **
-** Inserts rows into a fresh database with exactly buzz's schema and the
-** PRAGMAs of buzz's writer under "batch" durability (journal_mode = WAL,
-** synchronous = NORMAL), through one prepared INSERT with explicit ids,
-** a fixed number of rows per transaction. Each row carries what buzz would
-** store for bus:publish("order.placed", { n = i, sku = "A-1", qty = 3 }):
-** the type, a millisecond timestamp, priority 2 (normal), version 1, the
-** payload as JSON text (formatted per row, as buzz encodes per event) and
-** NULL for the rest. Prints one line:
+** Inserts rows into the events table of an existing, empty buzz store
+** (bench/store.lua makes one with buzz.new{ store = path } and closes it),
+** so the table, its index and the file's page size are buzz's own: this
+** program creates no schema, and exits 1 if the file or the table is
+** missing or the table is not empty. It sets the PRAGMAs of buzz's writer
+** under "batch" durability (journal_mode = WAL, synchronous = NORMAL) and
+** inserts through one prepared INSERT with explicit ids, a fixed number
+** of rows per transaction. Each row carries what buzz would store for
+** bus:publish("order.placed", { n = i, sku = "A-1", qty = 3 }): the type,
+** a millisecond timestamp, priority 2 (normal), version 1, the payload as
+** JSON text (formatted per row, as buzz encodes per event) and NULL for
+** the rest. Prints one line:
 **
 **   rows=<n> wall=<seconds> cpu=<seconds>
 **
@@ -27,27 +31,6 @@
 #include <time.h>
 
 #include <sqlite3.h>
-
-/* Copied from csrc/store.c (schema_sql); keep the two in step. */
-static const char *const schema_sql =
-  "CREATE TABLE events ("
-  " id INTEGER PRIMARY KEY,"
-  " type TEXT NOT NULL,"
-  " ts INTEGER NOT NULL,"
-  " priority INTEGER NOT NULL,"
-  " key,"
-  " correlation_id TEXT,"
-  " causation_id INTEGER,"
-  " headers TEXT,"
-  " payload TEXT,"
-  " version INTEGER NOT NULL DEFAULT 1,"
-  " dedup TEXT);"
-  "CREATE INDEX events_dedup ON events(dedup) WHERE dedup IS NOT NULL;"
-  "CREATE TABLE consumers ("
-  " name TEXT PRIMARY KEY,"
-  " pattern TEXT NOT NULL,"
-  " acked INTEGER NOT NULL,"
-  " updated INTEGER NOT NULL);";
 
 static const char *const insert_sql =
   "INSERT INTO events (id, type, ts, priority, key, correlation_id, "
@@ -77,6 +60,35 @@ static void exec(sqlite3 *db, const char *sql) {
   if (sqlite3_exec(db, sql, NULL, NULL, NULL) != SQLITE_OK) die(db, sql);
 }
 
+/* The one integer sql returns, or -1 if it returns no row. */
+static sqlite3_int64 query_int(sqlite3 *db, const char *sql) {
+  sqlite3_stmt *st;
+  sqlite3_int64 v = -1;
+  int rc;
+  if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK) die(db, sql);
+  rc = sqlite3_step(st);
+  if (rc == SQLITE_ROW) v = sqlite3_column_int64(st, 0);
+  else if (rc != SQLITE_DONE) die(db, sql);
+  sqlite3_finalize(st);
+  return v;
+}
+
+/* Exits 1 unless path's database has an empty events table. */
+static void check_store(sqlite3 *db, const char *path) {
+  if (query_int(db, "SELECT count(*) FROM sqlite_master "
+                "WHERE type = 'table' AND name = 'events'") != 1) {
+    fprintf(stderr, "sqlite_floor: %s has no events table: create the "
+            "store first (buzz.new{ store = path }, then close it)\n",
+            path);
+    exit(1);
+  }
+  if (query_int(db, "SELECT count(*) FROM events") != 0) {
+    fprintf(stderr, "sqlite_floor: the events table of %s is not empty\n",
+            path);
+    exit(1);
+  }
+}
+
 int main(int argc, char **argv) {
   sqlite3 *db = NULL;
   sqlite3_stmt *ins;
@@ -94,9 +106,12 @@ int main(int argc, char **argv) {
     fprintf(stderr, "sqlite_floor: rows and rows per txn must be > 0\n");
     return 2;
   }
-  if (sqlite3_open(argv[1], &db) != SQLITE_OK) die(db, argv[1]);
+  /* No SQLITE_OPEN_CREATE: the store must exist. */
+  if (sqlite3_open_v2(argv[1], &db, SQLITE_OPEN_READWRITE, NULL)
+      != SQLITE_OK)
+    die(db, argv[1]);
+  check_store(db, argv[1]);
   exec(db, "PRAGMA journal_mode = WAL");
-  exec(db, schema_sql);
   exec(db, "PRAGMA synchronous = NORMAL");
   if (sqlite3_prepare_v2(db, insert_sql, -1, &ins, NULL) != SQLITE_OK)
     die(db, insert_sql);

@@ -6,23 +6,9 @@ local core = require "buzz.core"
 
 local json_decode = core.json_decode
 
-local function quote(s)
-  return "'" .. s:gsub("'", [['\'']]) .. "'"
-end
-
-local function slurp(path)
-  local f = io.open(path)
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
-
-local function spit(path, s)
-  local f = assert(io.open(path, "w"))
-  f:write(s)
-  f:close()
-end
+local quote, sh, slurp, spit = H.quote, H.sh, H.slurp, H.spit
+local mktemp_dir, remove_dir, eventually = H.mktemp_dir, H.remove_dir,
+                                           H.eventually
 
 local function lines(s)
   local out = {}
@@ -43,9 +29,9 @@ local BUILD = H.build:sub(1, 1) == "/" and H.build or ROOT .. "/" .. H.build
 -- The environment that runs bin/buzz with this checkout's modules; no
 -- $BUZZ_STORE or $COLUMNS from the caller.
 -- Under make asan the sanitizer runtime is preloaded into every child,
--- and system tools (mktemp, script) then fail on their own leaks: TOOL
--- runs them without it, and command() gives it back to bin/buzz.
-local TOOL = "env -u LD_PRELOAD "
+-- and system tools (script, sleep) then fail on their own leaks: TOOL
+-- (H.tool) runs them without it, and command() gives it back to bin/buzz.
+local TOOL = H.tool
 local PRELOAD = os.getenv("LD_PRELOAD")
 
 -- The shell command that runs bin/buzz with args; env is more
@@ -58,41 +44,6 @@ local function command(args, env)
          :format(PRELOAD and "LD_PRELOAD=" .. quote(PRELOAD) or "",
                  env or "", quote(LPATH), quote(BUILD .. "/?.so;;"), H.lua,
                  quote(ROOT .. "/bin/buzz"), args)
-end
-
--- Runs a shell command; returns its exit status and its output. The
--- status is echoed, as H.run does: io.popen():close() gives none on LuaJIT.
-local function sh(cmd)
-  local p = assert(io.popen(cmd .. "; echo \"__exit=$?\""))
-  local out = p:read("*a")
-  p:close()
-  local status = tonumber(out:match("__exit=(%d+)%s*$"))
-  return status, (out:gsub("__exit=%d+%s*$", ""))
-end
-
-local function mktemp_dir()
-  local status, out = sh(TOOL .. "mktemp -d")
-  local dir = out:match("^(/%S+)\n?$")
-  assert(status == 0 and dir, "mktemp -d failed: " .. out)
-  return dir
-end
-
-local function remove_dir(dir)
-  -- Only what mktemp_dir made: an absolute path, never "/" or the checkout.
-  assert(dir:match("^/.*/tmp%.%w+$"), "refusing to remove " .. dir)
-  sh(TOOL .. "rm -rf " .. quote(dir))
-end
-
--- Polls fn until it returns a true value, which it returns; fails after
--- timeout seconds.
-local function eventually(fn, timeout, what)
-  local deadline = os.time() + (timeout or 10)
-  repeat
-    local v = fn()
-    if v then return v end
-    os.execute(TOOL .. "sleep 0.05")
-  until os.time() > deadline
-  error(("timed out waiting for %s"):format(what or "a condition"), 2)
 end
 
 local function has_script()

@@ -21,18 +21,7 @@ while true do
 end
 ]]
 
-local function write(path, text)
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-end
-
-local function read(path)
-  local f = assert(io.open(path, "r"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read, spit = H.read, H.spit
 
 -- Runs the child for about `secs` seconds, then SIGKILLs it; returns what
 -- it printed, complete lines only (the kill may cut the last one).
@@ -56,7 +45,7 @@ describe("a store after SIGKILL", function()
     store = dir .. "/events.db"
     script = dir .. "/child.lua"
     out = dir .. "/out.txt"
-    write(script, CHILD)
+    spit(script, CHILD)
   end)
 
   after_each(function()

@@ -5,8 +5,21 @@
 --   H.counter(n)       a function that must be called exactly n times
 --   H.done()           asserts every counter met its count, closes buses
 --   H.flavour          "lua5.4" or "luajit"; H.lua the interpreter command
+--   H.build            the build directory of the running flavour
 --   H.run(code)        runs Lua code in a child interpreter of the same
 --                      flavour with the project's paths; ok, output
+-- and, for specs that work with files and shell commands:
+--   H.tool             a prefix that runs a system tool without LD_PRELOAD
+--   H.quote(s)         s quoted for the shell (single quotes)
+--   H.sh(cmd)          runs cmd in the shell; exit status, stdout
+--   H.mktemp_dir()     a fresh directory from mktemp -d; H.remove_dir(dir)
+--                      removes it (and only such a directory)
+--   H.slurp(path)      the file's contents, or nil (and the error)
+--   H.read(path)       the file's contents; the file must exist
+--   H.spit(path, s)    writes s to the file, replacing it
+--   H.eventually(fn, timeout, what)
+--                      polls fn until it returns a true value, and
+--                      returns that value; fails after timeout seconds
 local flavour = jit and "luajit" or "lua5.4"
 local build = os.getenv("BUZZ_BUILD") or ("build/" .. flavour)
 
@@ -47,22 +60,95 @@ function H.done()
   end
 end
 
--- Runs code in a fresh interpreter of the same flavour; returns the exit
--- status (true on success) and everything it printed.
-function H.run(code, env)
-  local path = os.tmpname()
-  local f = assert(io.open(path, "w"))
-  f:write(code)
+-- ------------------------------------------------------------ files
+
+--- The contents of the file at path, or nil and io.open's error when it
+-- cannot be opened (as when it does not exist).
+function H.slurp(path)
+  local f, err = io.open(path)
+  if not f then return nil, err end
+  local s = f:read("*a")
   f:close()
-  local cmd = ("%s LUA_PATH='lua/?.lua;lua/?/init.lua;;' "
-               .. "LUA_CPATH='%s/?.so;;' %s %s 2>&1; echo \"__exit=$?\"")
-              :format(env or "", build, H.lua, path)
-  local p = assert(io.popen(cmd))
+  return s
+end
+
+--- The contents of the file at path; raises an error when it cannot be
+-- opened.
+function H.read(path)
+  return (assert(H.slurp(path)))
+end
+
+--- Writes the string s to the file at path, replacing what was there.
+function H.spit(path, s)
+  local f = assert(io.open(path, "w"))
+  f:write(s)
+  f:close()
+end
+
+-- ------------------------------------------------------------ the shell
+
+--- A prefix for commands that run system tools (mktemp, rm, sleep,
+-- script). Under make asan the sanitizer runtime is preloaded into every
+-- child, and those tools would then fail on their own leaks.
+H.tool = "env -u LD_PRELOAD "
+
+--- s quoted for the shell: in single quotes, any ' in it as '\''.
+function H.quote(s)
+  return "'" .. s:gsub("'", [['\'']]) .. "'"
+end
+
+--- Runs cmd with the shell; returns its exit status (a number) and what
+-- it wrote on stdout. Its stderr is not captured: a caller that wants it
+-- in the output adds " 2>&1" to cmd. The command echoes its status, as
+-- io.popen():close() gives none under LuaJIT.
+function H.sh(cmd)
+  local p = assert(io.popen(cmd .. "; echo \"__exit=$?\""))
   local out = p:read("*a")
   p:close()
-  os.remove(path)
   local status = tonumber(out:match("__exit=(%d+)%s*$"))
-  out = out:gsub("__exit=%d+%s*$", "")
+  return status, (out:gsub("__exit=%d+%s*$", ""))
+end
+
+--- Makes a fresh directory with mktemp -d; returns its absolute path.
+function H.mktemp_dir()
+  local status, out = H.sh(H.tool .. "mktemp -d 2>&1")
+  local dir = out:match("^(/%S+)\n?$")
+  assert(status == 0 and dir, "mktemp -d failed: " .. out)
+  return dir
+end
+
+--- Removes dir and everything in it. Only what H.mktemp_dir made: an
+-- absolute path named tmp.XXXXXX, never "/" or the checkout.
+function H.remove_dir(dir)
+  assert(dir:match("^/.*/tmp%.%w+$"), "refusing to remove " .. dir)
+  H.sh(H.tool .. "rm -rf " .. H.quote(dir))
+end
+
+--- Calls fn every 0.05 s until it returns a true value, and returns that
+-- value; raises "timed out waiting for <what>" after timeout seconds
+-- (default 10; os.time, so to the second).
+function H.eventually(fn, timeout, what)
+  local deadline = os.time() + (timeout or 10)
+  repeat
+    local v = fn()
+    if v then return v end
+    os.execute(H.tool .. "sleep 0.05")
+  until os.time() > deadline
+  error(("timed out waiting for %s"):format(what or "a condition"), 2)
+end
+
+-- ------------------------------------------------------------ children
+
+-- Runs code in a fresh interpreter of the same flavour; returns the exit
+-- status (true on success) and everything it printed (stdout and stderr),
+-- then the status as a number. env: VAR=value words for the child.
+function H.run(code, env)
+  local path = os.tmpname()
+  H.spit(path, code)
+  local status, out = H.sh(("%s LUA_PATH='lua/?.lua;lua/?/init.lua;;' "
+                            .. "LUA_CPATH='%s/?.so;;' %s %s 2>&1")
+                           :format(env or "", build, H.lua, path))
+  os.remove(path)
   return status == 0, out, status
 end
 

@@ -1,11 +1,6 @@
 -- README.md: the tour's code runs, in order, and its asserts hold; the
 -- commands it promises exist.
-local function read(path)
-  local f = assert(io.open(path))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read = H.read
 
 describe("README.md", function()
   local readme = read("README.md")

@@ -10,32 +10,12 @@
 local ROCKSPEC = "rockspec/buzz-scm-1.rockspec"
 local LUA = "lua5.4"
 
-local function quote(s)
-  return "'" .. s:gsub("'", [['\'']]) .. "'"
-end
+local quote, mktemp_dir, remove_dir = H.quote, H.mktemp_dir, H.remove_dir
 
--- Runs a shell command; returns its exit status and its output (stdout and
--- stderr). io.popen():close() does not give the status under LuaJIT, so the
--- command echoes it, as H.run does.
+-- Runs a shell command; returns its exit status and its output, stdout and
+-- stderr together.
 local function sh(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1; echo \"__exit=$?\""))
-  local out = p:read("*a")
-  p:close()
-  local status = tonumber(out:match("__exit=(%d+)%s*$"))
-  return status, (out:gsub("__exit=%d+%s*$", ""))
-end
-
-local function mktemp_dir()
-  local status, out = sh("mktemp -d")
-  local dir = out:match("^(/%S+)\n?$")
-  assert(status == 0 and dir, "mktemp -d failed: " .. out)
-  return dir
-end
-
-local function remove_dir(dir)
-  -- Only what mktemp_dir made: an absolute path, never "/" or the checkout.
-  assert(dir:match("^/.*/tmp%.%w+$"), "refusing to remove " .. dir)
-  sh("rm -rf " .. quote(dir))
+  return H.sh(cmd .. " 2>&1")
 end
 
 -- Builds and installs the rock from a copy of the checkout into tree.
@@ -103,9 +83,7 @@ describe("rockspec/buzz-scm-1.rockspec #rock", function()
     assert.are.equal(0, status, out)
     assert.matches("buzz scm-1 is now installed in " .. tree, out, 1, true)
 
-    local f = assert(io.open(tree .. "/check.lua", "w"))
-    f:write(CHECK)
-    f:close()
+    H.spit(tree .. "/check.lua", CHECK)
     status, out = run_installed(tree, tree .. "/check.lua")
     assert.are.equal(0, status, out)
     assert.are.equal(table.concat({
@@ -144,9 +122,7 @@ describe("rockspec/buzz-scm-1.rockspec #rock", function()
     local status, out = install(scratch, tree)
     assert.are.equal(0, status, out)
 
-    local f = assert(io.open(tree .. "/write.lua", "w"))
-    f:write(WRITE)
-    f:close()
+    H.spit(tree .. "/write.lua", WRITE)
     status, out = run_installed(tree, tree .. "/write.lua")
     assert.are.equal(0, status, out)
     -- The wrapper LuaRocks writes finds the tree by itself: no paths.

@@ -14,6 +14,9 @@ local function remove_store(path)
   end
 end
 
+-- Retention runs on the writer thread: tests poll for its result.
+local eventually = H.eventually
+
 local function collect(iter)
   local out = {}
   for ev in iter do out[#out + 1] = ev end
@@ -24,17 +27,6 @@ local function ids(events)
   local out = {}
   for i, ev in ipairs(events) do out[i] = ev.id end
   return out
-end
-
--- Polls fn until it returns true (the writer thread works in the
--- background); fails after timeout seconds.
-local function eventually(fn, timeout)
-  local deadline = os.time() + (timeout or 5)
-  while os.time() <= deadline do
-    if fn() then return end
-    os.execute("sleep 0.05")
-  end
-  error("condition not met in time", 2)
 end
 
 local function sqlite(path, sql)
@@ -109,7 +101,8 @@ describe("the store", function()
       local bus = H.bus{ store = path, max_events = 1 }
       for i = 1, 5 do bus:publish("e", i) end
       bus:flush()
-      eventually(function() return bus:store_info().events == 1 end)
+      eventually(function() return bus:store_info().events == 1 end, 5,
+                 "retention to leave one event")
       bus:close()
       bus = H.bus{ store = path }
       assert.equal(6, bus:publish("e", 6))
@@ -587,7 +580,8 @@ describe("the store", function()
       local bus = H.bus{ store = path, max_events = 10 }
       for i = 1, 100 do bus:publish("e", i) end
       bus:flush()
-      eventually(function() return bus:store_info().events == 10 end)
+      eventually(function() return bus:store_info().events == 10 end, 5,
+                 "retention to leave 10 events")
       assert.same({ 91, 100 }, { bus:store_info().first_id,
                                  bus:store_info().last_id })
     end)
@@ -599,7 +593,8 @@ describe("the store", function()
       os.execute("sleep 0.1")
       bus:publish("e", 21)
       bus:flush()
-      eventually(function() return bus:store_info().events == 1 end)
+      eventually(function() return bus:store_info().events == 1 end, 5,
+                 "retention to leave one event")
     end)
 
     it("holds back what a durable consumer has not acknowledged", function()
@@ -607,7 +602,8 @@ describe("the store", function()
       bus:subscribe("e", print, { durable = "slow" })
       for i = 1, 100 do bus:publish("e", i) end
       bus:flush()
-      eventually(function() return bus:store_info().held_back == 90 end)
+      eventually(function() return bus:store_info().held_back == 90 end,
+                 5, "90 events held back")
       assert.equal(100, bus:store_info().events)
       assert.equal(90, bus:stats().store.held_back)
     end)
