@@ -311,6 +311,13 @@ uint64_t buzz__hrtime(void);            /* ns, monotonic (uv_hrtime) */
 void buzz__loop_consume(buzz_loop *l);
 /* Makes the descriptor readable; callable from any thread. */
 void buzz__loop_wake(buzz_loop *l);
+/*
+** Arms the loop's one-shot timer to fire ms milliseconds from now,
+** replacing any earlier due time; ms < 0 disarms it. While armed it keeps
+** the loop alive (timeout counts down to it, wait returns when it fires);
+** firing only ends the loop iteration. 0, or BUZZ_ELOOP.
+*/
+int buzz__loop_arm(buzz_loop *l, int64_t ms);
 int buzz__loop_timeout(buzz_loop *l);    /* ms, -1 = no timer armed */
 /* Waits for one round of loop activity; returns 0 if nothing can arrive. */
 int buzz__loop_wait(buzz_loop *l);
@@ -321,11 +328,18 @@ int buzz__loop_wait(buzz_loop *l);
 ** The durable log: one SQLite file in WAL mode, written by a writer thread
 ** of its own (group commit) and read on the loop thread through a second,
 ** read-only connection. Rows travel to the writer as buzz_row records.
+** Besides events and consumer positions, it keeps a generic key/value
+** table "state" (kind, name -> value) for the Lua layer's own records
+** (retries, dead letters, delayed events); buzz versions that predate it
+** ignore it.
 */
 typedef struct buzz_store buzz_store;
 
 enum { BUZZ_DUR_NONE = 0, BUZZ_DUR_BATCH, BUZZ_DUR_SYNC };
-enum { BUZZ_ROW_EVENT = 0, BUZZ_ROW_ACK, BUZZ_ROW_DROP_CONSUMER };
+enum {
+  BUZZ_ROW_EVENT = 0, BUZZ_ROW_ACK, BUZZ_ROW_DROP_CONSUMER,
+  BUZZ_ROW_STATE_PUT, BUZZ_ROW_STATE_DEL
+};
 
 /* A byte string that may be absent (p == NULL). */
 typedef struct buzz_str {
@@ -336,7 +350,10 @@ typedef struct buzz_str {
 /*
 ** One record for the writer: an event to append, or a consumer position to
 ** save (name in type, pattern in key, position in id), or a consumer to
-** forget. The strings live in the same malloc'd block as the record.
+** forget (name in type), or a state row to put (kind in type, name in
+** key, value in payload) or delete (kind in type, name in key; key.p NULL
+** deletes every row of the kind). The strings live in the same malloc'd
+** block as the record.
 ** CONSTRUCTOR: buzz__row_new()   DESTRUCTOR: free(), by the writer once
 ** written (the store owns a row from buzz__store_append() on).
 */
@@ -454,6 +471,15 @@ typedef void (*buzz_dedup_cb)(void *data, buzz_str key, int64_t id,
                               int64_t ts);
 int buzz__store_dedup_load(buzz_store *s, int64_t since, buzz_dedup_cb cb,
                            void *data, char *err, size_t errlen);
+
+/*
+** Calls cb(data, name, value) for each state row of kind, in name order.
+** A store without a state table yet (written by an older buzz, opened
+** read-only) has no rows.
+*/
+typedef void (*buzz_state_cb)(void *data, buzz_str name, buzz_str value);
+int buzz__store_state(buzz_store *s, buzz_str kind, buzz_state_cb cb,
+                      void *data, char *err, size_t errlen);
 
 /* ---------------------------------------------------------------- dedup.c */
 

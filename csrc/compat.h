@@ -22,6 +22,26 @@ static inline int buzz_resume(lua_State *co, lua_State *from, int nargs) {
 #define buzz_resume(co, from, nargs)  lua_resume((co), (nargs))
 #endif
 
+/*
+** As buzz_resume, and sets *nres to the number of values co yielded or
+** returned, on top of its stack (5.4 says; before it, they are the whole
+** stack).
+*/
+#if LUA_VERSION_NUM >= 504
+static inline int buzz_resume_n(lua_State *co, lua_State *from, int nargs,
+                                int *nres) {
+  return lua_resume(co, from, nargs, nres);
+}
+#else
+static inline int buzz_resume_n(lua_State *co, lua_State *from, int nargs,
+                                int *nres) {
+  int rc = buzz_resume(co, from, nargs);
+  (void)from;                          /* 5.1 has no from */
+  *nres = lua_gettop(co);
+  return rc;
+}
+#endif
+
 /* Closes a thread's pending to-be-closed variables before it is dropped. */
 #if LUA_VERSION_NUM >= 504
 #define buzz_resetthread(co)  ((void)lua_resetthread(co))

@@ -19,12 +19,21 @@
 ** Delivery: pump() and publish_sync() run each delivery in a Lua thread
 ** from a pool (U.pool): the handler is resumed with lua_resume, so it may
 ** yield; a handler that returns leaves its thread reusable with no yield
-** at all. A raise or a yield that nothing here can resume goes to the
+** at all. A handler that yields is handed to the Lua layer's on_yield
+** function, which owns its thread from then on (buzz.sleep, supervised
+** retries). A raise, or a yield with no on_yield, goes to the
 ** reporter function (U.report, from lua/buzz/init.lua) through lua_pcall.
 ** While a handler runs, its event is on the "current" stack, from which
 ** publish inherits the correlation id and takes the causation id.
-** next() hands deliveries out one by one instead, for tests and drivers
-** that run handlers themselves.
+** resume() puts a table of the Lua layer's there while it resumes a
+** thread, so a handler continued later (after a sleep, a retry) publishes
+** as its delivery would have. next() hands deliveries out one by one
+** instead, for tests and drivers that run handlers themselves.
+**
+** Engine publishes (the engine flag) may use the reserved "$" types the
+** Lua layer's dead letters and system events travel on. The state
+** methods give the Lua layer the store's key/value table for its own
+** records.
 */
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,6 +48,18 @@
 #if BUZZ_NOREF != LUA_NOREF
 #error "BUZZ_NOREF must equal LUA_NOREF"
 #endif
+
+/*
+** One level of the current-event stack, innermost last: what a publish
+** made there inherits. id is the causation id (0: none); table_ref, the
+** event table whose correlation_id is inherited (BUZZ_NOREF: none), is a
+** U ref borrowed from the event in dispatch() and owned by lcore_resume()
+** (which releases it when its resume returns).
+*/
+typedef struct lcur {
+  int64_t id;
+  int table_ref;
+} lcur;
 
 /*
 ** The core object.
@@ -57,8 +78,9 @@ typedef struct lcore {
   int64_t appended_id; /* the last event id handed to the writer */
   size_t ndurable;     /* live durable subs */
   int upcast_ref;      /* U ref: upcast(ev) from lua/buzz, or LUA_NOREF */
-  buzz_event **cur;    /* owns the array (freed by __gc); the events whose */
-  size_t ncur, capcur; /* handlers are running, innermost last; borrowed */
+  int yield_ref;       /* U ref: on_yield(co, sub, ev, ...), or LUA_NOREF */
+  lcur *cur;           /* owns (freed by __gc): the current-event */
+  size_t ncur, capcur; /* stack, innermost last */
   int npool;           /* idle threads in the pool table */
   int pool_ref;        /* U refs: the pool of idle threads, and the */
   int report_ref;      /* reporter function (both released with U) */
@@ -277,15 +299,22 @@ static void once_ended(lua_State *L, int u, buzz_sub *sub, int sub_idx) {
   unref(L, u, &sub->fn_ref);
 }
 
-static int cur_push(lcore *c, buzz_event *ev) {
+/*
+** Pushes a level on the current-event stack: publishes inherit from it
+** until the caller sets ncur back. Returns 0 (and pushes nothing) when
+** out of memory.
+*/
+static int cur_push(lcore *c, int64_t id, int table_ref) {
   if (c->ncur == c->capcur) {
     size_t ncap = c->capcur ? c->capcur * 2 : 8;
-    buzz_event **n = (buzz_event **)realloc(c->cur, ncap * sizeof *n);
+    lcur *n = (lcur *)realloc(c->cur, ncap * sizeof *n);
     if (n == NULL) return 0;
     c->cur = n;
     c->capcur = ncap;
   }
-  c->cur[c->ncur++] = ev;
+  c->cur[c->ncur].id = id;
+  c->cur[c->ncur].table_ref = table_ref;
+  c->ncur++;
   return 1;
 }
 
@@ -322,7 +351,7 @@ static void report(lua_State *L, lcore *c, int u, lua_State *co,
 */
 static void dispatch(lua_State *L, lcore *c, int u, buzz_sub *sub,
                      buzz_event *ev) {
-  int top = lua_gettop(L), rc, is_current;
+  int top = lua_gettop(L), rc, is_current, nres = 0;
   lua_State *co;
   lua_rawgeti(L, u, sub->data_ref);                 /* top+1: sub */
   push_event(L, u, ev, 0);                          /* top+2: event */
@@ -340,8 +369,8 @@ static void dispatch(lua_State *L, lcore *c, int u, buzz_sub *sub,
   lua_pushvalue(L, top + 2);
   lua_xmove(L, co, 2);
   if (sub->is_once) once_ended(L, u, sub, top + 1);
-  is_current = cur_push(c, ev);
-  rc = buzz_resume(co, L, 1);
+  is_current = cur_push(c, ev->id, ev->table_ref);
+  rc = buzz_resume_n(co, L, 1, &nres);
   if (is_current) c->ncur--;
   if (rc == LUA_OK) {
     lua_settop(co, 0);
@@ -349,6 +378,18 @@ static void dispatch(lua_State *L, lcore *c, int u, buzz_sub *sub,
       lua_rawgeti(L, u, c->pool_ref);
       lua_pushvalue(L, top + 3);
       lua_rawseti(L, -2, ++c->npool);
+    }
+  } else if (rc == LUA_YIELD && c->yield_ref != LUA_NOREF &&
+             lua_checkstack(L, nres + 5)) {
+    /* The Lua layer adopts the thread: it leaves the pool for good. */
+    lua_rawgeti(L, u, c->yield_ref);
+    lua_pushvalue(L, top + 3);
+    lua_pushvalue(L, top + 1);
+    lua_pushvalue(L, top + 2);
+    lua_xmove(co, L, nres);                         /* what it yielded */
+    if (lua_pcall(L, 3 + nres, 0, 0) != 0) {
+      report(L, c, u, co, lua_gettop(L), NULL, top + 1);
+      buzz_resetthread(co);
     }
   } else if (rc == LUA_YIELD) {
     buzz_resetthread(co);
@@ -775,6 +816,7 @@ static int lcore_new(lua_State *L) {
   memset(c, 0, sizeof *c);             /* closed until acquired */
   c->bus.is_closed = 1;
   c->upcast_ref = LUA_NOREF;
+  c->yield_ref = LUA_NOREF;
   c->dedup_window = has_opts ? opt_int64(L, 3, "dedup_window_ms") : 0;
   if (c->dedup_window <= 0) c->dedup_window = 120000;
   c->max_payload = has_opts ? (size_t)opt_int64(L, 3, "max_payload") : 0;
@@ -1068,10 +1110,12 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
 /*
 ** Shared by publish, publish_sync and publish_cursor. Arguments: self,
 ** type, payload, priority (0..3), key, correlation_id, causation_id,
-** headers, dedup, version. Inside a handler, a nil correlation_id is
-** inherited from the current event and a nil causation_id is the current
-** event's id. A dedup key seen within the window returns the first id and
-** "duplicate", and publishes nothing.
+** headers, dedup, version, engine. Inside a handler (or a thread run by
+** resume() with an event), a nil correlation_id is inherited from the
+** current event and a nil causation_id is the current event's id. A dedup
+** key seen within the window returns the first id and "duplicate", and
+** publishes nothing. With engine true, reserved types ("$DLQ.x", "$SYS.x")
+** are accepted: the Lua layer publishes its own events so.
 ** mode 0 queues and returns id; mode 1 delivers at once and returns id;
 ** mode 2 (for tests and drivers) opens a sync cursor without delivering
 ** and returns id, level (level nil when nobody listens).
@@ -1085,10 +1129,15 @@ static int do_publish(lua_State *L, int mode) {
   lua_Integer caus = luaL_optinteger(L, 7, 0);
   const char *dkey = luaL_optlstring(L, 9, NULL, &dlen);
   lua_Integer version = luaL_optinteger(L, 10, 0);
-  buzz_event *ev, *cur = c->ncur > 0 ? c->cur[c->ncur - 1] : NULL;
+  int is_engine = lua_toboolean(L, 11);
+  lcur cur;            /* a copy: a nested publish may move the stack */
+  buzz_event *ev;
   int64_t id, now = 0;
   lctx ctx;
   int rc;
+  cur.id = 0;
+  cur.table_ref = BUZZ_NOREF;
+  if (c->ncur > 0) cur = c->cur[c->ncur - 1];
   if (type == NULL) {
     lua_pushnil(L);
     lua_pushfstring(L, "bad type: expected a string such as "
@@ -1096,7 +1145,7 @@ static int do_publish(lua_State *L, int mode) {
     lua_pushliteral(L, "ESUBJECT");
     return 3;
   }
-  if (subject_usage(L, "type", type, len, 0, 0)) return 3;
+  if (subject_usage(L, "type", type, len, 0, is_engine)) return 3;
   luaL_argcheck(L, prio >= 0 && prio < BUZZ_NPRIO, 4, "priority out of range");
   lua_settop(L, 10);
   ctx.L = L;
@@ -1108,11 +1157,13 @@ static int do_publish(lua_State *L, int mode) {
     lua_pushliteral(L, "duplicate");
     return 2;
   }
-  if (lua_isnil(L, 6) && cur && cur->table_ref != BUZZ_NOREF) {
-    lua_rawgeti(L, ctx.u, cur->table_ref);     /* inherit correlation */
-    lua_pushvalue(L, UV(UV_CORR));
-    lua_rawget(L, -2);
-    lua_replace(L, 6);
+  if (lua_isnil(L, 6) && cur.table_ref != BUZZ_NOREF) {
+    lua_rawgeti(L, ctx.u, cur.table_ref);      /* inherit correlation */
+    if (lua_istable(L, -1)) {
+      lua_pushvalue(L, UV(UV_CORR));
+      lua_rawget(L, -2);
+      lua_replace(L, 6);
+    }
     lua_settop(L, ctx.u);
   }
   if (c->store && mode == 0 && c->bus.queue.limit &&   /* before the */
@@ -1121,7 +1172,7 @@ static int do_publish(lua_State *L, int mode) {
   if ((ev = buzz__event_new(&c->bus.queue)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   ev->priority = (unsigned char)prio;
-  ev->causation_id = caus == 0 && cur ? cur->id : (int64_t)caus;
+  ev->causation_id = caus == 0 ? cur.id : (int64_t)caus;
   ev->version = (int)version;
   if (c->store && mode != 2 &&
       store_publish(L, c, ctx.u, ev, mode == 1, type, len, dkey, dlen)) {
@@ -1195,6 +1246,94 @@ static int lcore_publish_sync(lua_State *L) {
 
 static int lcore_publish_cursor(lua_State *L) {
   return do_publish(L, 2);
+}
+
+/*
+** Why co cannot be resumed from L, as coroutine.resume words it, or NULL
+** if it can: suspended in a yield, or a fresh thread with its function.
+*/
+static const char *resume_refusal(lua_State *L, lua_State *co) {
+  lua_Debug ar;
+  if (co == L) return "cannot resume non-suspended coroutine";
+  switch (lua_status(co)) {
+  case LUA_YIELD:
+    return NULL;
+  case LUA_OK:
+    if (lua_getstack(co, 0, &ar)) return "cannot resume non-suspended "
+                                         "coroutine";  /* it is running */
+    return lua_gettop(co) == 0 ? "cannot resume dead coroutine" : NULL;
+  default:                             /* it raised */
+    return "cannot resume dead coroutine";
+  }
+}
+
+/*
+** core:resume(co, ev, ...) -> true, ... | false, err. Resumes the thread
+** co with the extra arguments and returns as coroutine.resume does: true
+** and what co yielded or returned, or false and the error value (co is
+** then left as it is, for debug.traceback(co, err)). While co runs, the
+** table ev is the current event: a publish inside co inherits
+** ev.correlation_id (read raw when it publishes) and takes ev.id (an
+** integer, read raw now) as its causation id, as in a handler of ev; ev
+** nil means no current event, even inside a handler. Never raises for
+** co's sake. Stack: self, co, ev at 1..3, the arguments from 4.
+*/
+static int lcore_resume(lua_State *L) {
+  lcore *c = check_core(L);
+  lua_State *co;
+  const char *why;
+  int nargs, u, rc, nres, has_ev, level = -1, ref = BUZZ_NOREF;
+  luaL_checktype(L, 2, LUA_TTHREAD);
+  has_ev = !lua_isnoneornil(L, 3);
+  luaL_argcheck(L, !has_ev || lua_istable(L, 3), 3,
+                "expected an event table or nil");
+  if (lua_gettop(L) < 3) lua_settop(L, 3);
+  co = lua_tothread(L, 2);
+  nargs = lua_gettop(L) - 3;
+  if ((why = resume_refusal(L, co)) == NULL && !lua_checkstack(co, nargs))
+    why = "too many arguments to resume";
+  if (why != NULL) {
+    lua_pushboolean(L, 0);
+    lua_pushstring(L, why);
+    return 2;
+  }
+  lua_xmove(L, co, nargs);             /* the arguments */
+  u = push_refs(L);                    /* slot 4 */
+  if (has_ev || c->ncur > 0) {         /* nil hides an outer event */
+    int64_t id = 0;
+    if (has_ev) {
+      lua_pushvalue(L, UV(UV_ID));
+      lua_rawget(L, 3);
+      if (lua_type(L, -1) == LUA_TNUMBER)
+        id = (int64_t)lua_tointeger(L, -1);
+      lua_pop(L, 1);
+      lua_pushvalue(L, 3);
+      ref = luaL_ref(L, u);            /* released below */
+    }
+    if (!cur_push(c, id, ref)) {
+      unref(L, u, &ref);
+      lua_pop(co, nargs);
+      return luaL_error(L, "not enough memory");
+    }
+    level = (int)c->ncur - 1;
+  }
+  rc = buzz_resume_n(co, L, nargs, &nres);
+  if (level >= 0) c->ncur = (size_t)level;  /* nested levels are gone */
+  unref(L, u, &ref);                   /* the U this ref was taken in */
+  if (rc == LUA_OK || rc == LUA_YIELD) {
+    if (!lua_checkstack(L, nres + 1)) {
+      lua_pop(co, nres);
+      lua_pushboolean(L, 0);
+      lua_pushliteral(L, "too many results to resume");
+      return 2;
+    }
+    lua_pushboolean(L, 1);
+    lua_xmove(co, L, nres);
+    return nres + 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_xmove(co, L, 1);                 /* the error value */
+  return 2;
 }
 
 /*
@@ -1316,6 +1455,24 @@ static int lcore_timeout(lua_State *L) {
   return 1;
 }
 
+/*
+** core:arm(ms) -> true. Arms the loop's one-shot timer to fire in ms
+** milliseconds (an integer >= 0; arming again replaces the due time), or
+** with -1 or nil disarms it. While it is armed, timeout() counts down to
+** it and wait() returns when it fires; firing does nothing else.
+*/
+static int lcore_arm(lua_State *L) {
+  lcore *c = check_core(L);
+  lua_Integer ms = luaL_optinteger(L, 2, -1);
+  int rc;
+  luaL_argcheck(L, ms >= -1, 2, "expected milliseconds >= 0, or -1 or nil "
+                "to disarm");
+  if ((rc = buzz__loop_arm(c->loop, (int64_t)ms)) < 0)
+    return push_fail(L, rc, NULL);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* core:fd() -> the descriptor a host polls; readable while work is due. */
 static int lcore_fd(lua_State *L) {
   lcore *c = check_core(L);
@@ -1328,6 +1485,8 @@ static int lcore_fd(lua_State *L) {
 ** core:wait() -> true after one round of loop activity, false if none can
 ** come (nothing pending, nothing armed, no write in flight). A write in
 ** flight is waited for here: its commit may give durable consumers work.
+** An armed timer (arm()) is activity to come: wait() returns when it
+** fires, or sooner.
 */
 static int lcore_wait(lua_State *L) {
   lcore *c = check_core(L);
@@ -1359,6 +1518,15 @@ static int lcore_flush(lua_State *L) {
   return 1;
 }
 
+/* Pushes nil, err, "EINVAL": what (which verb the store) needs a store. */
+static int push_no_store(lua_State *L, const char *what, const char *verb) {
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s %s the store, and this bus has none: create it "
+                  "with buzz.new{ store = \"events.db\" }", what, verb);
+  lua_pushliteral(L, "EINVAL");
+  return 3;
+}
+
 /*
 ** Returns the store, or pushes nil, err, "EINVAL" for a memory bus. Reads
 ** see the caller's own writes: what is in flight is committed first (a
@@ -1369,10 +1537,7 @@ static buzz_store *need_store(lua_State *L, lcore *c, const char *what) {
     catch_up(L, c);
     return c->store;
   }
-  lua_pushnil(L);
-  lua_pushfstring(L, "%s reads the store, and this bus has none: create it "
-                  "with buzz.new{ store = \"events.db\" }", what);
-  lua_pushliteral(L, "EINVAL");
+  push_no_store(L, what, "reads");
   return NULL;
 }
 
@@ -1554,6 +1719,101 @@ static int lcore_store_info(lua_State *L) {
   return 1;
 }
 
+/*
+** Hands the writer the state row spec (see buzz_row) for the store of a
+** bus that has one, behind everything appended before it. A failure of
+** an earlier group is returned first, as publish does, and then nothing
+** is written; under sync durability it waits for the commit. Returns
+** true | nil, err, code (ESTORE for a read-only store).
+*/
+static int state_write(lua_State *L, lcore *c, const buzz_row *spec) {
+  char err[ERR_MAX];
+  buzz_row *row;
+  int u = push_refs(L), rc;
+  if ((rc = store_sync(L, c, u, err)) < 0)
+    return push_store_fail(L, rc, err);
+  if ((row = buzz__row_new(spec)) == NULL)
+    return push_fail(L, BUZZ_ENOMEM, NULL);
+  if ((rc = buzz__store_append(c->store, row)) < 0)
+    return push_fail(L, rc, "the store was opened read-only");
+  if (c->durability == BUZZ_DUR_SYNC &&
+      (rc = store_flush(L, c, u, err)) < 0)
+    return push_store_fail(L, rc, err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/*
+** core:state_put(kind, name, value) -> true | nil, err, code. Sets the
+** state row (kind, name) to the string value, replacing it, in order with
+** the bus's other writes (the same group commit).
+*/
+static int lcore_state_put(lua_State *L) {
+  lcore *c = check_core(L);
+  buzz_row spec;
+  memset(&spec, 0, sizeof spec);
+  spec.kind = BUZZ_ROW_STATE_PUT;
+  spec.type.p = luaL_checklstring(L, 2, &spec.type.n);
+  spec.key.p = luaL_checklstring(L, 3, &spec.key.n);
+  spec.payload.p = luaL_checklstring(L, 4, &spec.payload.n);
+  if (c->store == NULL) return push_no_store(L, "state_put()", "writes");
+  return state_write(L, c, &spec);
+}
+
+/*
+** core:state_del(kind, name) -> true | nil, err, code. Deletes the state
+** row (kind, name), or with name nil every row of kind. Deleting what is
+** not there is no error.
+*/
+static int lcore_state_del(lua_State *L) {
+  lcore *c = check_core(L);
+  buzz_row spec;
+  memset(&spec, 0, sizeof spec);
+  spec.kind = BUZZ_ROW_STATE_DEL;
+  spec.type.p = luaL_checklstring(L, 2, &spec.type.n);
+  spec.key.p = luaL_optlstring(L, 3, NULL, &spec.key.n);
+  if (c->store == NULL) return push_no_store(L, "state_del()", "writes");
+  return state_write(L, c, &spec);
+}
+
+typedef struct state_ctx {
+  lua_State *L;
+  int n;
+} state_ctx;
+
+static void on_state(void *data, buzz_str name, buzz_str value) {
+  state_ctx *x = (state_ctx *)data;
+  lua_State *L = x->L;
+  lua_createtable(L, 0, 2);
+  lua_pushlstring(L, name.p ? name.p : "", name.n);
+  lua_setfield(L, -2, "name");
+  lua_pushlstring(L, value.p ? value.p : "", value.n);
+  lua_setfield(L, -2, "value");
+  lua_rawseti(L, -2, ++x->n);
+}
+
+/*
+** core:state_list(kind) -> array of { name, value } | nil, err, code: the
+** state rows of kind, in name order. Sees the bus's own writes.
+*/
+static int lcore_state_list(lua_State *L) {
+  lcore *c = check_core(L);
+  buzz_str kind;
+  state_ctx x;
+  char err[ERR_MAX];
+  int rc;
+  kind.p = luaL_checklstring(L, 2, &kind.n);
+  if (!need_store(L, c, "state_list()")) return 3;
+  lua_newtable(L);
+  x.L = L;
+  x.n = 0;
+  err[0] = '\0';
+  if ((rc = buzz__store_state(c->store, kind, on_state, &x, err,
+                              sizeof err)) < 0)
+    return push_store_fail(L, rc, err);
+  return 1;
+}
+
 /* core:set_upcast(fn | nil): fn(ev) upcasts stored events in place. */
 static int lcore_set_upcast(lua_State *L) {
   lcore *c = check_core(L);
@@ -1563,6 +1823,26 @@ static int lcore_set_upcast(lua_State *L) {
   if (!lua_isnoneornil(L, 2)) {
     lua_pushvalue(L, 2);
     c->upcast_ref = luaL_ref(L, u);   /* released here or with U */
+  }
+  return 0;
+}
+
+/*
+** core:on_yield(fn | nil). A handler that yields inside a delivery made
+** here (pump, publish_sync, durable reads) is handed over: fn(co, sub,
+** ev, ...) gets its thread, the subscription object, the event table and
+** what it yielded, and owns the thread from then on (resume it with
+** core:resume). Without fn, or if fn raises, the delivery fails.
+*/
+static int lcore_on_yield(lua_State *L) {
+  lcore *c = check_core(L);
+  int u = push_refs(L);
+  if (c->yield_ref != LUA_NOREF) luaL_unref(L, u, c->yield_ref);
+  c->yield_ref = LUA_NOREF;
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushvalue(L, 2);
+    c->yield_ref = luaL_ref(L, u);     /* released here or with U */
   }
   return 0;
 }
@@ -1650,6 +1930,7 @@ static const luaL_Reg core_methods[] = {
   { "publish", lcore_publish },
   { "publish_sync", lcore_publish_sync },
   { "publish_cursor", lcore_publish_cursor },
+  { "resume", lcore_resume },
   { "pump", lcore_pump },
   { "stop", lcore_stop },
   { "is_stopped", lcore_is_stopped },
@@ -1657,6 +1938,7 @@ static const luaL_Reg core_methods[] = {
   { "next", lcore_next },
   { "pending", lcore_pending },
   { "timeout", lcore_timeout },
+  { "arm", lcore_arm },
   { "fd", lcore_fd },
   { "wait", lcore_wait },
   { "audience", lcore_audience },
@@ -1666,7 +1948,11 @@ static const luaL_Reg core_methods[] = {
   { "consumers", lcore_consumers },
   { "remove_consumer", lcore_remove_consumer },
   { "store_info", lcore_store_info },
+  { "state_put", lcore_state_put },
+  { "state_del", lcore_state_del },
+  { "state_list", lcore_state_list },
   { "set_upcast", lcore_set_upcast },
+  { "on_yield", lcore_on_yield },
   { "close", lcore_close },
   { "is_closed", lcore_is_closed },
   { NULL, NULL }

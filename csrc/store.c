@@ -1,7 +1,9 @@
 /*
 ** store.c: the durable log. One SQLite file in WAL mode holds the events
-** (table events, one row per event, id = ev.id) and the durable
-** consumers' positions (table consumers).
+** (table events, one row per event, id = ev.id), the durable consumers'
+** positions (table consumers) and the Lua layer's state rows (table
+** state: kind, name -> value; created at open by any writer, so a store
+** written by an older buzz may lack it until a newer one writes it).
 **
 ** Writing: a writer thread of the store's own owns the only read-write
 ** connection. The loop thread hands it buzz_row records through a queue
@@ -93,6 +95,7 @@ struct buzz_store {
   /* writer thread only */
   sqlite3 *wdb;              /* owns; read-write connection */
   sqlite3_stmt *ins, *ack, *drop;
+  sqlite3_stmt *put, *del;   /* state rows */
   int64_t last_retain;
   /* shared, under mu */
   uv_mutex_t mu;
@@ -223,10 +226,23 @@ static int write_row(buzz_store *s, buzz_row *r) {
     sqlite3_bind_int64(st, 3, r->id);
     sqlite3_bind_int64(st, 4, r->ts);
     break;
-  default:
+  case BUZZ_ROW_DROP_CONSUMER:
     st = s->drop;
     bind_str(st, 1, r->type);
     break;
+  case BUZZ_ROW_STATE_PUT:
+    st = s->put;
+    bind_str(st, 1, r->type);
+    bind_str(st, 2, r->key);
+    bind_str(st, 3, r->payload);
+    break;
+  case BUZZ_ROW_STATE_DEL:
+    st = s->del;
+    bind_str(st, 1, r->type);
+    bind_str(st, 2, r->key);           /* NULL: the whole kind */
+    break;
+  default:
+    return SQLITE_MISUSE;
   }
   rc = sqlite3_step(st);
   sqlite3_reset(st);
@@ -527,7 +543,10 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
   }
   if ((rc = prepare_schema(s, err, errlen)) < 0) return rc;
   if (exec(s->wdb, "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, "
-           "value)") != SQLITE_OK)
+           "value)") != SQLITE_OK ||
+      exec(s->wdb, "CREATE TABLE IF NOT EXISTS state (kind TEXT NOT NULL, "
+           "name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (kind, "
+           "name)) WITHOUT ROWID") != SQLITE_OK)
     goto fail;
   snprintf(b, sizeof b, "PRAGMA synchronous = %s",
            s->o.durability == BUZZ_DUR_SYNC ? "FULL" : "NORMAL");
@@ -547,7 +566,11 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
         "SET pattern = excluded.pattern, acked = excluded.acked, "
         "updated = excluded.updated", -1, &s->ack, NULL) != SQLITE_OK ||
       sqlite3_prepare_v2(s->wdb, "DELETE FROM consumers WHERE name = ?", -1,
-        &s->drop, NULL) != SQLITE_OK)
+        &s->drop, NULL) != SQLITE_OK ||
+      sqlite3_prepare_v2(s->wdb, "INSERT OR REPLACE INTO state (kind, name, "
+        "value) VALUES (?, ?, ?)", -1, &s->put, NULL) != SQLITE_OK ||
+      sqlite3_prepare_v2(s->wdb, "DELETE FROM state WHERE kind = ?1 AND "
+        "(?2 IS NULL OR name = ?2)", -1, &s->del, NULL) != SQLITE_OK)
     goto fail;
   s->last_id = query_int(s->wdb, "SELECT max(id) FROM events", 0, 0, 0, &rc);
   if (rc != SQLITE_OK) goto fail;
@@ -648,6 +671,8 @@ void buzz__store_close(buzz_store *s) {
   sqlite3_finalize(s->ins);
   sqlite3_finalize(s->ack);
   sqlite3_finalize(s->drop);
+  sqlite3_finalize(s->put);
+  sqlite3_finalize(s->del);
   sqlite3_close(s->rdb);
   sqlite3_close(s->wdb);
   if (s->lock_fd >= 0) close(s->lock_fd);   /* after SQLite let go */
@@ -925,5 +950,26 @@ int buzz__store_dedup_load(buzz_store *s, int64_t since, buzz_dedup_cb cb,
   while ((rc = sqlite3_step(st)) == SQLITE_ROW)
     cb(data, col_str(st, 0), sqlite3_column_int64(st, 1),
        sqlite3_column_int64(st, 2));
+  return read_done(s, st, rc, 0, err, errlen);
+}
+
+int buzz__store_state(buzz_store *s, buzz_str kind, buzz_state_cb cb,
+                      void *data, char *err, size_t errlen) {
+  sqlite3_stmt *st;
+  int rc;
+  if (sqlite3_prepare_v2(s->rdb, "SELECT name, value FROM state WHERE "
+                         "kind = ? ORDER BY name", -1, &st, NULL)
+      != SQLITE_OK) {
+    int64_t has;
+    db_err(err, errlen, s, s->rdb);    /* before another call resets it */
+    has = query_int(s->rdb, "SELECT count(*) FROM sqlite_schema WHERE "
+                    "type = 'table' AND name = 'state'", 0, 0, 0, &rc);
+    if (rc != SQLITE_OK || has != 0) return BUZZ_ESTORE;
+    if (err && errlen) err[0] = '\0';  /* an older store: no rows */
+    return BUZZ_OK;
+  }
+  bind_str(st, 1, kind);
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+    cb(data, col_str(st, 0), col_str(st, 1));
   return read_done(s, st, rc, 0, err, errlen);
 }

@@ -644,9 +644,17 @@ describe("bad input", function()
            function() bus:step(-1) end)
   end)
 
-  it("says plainly what is not available yet", function()
-    raises("delayed events (delay, at) are not available yet",
-           function() bus:publish("e", nil, { delay = 5 }) end)
+  it("rejects delays that are not seconds from now or epoch seconds",
+     function()
+    raises("bad delay: expected seconds >= 0, got -1",
+           function() bus:publish("e", nil, { delay = -1 }) end)
+    raises("bad delay: expected seconds >= 0, got \"5\"",
+           function() bus:publish("e", nil, { delay = "5" }) end)
+    raises("bad at: expected epoch seconds, got NaN",
+           function() bus:publish("e", nil, { at = 0 / 0 }) end)
+    raises("give delay (seconds from now) or at (epoch seconds), not both",
+           function() bus:publish("e", nil, { delay = 1, at = 1 }) end)
+    assert.equal(0, bus:stats().delayed)
   end)
 
   it("tells a caller who used . instead of :", function()

@@ -4,12 +4,14 @@
 -- reports failures. See DESIGN.md for the contract.
 -- @module buzz
 local core = require "buzz.core"
+local timers = require "buzz.timers"
+local failure = require "buzz.failure"
 
 local type, error, pairs, ipairs, tostring, pcall, xpcall =
       type, error, pairs, ipairs, tostring, pcall, xpcall
 local traceback = debug.traceback
 local setmetatable, getmetatable, rawget = setmetatable, getmetatable, rawget
-local floor, huge = math.floor, math.huge
+local floor, huge, math_max = math.floor, math.huge, math.max
 local concat, sort = table.concat, table.sort
 local stderr = io.stderr
 
@@ -47,8 +49,11 @@ end
 local NEW_OPTIONS = option_set("store", "durability", "queue_limit",
                                "on_error", "readonly", "max_payload",
                                "dedup_window", "max_age", "max_events",
-                               "max_size")
-local SUBSCRIBE_OPTIONS = option_set("once", "durable", "start")
+                               "max_size", "clock")
+local SUBSCRIBE_OPTIONS = option_set("once", "durable", "start", "name",
+                                     "retry", "ordered", "breaker",
+                                     "timeout", "concurrency")
+local DEAD_LETTER_OPTIONS = option_set("subscription", "types", "limit")
 local PUBLISH_OPTIONS = option_set("priority", "key", "delay", "at",
                                    "correlation_id", "headers", "dedup",
                                    "version")
@@ -101,6 +106,7 @@ local function check_subject_arg(s, what, example, level)
 end
 
 local function quote(v)
+  if v ~= v then return "NaN" end     -- tostring says nan, -nan or -nan(ind)
   return type(v) == "string" and ("%q"):format(v) or tostring(v)
 end
 
@@ -152,9 +158,20 @@ local function publish_options(opts, level)
       end
     end
   end
-  if opts.delay ~= nil or opts.at ~= nil then
-    error("delayed events (delay, at) are not available yet: publish "
-          .. "without them, or schedule the publish yourself", level + 1)
+  local delay, at = opts.delay, opts.at
+  if delay ~= nil and at ~= nil then
+    error("give delay (seconds from now) or at (epoch seconds), not both",
+          level + 1)
+  end
+  if delay ~= nil and (type(delay) ~= "number" or delay ~= delay
+                       or delay < 0 or delay == huge) then
+    error(("bad delay: expected seconds >= 0, got %s"):format(quote(delay)),
+          level + 1)
+  end
+  if at ~= nil and (type(at) ~= "number" or at ~= at or at < 0
+                    or at == huge) then
+    error(("bad at: expected epoch seconds, got %s"):format(quote(at)),
+          level + 1)
   end
   local dedup = opts.dedup
   if dedup ~= nil and (type(dedup) ~= "string" or dedup == "") then
@@ -250,6 +267,11 @@ function M.new(opts)
   check_positive(opts.max_age, "max_age", false, 2)
   check_positive(opts.max_events, "max_events", true, 2)
   check_positive(opts.max_size, "max_size", true, 2)
+  local clock = opts.clock
+  if clock ~= nil and not timers.is_clock(clock) then
+    error(("bad clock: expected buzz.manual_clock(), got %s")
+          :format(quote(clock)), 2)
+  end
   if not store then
     for _, k in ipairs { "durability", "readonly", "max_age", "max_events",
                          "max_size" } do
@@ -276,14 +298,66 @@ function M.new(opts)
   local report = reporter(on_error or default_on_error)
   local c, err, code = core.new(limit, report, copts)
   if not c then return nil, err, code end
-  return setmetatable({
+  clock = clock or timers.real_clock()
+  local tl = timers.new(clock)
+  local bus = setmetatable({
     _report = report,
     _core = c,                -- false once closed
     _store = store,           -- path, or nil for a memory bus
     _durability = store and (durability or "batch"),
     _readonly = opts.readonly or false,
     _upcasters = nil,         -- type -> { [from_version] = fn }
+    _clock = clock,
+    _timers = tl,             -- delays, retries, timeouts, sleeps
+    _max_payload = opts.max_payload,
   }, Bus)
+  local sup = failure.new(bus, tl)
+  bus._sup = sup
+  c:on_yield(function(co, sub, ev, what, arg)
+    sup:adopt(co, sub, ev, what, arg)
+  end)
+  if store then
+    local ok, e = pcall(sup.load, sup)
+    if not ok then
+      c:close()
+      return nil, tostring(e), "ESTORE"
+    end
+  end
+  if clock.is_manual then clock.buses[bus] = true end
+  return bus
+end
+
+-- The failure-handling options of a subscription as a policy for the
+-- supervisor, or nil when it has none (a plain subscription).
+local function supervision(opts, default_name, level)
+  local name = opts.name
+  if name ~= nil and (type(name) ~= "string" or name == "") then
+    error(("bad name: expected a string such as \"billing\", got %s")
+          :format(quote(name)), level + 1)
+  end
+  local retry, breaker = opts.retry, opts.breaker
+  local ordered, timeout, conc = opts.ordered, opts.timeout, opts.concurrency
+  if retry == nil and breaker == nil and not ordered and timeout == nil
+     and conc == nil then
+    if ordered ~= nil and type(ordered) ~= "boolean" then
+      error("bad ordered: expected a boolean", level + 1)
+    end
+    return nil
+  end
+  if ordered ~= nil and type(ordered) ~= "boolean" then
+    error("bad ordered: expected a boolean", level + 1)
+  end
+  check_positive(timeout, "timeout", false, level + 1)
+  check_positive(conc, "concurrency", true, level + 1)
+  return {
+    name = name or default_name,
+    retry = retry ~= nil and failure.retry_policy(retry, level + 1) or nil,
+    breaker = breaker ~= nil and failure.breaker_policy(breaker, level + 1)
+              or nil,
+    ordered = ordered or false,
+    timeout = timeout and floor(timeout * 1000 + 0.5),
+    concurrency = conc,
+  }
 end
 
 local function subscribe(self, c, pattern, handler, opts, is_once, level)
@@ -329,17 +403,27 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
       start_new = start == "new"
     end
   end
+  local policy = opts and supervision(opts, durable or pattern, level + 1)
   local sub = setmetatable({
     pattern = pattern, handler = handler, bus = self,
     is_once = is_once or false, is_active = true, durable = durable,
+    name = policy and policy.name or (opts and opts.name) or durable,
   }, Sub)
-  local id, err, code = c:subscribe(pattern, sub, handler, sub.is_once,
+  local fn = handler
+  if policy then
+    local runner = self._sup:runner(sub, handler, policy, level + 1)
+    sub._runner = runner
+    fn = function(ev) runner:deliver(ev) end
+  end
+  local id, err, code = c:subscribe(pattern, sub, fn, sub.is_once,
                                     durable, start_new)
   if not id then
+    if sub._runner then sub._runner:close() end
     local _, e, k = refused(err, code, level + 1)  -- not a tail call
     return nil, e, k
   end
   sub._id = id
+  if sub._runner then self._sup:adopt_orphans(sub._runner) end
   return sub
 end
 
@@ -410,6 +494,41 @@ local function publish_args(self, opts, level)
   return publish_options(opts, level + 1)
 end
 
+-- publish with delay or at: checks the type and the payload now (with a
+-- store the payload must be JSON), then keeps the event until its time.
+-- Returns true, "delayed"; the event gets its id when it is published.
+local function publish_later(self, method, etype, payload, opts)
+  if method ~= "publish" then
+    error("publish_sync delivers at once: use bus:publish(type, payload, "
+          .. "{ delay = seconds }) for a delayed event", 3)
+  end
+  check_subject_arg(etype, "type", "task.start", 3)
+  local ok, why = core.check_subject(etype, false)
+  if not ok then error(why, 3) end
+  if etype:sub(1, 1) == "$" then
+    error(("bad type %q: types starting with \"$\" are reserved for the "
+           .. "engine"):format(etype), 3)
+  end
+  local now = self._clock:now_ms()
+  local due = opts.at and floor(opts.at * 1000 + 0.5)
+              or now + floor(opts.delay * 1000 + 0.5)
+  local rest = {}
+  for k, v in pairs(opts) do
+    if k ~= "delay" and k ~= "at" then rest[k] = v end
+  end
+  if due <= now then
+    local id, err, code = self:publish(etype, payload, rest)
+    return id, err, code
+  end
+  if self._store then
+    local text, err = core.json_encode(payload, self._max_payload)
+    if not text then error(("bad payload: %s"):format(err), 3) end
+  end
+  self._sup:schedule_publish({ type = etype, payload = payload,
+                               opts = rest, due = due })
+  return true, "delayed"
+end
+
 -- Makes Bus:publish and Bus:publish_sync, which differ only in the core
 -- method they call; made once, at load, not per bus.
 local function publisher(method)
@@ -417,6 +536,10 @@ local function publisher(method)
     local c = check_bus(self, method)
     local prio, key, corr, headers, dedup, version =
       publish_args(self, opts, 2)
+    if opts and (opts.delay ~= nil or opts.at ~= nil) then
+      local id, e, k = publish_later(self, method, etype, payload, opts)
+      return id, e, k
+    end
     local id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
                                     headers, dedup, version)
     if not id then
@@ -443,7 +566,15 @@ Bus.publish = publisher("publish")
 ---@return integer|nil id, string|nil err, string|nil code
 Bus.publish_sync = publisher("publish_sync")
 
+-- Fires the timers due by the bus's clock; returns how many fired.
+local function fire_due(self)
+  local tl = self._timers
+  if tl.n == 0 then return 0 end
+  return tl:fire(self._clock:now_ms())
+end
+
 --- Makes at most max deliveries (default 1); returns how many it made.
+--- Timers that are due (delayed events, retries) fire first.
 ---@param max integer|nil
 ---@return integer
 function Bus:step(max)
@@ -455,15 +586,36 @@ function Bus:step(max)
           :format(tostring(max)), 2)
   end
   c:stop(false)
+  pump(c, 0, "step")                  -- raises inside a handler
+  fire_due(self)
   return pump(c, max, "step")
 end
 
 --- Delivers until nothing is due; returns the number of deliveries.
+--- Timers due by the clock fire on the way; later ones wait.
 ---@return integer
 function Bus:drain()
   local c = check_bus(self, "drain")
   c:stop(false)
-  return pump(c, -1, "drain")
+  local total = 0
+  repeat
+    local n = pump(c, -1, "drain")
+    local fired = self._core and fire_due(self) or 0
+    total = total + n
+    c = self._core
+  until not c or c:is_stopped() or (n == 0 and fired == 0)
+  return total
+end
+
+-- For a manual clock: the earliest timer of this bus, and a turn of the
+-- bus at the clock's new time.
+function Bus:_next_due()
+  if not self._core then return nil end
+  return self._timers:next_due()
+end
+
+function Bus:_tick()
+  if self._core and self._core:pump(0) ~= nil then self:drain() end
 end
 
 --- Drives the bus on its own loop until stop(), or until nothing is
@@ -472,14 +624,22 @@ end
 function Bus:run()
   local c = check_bus(self, "run")
   c:stop(false)
-  local total = 0
+  local total, tl, clock = 0, self._timers, self._clock
   while true do
     local n = pump(c, RUN_BATCH, "run")
     total = total + n
     c = self._core
     if not c or c:is_stopped() then break end
-    if n == 0 and not c:wait() then break end
+    local fired = fire_due(self)
+    c = self._core
+    if not c then break end
+    if n == 0 and fired == 0 then
+      local due = not clock.is_manual and tl:next_due()
+      c:arm(due and math_max(0, due - clock:now_ms()) or -1)
+      if not c:wait() then break end
+    end
   end
+  if c then c:arm(-1) end
   return total
 end
 
@@ -499,6 +659,9 @@ function Bus:close()
   local c = self._core
   if not c then return 0 end
   self._core = false
+  self._timers:clear()
+  self._sup:close()
+  if self._clock.is_manual then self._clock.buses[self] = nil end
   return c:close()            -- marks every live subscription inactive
 end
 Bus.__close = Bus.close
@@ -519,6 +682,11 @@ end
 function Bus:stats()
   local c = check_bus(self, "stats")
   local st = c:stats()
+  local sup = self._sup
+  st.timers = self._timers:count()
+  st.dead_letters = #sup.dead
+  st.delayed = sup.delays
+  st.redriven = sup.redriven
   if self._store then st.store = store_info(self, c, false) end
   return st
 end
@@ -541,7 +709,11 @@ end
 
 ---@return integer ms
 function Bus:timeout()
-  return check_bus(self, "timeout"):timeout()
+  local ms = check_bus(self, "timeout"):timeout()
+  local due = not self._clock.is_manual and self._timers:next_due()
+  if not due or ms == 0 then return ms end
+  local left = math_max(0, due - self._clock:now_ms())
+  return (ms < 0 or left < ms) and left or ms
 end
 
 function Bus:__tostring()
@@ -800,6 +972,137 @@ function Bus:store_info(opts)
 end
 
 
+-- ------------------------------------------------------------ failures
+
+-- A dead-letter selection: an id, or { subscription, types, limit }.
+local function dead_filter(f, method, level)
+  if is_integer(f) then return f end
+  if type(f) ~= "table" and f ~= nil then
+    error(("bad argument to %s: expected a dead letter id or a table of "
+           .. "filters, got %s"):format(method, quote(f)), level + 1)
+  end
+  check_options(f, DEAD_LETTER_OPTIONS, method, level + 1)
+  if f then
+    if f.subscription ~= nil and type(f.subscription) ~= "string" then
+      error(("bad subscription: expected a name, got %s")
+            :format(quote(f.subscription)), level + 1)
+    end
+    if f.types ~= nil then
+      check_subject_arg(f.types, "types", "order.*", level + 1)
+      local ok, why = core.check_subject(f.types, true)
+      if not ok then error(why, level + 1) end
+    end
+    check_positive(f.limit, "limit", true, level + 1)
+  end
+  return f
+end
+
+-- A deep copy, so callers cannot change the records the bus keeps.
+local function copy(v)
+  if type(v) ~= "table" then return v end
+  local t = {}
+  for k, x in pairs(v) do t[k] = copy(x) end
+  return t
+end
+
+--- The dead letters, oldest first: each is { id, subscription, pattern,
+--- reason ("exhausted" or "fatal"), error, attempts = { { attempt, error,
+--- traceback, at } }, event, failed_at, redrives }.
+---@param filter table|integer|nil an id, or { subscription, types, limit }
+---@return table
+function Bus:dead_letters(filter)
+  check_bus(self, "dead_letters")
+  local recs = self._sup:select(dead_filter(filter, "dead_letters", 2))
+  for i, rec in ipairs(recs) do recs[i] = copy(rec) end
+  return recs
+end
+
+--- Delivers dead letters again, to the subscription each came from,
+--- starting over at attempt 1 (ev.redrives counts the redrives). Letters
+--- whose subscription is not subscribed on this bus stay. Returns how
+--- many were redriven.
+---@param filter table|integer|nil an id, or { subscription, types, limit }
+---@return integer
+function Bus:redrive(filter)
+  check_bus(self, "redrive")
+  if self._readonly then
+    error("this bus opened its store read-only: it cannot redrive", 2)
+  end
+  local sup = self._sup
+  local recs = sup:select(dead_filter(filter, "redrive", 2))
+  if is_integer(filter) and #recs == 0 then
+    error(("no dead letter %d on this bus"):format(filter), 2)
+  end
+  return sup:redrive(recs)
+end
+
+--- Removes dead letters for good; returns how many.
+---@param filter table|integer|nil an id, or { subscription, types, limit }
+---@return integer
+function Bus:discard(filter)
+  check_bus(self, "discard")
+  if self._readonly then
+    error("this bus opened its store read-only: it cannot discard", 2)
+  end
+  local sup = self._sup
+  local recs = sup:select(dead_filter(filter, "discard", 2))
+  sup:remove(recs)
+  return #recs
+end
+
+--- Publishes an event every seconds on the bus's clock, its payload from
+--- payload_fn() (called each time; a value is used as is). Returns a
+--- handle whose :cancel() stops it.
+---@param seconds number
+---@param etype string
+---@param payload_fn function|any
+---@return table handle
+function Bus:every(seconds, etype, payload_fn)
+  check_bus(self, "every")
+  check_positive(seconds, "seconds", false, 2)
+  check_subject_arg(etype, "type", "metrics.tick", 2)
+  local ok, why = core.check_subject(etype, false)
+  if not ok then error(why, 2) end
+  local period = math_max(1, floor(seconds * 1000 + 0.5))
+  local handle = { is_active = true }
+  local tl, bus = self._timers, self
+  local function tick(due)
+    if not (handle.is_active and bus._core) then return end
+    handle.timer = tl:at(due + period, tick, due + period)
+    local payload = payload_fn
+    if is_callable(payload_fn) then
+      local pok, v = pcall(payload_fn)
+      if not pok then
+        bus._report(("buzz: every(%s): payload function raised: %s")
+                    :format(etype, tostring(v)))
+        return
+      end
+      payload = v
+    end
+    local pubok, id, err = pcall(bus.publish, bus, etype, payload)
+    if not (pubok and id) then
+      bus._report(("buzz: every(%s): %s"):format(etype,
+                                                 tostring(pubok and err
+                                                          or id)))
+    end
+  end
+  local first = self._clock:now_ms() + period
+  handle.timer = tl:at(first, tick, first)
+  function handle.cancel()
+    handle.is_active = false
+    return handle.timer:cancel()
+  end
+  return handle
+end
+
+--- The state of a subscription's failure handling: inflight, waiting,
+--- held, retrying, breaker ("closed", "open", "half_open" or nil).
+---@return table|nil
+function Sub:stats()
+  return self._runner and self._runner:stats() or nil
+end
+
+
 -- ------------------------------------------------------------ subs
 
 --- Ends the subscription; its handler is never called again. Idempotent.
@@ -813,6 +1116,7 @@ function Sub:unsubscribe()
   local id, c = self._id, self.bus._core
   self._id = nil
   if c and id then c:unsubscribe(id, self) end
+  if self._runner then self._runner:close() end
   return true
 end
 Sub.__close = Sub.unsubscribe
@@ -821,5 +1125,12 @@ function Sub:__tostring()
   return ("buzz.sub (%q, %s)"):format(self.pattern,
                                       self.is_active and "active" or "ended")
 end
+
+--- A clock that moves only when told: buzz.new{ clock = clock }, then
+--- clock:advance(seconds) fires what falls due, without sleeping.
+M.manual_clock = timers.manual_clock
+M.sleep = failure.sleep
+M.fatal = failure.fatal
+M.retry_after = failure.retry_after
 
 return M

@@ -1,0 +1,806 @@
+--- Failure handling for a bus: retries with backoff and jitter, dead
+-- letters, per-key ordering, circuit breakers, timeouts, concurrency,
+-- buzz.sleep and delayed events.
+--
+-- A subscription with any of retry, ordered, breaker, timeout or
+-- concurrency is "supervised": the core calls a small wrapper instead of
+-- the handler, and each delivery becomes a job run in a coroutine of its
+-- own (core:resume makes the job's event the current one, so publishes
+-- inside inherit its correlation id whenever the job is resumed). Plain
+-- subscriptions never come here, so their hot path is untouched; a plain
+-- handler that yields (buzz.sleep) is adopted by the same machinery.
+--
+-- A job passes three gates before it runs: its key's lane (ordered), the
+-- breaker, then the concurrency limit. A job holds its lane from the
+-- moment it is admitted until it succeeds or is dead-lettered, so a key
+-- waiting for a retry holds back only its own later events. Follow-on
+-- work (the next job of a lane, a job waiting for a slot, jobs a closing
+-- breaker releases) goes through a run queue, never by recursion.
+-- @module buzz.failure
+local core = require "buzz.core"
+
+local type, error, pairs, ipairs, tostring, pcall, setmetatable, assert =
+      type, error, pairs, ipairs, tostring, pcall, setmetatable, assert
+local getmetatable, rawget = getmetatable, rawget
+local create, status, yield, running =
+      coroutine.create, coroutine.status, coroutine.yield, coroutine.running
+local traceback = debug.traceback
+local floor, huge, min, max, random = math.floor, math.huge, math.min,
+                                      math.max, math.random
+local concat, sort = table.concat, table.sort
+local json_encode, json_decode = core.json_encode, core.json_decode
+
+local M = {}
+
+local Supervisor = {}
+Supervisor.__index = Supervisor
+
+local Runner = {}
+Runner.__index = Runner
+
+-- What a handler yields to sleep: SLEEP, milliseconds.
+local SLEEP = setmetatable({}, { __tostring = function() return "sleep" end })
+
+-- Error objects handlers raise to steer their retries.
+local Fatal = { __name = "buzz.fatal" }
+Fatal.__index = Fatal
+function Fatal:__tostring() return tostring(self.err) end
+
+local RetryAfter = { __name = "buzz.retry_after" }
+RetryAfter.__index = RetryAfter
+function RetryAfter:__tostring() return tostring(self.err) end
+
+local RETRY_DEFAULTS = { max = 5, base = 0.2, factor = 2, max_delay = 30,
+                         jitter = 0.2 }
+local BREAKER_DEFAULTS = { failures = 5, within = 10, cool_down = 30 }
+
+
+-- ------------------------------------------------------------ helpers
+
+local function quote(v)
+  if v ~= v then return "NaN" end     -- tostring says nan, -nan or -nan(ind)
+  return type(v) == "string" and ("%q"):format(v) or tostring(v)
+end
+
+local function fifo()
+  return { first = 1, last = 0 }
+end
+
+local function push(q, v)
+  local last = q.last + 1
+  q.last, q[last] = last, v
+end
+
+local function shift(q)
+  local first = q.first
+  if first > q.last then return nil end
+  local v = q[first]
+  q[first], q.first = nil, first + 1
+  return v
+end
+
+local function size(q)
+  return q.last - q.first + 1
+end
+
+--- A readable sentence for any error value a handler may raise.
+---@param err any
+---@return string
+local function readable(err)
+  local t = type(err)
+  if t == "string" then return err end
+  if t == "table" then
+    local mt = getmetatable(err)
+    if type(mt) == "table" and rawget(mt, "__tostring") then
+      return tostring(err)
+    end
+    local text = json_encode(err)
+    if text then return "error object " .. text end
+    return "error object (" .. tostring(err) .. ")"
+  end
+  if t == "nil" then return "error raised with no value (nil)" end
+  return ("error object (%s %s)"):format(t, tostring(err))
+end
+M.readable = readable
+
+-- The event's own fields as a plain table, for dead letters and stored
+-- retries (the delivery's attempt is not part of the event).
+local function plain(ev)
+  return { id = ev.id, type = ev.type, payload = ev.payload, ts = ev.ts,
+           priority = ev.priority, key = ev.key,
+           correlation_id = ev.correlation_id,
+           causation_id = ev.causation_id, headers = ev.headers,
+           version = ev.version }
+end
+
+-- The event table a job's handler gets: the shared one for a first
+-- delivery, else a copy carrying the attempt (and redrive count).
+local function event_for(job)
+  if job.attempt == 1 and job.redrives == 0 and job.ev.attempt == 1 then
+    return job.ev
+  end
+  local t = {}
+  for k, v in pairs(job.ev) do t[k] = v end
+  t.attempt = job.attempt
+  if job.redrives > 0 then t.redrives = job.redrives end
+  return t
+end
+
+
+-- ------------------------------------------------------------ policies
+
+local function check_table(v, name, defaults, level)
+  if type(v) ~= "table" then
+    error(("bad %s: expected a table such as { %s }, got %s")
+          :format(name, name == "retry" and "max = 5, base = 0.2"
+                  or "failures = 5, within = 10, cool_down = 30",
+                  quote(v)), level + 1)
+  end
+  local known = {}
+  for k in pairs(defaults) do known[#known + 1] = k end
+  sort(known)
+  for k in pairs(v) do
+    if defaults[k] == nil then
+      error(("unknown option %s in %s (known: %s)")
+            :format(quote(k), name, concat(known, ", ")), level + 1)
+    end
+  end
+end
+
+local function number_in(v, name, lo, lo_open, is_int, level)
+  if type(v) ~= "number" or v ~= v or v == huge or v < lo
+     or (lo_open and v == lo) or (is_int and v ~= floor(v)) then
+    error(("bad %s: expected %s %s %s, got %s")
+          :format(name, is_int and "an integer" or "a number",
+                  lo_open and ">" or ">=", tostring(lo), quote(v)),
+          level + 1)
+  end
+  return v
+end
+
+--- Validates a retry option: a table of max, base, factor, max_delay,
+--- jitter (seconds), or an integer (max attempts). Returns the policy
+--- with defaults filled in and times in milliseconds.
+function M.retry_policy(v, level)
+  if type(v) == "number" then v = { max = v } end
+  check_table(v, "retry", RETRY_DEFAULTS, level + 1)
+  local p = {}
+  for k, d in pairs(RETRY_DEFAULTS) do p[k] = v[k] == nil and d or v[k] end
+  number_in(p.max, "retry.max (attempts, counting the first)", 1, false,
+            true, level + 1)
+  number_in(p.base, "retry.base", 0, false, false, level + 1)
+  number_in(p.factor, "retry.factor", 1, false, false, level + 1)
+  number_in(p.max_delay, "retry.max_delay", 0, false, false, level + 1)
+  number_in(p.jitter, "retry.jitter", 0, false, false, level + 1)
+  if p.jitter > 1 then
+    error(("bad retry.jitter: expected a fraction from 0 to 1, got %s")
+          :format(quote(p.jitter)), level + 1)
+  end
+  return { max = p.max, base = p.base * 1000, factor = p.factor,
+           max_delay = p.max_delay * 1000, jitter = p.jitter }
+end
+
+--- Validates a breaker option; times come back in milliseconds.
+function M.breaker_policy(v, level)
+  if v == true then v = {} end
+  check_table(v, "breaker", BREAKER_DEFAULTS, level + 1)
+  local p = {}
+  for k, d in pairs(BREAKER_DEFAULTS) do p[k] = v[k] == nil and d or v[k] end
+  number_in(p.failures, "breaker.failures", 1, false, true, level + 1)
+  number_in(p.within, "breaker.within", 0, true, false, level + 1)
+  number_in(p.cool_down, "breaker.cool_down", 0, true, false, level + 1)
+  return { failures = p.failures, within = p.within * 1000,
+           cool_down = p.cool_down * 1000 }
+end
+
+--- The delay before attempt + 1, in ms: base * factor^(attempt - 1),
+--- capped at max_delay, then spread by +-jitter.
+---@param p table a retry policy
+---@param attempt integer the attempt that failed
+---@param rand function|nil returns a number in [0, 1)
+function M.backoff(p, attempt, rand)
+  local d = min(p.max_delay, p.base * p.factor ^ (attempt - 1))
+  if p.jitter > 0 then
+    d = d * (1 + p.jitter * (2 * (rand or random)() - 1))
+  end
+  return max(0, floor(d + 0.5))
+end
+
+
+-- ------------------------------------------------------------ the API
+
+--- Raises an error that ends a delivery's retries at once: the event goes
+--- straight to the dead letters. error(buzz.fatal("card declined")).
+---@param err any
+function M.fatal(err)
+  return setmetatable({ err = err }, Fatal)
+end
+
+--- Fails this attempt and asks for the next one after seconds (the
+--- subscription's max attempts still applies). Never returns.
+---@param seconds number
+---@param err any|nil
+function M.retry_after(seconds, err)
+  if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0
+     or seconds == huge then
+    error(("bad seconds: expected a number >= 0, got %s")
+          :format(quote(seconds)), 2)
+  end
+  error(setmetatable({ ms = floor(seconds * 1000 + 0.5),
+                       err = err or ("retry after %g s"):format(seconds) },
+                     RetryAfter), 2)
+end
+
+--- Suspends the handler for seconds on the bus's clock; other deliveries
+--- go on meanwhile. Only inside a handler.
+---@param seconds number
+function M.sleep(seconds)
+  if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0
+     or seconds == huge then
+    error(("bad seconds: expected a number >= 0, got %s")
+          :format(quote(seconds)), 2)
+  end
+  local co, is_main = running()
+  if co == nil or is_main then
+    error("buzz.sleep works inside a handler, which the bus runs in a "
+          .. "coroutine; outside one, use your host's timers", 2)
+  end
+  yield(SLEEP, floor(seconds * 1000 + 0.5))
+end
+
+
+-- ------------------------------------------------------------ supervisor
+
+--- The failure machinery of one bus.
+---@param bus table the bus (for publishing engine events and reporting)
+---@param timers table the bus's timer list
+function M.new(bus, timers)
+  return setmetatable({
+    bus = bus, timers = timers, clock = timers.clock,
+    runq = fifo(), is_flushing = false,
+    runners = {},        -- name -> runner of a live sub with retry
+    plain = setmetatable({}, { __mode = "k" }),  -- sub -> runner (adopted)
+    dead = {},           -- dead letters in id order
+    next_dead = 1,
+    orphans = {},        -- name -> stored retries waiting for their sub
+    delays = 0,          -- delayed events waiting
+    redriven = 0,
+  }, Supervisor)
+end
+
+function Supervisor:now()
+  return self.clock:now_ms()
+end
+
+-- The core, or nil once the bus is closed.
+function Supervisor:core()
+  return self.bus._core or nil
+end
+
+-- Writes a state row when the bus has a writable store; a failure is
+-- reported, never raised (the delivery it belongs to goes on).
+function Supervisor:put(kind, name, value)
+  local c = self:core()
+  if not (c and self.bus._store and not self.bus._readonly) then return end
+  local text, err = json_encode(value)
+  local ok
+  if text then ok, err = c:state_put(kind, name, text) end
+  if not (text and ok) then
+    self.bus._report(("buzz: could not store %s %s: %s")
+                     :format(kind, name, tostring(err)))
+  end
+end
+
+function Supervisor:del(kind, name)
+  local c = self:core()
+  if not (c and self.bus._store and not self.bus._readonly) then return end
+  local ok, err = c:state_del(kind, name)
+  if not ok then
+    self.bus._report(("buzz: could not remove %s %s: %s")
+                     :format(kind, tostring(name), tostring(err)))
+  end
+end
+
+-- Publishes an engine event ($DLQ.<type>, $SYS.breaker); a refusal (a
+-- full queue) is reported, never raised.
+function Supervisor:announce(etype, payload)
+  local c = self:core()
+  if not c then return end
+  local ok, id, err = pcall(c.publish, c, etype, payload, nil, nil, nil, nil,
+                            nil, nil, nil, true)
+  if not ok or not id then
+    self.bus._report(("buzz: could not publish %s: %s")
+                     :format(etype, tostring(ok and err or id)))
+  end
+end
+
+-- Starts jobs queued by follow-on work, unless a caller up the stack is
+-- already doing so.
+function Supervisor:flush()
+  if self.is_flushing then return end
+  self.is_flushing = true
+  local q = self.runq
+  while true do
+    local job = shift(q)
+    if job == nil then break end
+    if not job.runner.is_closed then job.runner:gate(job) end
+  end
+  self.is_flushing = false
+end
+
+function Supervisor:enqueue(job)
+  push(self.runq, job)
+end
+
+--- A runner for a supervised subscription. policy: retry, breaker (both
+--- validated), ordered, timeout (ms), concurrency, name.
+function Supervisor:runner(sub, handler, policy, level)
+  local r = setmetatable({
+    sup = self, sub = sub, handler = handler, name = policy.name,
+    retry = policy.retry, ordered = policy.ordered,
+    timeout = policy.timeout, concurrency = policy.concurrency,
+    inflight = 0, waiting = fifo(), held = fifo(), lanes = {},
+    retrying = 0, is_closed = false,
+  }, Runner)
+  if policy.breaker then
+    local b = policy.breaker
+    r.breaker = { failures = b.failures, within = b.within,
+                  cool_down = b.cool_down, state = "closed", fails = fifo() }
+  end
+  if r.retry then
+    if self.runners[r.name] then
+      error(("a subscription named %q with a retry policy is already "
+             .. "subscribed; give each one its own name = \"...\"")
+            :format(r.name), level + 1)
+    end
+    self.runners[r.name] = r
+  end
+  return r
+end
+
+-- Stored retries of a subscription that is back: each runs at its due
+-- time (now, if that has passed).
+function Supervisor:adopt_orphans(r)
+  local rows = self.orphans[r.name]
+  if not (rows and r.retry) then return end
+  self.orphans[r.name] = nil
+  for _, row in ipairs(rows) do
+    local job = r:job(row.event, row.attempt, row.redrives or 0)
+    job.history, job.stored = row.history or {}, row.stored
+    r.retrying = r.retrying + 1
+    job.retry_timer = self.timers:at(max(row.due, self:now()),
+                                     Runner.retry_adopted, job)
+  end
+end
+
+--- A handler of a plain subscription yielded inside the core's dispatch:
+--- the job takes over its coroutine (ev is the event it is handling).
+function Supervisor:adopt(co, sub, ev, what, arg)
+  local r = self.plain[sub]
+  if r == nil then
+    r = self:runner(sub, sub.handler, { name = sub.pattern }, 1)
+    self.plain[sub] = r
+  end
+  local job = r:job(ev, ev.attempt or 1, 0)
+  job.co, job.evt = co, ev
+  r.inflight = r.inflight + 1
+  r:settle(job, true, what, arg)
+  self:flush()
+end
+
+-- Rebuilds an event table from its stored plain form.
+local function event_of(e)
+  local ev = {}
+  for k, v in pairs(e) do ev[k] = v end
+  ev.attempt = 1
+  return ev
+end
+
+--- Loads stored dead letters, retries and delayed events (bus opening).
+function Supervisor:load()
+  local c = self:core()
+  for _, row in ipairs(assert(c:state_list("dead"))) do
+    local rec = json_decode(row.value)
+    if type(rec) == "table" and rec.id then
+      self.dead[#self.dead + 1] = rec
+      if rec.id >= self.next_dead then self.next_dead = rec.id + 1 end
+    end
+  end
+  sort(self.dead, function(a, b) return a.id < b.id end)
+  for _, row in ipairs(assert(c:state_list("retry"))) do
+    local rec = json_decode(row.value)
+    if type(rec) == "table" and rec.subscription and rec.event then
+      rec.event, rec.stored = event_of(rec.event), row.name
+      local list = self.orphans[rec.subscription] or {}
+      list[#list + 1] = rec
+      self.orphans[rec.subscription] = list
+    end
+  end
+  if self.bus._readonly then return end
+  for _, row in ipairs(assert(c:state_list("delay"))) do
+    local rec = json_decode(row.value)
+    if type(rec) == "table" and rec.type then
+      self:schedule_publish(rec, row.name)
+    end
+  end
+end
+
+
+-- ------------------------------------------------------------ jobs
+
+function Runner:job(ev, attempt, redrives)
+  return { runner = self, ev = ev, attempt = attempt, redrives = redrives,
+           history = {}, key = ev.key }
+end
+
+--- The core hands this runner a delivery.
+function Runner:deliver(ev)
+  if self.is_closed then return end
+  self:admit(self:job(ev, 1, 0))
+  self.sup:flush()
+end
+
+-- Gate 1: the key's lane.
+function Runner:admit(job)
+  local k = job.key
+  if self.ordered and k ~= nil then
+    local lane = self.lanes[k]
+    if lane then
+      push(lane, job)
+      return
+    end
+    self.lanes[k] = fifo()
+    job.has_lane = true
+  end
+  self:gate(job)
+end
+
+-- Gates 2 and 3: the breaker, then the concurrency limit.
+function Runner:gate(job)
+  local b = self.breaker
+  if b then
+    if b.state == "open" or (b.state == "half_open" and b.probe) then
+      push(self.held, job)
+      return
+    end
+    if b.state == "half_open" then b.probe = job end
+  end
+  if self.concurrency and self.inflight >= self.concurrency then
+    push(self.waiting, job)
+    return
+  end
+  self:start(job)
+end
+
+function Runner:start(job)
+  local sup = self.sup
+  self.inflight = self.inflight + 1
+  job.is_over = false
+  job.evt = event_for(job)
+  job.co = create(self.handler)
+  if self.timeout then
+    job.timeout_timer = sup.timers:after(self.timeout, Runner.timed_out, job)
+  end
+  self:resume(job, job.evt)
+end
+
+function Runner:resume(job, ...)
+  local c = self.sup:core()
+  if c == nil then return end
+  self:settle(job, c:resume(job.co, job.evt, ...))
+end
+
+-- Takes what a resume gave: done, failed, or asleep.
+function Runner:settle(job, ok, what, arg)
+  if job.is_over then return end          -- timed out meanwhile
+  if not ok then
+    return self:fail(job, what, traceback(job.co, readable(what)))
+  end
+  if status(job.co) == "dead" then return self:succeed(job) end
+  if what == SLEEP then
+    job.wake_timer = self.sup.timers:after(arg, Runner.wake, job)
+    return
+  end
+  self:fail(job, ("handler yielded %s, which buzz cannot resume: yield "
+                  .. "only through buzz.sleep or a host driver")
+                 :format(quote(what)), nil)
+end
+
+function Runner.wake(job)
+  job.wake_timer = nil
+  local r = job.runner
+  if r.is_closed or job.is_over then return end
+  r:resume(job)
+  r.sup:flush()
+end
+
+function Runner.timed_out(job)
+  job.timeout_timer = nil
+  local r = job.runner
+  if r.is_closed or job.is_over then return end
+  r:fail(job, ("ETIMEOUT: handler did not finish within %g s")
+              :format(r.timeout / 1000), nil)
+  r.sup:flush()
+end
+
+-- One attempt ended: frees its slot and its timers.
+function Runner:end_attempt(job)
+  job.is_over = true
+  self.inflight = self.inflight - 1
+  if job.timeout_timer then job.timeout_timer:cancel() end
+  if job.wake_timer then job.wake_timer:cancel() end
+  job.timeout_timer, job.wake_timer, job.co = nil, nil, nil
+  local w = self.waiting
+  if size(w) > 0 and (not self.concurrency
+                      or self.inflight < self.concurrency) then
+    self.sup:enqueue(shift(w))
+  end
+end
+
+-- The job is finished for good: its lane passes to the key's next job.
+function Runner:release(job)
+  if job.stored then
+    self.sup:del("retry", job.stored)
+    job.stored = nil
+  end
+  if job.has_lane then
+    local lanes = self.lanes
+    local nxt = shift(lanes[job.key])
+    if nxt then
+      nxt.has_lane = true
+      self.sup:enqueue(nxt)
+    else
+      lanes[job.key] = nil
+    end
+  end
+end
+
+function Runner:succeed(job)
+  self:end_attempt(job)
+  local b = self.breaker
+  if b and b.probe == job then self:close_breaker() end
+  self:release(job)
+end
+
+function Runner:fail(job, err, trace)
+  local sup = self.sup
+  self:end_attempt(job)
+  local msg = readable(err)
+  local h = job.history
+  h[#h + 1] = { attempt = job.attempt, error = msg, traceback = trace,
+                at = sup:now() / 1000 }
+  sup.bus._report(err, job.evt, self.sub, trace)
+  if self.is_closed then return end
+  self:breaker_failed(job)
+  local p = self.retry
+  if p == nil then return self:release(job) end
+  if getmetatable(err) == Fatal then return self:bury(job, "fatal") end
+  if job.attempt >= p.max then return self:bury(job, "exhausted") end
+  local delay = getmetatable(err) == RetryAfter and err.ms
+                or M.backoff(p, job.attempt)
+  job.attempt = job.attempt + 1
+  local due = sup:now() + delay
+  self.retrying = self.retrying + 1
+  job.retry_timer = sup.timers:at(due, Runner.retry_due, job)
+  if sup.bus._store then
+    job.stored = job.stored or ("%s/%d"):format(self.name, job.ev.id or 0)
+    sup:put("retry", job.stored, {
+      subscription = self.name, attempt = job.attempt, due = due,
+      event = plain(job.ev), history = h, redrives = job.redrives })
+  end
+end
+
+function Runner.retry_due(job)
+  job.retry_timer = nil
+  local r = job.runner
+  r.retrying = r.retrying - 1
+  if r.is_closed then return end
+  r:gate(job)
+  r.sup:flush()
+end
+
+-- A retry stored by an earlier run comes due: it must win its lane first.
+function Runner.retry_adopted(job)
+  job.retry_timer = nil
+  local r = job.runner
+  r.retrying = r.retrying - 1
+  if r.is_closed then return end
+  r:admit(job)
+  r.sup:flush()
+end
+
+-- The last attempt failed: the event becomes a dead letter.
+function Runner:bury(job, reason)
+  local sup = self.sup
+  local last = job.history[#job.history]
+  local rec = {
+    id = sup.next_dead, subscription = self.name, pattern = self.sub.pattern,
+    reason = reason, error = last and last.error, attempts = job.history,
+    event = plain(job.ev), failed_at = sup:now() / 1000,
+    redrives = job.redrives,
+  }
+  sup.next_dead = rec.id + 1
+  sup.dead[#sup.dead + 1] = rec
+  sup:put("dead", ("%012d"):format(rec.id), rec)
+  self:release(job)
+  sup:announce("$DLQ." .. job.ev.type, rec)
+end
+
+
+-- ------------------------------------------------------------ breaker
+
+function Runner:announce_breaker(state)
+  local b = self.breaker
+  b.state = state
+  self.sup:announce("$SYS.breaker", {
+    subscription = self.name, pattern = self.sub.pattern, state = state,
+    held = size(self.held), at = self.sup:now() / 1000 })
+end
+
+function Runner:breaker_failed(job)
+  local b = self.breaker
+  if not b then return end
+  if b.state == "half_open" then
+    if b.probe == job then self:open_breaker() end
+    return
+  end
+  if b.state ~= "closed" then return end
+  local now, fails = self.sup:now(), b.fails
+  push(fails, now)
+  while size(fails) > 0 and fails[fails.first] <= now - b.within do
+    shift(fails)
+  end
+  if size(fails) >= b.failures then self:open_breaker() end
+end
+
+function Runner:open_breaker()
+  local b = self.breaker
+  b.probe, b.fails = nil, fifo()
+  b.timer = self.sup.timers:after(b.cool_down, Runner.half_open, self)
+  self:announce_breaker("open")
+end
+
+function Runner.half_open(r)
+  local b = r.breaker
+  b.timer = nil
+  if r.is_closed then return end
+  r:announce_breaker("half_open")
+  local job = shift(r.held)
+  if job then r.sup:enqueue(job) end
+  r.sup:flush()
+end
+
+function Runner:close_breaker()
+  local b = self.breaker
+  b.probe = nil
+  self:announce_breaker("closed")
+  while true do
+    local job = shift(self.held)
+    if job == nil then break end
+    self.sup:enqueue(job)
+  end
+end
+
+--- The breaker's state: "closed", "open" or "half_open" (nil: none).
+function Runner:breaker_state()
+  return self.breaker and self.breaker.state
+end
+
+--- The subscription ended: nothing of it runs again. Stored retries stay
+--- in the store for a subscription of the same name.
+function Runner:close()
+  if self.is_closed then return end
+  self.is_closed = true
+  local sup = self.sup
+  if sup.runners[self.name] == self then sup.runners[self.name] = nil end
+  if self.breaker and self.breaker.timer then self.breaker.timer:cancel() end
+end
+
+function Runner:stats()
+  return { inflight = self.inflight, waiting = size(self.waiting),
+           held = size(self.held), retrying = self.retrying,
+           breaker = self:breaker_state() }
+end
+
+
+-- ------------------------------------------------------------ dead letters
+
+-- The dead letters a filter selects: an id, or { subscription, types,
+-- limit }; types is a subject pattern over the event's type.
+function Supervisor:select(f)
+  local out = {}
+  if type(f) == "number" then
+    for _, rec in ipairs(self.dead) do
+      if rec.id == f then out[1] = rec end
+    end
+    return out
+  end
+  f = f or {}
+  for _, rec in ipairs(self.dead) do
+    if (f.subscription == nil or rec.subscription == f.subscription)
+       and (f.types == nil or core.match(f.types, rec.event.type)) then
+      out[#out + 1] = rec
+      if f.limit and #out >= f.limit then break end
+    end
+  end
+  return out
+end
+
+-- Takes the records out of the list (and the store).
+function Supervisor:remove(recs)
+  if #recs == 0 then return end
+  local gone = {}
+  for _, rec in ipairs(recs) do
+    gone[rec] = true
+    self:del("dead", ("%012d"):format(rec.id))
+  end
+  local kept = {}
+  for _, rec in ipairs(self.dead) do
+    if not gone[rec] then kept[#kept + 1] = rec end
+  end
+  self.dead = kept
+end
+
+--- Delivers dead letters again to their subscriptions, from attempt 1;
+--- a letter whose subscription is not subscribed stays. Returns how many
+--- were redriven.
+function Supervisor:redrive(recs)
+  local moved = {}
+  for _, rec in ipairs(recs) do
+    local r = self.runners[rec.subscription]
+    if r and not r.is_closed then
+      moved[#moved + 1] = rec
+      local job = r:job(event_of(rec.event), 1, (rec.redrives or 0) + 1)
+      local h = job.history
+      for i, a in ipairs(rec.attempts or {}) do h[i] = a end
+      r:admit(job)
+    end
+  end
+  self:remove(moved)
+  self.redriven = self.redriven + #moved
+  self:flush()
+  return #moved
+end
+
+
+-- ------------------------------------------------------------ delays
+
+-- Publishes a delayed event at its time; a refusal (full queue) tries
+-- again a little later, so nothing is lost.
+local function publish_due(sup, rec)
+  local bus = sup.bus
+  if not bus._core then return end
+  local ok, id, err = pcall(bus.publish, bus, rec.type, rec.payload, rec.opts)
+  if ok and not id and err and err:match("^EFULL") then
+    sup.timers:after(100, publish_due, sup, rec)
+    return
+  end
+  sup.delays = sup.delays - 1
+  if rec.stored then sup:del("delay", rec.stored) end
+  if not ok or not id then
+    bus._report(("buzz: delayed %s could not be published: %s")
+                :format(rec.type, tostring(ok and err or id)))
+  end
+end
+
+--- Keeps rec = { type, payload, opts, due } until due, in the store too
+--- (stored names the row when it comes from there).
+function Supervisor:schedule_publish(rec, stored)
+  if stored == nil and self.bus._store then
+    self.seq = (self.seq or 0) + 1
+    stored = ("%016d/%08d"):format(rec.due, self.seq)
+    self:put("delay", stored, rec)
+  end
+  rec.stored = stored
+  self.delays = self.delays + 1
+  self.timers:at(rec.due, publish_due, self, rec)
+end
+
+function Supervisor:close()
+  for _, r in pairs(self.runners) do r:close() end
+  for _, r in pairs(self.plain) do r:close() end
+end
+
+M.SLEEP = SLEEP
+
+return M

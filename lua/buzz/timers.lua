@@ -1,0 +1,244 @@
+--- Timers and clocks for a bus: delays, retry backoff, timeouts, breaker
+-- cool-downs and buzz.sleep all wait here.
+--
+-- A timer list is a binary min-heap ordered by (due, seq), so timers due at
+-- the same millisecond fire in the order they were set. Cancelling marks a
+-- timer dead; dead timers are dropped when they reach the top. Nothing here
+-- runs on its own: the bus fires what is due when it is driven (step,
+-- drain, run) or when a manual clock is advanced.
+-- @module buzz.timers
+local core = require "buzz.core"
+
+local setmetatable, getmetatable, error, type, pairs, tostring =
+      setmetatable, getmetatable, error, type, pairs, tostring
+local floor, huge = math.floor, math.huge
+local now_ms = core.now_ms
+
+local M = {}
+
+local Timers = {}
+Timers.__index = Timers
+
+local Timer = {}
+Timer.__index = Timer
+
+--- A new, empty timer list reading the time from clock.
+---@param clock table a clock (see real_clock, manual_clock)
+---@return table
+function M.new(clock)
+  return setmetatable({ clock = clock, heap = {}, n = 0, seq = 0, live = 0 },
+                      Timers)
+end
+
+local function before(a, b)
+  return a.due < b.due or (a.due == b.due and a.seq < b.seq)
+end
+
+local function sift_up(h, i)
+  local t = h[i]
+  while i > 1 do
+    local parent = floor(i / 2)
+    local p = h[parent]
+    if not before(t, p) then break end
+    h[i] = p
+    i = parent
+  end
+  h[i] = t
+end
+
+local function sift_down(h, n, i)
+  local t = h[i]
+  while true do
+    local child = i * 2
+    if child > n then break end
+    if child < n and before(h[child + 1], h[child]) then
+      child = child + 1
+    end
+    if not before(h[child], t) then break end
+    h[i] = h[child]
+    i = child
+  end
+  h[i] = t
+end
+
+local function pop(self)
+  local h, n = self.heap, self.n
+  local top = h[1]
+  h[1] = h[n]
+  h[n] = nil
+  n = n - 1
+  self.n = n
+  if n > 1 then sift_down(h, n, 1) end
+  return top
+end
+
+--- Calls fn(a, b) once the clock reaches due (milliseconds on the clock).
+---@return table timer with :cancel()
+function Timers:at(due, fn, a, b)
+  local seq = self.seq + 1
+  self.seq = seq
+  local t = setmetatable({ due = due, seq = seq, fn = fn, a = a, b = b,
+                           list = self }, Timer)
+  local n = self.n + 1
+  self.n = n
+  self.heap[n] = t
+  sift_up(self.heap, n)
+  self.live = self.live + 1
+  return t
+end
+
+--- Calls fn(a, b) after ms milliseconds.
+function Timers:after(ms, fn, a, b)
+  return self:at(self.clock:now_ms() + ms, fn, a, b)
+end
+
+--- Stops the timer from firing; true if it was still due. Idempotent.
+function Timer:cancel()
+  if self.fn == nil then return false end
+  self.fn, self.a, self.b = nil, nil, nil
+  self.list.live = self.list.live - 1
+  return true
+end
+
+--- The due time of the earliest live timer, or nil.
+function Timers:next_due()
+  local h = self.heap
+  while self.n > 0 and h[1].fn == nil do pop(self) end
+  local top = h[1]
+  return top and top.due
+end
+
+--- Fires every timer due by now, in (due, seq) order, including those a
+--- callback sets for a time already reached. Returns how many fired.
+function Timers:fire(now)
+  local fired, h = 0, self.heap
+  while self.n > 0 do
+    local top = h[1]
+    if top.fn ~= nil and top.due > now then break end
+    pop(self)
+    local fn, a, b = top.fn, top.a, top.b
+    if fn ~= nil then
+      top.fn, top.a, top.b = nil, nil, nil
+      self.live = self.live - 1
+      fired = fired + 1
+      fn(a, b)
+    end
+  end
+  return fired
+end
+
+--- Live timers.
+function Timers:count()
+  return self.live
+end
+
+--- Cancels every timer.
+function Timers:clear()
+  for i = 1, self.n do
+    local t = self.heap[i]
+    t.fn, t.a, t.b = nil, nil, nil
+    self.heap[i] = nil
+  end
+  self.n, self.live = 0, 0
+end
+
+
+-- ------------------------------------------------------------ clocks
+
+local RealClock = { is_manual = false }
+RealClock.__index = RealClock
+
+function RealClock.now_ms()
+  return now_ms()
+end
+
+--- Seconds since the epoch, with milliseconds.
+function RealClock:now()
+  return self:now_ms() / 1000
+end
+
+local real = setmetatable({}, RealClock)
+
+--- The wall clock (one shared, stateless instance).
+function M.real_clock()
+  return real
+end
+
+local ManualClock = { __name = "buzz.clock", is_manual = true }
+ManualClock.__index = ManualClock
+
+--- A clock that moves only when advanced: delays, backoff, timeouts and
+--- breakers of the buses using it are then exact and take no real time.
+--- It starts at start (epoch seconds), or at the wall clock's time.
+---@param start number|nil
+---@return table clock
+function M.manual_clock(start)
+  if start ~= nil and (type(start) ~= "number" or start ~= start
+                       or start < 0 or start == huge) then
+    error(("bad start: expected epoch seconds, got %s"):format(
+          tostring(start)), 2)
+  end
+  return setmetatable({ ms = floor((start or now_ms() / 1000) * 1000),
+                        buses = setmetatable({}, { __mode = "k" }) },
+                      ManualClock)
+end
+
+function ManualClock:now_ms()
+  return self.ms
+end
+
+--- The clock's time in epoch seconds.
+---@return number
+function ManualClock:now()
+  if getmetatable(self) ~= ManualClock then
+    error("use clock:now(), not clock.now()", 2)
+  end
+  return self.ms / 1000
+end
+
+-- The bus whose next timer is earliest (ties: any), and that time.
+local function earliest(buses)
+  local best, due = nil, huge
+  for bus in pairs(buses) do
+    local d = bus:_next_due()
+    if d and d < due then best, due = bus, d end
+  end
+  return best, due
+end
+
+--- Moves the clock forward by seconds. Each timer due on the way fires at
+--- its own time, and the bus it belongs to is drained then, so a retry
+--- set by a retry fires too if it falls within the advance.
+---@param seconds number
+---@return number now the clock's new time, in epoch seconds
+function ManualClock:advance(seconds)
+  if getmetatable(self) ~= ManualClock then
+    error("use clock:advance(seconds), not clock.advance(seconds)", 2)
+  end
+  if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0
+     or seconds == huge then
+    error(("bad seconds: expected a number >= 0, got %s")
+          :format(tostring(seconds)), 2)
+  end
+  local target = self.ms + floor(seconds * 1000 + 0.5)
+  while true do
+    local bus, due = earliest(self.buses)
+    if not bus or due > target then break end
+    if due > self.ms then self.ms = due end
+    bus:_tick()
+  end
+  self.ms = target
+  for bus in pairs(self.buses) do bus:_tick() end
+  return self.ms / 1000
+end
+
+function ManualClock:__tostring()
+  return ("buzz.clock (manual, %.3f)"):format(self.ms / 1000)
+end
+
+M.is_clock = function(v)
+  local mt = getmetatable(v)
+  return mt == ManualClock or mt == RealClock
+end
+
+return M
