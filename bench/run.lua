@@ -48,5 +48,6 @@ dispatch.run()
 match.run()
 memory.run(arg and arg[-1], arg and arg[0])
 require("bench.store").run()
+require("bench.failure").run()
 
 write(format("\n(%.1f s CPU in this process)\n", clock() - t0))

@@ -318,6 +318,90 @@ static int cur_push(lcore *c, int64_t id, int table_ref) {
   return 1;
 }
 
+#define TRACE_FRAMES 22 /* frames a traceback shows at most */
+#if LUA_VERSION_NUM >= 502
+#define BUZZ_TRACE_INFO "Slnt"
+#else
+#define BUZZ_TRACE_INFO "Sln"
+#endif
+
+/*
+** Pushes msg (if not NULL) and a traceback of L1 from level up, worded as
+** luaL_traceback words it but without naming functions after the fields
+** of package.loaded: Lua 5.4 searches those tables for every frame, tens
+** of microseconds per failure, and every failed attempt of a retried
+** delivery takes a traceback. A frame's own name (local, method, field,
+** upvalue) is kept. With stop (a stack index of L, or 0), the traceback
+** ends before the first frame that runs the function there: the Lua
+** layer stops at its own xpcall, so that only the handler's frames show.
+** L1 may be L.
+*/
+/* Adds the decimal digits of n to b (snprintf costs ten times more). */
+static void add_int(luaL_Buffer *b, int n) {
+  char d[16];
+  int i = 0;
+  unsigned u = n < 0 ? 0u - (unsigned)n : (unsigned)n;
+  if (n < 0) luaL_addchar(b, '-');
+  do d[i++] = (char)('0' + u % 10); while ((u /= 10) != 0);
+  while (i > 0) luaL_addchar(b, d[--i]);
+}
+
+static void push_traceback(lua_State *L, lua_State *L1, const char *msg,
+                           int level, int stop) {
+  luaL_Buffer b;
+  lua_Debug ar;
+  int n = 0;
+  luaL_buffinit(L, &b);
+  if (msg) {
+    luaL_addstring(&b, msg);
+    luaL_addchar(&b, '\n');
+  }
+  luaL_addstring(&b, "stack traceback:");
+  while (lua_getstack(L1, level++, &ar)) {
+    if (n++ == TRACE_FRAMES) {
+      luaL_addstring(&b, "\n\t...");
+      break;
+    }
+    if (stop) {                        /* balanced, as a buffer allows */
+      int is_stop;
+      lua_getinfo(L1, "f", &ar);
+      if (L1 != L) lua_xmove(L1, L, 1);
+      is_stop = lua_rawequal(L, -1, stop);
+      lua_pop(L, 1);
+      if (is_stop) break;
+    }
+    lua_getinfo(L1, BUZZ_TRACE_INFO, &ar);  /* pushes nothing */
+    luaL_addstring(&b, "\n\t");
+    luaL_addstring(&b, ar.short_src);
+    if (ar.currentline > 0) {
+      luaL_addchar(&b, ':');
+      add_int(&b, ar.currentline);
+    }
+    luaL_addstring(&b, ": in ");
+    if (ar.namewhat && *ar.namewhat) {
+      luaL_addstring(&b, strcmp(ar.namewhat, "global") == 0 ? "function"
+                     : ar.namewhat);
+      luaL_addstring(&b, " '");
+      luaL_addstring(&b, ar.name ? ar.name : "?");
+      luaL_addchar(&b, '\'');
+    } else if (*ar.what == 'm') {
+      luaL_addstring(&b, "main chunk");
+    } else if (*ar.what == 'C') {
+      luaL_addchar(&b, '?');
+    } else {
+      luaL_addstring(&b, "function <");
+      luaL_addstring(&b, ar.short_src);
+      luaL_addchar(&b, ':');
+      add_int(&b, ar.linedefined);
+      luaL_addchar(&b, '>');
+    }
+#if LUA_VERSION_NUM >= 502
+    if (ar.istailcall) luaL_addstring(&b, "\n\t(...tail calls...)");
+#endif
+  }
+  luaL_pushresult(&b);
+}
+
 /*
 ** Calls U.report(err, ev, sub, trace) for a failed delivery. Reads the
 ** error at err_idx (or uses msg if err_idx is 0), the sub and the event at
@@ -334,9 +418,9 @@ static void report(lua_State *L, lcore *c, int u, lua_State *co,
   lua_pushvalue(L, sub_idx + 1);
   lua_pushvalue(L, sub_idx);
   if (err_idx && lua_type(L, err_idx) == LUA_TSTRING)
-    luaL_traceback(L, co, lua_tostring(L, err_idx), 0);
+    push_traceback(L, co, lua_tostring(L, err_idx), 0, 0);
   else if (err_idx)
-    luaL_traceback(L, co, "(error object is not a string)", 0);
+    push_traceback(L, co, "(error object is not a string)", 0, 0);
   else
     lua_pushnil(L);
   if (lua_pcall(L, 4, 0, 0) != 0) lua_pop(L, 1);
@@ -1911,6 +1995,35 @@ static int l_check_subject(lua_State *L) {
   return 2;
 }
 
+/*
+** core.traceback([thread,] msg, level, stop) -> string: as debug.traceback,
+** with push_traceback's wording (no names looked up in package.loaded). A
+** msg that is neither a string nor nil is returned as it is. level counts
+** from the caller (1, the default) or from the thread's top (0). With
+** stop, a function, the traceback ends before the first frame running it.
+*/
+static int l_traceback(lua_State *L) {
+  lua_State *L1 = L;
+  int arg = 0, level, stop = 0;
+  const char *msg;
+  if (lua_type(L, 1) == LUA_TTHREAD) {
+    L1 = lua_tothread(L, 1);
+    arg = 1;
+  }
+  msg = lua_tostring(L, arg + 1);
+  if (msg == NULL && !lua_isnoneornil(L, arg + 1)) {
+    lua_pushvalue(L, arg + 1);
+    return 1;
+  }
+  level = (int)luaL_optinteger(L, arg + 2, L1 == L ? 1 : 0);
+  if (!lua_isnoneornil(L, arg + 3)) {
+    luaL_checktype(L, arg + 3, LUA_TFUNCTION);
+    stop = arg + 3;
+  }
+  push_traceback(L, L1, msg, level, stop);
+  return 1;
+}
+
 /* core.now_ms() -> the clock the core stamps events with */
 static int l_now_ms(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)buzz__clock_ms());
@@ -1962,6 +2075,7 @@ static const luaL_Reg module_funcs[] = {
   { "new", lcore_new },
   { "check_subject", l_check_subject },
   { "now_ms", l_now_ms },
+  { "traceback", l_traceback },
   { "hrtime", l_hrtime },
   { NULL, NULL }
 };

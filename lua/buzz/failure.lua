@@ -4,11 +4,17 @@
 --
 -- A subscription with any of retry, ordered, breaker, timeout or
 -- concurrency is "supervised": the core calls a small wrapper instead of
--- the handler, and each delivery becomes a job run in a coroutine of its
--- own (core:resume makes the job's event the current one, so publishes
--- inside inherit its correlation id whenever the job is resumed). Plain
--- subscriptions never come here, so their hot path is untouched; a plain
--- handler that yields (buzz.sleep) is adopted by the same machinery.
+-- the handler. A delivery that passes its gates at once runs inline in
+-- the core's thread, under xpcall, and becomes a job (a table) only if it
+-- fails or yields. Everything else (retries, queued and redriven
+-- deliveries) is a job run in a pooled worker thread; core:resume makes
+-- the job's event the current one, so publishes inside inherit its
+-- correlation id whenever the job is resumed. Plain subscriptions never
+-- come here, so their hot path is untouched; a plain handler that yields
+-- (buzz.sleep) is adopted by the same machinery through core:on_yield.
+--
+-- Tracebacks are taken by core.traceback at the raise and stop at the
+-- wrapper's xpcall, so a dead letter shows the handler's frames only.
 --
 -- A job passes three gates before it runs: its key's lane (ordered), the
 -- breaker, then the concurrency limit. A job holds its lane from the
@@ -21,10 +27,11 @@ local core = require "buzz.core"
 
 local type, error, pairs, ipairs, tostring, pcall, setmetatable, assert =
       type, error, pairs, ipairs, tostring, pcall, setmetatable, assert
+local xpcall = xpcall
 local getmetatable, rawget = getmetatable, rawget
 local create, status, yield, running =
       coroutine.create, coroutine.status, coroutine.yield, coroutine.running
-local traceback = debug.traceback
+local core_traceback = core.traceback  -- debug.traceback, minus 30 us
 local floor, huge, min, max, random = math.floor, math.huge, math.min,
                                       math.max, math.random
 local concat, sort = table.concat, table.sort
@@ -102,6 +109,7 @@ local function readable(err)
   return ("error object (%s %s)"):format(t, tostring(err))
 end
 M.readable = readable
+
 
 -- The event's own fields as a plain table, for dead letters and stored
 -- retries (the delivery's attempt is not part of the event).
@@ -260,6 +268,10 @@ function M.new(bus, timers)
     runq = fifo(), is_flushing = false,
     runners = {},        -- name -> runner of a live sub with retry
     plain = setmetatable({}, { __mode = "k" }),  -- sub -> runner (adopted)
+    -- thread -> the runner of the inline delivery running there, or its
+    -- job once it yielded
+    by_thread = setmetatable({}, { __mode = "k" }),
+    pool = {}, npool = 0,  -- idle worker threads
     dead = {},           -- dead letters in id order
     next_dead = 1,
     orphans = {},        -- name -> stored retries waiting for their sub
@@ -342,6 +354,12 @@ function Supervisor:runner(sub, handler, policy, level)
     inflight = 0, waiting = fifo(), held = fifo(), lanes = {},
     retrying = 0, is_closed = false,
   }, Runner)
+  -- xpcall's message handler: the traceback is taken where it raised,
+  -- down to the handler (buzz's own frames below it are left out).
+  r.on_raise = function(e)
+    r.trace = core_traceback(readable(e), 2, xpcall)
+    return e
+  end
   if policy.breaker then
     local b = policy.breaker
     r.breaker = { failures = b.failures, within = b.within,
@@ -366,25 +384,40 @@ function Supervisor:adopt_orphans(r)
   self.orphans[r.name] = nil
   for _, row in ipairs(rows) do
     local job = r:job(row.event, row.attempt, row.redrives or 0)
-    job.history, job.stored = row.history or {}, row.stored
+    job.history, job.stored = row.history, row.stored
     r.retrying = r.retrying + 1
     job.retry_timer = self.timers:at(max(row.due, self:now()),
                                      Runner.retry_adopted, job)
   end
 end
 
---- A handler of a plain subscription yielded inside the core's dispatch:
---- the job takes over its coroutine (ev is the event it is handling).
+--- A handler yielded inside the core's dispatch (co is the core's thread,
+--- ev the event it is handling). A supervised job running inline there
+--- goes to sleep in it; a plain handler's delivery becomes a job that
+--- takes the thread over.
 function Supervisor:adopt(co, sub, ev, what, arg)
+  local by = self.by_thread
+  local job = by[co]
+  if getmetatable(job) == Runner then  -- deliver()'s fast path: make the
+    local r = job                       -- job it did without so far
+    job = r:job(ev, 1, 0)
+    job.evt, job.has_lane = ev, r.ordered and ev.key ~= nil
+    by[co] = job
+  end
+  if job then
+    job.co = co
+    job.runner:asleep(job, what, arg)
+    return
+  end
   local r = self.plain[sub]
   if r == nil then
     r = self:runner(sub, sub.handler, { name = sub.pattern }, 1)
     self.plain[sub] = r
   end
-  local job = r:job(ev, ev.attempt or 1, 0)
-  job.co, job.evt = co, ev
+  job = r:job(ev, ev.attempt or 1, 0)
+  job.co, job.evt, job.is_plain = co, ev, true
   r.inflight = r.inflight + 1
-  r:settle(job, true, what, arg)
+  r:asleep(job, what, arg)
   self:flush()
 end
 
@@ -429,27 +462,65 @@ end
 -- ------------------------------------------------------------ jobs
 
 function Runner:job(ev, attempt, redrives)
+  -- The fields every job gets are made here, so the table is sized once;
+  -- history and the timers come only with failures, sleeps and timeouts.
   return { runner = self, ev = ev, attempt = attempt, redrives = redrives,
-           history = {}, key = ev.key }
+           key = ev.key, evt = false, co = false, is_over = false,
+           has_lane = false }
 end
 
---- The core hands this runner a delivery.
+--- The core hands this runner a delivery. One that passes every gate at
+--- once (its lane is free, the breaker closed, a slot free) runs inline,
+--- in the core's thread of this delivery, and gets a job table only if
+--- it fails or yields; others queue as jobs.
 function Runner:deliver(ev)
   if self.is_closed then return end
-  self:admit(self:job(ev, 1, 0))
-  self.sup:flush()
+  local key, b, conc = ev.key, self.breaker, self.concurrency
+  if not self.ordered then key = nil end
+  if self.timeout or (key ~= nil and self.lanes[key])
+     or (b and b.state ~= "closed")
+     or (conc and self.inflight >= conc) then
+    self:admit(self:job(ev, 1, 0))
+    return self.sup:flush()
+  end
+  if key ~= nil then self.lanes[key] = true end
+  self.inflight = self.inflight + 1
+  local sup = self.sup
+  local co, by = running(), sup.by_thread
+  local outer = by[co]
+  by[co] = self                       -- adopt() makes the job if it yields
+  local ok, err = xpcall(self.handler, self.on_raise, ev)
+  local job = by[co]
+  by[co] = outer
+  if job ~= self then                 -- it slept: adopt() made the job
+    if not job.is_over then self:settle(job, ok, err) end
+  elseif ok then
+    self:free_slot()
+    if key ~= nil then self:pass_lane(key) end
+  else
+    job = self:job(ev, 1, 0)
+    job.evt, job.has_lane = ev, key ~= nil
+    self:settle(job, false, err)
+  end
+  sup:flush()
 end
 
--- Gate 1: the key's lane.
+-- Gate 1: the key's lane. lanes[key] is true while a job holds the lane
+-- and none waits, else the FIFO of those waiting.
 function Runner:admit(job)
   local k = job.key
   if self.ordered and k ~= nil then
-    local lane = self.lanes[k]
+    local lanes = self.lanes
+    local lane = lanes[k]
+    if lane == true then
+      lane = fifo()
+      lanes[k] = lane
+    end
     if lane then
       push(lane, job)
       return
     end
-    self.lanes[k] = fifo()
+    lanes[k] = true
     job.has_lane = true
   end
   self:gate(job)
@@ -472,33 +543,88 @@ function Runner:gate(job)
   self:start(job)
 end
 
+-- Runs the attempt's handler protected, in whatever thread runs the job,
+-- and settles the attempt, unless it timed out while it slept.
+function Runner:body(job)
+  local ok, err = xpcall(self.handler, self.on_raise, job.evt)
+  if not job.is_over then self:settle(job, ok, err) end
+end
+
+-- An attempt's handler returned (ok) or raised err, the traceback of which
+-- on_raise kept.
+function Runner:settle(job, ok, err)
+  if ok then return self:succeed(job) end
+  local trace = self.trace
+  self.trace = nil
+  self:fail(job, err, trace)
+end
+
+-- What a pooled worker thread yields when its job's body is through.
+local IDLE = setmetatable({}, { __tostring = function() return "idle" end })
+local POOL_MAX = 16             -- idle worker threads kept per bus
+
+-- A worker thread: runs a job's body, yields IDLE, and is then given the
+-- next job (or dropped).
+local function worker(r, job)
+  while true do
+    r:body(job)
+    r, job = yield(IDLE)
+  end
+end
+
+-- Starts an attempt in a worker thread of the pool. A timeout is armed
+-- only if the handler yields: one that never does cannot be interrupted.
 function Runner:start(job)
   local sup = self.sup
   self.inflight = self.inflight + 1
   job.is_over = false
   job.evt = event_for(job)
-  job.co = create(self.handler)
-  if self.timeout then
-    job.timeout_timer = sup.timers:after(self.timeout, Runner.timed_out, job)
+  if self.timeout then job.deadline = sup:now() + self.timeout end
+  local pool, n = sup.pool, sup.npool
+  local co
+  if n > 0 then
+    co, pool[n], sup.npool = pool[n], nil, n - 1
+  else
+    co = create(worker)
   end
-  self:resume(job, job.evt)
+  job.co = co
+  self:continue(job, self, job)
 end
 
-function Runner:resume(job, ...)
-  local c = self.sup:core()
+-- Resumes the job's thread and takes what it gave: finished (the body
+-- settled the attempt), failed, or asleep.
+function Runner:continue(job, ...)
+  local c, co = self.sup:core(), job.co
   if c == nil then return end
-  self:settle(job, c:resume(job.co, job.evt, ...))
+  local ok, what, arg = c:resume(co, job.evt, ...)
+  if what == IDLE and ok then         -- the body settled the job
+    local sup = self.sup
+    if sup.npool < POOL_MAX then
+      sup.npool = sup.npool + 1
+      sup.pool[sup.npool] = co
+    end
+    return
+  end
+  if job.is_over or job.co ~= co then return end
+  if not ok then
+    return self:fail(job, what, core_traceback(co, readable(what)))
+  end
+  if status(co) == "dead" then
+    if job.is_plain then self:succeed(job) end
+    return
+  end
+  self:asleep(job, what, arg)
 end
 
--- Takes what a resume gave: done, failed, or asleep.
-function Runner:settle(job, ok, what, arg)
-  if job.is_over then return end          -- timed out meanwhile
-  if not ok then
-    return self:fail(job, what, traceback(job.co, readable(what)))
-  end
-  if status(job.co) == "dead" then return self:succeed(job) end
+-- The attempt's handler yielded: what = SLEEP, ms sleeps on the bus's
+-- timers; anything else fails it (nothing here could resume it).
+function Runner:asleep(job, what, ms)
+  local timers = self.sup.timers
   if what == SLEEP then
-    job.wake_timer = self.sup.timers:after(arg, Runner.wake, job)
+    job.wake_timer = timers:after(ms, Runner.wake, job)
+    if job.deadline and not job.timeout_timer then
+      job.timeout_timer = timers:at(job.deadline, Runner.timed_out, job)
+    end
     return
   end
   self:fail(job, ("handler yielded %s, which buzz cannot resume: yield "
@@ -510,7 +636,7 @@ function Runner.wake(job)
   job.wake_timer = nil
   local r = job.runner
   if r.is_closed or job.is_over then return end
-  r:resume(job)
+  r:continue(job)
   r.sup:flush()
 end
 
@@ -523,18 +649,38 @@ function Runner.timed_out(job)
   r.sup:flush()
 end
 
+-- A delivery left its concurrency slot: the first waiting job may go.
+function Runner:free_slot()
+  local n = self.inflight - 1
+  self.inflight = n
+  local w = self.waiting
+  if w.first <= w.last and (not self.concurrency or n < self.concurrency)
+  then
+    self.sup:enqueue(shift(w))
+  end
+end
+
+-- The key's lane passes to its next job, or is free.
+function Runner:pass_lane(key)
+  local lanes = self.lanes
+  local lane = lanes[key]
+  local nxt = lane ~= true and shift(lane)
+  if nxt then
+    nxt.has_lane = true
+    self.sup:enqueue(nxt)
+  else
+    lanes[key] = nil
+  end
+end
+
 -- One attempt ended: frees its slot and its timers.
 function Runner:end_attempt(job)
   job.is_over = true
-  self.inflight = self.inflight - 1
   if job.timeout_timer then job.timeout_timer:cancel() end
   if job.wake_timer then job.wake_timer:cancel() end
-  job.timeout_timer, job.wake_timer, job.co = nil, nil, nil
-  local w = self.waiting
-  if size(w) > 0 and (not self.concurrency
-                      or self.inflight < self.concurrency) then
-    self.sup:enqueue(shift(w))
-  end
+  job.timeout_timer, job.wake_timer, job.co = nil, nil, false
+  job.deadline = nil
+  self:free_slot()
 end
 
 -- The job is finished for good: its lane passes to the key's next job.
@@ -544,14 +690,8 @@ function Runner:release(job)
     job.stored = nil
   end
   if job.has_lane then
-    local lanes = self.lanes
-    local nxt = shift(lanes[job.key])
-    if nxt then
-      nxt.has_lane = true
-      self.sup:enqueue(nxt)
-    else
-      lanes[job.key] = nil
-    end
+    job.has_lane = false
+    self:pass_lane(job.key)
   end
 end
 
@@ -566,7 +706,8 @@ function Runner:fail(job, err, trace)
   local sup = self.sup
   self:end_attempt(job)
   local msg = readable(err)
-  local h = job.history
+  local h = job.history or {}
+  job.history = h
   h[#h + 1] = { attempt = job.attempt, error = msg, traceback = trace,
                 at = sup:now() / 1000 }
   sup.bus._report(err, job.evt, self.sub, trace)
@@ -612,10 +753,11 @@ end
 -- The last attempt failed: the event becomes a dead letter.
 function Runner:bury(job, reason)
   local sup = self.sup
-  local last = job.history[#job.history]
+  local h = job.history or {}
+  local last = h[#h]
   local rec = {
     id = sup.next_dead, subscription = self.name, pattern = self.sub.pattern,
-    reason = reason, error = last and last.error, attempts = job.history,
+    reason = reason, error = last and last.error, attempts = h,
     event = plain(job.ev), failed_at = sup:now() / 1000,
     redrives = job.redrives,
   }
@@ -751,8 +893,9 @@ function Supervisor:redrive(recs)
     if r and not r.is_closed then
       moved[#moved + 1] = rec
       local job = r:job(event_of(rec.event), 1, (rec.redrives or 0) + 1)
-      local h = job.history
+      local h = {}
       for i, a in ipairs(rec.attempts or {}) do h[i] = a end
+      job.history = h
       r:admit(job)
     end
   end

@@ -445,3 +445,91 @@ describe("the state table", function()
     end
   end)
 end)
+
+describe("on_yield", function()
+  local c
+  before_each(function() c = assert(core.new(100, noop)) end)
+  after_each(function() c:close() end)
+
+  it("hands a yielding handler's thread, sub, event and values over",
+     function()
+    local got
+    c:on_yield(function(co, sub, ev, a, b)
+      got = { co = co, sub = sub, ev = ev, a = a, b = b }
+    end)
+    local subobj = {}
+    local after
+    assert(c:subscribe("e", subobj, function(ev)
+      local x = coroutine.yield("sleep", 5)
+      after = { x, ev.payload }
+    end))
+    assert(c:publish("e", "p"))
+    assert.equal(1, c:pump(-1))
+    assert.equal("thread", type(got.co))
+    assert.equal(subobj, got.sub)
+    assert.equal("p", got.ev.payload)
+    assert.same({ "sleep", 5 }, { got.a, got.b })
+    assert.is_nil(after)
+    assert.same({ true }, { c:resume(got.co, got.ev, "woken") })
+    assert.same({ "woken", "p" }, after)
+  end)
+
+  it("fails the delivery when there is none, or it raises", function()
+    local errors = {}
+    local c2 = assert(core.new(100, function(err)
+      errors[#errors + 1] = err
+    end))
+    assert(c2:subscribe("e", {}, function() coroutine.yield() end))
+    assert(c2:publish("e", 1))
+    c2:pump(-1)
+    assert.matches("nothing drives this bus", errors[1])
+    c2:on_yield(function() error("adopter broke", 0) end)
+    assert(c2:publish("e", 2))
+    c2:pump(-1)
+    assert.equal("adopter broke", errors[2])
+    c2:on_yield(nil)
+    assert(c2:publish("e", 3))
+    c2:pump(-1)
+    assert.matches("nothing drives this bus", errors[3])
+    assert.equal(3, #errors)
+    assert.has_error(function() c2:on_yield("not a function") end)
+    c2:close()
+  end)
+end)
+
+describe("core.traceback", function()
+  local function inner(stop)
+    local tb = core.traceback("msg", 1, stop)
+    return tb                          -- not a tail call: inner stays
+  end
+  local function outer(stop)
+    local tb = inner(stop)
+    return tb
+  end
+
+  it("words frames as debug.traceback does, without global lookups",
+     function()
+    local tb = outer()
+    assert.matches("^msg\nstack traceback:\n\t[^\n]*engine_spec%.lua:%d+: "
+                   .. "in upvalue 'inner'\n", tb)
+    assert.matches("in upvalue 'outer'", tb)
+  end)
+
+  it("stops before the first frame running stop", function()
+    local tb = outer(outer)
+    assert.matches("in upvalue 'inner'", tb)
+    assert.not_matches("outer", tb)
+    assert.equal(2, select(2, tb:gsub("\n", "\n")))  -- header, inner
+  end)
+
+  it("reads another thread from its top, and passes non-strings through",
+     function()
+    local co = coroutine.create(function() coroutine.yield() end)
+    coroutine.resume(co)
+    assert.matches("^hi\nstack traceback:\n\t%[C%]: in",
+                   core.traceback(co, "hi"))
+    local obj = {}
+    assert.equal(obj, core.traceback(obj))
+    assert.has_error(function() core.traceback("m", 1, "nope") end)
+  end)
+end)
