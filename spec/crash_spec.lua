@@ -23,6 +23,10 @@ end
 
 local read, spit = H.read, H.spit
 
+local function buzz_clock(start)
+  return require("buzz").manual_clock(start)
+end
+
 -- Runs the child for about `secs` seconds, then SIGKILLs it; returns what
 -- it printed, complete lines only (the kill may cut the last one).
 local function run_and_kill(script, store, start, secs, out)
@@ -116,5 +120,105 @@ describe("a store after SIGKILL", function()
       prev_pos = bus:consumers()[1].acked
       bus:close()
     end
+  end)
+end)
+
+-- Retries and dead letters of a durable consumer, "batch" durability
+-- (the default): the child's handler fails two events in three, one of
+-- them fatally, and says which events it saw; it is killed with no flush.
+local RETRY_CHILD = [[
+local buzz = require "buzz"
+io.stdout:setvbuf("no")
+local bus = assert(buzz.new{ store = arg[1], on_error = function() end })
+bus:subscribe("job.*", function(ev)
+  local i = ev.payload.i
+  if i % 3 == 0 then
+    print("saw " .. ev.id .. " fatal")
+    error(buzz.fatal("bad job " .. i))
+  elseif i % 3 == 1 then
+    print("saw " .. ev.id .. " retry")
+    error("flaky " .. i)
+  end
+  print("saw " .. ev.id .. " ok")
+end, { durable = "billing", retry = { max = 3, base = 3600, jitter = 0 } })
+local i = 0
+while true do
+  i = i + 1
+  assert(bus:publish("job.run", { i = i }))
+  bus:step(3)
+end
+]]
+
+describe("retries and dead letters after SIGKILL", function()
+  local dir, store, script, out
+
+  before_each(function()
+    dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute(("mkdir -p %q"):format(dir)))
+    script = dir .. "/child.lua"
+    out = dir .. "/out.txt"
+    spit(script, RETRY_CHILD)
+  end)
+
+  after_each(function()
+    H.done()
+    os.execute(("rm -rf %q"):format(dir))
+  end)
+
+  it("lose no event a handler saw: each is retried, dead or redelivered",
+     function()
+    local retried, buried = 0, 0
+    for round, secs in ipairs { 0.3, 0.45, 0.6 } do
+      store = ("%s/events-%d.db"):format(dir, round)
+      local text = run_and_kill(script, store, 0, secs, out)
+      local saw = {}             -- id -> "ok" | "retry" | "fatal"
+      for id, what in text:gmatch("saw (%d+) (%a+)\n") do
+        saw[tonumber(id)] = what
+      end
+      assert.is_truthy(next(saw), ("round %d: the child saw nothing:\n%s")
+                                  :format(round, text))
+      -- Two hours on: every stored retry is due.
+      local clock = buzz_clock(os.time() + 7200)
+      local bus = H.bus{ store = store, clock = clock }
+      local dead = {}
+      for _, d in ipairs(bus:dead_letters{ subscription = "billing" }) do
+        assert.equal("fatal", d.reason)
+        assert.matches("bad job", d.error, 1, true)
+        dead[d.event.id] = true
+      end
+      local got = {}             -- id -> attempts delivered now
+      bus:subscribe("job.*", function(ev)
+        local a = got[ev.id] or {}
+        a[#a + 1] = ev.attempt
+        got[ev.id] = a
+      end, { durable = "billing", retry = { max = 3, base = 3600 } })
+      bus:drain()
+      clock:advance(1)
+      for id, what in pairs(saw) do
+        -- One that failed is retried now, or redelivered from the
+        -- consumer's position, or a dead letter; one that went through
+        -- is done (or, at most, redelivered).
+        assert.is_true(what == "ok" or got[id] ~= nil or dead[id] ~= nil,
+                       ("round %d: event %d (%s) was lost"):format(round, id,
+                                                                   what))
+        if what == "retry" and got[id] then
+          for _, a in ipairs(got[id]) do
+            if a == 2 then retried = retried + 1 end
+          end
+        end
+        if what == "ok" then assert.is_nil(dead[id]) end
+      end
+      for id in pairs(dead) do
+        assert.equal("fatal", saw[id], ("round %d: dead letter %d"):format(
+                                       round, id))
+        buried = buried + 1
+      end
+      bus:close()
+    end
+    -- The kills fell between attempts: stored retries and dead letters
+    -- were what carried those events over.
+    assert.is_true(retried > 0, "no stored retry came back")
+    assert.is_true(buried > 0, "no dead letter was kept")
   end)
 end)

@@ -187,13 +187,15 @@ function ManualClock:now_ms()
   return self.ms
 end
 
---- The clock's time in epoch seconds.
+--- The clock's time in epoch seconds (an integer when it is whole).
 ---@return number
 function ManualClock:now()
   if getmetatable(self) ~= ManualClock then
     error("use clock:now(), not clock.now()", 2)
   end
-  return self.ms / 1000
+  local ms = self.ms
+  if ms % 1000 == 0 then return floor(ms / 1000) end
+  return ms / 1000
 end
 
 -- The bus whose next timer is earliest (ties: any), and that time.
