@@ -1996,6 +1996,21 @@ static int l_check_subject(lua_State *L) {
 }
 
 /*
+** core.match(pattern, type) -> boolean: does type match pattern, by the
+** trie's rules ('$' types too)? Either one malformed raises its message.
+*/
+static int l_match(lua_State *L) {
+  size_t plen, tlen;
+  const char *pat = luaL_checklstring(L, 1, &plen);
+  const char *type = luaL_checklstring(L, 2, &tlen);
+  if (subject_usage(L, "pattern", pat, plen, 1, 1) ||
+      subject_usage(L, "type", type, tlen, 0, 1))
+    return luaL_error(L, "%s", lua_tostring(L, -2));
+  lua_pushboolean(L, buzz__subject_match(pat, plen, type, tlen));
+  return 1;
+}
+
+/*
 ** core.traceback([thread,] msg, level, stop) -> string: as debug.traceback,
 ** with push_traceback's wording (no names looked up in package.loaded). A
 ** msg that is neither a string nor nil is returned as it is. level counts
@@ -2076,6 +2091,7 @@ static const luaL_Reg module_funcs[] = {
   { "check_subject", l_check_subject },
   { "now_ms", l_now_ms },
   { "traceback", l_traceback },
+  { "match", l_match },
   { "hrtime", l_hrtime },
   { NULL, NULL }
 };

@@ -562,6 +562,77 @@ end
     end)
   end)
 
+  describe("dlq", function()
+    -- Two dead letters of subscription "billing": order.paid (key o-1)
+    -- after two attempts, then invoice.sent after one (fatal).
+    local function dead_store()
+      local s = new_store()
+      local clock = buzz.manual_clock(1700000000)
+      local w = assert(buzz.new{ store = s.path, clock = clock,
+                                 on_error = function() end })
+      w:subscribe("order.paid", function(ev)
+        error("card declined " .. ev.payload.n)
+      end, { name = "billing", retry = { max = 2, base = 1, jitter = 0 } })
+      w:subscribe("invoice.sent", function()
+        error(buzz.fatal("no address"))
+      end, { name = "billing-invoices", retry = 3 })
+      s.paid = w:publish("order.paid", { n = 6 }, { key = "o-1" })
+      w:drain()
+      clock:advance(1)                 -- $DLQ.order.paid takes an id too
+      s.sent = w:publish("invoice.sent", { n = 7 })
+      w:drain()
+      assert(w:flush())
+      w:close()
+      return s
+    end
+
+    it("lists dead letters, one a line, filtered like the bus", function()
+      local s = dead_store()
+      finally(s.remove)
+      local status, out, err = run(s, "dlq")
+      assert.are.equal(0, status, err)
+      local ls = lines(out)
+      assert.are.equal(2, #ls)
+      assert.matches("^1  2023%-11%-14T22:13:21%.000Z  billing  exhausted  "
+                     .. "order%.paid #" .. s.paid .. "  .*card declined 6$",
+                     ls[1])
+      assert.matches("^2  " .. TIME .. "  billing%-invoices  fatal  "
+                     .. "invoice%.sent #" .. s.sent .. "  no address$", ls[2])
+      status, out = run(s, "dlq --types 'invoice.*'")
+      assert.are.equal(0, status)
+      assert.are.equal(1, #lines(out))
+      assert.matches("invoice.sent", out, 1, true)
+      status, out = run(s, "dlq --subscription billing --limit 1 --json")
+      assert.are.equal(0, status)
+      local d = json_decode(lines(out)[1])
+      assert.are.equal(1, d.id)
+      assert.are.equal("billing", d.subscription)
+      assert.are.equal(2, #d.attempts)
+      assert.are.same({ n = 6 }, d.event.payload)
+    end)
+
+    it("shows one in full, with each attempt's traceback", function()
+      local s = dead_store()
+      finally(s.remove)
+      local status, out, err = run(s, "dlq 1")
+      assert.are.equal(0, status, err)
+      assert.matches("dead letter     1\n", out, 1, true)
+      assert.matches("subscription    billing (pattern order.paid)\n", out,
+                     1, true)
+      assert.matches("key             o-1\n", out, 1, true)
+      assert.matches("attempt 1 at 2023-11-14T22:13:20.000Z\n", out, 1, true)
+      assert.matches("attempt 2 at 2023-11-14T22:13:21.000Z\n", out, 1, true)
+      assert.matches("stack traceback:", out, 1, true)
+      status, out, err = run(s, "dlq 9")
+      assert.are.equal(1, status)
+      assert.are.equal("", out)
+      assert.are.equal(("buzz: no dead letter 9 in %s\n"):format(s.path), err)
+      local st2, _, err2 = run(s, "dlq x1")
+      assert.are.equal(2, st2)
+      assert.matches("bad dead letter id \"x1\"", err2, 1, true)
+    end)
+  end)
+
   describe("usage", function()
     it("prints the usage for help, --help and no command", function()
       for _, args in ipairs { "help", "--help", "", "ls -h" } do

@@ -213,6 +213,10 @@ describe("retries", function()
     assert.equal(1, #again)
     assert.equal(1, again[1].redrives)
     assert.equal(4, #again[1].attempts)      -- 2 before, 2 after
+    assert.equal(1, #bus:dead_letters { types = "order.*" })
+    assert.equal(0, #bus:dead_letters { types = "invoice.>" })
+    assert.equal(1, #bus:dead_letters { subscription = "order.created",
+                                        limit = 1 })
     assert.equal(1, bus:discard(again[1].id))
     assert.same({}, bus:dead_letters())
     assert.equal(0, bus:discard { types = "order.*" })

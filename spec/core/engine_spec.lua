@@ -533,3 +533,26 @@ describe("core.traceback", function()
     assert.has_error(function() core.traceback("m", 1, "nope") end)
   end)
 end)
+
+describe("core.match", function()
+  it("matches a type against a pattern by the trie's rules", function()
+    for _, case in ipairs {
+      { "a.*", "a.b", true }, { "a.*", "a.b.c", false },
+      { "a.>", "a.b.c", true }, { "a.>", "a", false },
+      { ">", "$DLQ.e", false }, { "*.e", "$DLQ.e", false },
+      { "$DLQ.>", "$DLQ.order.paid", true }, { "a.b*", "a.b*", true },
+      { "a.b*", "a.bc", false },
+    } do
+      assert.equal(case[3], core.match(case[1], case[2]),
+                   case[1] .. " ~ " .. case[2])
+    end
+  end)
+
+  it("raises for a malformed pattern or type", function()
+    local ok, err = pcall(core.match, "a..b", "a")
+    assert.is_false(ok)
+    assert.matches('^bad pattern "a..b": has an empty token', err)
+    assert.has_error(function() core.match("a", "a.*") end)
+    assert.has_error(function() core.match(nil, "a") end)
+  end)
+end)
