@@ -5,6 +5,8 @@
 #   make check   -Werror build of both flavours, luacheck, cppcheck
 #   make asan    the suite with the C core under ASan + UBSan (Lua 5.4)
 #   make bench   benchmarks, both interpreters
+#   make bench-ic instructions per event of the failure-handling cases
+#                (callgrind: repeatable on a noisy machine)
 #
 # The module is built once per interpreter into build/<flavour>/buzz/core.so.
 # It is not linked against liblua: the host program provides the Lua API.
@@ -31,7 +33,8 @@ LUA54   = lua5.4
 LUAJIT  = luajit
 BUSTED  = busted
 
-.PHONY: all deps test test-lua5.4 test-luajit check asan bench demo clean rock
+.PHONY: all deps test test-lua5.4 test-luajit check asan bench bench-ic demo \
+        clean rock
 
 all: build/lua5.4/buzz/core.so build/luajit/buzz/core.so
 
@@ -79,6 +82,9 @@ asan: deps
 bench: deps all
 	$(LUA54) bench/run.lua
 	$(LUAJIT) bench/run.lua
+
+bench-ic: deps all
+	sh bench/instructions.sh $(LUA54)
 
 demo: deps all
 	$(LUA54) examples/demo.lua

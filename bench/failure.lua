@@ -3,9 +3,10 @@
 -- the same subscription with none failing; the cost of ordered = true over
 -- 1,000 keys; and, as the peer, a plain pcall loop that keeps failed
 -- events in a Lua list and retries them, the least any retrying bus does.
--- Retries are due after base seconds on a manual clock, which the run
--- advances once it has published everything, so the timed region holds the
--- retries too and never sleeps.
+-- Time is a manual clock that the run advances by TICK seconds after each
+-- batch of BATCH events (so 20,000 events a second of its time) and past
+-- every retry at the end: retries fall due while the run goes on, inside
+-- the timed region, which never sleeps.
 -- @module bench.failure
 
 local root = (arg and arg[0] or ""):match("^(.-)bench/[%w_]+%.lua$") or ""
@@ -19,7 +20,7 @@ end
 
 local util = require "bench.util"
 local buzz = require "buzz"
-local pcall, error, ipairs, format, floor = pcall, error, ipairs,
+local pcall, error, ipairs, pairs, format, floor = pcall, error, ipairs, pairs,
                                           string.format, math.floor
 
 local M = {}
@@ -27,25 +28,36 @@ local M = {}
 local SUBJECT = "task.start"
 local FAIL_EVERY = 100         -- 1% of first attempts fail
 local KEYS = 1000
-local BATCH = 1000             -- publish this many, then drain
+local BATCH = 1000             -- publish this many, drain, advance TICK
+local TICK = 0.05
 local TARGET_FAILING = 0.90    -- 1% failing, as a ratio to 0% failing
-local ROUNDS = 2
+local ROUNDS = 3
 
 local calls = 0                -- handler calls that succeeded: one per
                                -- event once its retries are through
 
 local function quiet() end
 
+-- The first attempt of every FAIL_EVERY-th event fails. Event i has key
+-- (i + floor(i / FAIL_EVERY)) % KEYS: one key after another, and the
+-- failing events' keys (101 m % 1000 for i = 100 m) go round every key.
+-- Every handler makes the same test, failing or not (a remainder of -1
+-- never comes), so the cases differ only in what buzz does.
+local function key_of(i)
+  return (i + floor(i / FAIL_EVERY)) % KEYS
+end
+
 -- A bus on a manual clock, its subscription made with opts, and body(n):
--- publishes n events (payload i), drains every BATCH, then advances the
--- clock past every retry. The handler fails the first attempt of every
--- fail_every-th event (none if fail_every is nil).
-local function buzz_body(opts, fail_every, keyed)
+-- publishes n events (payload i), drains and advances the clock every
+-- BATCH, then advances it past every retry. With is_failing, the handler fails the first
+-- attempt of the events fails() picks.
+local function buzz_body(opts, is_failing, keyed)
   local clock = buzz.manual_clock(1000)
   local bus = buzz.new{ clock = clock, on_error = quiet,
                         queue_limit = BATCH * 2 }
+  local rem = is_failing and 0 or -1
   bus:subscribe(SUBJECT, function(ev)
-    if fail_every and ev.attempt == 1 and ev.payload % fail_every == 0 then
+    if ev.payload % FAIL_EVERY == rem and ev.attempt == 1 then
       error("flaky", 0)
     end
     calls = calls + 1
@@ -55,11 +67,12 @@ local function buzz_body(opts, fail_every, keyed)
     calls = 0
     local k = 0
     for i = 1, n do
-      if keyed then popts.key = floor(i / 3) % KEYS end  -- over keys
+      if keyed then popts.key = key_of(i) end
       bus:publish(SUBJECT, i, keyed and popts or nil)
       k = k + 1
       if k == BATCH then
         bus:drain()
+        clock:advance(TICK)
         k = 0
       end
     end
@@ -71,10 +84,11 @@ end
 
 -- The peer: pcall each handler call; a failed event goes on a list that is
 -- retried after the batch.
-local function pcall_retry_floor(fail_every)
+local function pcall_retry_floor(is_failing)
   local attempt = {}
+  local rem = is_failing and 0 or -1
   local function handler(i)
-    if fail_every and attempt[i] == nil and i % fail_every == 0 then
+    if i % FAIL_EVERY == rem and attempt[i] == nil then
       error("flaky", 0)
     end
     calls = calls + 1
@@ -95,30 +109,37 @@ local function pcall_retry_floor(fail_every)
   end
 end
 
+local RETRY = { max = 5, base = 0.1, jitter = 0.2 }  -- two batches
+
+-- name, subscription options, is_failing, keyed.
+M.CASES = {
+  { "plain", nil, false, false },
+  { "retry0", { retry = RETRY }, false, false },
+  { "retry1", { retry = RETRY }, true, false },
+  { "plain_keyed", nil, false, true },
+  { "ordered", { ordered = true }, false, true },
+  { "ordered1", { ordered = true, retry = RETRY }, true, true },
+}
+
+--- Every case's body by name, the peers' too, and the buses to close.
+function M.bodies()
+  local bodies, buses = {}, {}
+  for _, case in ipairs(M.CASES) do
+    bodies[case[1]], buses[case[1]] = buzz_body(case[2], case[3], case[4])
+  end
+  bodies.floor0 = pcall_retry_floor(false)
+  bodies.floor1 = pcall_retry_floor(true)
+  return bodies, buses
+end
+
 --- Runs the benchmark and prints its table.
 function M.run()
   util.section("5. failure handling: retries, ordered lanes")
-  local retry = { max = 5, base = 1, jitter = 0.2 }
-  local cases = {
-    { "plain", nil, nil, false },
-    { "retry0", { retry = retry }, nil, false },
-    { "retry1", { retry = retry }, FAIL_EVERY, false },
-    { "plain_keyed", nil, nil, true },
-    { "ordered", { ordered = true }, nil, true },
-    { "ordered1", { ordered = true, retry = retry }, FAIL_EVERY, true },
-  }
-  -- Every case is measured ROUNDS times, the rounds interleaved, and the
-  -- best kept: a ratio then compares runs made under the same conditions.
-  local results, buses, bodies = {}, {}, {}
-  for i, case in ipairs(cases) do
-    local body, bus = buzz_body(case[2], case[3], case[4])
-    bodies[i], buses[i] = body, bus
-  end
-  bodies.floor0, bodies.floor1 = pcall_retry_floor(nil),
-                                 pcall_retry_floor(FAIL_EVERY)
+  local results, bodies, buses = {}, M.bodies()
+  local cases = M.CASES
   for _ = 1, ROUNDS do
-    for i, case in ipairs(cases) do
-      local rate = util.measure(case[1], bodies[i])
+    for _, case in ipairs(cases) do
+      local rate = util.measure(case[1], bodies[case[1]])
       results[case[1]] = math.max(results[case[1]] or 0, rate)
     end
     for _, key in ipairs { "floor0", "floor1" } do
@@ -126,7 +147,7 @@ function M.run()
                               util.measure(key, bodies[key]))
     end
   end
-  for i = 1, #buses do buses[i]:close() end
+  for _, bus in pairs(buses) do bus:close() end
 
   local r = results
   util.row("buzz plain subscription", r.plain)
@@ -146,11 +167,26 @@ function M.run()
                    .. "makes %.2f handler calls per event). buzz retry vs the "
                    .. "peer: 0%% %.2fx, 1%% %.2fx. Supervision costs %.0f ns "
                    .. "per delivery over a plain subscription; ordered lanes "
-                   .. "%.0f ns.", 1 + 1 / FAIL_EVERY, r.retry0 / r.floor0, r.retry1 / r.floor1,
-                   1e9 / r.retry0 - 1e9 / r.plain,
+                   .. "%.0f ns.", 1 + 1 / FAIL_EVERY, r.retry0 / r.floor0,
+                   r.retry1 / r.floor1, 1e9 / r.retry0 - 1e9 / r.plain,
                    1e9 / r.ordered - 1e9 / r.plain_keyed))
 end
 
-if is_main then M.run() end
+--- One case's body, run once over n events (for instruction counts:
+--- `lua5.4 bench/failure.lua --case retry1 20000` under callgrind).
+function M.run_case(name, n)
+  local body = M.bodies()[name]
+  if not body then error("no case " .. tostring(name), 0) end
+  local handled = body(n)
+  if handled ~= n then
+    error(("%s: %d of %d events handled"):format(name, handled, n), 0)
+  end
+end
+
+if is_main and arg[1] == "--case" then
+  M.run_case(arg[2], tonumber(arg[3]) or 10000)
+elseif is_main then
+  M.run()
+end
 
 return M

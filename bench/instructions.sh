@@ -1,0 +1,35 @@
+#!/bin/sh
+# Instructions per event for each case of bench/failure.lua, counted by
+# valgrind's callgrind: repeatable whatever else the machine is doing, where
+# the CPU-time figures of `make bench` are not. Each case runs twice, with
+# N and 3N events, and the difference is divided by 2N, so start-up cancels
+# out. Usage: sh bench/instructions.sh [lua5.4|luajit] [N]
+set -eu
+cd "$(dirname "$0")/.."
+lua=${1:-lua5.4}
+n=${2:-10000}
+count() {
+  valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+    "$lua" bench/failure.lua --case "$1" "$2" 2>&1 |
+    sed -n 's/.*Collected : *//p' | tr -d ,
+}
+per_event() {
+  a=$(count "$1" "$n")
+  b=$(count "$1" $((n * 3)))
+  echo $(( (b - a) / (n * 2) ))
+}
+echo "instructions per event ($lua, callgrind; N = $n and $((n * 3)))"
+for c in plain retry0 retry1 plain_keyed ordered ordered1; do
+  eval "ic_$c=$(per_event "$c")"
+  eval "v=\$ic_$c"
+  printf '  %-12s %8d\n' "$c" "$v"
+done
+# Rates are inverse to instructions: a ratio of rates is b/a here.
+awk -v p="$ic_plain" -v r0="$ic_retry0" -v r1="$ic_retry1" \
+    -v pk="$ic_plain_keyed" -v o="$ic_ordered" -v o1="$ic_ordered1" 'BEGIN {
+  printf "  retry, 1%% failing vs 0%%:     %.3fx (target >= 0.90x) %s\n",
+         r0 / r1, (r0 / r1 >= 0.9 ? "ok" : "MISS")
+  printf "  retry 0%% vs plain:            %.3fx\n", p / r0
+  printf "  ordered (1,000 keys) vs plain: %.3fx\n", pk / o
+  printf "  ordered + retry, 1%% vs 0%%:    %.3fx\n", o / o1
+}'
