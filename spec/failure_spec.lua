@@ -604,6 +604,69 @@ describe("failure handling with a store", function()
     assert.equal(0, again:stats().delayed)
   end)
 
+  it("keeps a durable consumer's events queued behind a retrying key "
+     .. "across a crash, and delivers them in order", function()
+    local ok, out = run_and_crash([[
+      local bus = assert(buzz.new{ store = path, on_error = function() end })
+      bus:subscribe("order.*", function(ev)
+        print("saw " .. ev.payload.n)
+        if ev.payload.n == 1 then error("down") end
+      end, { durable = "billing", ordered = true,
+             retry = { max = 3, base = 60, jitter = 0 } })
+      for n = 1, 4 do bus:publish("order.created", { n = n }, { key = "k" }) end
+      bus:publish("order.created", { n = 5 }, { key = "other" })
+      bus:drain()
+      assert(bus:flush())
+      print("ready")
+      crash()
+    ]])
+    assert.is_false(ok)
+    assert.matches("saw 1\nsaw 5\nready", out)   -- 2 to 4 wait behind 1
+    local clock = buzz.manual_clock(os.time() + 120)
+    local bus = H.bus { store = path, clock = clock }
+    local seen = {}
+    bus:subscribe("order.*", function(ev)
+      seen[#seen + 1] = ev.payload.n .. "/" .. ev.attempt
+    end, { durable = "billing", ordered = true,
+           retry = { max = 3, base = 60, jitter = 0 } })
+    bus:drain()
+    clock:advance(1)
+    assert.same({ "1/2", "2/1", "3/1", "4/1" }, seen)
+    bus:close()
+    -- Done now: a third run finds nothing left.
+    local again = H.bus { store = path, clock = clock }
+    local n = 0
+    again:subscribe("order.*", function() n = n + 1 end,
+                    { durable = "billing", ordered = true, retry = 3 })
+    again:drain()
+    clock:advance(3600)
+    assert.equal(0, n)
+  end)
+
+  it("keeps a durable consumer's sleeping and queued deliveries across "
+     .. "close", function()
+    local clock = buzz.manual_clock(1000)
+    local bus = H.bus { store = path, clock = clock }
+    local seen = {}
+    bus:subscribe("job.*", function(ev)
+      seen[#seen + 1] = "start " .. ev.payload
+      buzz.sleep(10)
+      seen[#seen + 1] = "end " .. ev.payload
+    end, { durable = "worker", concurrency = 1 })
+    bus:publish("job.a", "a")
+    bus:publish("job.b", "b")
+    bus:drain()
+    assert.same({ "start a" }, seen)      -- b waits for the slot
+    bus:close()
+    seen = {}
+    local b2 = H.bus { store = path, clock = clock }
+    b2:subscribe("job.*", function(ev)
+      seen[#seen + 1] = ev.payload
+    end, { durable = "worker" })
+    b2:drain()
+    assert.same({ "a", "b" }, seen)
+  end)
+
   it("redrives a stored dead letter and forgets it", function()
     local bus = H.bus { store = path, on_error = function() end }
     local fixed = false

@@ -352,7 +352,7 @@ function Supervisor:runner(sub, handler, policy, level)
     retry = policy.retry, ordered = policy.ordered,
     timeout = policy.timeout, concurrency = policy.concurrency,
     inflight = 0, waiting = fifo(), held = fifo(), lanes = {},
-    retrying = 0, is_closed = false,
+    retrying = 0, is_closed = false, is_durable = policy.is_durable or false,
   }, Runner)
   -- xpcall's message handler: the traceback is taken where it raised,
   -- down to the handler (buzz's own frames below it are left out).
@@ -372,6 +372,8 @@ function Supervisor:runner(sub, handler, policy, level)
             :format(r.name), level + 1)
     end
     self.runners[r.name] = r
+  elseif r.is_durable and not self.runners[r.name] then
+    self.runners[r.name] = r          -- the core refuses a second one
   end
   return r
 end
@@ -380,7 +382,7 @@ end
 -- time (now, if that has passed).
 function Supervisor:adopt_orphans(r)
   local rows = self.orphans[r.name]
-  if not (rows and r.retry) then return end
+  if not (rows and (r.retry or r.is_durable)) then return end
   self.orphans[r.name] = nil
   for _, row in ipairs(rows) do
     local job = r:job(row.event, row.attempt, row.redrives or 0)
@@ -407,6 +409,7 @@ function Supervisor:adopt(co, sub, ev, what, arg)
   if job then
     job.co = co
     job.runner:asleep(job, what, arg)
+    job.runner:keep(job)
     return
   end
   local r = self.plain[sub]
@@ -466,7 +469,7 @@ function Runner:job(ev, attempt, redrives)
   -- history and the timers come only with failures, sleeps and timeouts.
   return { runner = self, ev = ev, attempt = attempt, redrives = redrives,
            key = ev.key, evt = false, co = false, is_over = false,
-           has_lane = false }
+           has_lane = false, is_finished = false }
 end
 
 --- The core hands this runner a delivery. One that passes every gate at
@@ -480,8 +483,10 @@ function Runner:deliver(ev)
   if self.timeout or (key ~= nil and self.lanes[key])
      or (b and b.state ~= "closed")
      or (conc and self.inflight >= conc) then
-    self:admit(self:job(ev, 1, 0))
-    return self.sup:flush()
+    local job = self:job(ev, 1, 0)
+    self:admit(job)
+    self.sup:flush()
+    return self:keep(job)
   end
   if key ~= nil then self.lanes[key] = true end
   self.inflight = self.inflight + 1
@@ -685,6 +690,7 @@ end
 
 -- The job is finished for good: its lane passes to the key's next job.
 function Runner:release(job)
+  job.is_finished = true
   if job.stored then
     self.sup:del("retry", job.stored)
     job.stored = nil
@@ -723,12 +729,30 @@ function Runner:fail(job, err, trace)
   local due = sup:now() + delay
   self.retrying = self.retrying + 1
   job.retry_timer = sup.timers:at(due, Runner.retry_due, job)
-  if sup.bus._store then
-    job.stored = job.stored or ("%s/%d"):format(self.name, job.ev.id or 0)
-    sup:put("retry", job.stored, {
-      subscription = self.name, attempt = job.attempt, due = due,
-      event = plain(job.ev), history = h, redrives = job.redrives })
+  if sup.bus._store then self:store(job, due) end
+end
+
+-- Writes the job's row (kind "retry"): its next attempt is due at due.
+-- Rows are named subscription/event id, the id zero-padded so that they
+-- load in publish order (a lane's order, after a restart).
+function Runner:store(job, due)
+  job.stored = job.stored or ("%s/%016d"):format(self.name, job.ev.id or 0)
+  self.sup:put("retry", job.stored, {
+    subscription = self.name, attempt = job.attempt, due = due,
+    event = plain(job.ev), history = job.history, redrives = job.redrives })
+end
+
+--- A job of a durable subscription that outlives its delivery (queued
+--- behind its lane, the breaker or the concurrency limit, or asleep) is
+--- stored until it ends, as a retry due now: the consumer's position has
+--- moved past its event, so the row is what a crash or a close leaves of
+--- it, and the subscription's next run picks it up.
+function Runner:keep(job)
+  if not self.is_durable or job.is_finished or job.stored
+     or not self.sup.bus._store then
+    return
   end
+  self:store(job, self.sup:now())
 end
 
 function Runner.retry_due(job)
@@ -887,21 +911,23 @@ end
 --- a letter whose subscription is not subscribed stays. Returns how many
 --- were redriven.
 function Supervisor:redrive(recs)
-  local moved = {}
+  local moved, jobs = {}, {}
   for _, rec in ipairs(recs) do
     local r = self.runners[rec.subscription]
     if r and not r.is_closed then
-      moved[#moved + 1] = rec
       local job = r:job(event_of(rec.event), 1, (rec.redrives or 0) + 1)
       local h = {}
       for i, a in ipairs(rec.attempts or {}) do h[i] = a end
       job.history = h
       r:admit(job)
+      moved[#moved + 1] = rec
+      jobs[#jobs + 1] = job
     end
   end
   self:remove(moved)
   self.redriven = self.redriven + #moved
   self:flush()
+  for _, job in ipairs(jobs) do job.runner:keep(job) end
   return #moved
 end
 

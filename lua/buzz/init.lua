@@ -328,7 +328,10 @@ function M.new(opts)
 end
 
 -- The failure-handling options of a subscription as a policy for the
--- supervisor, or nil when it has none (a plain subscription).
+-- supervisor, or nil when it has none (a plain subscription). A durable
+-- subscription is always supervised: a delivery that outlives its call
+-- (asleep, queued behind its lane) must be kept in the store, since the
+-- consumer's position moves past its event.
 local function supervision(opts, default_name, level)
   local name = opts.name
   if name ~= nil and (type(name) ~= "string" or name == "") then
@@ -338,7 +341,7 @@ local function supervision(opts, default_name, level)
   local retry, breaker = opts.retry, opts.breaker
   local ordered, timeout, conc = opts.ordered, opts.timeout, opts.concurrency
   if retry == nil and breaker == nil and not ordered and timeout == nil
-     and conc == nil then
+     and conc == nil and opts.durable == nil then
     if ordered ~= nil and type(ordered) ~= "boolean" then
       error("bad ordered: expected a boolean", level + 1)
     end
@@ -357,6 +360,7 @@ local function supervision(opts, default_name, level)
     ordered = ordered or false,
     timeout = timeout and floor(timeout * 1000 + 0.5),
     concurrency = conc,
+    is_durable = opts.durable ~= nil,
   }
 end
 
