@@ -39,23 +39,25 @@ local function run_and_kill(script, store, start, secs, out)
   return text:match("^(.*\n)") or ""
 end
 
-describe("a store after SIGKILL", function()
-  local dir, store, script, out
-
+-- A scratch directory holding the child script; removed after each test.
+local function scratch(child)
+  local t = {}
   before_each(function()
-    dir = os.tmpname()
-    os.remove(dir)
-    assert(os.execute(("mkdir -p %q"):format(dir)))
-    store = dir .. "/events.db"
-    script = dir .. "/child.lua"
-    out = dir .. "/out.txt"
-    spit(script, CHILD)
+    t.dir = H.mktemp_dir()
+    t.store = t.dir .. "/events.db"
+    t.script = t.dir .. "/child.lua"
+    t.out = t.dir .. "/out.txt"
+    spit(t.script, child)
   end)
-
   after_each(function()
     H.done()
-    os.execute(("rm -rf %q"):format(dir))
+    H.remove_dir(t.dir)
   end)
+  return t
+end
+
+describe("a store after SIGKILL", function()
+  local t = scratch(CHILD)
 
   it("keeps every reported event and resumes the consumer exactly",
      function()
@@ -63,7 +65,7 @@ describe("a store after SIGKILL", function()
     local last_i, prev_pos = 0, 0
     local kill_points = { 0.25, 0.4, 0.55, 0.7, 0.9, 0.33 }
     for round, secs in ipairs(kill_points) do
-      local text = run_and_kill(script, store, last_i, secs, out)
+      local text = run_and_kill(t.script, t.store, last_i, secs, t.out)
       local acked, handled, published = prev_pos, prev_pos, 0
       for line in text:gmatch("([^\n]*)\n") do
         local id, i = line:match("^published (%d+) (%d+)$")
@@ -79,11 +81,11 @@ describe("a store after SIGKILL", function()
       assert.is_true(published > 0, ("round %d: the child published "
                                       .. "nothing:\n%s"):format(round, text))
       local p = assert(io.popen(("sqlite3 %q 'PRAGMA integrity_check'")
-                                :format(store)))
+                                :format(t.store)))
       assert.equal("ok\n", p:read("*a"))
       p:close()
 
-      local bus = H.bus{ store = store }
+      local bus = H.bus{ store = t.store }
       -- every reported id is there, intact, and ids come in order
       local prev, seen = 0, {}
       for ev in bus:events() do
@@ -150,28 +152,14 @@ end
 ]]
 
 describe("retries and dead letters after SIGKILL", function()
-  local dir, store, script, out
-
-  before_each(function()
-    dir = os.tmpname()
-    os.remove(dir)
-    assert(os.execute(("mkdir -p %q"):format(dir)))
-    script = dir .. "/child.lua"
-    out = dir .. "/out.txt"
-    spit(script, RETRY_CHILD)
-  end)
-
-  after_each(function()
-    H.done()
-    os.execute(("rm -rf %q"):format(dir))
-  end)
+  local t = scratch(RETRY_CHILD)
 
   it("lose no event a handler saw: each is retried, dead or redelivered",
      function()
     local retried, buried = 0, 0
     for round, secs in ipairs { 0.3, 0.45, 0.6 } do
-      store = ("%s/events-%d.db"):format(dir, round)
-      local text = run_and_kill(script, store, 0, secs, out)
+      local store = ("%s/events-%d.db"):format(t.dir, round)
+      local text = run_and_kill(t.script, store, 0, secs, t.out)
       local saw = {}             -- id -> "ok" | "retry" | "fatal"
       for id, what in text:gmatch("saw (%d+) (%a+)\n") do
         saw[tonumber(id)] = what

@@ -3,17 +3,7 @@
 -- and once each in real time.
 local buzz = require "buzz"
 
-local function tmp_store()
-  local base = os.tmpname()
-  os.remove(base)
-  return base .. ".db"
-end
-
-local function remove_store(path)
-  for _, suffix in ipairs { "", "-wal", "-shm", "-lock", "-journal" } do
-    os.remove(path .. suffix)
-  end
-end
+local tmp_store, remove_store = H.tmp_store, H.remove_store
 
 -- A bus on a manual clock, with on_error collecting what it is given.
 local function clocked(opts)

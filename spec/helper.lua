@@ -62,6 +62,20 @@ end
 
 -- ------------------------------------------------------------ files
 
+--- A fresh path for a store file (nothing is created).
+function H.tmp_store()
+  local base = os.tmpname()
+  os.remove(base)
+  return base .. ".db"
+end
+
+--- Removes a store file and the files SQLite and buzz keep beside it.
+function H.remove_store(path)
+  for _, suffix in ipairs { "", "-wal", "-shm", "-lock", "-journal" } do
+    os.remove(path .. suffix)
+  end
+end
+
 --- The contents of the file at path, or nil and io.open's error when it
 -- cannot be opened (as when it does not exist).
 function H.slurp(path)

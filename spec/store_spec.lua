@@ -2,17 +2,7 @@
 local buzz = require "buzz"
 local core = require "buzz.core"
 
-local function tmp_store()
-  local base = os.tmpname()
-  os.remove(base)
-  return base .. ".db"
-end
-
-local function remove_store(path)
-  for _, suffix in ipairs { "", "-wal", "-shm", "-lock", "-journal" } do
-    os.remove(path .. suffix)
-  end
-end
+local tmp_store, remove_store = H.tmp_store, H.remove_store
 
 -- Retention runs on the writer thread: tests poll for its result.
 local eventually = H.eventually

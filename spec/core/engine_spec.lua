@@ -18,17 +18,7 @@ local function sleep(s)
   while now() < deadline do end   -- sleep(1) may return early on a signal
 end
 
-local function tmp_store()
-  local base = os.tmpname()
-  os.remove(base)
-  return base .. ".db"
-end
-
-local function remove_store(path)
-  for _, suffix in ipairs { "", "-wal", "-shm", "-lock", "-journal" } do
-    os.remove(path .. suffix)
-  end
-end
+local tmp_store, remove_store = H.tmp_store, H.remove_store
 
 -- The events queued at level 0, in order.
 local function drain(c)
