@@ -389,7 +389,7 @@ function Supervisor:adopt_orphans(r)
     job.history, job.stored = row.history, row.stored
     r.retrying = r.retrying + 1
     job.retry_timer = self.timers:at(max(row.due, self:now()),
-                                     Runner.retry_adopted, job)
+                                     Runner.retry_due, job)
   end
 end
 
@@ -755,22 +755,14 @@ function Runner:keep(job)
   self:store(job, self.sup:now())
 end
 
+-- A retry comes due. One that holds its lane goes on; one stored by an
+-- earlier run must win its lane first.
 function Runner.retry_due(job)
   job.retry_timer = nil
   local r = job.runner
   r.retrying = r.retrying - 1
   if r.is_closed then return end
-  r:gate(job)
-  r.sup:flush()
-end
-
--- A retry stored by an earlier run comes due: it must win its lane first.
-function Runner.retry_adopted(job)
-  job.retry_timer = nil
-  local r = job.runner
-  r.retrying = r.retrying - 1
-  if r.is_closed then return end
-  r:admit(job)
+  if job.has_lane then r:gate(job) else r:admit(job) end
   r.sup:flush()
 end
 

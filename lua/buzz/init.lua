@@ -1021,6 +1021,16 @@ function Bus:dead_letters(filter)
   return recs
 end
 
+-- The dead letters filter selects, for a method that changes them (not on
+-- a read-only store). The method has checked the bus.
+local function dead_to_change(self, method, filter)
+  if self._readonly then
+    error(("this bus opened its store read-only: it cannot %s")
+          :format(method), 3)
+  end
+  return self._sup:select(dead_filter(filter, method, 3))
+end
+
 --- Delivers dead letters again, to the subscription each came from,
 --- starting over at attempt 1 (ev.redrives counts the redrives). Letters
 --- whose subscription is not subscribed on this bus stay. Returns how
@@ -1029,15 +1039,11 @@ end
 ---@return integer
 function Bus:redrive(filter)
   check_bus(self, "redrive")
-  if self._readonly then
-    error("this bus opened its store read-only: it cannot redrive", 2)
-  end
-  local sup = self._sup
-  local recs = sup:select(dead_filter(filter, "redrive", 2))
+  local recs = dead_to_change(self, "redrive", filter)
   if is_integer(filter) and #recs == 0 then
     error(("no dead letter %d on this bus"):format(filter), 2)
   end
-  return sup:redrive(recs)
+  return self._sup:redrive(recs)
 end
 
 --- Removes dead letters for good; returns how many.
@@ -1045,12 +1051,8 @@ end
 ---@return integer
 function Bus:discard(filter)
   check_bus(self, "discard")
-  if self._readonly then
-    error("this bus opened its store read-only: it cannot discard", 2)
-  end
-  local sup = self._sup
-  local recs = sup:select(dead_filter(filter, "discard", 2))
-  sup:remove(recs)
+  local recs = dead_to_change(self, "discard", filter)
+  self._sup:remove(recs)
   return #recs
 end
 
