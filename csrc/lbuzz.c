@@ -1421,6 +1421,37 @@ static int lcore_resume(lua_State *L) {
 }
 
 /*
+** core:current() -> id, correlation_id of the innermost current event (the
+** one a publish made now would inherit from), or nothing outside every
+** handler. For the Lua layer's own later publishes (delayed events).
+*/
+static int lcore_current(lua_State *L) {
+  lcore *c = check_core(L);
+  lcur cur;
+  if (c->ncur == 0) return 0;
+  cur = c->cur[c->ncur - 1];
+  if (cur.id == 0 && cur.table_ref == BUZZ_NOREF) return 0;
+  if (cur.id != 0) lua_pushinteger(L, (lua_Integer)cur.id);
+  else lua_pushnil(L);
+  if (cur.table_ref != BUZZ_NOREF) {
+    int u = push_refs(L);
+    lua_rawgeti(L, u, cur.table_ref);
+    lua_remove(L, u);
+    if (lua_istable(L, -1)) {
+      lua_pushvalue(L, UV(UV_CORR));
+      lua_rawget(L, -2);
+      lua_remove(L, -2);
+    } else {
+      lua_pop(L, 1);
+      lua_pushnil(L);
+    }
+  } else {
+    lua_pushnil(L);
+  }
+  return 2;
+}
+
+/*
 ** core:pump(max) -> deliveries made (max < 0: no limit), or nil,
 ** "EINHANDLER" when called from inside a handler. Runs queued deliveries
 ** until the queue is empty, stop() is called or the core is closed.
@@ -2059,6 +2090,7 @@ static const luaL_Reg core_methods[] = {
   { "publish_sync", lcore_publish_sync },
   { "publish_cursor", lcore_publish_cursor },
   { "resume", lcore_resume },
+  { "current", lcore_current },
   { "pump", lcore_pump },
   { "stop", lcore_stop },
   { "is_stopped", lcore_is_stopped },

@@ -675,6 +675,163 @@ describe("failure handling with a store", function()
   end)
 end)
 
+describe("failure handling at its edges", function()
+  after_each(function() H.done() end)
+
+  it("keeps a key's stored retry ahead of its later events after a restart",
+     function()
+    local path = tmp_store()
+    finally(function() remove_store(path) end)
+    local clock = buzz.manual_clock(1000)
+    local opts = { durable = "billing", ordered = true,
+                   retry = { max = 3, base = 60, jitter = 0 } }
+    local bus = H.bus { store = path, clock = clock,
+                        on_error = function() end }
+    bus:subscribe("order.*", function(ev)
+      if ev.payload == 1 then error("down") end
+    end, opts)
+    for n = 1, 3 do bus:publish("order.created", n, { key = "k" }) end
+    bus:drain()
+    bus:close()
+    clock:advance(10)
+    local b2 = H.bus { store = path, clock = clock }
+    local seen = {}
+    b2:subscribe("order.*", function(ev)
+      seen[#seen + 1] = ("%d/%d@%d"):format(ev.payload, ev.attempt,
+                                            clock:now())
+    end, opts)
+    b2:publish("order.created", 4, { key = "k" })
+    b2:drain()
+    assert.same({}, seen)                -- all wait for 1's retry at 1060
+    clock:advance(100)
+    assert.same({ "1/2@1060", "2/1@1060", "3/1@1060", "4/1@1060" }, seen)
+  end)
+
+  it("refuses clock:advance() inside a handler", function()
+    local bus, clock, errors = clocked()
+    bus:subscribe("e", function() clock:advance(5) end)
+    bus:publish("e")
+    bus:drain()
+    assert.equal(1, #errors)
+    assert.matches("clock:advance() called from inside a handler",
+                   errors[1].err, 1, true)
+  end)
+
+  it("announces a copy of the dead letter on $DLQ", function()
+    local bus = clocked()
+    bus:subscribe("t", function() error("x") end, { name = "s", retry = 1 })
+    bus:subscribe("$DLQ.t", function(ev)
+      ev.payload.subscription = "mangled"
+      ev.payload.attempts = nil
+    end)
+    bus:publish("t", 1)
+    bus:drain()
+    local d = bus:dead_letters()[1]
+    assert.equal("s", d.subscription)
+    assert.equal(1, #d.attempts)
+    assert.equal(1, bus:redrive { subscription = "s" })
+  end)
+
+  it("delivers an event one bus publishes on another at once, on one "
+     .. "manual clock", function()
+    local clock = buzz.manual_clock(1000)
+    local a = H.bus { clock = clock }
+    local b = H.bus { clock = clock }
+    local log = {}
+    a:subscribe("a", function() b:publish("b") end)
+    b:subscribe("b", function() log[#log + 1] = "b@" .. clock:now() end)
+    a:publish("a", nil, { delay = 1 })
+    a:publish("a", nil, { delay = 5 })
+    b:publish("x", nil, { delay = 3 })
+    clock:advance(10)
+    assert.same({ "b@1001", "b@1005" }, log)
+  end)
+
+  it("gives a delayed event the correlation and causation of the handler "
+     .. "that published it", function()
+    local bus, clock = clocked()
+    local got = {}
+    bus:subscribe("a", function()
+      bus:publish("b", "now")
+      bus:publish("b", "later", { delay = 1 })
+    end)
+    bus:subscribe("b", function(ev)
+      got[ev.payload] = { ev.correlation_id, ev.causation_id }
+    end)
+    local id = bus:publish("a", nil, { correlation_id = "C1" })
+    bus:drain()
+    clock:advance(1)
+    assert.same({ "C1", id }, got.now)
+    assert.same({ "C1", id }, got.later)
+  end)
+
+  it("never resumes a sleeping handler once unsubscribed", function()
+    local bus, clock = clocked()
+    local log = {}
+    local function h(ev)
+      log[#log + 1] = "start " .. ev.type
+      buzz.sleep(1)
+      log[#log + 1] = "end " .. ev.type
+    end
+    local plain = bus:subscribe("p", h)
+    local supervised = bus:subscribe("s", h, { retry = 2 })
+    bus:publish("p")
+    bus:publish("s")
+    bus:drain()
+    plain:unsubscribe()
+    supervised:unsubscribe()
+    clock:advance(2)
+    assert.same({ "start p", "start s" }, log)
+  end)
+
+  it("refuses delays too far ahead to keep exactly", function()
+    local bus = clocked()
+    assert.has_error(function() bus:publish("t", nil, { delay = 1e16 }) end,
+                     "bad delay 1e+16: more than 1e+11 seconds (about 3,000 "
+                     .. "years) ahead")
+    assert.has_error(function() bus:publish("t", nil, { at = 1e20 }) end,
+                     "bad at 1e+20: more than 1e+11 seconds (about 3,000 "
+                     .. "years) ahead")
+    assert.equal(0, bus:stats().delayed)
+  end)
+
+  it("points publish-option errors at the caller's line", function()
+    local bus = clocked()
+    local ok, err = pcall(function()
+      bus:publish("t", nil, { delay = -1 })
+    end)
+    assert.is_false(ok)
+    assert.matches("^spec/failure_spec%.lua:%d+: bad delay", err)
+  end)
+
+  it("refuses every() for a reserved type, and skips ticks missed in a "
+     .. "stall", function()
+    local bus, clock = clocked()
+    assert.has_error(function() bus:every(1, "$SYS.tick") end,
+                     'bad type "$SYS.tick": types starting with "$" are '
+                     .. "reserved for the engine ($DLQ.>, $SYS.>)")
+    local ticks = {}
+    bus:subscribe("tick", function() ticks[#ticks + 1] = clock:now() end)
+    local h = bus:every(1, "tick")
+    clock.ms = clock.ms + 3500           -- the process stalled 3.5 s
+    bus:drain()
+    assert.same({ 1003.5 }, ticks)       -- one tick, not three
+    clock:advance(1)
+    assert.same({ 1003.5, 1004 }, ticks) -- back on the 1 s grid
+    h.cancel()
+  end)
+
+  it("raises for an unknown dead letter id, to redrive or to discard",
+     function()
+    local bus = clocked()
+    assert.has_error(function() bus:redrive(7) end,
+                     "no dead letter 7 on this bus")
+    assert.has_error(function() bus:discard(7) end,
+                     "no dead letter 7 on this bus")
+    assert.equal(0, bus:discard { types = "a.>" })
+  end)
+end)
+
 describe("bad failure-handling input", function()
   after_each(function() H.done() end)
 
@@ -704,12 +861,15 @@ describe("bad failure-handling input", function()
     assert.has_error(sub { concurrency = 1.5 },
                      "bad concurrency: expected a positive integer, got 1.5")
     assert.has_error(sub { ordered = "yes" }, "bad ordered: expected a boolean")
+    assert.has_error(sub { retry = { base = 5, max_delay = 2 } },
+                     "bad retry.max_delay: 2 is less than retry.base (5)")
     assert.has_error(sub { name = 5, retry = 1 },
                      'bad name: expected a string such as "billing", got 5')
     bus:subscribe("e", print, { name = "one", retry = 1 })
     assert.has_error(sub { name = "one", retry = 1 },
-      'a subscription named "one" with a retry policy is already '
-      .. 'subscribed; give each one its own name = "..."')
+      'a subscription named "one" is already subscribed on this bus '
+      .. "(retries and dead letters are kept by name): give each one its "
+      .. 'own name = "..."')
   end)
 
   it("raises for bad delays, filters and helpers", function()

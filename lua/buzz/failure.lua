@@ -111,6 +111,20 @@ end
 M.readable = readable
 
 
+--- A deep copy of v (cycles and shared tables kept as such), so that
+--- what callers get cannot change the records the bus keeps.
+---@param v any
+---@param seen table|nil
+function M.copy(v, seen)
+  if type(v) ~= "table" then return v end
+  seen = seen or {}
+  if seen[v] then return seen[v] end
+  local t = {}
+  seen[v] = t
+  for k, x in pairs(v) do t[M.copy(k, seen)] = M.copy(x, seen) end
+  return setmetatable(t, getmetatable(v))
+end
+
 -- The event's own fields as a plain table, for dead letters and stored
 -- retries (the delivery's attempt is not part of the event).
 local function plain(ev)
@@ -183,6 +197,13 @@ function M.retry_policy(v, level)
   if p.jitter > 1 then
     error(("bad retry.jitter: expected a fraction from 0 to 1, got %s")
           :format(quote(p.jitter)), level + 1)
+  end
+  if p.max_delay < p.base then       -- the default cap gives way to base
+    if v.max_delay ~= nil then
+      error(("bad retry.max_delay: %s is less than retry.base (%s)")
+            :format(quote(p.max_delay), quote(p.base)), level + 1)
+    end
+    p.max_delay = p.base
   end
   return { max = p.max, base = p.base * 1000, factor = p.factor,
            max_delay = p.max_delay * 1000, jitter = p.jitter }
@@ -268,6 +289,7 @@ function M.new(bus, timers)
     runq = fifo(), is_flushing = false,
     runners = {},        -- name -> runner of a live sub with retry
     plain = setmetatable({}, { __mode = "k" }),  -- sub -> runner (adopted)
+    all = setmetatable({}, { __mode = "k" }),    -- every runner: close()
     -- thread -> the runner of the inline delivery running there, or its
     -- job once it yielded
     by_thread = setmetatable({}, { __mode = "k" }),
@@ -276,6 +298,7 @@ function M.new(bus, timers)
     next_dead = 1,
     orphans = {},        -- name -> stored retries waiting for their sub
     delays = 0,          -- delayed events waiting
+    seq = 0,             -- the last delayed event's row number
     redriven = 0,
   }, Supervisor)
 end
@@ -360,6 +383,7 @@ function Supervisor:runner(sub, handler, policy, level)
     r.trace = core_traceback(readable(e), 2, xpcall)
     return e
   end
+  self.all[r] = true
   if policy.breaker then
     local b = policy.breaker
     r.breaker = { failures = b.failures, within = b.within,
@@ -367,8 +391,9 @@ function Supervisor:runner(sub, handler, policy, level)
   end
   if r.retry then
     if self.runners[r.name] then
-      error(("a subscription named %q with a retry policy is already "
-             .. "subscribed; give each one its own name = \"...\"")
+      error(("a subscription named %q is already subscribed on this bus "
+             .. "(retries and dead letters are kept by name): give each "
+             .. "one its own name = \"...\"")
             :format(r.name), level + 1)
     end
     self.runners[r.name] = r
@@ -384,12 +409,30 @@ function Supervisor:adopt_orphans(r)
   local rows = self.orphans[r.name]
   if not (rows and (r.retry or r.is_durable)) then return end
   self.orphans[r.name] = nil
-  for _, row in ipairs(rows) do
+  local now, lanes = self:now(), r.lanes
+  for _, row in ipairs(rows) do        -- in event id order
     local job = r:job(row.event, row.attempt, row.redrives or 0)
     job.history, job.stored = row.history, row.stored
-    r.retrying = r.retrying + 1
-    job.retry_timer = self.timers:at(max(row.due, self:now()),
-                                     Runner.retry_due, job)
+    local key = r.ordered and job.key
+    if key ~= nil and key ~= false and lanes[key] then
+      -- The key's first row holds its lane: this one waits behind it,
+      -- and so do the key's new events.
+      local lane = lanes[key]
+      if lane == true then
+        lane = fifo()
+        lanes[key] = lane
+      end
+      job.not_before = row.due
+      push(lane, job)
+    else
+      if key ~= nil and key ~= false then
+        lanes[key] = true
+        job.has_lane = true
+      end
+      r.retrying = r.retrying + 1
+      job.retry_timer = self.timers:at(max(row.due, now), Runner.retry_due,
+                                       job)
+    end
   end
 end
 
@@ -672,7 +715,14 @@ function Runner:pass_lane(key)
   local nxt = lane ~= true and shift(lane)
   if nxt then
     nxt.has_lane = true
-    self.sup:enqueue(nxt)
+    local due = nxt.not_before
+    nxt.not_before = nil
+    if due and due > self.sup:now() then  -- a stored retry, not yet due
+      self.retrying = self.retrying + 1
+      nxt.retry_timer = self.sup.timers:at(due, Runner.retry_due, nxt)
+    else
+      self.sup:enqueue(nxt)
+    end
   else
     lanes[key] = nil
   end
@@ -781,7 +831,7 @@ function Runner:bury(job, reason)
   sup.dead[#sup.dead + 1] = rec
   sup:put("dead", ("%012d"):format(rec.id), rec)
   self:release(job)
-  sup:announce("$DLQ." .. job.ev.type, rec)
+  sup:announce("$DLQ." .. job.ev.type, M.copy(rec))  -- not the bus's own
 end
 
 
@@ -929,28 +979,35 @@ end
 -- Publishes a delayed event at its time; a refusal (full queue) tries
 -- again a little later, so nothing is lost.
 local function publish_due(sup, rec)
-  local bus = sup.bus
-  if not bus._core then return end
-  local ok, id, err = pcall(bus.publish, bus, rec.type, rec.payload, rec.opts)
-  if ok and not id and err and err:match("^EFULL") then
+  local c = sup:core()
+  if not c then return end
+  local ok, id, err, code = pcall(c.publish, c, rec.type, rec.payload,
+                                  rec.priority, rec.key, rec.correlation_id,
+                                  rec.causation_id, rec.headers, rec.dedup,
+                                  rec.version)
+  if ok and not id and code == "EFULL" then
     sup.timers:after(100, publish_due, sup, rec)
     return
   end
   sup.delays = sup.delays - 1
   if rec.stored then sup:del("delay", rec.stored) end
   if not ok or not id then
-    bus._report(("buzz: delayed %s could not be published: %s")
-                :format(rec.type, tostring(ok and err or id)))
+    sup.bus._report(("buzz: delayed %s could not be published: %s")
+                    :format(rec.type, tostring(ok and err or id)))
   end
 end
 
---- Keeps rec = { type, payload, opts, due } until due, in the store too
---- (stored names the row when it comes from there).
+--- Keeps rec = { type, payload, priority (0..3), key, correlation_id,
+--- causation_id, headers, dedup, version, due } until due, in the store
+--- too (stored names the row when it comes from there: due/sequence).
 function Supervisor:schedule_publish(rec, stored)
   if stored == nil and self.bus._store then
-    self.seq = (self.seq or 0) + 1
+    self.seq = self.seq + 1
     stored = ("%016d/%08d"):format(rec.due, self.seq)
     self:put("delay", stored, rec)
+  elseif stored then                  -- names made later must not clash
+    local seq = tonumber(stored:match("/(%d+)$"))
+    if seq and seq > self.seq then self.seq = seq end
   end
   rec.stored = stored
   self.delays = self.delays + 1
@@ -958,8 +1015,14 @@ function Supervisor:schedule_publish(rec, stored)
 end
 
 function Supervisor:close()
-  for _, r in pairs(self.runners) do r:close() end
-  for _, r in pairs(self.plain) do r:close() end
+  for r in pairs(self.all) do r:close() end   -- any order: each only ends
+end
+
+--- The subscription sub ended: the runner adopted for its plain handler's
+--- sleeps, if any, ends too.
+function Supervisor:forget(sub)
+  local r = self.plain[sub]
+  if r then r:close() end
 end
 
 M.SLEEP = SLEEP

@@ -123,6 +123,10 @@ end
 
 -- Validates publish options; returns priority, key, correlation_id,
 -- headers, dedup, version.
+-- The furthest ahead a delay or an at may be, in seconds: its due time in
+-- milliseconds stays an exact integer.
+local MAX_DELAY = 1e11
+
 local function publish_options(opts, level)
   check_options(opts, PUBLISH_OPTIONS, "publish", level + 1)
   local prio = 2
@@ -171,6 +175,11 @@ local function publish_options(opts, level)
   if at ~= nil and (type(at) ~= "number" or at ~= at or at < 0
                     or at == huge) then
     error(("bad at: expected epoch seconds, got %s"):format(quote(at)),
+          level + 1)
+  end
+  if (delay or 0) > MAX_DELAY or (at or 0) > MAX_DELAY then
+    error(("bad %s %s: more than %g seconds (about 3,000 years) ahead")
+          :format(delay and "delay" or "at", quote(delay or at), MAX_DELAY),
           level + 1)
   end
   local dedup = opts.dedup
@@ -323,7 +332,7 @@ function M.new(opts)
       return nil, tostring(e), "ESTORE"
     end
   end
-  if clock.is_manual then clock.buses[bus] = true end
+  if clock.is_manual then clock:join(bus) end
   return bus
 end
 
@@ -495,41 +504,55 @@ local function publish_args(self, opts, level)
           .. "cannot publish", level + 1)
   end
   if opts == nil then return 2 end     -- the core checks the type itself
-  return publish_options(opts, level + 1)
+  local prio, key, corr, headers, dedup, version =
+    publish_options(opts, level + 1)
+  return prio, key, corr, headers, dedup, version  -- not a tail call
+end
+
+-- Raises (at level) unless etype is a type a user may publish: a valid
+-- subject, not one of the engine's reserved "$" types.
+local function check_type_arg(etype, example, level)
+  check_subject_arg(etype, "type", example, level + 1)
+  local ok, why = core.check_subject(etype, false)
+  if not ok then error(why, level + 1) end
+  if etype:sub(1, 1) == "$" then
+    error(("bad type %q: types starting with \"$\" are reserved for the "
+           .. "engine ($DLQ.>, $SYS.>)"):format(etype), level + 1)
+  end
 end
 
 -- publish with delay or at: checks the type and the payload now (with a
--- store the payload must be JSON), then keeps the event until its time.
--- Returns true, "delayed"; the event gets its id when it is published.
-local function publish_later(self, method, etype, payload, opts)
+-- store the payload must be JSON), then keeps the event until its time,
+-- with the correlation and causation ids it would get now (inside a
+-- handler, those of the handler's event). Returns true, "delayed"; the
+-- event gets its id when it is published. f holds the checked options.
+local function publish_later(self, c, method, etype, payload, opts, f)
   if method ~= "publish" then
     error("publish_sync delivers at once: use bus:publish(type, payload, "
           .. "{ delay = seconds }) for a delayed event", 3)
   end
-  check_subject_arg(etype, "type", "task.start", 3)
-  local ok, why = core.check_subject(etype, false)
-  if not ok then error(why, 3) end
-  if etype:sub(1, 1) == "$" then
-    error(("bad type %q: types starting with \"$\" are reserved for the "
-           .. "engine"):format(etype), 3)
-  end
+  check_type_arg(etype, "task.start", 3)
   local now = self._clock:now_ms()
   local due = opts.at and floor(opts.at * 1000 + 0.5)
               or now + floor(opts.delay * 1000 + 0.5)
-  local rest = {}
-  for k, v in pairs(opts) do
-    if k ~= "delay" and k ~= "at" then rest[k] = v end
-  end
   if due <= now then
-    local id, err, code = self:publish(etype, payload, rest)
-    return id, err, code
+    local id, err, code = c:publish(etype, payload, f.prio, f.key, f.corr,
+                                    nil, f.headers, f.dedup, f.version)
+    if not id then
+      local _, e, k = refused(err, code, 3)     -- not a tail call: levels
+      return nil, e, k
+    end
+    return id, err
   end
   if self._store then
     local text, err = core.json_encode(payload, self._max_payload)
     if not text then error(("bad payload: %s"):format(err), 3) end
   end
-  self._sup:schedule_publish({ type = etype, payload = payload,
-                               opts = rest, due = due })
+  local caus, corr = c:current()
+  self._sup:schedule_publish({
+    type = etype, payload = payload, priority = f.prio, key = f.key,
+    correlation_id = f.corr or corr, causation_id = caus,
+    headers = f.headers, dedup = f.dedup, version = f.version, due = due })
   return true, "delayed"
 end
 
@@ -541,7 +564,9 @@ local function publisher(method)
     local prio, key, corr, headers, dedup, version =
       publish_args(self, opts, 2)
     if opts and (opts.delay ~= nil or opts.at ~= nil) then
-      local id, e, k = publish_later(self, method, etype, payload, opts)
+      local id, e, k = publish_later(self, c, method, etype, payload, opts, {
+        prio = prio, key = key, corr = corr, headers = headers,
+        dedup = dedup, version = version })
       return id, e, k
     end
     local id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
@@ -622,6 +647,10 @@ function Bus:_tick()
   if self._core and self._core:pump(0) ~= nil then self:drain() end
 end
 
+function Bus:_is_in_handler()
+  return self._core and self._core:pump(0) == nil or false
+end
+
 --- Drives the bus on its own loop until stop(), or until nothing is
 --- pending and no timer is armed. Returns the number of deliveries.
 ---@return integer
@@ -665,7 +694,7 @@ function Bus:close()
   self._core = false
   self._timers:clear()
   self._sup:close()
-  if self._clock.is_manual then self._clock.buses[self] = nil end
+  if self._clock.is_manual then self._clock:leave(self) end
   return c:close()            -- marks every live subscription inactive
 end
 Bus.__close = Bus.close
@@ -1001,13 +1030,7 @@ local function dead_filter(f, method, level)
   return f
 end
 
--- A deep copy, so callers cannot change the records the bus keeps.
-local function copy(v)
-  if type(v) ~= "table" then return v end
-  local t = {}
-  for k, x in pairs(v) do t[k] = copy(x) end
-  return t
-end
+local copy = failure.copy  -- callers cannot change the bus's records
 
 --- The dead letters, oldest first: each is { id, subscription, pattern,
 --- reason ("exhausted" or "fatal"), error, attempts = { { attempt, error,
@@ -1052,6 +1075,9 @@ end
 function Bus:discard(filter)
   check_bus(self, "discard")
   local recs = dead_to_change(self, "discard", filter)
+  if is_integer(filter) and #recs == 0 then
+    error(("no dead letter %d on this bus"):format(filter), 2)
+  end
   self._sup:remove(recs)
   return #recs
 end
@@ -1066,15 +1092,17 @@ end
 function Bus:every(seconds, etype, payload_fn)
   check_bus(self, "every")
   check_positive(seconds, "seconds", false, 2)
-  check_subject_arg(etype, "type", "metrics.tick", 2)
-  local ok, why = core.check_subject(etype, false)
-  if not ok then error(why, 2) end
+  check_type_arg(etype, "metrics.tick", 2)
   local period = math_max(1, floor(seconds * 1000 + 0.5))
   local handle = { is_active = true }
-  local tl, bus = self._timers, self
+  local tl, bus, clock = self._timers, self, self._clock
   local function tick(due)
     if not (handle.is_active and bus._core) then return end
-    handle.timer = tl:at(due + period, tick, due + period)
+    -- The next period after now: after a stall, missed ticks are skipped,
+    -- not published in a burst.
+    local nxt, now = due + period, clock:now_ms()
+    if nxt <= now then nxt = now + period - (now - due) % period end
+    handle.timer = tl:at(nxt, tick, nxt)
     local payload = payload_fn
     if is_callable(payload_fn) then
       local pok, v = pcall(payload_fn)
@@ -1123,6 +1151,7 @@ function Sub:unsubscribe()
   self._id = nil
   if c and id then c:unsubscribe(id, self) end
   if self._runner then self._runner:close() end
+  self.bus._sup:forget(self)
   return true
 end
 Sub.__close = Sub.unsubscribe

@@ -9,8 +9,9 @@
 -- @module buzz.timers
 local core = require "buzz.core"
 
-local setmetatable, getmetatable, error, type, pairs, tostring =
-      setmetatable, getmetatable, error, type, pairs, tostring
+local setmetatable, getmetatable, error, type, pairs, ipairs, tostring =
+      setmetatable, getmetatable, error, type, pairs, ipairs, tostring
+local sort = table.sort
 local floor, huge = math.floor, math.huge
 local now_ms = core.now_ms
 
@@ -187,7 +188,8 @@ function M.manual_clock(start)
           tostring(start)), 2)
   end
   return setmetatable({ ms = floor((start or now_ms() / 1000) * 1000),
-                        buses = setmetatable({}, { __mode = "k" }) },
+                        buses = setmetatable({}, { __mode = "k" }),
+                        nbuses = 0, version = 0 },
                       ManualClock)
 end
 
@@ -206,19 +208,34 @@ function ManualClock:now()
   return ms / 1000
 end
 
--- The bus whose next timer is earliest (ties: any), and that time.
-local function earliest(buses)
-  local best, due = nil, huge
-  for bus in pairs(buses) do
-    local d = bus:_next_due()
-    if d and d < due then best, due = bus, d end
-  end
-  return best, due
+--- A bus starts using the clock (buzz.new); buses are ticked in the order
+--- they joined.
+function ManualClock:join(bus)
+  self.nbuses = self.nbuses + 1
+  self.buses[bus] = self.nbuses
+  self.version = self.version + 1
+end
+
+function ManualClock:leave(bus)
+  self.buses[bus] = nil
+  self.version = self.version + 1
+end
+
+-- The buses on the clock in the order they joined: a copy, so that a bus
+-- made or closed by a handler while they tick changes nothing here.
+local function joined(clock)
+  local list = {}
+  for bus in pairs(clock.buses) do list[#list + 1] = bus end
+  local order = clock.buses
+  sort(list, function(a, b) return order[a] < order[b] end)
+  return list
 end
 
 --- Moves the clock forward by seconds. Each timer due on the way fires at
---- its own time, and the bus it belongs to is drained then, so a retry
---- set by a retry fires too if it falls within the advance.
+--- its own time, and every bus on the clock is drained then, so a retry
+--- set by a retry fires too if it falls within the advance, and an event
+--- one bus publishes on another is delivered at once. Not from inside a
+--- handler: like bus:drain(), it would deliver there.
 ---@param seconds number
 ---@return number now the clock's new time, in epoch seconds
 function ManualClock:advance(seconds)
@@ -230,16 +247,30 @@ function ManualClock:advance(seconds)
     error(("bad seconds: expected a number >= 0, got %s")
           :format(tostring(seconds)), 2)
   end
+  local buses, version = joined(self), self.version
+  for _, bus in ipairs(buses) do
+    if bus:_is_in_handler() then
+      error("clock:advance() called from inside a handler; advance the "
+            .. "clock from the code that drives the bus", 2)
+    end
+  end
   local target = self.ms + floor(seconds * 1000 + 0.5)
   while true do
-    local bus, due = earliest(self.buses)
-    if not bus or due > target then break end
+    local due = huge
+    for _, bus in ipairs(buses) do
+      local d = bus:_next_due()
+      if d and d < due then due = d end
+    end
+    if due > target then break end
     if due > self.ms then self.ms = due end
-    bus:_tick()
+    for _, bus in ipairs(buses) do bus:_tick() end
+    if self.version ~= version then  -- a handler made or closed a bus
+      buses, version = joined(self), self.version
+    end
   end
   self.ms = target
-  for bus in pairs(self.buses) do bus:_tick() end
-  return self.ms / 1000
+  for _, bus in ipairs(joined(self)) do bus:_tick() end
+  return self:now()
 end
 
 function ManualClock:__tostring()
