@@ -784,6 +784,31 @@ describe("failure handling at its edges", function()
     assert.same({ "start p", "start s" }, log)
   end)
 
+  it("closes the to-be-closed variables of a handler that timed out "
+     .. "asleep", function()
+    if not coroutine.close then
+      pending("to-be-closed variables are Lua 5.4's")
+      return
+    end
+    local bus, clock = clocked()
+    local log = {}
+    local handler = assert(load([[
+      local buzz, log = ...
+      return function()
+        local guard <close> = setmetatable({}, { __close = function()
+          log[#log + 1] = "closed"
+        end })
+        buzz.sleep(10)
+        log[#log + 1] = "woke"
+      end
+    ]]))(buzz, log)
+    bus:subscribe("e", handler, { timeout = 1 })
+    bus:publish("e")
+    bus:drain()
+    clock:advance(20)
+    assert.same({ "closed" }, log)
+  end)
+
   it("refuses delays too far ahead to keep exactly", function()
     local bus = clocked()
     assert.has_error(function() bus:publish("t", nil, { delay = 1e16 }) end,

@@ -31,6 +31,7 @@ local xpcall = xpcall
 local getmetatable, rawget = getmetatable, rawget
 local create, status, yield, running =
       coroutine.create, coroutine.status, coroutine.yield, coroutine.running
+local close = coroutine.close         -- nil before Lua 5.4
 local core_traceback = core.traceback  -- debug.traceback, minus 30 us
 local floor, huge, min, max, random = math.floor, math.huge, math.min,
                                       math.max, math.random
@@ -733,6 +734,10 @@ function Runner:end_attempt(job)
   job.is_over = true
   if job.timeout_timer then job.timeout_timer:cancel() end
   if job.wake_timer then job.wake_timer:cancel() end
+  local co = job.co
+  if co and close and status(co) == "suspended" then
+    close(co)                         -- timed out asleep: its to-be-closed
+  end                                 -- variables run (Lua 5.4)
   job.timeout_timer, job.wake_timer, job.co = nil, nil, false
   job.deadline = nil
   self:free_slot()
