@@ -657,6 +657,34 @@ describe("failure handling with a store", function()
     assert.same({ "a", "b" }, seen)
   end)
 
+  it("keeps a plain durable consumer's sleeping delivery across close",
+     function()
+    local clock = buzz.manual_clock(1000)
+    local bus = H.bus { store = path, clock = clock }
+    local seen = {}
+    bus:subscribe("job.*", function(ev)
+      seen[#seen + 1] = "start " .. ev.payload
+      buzz.sleep(10)
+      seen[#seen + 1] = "end " .. ev.payload
+    end, { durable = "worker" })
+    bus:publish("job.a", "a")
+    bus:drain()
+    assert.same({ "start a" }, seen)
+    bus:close()
+    local b2 = H.bus { store = path, clock = clock }
+    b2:subscribe("job.*", function(ev)
+      seen[#seen + 1] = "again " .. ev.payload .. " " .. ev.attempt
+    end, { durable = "worker" })
+    b2:drain()
+    assert.same({ "start a", "again a 1" }, seen)
+    b2:close()
+    local b3 = H.bus { store = path, clock = clock }  -- nothing left
+    b3:subscribe("job.*", function(ev) seen[#seen + 1] = ev.payload end,
+                 { durable = "worker" })
+    b3:drain()
+    assert.equal(2, #seen)
+  end)
+
   it("redrives a stored dead letter and forgets it", function()
     local bus = H.bus { store = path, on_error = function() end }
     local fixed = false

@@ -456,16 +456,33 @@ function Supervisor:adopt(co, sub, ev, what, arg)
     job.runner:keep(job)
     return
   end
-  local r = self.plain[sub]
-  if r == nil then
-    r = self:runner(sub, sub.handler, { name = sub.pattern }, 1)
-    self.plain[sub] = r
-  end
+  local r = self:plain_runner(sub)
   job = r:job(ev, ev.attempt or 1, 0)
   job.co, job.evt, job.is_plain = co, ev, true
   r.inflight = r.inflight + 1
   r:asleep(job, what, arg)
+  r:keep(job)                          -- a durable consumer's, in the store
   self:flush()
+end
+
+--- The runner that takes over a plain subscription's deliveries when they
+--- outlive their call (a sleep), made the first time one does.
+function Supervisor:plain_runner(sub)
+  local r = self.plain[sub]
+  if r == nil then
+    r = self:runner(sub, sub.handler, { name = sub.durable or sub.pattern,
+                                        is_durable = sub.durable ~= nil }, 1)
+    self.plain[sub] = r
+  end
+  return r
+end
+
+--- A plain durable subscription starts: what an earlier run kept of its
+--- deliveries (asleep when it stopped) runs again now.
+function Supervisor:adopt_plain_orphans(sub)
+  if self.orphans[sub.durable] then
+    self:adopt_orphans(self:plain_runner(sub))
+  end
 end
 
 -- Rebuilds an event table from its stored plain form.

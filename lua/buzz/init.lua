@@ -337,10 +337,7 @@ function M.new(opts)
 end
 
 -- The failure-handling options of a subscription as a policy for the
--- supervisor, or nil when it has none (a plain subscription). A durable
--- subscription is always supervised: a delivery that outlives its call
--- (asleep, queued behind its lane) must be kept in the store, since the
--- consumer's position moves past its event.
+-- supervisor, or nil when it has none (a plain subscription).
 local function supervision(opts, default_name, level)
   local name = opts.name
   if name ~= nil and (type(name) ~= "string" or name == "") then
@@ -350,7 +347,7 @@ local function supervision(opts, default_name, level)
   local retry, breaker = opts.retry, opts.breaker
   local ordered, timeout, conc = opts.ordered, opts.timeout, opts.concurrency
   if retry == nil and breaker == nil and not ordered and timeout == nil
-     and conc == nil and opts.durable == nil then
+     and conc == nil then
     if ordered ~= nil and type(ordered) ~= "boolean" then
       error("bad ordered: expected a boolean", level + 1)
     end
@@ -436,7 +433,11 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
     return nil, e, k
   end
   sub._id = id
-  if sub._runner then self._sup:adopt_orphans(sub._runner) end
+  if sub._runner then
+    self._sup:adopt_orphans(sub._runner)
+  elseif durable then
+    self._sup:adopt_plain_orphans(sub)   -- kept by an earlier run
+  end
   return sub
 end
 
