@@ -49,5 +49,6 @@ match.run()
 memory.run(arg and arg[-1], arg and arg[0])
 require("bench.store").run()
 require("bench.failure").run()
+require("bench.filter").run()
 
 write(format("\n(%.1f s CPU in this process)\n", clock() - t0))

@@ -69,6 +69,11 @@ build = {
     -- ["buzz.router"] = "lua/buzz/router.lua". (The builtin backend also
     -- copies all of lua/ into the tree, but the list is the record.)
     ["buzz"] = "lua/buzz/init.lua",
+    ["buzz.failure"] = "lua/buzz/failure.lua",
+    ["buzz.filter"] = "lua/buzz/filter.lua",
+    ["buzz.router"] = "lua/buzz/router.lua",
+    ["buzz.timers"] = "lua/buzz/timers.lua",
+    ["buzz.transform"] = "lua/buzz/transform.lua",
   },
 
   -- The command-line tool; LuaRocks wraps it for the installed Lua.

@@ -135,3 +135,26 @@ describe("rockspec/buzz-scm-1.rockspec #rock", function()
                    .. "3 %S+Z order%.paid {\"n\":2}\n$", out)
   end)
 end)
+
+describe("rockspec/buzz-scm-1.rockspec's module list", function()
+  -- LuaRocks' builtin backend copies all of lua/ whatever the list says,
+  -- so an install cannot show a module missing from it: read the list.
+  it("names every file of the Lua layer, and nothing that is not there",
+     function()
+    local listed = {}
+    local entry = '%["(buzz[%w.]*)"%] = "(lua/[^"]+)"'
+    for mod, file in H.read(ROCKSPEC):gmatch(entry) do listed[file] = mod end
+    local p = assert(io.popen("ls lua/buzz/*.lua"))
+    local files = {}
+    for file in p:lines() do files[#files + 1] = file end
+    p:close()
+    assert.is_true(#files > 0)
+    for _, file in ipairs(files) do
+      local name = file:match("^lua/buzz/(.-)%.lua$")
+      local mod = name == "init" and "buzz" or "buzz." .. name
+      assert.equal(mod, listed[file], file .. " is not in the rockspec")
+      listed[file] = nil
+    end
+    assert.same({}, listed)
+  end)
+end)

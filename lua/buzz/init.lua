@@ -6,6 +6,9 @@
 local core = require "buzz.core"
 local timers = require "buzz.timers"
 local failure = require "buzz.failure"
+local conditions = require "buzz.filter"
+local transform = require "buzz.transform"
+local router = require "buzz.router"
 
 local type, error, pairs, ipairs, tostring, pcall, xpcall =
       type, error, pairs, ipairs, tostring, pcall, xpcall
@@ -52,7 +55,7 @@ local NEW_OPTIONS = option_set("store", "durability", "queue_limit",
                                "max_size", "clock")
 local SUBSCRIBE_OPTIONS = option_set("once", "durable", "start", "name",
                                      "retry", "ordered", "breaker",
-                                     "timeout", "concurrency")
+                                     "timeout", "concurrency", "filter")
 local DEAD_LETTER_OPTIONS = option_set("subscription", "types", "limit")
 local PUBLISH_OPTIONS = option_set("priority", "key", "delay", "at",
                                    "correlation_id", "headers", "dedup",
@@ -419,11 +422,19 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
     is_once = is_once or false, is_active = true, durable = durable,
     name = policy and policy.name or (opts and opts.name) or durable,
   }, Sub)
+  local test = opts and opts.filter ~= nil
+               and conditions.predicate(opts.filter, level + 1)
   local fn = handler
   if policy then
     local runner = self._sup:runner(sub, handler, policy, level + 1)
     sub._runner = runner
-    fn = function(ev) runner:deliver(ev) end
+    if test then
+      fn = function(ev) if test(ev) then runner:deliver(ev) end end
+    else
+      fn = function(ev) runner:deliver(ev) end
+    end
+  elseif test then
+    fn = function(ev) if test(ev) then return handler(ev) end end
   end
   local id, err, code = c:subscribe(pattern, sub, fn, sub.is_once,
                                     durable, start_new)
@@ -1168,5 +1179,29 @@ M.manual_clock = timers.manual_clock
 M.sleep = failure.sleep
 M.fatal = failure.fatal
 M.retry_after = failure.retry_after
+
+-- Filters and transformers: conditions and decorators (lua/buzz/filter.lua,
+-- lua/buzz/transform.lua).
+M.where = conditions.where
+M.any = conditions.any
+M.all = conditions.all
+M.negate = conditions.negate
+M.filter = conditions.filter
+M.map = transform.map
+M.enrich = transform.enrich
+M.pluck = transform.pluck
+M.rename = transform.rename
+
+--- A route over pattern: stages (where, filter, map, enrich, pluck,
+--- rename) added one call at a time, then handle(fn, opts) subscribes.
+---@param pattern string
+---@return table route
+function Bus:route(pattern)
+  check_bus(self, "route")
+  check_subject_arg(pattern, "pattern", "metrics.*", 2)
+  local ok, why = core.check_subject(pattern, true)
+  if not ok then error(why, 2) end
+  return router.new(self, pattern)
+end
 
 return M

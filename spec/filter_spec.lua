@@ -1,0 +1,168 @@
+-- lua/buzz/filter.lua: buzz.where and its combinators, table-driven over
+-- the condition grammar, and the filter = option of subscribe.
+local buzz = require "buzz"
+
+local EV = {
+  type = "metrics.cpu", key = "web-1", priority = "normal",
+  headers = { tenant = "acme" },
+  payload = { host = "web-1", pct = 93.5, status = "failed", tier = "gold",
+              tags = { "a", "b" }, up = false, ["odd key"] = 1,
+              ["end"] = "kw", nested = { deep = { x = 7 } } },
+}
+
+-- { spec, holds for EV? }
+local CASES = {
+  { { type = "metrics.cpu" }, true },
+  { { type = "metrics.mem" }, false },
+  { { key = "web-1", priority = "normal" }, true },
+  { { ["headers.tenant"] = "acme" }, true },
+  { { ["payload.status"] = "failed" }, true },
+  { { ["payload.tier"] = { "gold", "platinum" } }, true },
+  { { ["payload.tier"] = { "silver", "bronze" } }, false },
+  { { ["payload.pct"] = { gt = 90 } }, true },
+  { { ["payload.pct"] = { gte = 93.5, lte = 93.5 } }, true },
+  { { ["payload.pct"] = { gt = 90, lt = 93 } }, false },
+  { { ["payload.host"] = { gt = "a", lt = "x" } }, true },   -- strings
+  { { ["payload.host"] = { gt = 1 } }, false },   -- other type: fails
+  { { ["payload.pct"] = { ne = 1 } }, true },
+  { { ["payload.pct"] = { eq = 93.5 } }, true },
+  { { ["payload.tier"] = { ["in"] = { "gold" } } }, true },
+  { { ["payload.tier"] = { not_in = { "gold" } } }, false },
+  { { ["payload.missing"] = { exists = false } }, true },
+  { { ["payload.missing"] = { exists = true } }, false },
+  { { ["payload.up"] = false }, true },           -- false is a value
+  { { ["payload.up"] = { exists = true } }, true },
+  { { ["payload.host"] = { match = "^web%-%d$" } }, true },
+  { { ["payload.pct"] = { match = "9" } }, false },  -- numbers: no
+  { { ["payload.status"] = { ["not"] = "ok" } }, true },
+  { { ["payload.status"] = { ["not"] = { "ok", "failed" } } }, false },
+  { { ["payload.tags.1"] = "a" }, true },
+  { { ["payload.nested.deep.x"] = 7 }, true },
+  { { ["payload.host.len"] = { exists = true } }, false },  -- no string
+  { { ["payload.odd key"] = 1 }, true },                    -- methods
+  { { ["payload.end"] = "kw" }, true },
+  { { ["payload.pct"] = function(v) return v > 90 end }, true },
+  { { ["payload.status"] = "failed", ["payload.pct"] = { lt = 50 } },
+    false },
+}
+
+describe("buzz.where", function()
+  it("holds or not as each condition of the grammar says", function()
+    for i, case in ipairs(CASES) do
+      local w = buzz.where(case[1])
+      assert.equal(case[2], w.test(EV), ("case %d"):format(i))
+    end
+  end)
+
+  it("finds nothing through a value that is not a table", function()
+    local w = buzz.where { ["payload.a.b"] = { exists = false } }
+    assert.is_true(w.test { payload = "text" })
+    assert.is_true(w.test { payload = { a = 5 } })
+    assert.is_true(w.test {})
+  end)
+
+  it("combines with any, all and negate, predicates and tables alike",
+     function()
+    local hot = buzz.where { ["payload.pct"] = { gt = 90 } }
+    local web = function(ev) return ev.payload.host:sub(1, 3) == "web" end
+    assert.is_true(buzz.all(hot, web, { type = "metrics.cpu" }).test(EV))
+    assert.is_false(buzz.all(hot, { type = "x" }).test(EV))
+    assert.is_true(buzz.any({ type = "x" }, hot).test(EV))
+    assert.is_false(buzz.any({ type = "x" }, { key = "y" }).test(EV))
+    assert.is_false(buzz.negate(hot).test(EV))
+    assert.is_true(buzz.negate { type = "x" }.test(EV))
+  end)
+
+  it("decorates a handler, which then sees only what it holds for",
+     function()
+    local seen = {}
+    local h = buzz.where { ["payload.n"] = { gt = 1 } }(function(ev)
+      seen[#seen + 1] = ev.payload.n
+      return "ret"
+    end)
+    assert.is_nil(h { payload = { n = 1 } })
+    assert.equal("ret", h { payload = { n = 2 } })
+    assert.same({ 2 }, seen)
+    local f = buzz.filter(function(ev) return ev.payload.n == 3 end)
+    local got
+    f(function(ev) got = ev.payload.n end) { payload = { n = 3 } }
+    assert.equal(3, got)
+  end)
+
+  it("raises at definition, naming the caller's line and the fix",
+     function()
+    for _, case in ipairs {
+      { {}, "where{} needs at least one condition" },
+      { { ["payload..x"] = 1 }, 'bad path "payload..x": has an empty step' },
+      { { [".x"] = 1 }, 'bad path ".x": has an empty step' },
+      { { [5] = 1 }, "bad path 5 in where{}: paths are strings" },
+      { { x = { between = 1 } },
+        'unknown operator "between" in the condition on "x" (known: eq,' },
+      { { x = {} }, 'bad condition on "x": an empty table matches nothing' },
+      { { x = { gt = {} } }, 'bad condition on "x": gt expects a number or '
+                             .. "a string" },
+      { { x = { gt = 0 / 0 } }, "gt expects a number or a string, got NaN" },
+      { { x = { ["in"] = "a" } }, "in expects an array of values" },
+      { { x = { { 1 } } }, "a set holds table" },
+      { { x = { exists = 1 } }, "exists expects true or false, got 1" },
+      { { x = { match = 5 } }, "match expects a Lua pattern string, got 5" },
+      { { x = { ["not"] = {} } }, "an empty table matches nothing" },
+      { { x = io.stdout }, "expected a value, an array of values" },
+    } do
+      local ok, err = pcall(function() buzz.where(case[1]) end)
+      assert.is_false(ok)
+      assert.matches("^spec/filter_spec%.lua:%d+: ", err)
+      assert.matches(case[2], err, 1, true)
+    end
+    assert.has_error(function() buzz.where("status") end,
+                     "bad argument to buzz.where: expected a table such as "
+                     .. '{ ["payload.status"] = "failed" }, got "status"')
+    assert.has_error(function() buzz.any() end,
+                     "buzz.any needs at least one condition")
+    assert.has_error(function() buzz.all({}) end,
+                     "where{} needs at least one condition, such as "
+                     .. '{ ["payload.status"] = "failed" }')
+    assert.has_error(function() buzz.negate(5) end)
+    assert.has_error(function() buzz.filter("x") end)
+    assert.has_error(function() buzz.where { x = 1 }("not a handler") end)
+  end)
+
+  it("keeps values out of the generated code", function()
+    local w = buzz.where { ["payload.x"] = "a\"]] error('boom') --" }
+    assert.is_true(w.test { payload = { x = "a\"]] error('boom') --" } })
+    w = buzz.where { ["payload.]] error('boom') --"] = 1 }
+    assert.is_true(w.test { payload = { ["]] error('boom') --"] = 1 } })
+  end)
+end)
+
+describe("the filter option of subscribe", function()
+  after_each(function() H.done() end)
+
+  it("delivers only what the condition holds for, plain or supervised",
+     function()
+    local bus = H.bus()
+    local plain, retried = {}, {}
+    bus:subscribe("order.*", function(ev) plain[#plain + 1] = ev.payload.n end,
+                  { filter = { ["payload.n"] = { gt = 1 } } })
+    bus:subscribe("order.*", function(ev)
+      retried[#retried + 1] = ev.payload.n
+    end, { filter = buzz.where { ["payload.n"] = { lt = 3 } }, retry = 2 })
+    for n = 1, 3 do bus:publish("order.created", { n = n }) end
+    bus:drain()
+    assert.same({ 2, 3 }, plain)
+    assert.same({ 1, 2 }, retried)
+  end)
+
+  it("raises for a bad condition when subscribing", function()
+    local bus = H.bus()
+    assert.has_error(function()
+      bus:subscribe("e", print, { filter = { x = { between = 1 } } })
+    end, 'unknown operator "between" in the condition on "x" (known: eq, '
+         .. "exists, gt, gte, in, lt, lte, match, ne, not, not_in)")
+    assert.has_error(function() bus:subscribe("e", print, { filter = 5 }) end,
+                     "bad condition: expected buzz.where{...}, a table of "
+                     .. "field conditions or a function(ev), got 5")
+    bus:publish("e")
+    assert.equal(0, bus:drain())          -- nothing was subscribed
+  end)
+end)
