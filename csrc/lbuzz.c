@@ -1119,6 +1119,37 @@ static int lcore_unsubscribe(lua_State *L) {
 }
 
 /*
+** core:set_handler(id, subobj, fn) -> true | false. Makes fn the function
+** the subscription's next deliveries call (the Lua layer re-wraps its
+** handlers when middleware is added). A delivery under way keeps the
+** function it started with. false if id is not a live subscription of
+** subobj.
+*/
+static int lcore_set_handler(lua_State *L) {
+  lcore *c = check_core(L);
+  buzz_sub *sub = buzz__bus_sub(&c->bus, luaL_checkinteger(L, 2));
+  int u, old;
+  luaL_checktype(L, 4, LUA_TFUNCTION);
+  if (sub == NULL || sub->fn_ref == BUZZ_NOREF) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  u = push_refs(L);
+  lua_rawgeti(L, u, sub->data_ref);
+  if (!lua_rawequal(L, -1, 3)) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  lua_pop(L, 1);
+  old = sub->fn_ref;
+  lua_pushvalue(L, 4);
+  sub->fn_ref = luaL_ref(L, u);        /* released by unsubscribe or U */
+  luaL_unref(L, u, old);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/*
 ** With a store: encodes the payload (slot 3) and headers (slot 8), appends
 ** the row (id and ts preset in ev) and, for sync durability or a
 ** publish_sync, waits for its commit. Returns 0, or pushes nil, err, code
@@ -2090,6 +2121,7 @@ static const luaL_Reg core_methods[] = {
   { "publish_sync", lcore_publish_sync },
   { "publish_cursor", lcore_publish_cursor },
   { "resume", lcore_resume },
+  { "set_handler", lcore_set_handler },
   { "current", lcore_current },
   { "pump", lcore_pump },
   { "stop", lcore_stop },

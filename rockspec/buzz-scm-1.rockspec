@@ -71,6 +71,7 @@ build = {
     ["buzz"] = "lua/buzz/init.lua",
     ["buzz.failure"] = "lua/buzz/failure.lua",
     ["buzz.filter"] = "lua/buzz/filter.lua",
+    ["buzz.middleware"] = "lua/buzz/middleware.lua",
     ["buzz.router"] = "lua/buzz/router.lua",
     ["buzz.timers"] = "lua/buzz/timers.lua",
     ["buzz.transform"] = "lua/buzz/transform.lua",

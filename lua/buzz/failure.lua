@@ -470,7 +470,8 @@ end
 function Supervisor:plain_runner(sub)
   local r = self.plain[sub]
   if r == nil then
-    r = self:runner(sub, sub.handler, { name = sub.durable or sub.pattern,
+    r = self:runner(sub, sub._inner or sub.handler,
+                    { name = sub.durable or sub.pattern,
                                         is_durable = sub.durable ~= nil }, 1)
     self.plain[sub] = r
   end

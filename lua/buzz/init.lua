@@ -9,6 +9,7 @@ local failure = require "buzz.failure"
 local conditions = require "buzz.filter"
 local transform = require "buzz.transform"
 local router = require "buzz.router"
+local middleware = require "buzz.middleware"
 
 local type, error, pairs, ipairs, tostring, pcall, xpcall =
       type, error, pairs, ipairs, tostring, pcall, xpcall
@@ -321,6 +322,8 @@ function M.new(opts)
     _upcasters = nil,         -- type -> { [from_version] = fn }
     _clock = clock,
     _timers = tl,             -- delays, retries, timeouts, sleeps
+    _mw = middleware.new(),   -- bus:use
+    _subs = setmetatable({}, { __mode = "k" }),  -- live subscriptions
     _max_payload = opts.max_payload,
   }, Bus)
   local sup = failure.new(bus, tl)
@@ -373,6 +376,26 @@ local function supervision(opts, default_name, level)
   }
 end
 
+-- The function the core calls for sub's deliveries: its filter, then its
+-- supervisor (if it has one), then the bus's middleware, then its handler.
+-- Made again when middleware is added.
+local function bind(self, sub)
+  local inner = middleware.wrap(self._mw, sub, sub.handler)
+  sub._inner = inner
+  local test, runner = sub._test, sub._runner
+  if runner then
+    runner.handler = inner
+    if test then
+      return function(ev) if test(ev) then runner:deliver(ev) end end
+    end
+    return function(ev) runner:deliver(ev) end
+  end
+  if test then
+    return function(ev) if test(ev) then return inner(ev) end end
+  end
+  return inner
+end
+
 local function subscribe(self, c, pattern, handler, opts, is_once, level)
   check_subject_arg(pattern, "pattern", "task.*", level + 1)
   if not is_callable(handler) then
@@ -422,28 +445,20 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
     is_once = is_once or false, is_active = true, durable = durable,
     name = policy and policy.name or (opts and opts.name) or durable,
   }, Sub)
-  local test = opts and opts.filter ~= nil
-               and conditions.predicate(opts.filter, level + 1)
-  local fn = handler
+  sub._test = opts and opts.filter ~= nil
+              and conditions.predicate(opts.filter, level + 1) or nil
   if policy then
-    local runner = self._sup:runner(sub, handler, policy, level + 1)
-    sub._runner = runner
-    if test then
-      fn = function(ev) if test(ev) then runner:deliver(ev) end end
-    else
-      fn = function(ev) runner:deliver(ev) end
-    end
-  elseif test then
-    fn = function(ev) if test(ev) then return handler(ev) end end
+    sub._runner = self._sup:runner(sub, handler, policy, level + 1)
   end
-  local id, err, code = c:subscribe(pattern, sub, fn, sub.is_once,
-                                    durable, start_new)
+  local id, err, code = c:subscribe(pattern, sub, bind(self, sub),
+                                    sub.is_once, durable, start_new)
   if not id then
     if sub._runner then sub._runner:close() end
     local _, e, k = refused(err, code, level + 1)  -- not a tail call
     return nil, e, k
   end
   sub._id = id
+  self._subs[sub] = true
   if sub._runner then
     self._sup:adopt_orphans(sub._runner)
   elseif durable then
@@ -575,6 +590,14 @@ local function publisher(method)
     local c = check_bus(self, method)
     local prio, key, corr, headers, dedup, version =
       publish_args(self, opts, 2)
+    if self._mw.n > 0 and not (headers and headers.traceparent) then
+      local tp = middleware.traceparent(self._mw)
+      if tp then
+        local h = { traceparent = tp }
+        if headers then for k, v in pairs(headers) do h[k] = v end end
+        headers = h
+      end
+    end
     if opts and (opts.delay ~= nil or opts.at ~= nil) then
       local id, e, k = publish_later(self, c, method, etype, payload, opts, {
         prio = prio, key = key, corr = corr, headers = headers,
@@ -1191,6 +1214,26 @@ M.map = transform.map
 M.enrich = transform.enrich
 M.pluck = transform.pluck
 M.rename = transform.rename
+
+--- Adds a middleware, run around every delivery of every subscription of
+--- the bus (those made before too), after the ones added before it:
+--- fn(ev, next, ctx) calls next(ev) to go on (see lua/buzz/middleware.lua).
+---@param fn function
+---@return boolean true
+function Bus:use(fn)
+  local c = check_bus(self, "use")
+  middleware.add(self._mw, fn, 2)
+  local subs = {}
+  for sub in pairs(self._subs) do
+    if sub._id then subs[#subs + 1] = sub end
+  end
+  sort(subs, function(a, b) return a._id < b._id end)
+  for _, sub in ipairs(subs) do
+    local fn2 = bind(self, sub)
+    if not sub._runner then c:set_handler(sub._id, sub, fn2) end
+  end
+  return true
+end
 
 --- A route over pattern: stages (where, filter, map, enrich, pluck,
 --- rename) added one call at a time, then handle(fn, opts) subscribes.
