@@ -1183,7 +1183,8 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
   }
   spec.kind = BUZZ_ROW_EVENT;
   spec.id = ev->id = c->bus.last_id + 1;
-  spec.ts = ev->ts = buzz__clock_ms();
+  if (ev->ts == 0) ev->ts = buzz__clock_ms();   /* or the caller's */
+  spec.ts = ev->ts;
   spec.causation_id = ev->causation_id;
   spec.priority = ev->priority;
   spec.version = ev->version ? ev->version : 1;
@@ -1225,7 +1226,8 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
 /*
 ** Shared by publish, publish_sync and publish_cursor. Arguments: self,
 ** type, payload, priority (0..3), key, correlation_id, causation_id,
-** headers, dedup, version, engine. Inside a handler (or a thread run by
+** headers, dedup, version, engine, ts (ms; 0 or nil: the core's clock,
+** else the time to stamp, as a manual clock gives it). Inside a handler (or a thread run by
 ** resume() with an event), a nil correlation_id is inherited from the
 ** current event and a nil causation_id is the current event's id. A dedup
 ** key seen within the window returns the first id and "duplicate", and
@@ -1245,6 +1247,7 @@ static int do_publish(lua_State *L, int mode) {
   const char *dkey = luaL_optlstring(L, 9, NULL, &dlen);
   lua_Integer version = luaL_optinteger(L, 10, 0);
   int is_engine = lua_toboolean(L, 11);
+  lua_Integer ts = luaL_optinteger(L, 12, 0);
   lcur cur;            /* a copy: a nested publish may move the stack */
   buzz_event *ev;
   int64_t id, now = 0;
@@ -1289,6 +1292,7 @@ static int do_publish(lua_State *L, int mode) {
   ev->priority = (unsigned char)prio;
   ev->causation_id = caus == 0 ? cur.id : (int64_t)caus;
   ev->version = (int)version;
+  if (ts > 0) ev->ts = (int64_t)ts;    /* a manual clock's time */
   if (c->store && mode != 2 &&
       store_publish(L, c, ctx.u, ev, mode == 1, type, len, dkey, dlen)) {
     event_drop(c, ev);

@@ -735,6 +735,18 @@ describe("failure handling at its edges", function()
     assert.same({ "1/2@1060", "2/1@1060", "3/1@1060", "4/1@1060" }, seen)
   end)
 
+  it("stamps events with a manual clock's time, delayed ones with theirs",
+     function()
+    local bus, clock = clocked()
+    local ts = {}
+    bus:subscribe("e", function(ev) ts[#ts + 1] = ev.ts end)
+    bus:publish("e")
+    bus:publish("e", nil, { delay = 2.5 })
+    bus:drain()
+    clock:advance(5)
+    assert.same({ 1000000, 1002500 }, ts)
+  end)
+
   it("refuses clock:advance() inside a handler", function()
     local bus, clock, errors = clocked()
     bus:subscribe("e", function() clock:advance(5) end)

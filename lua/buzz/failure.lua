@@ -343,7 +343,7 @@ function Supervisor:announce(etype, payload)
   local c = self:core()
   if not c then return end
   local ok, id, err = pcall(c.publish, c, etype, payload, nil, nil, nil, nil,
-                            nil, nil, nil, true)
+                            nil, nil, nil, true, self.clock.ms)
   if not ok or not id then
     self.bus._report(("buzz: could not publish %s: %s")
                      :format(etype, tostring(ok and err or id)))
@@ -1007,7 +1007,7 @@ local function publish_due(sup, rec)
   local ok, id, err, code = pcall(c.publish, c, rec.type, rec.payload,
                                   rec.priority, rec.key, rec.correlation_id,
                                   rec.causation_id, rec.headers, rec.dedup,
-                                  rec.version)
+                                  rec.version, nil, sup.clock.ms)
   if ok and not id and code == "EFULL" then
     sup.timers:after(100, publish_due, sup, rec)
     return

@@ -564,7 +564,8 @@ local function publish_later(self, c, method, etype, payload, opts, f)
               or now + floor(opts.delay * 1000 + 0.5)
   if due <= now then
     local id, err, code = c:publish(etype, payload, f.prio, f.key, f.corr,
-                                    nil, f.headers, f.dedup, f.version)
+                                    nil, f.headers, f.dedup, f.version, nil,
+                                    self._clock.ms)
     if not id then
       local _, e, k = refused(err, code, 3)     -- not a tail call: levels
       return nil, e, k
@@ -605,7 +606,8 @@ local function publisher(method)
       return id, e, k
     end
     local id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
-                                    headers, dedup, version)
+                                    headers, dedup, version, nil,
+                                    self._clock.ms)
     if not id then
       local _, e, k = refused(err, code, 2)   -- not a tail call: levels
       return nil, e, k
