@@ -69,6 +69,7 @@ build = {
     -- ["buzz.router"] = "lua/buzz/router.lua". (The builtin backend also
     -- copies all of lua/ into the tree, but the list is the record.)
     ["buzz"] = "lua/buzz/init.lua",
+    ["buzz.aggregate"] = "lua/buzz/aggregate.lua",
     ["buzz.failure"] = "lua/buzz/failure.lua",
     ["buzz.filter"] = "lua/buzz/filter.lua",
     ["buzz.middleware"] = "lua/buzz/middleware.lua",

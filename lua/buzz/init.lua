@@ -1188,6 +1188,7 @@ function Sub:unsubscribe()
   self._id = nil
   if c and id then c:unsubscribe(id, self) end
   if self._runner then self._runner:close() end
+  if self._engine then self._engine:stop() end   -- its open windows
   self.bus._sup:forget(self)
   return true
 end
@@ -1216,6 +1217,7 @@ M.map = transform.map
 M.enrich = transform.enrich
 M.pluck = transform.pluck
 M.rename = transform.rename
+M.agg = require("buzz.aggregate").agg  -- reducers for route:window()
 
 --- Adds a middleware, run around every delivery of every subscription of
 --- the bus (those made before too), after the ones added before it:

@@ -85,6 +85,15 @@ function Route:rename(map)
   return with(self, transform.rename(map))
 end
 
+--- Windows over the route's events: see lua/buzz/aggregate.lua. Returns
+--- an aggregation, to go on with :group_by, :reduce, then :publish or
+--- :handle.
+function Route:window(spec)
+  check_self(self, "window")
+  local agg = require("buzz.aggregate").new(self, spec, 3)
+  return agg                           -- not a tail call: error levels
+end
+
 --- handler with every stage around it, first stage outermost.
 function Route:compose(handler)
   check_self(self, "compose")

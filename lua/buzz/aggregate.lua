@@ -1,0 +1,549 @@
+--- Windowed aggregation: a route's events, grouped and reduced per window.
+--
+--   bus:route("metrics.cpu")
+--     :window{ tumbling = 60 }            -- or sliding = 60, every = 10;
+--                                         -- session = 30; count = 100
+--     :group_by("payload.host")           -- or a function(ev)
+--     :reduce(buzz.agg.avg("payload.pct"))  -- or { name = reducer, ... }
+--     :publish("metrics.cpu.avg")         -- or :handle(function(r) end)
+--
+-- Each window and group gives one result: { group, window_start,
+-- window_end (epoch ms, as ev.ts), count, value } (value is a table of
+-- values for a table of reducers). Time is the event's (ev.ts) unless
+-- the window says time = "processing" (the bus's clock at delivery).
+--
+-- Windows close on the bus's timers: a time window at its end plus
+-- allowed_lateness (seconds), a session gap seconds (plus lateness) after
+-- its group's last event; count windows when full. An event for a window
+-- that has closed is late: it goes to the window's late = function(ev), or
+-- is published on $SYS.late. Results of one window come in the order its
+-- groups were first seen. State is kept only for open windows: a window's
+-- groups are dropped when it closes. A count window's partial groups stay
+-- until they fill. Open windows are memory only: a restart loses them.
+-- @module buzz.aggregate
+local type, error, pairs, ipairs, tostring, setmetatable, getmetatable,
+      pcall = type, error, pairs, ipairs, tostring, setmetatable,
+      getmetatable, pcall
+local floor, huge, ceil = math.floor, math.huge, math.ceil
+local sort = table.sort
+
+local M = {}
+
+local function quote(v)
+  if type(v) == "string" then return ("%q"):format(v) end
+  if v ~= v then return "NaN" end
+  return tostring(v)
+end
+
+local function fail(level, fmt, ...)
+  error(fmt:format(...), level + 1)
+end
+
+-- A function reading the value at a dot path of the event.
+local function getter(path, what, level)
+  if type(path) == "function" then return path end
+  if type(path) ~= "string" or path == "" or path:find("%.%.")
+     or path:find("^%.") or path:find("%.$") then
+    fail(level, "bad %s: expected a path such as \"payload.pct\" or a "
+         .. "function(ev), got %s", what, quote(path))
+  end
+  local steps = {}
+  for step in path:gmatch("[^.]+") do
+    steps[#steps + 1] = step:match("^%d+$") and tonumber(step) or step
+  end
+  local n = #steps
+  return function(ev)
+    local v = ev
+    for i = 1, n do
+      if type(v) ~= "table" then return nil end
+      v = v[steps[i]]
+    end
+    return v
+  end
+end
+
+
+-- ------------------------------------------------------------ reducers
+
+--- A reducer: init() -> state, step(state, ev) -> state, finish(state) ->
+--- value.
+local Reducer = { __name = "buzz.reducer" }
+Reducer.__index = Reducer
+
+local function reducer(init, step, finish)
+  return setmetatable({ init = init, step = step,
+                        finish = finish or function(s) return s end },
+                      Reducer)
+end
+
+local function number_at(path, level)
+  local get = getter(path or "payload", "reducer path", level + 1)
+  return function(ev)
+    local v = get(ev)
+    if type(v) == "number" and v == v then return v end
+    return nil
+  end
+end
+
+local agg = {}
+M.agg = agg
+
+--- The number of events.
+function agg.count()
+  return reducer(function() return 0 end,
+                 function(n) return n + 1 end)
+end
+
+--- The sum of the numbers at path (default "payload"); others are skipped.
+function agg.sum(path)
+  local num = number_at(path, 3)
+  return reducer(function() return 0 end, function(s, ev)
+    local v = num(ev)
+    return v and s + v or s
+  end)
+end
+
+--- The mean of the numbers at path, or nil when there were none.
+function agg.avg(path)
+  local num = number_at(path, 3)
+  return reducer(function() return { sum = 0, n = 0 } end, function(s, ev)
+    local v = num(ev)
+    if v then s.sum, s.n = s.sum + v, s.n + 1 end
+    return s
+  end, function(s)
+    if s.n == 0 then return nil end
+    return s.sum / s.n
+  end)
+end
+
+local function extreme(path, is_min)
+  local num = number_at(path, 4)
+  return reducer(function() return nil end, function(s, ev)
+    local v = num(ev)
+    if v == nil then return s end
+    if s == nil or (is_min and v < s) or (not is_min and v > s) then
+      return v
+    end
+    return s
+  end)
+end
+
+--- The least number at path, or nil.
+function agg.min(path) return extreme(path, true) end
+
+--- The greatest number at path, or nil.
+function agg.max(path) return extreme(path, false) end
+
+--- The p-th percentile (0 < p <= 100, nearest rank) of the numbers at
+--- path, or nil. Keeps every value of the window.
+function agg.percentile(p, path)
+  if type(p) ~= "number" or p ~= p or p <= 0 or p > 100 then
+    fail(2, "bad percentile %s: expected a number above 0 and at most 100",
+         quote(p))
+  end
+  local num = number_at(path, 3)
+  return reducer(function() return {} end, function(s, ev)
+    local v = num(ev)
+    if v then s[#s + 1] = v end
+    return s
+  end, function(s)
+    if #s == 0 then return nil end
+    sort(s)
+    return s[math.max(1, ceil(p / 100 * #s))]
+  end)
+end
+
+--- The number of distinct values at path (nil values not counted).
+function agg.distinct(path)
+  local get = getter(path or "payload", "reducer path", 3)
+  return reducer(function() return { seen = {}, n = 0 } end, function(s, ev)
+    local v = get(ev)
+    if v ~= nil and v == v and not s.seen[v] then
+      s.seen[v], s.n = true, s.n + 1
+    end
+    return s
+  end, function(s) return s.n end)
+end
+
+-- A reducer from what reduce() is given: a reducer, a custom table
+-- { init, step, finish }, or a table of named reducers.
+local function as_reducer(r, level)
+  if getmetatable(r) == Reducer then return r end
+  if type(r) ~= "table" then
+    fail(level, "bad reducer %s: expected buzz.agg.count(), sum(path), "
+         .. "avg(path), min(path), max(path), percentile(p, path), "
+         .. "distinct(path), a table { init, step, finish } or a table of "
+         .. "named reducers", quote(r))
+  end
+  if r.step ~= nil or r.init ~= nil then
+    if type(r.init) ~= "function" or type(r.step) ~= "function"
+       or (r.finish ~= nil and type(r.finish) ~= "function") then
+      fail(level, "bad reducer: a custom reducer is { init = function() "
+           .. "end, step = function(state, ev) end, finish = function("
+           .. "state) end (optional) }")
+    end
+    return reducer(r.init, r.step, r.finish)
+  end
+  local names = {}
+  for name in pairs(r) do
+    if type(name) ~= "string" then
+      fail(level, "bad reducer table: names are strings, got %s",
+           quote(name))
+    end
+    names[#names + 1] = name
+  end
+  if #names == 0 then
+    fail(level, "bad reducer: an empty table reduces nothing")
+  end
+  sort(names)
+  local parts = {}
+  for i, name in ipairs(names) do
+    local part = r[name]
+    if getmetatable(part) ~= Reducer then
+      fail(level, "bad reducer %q: expected a buzz.agg reducer, got %s",
+           name, quote(part))
+    end
+    parts[i] = part
+  end
+  return reducer(function()
+    local s = {}
+    for i, part in ipairs(parts) do s[i] = part.init() end
+    return s
+  end, function(s, ev)
+    for i, part in ipairs(parts) do s[i] = part.step(s[i], ev) end
+    return s
+  end, function(s)
+    local out = {}
+    for i, name in ipairs(names) do out[name] = parts[i].finish(s[i]) end
+    return out
+  end)
+end
+
+
+-- ------------------------------------------------------------ windows
+
+local KINDS = { "count", "session", "sliding", "tumbling" }
+local WINDOW_OPTIONS = { tumbling = true, sliding = true, every = true,
+                         session = true, count = true,
+                         allowed_lateness = true, time = true, late = true }
+
+local function positive(v, name, is_int, level)
+  if type(v) ~= "number" or v ~= v or v <= 0 or v == huge
+     or (is_int and v ~= floor(v)) then
+    fail(level, "bad window %s: expected a positive %s, got %s", name,
+         is_int and "integer" or "number of seconds", quote(v))
+  end
+  return v
+end
+
+-- Checks a window spec; returns it with times in ms.
+local function window_spec(spec, level)
+  if type(spec) ~= "table" then
+    fail(level, "bad window: expected a table such as { tumbling = 60 }, "
+         .. "got %s", quote(spec))
+  end
+  for k in pairs(spec) do
+    if not WINDOW_OPTIONS[k] then
+      fail(level, "unknown window option %s (known: allowed_lateness, "
+           .. "count, every, late, session, sliding, time, tumbling)",
+           quote(k))
+    end
+  end
+  local kind
+  for _, k in ipairs(KINDS) do
+    if spec[k] ~= nil then
+      if kind then
+        fail(level, "a window is one kind: give one of tumbling, sliding, "
+             .. "session or count, not both %s and %s", kind, k)
+      end
+      kind = k
+    end
+  end
+  if not kind then
+    fail(level, "bad window: give its kind, as in { tumbling = 60 }, "
+         .. "{ sliding = 60, every = 10 }, { session = 30 } or "
+         .. "{ count = 100 }")
+  end
+  local w = { kind = kind, late = spec.late,
+              is_processing = spec.time == "processing" }
+  if spec.time ~= nil and spec.time ~= "event"
+     and spec.time ~= "processing" then
+    fail(level, "bad window time %s: expected \"event\" (ev.ts, the "
+         .. "default) or \"processing\"", quote(spec.time))
+  end
+  if spec.late ~= nil and type(spec.late) ~= "function" then
+    fail(level, "bad window late: expected a function(ev), got %s",
+         quote(spec.late))
+  end
+  w.lateness = 0
+  if spec.allowed_lateness ~= nil then
+    if type(spec.allowed_lateness) ~= "number"
+       or spec.allowed_lateness ~= spec.allowed_lateness
+       or spec.allowed_lateness < 0 or spec.allowed_lateness == huge then
+      fail(level, "bad window allowed_lateness: expected seconds >= 0, got "
+           .. "%s", quote(spec.allowed_lateness))
+    end
+    w.lateness = floor(spec.allowed_lateness * 1000 + 0.5)
+  end
+  if kind == "count" then
+    w.size = positive(spec.count, "count", true, level + 1)
+    if spec.every ~= nil then
+      fail(level, "every goes with sliding windows, not count")
+    end
+  else
+    w.size = floor(positive(spec[kind], kind, false, level + 1) * 1000
+                   + 0.5)
+    if kind == "sliding" then
+      w.every = floor(positive(spec.every, "every", false, level + 1) * 1000
+                      + 0.5)
+      if w.every > w.size then
+        fail(level, "bad window: every (%g s) is longer than the window "
+             .. "(%g s)", spec.every, spec.sliding)
+      end
+    elseif spec.every ~= nil then
+      fail(level, "every goes with sliding windows, not %s", kind)
+    end
+  end
+  return w
+end
+
+
+-- ------------------------------------------------------------ the engine
+
+-- The state of one aggregation on a bus: open windows by start, each with
+-- its groups in first-seen order.
+local Engine = {}
+Engine.__index = Engine
+
+local function new_engine(bus, w, group_of, red, emit)
+  return setmetatable({
+    bus = bus, w = w, group_of = group_of, red = red, emit = emit,
+    windows = {},        -- start -> { start, stop, groups = {}, order = {} }
+    sessions = {},       -- group -> { start, stop, state, count, timer }
+    counts = {},         -- group -> { state, count, start }
+    is_active = true, sub = nil,
+  }, Engine)
+end
+
+function Engine:now()
+  return self.bus._clock:now_ms()
+end
+
+function Engine:result(group, start, stop, state, count)
+  return { group = group, window_start = start, window_end = stop,
+           count = count, value = self.red.finish(state) }
+end
+
+function Engine:late(ev)
+  local fn = self.w.late
+  if fn then
+    local ok, err = pcall(fn, ev)
+    if not ok then self.bus._report(err, ev) end
+    return
+  end
+  local c = self.bus._core
+  if c then
+    c:publish("$SYS.late", { type = ev.type, id = ev.id, ts = ev.ts,
+                             pattern = self.sub and self.sub.pattern },
+              nil, nil, nil, nil, nil, nil, nil, true, self.bus._clock.ms)
+  end
+end
+
+-- Adds ev to the window starting at start (open, or opened now).
+function Engine:add_to(start, stop, group, ev)
+  local win = self.windows[start]
+  if win == nil then
+    win = { start = start, stop = stop, groups = {}, order = {} }
+    self.windows[start] = win
+    self.bus._timers:at(stop + self.w.lateness, Engine.close_window, self,
+                        start)
+  end
+  local g = win.groups[group]
+  if g == nil then
+    g = { state = self.red.init(), count = 0 }
+    win.groups[group] = g
+    win.order[#win.order + 1] = group
+  end
+  g.state = self.red.step(g.state, ev)
+  g.count = g.count + 1
+end
+
+function Engine.close_window(self, start)
+  local win = self.windows[start]
+  if win == nil then return end
+  self.windows[start] = nil
+  if not self.is_active then return end
+  for _, group in ipairs(win.order) do
+    local g = win.groups[group]
+    self.emit(self:result(group, win.start, win.stop, g.state, g.count))
+  end
+end
+
+function Engine.close_session(self, group)
+  local s = self.sessions[group]
+  if s == nil then return end
+  self.sessions[group] = nil
+  if self.is_active then
+    self.emit(self:result(group, s.start, s.stop, s.state, s.count))
+  end
+end
+
+--- Takes one event of the route.
+function Engine:add(ev)
+  local w = self.w
+  local group = self.group_of(ev)
+  if group == nil then group = false end  -- one group for "no value"
+  local ts = w.is_processing and self:now() or ev.ts or self:now()
+  if w.kind == "count" then
+    local c = self.counts[group]
+    if c == nil then
+      c = { state = self.red.init(), count = 0, start = ts }
+      self.counts[group] = c
+    end
+    c.state, c.count = self.red.step(c.state, ev), c.count + 1
+    if c.count >= w.size then
+      self.counts[group] = nil
+      self.emit(self:result(group, c.start, ts, c.state, c.count))
+    end
+  elseif w.kind == "session" then
+    local s = self.sessions[group]
+    if s == nil then
+      if ts + w.size + w.lateness <= self:now() then
+        return self:late(ev)           -- its session has closed
+      end
+      s = { start = ts, stop = ts + w.size, state = self.red.init(),
+            count = 0 }
+      self.sessions[group] = s
+    elseif ts + w.size > s.stop then
+      s.stop = ts + w.size
+    end
+    if ts < s.start then s.start = ts end
+    s.state, s.count = self.red.step(s.state, ev), s.count + 1
+    if s.timer then s.timer:cancel() end
+    local due = s.stop + w.lateness
+    if w.is_processing then due = self:now() + w.size + w.lateness end
+    s.timer = self.bus._timers:at(due, Engine.close_session, self, group)
+  else
+    local size = w.size
+    local step = w.kind == "sliding" and w.every or size
+    -- The windows holding ts start at the multiples of step in
+    -- (ts - size, ts]; one whose end plus lateness the clock has passed
+    -- has closed (or would have, had it had events).
+    local now = self:now()
+    local start = floor((ts - size) / step) * step + step
+    local added = false
+    while start <= ts do
+      if start + size + w.lateness > now then
+        self:add_to(start, start + size, group, ev)
+        added = true
+      end
+      start = start + step
+    end
+    if not added then self:late(ev) end
+  end
+end
+
+--- Drops every open window: the subscription ended.
+function Engine:stop()
+  self.is_active = false
+  for _, s in pairs(self.sessions) do
+    if s.timer then s.timer:cancel() end
+  end
+  self.windows, self.sessions, self.counts = {}, {}, {}
+end
+
+
+-- ------------------------------------------------------------ builder
+
+local Agg = { __name = "buzz.aggregation" }
+Agg.__index = Agg
+Agg.__tostring = function() return "buzz.aggregation" end
+
+local function check_self(self, method)
+  if getmetatable(self) ~= Agg then
+    error(("use agg:%s(...), not agg.%s(...)"):format(method, method), 3)
+  end
+end
+
+local function with(self, k, v)
+  local t = {}
+  for key, x in pairs(self) do t[key] = x end
+  t[k] = v
+  return setmetatable(t, Agg)
+end
+
+--- A new aggregation over route's events (route:window calls this).
+function M.new(route, spec, level)
+  return setmetatable({ route = route, w = window_spec(spec, level + 1) },
+                      Agg)
+end
+
+--- Groups by the value at path (or fn(ev)); results carry it as group.
+function Agg:group_by(path)
+  check_self(self, "group_by")
+  return with(self, "group_of", getter(path, "group_by", 3))
+end
+
+--- What each window computes: a reducer or a table of named reducers.
+function Agg:reduce(r)
+  check_self(self, "reduce")
+  return with(self, "red", as_reducer(r, 3))
+end
+
+local function start(self, emit, opts, level)
+  if not self.red then
+    fail(level, "an aggregation needs :reduce(...) before it publishes or "
+         .. "handles, as in :reduce(buzz.agg.count())")
+  end
+  local route = self.route
+  local engine = new_engine(route.bus, self.w,
+                            self.group_of or function() return false end,
+                            self.red, emit)
+  local sub, err, code = route.bus:subscribe(route.pattern,
+    route:compose(function(ev) engine:add(ev) end), opts)
+  if not sub then return nil, err, code end
+  engine.sub = sub
+  sub._engine = engine
+  return sub
+end
+
+--- Publishes each result as an event of type etype (payload: the result)
+--- and returns the subscription that feeds the windows.
+function Agg:publish(etype, opts)
+  check_self(self, "publish")
+  local bus = self.route.bus
+  if type(etype) ~= "string" then
+    fail(2, "bad type: expected a string such as \"metrics.cpu.avg\", got "
+         .. "%s", quote(etype))
+  end
+  local ok, why = require("buzz.core").check_subject(etype, false)
+  if not ok then error(why, 2) end
+  if etype:sub(1, 1) == "$" then
+    fail(2, "bad type %q: types starting with \"$\" are reserved for the "
+         .. "engine", etype)
+  end
+  local sub, err, code = start(self, function(result)
+    if bus._core then
+      local id, perr = bus:publish(etype, result)
+      if not id then bus._report(perr) end
+    end
+  end, opts, 3)
+  return sub, err, code
+end
+
+--- Calls fn(result) for each result (a raise goes to on_error) and
+--- returns the subscription that feeds the windows.
+function Agg:handle(fn, opts)
+  check_self(self, "handle")
+  if type(fn) ~= "function" then
+    fail(2, "bad handler: expected a function(result), got %s", quote(fn))
+  end
+  local bus = self.route.bus
+  local sub, err, code = start(self, function(result)
+    local ok, e = pcall(fn, result)
+    if not ok then bus._report(e) end
+  end, opts, 3)
+  return sub, err, code
+end
+
+return M
