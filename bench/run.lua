@@ -50,5 +50,6 @@ memory.run(arg and arg[-1], arg and arg[0])
 require("bench.store").run()
 require("bench.failure").run()
 require("bench.filter").run()
+require("bench.aggregate").run()
 
 write(format("\n(%.1f s CPU in this process)\n", clock() - t0))

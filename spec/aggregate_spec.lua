@@ -109,8 +109,9 @@ describe("route:window", function()
      function()
     local bus, clock = setup()
     local out, late, sys = {}, {}, {}
-    bus:route("m.cpu"):window { tumbling = 10, allowed_lateness = 2,
-                                late = function(ev) late[#late + 1] = ev.id end }
+    local function on_late(ev) late[#late + 1] = ev.id end
+    bus:route("m.cpu")
+      :window { tumbling = 10, allowed_lateness = 2, late = on_late }
       :reduce(buzz.agg.count()):handle(function(r) out[#out + 1] = fmt(r) end)
     bus:route("m.mem"):window { tumbling = 10 }:reduce(buzz.agg.count())
       :handle(function(r) out[#out + 1] = fmt(r) end)
