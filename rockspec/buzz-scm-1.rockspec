@@ -76,6 +76,7 @@ build = {
     ["buzz.router"] = "lua/buzz/router.lua",
     ["buzz.timers"] = "lua/buzz/timers.lua",
     ["buzz.transform"] = "lua/buzz/transform.lua",
+    ["buzz.util"] = "lua/buzz/util.lua",
   },
 
   -- The command-line tool; LuaRocks wraps it for the installed Lua.

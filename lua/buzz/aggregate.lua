@@ -21,19 +21,15 @@
 -- groups are dropped when it closes. A count window's partial groups stay
 -- until they fill. Open windows are memory only: a restart loses them.
 -- @module buzz.aggregate
-local type, error, pairs, ipairs, tostring, setmetatable, getmetatable,
-      pcall = type, error, pairs, ipairs, tostring, setmetatable,
-      getmetatable, pcall
+local type, error, pairs, ipairs, setmetatable, getmetatable, pcall =
+      type, error, pairs, ipairs, setmetatable, getmetatable, pcall
 local floor, huge, ceil = math.floor, math.huge, math.ceil
 local sort = table.sort
 
 local M = {}
 
-local function quote(v)
-  if type(v) == "string" then return ("%q"):format(v) end
-  if v ~= v then return "NaN" end
-  return tostring(v)
-end
+local util = require "buzz.util"
+local quote = util.quote
 
 local function fail(level, fmt, ...)
   error(fmt:format(...), level + 1)
@@ -42,24 +38,12 @@ end
 -- A function reading the value at a dot path of the event.
 local function getter(path, what, level)
   if type(path) == "function" then return path end
-  if type(path) ~= "string" or path == "" or path:find("%.%.")
-     or path:find("^%.") or path:find("%.$") then
+  local steps = util.steps(path)
+  if steps == nil then
     fail(level, "bad %s: expected a path such as \"payload.pct\" or a "
          .. "function(ev), got %s", what, quote(path))
   end
-  local steps = {}
-  for step in path:gmatch("[^.]+") do
-    steps[#steps + 1] = step:match("^%d+$") and tonumber(step) or step
-  end
-  local n = #steps
-  return function(ev)
-    local v = ev
-    for i = 1, n do
-      if type(v) ~= "table" then return nil end
-      v = v[steps[i]]
-    end
-    return v
-  end
+  return util.getter(steps)
 end
 
 

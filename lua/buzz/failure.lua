@@ -65,10 +65,7 @@ local BREAKER_DEFAULTS = { failures = 5, within = 10, cool_down = 30 }
 
 -- ------------------------------------------------------------ helpers
 
-local function quote(v)
-  if v ~= v then return "NaN" end     -- tostring says nan, -nan or -nan(ind)
-  return type(v) == "string" and ("%q"):format(v) or tostring(v)
-end
+local quote = require("buzz.util").quote
 
 local function fifo()
   return { first = 1, last = 0 }

@@ -46,11 +46,8 @@ for w in ([[and break do else elseif end false for function goto if in
   KEYWORDS[w] = true
 end
 
-local function quote(v)
-  if type(v) == "string" then return ("%q"):format(v) end
-  if v ~= v then return "NaN" end
-  return tostring(v)
-end
+local util = require "buzz.util"
+local quote = util.quote
 
 local function fail(level, fmt, ...)
   error(fmt:format(...), level + 1)
@@ -62,13 +59,10 @@ local function split_path(path, level)
     fail(level, "bad path %s: expected a string such as \"payload.status\"",
          quote(path))
   end
-  local steps = {}
-  for step in (path .. "."):gmatch("([^.]*)%.") do
-    if step == "" then
-      fail(level, "bad path %q: has an empty step (write \"payload.status\","
-           .. " not \"payload..status\" or \".status\")", path)
-    end
-    steps[#steps + 1] = step:match("^%d+$") and tonumber(step) or step
+  local steps = util.steps(path)
+  if steps == nil then
+    fail(level, "bad path %q: has an empty step (write \"payload.status\","
+         .. " not \"payload..status\" or \".status\")", path)
   end
   return steps
 end

@@ -4,6 +4,7 @@
 -- reports failures. See DESIGN.md for the contract.
 -- @module buzz
 local core = require "buzz.core"
+local util = require "buzz.util"
 local timers = require "buzz.timers"
 local failure = require "buzz.failure"
 local conditions = require "buzz.filter"
@@ -109,10 +110,7 @@ local function check_subject_arg(s, what, example, level)
   end
 end
 
-local function quote(v)
-  if v ~= v then return "NaN" end     -- tostring says nan, -nan or -nan(ind)
-  return type(v) == "string" and ("%q"):format(v) or tostring(v)
-end
+local quote = util.quote
 
 -- Raises unless v is nil or a number > 0 (an integer if is_int).
 local function check_positive(v, name, is_int, level)

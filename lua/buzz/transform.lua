@@ -11,8 +11,8 @@
 --   buzz.pluck(path)      payload = the value at path ("payload.cpu.user")
 --   buzz.rename{ a = "b" } payload = a copy with field a renamed b
 -- @module buzz.transform
-local type, error, pairs, next, tostring, setmetatable, getmetatable =
-      type, error, pairs, next, tostring, setmetatable, getmetatable
+local type, error, pairs, next, setmetatable, getmetatable =
+      type, error, pairs, next, setmetatable, getmetatable
 
 local M = {}
 
@@ -22,10 +22,8 @@ local Stage = { __name = "buzz.transformer" }
 Stage.__index = Stage
 Stage.__tostring = function() return "buzz.transformer" end
 
-local function quote(v)
-  if type(v) == "string" then return ("%q"):format(v) end
-  return tostring(v)
-end
+local util = require "buzz.util"
+local quote = util.quote
 
 -- The event with payload in place of its own: a shallow copy.
 local function derive(ev, payload)
@@ -110,22 +108,14 @@ end
 --- payload = the value at path, a dot-separated path into the event
 --- ("payload.cpu.user"); a missing value drops the event.
 function M.pluck(path)
-  if type(path) ~= "string" or path == "" or path:find("%.%.")
-     or path:find("^%.") or path:find("%.$") then
+  local steps = util.steps(path)
+  if steps == nil then
     error(("bad argument to buzz.pluck: expected a path such as "
            .. "\"payload.cpu\", got %s"):format(quote(path)), 2)
   end
-  local steps = {}
-  for step in path:gmatch("[^.]+") do
-    steps[#steps + 1] = step:match("^%d+$") and tonumber(step) or step
-  end
-  local n = #steps
+  local get = util.getter(steps)
   return stage(function(ev)
-    local v = ev
-    for i = 1, n do
-      if type(v) ~= "table" then return nil end
-      v = v[steps[i]]
-    end
+    local v = get(ev)
     if v == nil then return nil end
     return derive(ev, v)
   end)
