@@ -243,17 +243,23 @@ function M.fatal(err)
   return setmetatable({ err = err }, Fatal)
 end
 
+-- seconds (a number >= 0) in whole milliseconds; raises at level.
+local function to_ms(seconds, level)
+  if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0
+     or seconds == huge then
+    error(("bad seconds: expected a number >= 0, got %s")
+          :format(quote(seconds)), level + 1)
+  end
+  return floor(seconds * 1000 + 0.5)
+end
+
 --- Fails this attempt and asks for the next one after seconds (the
 --- subscription's max attempts still applies). Never returns.
 ---@param seconds number
 ---@param err any|nil
 function M.retry_after(seconds, err)
-  if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0
-     or seconds == huge then
-    error(("bad seconds: expected a number >= 0, got %s")
-          :format(quote(seconds)), 2)
-  end
-  error(setmetatable({ ms = floor(seconds * 1000 + 0.5),
+  local ms = to_ms(seconds, 2)
+  error(setmetatable({ ms = ms,
                        err = err or ("retry after %g s"):format(seconds) },
                      RetryAfter), 2)
 end
@@ -262,17 +268,13 @@ end
 --- go on meanwhile. Only inside a handler.
 ---@param seconds number
 function M.sleep(seconds)
-  if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0
-     or seconds == huge then
-    error(("bad seconds: expected a number >= 0, got %s")
-          :format(quote(seconds)), 2)
-  end
+  local ms = to_ms(seconds, 2)
   local co, is_main = running()
   if co == nil or is_main then
     error("buzz.sleep works inside a handler, which the bus runs in a "
           .. "coroutine; outside one, use your host's timers", 2)
   end
-  yield(SLEEP, floor(seconds * 1000 + 0.5))
+  yield(SLEEP, ms)
 end
 
 
@@ -285,7 +287,8 @@ function M.new(bus, timers)
   return setmetatable({
     bus = bus, timers = timers, clock = timers.clock,
     runq = fifo(), is_flushing = false,
-    runners = {},        -- name -> runner of a live sub with retry
+    runners = {},        -- name -> the runner of a live sub with retry
+                         -- (or a durable one): redrive and orphans find it
     plain = setmetatable({}, { __mode = "k" }),  -- sub -> runner (adopted)
     all = setmetatable({}, { __mode = "k" }),    -- every runner: close()
     -- thread -> the runner of the inline delivery running there, or its
@@ -310,11 +313,18 @@ function Supervisor:core()
   return self.bus._core or nil
 end
 
+-- The core when the bus is open with a writable store, else nil.
+function Supervisor:store_core()
+  local bus = self.bus
+  if bus._store and not bus._readonly then return bus._core or nil end
+  return nil
+end
+
 -- Writes a state row when the bus has a writable store; a failure is
 -- reported, never raised (the delivery it belongs to goes on).
 function Supervisor:put(kind, name, value)
-  local c = self:core()
-  if not (c and self.bus._store and not self.bus._readonly) then return end
+  local c = self:store_core()
+  if not c then return end
   local text, err = json_encode(value)
   local ok
   if text then ok, err = c:state_put(kind, name, text) end
@@ -325,8 +335,8 @@ function Supervisor:put(kind, name, value)
 end
 
 function Supervisor:del(kind, name)
-  local c = self:core()
-  if not (c and self.bus._store and not self.bus._readonly) then return end
+  local c = self:store_core()
+  if not c then return end
   local ok, err = c:state_del(kind, name)
   if not ok then
     self.bus._report(("buzz: could not remove %s %s: %s")
@@ -407,26 +417,15 @@ function Supervisor:adopt_orphans(r)
   local rows = self.orphans[r.name]
   if not (rows and (r.retry or r.is_durable)) then return end
   self.orphans[r.name] = nil
-  local now, lanes = self:now(), r.lanes
+  local now = self:now()
   for _, row in ipairs(rows) do        -- in event id order
     local job = r:job(row.event, row.attempt, row.redrives or 0)
     job.history, job.stored = row.history, row.stored
-    local key = r.ordered and job.key
-    if key ~= nil and key ~= false and lanes[key] then
-      -- The key's first row holds its lane: this one waits behind it,
-      -- and so do the key's new events.
-      local lane = lanes[key]
-      if lane == true then
-        lane = fifo()
-        lanes[key] = lane
-      end
-      job.not_before = row.due
-      push(lane, job)
-    else
-      if key ~= nil and key ~= false then
-        lanes[key] = true
-        job.has_lane = true
-      end
+    -- The key's first row takes its lane; the rest (and the key's new
+    -- events) wait behind it, each until its own due time too.
+    job.not_before = row.due
+    if not r:wait_in_lane(job) then
+      job.not_before = nil
       r.retrying = r.retrying + 1
       job.retry_timer = self.timers:at(max(row.due, now), Runner.retry_due,
                                        job)
@@ -442,9 +441,7 @@ function Supervisor:adopt(co, sub, ev, what, arg)
   local by = self.by_thread
   local job = by[co]
   if getmetatable(job) == Runner then  -- deliver()'s fast path: make the
-    local r = job                       -- job it did without so far
-    job = r:job(ev, 1, 0)
-    job.evt, job.has_lane = ev, r.ordered and ev.key ~= nil
+    job = job:inline_job(ev)            -- job it did without so far
     by[co] = job
   end
   if job then
@@ -467,9 +464,9 @@ end
 function Supervisor:plain_runner(sub)
   local r = self.plain[sub]
   if r == nil then
-    r = self:runner(sub, sub._inner or sub.handler,
-                    { name = sub.durable or sub.pattern,
-                                        is_durable = sub.durable ~= nil }, 1)
+    r = self:runner(sub, sub._inner or sub.handler, {
+      name = sub.durable or sub.pattern, is_durable = sub.durable ~= nil,
+    }, 1)
     self.plain[sub] = r
   end
   return r
@@ -562,32 +559,43 @@ function Runner:deliver(ev)
     self:free_slot()
     if key ~= nil then self:pass_lane(key) end
   else
-    job = self:job(ev, 1, 0)
-    job.evt, job.has_lane = ev, key ~= nil
-    self:settle(job, false, err)
+    self:settle(self:inline_job(ev), false, err)
   end
   sup:flush()
+end
+
+-- The job of a delivery the fast path ran inline (it holds its lane).
+function Runner:inline_job(ev)
+  local job = self:job(ev, 1, 0)
+  job.evt, job.has_lane = ev, self.ordered and ev.key ~= nil
+  return job
 end
 
 -- Gate 1: the key's lane. lanes[key] is true while a job holds the lane
 -- and none waits, else the FIFO of those waiting.
 function Runner:admit(job)
+  if not self:wait_in_lane(job) then self:gate(job) end
+end
+
+-- Queues job behind its key's lane if another job holds it (true), else
+-- gives it the lane, or nothing for an unordered runner or no key
+-- (false).
+function Runner:wait_in_lane(job)
   local k = job.key
-  if self.ordered and k ~= nil then
-    local lanes = self.lanes
-    local lane = lanes[k]
-    if lane == true then
-      lane = fifo()
-      lanes[k] = lane
-    end
-    if lane then
-      push(lane, job)
-      return
-    end
+  if not self.ordered or k == nil then return false end
+  local lanes = self.lanes
+  local lane = lanes[k]
+  if lane == nil then
     lanes[k] = true
     job.has_lane = true
+    return false
   end
-  self:gate(job)
+  if lane == true then
+    lane = fifo()
+    lanes[k] = lane
+  end
+  push(lane, job)
+  return true
 end
 
 -- Gates 2 and 3: the breaker, then the concurrency limit.
