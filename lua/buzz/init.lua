@@ -112,6 +112,14 @@ end
 
 local quote = util.quote
 
+-- Raises (at level) unless s is a well-formed pattern (is_pattern) or
+-- type, with the core's message for one that is not.
+local function check_subject_value(s, what, example, is_pattern, level)
+  check_subject_arg(s, what, example, level + 1)
+  local ok, why = core.check_subject(s, is_pattern)
+  if not ok then error(why, level + 1) end
+end
+
 -- Raises unless v is nil or a number > 0 (an integer if is_int).
 local function check_positive(v, name, is_int, level)
   if v == nil then return end
@@ -123,12 +131,12 @@ local function check_positive(v, name, is_int, level)
   end
 end
 
--- Validates publish options; returns priority, key, correlation_id,
--- headers, dedup, version.
 -- The furthest ahead a delay or an at may be, in seconds: its due time in
 -- milliseconds stays an exact integer.
 local MAX_DELAY = 1e11
 
+-- Validates publish options; returns priority, key, correlation_id,
+-- headers, dedup, version.
 local function publish_options(opts, level)
   check_options(opts, PUBLISH_OPTIONS, "publish", level + 1)
   local prio = 2
@@ -350,15 +358,12 @@ local function supervision(opts, default_name, level)
   end
   local retry, breaker = opts.retry, opts.breaker
   local ordered, timeout, conc = opts.ordered, opts.timeout, opts.concurrency
-  if retry == nil and breaker == nil and not ordered and timeout == nil
-     and conc == nil then
-    if ordered ~= nil and type(ordered) ~= "boolean" then
-      error("bad ordered: expected a boolean", level + 1)
-    end
-    return nil
-  end
   if ordered ~= nil and type(ordered) ~= "boolean" then
     error("bad ordered: expected a boolean", level + 1)
+  end
+  if retry == nil and breaker == nil and not ordered and timeout == nil
+     and conc == nil then
+    return nil
   end
   check_positive(timeout, "timeout", false, level + 1)
   check_positive(conc, "concurrency", true, level + 1)
@@ -479,9 +484,7 @@ end
 -- Returns the decorator for on/once, checking what it can up front.
 local function decorator(self, method, pattern, opts, is_once)
   check_bus(self, method)
-  check_subject_arg(pattern, "pattern", "task.*", 3)
-  local ok, why = core.check_subject(pattern, true)
-  if not ok then error(why, 3) end
+  check_subject_value(pattern, "pattern", "task.*", true, 3)
   check_options(opts, SUBSCRIBE_OPTIONS, method, 3)
   return function(handler)
     local c = check_bus(self, method)
@@ -537,9 +540,7 @@ end
 -- Raises (at level) unless etype is a type a user may publish: a valid
 -- subject, not one of the engine's reserved "$" types.
 local function check_type_arg(etype, example, level)
-  check_subject_arg(etype, "type", example, level + 1)
-  local ok, why = core.check_subject(etype, false)
-  if not ok then error(why, level + 1) end
+  check_subject_value(etype, "type", example, false, level + 1)
   if etype:sub(1, 1) == "$" then
     error(("bad type %q: types starting with \"$\" are reserved for the "
            .. "engine ($DLQ.>, $SYS.>)"):format(etype), level + 1)
@@ -678,12 +679,13 @@ function Bus:_next_due()
   return self._timers:next_due()
 end
 
-function Bus:_tick()
-  if self._core and self._core:pump(0) ~= nil then self:drain() end
-end
-
+-- True while one of the bus's handlers runs (the core refuses to pump).
 function Bus:_is_in_handler()
   return self._core and self._core:pump(0) == nil or false
+end
+
+function Bus:_tick()
+  if self._core and not self:_is_in_handler() then self:drain() end
 end
 
 --- Drives the bus on its own loop until stop(), or until nothing is
@@ -826,9 +828,7 @@ local function query_filters(f, allowed, what, level)
   f = f or {}
   local q = {}
   if f.types ~= nil then
-    check_subject_arg(f.types, "types", "order.*", level + 1)
-    local ok, why = core.check_subject(f.types, true)
-    if not ok then error(why, level + 1) end
+    check_subject_value(f.types, "types", "order.*", true, level + 1)
     q.pattern = f.types
   end
   local from_id, from_ts = range_end(f.from, "from", level + 1)
@@ -966,9 +966,7 @@ end
 ---@param fn function fn(payload, ev) -> new payload
 function Bus:upcaster(etype, from_version, fn)
   local c = check_bus(self, "upcaster")
-  check_subject_arg(etype, "type", "order.created", 2)
-  local ok, why = core.check_subject(etype, false)
-  if not ok then error(why, 2) end
+  check_subject_value(etype, "type", "order.created", false, 2)
   if not is_integer(from_version) or from_version < 1 then
     error(("bad from_version: expected a positive integer, got %s")
           :format(quote(from_version)), 2)
@@ -1056,9 +1054,7 @@ local function dead_filter(f, method, level)
             :format(quote(f.subscription)), level + 1)
     end
     if f.types ~= nil then
-      check_subject_arg(f.types, "types", "order.*", level + 1)
-      local ok, why = core.check_subject(f.types, true)
-      if not ok then error(why, level + 1) end
+      check_subject_value(f.types, "types", "order.*", true, level + 1)
     end
     check_positive(f.limit, "limit", true, level + 1)
   end
@@ -1188,6 +1184,7 @@ function Sub:unsubscribe()
   if self._runner then self._runner:close() end
   if self._engine then self._engine:stop() end   -- its open windows
   self.bus._sup:forget(self)
+  self.bus._subs[self] = nil
   return true
 end
 Sub.__close = Sub.unsubscribe
@@ -1226,9 +1223,7 @@ function Bus:use(fn)
   local c = check_bus(self, "use")
   middleware.add(self._mw, fn, 2)
   local subs = {}
-  for sub in pairs(self._subs) do
-    if sub._id then subs[#subs + 1] = sub end
-  end
+  for sub in pairs(self._subs) do subs[#subs + 1] = sub end
   sort(subs, function(a, b) return a._id < b._id end)
   for _, sub in ipairs(subs) do
     local fn2 = bind(self, sub)
@@ -1243,9 +1238,7 @@ end
 ---@return table route
 function Bus:route(pattern)
   check_bus(self, "route")
-  check_subject_arg(pattern, "pattern", "metrics.*", 2)
-  local ok, why = core.check_subject(pattern, true)
-  if not ok then error(why, 2) end
+  check_subject_value(pattern, "pattern", "metrics.*", true, 2)
   return router.new(self, pattern)
 end
 
