@@ -325,6 +325,16 @@ static int cur_push(lcore *c, int64_t id, int table_ref) {
 #define BUZZ_TRACE_INFO "Sln"
 #endif
 
+/* Adds the decimal digits of n to b (snprintf costs ten times more). */
+static void add_int(luaL_Buffer *b, int n) {
+  char d[16];
+  int i = 0;
+  unsigned u = n < 0 ? 0u - (unsigned)n : (unsigned)n;
+  if (n < 0) luaL_addchar(b, '-');
+  do d[i++] = (char)('0' + u % 10); while ((u /= 10) != 0);
+  while (i > 0) luaL_addchar(b, d[--i]);
+}
+
 /*
 ** Pushes msg (if not NULL) and a traceback of L1 from level up, worded as
 ** luaL_traceback words it but without naming functions after the fields
@@ -336,16 +346,6 @@ static int cur_push(lcore *c, int64_t id, int table_ref) {
 ** layer stops at its own xpcall, so that only the handler's frames show.
 ** L1 may be L.
 */
-/* Adds the decimal digits of n to b (snprintf costs ten times more). */
-static void add_int(luaL_Buffer *b, int n) {
-  char d[16];
-  int i = 0;
-  unsigned u = n < 0 ? 0u - (unsigned)n : (unsigned)n;
-  if (n < 0) luaL_addchar(b, '-');
-  do d[i++] = (char)('0' + u % 10); while ((u /= 10) != 0);
-  while (i > 0) luaL_addchar(b, d[--i]);
-}
-
 static void push_traceback(lua_State *L, lua_State *L1, const char *msg,
                            int level, int stop) {
   luaL_Buffer b;
@@ -1086,20 +1086,30 @@ static int lcore_subscribe(lua_State *L) {
 }
 
 /*
+** The live subscription whose id is at slot 2 and whose Lua object is the
+** value at slot 3 (which guards against a stale id whose slot has been
+** reused), or NULL. Pushes U and sets *u to its slot when it finds one.
+*/
+static buzz_sub *live_sub(lua_State *L, lcore *c, int *u) {
+  buzz_sub *sub = buzz__bus_sub(&c->bus, luaL_checkinteger(L, 2));
+  int is_it;
+  if (sub == NULL) return NULL;
+  *u = push_refs(L);
+  lua_rawgeti(L, *u, sub->data_ref);
+  is_it = lua_rawequal(L, -1, 3);
+  lua_pop(L, 1);
+  return is_it ? sub : NULL;
+}
+
+/*
 ** core:unsubscribe(id, subobj) -> true if it was live. subobj guards
 ** against a stale id whose slot has been reused.
 */
 static int lcore_unsubscribe(lua_State *L) {
   lcore *c = check_core(L);
-  buzz_sub *sub = buzz__bus_sub(&c->bus, luaL_checkinteger(L, 2));
   int u, ref, fn_ref;
+  buzz_sub *sub = live_sub(L, c, &u);
   if (sub == NULL) {
-    lua_pushboolean(L, 0);
-    return 1;
-  }
-  u = push_refs(L);
-  lua_rawgeti(L, u, sub->data_ref);
-  if (!lua_rawequal(L, -1, 3)) {
     lua_pushboolean(L, 0);
     return 1;
   }
@@ -1127,20 +1137,13 @@ static int lcore_unsubscribe(lua_State *L) {
 */
 static int lcore_set_handler(lua_State *L) {
   lcore *c = check_core(L);
-  buzz_sub *sub = buzz__bus_sub(&c->bus, luaL_checkinteger(L, 2));
   int u, old;
+  buzz_sub *sub;
   luaL_checktype(L, 4, LUA_TFUNCTION);
-  if (sub == NULL || sub->fn_ref == BUZZ_NOREF) {
+  if ((sub = live_sub(L, c, &u)) == NULL || sub->fn_ref == BUZZ_NOREF) {
     lua_pushboolean(L, 0);
     return 1;
   }
-  u = push_refs(L);
-  lua_rawgeti(L, u, sub->data_ref);
-  if (!lua_rawequal(L, -1, 3)) {
-    lua_pushboolean(L, 0);
-    return 1;
-  }
-  lua_pop(L, 1);
   old = sub->fn_ref;
   lua_pushvalue(L, 4);
   sub->fn_ref = luaL_ref(L, u);        /* released by unsubscribe or U */
@@ -1224,11 +1227,28 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
 }
 
 /*
+** Pushes the correlation_id (read raw) of the table U[ref], or nil when
+** it has none or is not a table. A method's upvalues are in reach.
+*/
+static void push_correlation(lua_State *L, int u, int ref) {
+  lua_rawgeti(L, u, ref);
+  if (lua_istable(L, -1)) {
+    lua_pushvalue(L, UV(UV_CORR));
+    lua_rawget(L, -2);
+    lua_remove(L, -2);
+  } else {
+    lua_pop(L, 1);
+    lua_pushnil(L);
+  }
+}
+
+/*
 ** Shared by publish, publish_sync and publish_cursor. Arguments: self,
 ** type, payload, priority (0..3), key, correlation_id, causation_id,
 ** headers, dedup, version, engine, ts (ms; 0 or nil: the core's clock,
-** else the time to stamp, as a manual clock gives it). Inside a handler (or a thread run by
-** resume() with an event), a nil correlation_id is inherited from the
+** else the time to stamp, as a manual clock gives it). Inside a handler
+** (or a thread run by resume() with an event), a nil correlation_id is
+** inherited from the
 ** current event and a nil causation_id is the current event's id. A dedup
 ** key seen within the window returns the first id and "duplicate", and
 ** publishes nothing. With engine true, reserved types ("$DLQ.x", "$SYS.x")
@@ -1276,13 +1296,8 @@ static int do_publish(lua_State *L, int mode) {
     return 2;
   }
   if (lua_isnil(L, 6) && cur.table_ref != BUZZ_NOREF) {
-    lua_rawgeti(L, ctx.u, cur.table_ref);      /* inherit correlation */
-    if (lua_istable(L, -1)) {
-      lua_pushvalue(L, UV(UV_CORR));
-      lua_rawget(L, -2);
-      lua_replace(L, 6);
-    }
-    lua_settop(L, ctx.u);
+    push_correlation(L, ctx.u, cur.table_ref);  /* inherit it */
+    lua_replace(L, 6);
   }
   if (c->store && mode == 0 && c->bus.queue.limit &&   /* before the */
       c->bus.queue.count >= c->bus.queue.limit)         /* append; the */
@@ -1470,16 +1485,8 @@ static int lcore_current(lua_State *L) {
   else lua_pushnil(L);
   if (cur.table_ref != BUZZ_NOREF) {
     int u = push_refs(L);
-    lua_rawgeti(L, u, cur.table_ref);
+    push_correlation(L, u, cur.table_ref);
     lua_remove(L, u);
-    if (lua_istable(L, -1)) {
-      lua_pushvalue(L, UV(UV_CORR));
-      lua_rawget(L, -2);
-      lua_remove(L, -2);
-    } else {
-      lua_pop(L, 1);
-      lua_pushnil(L);
-    }
   } else {
     lua_pushnil(L);
   }
@@ -1965,15 +1972,23 @@ static int lcore_state_list(lua_State *L) {
 }
 
 /* core:set_upcast(fn | nil): fn(ev) upcasts stored events in place. */
-static int lcore_set_upcast(lua_State *L) {
-  lcore *c = check_core(L);
+/*
+** Makes *ref a U ref to the value at slot 2 (a function), or LUA_NOREF
+** for nil, releasing the one it held. Released here or with U.
+*/
+static void set_fn_ref(lua_State *L, int *ref) {
   int u = push_refs(L);
-  if (c->upcast_ref != LUA_NOREF) luaL_unref(L, u, c->upcast_ref);
-  c->upcast_ref = LUA_NOREF;
+  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TFUNCTION);
+  unref(L, u, ref);
   if (!lua_isnoneornil(L, 2)) {
     lua_pushvalue(L, 2);
-    c->upcast_ref = luaL_ref(L, u);   /* released here or with U */
+    *ref = luaL_ref(L, u);
   }
+  lua_pop(L, 1);
+}
+
+static int lcore_set_upcast(lua_State *L) {
+  set_fn_ref(L, &check_core(L)->upcast_ref);
   return 0;
 }
 
@@ -1985,15 +2000,7 @@ static int lcore_set_upcast(lua_State *L) {
 ** core:resume). Without fn, or if fn raises, the delivery fails.
 */
 static int lcore_on_yield(lua_State *L) {
-  lcore *c = check_core(L);
-  int u = push_refs(L);
-  if (c->yield_ref != LUA_NOREF) luaL_unref(L, u, c->yield_ref);
-  c->yield_ref = LUA_NOREF;
-  if (!lua_isnoneornil(L, 2)) {
-    luaL_checktype(L, 2, LUA_TFUNCTION);
-    lua_pushvalue(L, 2);
-    c->yield_ref = luaL_ref(L, u);     /* released here or with U */
-  }
+  set_fn_ref(L, &check_core(L)->yield_ref);
   return 0;
 }
 

@@ -329,7 +329,7 @@ function Engine:late(ev)
   if c then
     c:publish("$SYS.late", { type = ev.type, id = ev.id, ts = ev.ts,
                              pattern = self.sub and self.sub.pattern },
-              nil, nil, nil, nil, nil, nil, nil, true, self.bus._clock.ms)
+              nil, nil, nil, nil, nil, nil, nil, true, self.bus._clock:now_ms())
   end
 end
 

@@ -327,6 +327,7 @@ function M.new(opts)
     _readonly = opts.readonly or false,
     _upcasters = nil,         -- type -> { [from_version] = fn }
     _clock = clock,
+    _manual = clock.is_manual and clock,  -- stamps events, or false
     _timers = tl,             -- delays, retries, timeouts, sleeps
     _mw = middleware.new(),   -- bus:use
     _subs = setmetatable({}, { __mode = "k" }),  -- live subscriptions
@@ -564,7 +565,7 @@ local function publish_later(self, c, method, etype, payload, opts, f)
   if due <= now then
     local id, err, code = c:publish(etype, payload, f.prio, f.key, f.corr,
                                     nil, f.headers, f.dedup, f.version, nil,
-                                    self._clock.ms)
+                                    self._manual and self._manual.ms or nil)
     if not id then
       local _, e, k = refused(err, code, 3)     -- not a tail call: levels
       return nil, e, k
@@ -604,9 +605,15 @@ local function publisher(method)
         dedup = dedup, version = version })
       return id, e, k
     end
-    local id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
-                                    headers, dedup, version, nil,
-                                    self._clock.ms)
+    local id, err, code
+    local manual = self._manual
+    if manual then                 -- stamp the event with the clock's time
+      id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
+                                headers, dedup, version, nil, manual.ms)
+    else
+      id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
+                                headers, dedup, version)
+    end
     if not id then
       local _, e, k = refused(err, code, 2)   -- not a tail call: levels
       return nil, e, k
