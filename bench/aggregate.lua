@@ -4,16 +4,10 @@
 -- the same bus; and the memory an open group takes.
 -- @module bench.aggregate
 
-local root = (arg and arg[0] or ""):match("^(.-)bench/[%w_]+%.lua$") or ""
-local is_main = (arg and arg[0] or ""):match("bench/aggregate%.lua$") ~= nil
-if is_main then
-  local flavour = type(jit) == "table" and "luajit" or "lua5.4"
-  package.path = root .. "lua/?.lua;" .. root .. "lua/?/init.lua;"
-                 .. root .. "?.lua;" .. package.path
-  package.cpath = root .. "build/" .. flavour .. "/?.so;" .. package.cpath
-end
-
+package.path = (arg and arg[0] or ""):gsub("bench/[%w_]+%.lua$", "?.lua")
+               .. ";" .. package.path      -- finds bench.util from anywhere
 local util = require "bench.util"
+local is_main = util.standalone("aggregate")
 local buzz = require "buzz"
 local format, floor = string.format, math.floor
 
@@ -28,12 +22,9 @@ local results = 0
 local PAYLOADS = {}
 for g = 1, GROUPS do PAYLOADS[g] = { host = "h" .. g, pct = g % 100 } end
 
-local function buzz_body()
-  local clock = buzz.manual_clock(1800000000)
-  local bus = buzz.new{ clock = clock, queue_limit = BATCH * 2 }
-  bus:route("m.cpu"):window{ tumbling = 60 }:group_by("payload.host")
-    :reduce(buzz.agg.avg("payload.pct"))
-    :handle(function() results = results + 1 end)
+-- body(n): publishes n events over the groups, a second of clock time
+-- every BATCH of them.
+local function feeder(bus, clock)
   return function(n)
     for i = 1, n do
       bus:publish("m.cpu", PAYLOADS[i % GROUPS + 1])
@@ -44,7 +35,16 @@ local function buzz_body()
     end
     bus:drain()
     return n
-  end, bus
+  end
+end
+
+local function buzz_body()
+  local clock = buzz.manual_clock(1800000000)
+  local bus = buzz.new{ clock = clock, queue_limit = BATCH * 2 }
+  bus:route("m.cpu"):window{ tumbling = 60 }:group_by("payload.host")
+    :reduce(buzz.agg.avg("payload.pct"))
+    :handle(function() results = results + 1 end)
+  return feeder(bus, clock), bus
 end
 
 -- By hand: sums per group in the open window, flushed when time passes
@@ -76,17 +76,7 @@ local function hand_body()
     end
     s.sum, s.n = s.sum + ev.payload.pct, s.n + 1
   end)
-  return function(n)
-    for i = 1, n do
-      bus:publish("m.cpu", PAYLOADS[i % GROUPS + 1])
-      if i % BATCH == 0 then
-        bus:drain()
-        clock:advance(1)
-      end
-    end
-    bus:drain()
-    return n
-  end, bus
+  return feeder(bus, clock), bus
 end
 
 -- Bytes of Lua heap per open group: one window with `groups` groups.

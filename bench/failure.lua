@@ -9,16 +9,10 @@
 -- the timed region, which never sleeps.
 -- @module bench.failure
 
-local root = (arg and arg[0] or ""):match("^(.-)bench/[%w_]+%.lua$") or ""
-local is_main = (arg and arg[0] or ""):match("bench/failure%.lua$") ~= nil
-if is_main then
-  local flavour = type(jit) == "table" and "luajit" or "lua5.4"
-  package.path = root .. "lua/?.lua;" .. root .. "lua/?/init.lua;"
-                 .. root .. "?.lua;" .. package.path
-  package.cpath = root .. "build/" .. flavour .. "/?.so;" .. package.cpath
-end
-
+package.path = (arg and arg[0] or ""):gsub("bench/[%w_]+%.lua$", "?.lua")
+               .. ";" .. package.path      -- finds bench.util from anywhere
 local util = require "bench.util"
+local is_main = util.standalone("failure")
 local cpu_clock = os.clock
 local buzz = require "buzz"
 local pcall, error, ipairs, pairs, format, floor = pcall, error, ipairs, pairs,

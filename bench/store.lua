@@ -14,16 +14,11 @@
 -- The CPU column (os.clock: every thread of the process) is shown beside.
 -- @module bench.store
 
-local root = (arg and arg[0] or ""):match("^(.-)bench/[%w_]+%.lua$") or ""
-local is_main = (arg and arg[0] or ""):match("bench/store%.lua$") ~= nil
-if is_main then
-  local flavour = type(jit) == "table" and "luajit" or "lua5.4"
-  package.path = root .. "lua/?.lua;" .. root .. "lua/?/init.lua;"
-                 .. root .. "?.lua;" .. package.path
-  package.cpath = root .. "build/" .. flavour .. "/?.so;" .. package.cpath
-end
-
+package.path = (arg and arg[0] or ""):gsub("bench/[%w_]+%.lua$", "?.lua")
+               .. ";" .. package.path      -- finds bench.util from anywhere
 local util = require "bench.util"
+local is_main = util.standalone("store")
+local root = util.root
 local buzz = require "buzz"
 local core = require "buzz.core"
 local assert, error, tonumber, os_getenv = assert, error, tonumber, os.getenv

@@ -19,6 +19,25 @@ M.CALIBRATE_SECONDS = 0.05
 
 M.is_jit = type(jit) == "table"
 
+--- The checkout's root, as a prefix of the running script's path
+--- ("" when it runs from the root: lua5.4 bench/run.lua).
+M.root = (arg and arg[0] or ""):match("^(.-)bench/[%w_]+%.lua$") or ""
+
+--- For a benchmark run on its own (`lua5.4 bench/NAME.lua`):
+--- true, with the checkout's Lua layer and build put first on the
+--- package paths; false when it is loaded by bench/run.lua.
+---@param name string the benchmark's file name, without .lua
+---@return boolean
+function M.standalone(name)
+  local script = arg and arg[0] or ""
+  if not script:match("bench/" .. name .. "%.lua$") then return false end
+  local root, flavour = M.root, M.is_jit and "luajit" or "lua5.4"
+  package.path = root .. "lua/?.lua;" .. root .. "lua/?/init.lua;"
+                 .. root .. "?.lua;" .. package.path
+  package.cpath = root .. "build/" .. flavour .. "/?.so;" .. package.cpath
+  return true
+end
+
 --- The interpreter, as people name it.
 ---@return string
 function M.interpreter()
