@@ -496,16 +496,7 @@ end
 function Agg:publish(etype, opts)
   check_self(self, "publish")
   local bus = self.route.bus
-  if type(etype) ~= "string" then
-    fail(2, "bad type: expected a string such as \"metrics.cpu.avg\", got "
-         .. "%s", quote(etype))
-  end
-  local ok, why = require("buzz.core").check_subject(etype, false)
-  if not ok then error(why, 2) end
-  if etype:sub(1, 1) == "$" then
-    fail(2, "bad type %q: types starting with \"$\" are reserved for the "
-         .. "engine", etype)
-  end
+  util.check_type_arg(etype, "metrics.cpu.avg", 2)
   local sub, err, code = start(self, function(result)
     if bus._core then
       local id, perr = bus:publish(etype, result)

@@ -103,22 +103,10 @@ local function check_bus(self, method)
   return c
 end
 
-local function check_subject_arg(s, what, example, level)
-  if type(s) ~= "string" then
-    error(("bad %s: expected a string such as %q, got %s")
-          :format(what, example, type(s)), level + 1)
-  end
-end
-
+local check_subject_arg = util.check_subject_arg
+local check_subject_value = util.check_subject_value
+local check_type_arg = util.check_type_arg
 local quote = util.quote
-
--- Raises (at level) unless s is a well-formed pattern (is_pattern) or
--- type, with the core's message for one that is not.
-local function check_subject_value(s, what, example, is_pattern, level)
-  check_subject_arg(s, what, example, level + 1)
-  local ok, why = core.check_subject(s, is_pattern)
-  if not ok then error(why, level + 1) end
-end
 
 -- Raises unless v is nil or a number > 0 (an integer if is_int).
 local function check_positive(v, name, is_int, level)
@@ -536,16 +524,6 @@ local function publish_args(self, opts, level)
   local prio, key, corr, headers, dedup, version =
     publish_options(opts, level + 1)
   return prio, key, corr, headers, dedup, version  -- not a tail call
-end
-
--- Raises (at level) unless etype is a type a user may publish: a valid
--- subject, not one of the engine's reserved "$" types.
-local function check_type_arg(etype, example, level)
-  check_subject_value(etype, "type", example, false, level + 1)
-  if etype:sub(1, 1) == "$" then
-    error(("bad type %q: types starting with \"$\" are reserved for the "
-           .. "engine ($DLQ.>, $SYS.>)"):format(etype), level + 1)
-  end
 end
 
 -- publish with delay or at: checks the type and the payload now (with a

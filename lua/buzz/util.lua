@@ -1,7 +1,10 @@
 --- Small helpers the Lua layer's modules share: how a value is shown in a
--- message, and dot paths into an event ("payload.cpu.user").
+-- message, the checks of subjects given as arguments, and dot paths into
+-- an event ("payload.cpu.user").
 -- @module buzz.util
-local type, tostring, tonumber = type, tostring, tonumber
+local core = require "buzz.core"
+
+local type, error, tostring, tonumber = type, error, tostring, tonumber
 
 local M = {}
 
@@ -13,6 +16,33 @@ function M.quote(v)
   if type(v) == "string" then return ("%q"):format(v) end
   if v ~= v then return "NaN" end
   return tostring(v)
+end
+
+--- Raises (at level) unless s is a string; what names the argument and
+--- example shows one.
+function M.check_subject_arg(s, what, example, level)
+  if type(s) ~= "string" then
+    error(("bad %s: expected a string such as %q, got %s")
+          :format(what, example, type(s)), level + 1)
+  end
+end
+
+--- Raises (at level) unless s is a well-formed pattern (is_pattern) or
+--- type, with the core's message for one that is not.
+function M.check_subject_value(s, what, example, is_pattern, level)
+  M.check_subject_arg(s, what, example, level + 1)
+  local ok, why = core.check_subject(s, is_pattern)
+  if not ok then error(why, level + 1) end
+end
+
+--- Raises (at level) unless etype is a type a user may publish: a valid
+--- subject, not one of the engine's reserved "$" types.
+function M.check_type_arg(etype, example, level)
+  M.check_subject_value(etype, "type", example, false, level + 1)
+  if etype:sub(1, 1) == "$" then
+    error(("bad type %q: types starting with \"$\" are reserved for the "
+           .. "engine ($DLQ.>, $SYS.>)"):format(etype), level + 1)
+  end
 end
 
 --- The steps of a dot path: "payload.items.1" -> { "payload", "items", 1 }
