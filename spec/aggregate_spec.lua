@@ -230,6 +230,22 @@ describe("route:window", function()
       { function()
           r:window { tumbling = 5 }:reduce(buzz.agg.count()):publish("$x")
         end, 'bad type "$x"' },
+      { function()
+          r:window { tumbling = 5 }:reduce(buzz.agg.count()):publish(5)
+        end, 'bad type: expected a string such as "metrics.cpu.avg", got '
+             .. "number" },
+      { function() r:window { tumbling = 5, late = "log" } end,
+        'bad window late: expected a function(ev), got "log"' },
+      { function() r:window { tumbling = 5, allowed_lateness = -1 } end,
+        "bad window allowed_lateness: expected seconds >= 0, got -1" },
+      { function() r:window { count = 5, every = 1 } end,
+        "every goes with sliding windows, not count" },
+      { function() r:window { tumbling = 5 }:reduce { init = print } end,
+        "bad reducer: a custom reducer is { init = function() end, step = "
+        .. "function(state, ev) end, finish = function(state) end "
+        .. "(optional) }" },
+      { function() r:window { tumbling = 5 }:reduce { buzz.agg.count() } end,
+        "bad reducer table: names are strings, got 1" },
     } do
       local ok, err = pcall(case[1])
       assert.is_false(ok)

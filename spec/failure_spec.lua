@@ -959,6 +959,40 @@ describe("bad failure-handling input", function()
     assert.has_error(function() bus:every(0, "t") end,
                      "bad seconds: expected a positive number, got 0")
     assert.has_error(function() buzz.new { clock = os.clock } end)
+    local ok, err = pcall(buzz.new, { clock = "manual" })
+    assert.is_false(ok)
+    assert.matches('bad clock: expected buzz.manual_clock(), got "manual"',
+                   err, 1, true)
+    assert.has_error(function() bus:dead_letters { subscription = 5 } end,
+                     "bad subscription: expected a subscription's name, "
+                     .. 'such as "billing", got 5')
+    assert.has_error(function() bus:every(1, "$SYS.x") end)
+  end)
+
+  it("refuses to redrive or discard on a read-only store", function()
+    local path = tmp_store()
+    finally(function() remove_store(path) end)
+    H.bus { store = path }:close()
+    local r = H.bus { store = path, readonly = true }
+    assert.has_error(function() r:redrive { subscription = "s" } end,
+                     "this bus opened its store read-only: it cannot redrive")
+    assert.has_error(function() r:discard(1) end,
+                     "this bus opened its store read-only: it cannot discard")
+  end)
+
+  it("fails a handler that yields something buzz cannot resume", function()
+    local bus, _, errors = clocked()
+    local calls = 0
+    bus:subscribe("e", function()
+      calls = calls + 1
+      coroutine.yield("for a driver")
+    end, { retry = 2 })
+    bus:publish("e")
+    bus:drain()
+    assert.equal(1, #errors)
+    assert.matches('handler yielded "for a driver", which buzz cannot '
+                   .. "resume: yield only through buzz.sleep or a host driver",
+                   errors[1].err, 1, true)
   end)
 
   it("refuses a delayed payload a store cannot hold, at publish", function()

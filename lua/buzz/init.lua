@@ -1035,7 +1035,8 @@ local function dead_filter(f, method, level)
   check_options(f, DEAD_LETTER_OPTIONS, method, level + 1)
   if f then
     if f.subscription ~= nil and type(f.subscription) ~= "string" then
-      error(("bad subscription: expected a name, got %s")
+      error(("bad subscription: expected a subscription's name, such as "
+             .. "\"billing\", got %s")
             :format(quote(f.subscription)), level + 1)
     end
     if f.types ~= nil then
