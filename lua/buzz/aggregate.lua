@@ -325,12 +325,9 @@ function Engine:late(ev)
     if not ok then self.bus._report(err, ev) end
     return
   end
-  local c = self.bus._core
-  if c then
-    c:publish("$SYS.late", { type = ev.type, id = ev.id, ts = ev.ts,
-                             pattern = self.sub and self.sub.pattern },
-              nil, nil, nil, nil, nil, nil, nil, true, self.bus._clock:now_ms())
-  end
+  self.bus._sup:announce("$SYS.late", {      -- a refusal is reported
+    type = ev.type, id = ev.id, ts = ev.ts,
+    pattern = self.sub and self.sub.pattern })
 end
 
 -- Adds ev to the window starting at start (open, or opened now).
