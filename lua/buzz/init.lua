@@ -1062,13 +1062,18 @@ function Bus:dead_letters(filter)
 end
 
 -- The dead letters filter selects, for a method that changes them (not on
--- a read-only store). The method has checked the bus.
+-- a read-only store); an id that is not there raises. The method has
+-- checked the bus.
 local function dead_to_change(self, method, filter)
   if self._readonly then
     error(("this bus opened its store read-only: it cannot %s")
           :format(method), 3)
   end
-  return self._sup:select(dead_filter(filter, method, 3))
+  local recs = self._sup:select(dead_filter(filter, method, 3))
+  if is_integer(filter) and #recs == 0 then
+    error(("no dead letter %d on this bus"):format(filter), 3)
+  end
+  return recs
 end
 
 --- Delivers dead letters again, to the subscription each came from,
@@ -1080,9 +1085,6 @@ end
 function Bus:redrive(filter)
   check_bus(self, "redrive")
   local recs = dead_to_change(self, "redrive", filter)
-  if is_integer(filter) and #recs == 0 then
-    error(("no dead letter %d on this bus"):format(filter), 2)
-  end
   return self._sup:redrive(recs)
 end
 
@@ -1092,9 +1094,6 @@ end
 function Bus:discard(filter)
   check_bus(self, "discard")
   local recs = dead_to_change(self, "discard", filter)
-  if is_integer(filter) and #recs == 0 then
-    error(("no dead letter %d on this bus"):format(filter), 2)
-  end
   self._sup:remove(recs)
   return #recs
 end
