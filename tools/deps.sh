@@ -10,7 +10,7 @@ PACKAGES="
   luajit2 libluajit2-5.1-dev
   libuv1-dev libcjson-dev libsqlite3-dev sqlite3
   lua-busted lua-mediator lua-luv lua-check
-  luarocks cppcheck valgrind
+  luarocks cppcheck valgrind neovim
 "
 
 missing=""
