@@ -1,7 +1,8 @@
 --- Every file in examples/ runs to completion under the interpreter running
 -- busted, so the examples (and the README that points at them) cannot
 -- drift from the code. Each example asserts its own facts and exits
--- non-zero if one fails; demo.lua's trace is also checked here.
+-- non-zero if one fails; the traces of demo.lua and orchestrator.lua are
+-- also checked here.
 
 local function list_examples()
   local p = assert(io.popen("ls examples/*.lua 2>/dev/null"))
@@ -40,6 +41,68 @@ local DEMO_LINES = {
   "close() discarded 1 pending event; bus closed",
 }
 
+-- Expected lines of examples/orchestrator.lua, in order; each is matched
+-- whole. t+Ns is the manual clock: retries come 1 s, then 2 s, apart.
+local ORCHESTRATOR_LINES = {
+  "t+0s  launch T1 \"fix a typo in the README\"  corr=task-T1",
+  "t+0s  launch T3 \"port the core to Plan 9\"  corr=task-T3",
+  "t+0s    agent  T1 attempt 1 succeeded",
+  "t+0s    agent  T3 attempt 1 failed: the model's patch does not apply",
+  "t+0s  callback T1 agent: succeeded (1 attempt)",
+  "t+0s    build  T2 attempt 1 failed: linker killed (out of memory)",
+  "t+0s  task T1 succeeded",
+  "t+1s    agent  T3 attempt 2 failed: the model's patch does not apply",
+  "t+1s    build  T2 attempt 2 failed: linker killed (out of memory)",
+  "t+3s    agent  T3 attempt 3 failed: the model's patch does not apply",
+  "t+3s    build  T2 attempt 3 succeeded",
+  "t+3s    agent  T3 dead-lettered (exhausted after 3 attempts)",
+  "t+3s  callback T2 build: succeeded (3 attempts)",
+  "t+3s  task T2 succeeded",
+  "t+3s  callback T3 agent: failed (3 attempts)",
+  "t+3s  task T3 failed",
+  "t+3s  notify: task T3 failed at agent: the model's patch does not apply",
+  "T1 succeeded agent 1 attempt, build 1 attempt",
+  "T2 succeeded agent 1 attempt, build 3 attempts",
+  "T3 failed    agent 3 attempts, build never ran",
+  "5 callbacks, 1 notification, 1 dead letter; all checks passed",
+}
+
+-- Lines that must appear exactly once in out (T3's build never runs, so
+-- no build line or callback names it; only T3 is notified).
+local ORCHESTRATOR_ONCE = {
+  "callback T1 agent:", "callback T1 build:", "callback T2 agent:",
+  "callback T2 build:", "callback T3 agent:", "notify: ",
+}
+local ORCHESTRATOR_NEVER = {
+  "build  T3", "callback T3 build", "notify: task T1", "notify: task T2",
+}
+
+-- Asserts that every line of want is a whole line of out, in order, and
+-- that the last of want is out's last line.
+local function assert_lines(out, want)
+  local lines, at = {}, 0
+  for line in out:gmatch("([^\n]*)\n") do lines[#lines + 1] = line end
+  for _, w in ipairs(want) do
+    local found
+    for i = at + 1, #lines do
+      if lines[i] == w then found = i break end
+    end
+    assert.is_truthy(found, ("missing, or out of order: %q\nin:\n%s")
+                            :format(w, out))
+    at = found
+  end
+  assert.are.equal(want[#want], lines[#lines])
+end
+
+local function count(out, s)
+  local n, at = 0, 1
+  while true do
+    local i = out:find(s, at, true)
+    if not i then return n end
+    n, at = n + 1, i + #s
+  end
+end
+
 describe("examples/", function()
   local files = list_examples()
 
@@ -49,6 +112,7 @@ describe("examples/", function()
     for _, f in ipairs(files) do names[f] = true end
     assert.is_true(names["examples/demo.lua"])
     assert.is_true(names["examples/backpressure.lua"])
+    assert.is_true(names["examples/orchestrator.lua"])
   end)
 
   for _, file in ipairs(files) do
@@ -63,18 +127,19 @@ describe("examples/", function()
   it("prints the demo's trace in order", function()
     local ok, out = run_example("examples/demo.lua")
     assert.is_true(ok, out)
-    local lines, at = {}, 0
-    for line in out:gmatch("([^\n]*)\n") do lines[#lines + 1] = line end
-    for _, want in ipairs(DEMO_LINES) do
-      local found
-      for i = at + 1, #lines do
-        if lines[i] == want then found = i break end
-      end
-      assert.is_truthy(found, ("missing, or out of order: %q\nin:\n%s")
-                              :format(want, out))
-      at = found
+    assert_lines(out, DEMO_LINES)
+  end)
+
+  it("prints the orchestrator's trace in order", function()
+    local ok, out = run_example("examples/orchestrator.lua")
+    assert.is_true(ok, out)
+    assert_lines(out, ORCHESTRATOR_LINES)
+    for _, s in ipairs(ORCHESTRATOR_ONCE) do
+      assert.are.equal(1, count(out, s), ("%q in:\n%s"):format(s, out))
     end
-    assert.are.equal(DEMO_LINES[#DEMO_LINES], lines[#lines])
+    for _, s in ipairs(ORCHESTRATOR_NEVER) do
+      assert.are.equal(0, count(out, s), ("%q in:\n%s"):format(s, out))
+    end
   end)
 
   it("fails when an example's assertion fails", function()
