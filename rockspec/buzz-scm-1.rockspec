@@ -70,8 +70,10 @@ build = {
     -- copies all of lua/ into the tree, but the list is the record.)
     ["buzz"] = "lua/buzz/init.lua",
     ["buzz.aggregate"] = "lua/buzz/aggregate.lua",
+    ["buzz.driver"] = "lua/buzz/driver.lua",
     ["buzz.failure"] = "lua/buzz/failure.lua",
     ["buzz.filter"] = "lua/buzz/filter.lua",
+    ["buzz.luv"] = "lua/buzz/luv.lua",
     ["buzz.middleware"] = "lua/buzz/middleware.lua",
     ["buzz.router"] = "lua/buzz/router.lua",
     ["buzz.timers"] = "lua/buzz/timers.lua",

@@ -11,6 +11,7 @@ local conditions = require "buzz.filter"
 local transform = require "buzz.transform"
 local router = require "buzz.router"
 local middleware = require "buzz.middleware"
+local driver = require "buzz.driver"
 
 local type, error, pairs, ipairs, tostring, pcall, xpcall =
       type, error, pairs, ipairs, tostring, pcall, xpcall
@@ -54,7 +55,7 @@ end
 local NEW_OPTIONS = option_set("store", "durability", "queue_limit",
                                "on_error", "readonly", "max_payload",
                                "dedup_window", "max_age", "max_events",
-                               "max_size", "clock")
+                               "max_size", "clock", "loop")
 local SUBSCRIBE_OPTIONS = option_set("once", "durable", "start", "name",
                                      "retry", "ordered", "breaker",
                                      "timeout", "concurrency", "filter")
@@ -279,6 +280,8 @@ function M.new(opts)
     error(("bad clock: expected buzz.manual_clock(), got %s")
           :format(quote(clock)), 2)
   end
+  local loop = opts.loop
+  if loop ~= nil then driver.check(loop, 2) end   -- raises before anything
   if not store then
     for _, k in ipairs { "durability", "readonly", "max_age", "max_events",
                          "max_size" } do
@@ -334,6 +337,15 @@ function M.new(opts)
     end
   end
   if clock.is_manual then clock:join(bus) end
+  if loop ~= nil then         -- a host's loop drives it (lua/buzz/driver.lua)
+    local d, derr, dcode = driver.attach(bus, loop, 2)
+    if not d then
+      bus:close()
+      return nil, derr, dcode
+    end
+    bus._driver = d
+    bus.publish = driver.publisher(d, Bus.publish)  -- nil: the plain method
+  end
   return bus
 end
 
@@ -673,11 +685,30 @@ function Bus:_tick()
   if self._core and not self:_is_in_handler() then self:drain() end
 end
 
+-- A host driver's turn (lua/buzz/luv.lua): the timers that are due, then
+-- at most max deliveries, as step(max); nothing on a closed bus, or while
+-- a handler runs, or after a timer's callback closed the bus. Returns the
+-- deliveries made.
+function Bus:_turn(max)
+  local c = self._core
+  if not c or c:pump(0) == nil then return 0 end
+  c:stop(false)
+  fire_due(self)
+  c = self._core
+  if not c then return 0 end
+  return pump(c, max, "step")
+end
+
 --- Drives the bus on its own loop until stop(), or until nothing is
 --- pending and no timer is armed. Returns the number of deliveries.
 ---@return integer
 function Bus:run()
   local c = check_bus(self, "run")
+  if self._driver then
+    error("bus:run() would block the host loop that drives this bus "
+          .. "(buzz.new{ loop = ... }): let the host's loop run it (uv.run(), "
+          .. "Neovim's own), or use bus:drain()", 2)
+  end
   c:stop(false)
   local total, tl, clock = 0, self._timers, self._clock
   while true do
@@ -714,6 +745,8 @@ function Bus:close()
   local c = self._core
   if not c then return 0 end
   self._core = false
+  local d = self._driver
+  if d then d:close() end     -- the host's handles, before the fd goes
   self._timers:clear()
   self._sup:close()
   if self._clock.is_manual then self._clock:leave(self) end
