@@ -70,6 +70,7 @@ build = {
     -- copies all of lua/ into the tree, but the list is the record.)
     ["buzz"] = "lua/buzz/init.lua",
     ["buzz.aggregate"] = "lua/buzz/aggregate.lua",
+    ["buzz.batch"] = "lua/buzz/batch.lua",
     ["buzz.driver"] = "lua/buzz/driver.lua",
     ["buzz.failure"] = "lua/buzz/failure.lua",
     ["buzz.filter"] = "lua/buzz/filter.lua",

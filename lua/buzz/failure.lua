@@ -777,6 +777,7 @@ function Runner:release(job)
     job.has_lane = false
     self:pass_lane(job.key)
   end
+  if self.on_release then self.on_release(job) end
 end
 
 function Runner:succeed(job)
@@ -807,7 +808,7 @@ function Runner:fail(job, err, trace)
   local due = sup:now() + delay
   self.retrying = self.retrying + 1
   job.retry_timer = sup.timers:at(due, Runner.retry_due, job)
-  if sup.bus._store then self:store(job, due) end
+  if sup.bus._store and not job.ev.batch then self:store(job, due) end
 end
 
 -- Writes the job's row (kind "retry"): its next attempt is due at due.
@@ -844,22 +845,30 @@ function Runner.retry_due(job)
   r.sup:flush()
 end
 
--- The last attempt failed: the event becomes a dead letter.
+-- The last attempt failed: the event becomes a dead letter; a batch (see
+-- lua/buzz/batch.lua) becomes one letter per event, so that a redrive
+-- feeds its events to the batch again.
 function Runner:bury(job, reason)
   local sup = self.sup
   local h = job.history or {}
   local last = h[#h]
-  local rec = {
-    id = sup.next_dead, subscription = self.name, pattern = self.sub.pattern,
-    reason = reason, error = last and last.error, attempts = h,
-    event = plain(job.ev), failed_at = sup:now() / 1000,
-    redrives = job.redrives,
-  }
-  sup.next_dead = rec.id + 1
-  sup.dead[#sup.dead + 1] = rec
-  sup:put("dead", ("%012d"):format(rec.id), rec)
+  local recs = {}
+  for i, ev in ipairs(job.ev.batch or { job.ev }) do
+    local rec = {
+      id = sup.next_dead, subscription = self.name,
+      pattern = self.sub.pattern, reason = reason,
+      error = last and last.error, attempts = h, event = plain(ev),
+      failed_at = sup:now() / 1000, redrives = ev.redrives or job.redrives,
+    }
+    sup.next_dead = rec.id + 1
+    sup.dead[#sup.dead + 1] = rec
+    sup:put("dead", ("%012d"):format(rec.id), rec)
+    recs[i] = rec
+  end
   self:release(job)
-  sup:announce("$DLQ." .. job.ev.type, M.copy(rec))  -- not the bus's own
+  for _, rec in ipairs(recs) do             -- copies: not the bus's own
+    sup:announce("$DLQ." .. rec.event.type, M.copy(rec))
+  end
 end
 
 

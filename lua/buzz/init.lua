@@ -198,9 +198,16 @@ local function default_on_error(err, ev, sub, trace)
     stderr:write(("buzz: %s\n"):format(tostring(err)))
     return
   end
-  stderr:write(("buzz: handler for %q failed on %s #%s: %s\n")
-               :format(sub and sub.pattern or "?", tostring(ev.type),
-                       tostring(ev.id), trace or tostring(err)))
+  local what = ("%s #%s"):format(tostring(ev.type), tostring(ev.id))
+  if ev.batch then                    -- bus:batch's handler: its events
+    local first, last = ev.batch[1], ev.batch[#ev.batch]
+    what = ("a batch of %d (#%s..#%s)"):format(#ev.batch,
+                                               tostring(first and first.id),
+                                               tostring(last and last.id))
+  end
+  stderr:write(("buzz: handler for %q failed on %s: %s\n")
+               :format(sub and sub.pattern or "?", what,
+                       trace or tostring(err)))
 end
 
 -- The core calls this for a failed delivery; on_error runs protected, and
@@ -1182,7 +1189,9 @@ end
 --- held, retrying, breaker ("closed", "open", "half_open" or nil).
 ---@return table|nil
 function Sub:stats()
-  return self._runner and self._runner:stats() or nil
+  if self._runner then return self._runner:stats() end
+  local e = self._engine
+  return e and e.stats and e:stats() or nil
 end
 
 
@@ -1248,6 +1257,19 @@ function Bus:use(fn)
     if not sub._runner then c:set_handler(sub._id, sub, fn2) end
   end
   return true
+end
+
+--- A batch subscription: bus:batch(pattern, opts)(fn) calls fn(events,
+--- attempt) with arrays of events (see lua/buzz/batch.lua). opts: size,
+--- interval, max_bytes, adaptive, and subscribe's retry, breaker,
+--- timeout, concurrency, name, durable, start, filter.
+---@param pattern string
+---@param opts table|nil
+---@return function decorator taking fn and returning the subscription
+function Bus:batch(pattern, opts)
+  check_bus(self, "batch")
+  local decorate = require("buzz.batch").decorator(self, pattern, opts, 3)
+  return decorate                      -- not a tail call: error levels
 end
 
 --- A route over pattern: stages (where, filter, map, enrich, pluck,
