@@ -105,6 +105,29 @@ describe("route:window", function()
     assert.same({ "1@1-3=3/2" }, out)
   end)
 
+  it("counts with idle: a group quiet that long goes as it is", function()
+    local bus, clock = setup()
+    local out = {}
+    local sub = bus:route("m.*"):window { count = 3, idle = 5 }
+      :group_by("payload.k"):reduce(buzz.agg.count())
+      :handle(function(r) out[#out + 1] = fmt(r) end)
+    feed(bus, clock, {
+      { 1, "m.a", { k = "a" } }, { 2, "m.a", { k = "b" } },
+      { 4, "m.a", { k = "a" } },        -- a's idle time starts again
+    })
+    clock:advance(3)                    -- now 7: b idle since 2
+    assert.same({ "b@2-2=1/1" }, out)
+    clock:advance(1.999)
+    assert.same({ "b@2-2=1/1" }, out)
+    clock:advance(0.001)                -- now 9: a idle since 4
+    assert.same({ "b@2-2=1/1", "a@1-4=2/2" }, out)
+    assert.same({}, sub._engine.counts) -- nothing kept
+    feed(bus, clock, { { 20, "m.a", { k = "c" } }, { 21, "m.a", { k = "c" } },
+                       { 22, "m.a", { k = "c" } } })
+    clock:advance(30)                   -- filled: no idle result after
+    assert.same({ "b@2-2=1/1", "a@1-4=2/2", "c@20-22=3/3" }, out)
+  end)
+
   it("sends late events to late(), or publishes them on $SYS.late",
      function()
     local bus, clock = setup()
@@ -242,8 +265,24 @@ describe("route:window", function()
         "every goes with sliding windows, not count" },
       { function() r:window { tumbling = 5 }:reduce { init = print } end,
         "bad reducer: a custom reducer is { init = function() end, step = "
-        .. "function(state, ev) end, finish = function(state) end "
-        .. "(optional) }" },
+        .. "function(state, ev) end, and optionally finish = "
+        .. "function(state) end, save = function(state) end with load = "
+        .. "function(saved) end }" },
+      { function()
+          r:window { tumbling = 5 }:reduce { init = print, step = print,
+                                            save = print }
+        end, "save = function(state) end with load" },
+      { function()
+          r:window { tumbling = 5 }:reduce { init = print, step = print,
+                                            finish = 3 }
+        end, "bad reducer: a custom reducer is" },
+      { function() r:window { tumbling = 5, idle = 3 } end,
+        "idle goes with count windows: a tumbling window closes by time" },
+      { function() r:window { count = 5, idle = 0 } end,
+        "bad window idle: expected a positive number of seconds, got 0" },
+      { function() r:window { count = 5, checkpoint = "1s" } end,
+        'bad window checkpoint: expected a positive number of seconds, '
+        .. 'got "1s"' },
       { function() r:window { tumbling = 5 }:reduce { buzz.agg.count() } end,
         "bad reducer table: names are strings, got 1" },
     } do
@@ -252,5 +291,166 @@ describe("route:window", function()
       assert.matches("^spec/aggregate_spec%.lua:%d+: ", err)
       assert.matches(case[2], err, 1, true)
     end
+  end)
+end)
+
+describe("route:window on a store, durable", function()
+  local path
+  before_each(function() path = H.tmp_store() end)
+  after_each(function()
+    H.done()
+    H.remove_store(path)
+  end)
+
+  -- Clocks near the wall clock's time: the store's dedup window, which
+  -- keeps a result from being published twice across a restart, counts
+  -- back from it.
+  local BASE = math.floor(os.time() / 100) * 100 - 1000
+  local function open(start)
+    local clock = buzz.manual_clock(BASE + start)
+    return H.bus { store = path, clock = clock, on_error = function() end },
+           clock
+  end
+
+  -- The aggregation under test: counts and distinct users per group in
+  -- 10 s windows, published on m.stats.
+  local function aggregate(bus, kind)
+    return bus:route("m.*"):window(kind or { tumbling = 10 })
+      :group_by("payload.g")
+      :reduce { n = buzz.agg.count(), users = buzz.agg.distinct("payload.u"),
+                low = buzz.agg.min("payload.v") }
+      :publish("m.stats", { durable = "stats" })
+  end
+
+  local function results(bus)
+    local out = {}
+    for ev in bus:events{ types = "m.stats" } do
+      local r = ev.payload
+      out[#out + 1] = ("%s@%g n=%d users=%d low=%s"):format(
+        r.group, r.window_start / 1000 - BASE - 1000, r.value.n, r.value.users,
+        tostring(r.value.low))
+    end
+    return out
+  end
+
+  local function put(bus, clock, t, g, u, v)
+    clock:advance(BASE + 1000 + t - clock:now())
+    assert(bus:publish("m.x", { g = g, u = u, v = v }))
+    bus:drain()
+  end
+
+  it("a restart takes up its open windows from the checkpoint and the log",
+     function()
+    local bus, clock = open(1000)
+    aggregate(bus)
+    put(bus, clock, 1, "a", "x", 5)
+    put(bus, clock, 2, "b", "y", 7)
+    put(bus, clock, 3, "a", "y", 2)     -- the checkpoint at 1 s, 2 s...
+    put(bus, clock, 3, "a", "x", 9)     -- ...and these after the last one
+    assert(bus:flush())
+    bus:close()                          -- open windows are memory: gone
+
+    local bus2, clock2 = open(1003)
+    aggregate(bus2)
+    put(bus2, clock2, 8, "b", "z", 1)
+    assert.same({}, results(bus2))
+    clock2:advance(10)
+    assert.same({ "a@0 n=3 users=2 low=2", "b@0 n=2 users=2 low=1" },
+                results(bus2))
+  end)
+
+  it("events the checkpoint holds are not counted again", function()
+    local bus, clock = open(1000)
+    aggregate(bus)
+    put(bus, clock, 1, "a", "x", 5)
+    put(bus, clock, 2, "a", "y", 6)
+    clock:advance(1)                     -- a checkpoint with both
+    assert(bus:flush())
+    bus:close()
+    -- as if the position had not been written: the log comes again whole
+    local bus2, clock2 = open(1003)
+    assert.is_true(bus2:remove_consumer("stats"))
+    aggregate(bus2)
+    bus2:drain()
+    clock2:advance(10)
+    assert.same({ "a@0 n=2 users=2 low=5" }, results(bus2))
+  end)
+
+  it("a window closed just before the crash is not published twice",
+     function()
+    local bus, clock = open(1000)
+    aggregate(bus)
+    put(bus, clock, 1, "a", "x", 5)
+    put(bus, clock, 9.5, "a", "y", 6)
+    assert(bus:flush())
+    -- the checkpoint as it was before the window closed
+    local before = bus._core:state_list("window")[1].value
+    clock:advance(1)                     -- closes [0, 10): published
+    assert.same({ "a@0 n=2 users=2 low=5" }, results(bus))
+    -- a crash between the result and the checkpoint after it
+    assert(bus._core:state_put("window", "stats", before))
+    assert(bus:flush())
+    bus:close()
+
+    local bus2, clock2 = open(1010.5)
+    aggregate(bus2)
+    clock2:advance(1)
+    assert.same({ "a@0 n=2 users=2 low=5" }, results(bus2))
+  end)
+
+  it("keeps sessions and count groups too, with their timers", function()
+    local bus, clock = open(1000)
+    aggregate(bus, { session = 5 })
+    put(bus, clock, 1, "a", "x", 1)
+    put(bus, clock, 3, "a", "y", 2)
+    assert(bus:flush())
+    bus:close()
+    local bus2, clock2 = open(1004)
+    aggregate(bus2, { session = 5 })
+    clock2:advance(3.999)
+    assert.same({}, results(bus2))
+    clock2:advance(0.001)                -- 5 s after the event at 3
+    assert.same({ "a@1 n=2 users=2 low=1" }, results(bus2))
+    bus2:close()
+    H.remove_store(path)
+
+    local bus3, clock3 = open(1000)
+    aggregate(bus3, { count = 3, idle = 5 })
+    put(bus3, clock3, 1, "c", "x", 4)
+    put(bus3, clock3, 2, "c", "x", 3)
+    assert(bus3:flush())
+    bus3:close()
+    local bus4, clock4 = open(1002)
+    aggregate(bus4, { count = 3, idle = 5 })
+    put(bus4, clock4, 3, "c", "z", 8)
+    assert.same({ "c@1 n=3 users=2 low=3" }, results(bus4))
+  end)
+
+  it("a live aggregation keeps no checkpoint", function()
+    local bus, clock = open(1000)
+    bus:route("m.*"):window { tumbling = 10 }:reduce(buzz.agg.count())
+      :publish("m.stats")
+    put(bus, clock, 1, "a", "x", 1)
+    clock:advance(2)
+    assert(bus:flush())
+    assert.same({}, bus._core:state_list("window"))
+  end)
+
+  it("reports a custom state JSON cannot hold, and goes on", function()
+    local errs = {}
+    local bus = H.bus { store = path, clock = buzz.manual_clock(BASE + 1000),
+                        on_error = function(e) errs[#errs + 1] = e end }
+    local out = {}
+    bus:route("m.*"):window { tumbling = 10 }
+      :reduce { init = function() return { f = print } end,
+                step = function(s) return s end,
+                finish = function() return "ok" end }
+      :handle(function(r) out[#out + 1] = r.value end,
+              { durable = "odd" })
+    bus:publish("m.x", {})
+    bus:drain()
+    bus._clock:advance(11)
+    assert.same({ "ok" }, out)
+    assert.matches("could not store window odd", tostring(errs[1]))
   end)
 end)

@@ -29,6 +29,7 @@ local sort = table.sort
 local M = {}
 
 local util = require "buzz.util"
+local core = require "buzz.core"
 local quote = util.quote
 
 local function fail(level, fmt, ...)
@@ -54,9 +55,13 @@ end
 local Reducer = { __name = "buzz.reducer" }
 Reducer.__index = Reducer
 
-local function reducer(init, step, finish)
-  return setmetatable({ init = init, step = step,
-                        finish = finish or function(s) return s end },
+local function same(s) return s end
+
+-- save(state) gives a form JSON holds (for checkpoints), load(form) the
+-- state again; both default to the state itself.
+local function reducer(init, step, finish, save, load)
+  return setmetatable({ init = init, step = step, finish = finish or same,
+                        save = save or same, load = load or same },
                       Reducer)
 end
 
@@ -146,7 +151,15 @@ function agg.distinct(path)
       s.seen[v], s.n = true, s.n + 1
     end
     return s
-  end, function(s) return s.n end)
+  end, function(s) return s.n end, function(s)
+    local list = {}                    -- keys of any type, as a list
+    for v in pairs(s.seen) do list[#list + 1] = v end
+    return list
+  end, function(list)
+    local s = { seen = {}, n = #list }
+    for _, v in ipairs(list) do s.seen[v] = true end
+    return s
+  end)
 end
 
 -- A reducer from what reduce() is given: a reducer, a custom table
@@ -160,13 +173,20 @@ local function as_reducer(r, level)
          .. "named reducers", quote(r))
   end
   if r.step ~= nil or r.init ~= nil then
-    if type(r.init) ~= "function" or type(r.step) ~= "function"
-       or (r.finish ~= nil and type(r.finish) ~= "function") then
-      fail(level, "bad reducer: a custom reducer is { init = function() "
-           .. "end, step = function(state, ev) end, finish = function("
-           .. "state) end (optional) }")
+    for _, k in ipairs { "finish", "save", "load" } do
+      if r[k] ~= nil and type(r[k]) ~= "function" then
+        r = nil
+        break
+      end
     end
-    return reducer(r.init, r.step, r.finish)
+    if not r or type(r.init) ~= "function" or type(r.step) ~= "function"
+       or (r.save == nil) ~= (r.load == nil) then
+      fail(level, "bad reducer: a custom reducer is { init = function() "
+           .. "end, step = function(state, ev) end, and optionally finish "
+           .. "= function(state) end, save = function(state) end with "
+           .. "load = function(saved) end }")
+    end
+    return reducer(r.init, r.step, r.finish, r.save, r.load)
   end
   local names = {}
   for name in pairs(r) do
@@ -200,6 +220,14 @@ local function as_reducer(r, level)
     local out = {}
     for i, name in ipairs(names) do out[name] = parts[i].finish(s[i]) end
     return out
+  end, function(s)
+    local out = {}                     -- { v = } boxes: a state may be nil
+    for i, part in ipairs(parts) do out[i] = { v = part.save(s[i]) } end
+    return out
+  end, function(saved)
+    local s = {}
+    for i, part in ipairs(parts) do s[i] = part.load(saved[i].v) end
+    return s
   end)
 end
 
@@ -209,7 +237,8 @@ end
 local KINDS = { "count", "session", "sliding", "tumbling" }
 local WINDOW_OPTIONS = { tumbling = true, sliding = true, every = true,
                          session = true, count = true,
-                         allowed_lateness = true, time = true, late = true }
+                         allowed_lateness = true, time = true, late = true,
+                         idle = true, checkpoint = true }
 
 local function positive(v, name, is_int, level)
   if type(v) ~= "number" or v ~= v or v <= 0 or v == huge
@@ -229,8 +258,8 @@ local function window_spec(spec, level)
   for k in pairs(spec) do
     if not WINDOW_OPTIONS[k] then
       fail(level, "unknown window option %s (known: allowed_lateness, "
-           .. "count, every, late, session, sliding, time, tumbling)",
-           quote(k))
+           .. "checkpoint, count, every, idle, late, session, sliding, "
+           .. "time, tumbling)", quote(k))
     end
   end
   local kind
@@ -269,11 +298,20 @@ local function window_spec(spec, level)
     end
     w.lateness = floor(spec.allowed_lateness * 1000 + 0.5)
   end
+  w.checkpoint = floor(positive(spec.checkpoint or 1, "checkpoint", false,
+                                level + 1) * 1000 + 0.5)
   if kind == "count" then
     w.size = positive(spec.count, "count", true, level + 1)
     if spec.every ~= nil then
       fail(level, "every goes with sliding windows, not count")
     end
+    if spec.idle ~= nil then
+      w.idle = floor(positive(spec.idle, "idle", false, level + 1) * 1000
+                     + 0.5)
+    end
+  elseif spec.idle ~= nil then
+    fail(level, "idle goes with count windows: a %s window closes by "
+         .. "time", kind)
   else
     w.size = floor(positive(spec[kind], kind, false, level + 1) * 1000
                    + 0.5)
@@ -304,13 +342,17 @@ local function new_engine(bus, w, group_of, red, emit)
     bus = bus, w = w, group_of = group_of, red = red, emit = emit,
     windows = {},        -- start -> { start, stop, groups = {}, order = {} }
     sessions = {},       -- group -> { start, stop, state, count, timer }
-    counts = {},         -- group -> { state, count, start }
+    counts = {},         -- group -> { state, count, start, timer }
     is_active = true, sub = nil,
+    -- checkpoints (a durable aggregation on a store): its row's name, the
+    -- id of the last event taken, whether anything changed since the
+    -- last checkpoint, and the watermark while the log is replayed
+    row = nil, last_id = nil, is_dirty = false, replay_now = nil,
   }, Engine)
 end
 
 function Engine:now()
-  return self.bus._clock:now_ms()
+  return self.replay_now or self.bus._clock:now_ms()
 end
 
 function Engine:result(group, start, stop, state, count)
@@ -330,8 +372,8 @@ function Engine:late(ev)
     pattern = self.sub and self.sub.pattern })
 end
 
--- Adds ev to the window starting at start (open, or opened now).
-function Engine:add_to(start, stop, group, ev)
+-- The window starting at start, opened now if need be.
+function Engine:window(start, stop)
   local win = self.windows[start]
   if win == nil then
     win = { start = start, stop = stop, groups = {}, order = {} }
@@ -339,6 +381,12 @@ function Engine:add_to(start, stop, group, ev)
     self.bus._timers:at(stop + self.w.lateness, Engine.close_window, self,
                         start)
   end
+  return win
+end
+
+-- Adds ev to the window starting at start (open, or opened now).
+function Engine:add_to(start, stop, group, ev)
+  local win = self:window(start, stop)
   local g = win.groups[group]
   if g == nil then
     g = { state = self.red.init(), count = 0 }
@@ -356,8 +404,9 @@ function Engine.close_window(self, start)
   if not self.is_active then return end
   for _, group in ipairs(win.order) do
     local g = win.groups[group]
-    self.emit(self:result(group, win.start, win.stop, g.state, g.count))
+    self.emit(self:result(group, win.start, win.stop, g.state, g.count), self)
   end
+  self:changed(true)
 end
 
 function Engine.close_session(self, group)
@@ -365,12 +414,45 @@ function Engine.close_session(self, group)
   if s == nil then return end
   self.sessions[group] = nil
   if self.is_active then
-    self.emit(self:result(group, s.start, s.stop, s.state, s.count))
+    self.emit(self:result(group, s.start, s.stop, s.state, s.count), self)
+    self:changed(true)
   end
+end
+
+-- A count window's group that has been idle too long goes as it is.
+function Engine.close_count(self, group)
+  local c = self.counts[group]
+  if c == nil then return end
+  self.counts[group] = nil
+  if self.is_active then
+    self.emit(self:result(group, c.start, c.last, c.state, c.count), self)
+    self:changed(true)
+  end
+end
+
+function Engine:arm_session(group, s)
+  local w = self.w
+  if s.timer then s.timer:cancel() end
+  local due = s.stop + w.lateness
+  if w.is_processing then due = self:now() + w.size + w.lateness end
+  s.timer = self.bus._timers:at(due, Engine.close_session, self, group)
+end
+
+function Engine:arm_count(group, c)
+  if not self.w.idle then return end
+  if c.timer then c.timer:cancel() end
+  c.timer = self.bus._timers:at(self:now() + self.w.idle,
+                                Engine.close_count, self, group)
 end
 
 --- Takes one event of the route.
 function Engine:add(ev)
+  local id = ev.id
+  if self.row and id then
+    local last = self.last_id
+    if last and id <= last then return end  -- in the checkpoint already
+    self.last_id, self.is_dirty = id, true
+  end
   local w = self.w
   local group = self.group_of(ev)
   if group == nil then group = false end  -- one group for "no value"
@@ -381,10 +463,14 @@ function Engine:add(ev)
       c = { state = self.red.init(), count = 0, start = ts }
       self.counts[group] = c
     end
-    c.state, c.count = self.red.step(c.state, ev), c.count + 1
+    c.state, c.count, c.last = self.red.step(c.state, ev), c.count + 1, ts
     if c.count >= w.size then
       self.counts[group] = nil
-      self.emit(self:result(group, c.start, ts, c.state, c.count))
+      if c.timer then c.timer:cancel() end
+      self.emit(self:result(group, c.start, ts, c.state, c.count), self)
+      self:changed(true)
+    else
+      self:arm_count(group, c)
     end
   elseif w.kind == "session" then
     local s = self.sessions[group]
@@ -400,10 +486,7 @@ function Engine:add(ev)
     end
     if ts < s.start then s.start = ts end
     s.state, s.count = self.red.step(s.state, ev), s.count + 1
-    if s.timer then s.timer:cancel() end
-    local due = s.stop + w.lateness
-    if w.is_processing then due = self:now() + w.size + w.lateness end
-    s.timer = self.bus._timers:at(due, Engine.close_session, self, group)
+    self:arm_session(group, s)
   else
     local size = w.size
     local step = w.kind == "sliding" and w.every or size
@@ -430,7 +513,156 @@ function Engine:stop()
   for _, s in pairs(self.sessions) do
     if s.timer then s.timer:cancel() end
   end
+  for _, c in pairs(self.counts) do
+    if c.timer then c.timer:cancel() end
+  end
+  if self.tick then self.tick:cancel() end
   self.windows, self.sessions, self.counts = {}, {}, {}
+end
+
+
+-- ------------------------------------------------------------ checkpoints
+
+-- A durable aggregation on a store keeps its open windows as a state row
+-- (kind "window", named as the consumer): every w.checkpoint seconds if
+-- events came, and whenever a window closes. The row holds the id of the
+-- last event taken; after a restart the engine loads it, replays the log
+-- from there up to the consumer's position, and skips events it holds
+-- already, so nothing is lost or counted twice. Lateness during the
+-- replay is judged by the events' own times, as it was when they came.
+-- Results a crash emitted again are published with a dedup key (the
+-- aggregation, group and window), which the store drops within its
+-- dedup_window.
+
+-- Something changed; with now, the checkpoint is written at once.
+function Engine:changed(now)
+  if not self.row then return end
+  self.is_dirty = true
+  if now and not self.replay_now then self:checkpoint() end
+end
+
+local function saved_groups(red, win)
+  local out = {}
+  for i, group in ipairs(win.order) do
+    local g = win.groups[group]
+    out[i] = { g = group, s = red.save(g.state), c = g.count }
+  end
+  return out
+end
+
+function Engine:snapshot()
+  local red = self.red
+  local windows, sessions, counts = {}, {}, {}
+  for _, win in pairs(self.windows) do
+    windows[#windows + 1] = { start = win.start, stop = win.stop,
+                              groups = saved_groups(red, win) }
+  end
+  table.sort(windows, function(a, b) return a.start < b.start end)
+  for group, x in pairs(self.sessions) do
+    sessions[#sessions + 1] = { g = group, start = x.start, stop = x.stop,
+                                s = red.save(x.state), c = x.count }
+  end
+  for group, x in pairs(self.counts) do
+    counts[#counts + 1] = { g = group, start = x.start, last = x.last,
+                            s = red.save(x.state), c = x.count }
+  end
+  return { last = self.last_id, now = self:now(), windows = windows,
+           sessions = sessions, counts = counts }
+end
+
+function Engine:checkpoint()
+  if not (self.is_dirty and self.is_active and self.bus._core) then
+    return
+  end
+  self.is_dirty = false
+  local ok, snap = pcall(self.snapshot, self)
+  if not ok then
+    return self.bus._report(("buzz: aggregation %s could not save its "
+                             .. "windows: %s"):format(self.row,
+                                                      tostring(snap)))
+  end
+  self.bus._sup:put("window", self.row, snap)  -- reports a refusal
+end
+
+function Engine.tick_checkpoint(self)
+  self.tick = nil
+  if not self.is_active then return end
+  self:checkpoint()
+  self.tick = self.bus._timers:after(self.w.checkpoint,
+                                     Engine.tick_checkpoint, self)
+end
+
+-- Puts back what a checkpoint row holds.
+function Engine:restore(snap)
+  local red = self.red
+  self.last_id = type(snap.last) == "number" and snap.last or nil
+  for _, x in ipairs(snap.windows or {}) do
+    local win = self:window(x.start, x.stop)
+    for _, g in ipairs(x.groups) do
+      win.groups[g.g] = { state = red.load(g.s), count = g.c }
+      win.order[#win.order + 1] = g.g
+    end
+  end
+  for _, x in ipairs(snap.sessions or {}) do
+    local s = { start = x.start, stop = x.stop, state = red.load(x.s),
+                count = x.c }
+    self.sessions[x.g] = s
+    self:arm_session(x.g, s)
+  end
+  for _, x in ipairs(snap.counts or {}) do
+    local c = { start = x.start, last = x.last, state = red.load(x.s),
+                count = x.c }
+    self.counts[x.g] = c
+    self:arm_count(x.g, c)
+  end
+end
+
+-- The durable consumer's position, once what is queued is written.
+local function position(bus, name)
+  assert(bus:flush())
+  for _, cons in ipairs(assert(bus:consumers())) do
+    if cons.name == name then return cons.acked end
+  end
+  return nil
+end
+
+--- A durable aggregation starts: its checkpoint (if any) comes back, the
+--- log is replayed from it through feed (the route's stages, then add),
+--- and checkpoints begin.
+function Engine:resume(name, feed)
+  local bus, c = self.bus, self.bus._core
+  self.row = name
+  local snap
+  for _, row in ipairs(assert(c:state_list("window"))) do
+    if row.name == name then snap = core.json_decode(row.value) end
+  end
+  local acked = position(bus, name)
+  if type(snap) == "table" then
+    self.replay_now = snap.now
+    self:restore(snap)
+    local from = (self.last_id or 0) + 1
+    if acked and acked >= from then
+      local ok, err = pcall(bus.replay, bus, {
+        types = self.sub.pattern, from = from, to = acked,
+        handler = function(ev)
+          if ev.ts and ev.ts > self.replay_now then
+            self.replay_now = ev.ts
+          end
+          feed(ev)
+        end })
+      if not ok then
+        bus._report(("buzz: aggregation %s could not replay the log: %s")
+                    :format(name, tostring(err)))
+      end
+    end
+    self.replay_now = nil
+  elseif acked then
+    self.last_id = acked        -- a crash before the first checkpoint
+  end                           -- replays from here
+  self.is_dirty = true
+  self:checkpoint()
+  self.tick = bus._timers:after(self.w.checkpoint, Engine.tick_checkpoint,
+                                self)
 end
 
 
@@ -480,11 +712,18 @@ local function start(self, emit, opts, level)
   local engine = new_engine(route.bus, self.w,
                             self.group_of or function() return false end,
                             self.red, emit)
-  local sub, err, code = route.bus:subscribe(route.pattern,
-    route:compose(function(ev) engine:add(ev) end), opts)
+  local bus = route.bus
+  local feed = route:compose(function(ev) engine:add(ev) end)
+  local sub, err, code = bus:subscribe(route.pattern, feed, opts)
   if not sub then return nil, err, code end
   engine.sub = sub
   sub._engine = engine
+  if sub.durable and bus._store and not bus._readonly then
+    local test = sub._test
+    engine:resume(sub.durable, function(ev)
+      if test == nil or test(ev) then feed(ev) end
+    end)
+  end
   return sub
 end
 
@@ -494,9 +733,11 @@ function Agg:publish(etype, opts)
   check_self(self, "publish")
   local bus = self.route.bus
   util.check_type_arg(etype, "metrics.cpu.avg", 2)
-  local sub, err, code = start(self, function(result)
+  local sub, err, code = start(self, function(result, engine)
     if bus._core then
-      local id, perr = bus:publish(etype, result)
+      local dedup = engine.row and ("%s/%s/%d"):format(
+        engine.row, core.json_encode(result.group), result.window_start)
+      local id, perr = bus:publish(etype, result, dedup and { dedup = dedup })
       if not id then bus._report(perr) end
     end
   end, opts, 3)
