@@ -204,6 +204,26 @@ describe("the luv driver", function()
     assert.is_true(run_loop(), "uv.run() did not return")
   end)
 
+  it("lets a script close the bus outside uv.run() and exit cleanly",
+     function()
+    -- luv 1.44 crashes at exit on a handle closed and never called back;
+    -- close() completes its handles' close when the loop is not running.
+    local ok, out, status = H.run([[
+      local uv = require "luv"
+      local bus = require("buzz").new{ loop = uv }
+      local n = 0
+      bus:subscribe("a", function() n = n + 1 uv.stop() end)
+      bus:publish("a")
+      uv.run()                    -- stopped by the handler, bus open
+      bus:close()
+      assert(n == 1)
+      print("exits")
+    ]])
+    assert.are.equal(0, status, out)
+    assert.is_true(ok)
+    assert.matches("exits", out, 1, true)
+  end)
+
   it("keeps the loop alive while the bus is open", function()
     local bus = H.bus{ loop = uv }
     assert.is_false(run_loop(0.05), "uv.run() returned with the bus open")

@@ -108,6 +108,12 @@ end
 
 --- Stops and closes the three handles; the loop then has nothing of the
 --- bus's left. Idempotent; bus:close() calls it.
+---
+--- Closed outside uv.run() (after it returned, say), the handles would
+--- wait for the loop's next run to be called back, and luv (1.44) crashes
+--- at exit on a handle closed but never called back: then one
+--- non-blocking pass of the loop completes the close. Not inside a run
+--- (luv's loop_mode() says which), and not on Neovim, whose loop runs on.
 function Driver:close()
   if self.is_closed then return end
   self.is_closed = true
@@ -115,6 +121,11 @@ function Driver:close()
   for i = 1, #handles do
     local h = handles[i]
     if not h:is_closing() then h:close() end
+  end
+  local uv = self.uv
+  if not self.schedule and type(uv.loop_mode) == "function"
+     and uv.loop_mode() == nil then
+    uv.run("nowait")
   end
 end
 
