@@ -210,3 +210,91 @@ describe("retries and dead letters after SIGKILL", function()
     assert.is_true(buried > 0, "no dead letter was kept")
   end)
 end)
+
+-- Durable windows and batches, "batch" durability: the child counts
+-- events per group in 1 s windows and hands them to a batch; its clock
+-- moves 50 ms per event, near the wall clock (the store's dedup window
+-- counts back from it). It is killed with no flush.
+local STREAM_SETUP = [[
+local buzz = require "buzz"
+local function setup(bus, on_batch)
+  bus:route("m.x"):window{ tumbling = 1, allowed_lateness = 5,
+                           checkpoint = 0.5 }
+    :group_by("payload.g"):reduce(buzz.agg.count())
+    :publish("m.stats", { durable = "stats" })
+  bus:batch("m.x", { size = 7, interval = 1, durable = "sink" })(on_batch)
+end
+]]
+
+local STREAM_CHILD = STREAM_SETUP .. [[
+io.stdout:setvbuf("no")
+local clock = buzz.manual_clock(tonumber(arg[2]))
+local bus = assert(buzz.new{ store = arg[1], clock = clock })
+setup(bus, function(events)
+  local ids = {}
+  for i, ev in ipairs(events) do ids[i] = ev.id end
+  print("batch " .. table.concat(ids, " "))
+end)
+local i = 0
+while true do
+  i = i + 1
+  assert(bus:publish("m.x", { g = i % 3 }))
+  bus:step(2)
+  clock:advance(0.05)
+end
+]]
+
+describe("durable windows and batches after SIGKILL", function()
+  local t = scratch(STREAM_CHILD)
+
+  it("count every stored event once, and hand every one to a batch",
+     function()
+    local setup = assert(load(STREAM_SETUP .. " return setup"))()
+    for round, secs in ipairs { 0.35, 0.5, 0.65 } do
+      local store = ("%s/events-%d.db"):format(t.dir, round)
+      local start = math.floor(os.time())
+      local text = run_and_kill(t.script, store, start, secs, t.out)
+      local handled = {}
+      for ids in text:gmatch("batch ([%d ]+)\n") do
+        for id in ids:gmatch("%d+") do handled[tonumber(id)] = true end
+      end
+      assert.is_truthy(next(handled), ("round %d: no batch ran:\n%s")
+                                      :format(round, text))
+      -- What the store kept: the inputs, each in its window and group.
+      local want, inputs, last_ts = {}, {}, 0
+      local reader = H.bus{ store = store, readonly = true }
+      for ev in reader:events{ types = "m.x" } do
+        local k = ("%d@%d"):format(ev.payload.g, math.floor(ev.ts / 1000))
+        want[k] = (want[k] or 0) + 1
+        inputs[#inputs + 1] = ev.id
+        if ev.ts > last_ts then last_ts = ev.ts end
+      end
+      reader:close()
+      -- The restart: the clock where the child stopped, then past every
+      -- window's lateness.
+      local clock = buzz_clock(last_ts / 1000)
+      local bus = H.bus{ store = store, clock = clock,
+                         on_error = function() end }
+      setup(bus, function(events)
+        for _, ev in ipairs(events) do handled[ev.id] = true end
+      end)
+      bus:drain()
+      clock:advance(10)
+      bus:drain()
+      local got = {}
+      for ev in bus:events{ types = "m.stats" } do
+        local r = ev.payload
+        local k = ("%d@%d"):format(r.group, math.floor(r.window_start / 1000))
+        assert.is_nil(got[k], ("round %d: window %s published twice")
+                              :format(round, k))
+        got[k] = r.count
+      end
+      assert.same(want, got)
+      for _, id in ipairs(inputs) do
+        assert.is_true(handled[id], ("round %d: event %d never reached a "
+                                     .. "batch"):format(round, id))
+      end
+      bus:close()
+    end
+  end)
+end)
