@@ -11,6 +11,7 @@ PACKAGES="
   libuv1-dev libcjson-dev libsqlite3-dev sqlite3
   lua-busted lua-mediator lua-luv lua-check
   luarocks cppcheck valgrind neovim
+  nginx libnginx-mod-http-lua libnginx-mod-http-ndk lua-resty-core curl
 "
 
 missing=""
