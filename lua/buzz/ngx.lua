@@ -1,0 +1,482 @@
+--- OpenResty driver: an nginx worker's timers drive a bus.
+--
+-- `buzz.new{ loop = "ngx" }` (in init_worker_by_lua*, one bus per worker)
+-- attaches the bus here. A publish outside a handler schedules a turn on
+-- `ngx.timer.at(0)`, so the events of a request are delivered as soon as
+-- the request yields or ends, in a timer's context, where handlers may use
+-- cosockets and ngx.sleep; the bus's own timers (delays, retries, windows,
+-- buzz.sleep) are re-armed on `ngx.timer.at` after each turn. A turn makes
+-- at most TURN_MAX deliveries, then schedules another, so a burst never
+-- holds the worker. When the worker exits the driver delivers what is due
+-- and closes the bus (a store commits and releases its lock).
+--
+-- Yielding handlers. The core resumes handlers with lua_resume, so an ngx
+-- API that yields (ngx.sleep, a cosocket) yields to the core, not to
+-- nginx; nginx has parked the operation on the timer's entry thread. The
+-- driver takes such a delivery of a plain subscription over: the turn
+-- stops delivering, yields its entry thread with OpenResty's raw yield
+-- (coroutine._yield), and when nginx resumes it with the operation's
+-- results it resumes the handler with them, until the handler returns.
+-- Meanwhile a fresh turn delivers the rest. One turn carries one such
+-- handler, as one nginx thread waits for one operation. A cosocket belongs
+-- to the turn that made it: keep it within one handler call.
+-- Not covered (the failure machinery resumes those deliveries itself):
+-- ngx yields in a subscription with a retry/timeout/ordered/concurrency/
+-- breaker policy, and after a buzz.sleep; they fail with its message.
+--
+-- `M.shared{ dict, store, ... }` gives every worker one log: a store has
+-- one writer, so one worker (the owner) opens it and the others forward
+-- their publishes through a lua_shared_dict list, which the owner takes
+-- on its poll timer. See the function for the guarantees.
+-- @module buzz.ngx
+local core = require "buzz.core"
+local util = require "buzz.util"
+
+local type, error, pcall, select, tostring, pairs =
+      type, error, pcall, select, tostring, pairs
+local setmetatable, getmetatable, rawget = setmetatable, getmetatable, rawget
+local unpack = table.unpack or unpack
+local traceback = debug.traceback
+local json_encode, json_decode = core.json_encode, core.json_decode
+
+-- Lua's own coroutine function name, which OpenResty keeps as
+-- coroutine._<name> (its coroutine.<name> knows only its own threads,
+-- and the bus's are not among them), or nil outside OpenResty.
+local function raw_coroutine(name)
+  return rawget(coroutine, "_" .. name)
+end
+
+local M = {}
+
+local Driver = {}
+Driver.__index = Driver
+
+-- Deliveries per bus:_turn(), and per nginx timer before the turn hands
+-- the worker back to nginx and schedules the next.
+local BATCH = 256
+local TURN_MAX = 4096
+
+-- The interval of the heartbeat: an always-pending timer, so that the
+-- driver hears of the worker's exit (its callback runs with premature).
+local HEARTBEAT = 1
+
+-- Phases whose entry thread nginx lets yield.
+local YIELDABLE = { rewrite = true, access = true, content = true,
+                    timer = true }
+
+local function log_err(...)
+  ngx.log(ngx.ERR, ...)
+end
+
+-- ------------------------------------------------------------ turns
+
+local turn              -- the timer callback, below
+
+--- Schedules a turn now (after the current handler of nginx yields),
+--- unless one is already scheduled. Returns true if one is.
+function Driver:schedule()
+  if self.is_scheduled or self.is_closed then return true end
+  local ok, err = ngx.timer.at(0, turn, self, false)
+  if not ok then
+    if err ~= "process exiting" then
+      log_err("buzz: could not schedule a turn: ", err)
+    end
+    return false
+  end
+  self.is_scheduled = true
+  return true
+end
+
+--- Arms a timer for the bus's next due time, unless one due no later is
+--- armed: stale timers run a harmless turn.
+function Driver:arm()
+  local bus = self.bus
+  if self.is_closed or bus:is_closed() then return end
+  local ms = bus:timeout()
+  if ms < 0 then return end
+  if ms == 0 then self:schedule() return end
+  local at = ngx.now() * 1000 + ms
+  if self.due_at and self.due_at <= at then return end
+  local ok, err = ngx.timer.at(ms / 1000, turn, self, at)
+  if ok then
+    self.due_at = at
+  elseif err ~= "process exiting" then
+    log_err("buzz: could not arm a timer: ", err)
+  end
+end
+
+local function pack(...)
+  return select("#", ...), { ... }
+end
+
+-- A handler of job (a plain subscription's delivery) yielded on an ngx
+-- operation in this nginx thread: waits for it, resumes the handler with
+-- what nginx gives the thread back, as often as it yields so, and settles
+-- the delivery as failure.lua would. While it runs, a nested delivery
+-- (publish_sync) that yields cannot park here: it fails.
+local function carry(self, job)
+  local raw_yield, raw_status = self.raw_yield, self.raw_status
+  while job do
+    coroutine.yield()        -- clears a co_op a buzz.sleep left set
+    local n, res = pack(raw_yield())
+    local c = self.bus._core
+    local r, co = job.runner, job.co
+    if not c or job.is_over or r.is_closed then return end
+    local ok, what, arg = c:resume(co, job.evt, unpack(res, 1, n))
+    if not ok then
+      r:fail(job, what, traceback(co, tostring(what)))
+      job = nil
+    elseif raw_status(co) == "dead" then
+      r:succeed(job)
+      job = nil
+    elseif what ~= nil then          -- buzz.sleep: the bus's timers
+      r:asleep(job, what, arg)
+      job = nil
+    end                              -- else another ngx operation
+    r.sup:flush()
+  end
+end
+
+-- Runs turns of the bus in this nginx thread until nothing is due or
+-- TURN_MAX deliveries were made; carries a handler that parked.
+function Driver:run_turn()
+  local bus = self.bus
+  local total = 0
+  while not self.is_closed and not bus:is_closed() do
+    local t = { parked = nil }
+    self.current = t
+    local ok, n = pcall(bus._turn, bus, BATCH)
+    self.current = nil
+    if not ok then
+      log_err("buzz: a turn failed: ", tostring(n))
+      break
+    end
+    total = total + n
+    if t.parked then
+      self:schedule()      -- the rest, while this thread waits
+      carry(self, t.parked)
+    elseif n == 0 or bus:timeout() ~= 0 then
+      break
+    end
+    if total >= TURN_MAX then
+      self:schedule()
+      break
+    end
+  end
+  return total
+end
+
+turn = function(premature, self, at)
+  if at then
+    if self.due_at == at then self.due_at = nil end
+  else
+    self.is_scheduled = false
+  end
+  if self.is_closed then return end
+  if premature then return self:exit() end
+  self:run_turn()
+  self:arm()
+end
+
+local function heartbeat(premature, self)
+  if self.is_closed then return end
+  if premature then return self:exit() end
+  self:arm()
+end
+
+-- The worker exits: deliver what is due, then close the bus (or let the
+-- owner of a shared store do it, forwarded events first).
+function Driver:exit()
+  if self.on_exit then return self.on_exit() end
+  local bus = self.bus
+  if not bus:is_closed() then
+    self:run_turn()
+    bus:close()
+  end
+end
+
+-- ------------------------------------------------------------ yields
+
+-- The core's on_yield for a driven bus: an ngx operation (a yield of
+-- nothing) in a plain subscription's delivery, during one of our turns,
+-- parks the delivery on the turn's thread; the rest goes to failure.lua.
+local function on_yield(self, co, sub, ev, what, arg)
+  local sup = self.bus._sup
+  local t = self.current
+  if what ~= nil or not t or t.parked or sup.by_thread[co] ~= nil then
+    return sup:adopt(co, sub, ev, what, arg)
+  end
+  -- As failure.lua adopts a sleeping plain delivery, minus the sleep.
+  local r = sup:plain_runner(sub)
+  local job = r:job(ev, ev.attempt or 1, 0)
+  job.co, job.evt, job.is_plain = co, ev, true
+  r.inflight = r.inflight + 1
+  r:keep(job)                  -- a durable consumer's, in the store
+  t.parked = job
+  self.bus._core:stop(true)    -- no other delivery on this thread now
+end
+
+-- ------------------------------------------------------------ the driver
+
+--- Attaches bus to the worker's timers; buzz.new{ loop = "ngx" } calls it.
+---@param bus table
+---@return table driver
+function M.attach(bus)
+  local why
+  if type(ngx) ~= "table" or type(ngx.timer) ~= "table" then
+    why = 'loop = "ngx" drives a bus inside OpenResty (nginx with the lua '
+          .. "module), and ngx is not here"
+  elseif ngx.get_phase() == "init" then
+    why = 'buzz.new{ loop = "ngx" } runs in init_worker_by_lua*, not in '
+          .. "init_by_lua*: the master process forks the workers, and a "
+          .. "bus cannot cross a fork"
+  elseif type(raw_coroutine("yield")) ~= "function" then
+    why = 'loop = "ngx" needs OpenResty\'s coroutine._yield (lua-nginx-'
+          .. "module 0.10 or later)"
+  end
+  if why then
+    bus:close()
+    error(why, 4)        -- attach <- driver.attach <- buzz.new <- caller
+  end
+  local self = setmetatable({
+    bus = bus,
+    is_closed = false,
+    is_scheduled = false,  -- a turn at 0 is pending
+    due_at = nil,          -- ms of the earliest armed timer
+    current = nil,         -- the turn running bus:_turn, or nil
+    on_exit = nil,         -- set by M.shared
+    raw_yield = raw_coroutine("yield"),
+    raw_status = raw_coroutine("status") or coroutine.status,
+  }, Driver)
+  bus._core:on_yield(function(co, sub, ev, what, arg)
+    return on_yield(self, co, sub, ev, what, arg)
+  end)
+  local ok, err = ngx.timer.every(HEARTBEAT, heartbeat, self)
+  if not ok then log_err("buzz: could not start the heartbeat: ", err) end
+  self:schedule()          -- what a store brought back (retries, delays)
+  return self
+end
+
+--- The bus calls this before a publish made outside a handler.
+function Driver:wake()
+  if not self.is_scheduled then self:schedule() end
+end
+
+--- Called by bus:close(): no more turns. Pending nginx timers find the
+--- driver closed and return.
+function Driver:close()
+  self.is_closed = true
+end
+
+--- Delivers what is due now, in the calling request (rewrite, access or
+--- content phase) or timer, waiting for handlers that use cosockets:
+--- for a response that must follow its events' handlers. Returns the
+--- number of deliveries. In other phases nothing may yield, and a handler
+--- that does fails.
+---@param bus table a bus made with buzz.new{ loop = "ngx" }
+---@return integer
+function M.drain(bus)
+  local d = type(bus) == "table" and rawget(bus, "_driver")
+  if getmetatable(d) ~= Driver then
+    error('buzz.ngx.drain(bus): expected a bus made with buzz.new{ loop = '
+          .. '"ngx" }', 2)
+  end
+  if bus:is_closed() then error("attempt to use a closed bus", 2) end
+  if not YIELDABLE[ngx.get_phase()] then
+    return bus:drain()
+  end
+  local n = d:run_turn()
+  coroutine.yield()        -- clears a co_op a buzz.sleep left set, so that
+  return n                 -- the request's own ngx.sleep waits in full
+end
+
+
+-- ------------------------------------------------------------ one log
+
+local Shared = {}
+Shared.__index = Shared
+
+-- Forwarded events the owner takes per poll.
+local TAKE_MAX = 1000
+
+local SHARED_OPTIONS = { dict = true, store = true, owner = true,
+                         poll = true, setup = true }
+
+--- One store for all the workers of nginx. A store has one writer (an
+--- flock), so the worker numbered `owner` (default 0) opens it, with the
+--- `setup(bus)` function subscribing its durable consumers, and every
+--- other worker forwards its publishes through the lua_shared_dict
+--- `dict` (a list, atomic lpop), which the owner takes every `poll`
+--- seconds (default 0.05) and publishes in the order they came. The other
+--- options go to buzz.new. Until the owner has the store (at start, or
+--- while a reloading nginx's old owner still holds it) the owner forwards
+--- too.
+---
+--- What a forwarded event gets: each is published once, in the owner;
+--- the shared dict survives a worker's crash and a reload, not a stop
+--- (the owner takes it all when it exits). Like durability "batch", a
+--- crash of the owner can lose only the events it took in that instant.
+--- A forwarded publish returns true, "forwarded" (the id comes later); a
+--- full dict returns nil, "EFULL: ...", "EFULL".
+---@param opts table dict, store, owner, poll, setup, and buzz.new's
+---@return table shared with publish(), is_owner(), bus (the owner's)
+function M.shared(opts)
+  if type(opts) ~= "table" then
+    error("buzz.ngx.shared{ dict = \"buzz\", store = \"events.db\" }: "
+          .. "expected an options table", 2)
+  end
+  if type(ngx) ~= "table" or ngx.get_phase() ~= "init_worker" then
+    error("buzz.ngx.shared{} runs in init_worker_by_lua*", 2)
+  end
+  local dict = type(opts.dict) == "string" and ngx.shared[opts.dict]
+  if not dict then
+    error(("bad dict %s: expected the name of a lua_shared_dict "
+           .. "(lua_shared_dict buzz 1m; in the http block)")
+          :format(util.quote(opts.dict)), 2)
+  end
+  if type(opts.store) ~= "string" or opts.store == "" then
+    error(("bad store %s: one log for every worker needs a store, such "
+           .. "as \"events.db\""):format(util.quote(opts.store)), 2)
+  end
+  local owner = opts.owner or 0
+  if type(owner) ~= "number" or owner % 1 ~= 0 or owner < 0
+     or owner >= ngx.worker.count() then
+    error(("bad owner %s: expected a worker id, 0 to %d")
+          :format(util.quote(owner), ngx.worker.count() - 1), 2)
+  end
+  local poll = opts.poll or 0.05
+  if type(poll) ~= "number" or poll <= 0 then
+    error(("bad poll %s: expected seconds > 0"):format(util.quote(poll)), 2)
+  end
+  if opts.setup ~= nil and type(opts.setup) ~= "function" then
+    error("bad setup: expected a function(bus)", 2)
+  end
+  local new_opts = { loop = "ngx", store = opts.store }
+  for k, v in pairs(opts) do
+    if not SHARED_OPTIONS[k] then new_opts[k] = v end
+  end
+  local self = setmetatable({
+    dict = dict, key = "buzz:" .. opts.store, setup = opts.setup,
+    new_opts = new_opts, poll = poll,
+    is_owner_worker = ngx.worker.id() == owner,
+    bus = nil,               -- the owner's bus, once it has the store
+    is_closed = false,
+    on_error = opts.on_error,
+  }, Shared)
+  if self.is_owner_worker then
+    local ok, err = ngx.timer.every(poll, Shared.tick, self)
+    if not ok then error("buzz.ngx.shared: " .. tostring(err), 2) end
+    self:open()
+  end
+  return self
+end
+
+-- The world failed: on_error if given, else the error log.
+function Shared:report(msg)
+  if self.on_error then
+    local ok, e = pcall(self.on_error, msg)
+    if ok then return end
+    msg = msg .. " (and on_error raised: " .. tostring(e) .. ")"
+  end
+  log_err(msg)
+end
+
+-- The owner opens the store; a store still locked (a reload's old
+-- owner) is tried again on the next poll.
+function Shared:open()
+  local bus, err, code = require("buzz").new(self.new_opts)
+  if not bus then
+    if code ~= "ELOCKED" or not self.said_locked then
+      self:report("buzz: the shared store is not open yet: " .. tostring(err))
+    end
+    self.said_locked = code == "ELOCKED"
+    return
+  end
+  self.bus = bus
+  bus._driver.on_exit = function() self:exit() end
+  if self.setup then
+    local ok, e = pcall(self.setup, bus)
+    if not ok then self:report("buzz: setup(bus) raised: " .. tostring(e)) end
+  end
+  self:take()
+end
+
+-- Publishes forwarded events in the owner, at most TAKE_MAX; one the bus
+-- refuses for a full queue goes back to the head of the list.
+function Shared:take()
+  local bus, dict, key = self.bus, self.dict, self.key
+  for _ = 1, TAKE_MAX do
+    if bus:is_closed() then return end
+    local text = dict:lpop(key)
+    if not text then return end
+    local rec = json_decode(text)
+    local ok, id, err, code = pcall(bus.publish, bus, rec.type, rec.payload,
+                                    rec.opts)
+    if ok and not id and code == "EFULL" then
+      dict:lpush(key, text)
+      return
+    end
+    if not ok or not id then
+      self:report(("buzz: a forwarded %s was refused: %s")
+                  :format(tostring(rec.type), tostring(ok and err or id)))
+    end
+  end
+end
+
+function Shared.tick(premature, self)
+  if self.is_closed then return end
+  if premature then return self:exit() end
+  if not self.bus then return self:open() end
+  self:take()
+end
+
+-- The owner's worker exits: take what was forwarded, deliver what is
+-- due, close the store.
+function Shared:exit()
+  if self.is_closed then return end
+  self.is_closed = true
+  local bus = self.bus
+  if not bus or bus:is_closed() then return end
+  self:take()
+  bus._driver.on_exit = nil
+  bus._driver:run_turn()
+  bus:close()
+end
+
+--- True in the worker that owns the store.
+---@return boolean
+function Shared:is_owner()
+  return self.is_owner_worker
+end
+
+--- Publishes on the shared log: at once in the owner (as bus:publish),
+--- else forwarded to it. Raises for a bad type or a payload JSON cannot
+--- hold; returns id | true, "forwarded" | nil, err, code.
+---@param etype string
+---@param payload any
+---@param opts table|nil as for bus:publish
+function Shared:publish(etype, payload, opts)
+  if getmetatable(self) ~= Shared then
+    error("use shared:publish(...), not shared.publish(...)", 2)
+  end
+  local bus = self.bus
+  if bus and not bus:is_closed() then
+    return bus:publish(etype, payload, opts)
+  end
+  util.check_type_arg(etype, "order.created", 2)
+  if opts ~= nil and type(opts) ~= "table" then
+    error(("bad options: expected a table, got %s"):format(type(opts)), 2)
+  end
+  local text, err = json_encode({ type = etype, payload = payload,
+                                  opts = opts })
+  if not text then error(("bad payload: %s"):format(err), 2) end
+  local len, why = self.dict:rpush(self.key, text)
+  if not len then
+    return nil, ("EFULL: the shared dict is full (%s); give "
+                 .. "lua_shared_dict more room"):format(tostring(why)), "EFULL"
+  end
+  return true, "forwarded"
+end
+
+
+return M
