@@ -1,0 +1,253 @@
+--- The OpenResty host, for real: Debian's nginx with its lua module runs
+-- examples/openresty/nginx.conf (two workers, on a free port, in a prefix
+-- of its own) and the spec talks to it over HTTP with curl. nginx loads
+-- the LuaJIT build of the core, whichever interpreter runs busted.
+
+local CONF = "examples/openresty/nginx.conf"
+local LUA_MODULE = "/usr/lib/nginx/modules/ngx_http_lua_module.so"
+local LISTEN = "listen 127.0.0.1:8080"
+
+local function sh(cmd)
+  return H.sh(H.tool .. cmd)
+end
+
+local function cwd()
+  local _, out = sh("pwd")
+  return (out:gsub("%s+$", ""))
+end
+
+-- The lines of s.
+local function lines(s)
+  local t = {}
+  for line in s:gmatch("[^\n]+") do t[#t + 1] = line end
+  return t
+end
+
+describe("OpenResty (nginx with the lua module)", function()
+  local prefix, base, master
+
+  -- Runs curl over the URLs of paths (curl's globs allowed:
+  -- "/order?n=[1-9]"), each on a connection of its own unless keep is
+  -- true, and returns what it printed; fails on any curl error.
+  local function curl(paths, keep)
+    local urls = {}
+    for i, path in ipairs(paths) do urls[i] = H.quote(base .. path) end
+    local status, out = sh(("curl -sS -m 10 %s%s 2>&1"):format(
+      keep and "" or "-H 'Connection: close' ", table.concat(urls, " ")))
+    assert(status == 0, ("curl %s failed (%s): %s")
+                        :format(table.concat(paths, " "), status, out))
+    return out
+  end
+
+  local function get(path)
+    return curl { path }
+  end
+
+  local function seen(key)
+    return (get("/seen?key=" .. key):gsub("%s+$", ""))
+  end
+
+  local function audit()
+    local text = H.slurp(prefix .. "/audit.log") or ""
+    local ns, ids = {}, {}
+    for _, line in ipairs(lines(text)) do
+      local n, id = line:match("^(%d+) (%d+)$")
+      assert(n, "a bad line in audit.log: " .. line)
+      ns[#ns + 1], ids[#ids + 1] = tonumber(n), tonumber(id)
+    end
+    return ns, ids
+  end
+
+  local function error_log()
+    return H.slurp(prefix .. "/logs/error.log") or ""
+  end
+
+  local function is_alive(pid)
+    return sh(("kill -0 %d 2>/dev/null"):format(pid)) == 0
+  end
+
+  local function start()
+    local _, uid = sh("id -u")
+    local user = uid:match("^0%s") and "-g 'user root;' " or ""
+    local conf = H.read(CONF)
+    local out
+    for _ = 1, 5 do                      -- a port someone else holds: retry
+      local port = math.random(20000, 60000)
+      local text, n = conf:gsub(LISTEN:gsub("%.", "%%."),
+                                "listen 127.0.0.1:" .. port)
+      assert(n == 1, CONF .. " no longer holds one \"" .. LISTEN .. "\"")
+      H.spit(prefix .. "/conf/nginx.conf", text)
+      local status
+      status, out = sh(("nginx -p %s -c conf/nginx.conf %s2>&1")
+                       :format(H.quote(prefix .. "/"), user))
+      if status == 0 then
+        base = "http://127.0.0.1:" .. port
+        break
+      end
+      assert(out:find("Address already in use", 1, true),
+             "nginx did not start: " .. out .. error_log())
+    end
+    assert(base, "no free port: " .. tostring(out))
+    master = tonumber(H.eventually(function()
+      return H.slurp(prefix .. "/logs/nginx.pid")
+    end, 10, "nginx.pid"):match("%d+"))
+    H.eventually(function()
+      local status, body = sh(("curl -s -m 2 %s/ping"):format(base))
+      return status == 0 and body == "pong\n"
+    end, 10, "nginx to answer /ping")
+  end
+
+  -- Stops nginx gracefully (QUIT: the workers close their buses), and
+  -- kills what is left after 10 s.
+  local function stop()
+    if not master then return end
+    local pid = master
+    master = nil
+    local _, kids = sh(("ps -o pid= --ppid %d"):format(pid))
+    sh(("kill -QUIT %d"):format(pid))
+    local ok = pcall(H.eventually, function() return not is_alive(pid) end,
+                     10, "nginx to stop")
+    if not ok then
+      for k in kids:gmatch("%d+") do sh("kill -KILL " .. k) end
+      sh(("kill -KILL %d"):format(pid))
+      error("nginx did not stop within 10 s (killed)")
+    end
+  end
+
+  setup(function()
+    assert(sh("nginx -v 2>/dev/null") == 0 and H.slurp(LUA_MODULE),
+           "nginx with the lua module is not installed: run make deps "
+           .. "(tools/deps.sh installs nginx and libnginx-mod-http-lua)")
+    assert(H.slurp("build/luajit/buzz/core.so"),
+           "build/luajit/buzz/core.so is missing: run make")
+    math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)"), 16))
+    prefix = H.mktemp_dir()
+    local here = cwd()
+    assert(sh(("mkdir %s/conf %s/logs %s/temp"):format(
+      H.quote(prefix), H.quote(prefix), H.quote(prefix))) == 0)
+    for link, target in pairs { lua = "lua", build = "build/luajit",
+                                app = "examples/openresty" } do
+      assert(sh(("ln -s %s %s"):format(H.quote(here .. "/" .. target),
+                                       H.quote(prefix .. "/" .. link))) == 0)
+    end
+    start()
+  end)
+
+  teardown(function()
+    local ok, err = pcall(stop)
+    if prefix then H.remove_dir(prefix) end
+    assert(ok, err)
+  end)
+
+  it("delivers a request's event to a handler in the same worker", function()
+    local worker = get("/greet?name=ann"):match("in worker (%d+)")
+    assert.is_truthy(worker)
+    assert.are.equal(worker, H.eventually(function()
+      local w = seen("greet:ann")
+      return w ~= "-" and w
+    end, 10, "the greet handler"))
+    -- at the end of the request, not on a later timer
+    local delay = tonumber(seen("greet_delay:ann"))
+    assert.is_true(delay < 0.5, "delivered after " .. delay .. " s")
+  end)
+
+  it("lets a handler sleep and use a cosocket while others go on",
+     function()
+    -- One connection, so one worker: the fetch handler sleeps 0.5 s, and
+    -- the greeting published after it is delivered meanwhile.
+    local out = curl({ "/fetch?tag=slow&sleep=0.5", "/greet?name=bob" },
+                     true)
+    local w1, w2 = out:match("^fetching in worker (%d)\npublished #%d+ in "
+                             .. "worker (%d)\n$")
+    assert.is_truthy(w1, out)
+    assert.are.equal(w1, w2)
+    assert.are.equal("HTTP/1.1 200 OK", H.eventually(function()
+      local s = seen("fetch:slow")
+      return s ~= "-" and s
+    end, 10, "the fetch handler"))
+    local greeted = tonumber(seen("greeted_at:bob"))
+    local fetched = tonumber(seen("fetched_at:slow"))
+    assert.is_truthy(greeted and fetched)
+    assert.is_true(greeted < fetched, ("greeted at %s, fetched at %s")
+                                      :format(greeted, fetched))
+  end)
+
+  it("fires a delayed event on the worker's timers", function()
+    assert.matches("reminding", get("/remind?tag=r1&delay=0.3"))
+    local late = tonumber(H.eventually(function()
+      local s = seen("remind:r1")
+      return s ~= "-" and s
+    end, 10, "the reminder"))
+    assert.is_true(late >= 0.29 and late < 3, "fired after " .. late .. " s")
+  end)
+
+  -- Checks that audit.log holds the numbers of want (a set) exactly once
+  -- each, besides what it held before (count lines).
+  local function consumed_once(before, want, count)
+    H.eventually(function() return #audit() >= before + count end, 15,
+                 ("%d events at the durable consumer"):format(count))
+    os.execute(H.tool .. "sleep 0.3")     -- no late duplicate either
+    local ns = audit()
+    assert.are.equal(before + count, #ns)
+    local times = {}
+    for i = before + 1, #ns do
+      local n = ns[i]
+      assert.is_true(want[n], "unexpected event " .. n)
+      times[n] = (times[n] or 0) + 1
+    end
+    for n in pairs(want) do
+      assert.are.equal(1, times[n], ("event %d consumed %s times")
+                                   :format(n, tostring(times[n])))
+    end
+  end
+
+  it("gives two workers one log: each event reaches the durable consumer "
+     .. "once", function()
+    local before = #audit()
+    local by_worker, want = {}, {}
+    for _, line in ipairs(lines(get("/order?n=[1-40]"))) do
+      local w, result = line:match("^worker (%d) (.*)$")
+      assert.is_truthy(w, "a bad response: " .. line)
+      by_worker[w] = (by_worker[w] or 0) + 1
+      assert.is_truthy(result:match("^%d+ nil$")
+                       or result == "true forwarded", result)
+    end
+    assert.is_truthy(by_worker["0"] and by_worker["1"],
+                     "both workers should publish: " .. (by_worker["0"] or 0)
+                     .. " and " .. (by_worker["1"] or 0))
+    for n = 1, 40 do want[n] = true end
+    consumed_once(before, want, 40)
+  end)
+
+  it("keeps the consumer's position and the ids across a restart",
+     function()
+    local before, ids = audit()
+    before = #before
+    local last = ids[#ids] or 0
+    stop()
+    start()
+    get("/order?n=[101-110]")
+    local want = {}
+    for n = 101, 110 do want[n] = true end
+    consumed_once(before, want, 10)
+    local _, after = audit()
+    assert.is_true(after[before + 1] > last, "ids go on after a restart")
+  end)
+
+  it("logs no error", function()
+    for _, line in ipairs(lines(error_log())) do
+      assert.is_falsy(line:match("%[error%]") or line:match("%[alert%]")
+                      or line:match("%[crit%]") or line:match("%[emerg%]"),
+                      line)
+    end
+  end)
+end)
+
+describe('buzz.new{ loop = "ngx" } outside OpenResty', function()
+  it("is refused, naming OpenResty", function()
+    local buzz = require "buzz"
+    assert.has_error(function() buzz.new{ loop = "ngx" } end,
+                     'loop = "ngx" drives a bus inside OpenResty (nginx '
+                     .. "with the lua module), and ngx is not here")
+  end)
+end)
