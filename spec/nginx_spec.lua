@@ -172,6 +172,11 @@ describe("OpenResty (nginx with the lua module)", function()
                                       :format(greeted, fetched))
   end)
 
+  it("delivers within the request with buzz.ngx.drain, cosockets too",
+     function()
+    assert.are.equal("fetched: HTTP/1.1 200 OK\n", get("/fetch_now?tag=now"))
+  end)
+
   it("fires a delayed event on the worker's timers", function()
     assert.matches("reminding", get("/remind?tag=r1&delay=0.3"))
     local late = tonumber(H.eventually(function()

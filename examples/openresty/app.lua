@@ -10,6 +10,9 @@
 --   /greet?name=ann           a handler records which worker greeted ann
 --   /fetch?tag=t&sleep=0.01   a handler sleeps, then asks /ping over a
 --                             cosocket
+--   /fetch_now?tag=t          the same, delivered within the request
+--                             (buzz.ngx.drain), so the response can
+--                             say what the handler got
 --   /remind?tag=t&delay=0.3   a delayed event, on the worker's timers
 --   /order?n=7                an event on the shared log; the durable
 --                             consumer "audit" appends "7 <id>" to
@@ -87,6 +90,14 @@ function M.fetch()
     sleep = tonumber(ngx.var.arg_sleep) or 0.01,
   })
   ngx.say("fetching in worker ", ngx.worker.id())
+end
+
+function M.fetch_now()
+  local tag = ngx.var.arg_tag
+  bus:publish("fetch.requested", {
+    tag = tag, port = tonumber(ngx.var.server_port), sleep = 0.01 })
+  bngx.drain(bus)
+  ngx.say("fetched: ", seen:get("fetch:" .. tag))
 end
 
 function M.remind()

@@ -36,6 +36,7 @@ local type, error, pcall, select, tostring, pairs =
       type, error, pcall, select, tostring, pairs
 local setmetatable, getmetatable, rawget = setmetatable, getmetatable, rawget
 local unpack = table.unpack or unpack
+local huge = math.huge
 local traceback = debug.traceback
 local json_encode, json_decode = core.json_encode, core.json_decode
 
@@ -138,8 +139,9 @@ local function carry(self, job)
 end
 
 -- Runs turns of the bus in this nginx thread until nothing is due or
--- TURN_MAX deliveries were made; carries a handler that parked.
-function Driver:run_turn()
+-- limit deliveries were made (then schedules a turn for the rest);
+-- carries a handler that parked.
+function Driver:run_turn(limit)
   local bus = self.bus
   local total = 0
   while not self.is_closed and not bus:is_closed() do
@@ -153,12 +155,14 @@ function Driver:run_turn()
     end
     total = total + n
     if t.parked then
-      self:schedule()      -- the rest, while this thread waits
+      if self.inline == 0 then
+        self:schedule()    -- the rest, while this thread waits
+      end
       carry(self, t.parked)
     elseif n == 0 or bus:timeout() ~= 0 then
       break
     end
-    if total >= TURN_MAX then
+    if total >= limit then
       self:schedule()
       break
     end
@@ -174,7 +178,8 @@ turn = function(premature, self, at)
   end
   if self.is_closed then return end
   if premature then return self:exit() end
-  self:run_turn()
+  if self.inline > 0 then return end      -- drain() does it, then arms
+  self:run_turn(TURN_MAX)
   self:arm()
 end
 
@@ -190,7 +195,7 @@ function Driver:exit()
   if self.on_exit then return self.on_exit() end
   local bus = self.bus
   if not bus:is_closed() then
-    self:run_turn()
+    self:run_turn(huge)
     bus:close()
   end
 end
@@ -244,6 +249,7 @@ function M.attach(bus)
     is_scheduled = false,  -- a turn at 0 is pending
     due_at = nil,          -- ms of the earliest armed timer
     current = nil,         -- the turn running bus:_turn, or nil
+    inline = 0,            -- drain()s delivering in requests: no turns
     on_exit = nil,         -- set by M.shared
     raw_yield = raw_coroutine("yield"),
     raw_status = raw_coroutine("status") or coroutine.status,
@@ -269,8 +275,9 @@ function Driver:close()
 end
 
 --- Delivers what is due now, in the calling request (rewrite, access or
---- content phase) or timer, waiting for handlers that use cosockets:
---- for a response that must follow its events' handlers. Returns the
+--- content phase) or timer, one delivery after another, waiting for
+--- handlers that use cosockets: for a response that must follow its
+--- events' handlers. The worker's turns wait meanwhile. Returns the
 --- number of deliveries. In other phases nothing may yield, and a handler
 --- that does fails.
 ---@param bus table a bus made with buzz.new{ loop = "ngx" }
@@ -285,7 +292,11 @@ function M.drain(bus)
   if not YIELDABLE[ngx.get_phase()] then
     return bus:drain()
   end
-  local n = d:run_turn()
+  d.inline = d.inline + 1
+  local ok, n = pcall(d.run_turn, d, huge)
+  d.inline = d.inline - 1
+  d:arm()
+  if not ok then error(n, 0) end
   coroutine.yield()        -- clears a co_op a buzz.sleep left set, so that
   return n                 -- the request's own ngx.sleep waits in full
 end
@@ -439,7 +450,7 @@ function Shared:exit()
   if not bus or bus:is_closed() then return end
   self:take()
   bus._driver.on_exit = nil
-  bus._driver:run_turn()
+  bus._driver:run_turn(huge)
   bus:close()
 end
 
