@@ -51,6 +51,7 @@ require("bench.store").run()
 require("bench.failure").run()
 require("bench.filter").run()
 require("bench.aggregate").run()
+require("bench.hosts").run()
 require("bench.batch").run()
 
 write(format("\n(%.1f s CPU in this process)\n", clock() - t0))
