@@ -33,10 +33,23 @@ static inline int buzz_resume_n(lua_State *co, lua_State *from, int nargs,
   return lua_resume(co, from, nargs, nres);
 }
 #else
+/*
+** OpenResty's LuaJIT keeps in each thread the nginx request it serves
+** (lua_getexdata; the lua module's ngx.* read it), and a new thread
+** inherits its creator's. The bus's threads serve many requests and
+** timers, so each resume hands co the resumer's: ngx.sleep or a cosocket
+** in a handler then belongs to the current request or timer, never to a
+** finished one (whose freed memory would crash the worker).
+*/
+#include <luajit.h>
 static inline int buzz_resume_n(lua_State *co, lua_State *from, int nargs,
                                 int *nres) {
-  int rc = buzz_resume(co, from, nargs);
+  int rc;
+#ifdef OPENRESTY_LUAJIT
+  lua_setexdata(co, lua_getexdata(from));
+#endif
   (void)from;                          /* 5.1 has no from */
+  rc = buzz_resume(co, from, nargs);
   *nres = lua_gettop(co);
   return rc;
 }
