@@ -177,6 +177,24 @@ describe("OpenResty (nginx with the lua module)", function()
     assert.are.equal("fetched: HTTP/1.1 200 OK\n", get("/fetch_now?tag=now"))
   end)
 
+  it("runs a handler's ngx calls for the request or timer that resumes it",
+     function()
+    -- A handler's thread is reused across requests and timers: while one
+    -- handler sleeps in a timer, a request's drain in the same worker
+    -- (one connection) reuses threads; each must serve its own context.
+    for i = 1, 5 do
+      local out = curl({ ("/fetch?tag=reuse%d&sleep=0.2"):format(i),
+                         ("/fetch_now?tag=now%d"):format(i) }, true)
+      assert.matches("fetched: HTTP/1.1 200 OK\n$", out)
+    end
+    for i = 1, 5 do
+      assert.are.equal("HTTP/1.1 200 OK", H.eventually(function()
+        local s = seen("fetch:reuse" .. i)
+        return s ~= "-" and s
+      end, 10, "the sleeping fetch " .. i))
+    end
+  end)
+
   it("fires a delayed event on the worker's timers", function()
     assert.matches("reminding", get("/remind?tag=r1&delay=0.3"))
     local late = tonumber(H.eventually(function()
