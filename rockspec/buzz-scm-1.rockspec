@@ -76,6 +76,7 @@ build = {
     ["buzz.filter"] = "lua/buzz/filter.lua",
     ["buzz.luv"] = "lua/buzz/luv.lua",
     ["buzz.middleware"] = "lua/buzz/middleware.lua",
+    ["buzz.ngx"] = "lua/buzz/ngx.lua",
     ["buzz.router"] = "lua/buzz/router.lua",
     ["buzz.timers"] = "lua/buzz/timers.lua",
     ["buzz.transform"] = "lua/buzz/transform.lua",
