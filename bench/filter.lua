@@ -100,6 +100,33 @@ function M.run()
   util.row("bus, test inside the handler", r.bp)
   util.note(format("%d of every %d events pass; events per CPU second",
                    kept, #list))
+  -- Selective: 1 event in 100 passes. filter = where{} is tested by the
+  -- core on the payload first (a prefilter), so the 99 others cost no
+  -- event table and no handler thread; a predicate is Lua only.
+  local few = {}
+  for i = 1, 100 do
+    few[i] = { type = "job.done", payload = {
+      status = i == 1 and "failed" or "ok", tier = "gold", cpu = 75 } }
+  end
+  local s1, sbus1 = bus_body({ filter = where }, count, few)
+  local s2, sbus2 = bus_body({ filter = by_hand }, count, few)
+  local s3, sbus3 = bus_body(nil, function(ev)
+    if by_hand(ev) then calls = calls + 1 end
+  end, few)
+  local sw, sh, sp = 0, 0, 0
+  for _ = 1, 2 do                       -- take turns; keep the best
+    sw = math.max(sw, util.measure("selective where", s1))
+    sh = math.max(sh, util.measure("selective hand", s2))
+    sp = math.max(sp, util.measure("selective plain", s3))
+  end
+  sbus1:close()
+  sbus2:close()
+  sbus3:close()
+  util.row("1% pass: filter = where{}", sw, util.ratio(sw / sh,
+                                                      "predicate"))
+  util.row("1% pass: filter = predicate", sh)
+  util.row("1% pass: test inside the handler", sp,
+           util.ratio(sw / sp, "where vs in handler"))
 end
 
 if is_main then M.run() end

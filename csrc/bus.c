@@ -141,6 +141,7 @@ int buzz__bus_subscribe(buzz_bus *b, const char *pattern, size_t len,
   sub->len = len;
   sub->is_once = is_once != 0;
   sub->data_ref = data_ref;
+  sub->filter_ref = BUZZ_NOREF;
   sub->refcount = 1;
   if ((rc = slot_take(b, &slot)) < 0) {
     buzz__sub_free(sub);
@@ -296,6 +297,9 @@ int buzz__bus_next(buzz_bus *b, size_t level, buzz_sub **sub,
     while (c->i < c->vec->n) {
       buzz_sub *s = c->vec->subs[c->i++];
       if (s->is_dead || s->seq > c->ev->audience || s->durable) continue;
+      if (s->filter_ref != BUZZ_NOREF && b->accept &&
+          !b->accept(ctx, s, c->ev))
+        continue;
       if (s->is_once) buzz__bus_unsubscribe(b, s);
       *sub = s;
       *ev = c->ev;

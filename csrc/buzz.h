@@ -111,6 +111,8 @@ typedef struct buzz_sub {
                             sub reads the store, not the live queue */
   int64_t acked;         /* durable: last id handled (its position) */
   int64_t saved;         /* durable: the position last given the writer */
+  int filter_ref;        /* borrows; a Lua ref owned by lbuzz.c to the
+                            sub's prefilter, or BUZZ_NOREF: see accept */
   void *trie_node;       /* private to match.c: where the sub is indexed */
 } buzz_sub;
 
@@ -235,6 +237,10 @@ typedef void (*buzz_event_free_cb)(void *ctx, buzz_event *ev);
 typedef struct buzz_bus {
   /* public */
   buzz_event_free_cb on_event_free;  /* releases an event's refs */
+  /* optional: for a sub with a filter_ref, may it have ev? 0 skips the
+  ** delivery (a once sub stays subscribed). Called with the ctx given to
+  ** buzz__bus_next(). */
+  int (*accept)(void *ctx, const buzz_sub *sub, const buzz_event *ev);
   /* read-only */
   buzz_queue queue;
   int64_t last_id;

@@ -80,4 +80,28 @@ static inline int buzz_resume_n(lua_State *co, lua_State *from, int nargs,
 #define buzz_absindex(L, i)  lua_absindex((L), (i))
 #endif
 
+
+/*
+** Length and order of values that are both numbers or both strings (never
+** a metamethod). Before 5.2 there is no lua_compare: numbers compare in
+** C, so that NaN is unordered as in Lua; strings with lua_lessthan.
+*/
+#if LUA_VERSION_NUM >= 502
+#define buzz_rawlen(L, i)    lua_rawlen((L), (i))
+#define buzz_lt(L, a, b)     lua_compare((L), (a), (b), LUA_OPLT)
+#define buzz_le(L, a, b)     lua_compare((L), (a), (b), LUA_OPLE)
+#else
+#define buzz_rawlen(L, i)    lua_objlen((L), (i))
+static inline int buzz_lt(lua_State *L, int a, int b) {
+  if (lua_type(L, a) == LUA_TNUMBER)
+    return lua_tonumber(L, a) < lua_tonumber(L, b);
+  return lua_lessthan(L, a, b);
+}
+static inline int buzz_le(lua_State *L, int a, int b) {
+  if (lua_type(L, a) == LUA_TNUMBER)
+    return lua_tonumber(L, a) <= lua_tonumber(L, b);
+  return !lua_lessthan(L, b, a);
+}
+#endif
+
 #endif

@@ -166,3 +166,150 @@ describe("the filter option of subscribe", function()
     assert.equal(0, bus:drain())          -- nothing was subscribed
   end)
 end)
+
+-- The core's prefilter (csrc/lbuzz.c pf_holds): the part of a where{}
+-- it tests on the payload before a delivery. It may only reject what the
+-- Lua test rejects; for values, sets and comparisons it must reject.
+describe("the core's prefilter", function()
+  local core = require "buzz.core"
+  after_each(function() H.done() end)
+
+  local SPECS = {
+    { ["payload.s"] = "ok" },
+    { ["payload.n"] = 1 },
+    { ["payload.n"] = { gt = 2 } },
+    { ["payload.n"] = { gte = 2, lt = 5 } },
+    { ["payload.n"] = { lte = 2.5 } },
+    { ["payload.s"] = { gt = "b" } },
+    { ["payload.s"] = { "ok", "fine" } },
+    { ["payload.n"] = { ["in"] = { 1, 3 } } },
+    { ["payload.n"] = { not_in = { 1, 3 } } },
+    { ["payload.n"] = { ne = 1 } },
+    { ["payload.a.b"] = true },
+    { ["payload.a.b"] = { exists = true } },
+    { ["payload.a.b"] = { exists = false } },
+    { ["payload.list.2"] = "y" },
+    { payload = "str" },
+    { ["payload.n"] = { gt = 0 }, ["payload.s"] = { match = "^o" } },
+    { ["payload.n"] = { ["not"] = 1 }, ["payload.s"] = "ok" },
+    { ["payload.big"] = { gt = 2 ^ 53 } },
+    { ["payload.n"] = { eq = 1 }, type = "m.x" },
+  }
+  local meta = setmetatable({}, { __index = function() return "ok" end })
+  local PAYLOADS = {
+    { s = "ok", n = 1 }, { s = "fine", n = 3 }, { s = "no", n = 2 },
+    { n = 1.0 }, { n = "1" }, { n = 0 / 0 }, { n = 2.5 }, { n = 5 },
+    { s = "c" }, { s = "a" }, { s = 5 }, { a = { b = true } },
+    { a = { b = false } }, { a = "b" }, { a = meta }, meta,
+    { list = { "x", "y" } }, { list = "xy" }, "str", 42, true, false,
+    { big = math.tointeger and math.tointeger(2 ^ 53) + 1 or 2 ^ 53 },
+    { big = 2 ^ 53 }, {}, { s = "ok", n = 1, a = { b = true } },
+  }
+
+  it("never rejects what the Lua test keeps, and rejects the rest of "
+     .. "what it covers", function()
+    local covered = 0
+    for i, spec in ipairs(SPECS) do
+      local cond = buzz.where(spec)
+      local plan = require("buzz.filter").plan(cond)
+      assert.is_table(plan, "spec " .. i .. " has a prefilter")
+      local s = spec["payload.s"]
+      local exact = s == nil or type(s) ~= "table"
+                    or s.match == nil
+      exact = exact and not (type(spec["payload.n"]) == "table"
+                             and spec["payload.n"]["not"] ~= nil)
+      exact = exact and spec.type == nil
+      for j, payload in ipairs(PAYLOADS) do
+        local ev = { type = "m.x", payload = payload }
+        local keep = cond.test(ev)
+        local may = core.prefilter(plan, payload)
+        local where = ("spec %d, payload %d"):format(i, j)
+        if keep then assert.is_true(may, where .. ": rejected") end
+        local through_meta = payload == meta
+          or (type(payload) == "table" and payload.a == meta)
+        if exact and not through_meta then
+          assert.equal(keep, may, where)
+          covered = covered + 1
+        end
+      end
+    end
+    assert.is_true(covered > 300)
+  end)
+
+  it("has nothing to test for predicates and Lua-only conditions",
+     function()
+    local plan = require("buzz.filter").plan
+    assert.is_nil(plan(buzz.filter(function() return true end)))
+    assert.is_nil(plan(buzz.where { ["payload.s"] = { match = "x" } }))
+    assert.is_nil(plan(buzz.where { key = "k1" }))
+    assert.is_nil(plan(buzz.any(buzz.where { ["payload.n"] = 1 })))
+    assert.is_nil(plan(function() end))
+    local all = plan(buzz.all({ ["payload.n"] = 1 },
+                              buzz.where { ["payload.s"] = "ok" }))
+    assert.equal(2, #all)
+  end)
+
+  it("delivers the same events as the Lua test alone, live, sync and "
+     .. "durable", function()
+    local path = H.tmp_store()
+    local bus = H.bus { store = path }
+    local runs = {}
+    for i, spec in ipairs(SPECS) do
+      local cond = buzz.where(spec)
+      local a, b, d = {}, {}, {}
+      bus:subscribe("m.x", function(ev) a[#a + 1] = ev.id end,
+                    { filter = cond })
+      bus:subscribe("m.x", function(ev) b[#b + 1] = ev.id end,
+                    { filter = function(ev) return cond.test(ev) end })
+      bus:subscribe("m.x", function(ev) d[#d + 1] = ev.id end,
+                    { filter = cond, durable = "d" .. i })
+      runs[i] = { a, b, d }
+    end
+    for j, payload in ipairs(PAYLOADS) do
+      if core.json_encode(payload) then  -- a store cannot keep NaN
+        if j % 2 == 0 then
+          bus:publish_sync("m.x", payload)
+        else
+          bus:publish("m.x", payload)
+        end
+      end
+    end
+    bus:drain()
+    for i, r in ipairs(runs) do
+      assert.same(r[2], r[1], "spec " .. i .. ", live")
+      local cond, want = buzz.where(SPECS[i]), {}
+      for ev in bus:events() do         -- as stored: JSON's payloads
+        if cond.test(ev) then want[#want + 1] = ev.id end
+      end
+      assert.same(want, r[3], "spec " .. i .. ", durable")
+    end
+    -- a durable consumer's position moves past the events it skipped
+    local last = bus:store_info().last_id
+    for _, cons in ipairs(bus:consumers()) do
+      assert.equal(last, cons.acked, cons.name)
+    end
+    bus:close()
+    H.remove_store(path)
+  end)
+
+  it("a once subscription ends at its first event that passes", function()
+    local bus = H.bus { clock = buzz.manual_clock(1000),
+                        on_error = function() end }
+    local got, fn_got, tries = {}, {}, 0
+    bus:once("o.*", { filter = buzz.where { ["payload.n"] = 3 } })(
+      function(ev) got[#got + 1] = ev.payload.n end)
+    bus:once("o.*", { filter = function(ev) return ev.payload.n > 1 end })(
+      function(ev) fn_got[#fn_got + 1] = ev.payload.n end)
+    local sub = bus:once("o.*", { filter = { ["payload.n"] = { gte = 4 } },
+                                  retry = { max = 2, base = 1 } })(
+      function() tries = tries + 1; error("again") end)
+    for n = 1, 6 do bus:publish("o.x", { n = n }) end
+    bus:drain()
+    bus._clock:advance(2)
+    assert.same({ 3 }, got)
+    assert.same({ 2 }, fn_got)
+    assert.equal(2, tries)                -- event 4, retried; 5, 6 never
+    assert.is_false(sub.is_active)
+    bus:use(function(ev, nxt) return nxt(ev) end)  -- ended subs are gone
+  end)
+end)

@@ -47,6 +47,7 @@ for w in ([[and break do else elseif end false for function goto if in
 end
 
 local util = require "buzz.util"
+local core = require "buzz.core"
 local quote = util.quote
 
 local function fail(level, fmt, ...)
@@ -287,10 +288,62 @@ function compile_field(c, path, level)
 end
 
 
+-- ------------------------------------------------------------ prefilter
+
+-- The part of a where-table the core can test on the payload at dispatch,
+-- before it builds the event or resumes a thread: clauses { steps under
+-- the payload, op code, value } for the fields under "payload" whose
+-- condition is values, sets or comparisons. The core only rejects with
+-- it (see pf_holds in csrc/lbuzz.c); the compiled test still runs on
+-- every event that gets through, so a clause left out costs nothing but
+-- speed. nil when no field qualifies.
+local OPS = core.prefilter_ops
+
+local function plan_field(out, steps, c)
+  local function add(op, v) out[#out + 1] = { steps, OPS[op], v } end
+  if is_scalar(c) then return add("eq", c) end
+  if type(c) ~= "table" or getmetatable(c) ~= nil then return end
+  if is_array(c) then return add("in", check_set(c, "a set", "", 1)) end
+  for op, x in pairs(c) do
+    if op == "eq" or op == "ne" or op == "gt" or op == "gte" or op == "lt"
+       or op == "lte" then
+      add(op, x)
+    elseif op == "in" or op == "not_in" then
+      add(op, check_set(x, op, "", 1))
+    elseif op == "exists" then
+      add(x and "exists" or "absent", true)
+    end                                -- match, not: Lua only
+  end
+end
+
+local function plan_where(spec)
+  local out = {}
+  for path, c in pairs(spec) do
+    local steps = util.steps(path)
+    if steps[1] == "payload" then
+      local under = {}
+      for i = 2, #steps do under[i - 1] = steps[i] end
+      plan_field(out, under, c)
+    end
+  end
+  return out[1] and out or nil
+end
+
+--- The prefilter of a condition (a where-table or buzz.where/all of
+--- them), or nil. Only for conditions predicate() has checked.
+function M.plan(c)
+  if type(c) == "table" and getmetatable(c) == nil then
+    return plan_where(c)
+  end
+  if getmetatable(c) == Cond then return c.plan end
+  return nil
+end
+
+
 -- ------------------------------------------------------------ the API
 
-local function wrap(test, spec)
-  return setmetatable({ test = test, spec = spec }, Cond)
+local function wrap(test, spec, plan)
+  return setmetatable({ test = test, spec = spec, plan = plan }, Cond)
 end
 
 --- A predicate from a condition: a compiled condition, a where-table, or a
@@ -315,7 +368,8 @@ function M.where(spec)
     fail(2, "bad argument to buzz.where: expected a table such as "
          .. "{ [\"payload.status\"] = \"failed\" }, got %s", quote(spec))
   end
-  return wrap(compile_where(spec, 3), spec)
+  local test = compile_where(spec, 3)
+  return wrap(test, spec, plan_where(spec))
 end
 
 local function predicates(what, ...)
@@ -340,10 +394,16 @@ end
 --- Holds when all of the conditions hold (tried in order).
 function M.all(...)
   local list, n = predicates("all", ...)
+  local plan = {}                      -- every part's clauses must hold
+  for i = 1, n do
+    for _, clause in ipairs(M.plan((select(i, ...))) or {}) do
+      plan[#plan + 1] = clause
+    end
+  end
   return wrap(function(ev)
     for i = 1, n do if not list[i](ev) then return false end end
     return true
-  end)
+  end, nil, plan[1] and plan or nil)
 end
 
 --- Holds when c does not.

@@ -394,17 +394,28 @@ local function bind(self, sub)
   local inner = middleware.wrap(self._mw, sub, sub.handler)
   sub._inner = inner
   local test, runner = sub._test, sub._runner
+  local deliver = inner
   if runner then
     runner.handler = inner
-    if test then
-      return function(ev) if test(ev) then runner:deliver(ev) end end
+    deliver = function(ev) runner:deliver(ev) end
+  end
+  if test and sub.is_once then
+    -- the core ends a once sub as it hands it an event; with a filter,
+    -- this does so for the first event that passes (retries go on)
+    return function(ev)
+      if not (sub.is_active and test(ev)) then return end
+      sub.is_active = false
+      local c, id = self._core, sub._id
+      sub._id = nil
+      self._subs[sub] = nil
+      if c and id then c:unsubscribe(id, sub) end
+      return deliver(ev)
     end
-    return function(ev) runner:deliver(ev) end
   end
   if test then
-    return function(ev) if test(ev) then return inner(ev) end end
+    return function(ev) if test(ev) then return deliver(ev) end end
   end
-  return inner
+  return deliver
 end
 
 local function subscribe(self, c, pattern, handler, opts, is_once, level)
@@ -461,8 +472,12 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
   if policy then
     sub._runner = self._sup:runner(sub, handler, policy, level + 1)
   end
+  -- A once subscription with a filter ends at its first event that
+  -- passes the filter (bind), not at the first that comes.
+  local plan = sub._test and conditions.plan(opts.filter) or nil
   local id, err, code = c:subscribe(pattern, sub, bind(self, sub),
-                                    sub.is_once, durable, start_new)
+                                    sub.is_once and not sub._test, durable,
+                                    start_new, plan)
   if not id then
     if sub._runner then sub._runner:close() end
     local _, e, k = refused(err, code, level + 1)  -- not a tail call
