@@ -240,13 +240,11 @@ local WINDOW_OPTIONS = { tumbling = true, sliding = true, every = true,
                          allowed_lateness = true, time = true, late = true,
                          idle = true, checkpoint = true }
 
-local function positive(v, name, is_int, level)
-  if type(v) ~= "number" or v ~= v or v <= 0 or v == huge
-     or (is_int and v ~= floor(v)) then
-    fail(level, "bad window %s: expected a positive %s, got %s", name,
-         is_int and "integer" or "number of seconds", quote(v))
-  end
-  return v
+-- (util counts levels from its caller, this file from itself: the same
+-- level reaches the same frame)
+local function seconds_ms(v, what, level)
+  return floor(util.positive(v, "window " .. what, false, level) * 1000
+               + 0.5)
 end
 
 -- Checks a window spec; returns it with times in ms.
@@ -298,26 +296,22 @@ local function window_spec(spec, level)
     end
     w.lateness = floor(spec.allowed_lateness * 1000 + 0.5)
   end
-  w.checkpoint = floor(positive(spec.checkpoint or 1, "checkpoint", false,
-                                level + 1) * 1000 + 0.5)
+  w.checkpoint = seconds_ms(spec.checkpoint or 1, "checkpoint", level + 1)
   if kind == "count" then
-    w.size = positive(spec.count, "count", true, level + 1)
+    w.size = util.positive(spec.count, "window count", true, level)
     if spec.every ~= nil then
       fail(level, "every goes with sliding windows, not count")
     end
     if spec.idle ~= nil then
-      w.idle = floor(positive(spec.idle, "idle", false, level + 1) * 1000
-                     + 0.5)
+      w.idle = seconds_ms(spec.idle, "idle", level + 1)
     end
   elseif spec.idle ~= nil then
     fail(level, "idle goes with count windows: a %s window closes by "
          .. "time", kind)
   else
-    w.size = floor(positive(spec[kind], kind, false, level + 1) * 1000
-                   + 0.5)
+    w.size = seconds_ms(spec[kind], kind, level + 1)
     if kind == "sliding" then
-      w.every = floor(positive(spec.every, "every", false, level + 1) * 1000
-                      + 0.5)
+      w.every = seconds_ms(spec.every, "every", level + 1)
       if w.every > w.size then
         fail(level, "bad window: every (%g s) is longer than the window "
              .. "(%g s)", spec.every, spec.sliding)
@@ -409,25 +403,26 @@ function Engine.close_window(self, start)
   self:changed(true)
 end
 
-function Engine.close_session(self, group)
-  local s = self.sessions[group]
-  if s == nil then return end
-  self.sessions[group] = nil
+-- The open group of a session (in sessions) or count window (in counts)
+-- closes: its result goes out.
+local function close_group(self, open, group, stop_field)
+  local x = open[group]
+  if x == nil then return end
+  open[group] = nil
   if self.is_active then
-    self.emit(self:result(group, s.start, s.stop, s.state, s.count), self)
+    self.emit(self:result(group, x.start, x[stop_field], x.state, x.count),
+              self)
     self:changed(true)
   end
 end
 
+function Engine.close_session(self, group)
+  close_group(self, self.sessions, group, "stop")
+end
+
 -- A count window's group that has been idle too long goes as it is.
 function Engine.close_count(self, group)
-  local c = self.counts[group]
-  if c == nil then return end
-  self.counts[group] = nil
-  if self.is_active then
-    self.emit(self:result(group, c.start, c.last, c.state, c.count), self)
-    self:changed(true)
-  end
+  close_group(self, self.counts, group, "last")
 end
 
 function Engine:arm_session(group, s)

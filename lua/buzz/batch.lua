@@ -33,8 +33,7 @@ local core = require "buzz.core"
 
 local type, error, pairs, setmetatable, tostring, ipairs =
       type, error, pairs, setmetatable, tostring, ipairs
-local floor, ceil, huge, min, max = math.floor, math.ceil, math.huge,
-                                    math.min, math.max
+local floor, ceil, min, max = math.floor, math.ceil, math.min, math.max
 local json_encode, json_decode = core.json_encode, core.json_decode
 local quote = util.quote
 
@@ -56,14 +55,12 @@ local function fail(level, fmt, ...)
   error(fmt:format(...), level + 1)
 end
 
+-- v if it is nil or positive, else raises (util counts levels from its
+-- caller, this file from itself: the same level reaches the same frame).
 local function positive(v, name, is_int, level)
   if v == nil then return nil end
-  if type(v) ~= "number" or v ~= v or v <= 0 or v == huge
-     or (is_int and v ~= floor(v)) then
-    fail(level, "bad batch %s: expected a positive %s, got %s", name,
-         is_int and "integer" or "number of seconds", quote(v))
-  end
-  return v
+  local n = util.positive(v, "batch " .. name, is_int, level)
+  return n                             -- not a tail call: error levels
 end
 
 local function adaptive_spec(a, size, level)

@@ -18,6 +18,18 @@ function M.quote(v)
   return tostring(v)
 end
 
+--- v, unless it is not a positive number (an integer with is_int, else
+--- seconds): then raises "bad <what>: ..." at level.
+function M.positive(v, what, is_int, level)
+  if type(v) ~= "number" or v ~= v or v <= 0 or v == math.huge
+     or (is_int and v ~= math.floor(v)) then
+    error(("bad %s: expected a positive %s, got %s")
+          :format(what, is_int and "integer" or "number of seconds",
+                  M.quote(v)), level + 1)
+  end
+  return v
+end
+
 --- Raises (at level) unless s is a string; what names the argument and
 --- example shows one.
 function M.check_subject_arg(s, what, example, level)
