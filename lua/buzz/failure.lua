@@ -29,8 +29,14 @@ local type, error, pairs, ipairs, tostring, pcall, setmetatable, assert =
       type, error, pairs, ipairs, tostring, pcall, setmetatable, assert
 local xpcall = xpcall
 local getmetatable, rawget = getmetatable, rawget
-local create, status, yield, running =
-      coroutine.create, coroutine.status, coroutine.yield, coroutine.running
+-- The core resumes these threads itself (lua_resume), so inside
+-- OpenResty, whose coroutine.* serve the threads nginx schedules, the raw
+-- functions it keeps as coroutine._* are the ones that fit.
+local co_lib = coroutine
+local create = rawget(co_lib, "_create") or co_lib.create
+local status = rawget(co_lib, "_status") or co_lib.status
+local yield = rawget(co_lib, "_yield") or co_lib.yield
+local running = co_lib.running
 local close = coroutine.close         -- nil before Lua 5.4
 local core_traceback = core.traceback  -- debug.traceback, minus 30 us
 local floor, huge, min, max, random = math.floor, math.huge, math.min,
