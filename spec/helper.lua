@@ -27,6 +27,12 @@ package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 package.cpath = build .. "/?.so;" .. package.cpath
 
 local H = { flavour = flavour, lua = flavour, build = build }
+
+-- luv is loaded here, once for the whole run, so that every spec file gets
+-- the same module: busted unloads what a spec file required, and a second
+-- load of luv in one process initializes libuv's default loop again, which
+-- the first load's finalizer then closes under it (a crash).
+pcall(require, "luv")
 local buses, counters = {}, {}
 
 function H.bus(opts)

@@ -18,6 +18,7 @@ end
 local function run_loop(seconds)
   local is_stopped = false
   local guard = uv.new_timer()
+  uv.update_time()            -- the loop's time is stale since its last run
   guard:start(math.floor((seconds or 5) * 1000), 0, function()
     is_stopped = true
     uv.stop()
