@@ -300,6 +300,11 @@ function M.new(bus, timers)
     -- thread -> the runner of the inline delivery running there, or its
     -- job once it yielded
     by_thread = setmetatable({}, { __mode = "k" }),
+    -- A host driver that resumes jobs whose handler yielded nothing (an
+    -- operation of the host's own, which the host completes): it sets
+    -- this to an object whose park(job) returns true when it takes the
+    -- job over, to resume it later with runner:continue(job, ...).
+    host = nil,
     pool = {}, npool = 0,  -- idle worker threads
     dead = {},           -- dead letters in id order
     next_dead = 1,
@@ -670,7 +675,8 @@ function Runner:start(job)
 end
 
 -- Resumes the job's thread and takes what it gave: finished (the body
--- settled the attempt), failed, or asleep.
+-- settled the attempt), failed, or asleep. A host driver that parked the
+-- job (asleep) resumes it here too, with what its operation returned.
 function Runner:continue(job, ...)
   local c, co = self.sup:core(), job.co
   if c == nil then return end
@@ -695,19 +701,24 @@ function Runner:continue(job, ...)
 end
 
 -- The attempt's handler yielded: what = SLEEP, ms sleeps on the bus's
--- timers; anything else fails it (nothing here could resume it).
+-- timers; nothing (a host's own operation, such as OpenResty's ngx.sleep
+-- or a cosocket) goes to the host driver, if it takes the job over;
+-- anything else fails it (nothing here could resume it). Either wait is
+-- bounded by the job's timeout.
 function Runner:asleep(job, what, ms)
-  local timers = self.sup.timers
+  local sup = self.sup
+  local timers, host = sup.timers, sup.host
   if what == SLEEP then
     job.wake_timer = timers:after(ms, Runner.wake, job)
-    if job.deadline and not job.timeout_timer then
-      job.timeout_timer = timers:at(job.deadline, Runner.timed_out, job)
-    end
+  elseif what ~= nil or not (host and host:park(job)) then
+    self:fail(job, ("handler yielded %s, which buzz cannot resume: yield "
+                    .. "only through buzz.sleep or a host driver")
+                   :format(quote(what)), nil)
     return
   end
-  self:fail(job, ("handler yielded %s, which buzz cannot resume: yield "
-                  .. "only through buzz.sleep or a host driver")
-                 :format(quote(what)), nil)
+  if job.deadline and not job.timeout_timer then
+    job.timeout_timer = timers:at(job.deadline, Runner.timed_out, job)
+  end
 end
 
 function Runner.wake(job)
