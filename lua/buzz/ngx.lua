@@ -13,16 +13,22 @@
 -- Yielding handlers. The core resumes handlers with lua_resume, so an ngx
 -- API that yields (ngx.sleep, a cosocket) yields to the core, not to
 -- nginx; nginx has parked the operation on the timer's entry thread. The
--- driver takes such a delivery of a plain subscription over: the turn
--- stops delivering, yields its entry thread with OpenResty's raw yield
+-- driver is failure.lua's host (sup.host): a handler that yields nothing
+-- comes to Driver:park, whatever its subscription (plain, or with retry,
+-- timeout, ordered, concurrency or breaker) and wherever it runs (in the
+-- core's dispatch, in a retry, after a buzz.sleep). The turn stops
+-- delivering, yields its entry thread with OpenResty's raw yield
 -- (coroutine._yield), and when nginx resumes it with the operation's
--- results it resumes the handler with them, until the handler returns.
--- Meanwhile a fresh turn delivers the rest. One turn carries one such
--- handler, as one nginx thread waits for one operation. A cosocket belongs
--- to the turn that made it: keep it within one handler call.
--- Not covered (the failure machinery resumes those deliveries itself):
--- ngx yields in a subscription with a retry/timeout/ordered/concurrency/
--- breaker policy, and after a buzz.sleep; they fail with its message.
+-- results it resumes the job through its runner (runner:continue), which
+-- settles the attempt as for any job: success, retry, dead letter, a
+-- buzz.sleep on the bus's timers, or another ngx yield, parked again. A
+-- timeout still ends an attempt that waits on nginx; the late wake is
+-- dropped. Meanwhile a fresh turn delivers the rest.
+-- Not covered: one turn carries one handler, as one nginx thread waits
+-- for one operation, so a second handler that yields to nginx while the
+-- turn already carries one (two retries due at the same instant, say)
+-- fails with failure.lua's message; and a cosocket belongs to the turn
+-- that made it: keep it within one handler call.
 --
 -- `M.shared{ dict, store, ... }` gives every worker one log: a store has
 -- one writer, so one worker (the owner) opens it and the others forward
@@ -37,7 +43,6 @@ local type, error, pcall, select, tostring, pairs =
 local setmetatable, getmetatable, rawget = setmetatable, getmetatable, rawget
 local unpack = table.unpack or unpack
 local huge = math.huge
-local traceback = debug.traceback
 local json_encode, json_decode = core.json_encode, core.json_decode
 
 -- Lua's own coroutine function name, which OpenResty keeps as
@@ -110,31 +115,42 @@ local function pack(...)
   return select("#", ...), { ... }
 end
 
--- A handler of job (a plain subscription's delivery) yielded on an ngx
--- operation in this nginx thread: waits for it, resumes the handler with
--- what nginx gives the thread back, as often as it yields so, and settles
--- the delivery as failure.lua would. While it runs, a nested delivery
--- (publish_sync) that yields cannot park here: it fails.
+-- Resumes a parked job with the n results in res, as Runner.wake does.
+local function resume(r, job, n, res)
+  r:continue(job, unpack(res, 1, n))
+  r.sup:flush()
+end
+
+-- A handler of job yielded on an ngx operation in this nginx thread
+-- (park, below, took the job over): waits for the operation, then resumes
+-- the job through its runner, as failure.lua resumes a sleeper, with what
+-- nginx gives the thread back. The runner settles the attempt (success,
+-- retry, dead letter), sends a buzz.sleep to the bus's timers, and parks
+-- a further ngx yield here again, as it does a job that the runner starts
+-- meanwhile (the next of a lane, say) once this one's attempt is over.
+-- A wake that comes after the attempt ended (timed out, bus closed) is
+-- dropped. While a handler runs, a nested delivery (publish_sync) that
+-- yields cannot park here: it fails.
 local function carry(self, job)
-  local raw_yield, raw_status = self.raw_yield, self.raw_status
+  local raw_yield = self.raw_yield
   while job do
+    local co = job.co
     coroutine.yield()        -- clears a co_op a buzz.sleep left set
     local n, res = pack(raw_yield())
-    local c = self.bus._core
-    local r, co = job.runner, job.co
-    if not c or job.is_over or r.is_closed then return end
-    local ok, what, arg = c:resume(co, job.evt, unpack(res, 1, n))
+    local r = job.runner
+    if not self.bus._core or r.is_closed or job.is_over or job.co ~= co then
+      return
+    end
+    local t = { parked = nil, job = job }
+    self.current = t
+    local ok, err = pcall(resume, r, job, n, res)
+    self.current = nil
     if not ok then
-      r:fail(job, what, traceback(co, tostring(what)))
-      job = nil
-    elseif raw_status(co) == "dead" then
-      r:succeed(job)
-      job = nil
-    elseif what ~= nil then          -- buzz.sleep: the bus's timers
-      r:asleep(job, what, arg)
-      job = nil
-    end                              -- else another ngx operation
-    r.sup:flush()
+      log_err("buzz: resuming a handler failed: ", tostring(err))
+      return
+    end
+    self:arm()               -- timers the handler set (buzz.sleep, retry)
+    job = t.parked
   end
 end
 
@@ -202,23 +218,24 @@ end
 
 -- ------------------------------------------------------------ yields
 
--- The core's on_yield for a driven bus: an ngx operation (a yield of
--- nothing) in a plain subscription's delivery, during one of our turns,
--- parks the delivery on the turn's thread; the rest goes to failure.lua.
-local function on_yield(self, co, sub, ev, what, arg)
-  local sup = self.bus._sup
+--- failure.lua's host hook: a handler of job yielded nothing, which is an
+--- ngx operation (ngx.sleep, a cosocket) that nginx parked on this
+--- turn's entry thread. Takes the job over if one of our turns runs
+--- here and carries no other job yet (nor, in carry, a handler still
+--- running): the turn stops delivering, and carry resumes the job when
+--- nginx resumes the thread. Returns true if it took the job.
+---@param job table a job of failure.lua
+---@return boolean
+function Driver:park(job)
   local t = self.current
-  if what ~= nil or not t or t.parked or sup.by_thread[co] ~= nil then
-    return sup:adopt(co, sub, ev, what, arg)
+  if not t or t.parked or (t.job and not t.job.is_over and t.job ~= job)
+  then
+    return false
   end
-  -- As failure.lua adopts a sleeping plain delivery, minus the sleep.
-  local r = sup:plain_runner(sub)
-  local job = r:job(ev, ev.attempt or 1, 0)
-  job.co, job.evt, job.is_plain = co, ev, true
-  r.inflight = r.inflight + 1
-  r:keep(job)                  -- a durable consumer's, in the store
   t.parked = job
-  self.bus._core:stop(true)    -- no other delivery on this thread now
+  local c = self.bus._core
+  if c then c:stop(true) end   -- no other delivery on this thread now
+  return true
 end
 
 -- ------------------------------------------------------------ the driver
@@ -252,11 +269,8 @@ function M.attach(bus)
     inline = 0,            -- drain()s delivering in requests: no turns
     on_exit = nil,         -- set by M.shared
     raw_yield = raw_coroutine("yield"),
-    raw_status = raw_coroutine("status") or coroutine.status,
   }, Driver)
-  bus._core:on_yield(function(co, sub, ev, what, arg)
-    return on_yield(self, co, sub, ev, what, arg)
-  end)
+  bus._sup.host = self     -- parks the handlers that yield to nginx
   local ok, err = ngx.timer.every(HEARTBEAT, heartbeat, self)
   if not ok then log_err("buzz: could not start the heartbeat: ", err) end
   self:schedule()          -- what a store brought back (retries, delays)
