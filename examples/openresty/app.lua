@@ -14,6 +14,15 @@
 --                             (buzz.ngx.drain), so the response can
 --                             say what the handler got
 --   /remind?tag=t&delay=0.3   a delayed event, on the worker's timers
+--   /pay?tag=t&fail=1         a handler with retries asks /ping over a
+--                             cosocket, and fails its first attempt
+--   /ship?key=k&n=3           n events of one key to an ordered handler
+--                             that sleeps less for each: they finish in
+--                             order all the same
+--   /slow?tag=t               a handler with a timeout that sleeps
+--                             past it: timed out, retried, dead-lettered
+--   /nap?tag=t                a handler that mixes buzz.sleep and
+--                             ngx.sleep
 --   /order?n=7                an event on the shared log; the durable
 --                             consumer "audit" appends "7 <id>" to
 --                             audit.log in the prefix
@@ -29,6 +38,17 @@ local seen = ngx.shared.buzz_seen
 local function now()
   ngx.update_time()
   return ngx.now()
+end
+
+-- Asks this server for /ping over a cosocket; returns the status line.
+local function ask_ping(port)
+  local sock = ngx.socket.tcp()
+  sock:settimeout(2000)
+  assert(sock:connect("127.0.0.1", port))
+  assert(sock:send("GET /ping HTTP/1.0\r\nHost: localhost\r\n\r\n"))
+  local status = assert(sock:receive("*l"))
+  sock:close()
+  return status
 end
 
 -- The durable consumer, in the worker that owns the store.
@@ -55,18 +75,53 @@ function M.init_worker()
   bus:subscribe("fetch.requested", function(ev)
     local p = ev.payload
     ngx.sleep(p.sleep)
-    local sock = ngx.socket.tcp()
-    sock:settimeout(2000)
-    assert(sock:connect("127.0.0.1", p.port))
-    assert(sock:send("GET /ping HTTP/1.0\r\nHost: localhost\r\n\r\n"))
-    local status = assert(sock:receive("*l"))
-    sock:close()
+    local status = ask_ping(p.port)
     seen:set("fetch:" .. p.tag, status)
     seen:set("fetched_at:" .. p.tag, now())
   end)
 
   bus:subscribe("remind.due", function(ev)
     seen:set("remind:" .. ev.payload.tag, now() - ev.payload.published)
+  end)
+
+  -- Failure policies and ngx yields: retries, order per key, timeouts.
+  bus:subscribe("order.paid", function(ev)
+    local p = ev.payload
+    ngx.sleep(0.01)
+    local status = ask_ping(p.port)
+    seen:set(("pay:%s:%d"):format(p.tag, ev.attempt), status)
+    if p.fail and ev.attempt == 1 then error("the payment service hung up") end
+    seen:set("paid:" .. p.tag, ev.attempt)
+  end, { retry = { max = 3, base = 0.05, jitter = 0 } })
+
+  bus:subscribe("order.shipped", function(ev)
+    local p = ev.payload
+    ngx.sleep(p.sleep)
+    local key, done = "ship:" .. ev.key, seen:get("ship:" .. ev.key)
+    seen:set(key, done and done .. " " .. p.n or tostring(p.n))
+  end, { ordered = true })
+
+  bus:subscribe("job.slow", function(ev)
+    local p = ev.payload
+    seen:set(("slow:%s:%d"):format(p.tag, ev.attempt), "started")
+    ngx.sleep(0.3)                                 -- past the timeout
+    seen:set(("slow_done:%s:%d"):format(p.tag, ev.attempt), "finished")
+  end, { timeout = 0.1, retry = { max = 2, base = 0.15, jitter = 0 } })
+
+  bus:subscribe("$DLQ.job.slow", function(ev)
+    local rec = ev.payload
+    seen:set("slow_dead:" .. rec.event.payload.tag,
+             ("%s after %d attempts"):format(rec.error, #rec.attempts))
+  end)
+
+  bus:subscribe("nap.taken", function(ev)
+    local t0 = now()
+    buzz.sleep(0.05)
+    ngx.sleep(0.05)
+    buzz.sleep(0.05)
+    local status = ask_ping(ev.payload.port)
+    seen:set("nap:" .. ev.payload.tag, ("%s after %.3f"):format(
+      status, now() - t0))
   end)
 
   log = bngx.shared{
@@ -104,6 +159,35 @@ function M.remind()
   bus:publish("remind.due", { tag = ngx.var.arg_tag, published = now() },
               { delay = tonumber(ngx.var.arg_delay) or 0.3 })
   ngx.say("reminding in worker ", ngx.worker.id())
+end
+
+function M.pay()
+  bus:publish("order.paid", { tag = ngx.var.arg_tag,
+                              port = tonumber(ngx.var.server_port),
+                              fail = ngx.var.arg_fail == "1" })
+  ngx.say("paying in worker ", ngx.worker.id())
+end
+
+-- Event i of n sleeps (n - i) / 10 + 0.01 s: unordered, the last would
+-- finish first.
+function M.ship()
+  local n = tonumber(ngx.var.arg_n) or 3
+  for i = 1, n do
+    bus:publish("order.shipped", { n = i, sleep = (n - i) / 10 + 0.01 },
+                { key = ngx.var.arg_key })
+  end
+  ngx.say("shipping in worker ", ngx.worker.id())
+end
+
+function M.slow()
+  bus:publish("job.slow", { tag = ngx.var.arg_tag })
+  ngx.say("working in worker ", ngx.worker.id())
+end
+
+function M.nap()
+  bus:publish("nap.taken", { tag = ngx.var.arg_tag,
+                             port = tonumber(ngx.var.server_port) })
+  ngx.say("napping in worker ", ngx.worker.id())
 end
 
 function M.order()
