@@ -305,6 +305,7 @@ function M.new(bus, timers)
     -- this to an object whose park(job) returns true when it takes the
     -- job over, to resume it later with runner:continue(job, ...).
     host = nil,
+    is_held = false,     -- set by the host: flush() waits (see there)
     pool = {}, npool = 0,  -- idle worker threads
     dead = {},           -- dead letters in id order
     next_dead = 1,
@@ -369,7 +370,8 @@ function Supervisor:announce(etype, payload)
 end
 
 -- Starts jobs queued by follow-on work, unless a caller up the stack is
--- already doing so.
+-- already doing so. While is_held (a host driver's thread is taken by a
+-- job it parked) the rest wait for the next flush.
 function Supervisor:flush()
   if self.is_flushing then return end
   self.is_flushing = true
@@ -377,6 +379,11 @@ function Supervisor:flush()
   while true do
     local job = shift(q)
     if job == nil then break end
+    if self.is_held then               -- back to the head of the queue
+      q.first = q.first - 1
+      q[q.first] = job
+      break
+    end
     if not job.runner.is_closed then job.runner:gate(job) end
   end
   self.is_flushing = false

@@ -135,6 +135,7 @@ local function carry(self, job)
   local raw_yield = self.raw_yield
   while job do
     local co = job.co
+    self:hold(false)         -- this thread waits: other turns may go on
     coroutine.yield()        -- clears a co_op a buzz.sleep left set
     local n, res = pack(raw_yield())
     local r = job.runner
@@ -146,12 +147,21 @@ local function carry(self, job)
     local ok, err = pcall(resume, r, job, n, res)
     self.current = nil
     if not ok then
+      self:hold(false)
       log_err("buzz: resuming a handler failed: ", tostring(err))
       return
     end
     self:arm()               -- timers the handler set (buzz.sleep, retry)
     job = t.parked
   end
+end
+
+-- One turn of the bus: due timers and deliveries, then the supervisor's
+-- run queue (jobs a park held back), unless this turn parked a job.
+local function turn_once(bus, t)
+  local n = bus:_turn(BATCH)
+  if not t.parked then bus._sup:flush() end
+  return n
 end
 
 -- Runs turns of the bus in this nginx thread until nothing is due or
@@ -163,11 +173,11 @@ function Driver:run_turn(limit)
   while not self.is_closed and not bus:is_closed() do
     local t = { parked = nil }
     self.current = t
-    local ok, n = pcall(bus._turn, bus, BATCH)
+    local ok, n = pcall(turn_once, bus, t)
     self.current = nil
     if not ok then
       log_err("buzz: a turn failed: ", tostring(n))
-      break
+      n = 0
     end
     total = total + n
     if t.parked then
@@ -175,7 +185,7 @@ function Driver:run_turn(limit)
         self:schedule()    -- the rest, while this thread waits
       end
       carry(self, t.parked)
-    elseif n == 0 or bus:timeout() ~= 0 then
+    elseif not ok or n == 0 or bus:timeout() ~= 0 then
       break
     end
     if total >= limit then
@@ -234,8 +244,17 @@ function Driver:park(job)
   end
   t.parked = job
   local c = self.bus._core
-  if c then c:stop(true) end   -- no other delivery on this thread now
+  if c then c:stop(true) end   -- no other delivery on this thread now,
+  self:hold(true)              -- nor timers, nor queued jobs
   return true
+end
+
+--- While held, the bus's timers and the supervisor's run queue wait (a
+--- job they start could not park: this thread's turn carries one).
+--- carry() lets go before the thread waits.
+function Driver:hold(is_held)
+  self.bus._timers.is_held = is_held
+  self.bus._sup.is_held = is_held
 end
 
 -- ------------------------------------------------------------ the driver

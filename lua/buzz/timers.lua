@@ -27,8 +27,10 @@ Timer.__index = Timer
 ---@param clock table a clock (see real_clock, manual_clock)
 ---@return table
 function M.new(clock)
-  return setmetatable({ clock = clock, heap = {}, n = 0, seq = 0, live = 0 },
-                      Timers)
+  -- is_held: a host driver's thread is taken (lua/buzz/ngx.lua); fire()
+  -- stops, and what is due waits for its next call.
+  return setmetatable({ clock = clock, heap = {}, n = 0, seq = 0, live = 0,
+                        is_held = false }, Timers)
 end
 
 -- The heap's order, (due, seq), is written out in each loop below rather
@@ -118,10 +120,11 @@ function Timers:next_due()
 end
 
 --- Fires every timer due by now, in (due, seq) order, including those a
---- callback sets for a time already reached. Returns how many fired.
+--- callback sets for a time already reached, until one sets is_held.
+--- Returns how many fired.
 function Timers:fire(now)
   local fired, h = 0, self.heap
-  while self.n > 0 do
+  while self.n > 0 and not self.is_held do
     local top = h[1]
     if top.fn ~= nil and top.due > now then break end
     pop(self)
