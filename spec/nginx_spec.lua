@@ -222,6 +222,17 @@ describe("OpenResty (nginx with the lua module)", function()
     assert.are.equal("-", seen("pay:p1:3"))
   end)
 
+  it("carries retries that come due together, each through its wait",
+     function()
+    -- Four attempts fail at about the same time (the same backoff, no
+    -- jitter), so their retries come due in one turn of the worker.
+    assert.matches("paying", get("/pay?tag=q&fail=1&n=4"))
+    for i = 1, 4 do
+      assert.are.equal("2", seen_soon("paid:q" .. i, "payment q" .. i))
+      assert.are.equal("HTTP/1.1 200 OK", seen("pay:q" .. i .. ":2"))
+    end
+  end)
+
   it("keeps each key's order when an ordered handler sleeps", function()
     -- Each key's first event sleeps longest. One connection, so one
     -- worker: while a's events wait behind their first, b's go on.

@@ -14,7 +14,7 @@
 --                             (buzz.ngx.drain), so the response can
 --                             say what the handler got
 --   /remind?tag=t&delay=0.3   a delayed event, on the worker's timers
---   /pay?tag=t&fail=1         a handler with retries asks /ping over a
+--   /pay?tag=t&fail=1&n=4     a handler with retries asks /ping over a
 --                             cosocket, and fails its first attempt
 --   /ship?key=k&n=3           n events of one key to an ordered handler
 --                             that sleeps less for each: they finish in
@@ -161,10 +161,14 @@ function M.remind()
   ngx.say("reminding in worker ", ngx.worker.id())
 end
 
+-- n payments (default 1), tagged t, or t1 to tn.
 function M.pay()
-  bus:publish("order.paid", { tag = ngx.var.arg_tag,
-                              port = tonumber(ngx.var.server_port),
-                              fail = ngx.var.arg_fail == "1" })
+  local n, tag = tonumber(ngx.var.arg_n), ngx.var.arg_tag
+  for i = 1, n or 1 do
+    bus:publish("order.paid", { tag = n and tag .. i or tag,
+                                port = tonumber(ngx.var.server_port),
+                                fail = ngx.var.arg_fail == "1" })
+  end
   ngx.say("paying in worker ", ngx.worker.id())
 end
 
