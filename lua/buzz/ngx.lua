@@ -24,11 +24,14 @@
 -- buzz.sleep on the bus's timers, or another ngx yield, parked again. A
 -- timeout still ends an attempt that waits on nginx; the late wake is
 -- dropped. Meanwhile a fresh turn delivers the rest.
--- Not covered: one turn carries one handler, as one nginx thread waits
--- for one operation, so a second handler that yields to nginx while the
--- turn already carries one (two retries due at the same instant, say)
--- fails with failure.lua's message; and a cosocket belongs to the turn
--- that made it: keep it within one handler call.
+-- One turn carries one handler, as one nginx thread waits for one
+-- operation: from the park until the thread waits, the driver holds the
+-- bus's timers and the supervisor's run queue (Driver:hold), and the
+-- next turn takes them up. Not covered: a nested delivery (publish_sync
+-- in a handler) that yields to nginx cannot park and fails with
+-- failure.lua's message; within drain() the bus's timers wait, so a
+-- timeout cannot end a wait on nginx there; and a cosocket belongs to
+-- the turn that made it: keep it within one handler call.
 --
 -- `M.shared{ dict, store, ... }` gives every worker one log: a store has
 -- one writer, so one worker (the owner) opens it and the others forward
