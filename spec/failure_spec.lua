@@ -447,6 +447,18 @@ describe("delayed and periodic events", function()
     assert.equal(0, bus:stats().delayed)
   end)
 
+  it("step() returns 0 when a timer's callback closes the bus", function()
+    local bus = H.bus()
+    bus:every(0.001, "tick", function()
+      bus:close()
+      return {}
+    end)
+    local t0 = os.clock()
+    while bus:timeout() ~= 0 and os.clock() - t0 < 5 do end
+    assert.equal(0, bus:step(5))
+    assert.is_true(bus:is_closed())
+  end)
+
   it("publish every period until cancelled", function()
     local bus, clock = clocked()
     local got, n = {}, 0

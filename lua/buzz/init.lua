@@ -672,6 +672,8 @@ function Bus:step(max)
   c:stop(false)
   pump(c, 0, "step")                  -- raises inside a handler
   fire_due(self)
+  c = self._core
+  if not c then return 0 end          -- a timer's callback closed the bus
   return pump(c, max, "step")
 end
 
