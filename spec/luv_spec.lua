@@ -298,4 +298,125 @@ describe("the luv driver", function()
                    iterations .. " loop iterations for " .. schedules
                    .. " turns")
   end)
+
+  it("lets a handler await its own luv I/O; others go on meanwhile",
+     function()
+    local bus = H.bus{ loop = uv }
+    local log = {}
+    bus:subscribe("file.stat", function(ev)
+      log[#log + 1] = "stat " .. ev.payload
+      local err, st = buzz.await(function(done)
+        uv.fs_stat(ev.payload, done)
+      end)
+      log[#log + 1] = ("%s: %s"):format(ev.payload,
+                                        err and "error" or st.type)
+      bus:publish("file.done", ev.payload)   -- inherits the correlation
+    end)
+    bus:subscribe("file.done", function(ev)
+      log[#log + 1] = "done " .. ev.payload .. " cause " ..
+                      tostring(ev.causation_id)
+      bus:close()
+    end)
+    bus:subscribe("other", function() log[#log + 1] = "other" end)
+    local id = bus:publish("file.stat", "README.md")
+    bus:publish("other")
+    assert.is_true(run_loop(), "uv.run() did not return")
+    assert.are.same({ "stat README.md", "other", "README.md: file",
+                      "done README.md cause " .. id }, { log[1], log[2],
+                      log[3], log[4] })
+  end)
+
+  it("await: a retry awaits again, a timeout ends a wait that never "
+     .. "comes, a start that raises fails the attempt", function()
+    local errs = {}
+    local bus = H.bus{ loop = uv, on_error = function(e)
+      errs[#errs + 1] = tostring(e)
+    end }
+    local attempts, waits, never = 0, {}, nil
+    bus:subscribe("pay", function(ev)
+      attempts = attempts + 1
+      local n = buzz.await(function(done)
+        local t = uv.new_timer()
+        t:start(5, 0, function() t:close(); done(ev.attempt) end)
+      end)
+      waits[#waits + 1] = n
+      if n == 1 then error("declined") end
+    end, { retry = { max = 3, base = 0.01, jitter = 0 } })
+    bus:subscribe("hang", function()
+      buzz.await(function(done) never = done end)
+    end, { timeout = 0.02 })
+    bus:subscribe("bad", function()
+      buzz.await(function() error("cannot start") end)
+    end)
+    bus:subscribe("$DLQ.>", function() end)
+    bus:publish("pay")
+    bus:publish("hang")
+    bus:publish("bad")
+    local t = uv.new_timer()
+    t:start(150, 0, function() t:close(); bus:close() end)
+    assert.is_true(run_loop(), "uv.run() did not return")
+    assert.are.same({ 1, 2 }, waits)
+    assert.are.equal(2, attempts)
+    local all = table.concat(errs, "\n")
+    assert.matches("ETIMEOUT", all, 1, true)
+    assert.matches("cannot start", all, 1, true)
+    assert.is_function(never)
+    never("late")                           -- dropped: the attempt is over
+  end)
+
+  it("await on Neovim's loop resumes the handler through vim.schedule",
+     function()
+    local in_schedule = false
+    local fake = { loop = uv }
+    function fake.schedule(fn)
+      local t = uv.new_timer()
+      t:start(1, 0, function()
+        t:close()
+        in_schedule = true
+        fn()
+        in_schedule = false
+      end)
+    end
+    rawset(_G, "vim", fake)
+    finally(function() rawset(_G, "vim", nil) end)
+    local bus = H.bus{ loop = uv }
+    local where = {}
+    bus:subscribe("edit", function()
+      where[#where + 1] = in_schedule
+      buzz.await(function(done)
+        local t = uv.new_timer()
+        t:start(2, 0, function() t:close(); done() end)  -- a fast callback
+      end)
+      where[#where + 1] = in_schedule
+      bus:close()
+    end)
+    bus:publish("edit")
+    assert.is_true(run_loop(), "uv.run() did not return")
+    assert.are.same({ true, true }, where)
+  end)
+
+  it("await: done called at once resumes on the next turn; twice counts "
+     .. "once; outside a handler it raises", function()
+    local bus = H.bus{ loop = uv }
+    local got = {}
+    bus:subscribe("now", function()
+      local a, b = buzz.await(function(done)
+        done(1, 2)
+        done(3, 4)
+      end)
+      got[#got + 1] = a + b
+      bus:close()
+    end)
+    bus:publish("now")
+    assert.is_true(run_loop(), "uv.run() did not return")
+    assert.are.same({ 3 }, got)
+    assert.has_error(function() buzz.await(function() end) end,
+                     "buzz.await works inside a handler, which the bus "
+                     .. "runs in a coroutine; outside one, pass your "
+                     .. "callback to the API")
+    local ok, err = pcall(function() buzz.await("x") end)
+    assert.is_false(ok)
+    assert.matches("bad argument to buzz.await: expected a function(done)",
+                   err, 1, true)
+  end)
 end)

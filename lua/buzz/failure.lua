@@ -27,7 +27,8 @@ local core = require "buzz.core"
 
 local type, error, pairs, ipairs, tostring, pcall, setmetatable, assert =
       type, error, pairs, ipairs, tostring, pcall, setmetatable, assert
-local xpcall = xpcall
+local xpcall, select = xpcall, select
+local unpack = table.unpack or unpack   -- luacheck: ignore (5.1's global)
 local getmetatable, rawget = getmetatable, rawget
 -- The core resumes these threads itself (lua_resume), so inside
 -- OpenResty, whose coroutine.* serve the threads nginx schedules, the raw
@@ -268,6 +269,30 @@ function M.retry_after(seconds, err)
   error(setmetatable({ ms = ms,
                        err = err or ("retry after %g s"):format(seconds) },
                      RetryAfter), 2)
+end
+
+-- What a handler yields to wait for a callback: AWAIT, start.
+local AWAIT = setmetatable({}, { __tostring = function() return "await" end })
+
+--- Suspends the handler until a callback API calls back, and returns what
+--- it was called with: start(done) begins the operation, and the
+--- operation calls done(...). For luv (and Neovim's vim.uv), whose
+--- callbacks the host's loop runs:
+---   local err, stat = buzz.await(function(done) uv.fs_stat(path, done) end)
+--- Other deliveries go on meanwhile; timeout applies; a start that raises
+--- fails the attempt. Only inside a handler.
+---@param start function
+function M.await(start)
+  if type(start) ~= "function" then
+    error(("bad argument to buzz.await: expected a function(done) that "
+           .. "starts the operation, got %s"):format(quote(start)), 2)
+  end
+  local co, is_main = running()
+  if co == nil or is_main then
+    error("buzz.await works inside a handler, which the bus runs in a "
+          .. "coroutine; outside one, pass your callback to the API", 2)
+  end
+  return yield(AWAIT, start)
 end
 
 --- Suspends the handler for seconds on the bus's clock; other deliveries
@@ -717,6 +742,8 @@ function Runner:asleep(job, what, ms)
   local timers, host = sup.timers, sup.host
   if what == SLEEP then
     job.wake_timer = timers:after(ms, Runner.wake, job)
+  elseif what == AWAIT then
+    if not self:await(job, ms) then return end
   elseif what ~= nil or not (host and host:park(job)) then
     self:fail(job, ("handler yielded %s, which buzz cannot resume: yield "
                     .. "only through buzz.sleep or a host driver")
@@ -726,6 +753,52 @@ function Runner:asleep(job, what, ms)
   if job.deadline and not job.timeout_timer then
     job.timeout_timer = timers:at(job.deadline, Runner.timed_out, job)
   end
+end
+
+-- The handler awaits start(done): done resumes it with its arguments,
+-- once, unless the attempt is over by then (a timeout). done called
+-- before start returns resumes it on the next turn (no recursion); on
+-- Neovim (sup.schedule, set by the luv driver) through vim.schedule, so
+-- the handler may use vim.api. False when start raised: the attempt
+-- failed.
+function Runner:await(job, start)
+  local sup = self.sup
+  local co = job.co                    -- a late call for it is dropped
+  local state, early = "starting", nil -- then "waiting", then "done"
+  local function resume(n, args)
+    if self.is_closed or job.is_over or job.co ~= co then return end
+    self:continue(job, unpack(args, 1, n))
+    sup:flush()
+  end
+  local function done(...)
+    if state == "done" then return end -- called back twice: once counts
+    local n, args = select("#", ...), { ... }
+    if state == "starting" then
+      state, early = "done", { n, args }
+    elseif sup.schedule then
+      state = "done"
+      sup.schedule(function() resume(n, args) end)
+    else
+      state = "done"
+      resume(n, args)
+    end
+  end
+  local ok, err = xpcall(start, self.on_raise, done)
+  if not ok then
+    state = "done"
+    local trace = self.trace
+    self.trace = nil
+    self:fail(job, err, trace)
+    return false
+  end
+  if state == "starting" then state = "waiting" end
+  if early then
+    job.wake_timer = sup.timers:after(0, function()
+      job.wake_timer = nil
+      resume(early[1], early[2])
+    end)
+  end
+  return true
 end
 
 function Runner.wake(job)

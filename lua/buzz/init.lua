@@ -1242,6 +1242,7 @@ end
 --- clock:advance(seconds) fires what falls due, without sleeping.
 M.manual_clock = timers.manual_clock
 M.sleep = failure.sleep
+M.await = failure.await
 M.fatal = failure.fatal
 M.retry_after = failure.retry_after
 

@@ -26,9 +26,10 @@
 -- vim.api freely; the poll and the timer are stopped while a turn waits
 -- for its schedule, so the editor's loop does not spin.
 --
--- It does not make a handler's own luv I/O resumable (a handler that
--- yields for it is the supervisor's business), and it never calls
--- uv.run() itself.
+-- A handler waits for its own luv I/O with buzz.await(function(done)
+-- uv.fs_stat(path, done) end): the callback, run by the host's loop,
+-- resumes it (on Neovim through vim.schedule, which the driver hands the
+-- supervisor). The driver never calls uv.run() itself.
 -- @module buzz.luv
 local type, pcall, rawget, setmetatable, tostring =
       type, pcall, rawget, setmetatable, tostring
@@ -155,6 +156,7 @@ function M.attach(bus, uv)
     iteration = 0,            -- loop iterations seen by the prepare handle
     turned = -1,              -- the iteration of the last turn
   }, Driver)
+  if d.schedule then bus._sup.schedule = d.schedule end  -- buzz.await
   -- luv calls plain functions: these forward to the methods above.
   d.on_ready = function() d:wanted() end
   d.scheduled_turn = function() d:run_scheduled() end
