@@ -129,6 +129,36 @@ function M.run()
            util.ratio(sw / sp, "where vs in handler"))
 end
 
-if is_main then M.run() end
+-- One case for callgrind (bench/instructions.sh): n events on a bus with
+-- no matching subscription (none), one whose where{} rejects them all
+-- (reject), four such (reject4), or one that keeps them all (keep).
+local CASES = {
+  none = { n = 0 }, reject = { n = 1, v = "failed" },
+  reject4 = { n = 4, v = "failed" }, keep = { n = 1, v = "ok" },
+}
+function M.run_case(name, n)
+  local case = CASES[name]
+  if not case then error("no case " .. tostring(name), 0) end
+  local bus = buzz.new{ queue_limit = 2000 }
+  local kept = 0
+  for _ = 1, case.n do
+    bus:subscribe("job.done", function() kept = kept + 1 end,
+                  { filter = buzz.where{ ["payload.status"] = case.v } })
+  end
+  local payload = { status = "ok", tier = "gold", cpu = 75 }
+  for i = 1, n do
+    bus:publish("job.done", payload)
+    if i % 1000 == 0 then bus:drain() end
+  end
+  bus:drain()
+  assert(kept == (name == "keep" and n or 0), "wrong deliveries")
+  bus:close()
+end
+
+if is_main and arg[1] == "--case" then
+  M.run_case(arg[2], tonumber(arg[3]) or 10000)
+elseif is_main then
+  M.run()
+end
 
 return M

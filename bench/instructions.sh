@@ -10,12 +10,12 @@ lua=${1:-lua5.4}
 n=${2:-10000}
 count() {
   valgrind --tool=callgrind --callgrind-out-file=/dev/null \
-    "$lua" bench/failure.lua --case "$1" "$2" 2>&1 |
+    "$lua" "bench/${3:-failure}.lua" --case "$1" "$2" 2>&1 |
     sed -n 's/.*Collected : *//p' | tr -d ,
 }
 per_event() {
-  a=$(count "$1" "$n")
-  b=$(count "$1" $((n * 3)))
+  a=$(count "$1" "$n" "${2:-}")
+  b=$(count "$1" $((n * 3)) "${2:-}")
   echo $(( (b - a) / (n * 2) ))
 }
 echo "instructions per event ($lua, callgrind; N = $n and $((n * 3)))"
@@ -33,3 +33,9 @@ awk -v p="$ic_plain" -v r0="$ic_retry0" -v r1="$ic_retry1" \
   printf "  ordered (1,000 keys) vs plain: %.3fx\n", pk / o
   printf "  ordered + retry, 1%% vs 0%%:    %.3fx\n", o / o1
 }'
+# bench/filter.lua: what a where{} filter costs an event it rejects (the
+# core's prefilter tests the payload before any Lua runs).
+echo "filters, instructions per event ($lua)"
+for c in none reject reject4 keep; do
+  printf '  %-12s %8d\n' "$c" "$(per_event "$c" filter)"
+done

@@ -1185,6 +1185,7 @@ function Bus:every(seconds, etype, payload_fn)
         return
       end
       payload = v
+      if not bus._core then return end  -- it closed the bus
     end
     local pubok, id, err = pcall(bus.publish, bus, etype, payload)
     if not (pubok and id) then
