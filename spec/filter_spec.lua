@@ -162,6 +162,20 @@ describe("the filter option of subscribe", function()
     assert.has_error(function() bus:subscribe("e", print, { filter = 5 }) end,
                      "bad condition: expected buzz.where{...}, a table of "
                      .. "field conditions or a function(ev), got 5")
+    -- raised where the subscription is written, by any way of writing it
+    for _, subscribe in ipairs {
+      function() bus:subscribe("e", print, { filter = 5 }) end,
+      function() bus:route("e"):handle(print, { filter = 5 }) end,
+      function()
+        bus:route("e"):window { tumbling = 1 }:reduce(buzz.agg.count())
+          :handle(print, { filter = 5 })
+      end,
+      function() bus:batch("e", { filter = 5 })(print) end,
+    } do
+      local ok, err = pcall(subscribe)
+      assert.is_false(ok)
+      assert.matches("^spec/filter_spec%.lua:%d+: bad condition", err)
+    end
     bus:publish("e")
     assert.equal(0, bus:drain())          -- nothing was subscribed
   end)

@@ -709,7 +709,7 @@ local function start(self, emit, opts, level)
                             self.red, emit)
   local bus = route.bus
   local feed = route:compose(function(ev) engine:add(ev) end)
-  local sub, err, code = bus:subscribe(route.pattern, feed, opts)
+  local sub, err, code = bus:_subscribe(route.pattern, feed, opts, level)
   if not sub then return nil, err, code end
   engine.sub = sub
   sub._engine = engine

@@ -331,9 +331,9 @@ function M.decorator(bus, pattern, opts, level)
     end, policy, 2)
     r.on_release = function(job) self:released(job) end
     self.runner = r
-    local sub, err, code = bus:subscribe(pattern, function(ev)
+    local sub, err, code = bus:_subscribe(pattern, function(ev)
       if not self.is_stopped then self:add(ev) end
-    end, sub_opts)
+    end, sub_opts, 2)
     if not sub then
       r:close()
       return nil, err, code

@@ -468,7 +468,7 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
     name = policy and policy.name or (opts and opts.name) or durable,
   }, Sub)
   sub._test = opts and opts.filter ~= nil
-              and conditions.predicate(opts.filter, level + 1) or nil
+              and conditions.predicate(opts.filter, level + 2) or nil
   if policy then
     sub._runner = self._sup:runner(sub, handler, policy, level + 1)
   end
@@ -505,6 +505,16 @@ function Bus:subscribe(pattern, handler, opts)
 end
 
 -- Returns the decorator for on/once, checking what it can up front.
+-- For the modules that subscribe for the user (routes, windows,
+-- batches): level is where a misuse is raised, counted from the caller
+-- (2: its caller).
+function Bus:_subscribe(pattern, handler, opts, level)
+  local c = check_bus(self, "subscribe")
+  local sub, err, code = subscribe(self, c, pattern, handler, opts, false,
+                                   level + 1)
+  return sub, err, code       -- not a tail call: error levels count frames
+end
+
 local function decorator(self, method, pattern, opts, is_once)
   check_bus(self, method)
   check_subject_value(pattern, "pattern", "task.*", true, 3)

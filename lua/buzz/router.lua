@@ -116,8 +116,8 @@ function Route:handle(handler, opts)
     error(("bad handler: expected a function, got %s"):format(type(handler)),
           2)
   end
-  local sub, err, code = self.bus:subscribe(self.pattern,
-                                            self:compose(handler), opts)
+  local sub, err, code = self.bus:_subscribe(self.pattern,
+                                             self:compose(handler), opts, 2)
   return sub, err, code                -- not a tail call: error levels
 end
 
