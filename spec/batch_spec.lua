@@ -224,6 +224,29 @@ describe("bus:batch", function()
     assert.same({ "3,4", "5,6" }, got)
   end)
 
+  it("batches what a route's stages pass on: route:batch{}:handle(fn)",
+     function()
+    local bus = setup()
+    local got = {}
+    local sub = bus:route("m.*"):where{ ["payload.n"] = { gt = 1 } }
+      :map(function(ev) return { n = ev.payload.n * 10 } end)
+      :batch{ size = 2 }:handle(function(events)
+        got[#got + 1] = ns(events)
+      end)
+    publish_n(bus, 1, 5)
+    bus:drain()
+    assert.same({ "20,30", "40,50" }, got)
+    assert.equal(0, sub:stats().buffered)
+    local ok, err = pcall(function()
+      bus:route("m.*"):batch{ size = 2 }:handle("f")
+    end)
+    assert.is_false(ok)
+    assert.matches("^spec/batch_spec%.lua:%d+: bad handler", err)
+    ok, err = pcall(function() bus:route("m.*"):batch{ size = 0 } end)
+    assert.is_false(ok)
+    assert.matches("^spec/batch_spec%.lua:%d+: bad batch size", err)
+  end)
+
   it("unsubscribe hands over the partial batch, then nothing more",
      function()
     local bus = setup()

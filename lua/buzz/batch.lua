@@ -271,7 +271,7 @@ end
 
 -- A durable batch's earlier run left events unfinished: they are fed
 -- again, from the oldest up to the consumer's position, before new ones.
-function Batcher:recover(test)
+function Batcher:recover(test, collect)
   local bus, c = self.bus, self.bus._core
   local from
   for _, row in ipairs(assert(c:state_list("batch"))) do
@@ -291,7 +291,7 @@ function Batcher:recover(test)
   local ok, err = pcall(bus.replay, bus, {
     types = self.pattern, from = from, to = acked,
     handler = function(ev)
-      if test == nil or test(ev) then self:add(ev) end
+      if test == nil or test(ev) then collect(ev) end
     end })
   self.is_recovering = false
   if #self.closed > 0 then
@@ -308,14 +308,19 @@ end
 
 --- bus:batch(pattern, opts) returns a function that takes the handler
 --- and returns the subscription (or nil, err, code).
-function M.decorator(bus, pattern, opts, level)
+--- With route, the route's stages (where, map...) run before the batch,
+--- which collects the events they pass on. The decorator's level, when
+--- given, is where its misuse is raised (default 2, its caller).
+function M.decorator(bus, pattern, opts, level, route)
   -- (util and failure count levels from their caller, this file from
   -- itself: the same level reaches the same frame)
   util.check_subject_value(pattern, "pattern", "metrics.>", true, level)
   local spec, policy, sub_opts = split(opts, pattern, level + 1)
-  return function(fn)
+  return function(fn, lvl)
+    lvl = lvl or 2
     if type(fn) ~= "function" then
-      fail(2, "bad handler: expected a function(events), got %s", quote(fn))
+      fail(lvl, "bad handler: expected a function(events), got %s",
+           quote(fn))
     end
     local self = setmetatable({
       bus = bus, fn = fn, pattern = pattern, size = spec.size,
@@ -328,12 +333,14 @@ function M.decorator(bus, pattern, opts, level)
     local sup = bus._sup
     local r = sup:runner({ pattern = pattern }, function(b)
       return self:run(b)
-    end, policy, 2)
+    end, policy, lvl)
     r.on_release = function(job) self:released(job) end
     self.runner = r
-    local sub, err, code = bus:_subscribe(pattern, function(ev)
+    local collect = function(ev)
       if not self.is_stopped then self:add(ev) end
-    end, sub_opts, 2)
+    end
+    if route then collect = route:compose(collect) end
+    local sub, err, code = bus:_subscribe(pattern, collect, sub_opts, lvl)
     if not sub then
       r:close()
       return nil, err, code
@@ -341,7 +348,7 @@ function M.decorator(bus, pattern, opts, level)
     r.sub, sub._engine = sub, self
     if sub_opts.durable and bus._store and not bus._readonly then
       self.row = sub_opts.durable
-      self:recover(sub._test)
+      self:recover(sub._test, collect)
     end
     return sub
   end

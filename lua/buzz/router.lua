@@ -25,6 +25,10 @@ Route.__tostring = function(self)
   return ("buzz.route (%s, %d stages)"):format(self.pattern, #self.stages)
 end
 
+local BatchRoute = { __name = "buzz.batch_route" }
+BatchRoute.__index = BatchRoute
+BatchRoute.__tostring = function() return "buzz.batch_route" end
+
 --- A route over pattern on bus (bus:route calls this).
 function M.new(bus, pattern)
   return setmetatable({ bus = bus, pattern = pattern, stages = {} }, Route)
@@ -92,6 +96,26 @@ function Route:window(spec)
   check_self(self, "window")
   local agg = require("buzz.aggregate").new(self, spec, 3)
   return agg                           -- not a tail call: error levels
+end
+
+--- Batches of the events the route's stages pass on: returns an object
+--- whose :handle(fn, ...) subscribes fn(events, attempt) (see
+--- lua/buzz/batch.lua; opts as bus:batch's).
+function Route:batch(opts)
+  check_self(self, "batch")
+  local decorate = require("buzz.batch").decorator(self.bus, self.pattern,
+                                                   opts, 3, self)
+  return setmetatable({ decorate = decorate }, BatchRoute)
+end
+
+--- Subscribes fn(events, attempt) to the route's batches; returns the
+--- subscription (or nil, err, code).
+function BatchRoute:handle(fn)
+  if getmetatable(self) ~= BatchRoute then
+    error("use batch:handle(fn), not batch.handle(fn)", 2)
+  end
+  local sub, err, code = self.decorate(fn, 3)
+  return sub, err, code                -- not a tail call: error levels
 end
 
 --- handler with every stage around it, first stage outermost.
