@@ -127,9 +127,29 @@ local MAX_DELAY = 1e11
 -- Validates publish options; returns priority, key, correlation_id,
 -- headers, dedup, version.
 local function publish_options(opts, level)
-  check_options(opts, PUBLISH_OPTIONS, "publish", level + 1)
+  if type(opts) ~= "table" then
+    error(("bad options to publish: expected a table, got %s")
+          :format(type(opts)), level + 1)
+  end
+  -- One pass over what is there (publish is the hot path: a key alone
+  -- costs one step), then the checks of what was given, in a fixed order.
+  local p, key, corr, headers, delay, at, dedup, version
+  for k, v in next, opts do
+    if k == "key" then key = v
+    elseif k == "priority" then p = v
+    elseif k == "correlation_id" then corr = v
+    elseif k == "headers" then headers = v
+    elseif k == "delay" then delay = v
+    elseif k == "at" then at = v
+    elseif k == "dedup" then dedup = v
+    elseif k == "version" then version = v
+    else
+      error(("unknown option %s to publish (known options: %s)")
+            :format(type(k) == "string" and ("%q"):format(k) or tostring(k),
+                    PUBLISH_OPTIONS[1]), level + 1)
+    end
+  end
   local prio = 2
-  local p = opts.priority
   if p ~= nil then
     prio = PRIORITIES[p]
     if not prio then
@@ -138,17 +158,14 @@ local function publish_options(opts, level)
                     PRIORITY_CHOICES), level + 1)
     end
   end
-  local key = opts.key
   if key ~= nil and type(key) ~= "string" and not is_integer(key) then
     error(("bad key: expected a string or an integer, got %s")
           :format(type(key)), level + 1)
   end
-  local corr = opts.correlation_id
   if corr ~= nil and type(corr) ~= "string" then
     error(("bad correlation_id: expected a string, got %s")
           :format(type(corr)), level + 1)
   end
-  local headers = opts.headers
   if headers ~= nil then
     if type(headers) ~= "table" then
       error(("bad headers: expected a table of strings, got %s")
@@ -161,33 +178,33 @@ local function publish_options(opts, level)
       end
     end
   end
-  local delay, at = opts.delay, opts.at
-  if delay ~= nil and at ~= nil then
-    error("give delay (seconds from now) or at (epoch seconds), not both",
-          level + 1)
+  if delay ~= nil or at ~= nil then
+    if delay ~= nil and at ~= nil then
+      error("give delay (seconds from now) or at (epoch seconds), not both",
+            level + 1)
+    end
+    if delay ~= nil and (type(delay) ~= "number" or delay ~= delay
+                         or delay < 0 or delay == huge) then
+      error(("bad delay: expected seconds >= 0, got %s"):format(quote(delay)),
+            level + 1)
+    end
+    if at ~= nil and (type(at) ~= "number" or at ~= at or at < 0
+                      or at == huge) then
+      error(("bad at: expected epoch seconds, got %s"):format(quote(at)),
+            level + 1)
+    end
+    if (delay or 0) > MAX_DELAY or (at or 0) > MAX_DELAY then
+      error(("bad %s %s: more than %g seconds (about 3,000 years) ahead")
+            :format(delay and "delay" or "at", quote(delay or at),
+                    MAX_DELAY), level + 1)
+    end
   end
-  if delay ~= nil and (type(delay) ~= "number" or delay ~= delay
-                       or delay < 0 or delay == huge) then
-    error(("bad delay: expected seconds >= 0, got %s"):format(quote(delay)),
-          level + 1)
-  end
-  if at ~= nil and (type(at) ~= "number" or at ~= at or at < 0
-                    or at == huge) then
-    error(("bad at: expected epoch seconds, got %s"):format(quote(at)),
-          level + 1)
-  end
-  if (delay or 0) > MAX_DELAY or (at or 0) > MAX_DELAY then
-    error(("bad %s %s: more than %g seconds (about 3,000 years) ahead")
-          :format(delay and "delay" or "at", quote(delay or at), MAX_DELAY),
-          level + 1)
-  end
-  local dedup = opts.dedup
   if dedup ~= nil and (type(dedup) ~= "string" or dedup == "") then
     error(("bad dedup: expected a non-empty string such as \"req-77\", "
            .. "got %s"):format(quote(dedup)), level + 1)
   end
-  check_positive(opts.version, "version", true, level + 1)
-  return prio, key, corr, headers, dedup, opts.version
+  if version ~= nil then check_positive(version, "version", true, level + 1) end
+  return prio, key, corr, headers, dedup, version, delay ~= nil or at ~= nil
 end
 
 
@@ -559,16 +576,6 @@ end
 
 -- The shared front half of publish and publish_sync. Inside a handler the
 -- core inherits the correlation id and sets the causation id itself.
-local function publish_args(self, opts, level)
-  if self._readonly then
-    error("this bus opened its store read-only (readonly = true): it "
-          .. "cannot publish", level + 1)
-  end
-  if opts == nil then return 2 end     -- the core checks the type itself
-  local prio, key, corr, headers, dedup, version =
-    publish_options(opts, level + 1)
-  return prio, key, corr, headers, dedup, version  -- not a tail call
-end
 
 -- publish with delay or at: checks the type and the payload now (with a
 -- store the payload must be JSON), then keeps the event until its time,
@@ -611,8 +618,15 @@ end
 local function publisher(method)
   return function(self, etype, payload, opts)
     local c = check_bus(self, method)
-    local prio, key, corr, headers, dedup, version =
-      publish_args(self, opts, 2)
+    if self._readonly then
+      error("this bus opened its store read-only (readonly = true): it "
+            .. "cannot publish", 2)
+    end
+    local prio, key, corr, headers, dedup, version, is_later = 2
+    if opts ~= nil then                -- else the core checks the types
+      prio, key, corr, headers, dedup, version, is_later =
+        publish_options(opts, 2)
+    end
     if self._mw.n > 0 and not (headers and headers.traceparent) then
       local tp = middleware.traceparent(self._mw)
       if tp then
@@ -621,7 +635,7 @@ local function publisher(method)
         headers = h
       end
     end
-    if opts and (opts.delay ~= nil or opts.at ~= nil) then
+    if is_later then
       local id, e, k = publish_later(self, c, method, etype, payload, opts, {
         prio = prio, key = key, corr = corr, headers = headers,
         dedup = dedup, version = version })
