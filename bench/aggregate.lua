@@ -116,6 +116,20 @@ function M.run()
                    bytes_per_group(10000)))
 end
 
-if is_main then M.run() end
+-- One case for callgrind (bench/instructions.sh): n events through the
+-- window (window) or the hand-written aggregation (hand).
+function M.run_case(name, n)
+  local make = ({ window = buzz_body, hand = hand_body })[name]
+  if not make then error("no case " .. tostring(name), 0) end
+  local body, bus = make()
+  body(n)
+  bus:close()
+end
+
+if is_main and arg[1] == "--case" then
+  M.run_case(arg[2], tonumber(arg[3]) or 10000)
+elseif is_main then
+  M.run()
+end
 
 return M

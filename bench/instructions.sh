@@ -39,3 +39,8 @@ echo "filters, instructions per event ($lua)"
 for c in none reject reject4 keep; do
   printf '  %-12s %8d\n' "$c" "$(per_event "$c" filter)"
 done
+# bench/aggregate.lua: a tumbling-window average over 1,000 groups.
+echo "windows, instructions per event ($lua)"
+for c in window hand; do
+  printf '  %-12s %8d\n' "$c" "$(per_event "$c" aggregate)"
+done

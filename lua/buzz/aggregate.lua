@@ -66,6 +66,17 @@ local function reducer(init, step, finish, save, load)
 end
 
 local function number_at(path, level)
+  local steps = type(path) == "string" and util.steps(path)
+  if steps and #steps == 2 then          -- "payload.pct", unrolled
+    local s1, s2 = steps[1], steps[2]
+    return function(ev)
+      local p = ev[s1]
+      if type(p) ~= "table" then return nil end
+      local v = p[s2]
+      if type(v) == "number" and v == v then return v end
+      return nil
+    end
+  end
   local get = getter(path or "payload", "reducer path", level + 1)
   return function(ev)
     local v = get(ev)
@@ -482,17 +493,32 @@ function Engine:add(ev)
     if ts < s.start then s.start = ts end
     s.state, s.count = self.red.step(s.state, ev), s.count + 1
     self:arm_session(group, s)
+  elseif w.kind == "tumbling" then        -- one window holds ts
+    local size = w.size
+    local start = floor(ts / size) * size
+    local win = self.windows[start]      -- open until its timer closes it
+    if win == nil then                   -- new, or closed: the clock says
+      if start + size + w.lateness <= self:now() then return self:late(ev) end
+      win = self:window(start, start + size)
+    end
+    local g = win.groups[group]          -- open windows only are kept
+    if g == nil then
+      g = { state = self.red.init(), count = 0 }
+      win.groups[group] = g
+      win.order[#win.order + 1] = group
+    end
+    g.state, g.count = self.red.step(g.state, ev), g.count + 1
   else
     local size = w.size
-    local step = w.kind == "sliding" and w.every or size
+    local step = w.every
     -- The windows holding ts start at the multiples of step in
-    -- (ts - size, ts]; one whose end plus lateness the clock has passed
-    -- has closed (or would have, had it had events).
+    -- (ts - size, ts]; one that is not open and whose end plus lateness
+    -- the clock has passed has closed (or would have, had it had events).
     local now = self:now()
     local start = floor((ts - size) / step) * step + step
     local added = false
     while start <= ts do
-      if start + size + w.lateness > now then
+      if self.windows[start] or start + size + w.lateness > now then
         self:add_to(start, start + size, group, ev)
         added = true
       end

@@ -78,6 +78,20 @@ end
 ---@return function get(t) -> value
 function M.getter(steps)
   local n = #steps
+  local s1, s2 = steps[1], steps[2]
+  if n == 1 then                       -- the usual paths, unrolled
+    return function(t)
+      if type(t) ~= "table" then return nil end
+      return t[s1]
+    end
+  elseif n == 2 then
+    return function(t)
+      if type(t) ~= "table" then return nil end
+      local v = t[s1]
+      if type(v) ~= "table" then return nil end
+      return v[s2]
+    end
+  end
   return function(t)
     local v = t
     for i = 1, n do
