@@ -1210,9 +1210,9 @@ static int lcore_subscribe(lua_State *L) {
     return push_fail(L, rc, NULL);
   }
   sub->fn_ref = fn_ref;
-  if (lua_istable(L, 8)) {             /* a prefilter (see pf_holds) */
-    lua_pushvalue(L, 8);
-    sub->filter_ref = luaL_ref(L, u);
+  if (lua_istable(L, 8)) {             /* a prefilter (see pf_holds); */
+    lua_pushvalue(L, 8);               /* released by unsubscribe, */
+    sub->filter_ref = luaL_ref(L, u);  /* once_ended, or with U */
   }
   if (name) {
     sub->durable = name;
