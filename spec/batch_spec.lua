@@ -311,6 +311,8 @@ describe("bus:batch", function()
         got[#got + 1] = ns(events)
       end)
       assert.same({}, got)               -- handed over on the next turn
+      bus2:drain()
+      assert.same({ "1,2,3" }, got)      -- 4, 5 wait for a third, as ever
       publish_n(bus2, 6, 6)
       bus2:drain()
       assert.same({ "1,2,3", "4,5,6" }, got)

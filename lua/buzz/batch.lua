@@ -211,6 +211,11 @@ function Batcher:flush()
     local q = self.closed
     q[#q + 1] = b
   end
+  self:hand_over()
+end
+
+-- Hands the closed batches over, in order (not while recovering).
+function Batcher:hand_over()
   if self.is_recovering then return end
   local q, r = self.closed, self.runner
   if #q == 0 or r.is_closed then return end
@@ -294,8 +299,8 @@ function Batcher:recover(test, collect)
       if test == nil or test(ev) then collect(ev) end
     end })
   self.is_recovering = false
-  if #self.closed > 0 then
-    bus._timers:after(0, Batcher.flush, self)
+  if #self.closed > 0 then             -- the partial one waits as usual
+    bus._timers:after(0, Batcher.hand_over, self)
   end
   if not ok then
     bus._report(("buzz: batch %s could not take up its unfinished "
