@@ -598,13 +598,19 @@ function Runner:deliver(ev)
   by[co] = outer
   if job ~= self then                 -- it slept: adopt() made the job
     if not job.is_over then self:settle(job, ok, err) end
-  elseif ok then
-    self:free_slot()
+  elseif ok then                      -- the usual case: free_slot() with
+    local w = self.waiting            -- nobody waiting, inline
+    self.inflight = self.inflight - 1
+    if w.first <= w.last then
+      self.inflight = self.inflight + 1
+      self:free_slot()
+    end
     if key ~= nil then self:pass_lane(key) end
   else
     self:settle(self:inline_job(ev), false, err)
   end
-  sup:flush()
+  local q = sup.runq
+  if q.first <= q.last then sup:flush() end  -- follow-on work only
 end
 
 -- The job of a delivery the fast path ran inline (it holds its lane).
