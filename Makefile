@@ -5,8 +5,8 @@
 #   make check   -Werror build of both flavours, luacheck, cppcheck
 #   make asan    the suite with the C core under ASan + UBSan (Lua 5.4)
 #   make bench   benchmarks, both interpreters
-#   make bench-ic instructions per event of the failure-handling cases
-#                (callgrind: repeatable on a noisy machine)
+#   make bench-ic instructions per event of the failure-handling, filter
+#                and window cases (callgrind: repeatable on a noisy machine)
 #
 # The module is built once per interpreter into build/<flavour>/buzz/core.so.
 # It is not linked against liblua: the host program provides the Lua API.

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Instructions per event for each case of bench/failure.lua, counted by
+# Instructions per event for each case of bench/failure.lua (then of
+# bench/filter.lua and bench/aggregate.lua), counted by
 # valgrind's callgrind: repeatable whatever else the machine is doing, where
 # the CPU-time figures of `make bench` are not. Each case runs twice, with
 # N and 3N events, and the difference is divided by 2N, so start-up cancels
