@@ -69,6 +69,7 @@ function M.init_worker()
     seen:set("greet:" .. p.name, ngx.worker.id())
     seen:set("greeted_at:" .. p.name, now())
     seen:set("greet_delay:" .. p.name, now() - p.published)
+    seen:set("greet_cause:" .. p.name, require("buzz.ngx").cause(bus))
   end)
 
   -- A handler that yields: ngx.sleep, then a cosocket to this server.

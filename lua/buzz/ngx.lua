@@ -83,8 +83,12 @@ local turn              -- the timer callback, below
 
 --- Schedules a turn now (after the current handler of nginx yields),
 --- unless one is already scheduled. Returns true if one is.
-function Driver:schedule()
-  if self.is_scheduled or self.is_closed then return true end
+function Driver:schedule(cause)
+  if self.is_scheduled or self.is_closed then
+    if cause == "wake" then self.next_cause = "wake" end  -- it serves both
+    return true
+  end
+  self.next_cause = cause or self.cause or "timer"
   local ok, err = ngx.timer.at(0, turn, self, false)
   if not ok then
     if err ~= "process exiting" then
@@ -208,7 +212,10 @@ turn = function(premature, self, at)
   if self.is_closed then return end
   if premature then return self:exit() end
   if self.inline > 0 then return end      -- drain() does it, then arms
+  self.cause = at and "timer" or self.next_cause or "timer"
+  self.next_cause = nil
   self:run_turn(TURN_MAX)
+  self.cause = nil
   self:arm()
 end
 
@@ -224,6 +231,7 @@ function Driver:exit()
   if self.on_exit then return self.on_exit() end
   local bus = self.bus
   if not bus:is_closed() then
+    self.cause = "exit"
     self:run_turn(huge)
     bus:close()
   end
@@ -301,13 +309,29 @@ end
 
 --- The bus calls this before a publish made outside a handler.
 function Driver:wake()
-  if not self.is_scheduled then self:schedule() end
+  self:schedule("wake")
 end
 
 --- Called by bus:close(): no more turns. Pending nginx timers find the
 --- driver closed and return.
 function Driver:close()
   self.is_closed = true
+end
+
+--- Why the bus is delivering now, for a handler that wants to know (or
+--- log it): "wake" (a turn a publish scheduled, right after the request
+--- or timer that published), "timer" (a delay, retry, sleep or window of
+--- the bus's, or the heartbeat), "drain" (buzz.ngx.drain in a request),
+--- "exit" (the worker is exiting), or nil outside the driver's turns.
+---@param bus table a bus made with buzz.new{ loop = "ngx" }
+---@return string|nil
+function M.cause(bus)
+  local d = type(bus) == "table" and rawget(bus, "_driver")
+  if getmetatable(d) ~= Driver then
+    error('buzz.ngx.cause(bus): expected a bus made with buzz.new{ loop = '
+          .. '"ngx" }', 2)
+  end
+  return d.cause
 end
 
 --- Delivers what is due now, in the calling request (rewrite, access or
@@ -329,7 +353,10 @@ function M.drain(bus)
     return bus:drain()
   end
   d.inline = d.inline + 1
+  local cause = d.cause
+  d.cause = "drain"
   local ok, n = pcall(d.run_turn, d, huge)
+  d.cause = cause
   d.inline = d.inline - 1
   d:arm()
   if not ok then error(n, 0) end
