@@ -31,5 +31,14 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
+# neovim goes last, on its own: it depends on libluajit-5.1-2 or
+# libluajit2-5.1-2, and with luajit2's already there apt keeps that one
+# (the two conflict, and the OpenResty module needs luajit2's).
+first="" later=""
+for p in $missing; do
+  if [ "$p" = neovim ]; then later=neovim; else first="$first $p"; fi
+done
 # shellcheck disable=SC2086
-$SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+[ -z "$first" ] || $SUDO apt-get install -y -qq --no-install-recommends $first >/dev/null
+# shellcheck disable=SC2086
+[ -z "$later" ] || $SUDO apt-get install -y -qq --no-install-recommends $later >/dev/null
