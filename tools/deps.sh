@@ -30,6 +30,14 @@ if [ "$(id -u)" != 0 ]; then
   fi
 fi
 export DEBIAN_FRONTEND=noninteractive
+# nginx's package would start the system's nginx on port 80; the tests
+# start their own. Where nothing says otherwise (Docker images do), a
+# policy-rc.d keeps services from starting while this installs.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+  $SUDO sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod +x $policy"
+  trap '$SUDO rm -f "$policy"' EXIT
+fi
 $SUDO apt-get update -qq
 # neovim goes last, on its own: it depends on libluajit-5.1-2 or
 # libluajit2-5.1-2, and with luajit2's already there apt keeps that one
