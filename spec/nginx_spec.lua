@@ -23,7 +23,9 @@ local function lines(s)
   return t
 end
 
-describe("OpenResty (nginx with the lua module)", function()
+-- Tagged #once: nginx runs the LuaJIT build whichever interpreter runs
+-- busted, so make test runs this in its first pass only.
+describe("OpenResty (nginx with the lua module) #once", function()
   local prefix, base, master
 
   -- Runs curl over the URLs of paths (curl's globs allowed:
