@@ -155,10 +155,6 @@ function M.run_case(name, n)
   bus:close()
 end
 
-if is_main and arg[1] == "--case" then
-  M.run_case(arg[2], tonumber(arg[3]) or 10000)
-elseif is_main then
-  M.run()
-end
+util.main(M, is_main)
 
 return M

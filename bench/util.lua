@@ -38,6 +38,21 @@ function M.standalone(name)
   return true
 end
 
+--- The end of a benchmark file: run alone with `--case NAME [N]`, one
+--- case for callgrind (bench/instructions.sh) through M.run_case; alone
+--- without, the whole table through M.run; loaded by bench/run.lua,
+--- nothing.
+---@param bench table the benchmark's module
+---@param is_main boolean what standalone() said
+function M.main(bench, is_main)
+  if not is_main then return end
+  if arg[1] == "--case" then
+    bench.run_case(arg[2], tonumber(arg[3]) or 10000)
+  else
+    bench.run()
+  end
+end
+
 --- The interpreter, as people name it.
 ---@return string
 function M.interpreter()
