@@ -32,9 +32,7 @@ local util = require "buzz.util"
 local core = require "buzz.core"
 local quote = util.quote
 
-local function fail(level, fmt, ...)
-  error(fmt:format(...), level + 1)
-end
+local fail = util.fail
 
 -- A function reading the value at a dot path of the event.
 local function getter(path, what, level)

@@ -31,8 +31,8 @@ local failure = require "buzz.failure"
 local util = require "buzz.util"
 local core = require "buzz.core"
 
-local type, error, pairs, setmetatable, tostring, ipairs =
-      type, error, pairs, setmetatable, tostring, ipairs
+local type, pairs, setmetatable, tostring, ipairs =
+      type, pairs, setmetatable, tostring, ipairs
 local floor, ceil, min, max = math.floor, math.ceil, math.min, math.max
 local json_encode, json_decode = core.json_encode, core.json_decode
 local quote = util.quote
@@ -51,9 +51,7 @@ local RUN_KEYS = { retry = true, breaker = true, timeout = true,
 local KNOWN = "adaptive, breaker, concurrency, durable, filter, interval, "
               .. "max_bytes, name, retry, size, start, timeout"
 
-local function fail(level, fmt, ...)
-  error(fmt:format(...), level + 1)
-end
+local fail = util.fail
 
 -- v if it is nil or positive, else raises (util counts levels from its
 -- caller, this file from itself: the same level reaches the same frame).

@@ -22,9 +22,9 @@
 -- event. The predicate is generated Lua source, loaded once: constants
 -- travel as upvalues, never as source text, so no value can inject code.
 -- @module buzz.filter
-local type, error, pairs, ipairs, tostring, setmetatable, getmetatable,
-      select, load = type, error, pairs, ipairs, tostring, setmetatable,
-      getmetatable, select, load
+local type, pairs, ipairs, tostring, setmetatable, getmetatable, select,
+      load = type, pairs, ipairs, tostring, setmetatable, getmetatable,
+      select, load
 local concat, sort = table.concat, table.sort
 local next, assert = next, assert
 
@@ -50,9 +50,7 @@ local util = require "buzz.util"
 local core = require "buzz.core"
 local quote = util.quote
 
-local function fail(level, fmt, ...)
-  error(fmt:format(...), level + 1)
-end
+local fail = util.fail
 
 -- Splits "payload.items.1" into { "payload", "items", 1 }.
 local function split_path(path, level)

@@ -18,6 +18,12 @@ function M.quote(v)
   return tostring(v)
 end
 
+--- Raises fmt:format(...) at level, counted from fail's caller as
+--- error() counts from there (1: the caller itself, 2: its caller).
+function M.fail(level, fmt, ...)
+  error(fmt:format(...), level + 1)
+end
+
 --- v, unless it is not a positive number (an integer with is_int, else
 --- seconds): then raises "bad <what>: ..." at level.
 function M.positive(v, what, is_int, level)
