@@ -436,6 +436,47 @@ describe("route:window on a store, durable", function()
     assert.same({}, bus._core:state_list("window"))
   end)
 
+  it("reports a reducer's save that raises, and a replay that fails",
+     function()
+    local errs = {}
+    local bus = H.bus { store = path, clock = buzz.manual_clock(BASE + 1000),
+                        on_error = function(e) errs[#errs + 1] = e end }
+    local out = {}
+    bus:route("m.*"):window { tumbling = 10 }
+      :reduce { init = function() return 0 end,
+                step = function(n) return n + 1 end,
+                save = function() error("no saving") end,
+                load = function(n) return n end }
+      :handle(function(r) out[#out + 1] = r.value end,
+              { durable = "bad_save" })
+    bus:publish("m.x", {})
+    bus:drain()
+    bus._clock:advance(11)
+    assert.same({ 1 }, out)               -- it went on
+    assert.matches("aggregation bad_save could not save its open windows "
+                   .. "(a reducer's save raised: ", tostring(errs[1]), 1,
+                   true)
+    assert.matches("the last checkpoint stands", tostring(errs[1]), 1, true)
+    bus:close()
+
+    -- a checkpoint, then events after it, then a replay that fails
+    local b2, clock2 = open(1000)
+    aggregate(b2)
+    put(b2, clock2, 1, "a", "x", 5)
+    clock2:advance(1)
+    put(b2, clock2, 2.5, "a", "y", 6)
+    assert(b2:flush())
+    b2:close()
+    local reported = {}
+    local b3 = H.bus { store = path, clock = buzz.manual_clock(BASE + 1003),
+                       on_error = function(e) reported[#reported + 1] = e end }
+    b3.replay = function() error("disk on fire") end
+    aggregate(b3)
+    assert.matches("aggregation stats could not replay the log from #%d+: "
+                   .. ".*disk on fire; its windows hold what the checkpoint "
+                   .. "kept", tostring(reported[1]))
+  end)
+
   it("reports a custom state JSON cannot hold, and goes on", function()
     local errs = {}
     local bus = H.bus { store = path, clock = buzz.manual_clock(BASE + 1000),

@@ -329,6 +329,25 @@ describe("bus:batch", function()
       assert.same({}, again)
     end)
 
+    it("reports a take-up that fails, saying where the events are",
+       function()
+      local bus = open(buzz.manual_clock(1000))
+      bus:batch("m.*", { size = 10, durable = "sink" })(function() end)
+      publish_n(bus, 1, 3)
+      bus:drain()
+      assert(bus:flush())
+      bus:close()
+      local errs = {}
+      local bus2 = H.bus{ store = path, clock = buzz.manual_clock(2000),
+                          on_error = function(e) errs[#errs + 1] = e end }
+      bus2.replay = function() error("disk on fire") end
+      bus2:batch("m.*", { size = 10, durable = "sink" })(function() end)
+      assert.matches("batch sink could not take up its unfinished events: "
+                     .. ".*disk on fire; they are in the log from #1 to #3 "
+                     .. "%(bus:replay{ from = 1, to = 3, handler = %.%.%. } "
+                     .. "feeds them%)", tostring(errs[1]))
+    end)
+
     it("a live batch keeps no state in the store", function()
       local bus = open(buzz.manual_clock(1000))
       bus:batch("m.*", { size = 10 })(function() end)

@@ -347,4 +347,17 @@ describe('buzz.new{ loop = "ngx" } outside OpenResty', function()
                      'loop = "ngx" drives a bus inside OpenResty (nginx '
                      .. "with the lua module), and ngx is not here")
   end)
+
+  it("cause and drain take only a bus made with loop = \"ngx\"", function()
+    local ngx_driver = require "buzz.ngx"
+    local bus = H.bus()
+    for _, fn in ipairs { "cause", "drain" } do
+      local ok, err = pcall(function() ngx_driver[fn](bus) end)
+      assert.is_false(ok)
+      assert.matches(("^spec/nginx_spec%%.lua:%%d+: buzz%%.ngx%%.%s%%(bus%%): "
+                      .. "expected a bus made with buzz%%.new{ loop = "
+                      .. '"ngx" }, got buzz%%.bus'):format(fn), err)
+    end
+    H.done()
+  end)
 end)

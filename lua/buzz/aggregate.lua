@@ -577,13 +577,12 @@ function Engine:snapshot()
                               groups = saved_groups(red, win) }
   end
   table.sort(windows, function(a, b) return a.start < b.start end)
-  for group, x in pairs(self.sessions) do
-    sessions[#sessions + 1] = { g = group, start = x.start, stop = x.stop,
-                                s = red.save(x.state), c = x.count }
-  end
-  for group, x in pairs(self.counts) do
-    counts[#counts + 1] = { g = group, start = x.start, last = x.last,
-                            s = red.save(x.state), c = x.count }
+  for open, out in pairs { [self.sessions] = sessions,
+                           [self.counts] = counts } do
+    for group, x in pairs(open) do     -- a session's stop, a count's last
+      out[#out + 1] = { g = group, start = x.start, stop = x.stop,
+                        last = x.last, s = red.save(x.state), c = x.count }
+    end
   end
   return { last = self.last_id, now = self:now(), windows = windows,
            sessions = sessions, counts = counts }
@@ -597,8 +596,9 @@ function Engine:checkpoint()
   local ok, snap = pcall(self.snapshot, self)
   if not ok then
     return self.bus._report(("buzz: aggregation %s could not save its "
-                             .. "windows: %s"):format(self.row,
-                                                      tostring(snap)))
+                             .. "open windows (a reducer's save raised: "
+                             .. "%s); the last checkpoint stands")
+                            :format(self.row, tostring(snap)))
   end
   self.bus._sup:put("window", self.row, snap)  -- reports a refusal
 end
@@ -622,40 +622,26 @@ function Engine:restore(snap)
       win.order[#win.order + 1] = g.g
     end
   end
-  for _, x in ipairs(snap.sessions or {}) do
-    local s = { start = x.start, stop = x.stop, state = red.load(x.s),
-                count = x.c }
-    self.sessions[x.g] = s
-    self:arm_session(x.g, s)
+  -- sessions and count groups: one open group each, with its timer
+  for field, arm in pairs { sessions = Engine.arm_session,
+                            counts = Engine.arm_count } do
+    for _, x in ipairs(snap[field] or {}) do
+      local open = { start = x.start, stop = x.stop, last = x.last,
+                     state = red.load(x.s), count = x.c }
+      self[field][x.g] = open
+      arm(self, x.g, open)
+    end
   end
-  for _, x in ipairs(snap.counts or {}) do
-    local c = { start = x.start, last = x.last, state = red.load(x.s),
-                count = x.c }
-    self.counts[x.g] = c
-    self:arm_count(x.g, c)
-  end
-end
-
--- The durable consumer's position, once what is queued is written.
-local function position(bus, name)
-  assert(bus:flush())
-  for _, cons in ipairs(assert(bus:consumers())) do
-    if cons.name == name then return cons.acked end
-  end
-  return nil
 end
 
 --- A durable aggregation starts: its checkpoint (if any) comes back, the
 --- log is replayed from it through feed (the route's stages, then add),
 --- and checkpoints begin.
 function Engine:resume(name, feed)
-  local bus, c = self.bus, self.bus._core
+  local bus = self.bus
   self.row = name
-  local snap
-  for _, row in ipairs(assert(c:state_list("window"))) do
-    if row.name == name then snap = core.json_decode(row.value) end
-  end
-  local acked = position(bus, name)
+  local snap = bus._sup:get("window", name)
+  local acked = bus:_position(name)
   if type(snap) == "table" then
     self.replay_now = snap.now
     self:restore(snap)
@@ -670,8 +656,10 @@ function Engine:resume(name, feed)
           feed(ev)
         end })
       if not ok then
-        bus._report(("buzz: aggregation %s could not replay the log: %s")
-                    :format(name, tostring(err)))
+        bus._report(("buzz: aggregation %s could not replay the log from "
+                     .. "#%d: %s; its windows hold what the checkpoint "
+                     .. "kept, and events from there on are not counted")
+                    :format(name, from, tostring(err)))
       end
     end
     self.replay_now = nil

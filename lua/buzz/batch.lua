@@ -34,7 +34,7 @@ local core = require "buzz.core"
 local type, pairs, setmetatable, tostring, ipairs =
       type, pairs, setmetatable, tostring, ipairs
 local floor, ceil, min, max = math.floor, math.ceil, math.min, math.max
-local json_encode, json_decode = core.json_encode, core.json_decode
+local json_encode = core.json_encode
 local quote = util.quote
 
 local M = {}
@@ -275,20 +275,11 @@ end
 -- A durable batch's earlier run left events unfinished: they are fed
 -- again, from the oldest up to the consumer's position, before new ones.
 function Batcher:recover(test, collect)
-  local bus, c = self.bus, self.bus._core
-  local from
-  for _, row in ipairs(assert(c:state_list("batch"))) do
-    if row.name == self.row then
-      local v = json_decode(row.value)
-      from = type(v) == "table" and v.from
-    end
-  end
+  local bus = self.bus
+  local v = bus._sup:get("batch", self.row)
+  local from = type(v) == "table" and v.from
   if type(from) ~= "number" then return end
-  bus:flush()
-  local acked
-  for _, cons in ipairs(assert(bus:consumers())) do
-    if cons.name == self.row then acked = cons.acked end
-  end
+  local acked = bus:_position(self.row)
   if not acked or acked < from then return end
   self.is_recovering = true
   local ok, err = pcall(bus.replay, bus, {
@@ -302,7 +293,10 @@ function Batcher:recover(test, collect)
   end
   if not ok then
     bus._report(("buzz: batch %s could not take up its unfinished "
-                 .. "events: %s"):format(self.row, tostring(err)))
+                 .. "events: %s; they are in the log from #%d to #%d "
+                 .. "(bus:replay{ from = %d, to = %d, handler = ... } "
+                 .. "feeds them)"):format(self.row, tostring(err), from,
+                                          acked, from, acked))
   end
 end
 

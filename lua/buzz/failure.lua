@@ -371,6 +371,17 @@ function Supervisor:put(kind, name, value)
   end
 end
 
+-- The decoded value of the state row kind/name, or nil (none, or not
+-- JSON): what put() wrote before a restart.
+function Supervisor:get(kind, name)
+  local c = self:core()
+  if not (c and self.bus._store) then return nil end
+  for _, row in ipairs(assert(c:state_list(kind))) do
+    if row.name == name then return json_decode(row.value) end
+  end
+  return nil
+end
+
 function Supervisor:del(kind, name)
   local c = self:store_core()
   if not c then return end

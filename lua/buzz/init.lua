@@ -1070,6 +1070,16 @@ function Bus:consumers()
   return check_store(self, "consumers"):consumers()
 end
 
+-- The position (acked id) of the durable consumer name once what is
+-- queued is written, or nil when the store has no such consumer.
+function Bus:_position(name)
+  assert(self:flush())
+  for _, cons in ipairs(assert(self:consumers())) do
+    if cons.name == name then return cons.acked end
+  end
+  return nil
+end
+
 --- Forgets a durable consumer (its position); retention stops holding
 --- events back for it. Returns true if it existed.
 ---@param name string

@@ -318,6 +318,17 @@ function Driver:close()
   self.is_closed = true
 end
 
+-- The driver of bus, raising at the caller of buzz.ngx.<fn> for anything
+-- but a bus made with loop = "ngx".
+local function driver_of(bus, fn)
+  local d = type(bus) == "table" and rawget(bus, "_driver")
+  if getmetatable(d) ~= Driver then
+    error(('buzz.ngx.%s(bus): expected a bus made with buzz.new{ loop = '
+           .. '"ngx" }, got %s'):format(fn, util.quote(bus)), 3)
+  end
+  return d
+end
+
 --- Why the bus is delivering now, for a handler that wants to know (or
 --- log it): "wake" (a turn a publish scheduled, right after the request
 --- or timer that published), "timer" (a delay, retry, sleep or window of
@@ -326,11 +337,7 @@ end
 ---@param bus table a bus made with buzz.new{ loop = "ngx" }
 ---@return string|nil
 function M.cause(bus)
-  local d = type(bus) == "table" and rawget(bus, "_driver")
-  if getmetatable(d) ~= Driver then
-    error('buzz.ngx.cause(bus): expected a bus made with buzz.new{ loop = '
-          .. '"ngx" }', 2)
-  end
+  local d = driver_of(bus, "cause")
   return d.cause
 end
 
@@ -343,11 +350,7 @@ end
 ---@param bus table a bus made with buzz.new{ loop = "ngx" }
 ---@return integer
 function M.drain(bus)
-  local d = type(bus) == "table" and rawget(bus, "_driver")
-  if getmetatable(d) ~= Driver then
-    error('buzz.ngx.drain(bus): expected a bus made with buzz.new{ loop = '
-          .. '"ngx" }', 2)
-  end
+  local d = driver_of(bus, "drain")
   if bus:is_closed() then error("attempt to use a closed bus", 2) end
   if not YIELDABLE[ngx.get_phase()] then
     return bus:drain()
