@@ -32,6 +32,29 @@ end
 
 local function quiet() end
 
+-- A stand-in for Neovim, for the test that calls it: vim.loop is this
+-- loop, and vim.schedule runs its callback a millisecond later from a
+-- timer, as the editor runs scheduled callbacks some time after a fast
+-- one returns. The state says whether a scheduled callback runs now and
+-- how many were scheduled.
+local function fake_neovim()
+  local state = { in_schedule = false, schedules = 0 }
+  local fake = { loop = uv }
+  function fake.schedule(fn)
+    state.schedules = state.schedules + 1
+    local t = uv.new_timer()
+    t:start(1, 0, function()
+      t:close()
+      state.in_schedule = true
+      fn()
+      state.in_schedule = false
+    end)
+  end
+  rawset(_G, "vim", fake)
+  finally(function() rawset(_G, "vim", nil) end)
+  return state
+end
+
 describe("the luv driver", function()
   after_each(function()
     H.done()                  -- closes the buses (and so their handles)
@@ -259,23 +282,7 @@ describe("the luv driver", function()
 
   it("on Neovim's loop runs each turn through vim.schedule, without "
      .. "spinning while it waits", function()
-    -- A stand-in for Neovim: vim.loop is this loop, and vim.schedule runs
-    -- its callback a millisecond later from a timer, as the editor runs
-    -- scheduled callbacks some time after a fast one returns.
-    local in_schedule, schedules = false, 0
-    local fake = { loop = uv }
-    function fake.schedule(fn)
-      schedules = schedules + 1
-      local t = uv.new_timer()
-      t:start(1, 0, function()
-        t:close()
-        in_schedule = true
-        fn()
-        in_schedule = false
-      end)
-    end
-    rawset(_G, "vim", fake)
-    finally(function() rawset(_G, "vim", nil) end)
+    local nvim = fake_neovim()
     local bus = H.bus{ loop = uv }
     local iterations = 0
     local check = uv.new_check()
@@ -284,7 +291,7 @@ describe("the luv driver", function()
     local total, n, outside = luv_driver.TURN * 2 + 1, 0, 0
     bus:subscribe("edit", function()
       n = n + 1
-      if not in_schedule then outside = outside + 1 end
+      if not nvim.in_schedule then outside = outside + 1 end
       if n == total then bus:close() end
     end)
     for i = 1, total do bus:publish("edit", i) end
@@ -292,10 +299,10 @@ describe("the luv driver", function()
     check:close()
     assert.are.equal(total, n)
     assert.are.equal(0, outside)
-    assert.is_true(schedules >= 3, schedules .. " schedules")
+    assert.is_true(nvim.schedules >= 3, nvim.schedules .. " schedules")
     -- A poll left watching while a turn waits fires on every iteration.
-    assert.is_true(iterations < 20 * schedules,
-                   iterations .. " loop iterations for " .. schedules
+    assert.is_true(iterations < 20 * nvim.schedules,
+                   iterations .. " loop iterations for " .. nvim.schedules
                    .. " turns")
   end)
 
@@ -366,28 +373,16 @@ describe("the luv driver", function()
 
   it("await on Neovim's loop resumes the handler through vim.schedule",
      function()
-    local in_schedule = false
-    local fake = { loop = uv }
-    function fake.schedule(fn)
-      local t = uv.new_timer()
-      t:start(1, 0, function()
-        t:close()
-        in_schedule = true
-        fn()
-        in_schedule = false
-      end)
-    end
-    rawset(_G, "vim", fake)
-    finally(function() rawset(_G, "vim", nil) end)
+    local nvim = fake_neovim()
     local bus = H.bus{ loop = uv }
     local where = {}
     bus:subscribe("edit", function()
-      where[#where + 1] = in_schedule
+      where[#where + 1] = nvim.in_schedule
       buzz.await(function(done)
         local t = uv.new_timer()
         t:start(2, 0, function() t:close(); done() end)  -- a fast callback
       end)
-      where[#where + 1] = in_schedule
+      where[#where + 1] = nvim.in_schedule
       bus:close()
     end)
     bus:publish("edit")
