@@ -7,6 +7,8 @@
 #   make bench   benchmarks, both interpreters
 #   make bench-ic instructions per event of the failure-handling, filter
 #                and window cases (callgrind: repeatable on a noisy machine)
+#   make test-slow  the long fault specs (tagged #slow: many kill rounds,
+#                a full disk), both interpreters; CI runs them
 #
 # The module is built once per interpreter into build/<flavour>/buzz/core.so.
 # It is not linked against liblua: the host program provides the Lua API.
@@ -33,7 +35,7 @@ LUA54   = lua5.4
 LUAJIT  = luajit
 BUSTED  = busted
 
-.PHONY: all deps test test-lua5.4 test-luajit check asan bench bench-ic demo \
+.PHONY: all deps test test-slow check asan bench bench-ic demo \
         clean rock
 
 all: build/lua5.4/buzz/core.so build/luajit/buzz/core.so
@@ -55,9 +57,14 @@ build/luajit/buzz/core.so: $(SRCS) $(HDRS)
 # helper picks build/<flavour> for package.cpath. Specs tagged #once test
 # programs that do not depend on busted's interpreter (the rocks of both,
 # nginx with the LuaJIT build): the first pass runs them, the second not.
+# Specs tagged #slow (many kill rounds, a full disk) run in make test-slow.
 test: deps all
-	$(BUSTED) --lua=$(LUA54) $(BUSTED_ARGS)
-	$(BUSTED) --lua=$(LUAJIT) --exclude-tags=once $(BUSTED_ARGS)
+	$(BUSTED) --lua=$(LUA54) --exclude-tags=slow $(BUSTED_ARGS)
+	$(BUSTED) --lua=$(LUAJIT) --exclude-tags=once,slow $(BUSTED_ARGS)
+
+test-slow: deps all
+	$(BUSTED) --lua=$(LUA54) --tags=slow $(BUSTED_ARGS)
+	$(BUSTED) --lua=$(LUAJIT) --tags=slow $(BUSTED_ARGS)
 
 check: deps
 	$(MAKE) -B all EXTRA_CFLAGS=-Werror
@@ -81,7 +88,7 @@ asan: deps
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 \
 	LSAN_OPTIONS=suppressions=$(CURDIR)/tools/lsan.supp:print_suppressions=0 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  $(BUSTED) --lua=$(LUA54) --exclude-tags=rock,once $(BUSTED_ARGS)
+	  $(BUSTED) --lua=$(LUA54) --exclude-tags=rock,once,slow $(BUSTED_ARGS)
 
 bench: deps all
 	$(LUA54) bench/run.lua

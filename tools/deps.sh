@@ -12,6 +12,7 @@ PACKAGES="
   lua-busted lua-mediator lua-luv lua-check
   luarocks cppcheck valgrind neovim
   nginx libnginx-mod-http-lua libnginx-mod-http-ndk lua-resty-core curl
+  clang libclang-rt-14-dev lcov
 "
 
 missing=""
