@@ -37,7 +37,9 @@
   X(INVAL,   6, "invalid argument")                              \
   X(STORE,   7, "store failure")                                 \
   X(LOCKED,  8, "store is locked by another writer")             \
-  X(TOOBIG,  9, "payload is too big")
+  X(TOOBIG,  9, "payload is too big")                            \
+  X(DEPTH,  10, "nested synchronous delivery is too deep")       \
+  X(DECODE, 11, "a stored event does not decode")
 
 typedef enum {
   BUZZ_OK = 0,

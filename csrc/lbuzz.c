@@ -35,6 +35,7 @@
 ** methods give the Lua layer the store's key/value table for its own
 ** records.
 */
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,6 +43,7 @@
 #include "compat.h"
 #include "buzz.h"
 #include "json.h"
+#include "lcheck.h"
 
 #define CORE_MT "buzz.core"
 
@@ -86,9 +88,12 @@ typedef struct lcore {
   int report_ref;      /* reporter function (both released with U) */
   int is_open;
   int is_stopped;      /* set by stop(); pump() returns */
+  int nsync;           /* publish_sync deliveries under way, nested */
 } lcore;
 
 #define POOL_MAX 64    /* idle threads kept per core */
+#define SYNC_MAX 100   /* nested publish_sync deliveries; one more is
+                          refused with EDEPTH (README, "Driving the bus") */
 #define PAGE_MAX 256   /* stored events read per query page */
 #define ERR_MAX 512
 
@@ -363,8 +368,11 @@ static int pf_payload(lua_State *L, int plan, int payload) {
     lua_rawgeti(L, top + 1, 1);                      /* top+2: steps */
     lua_rawgeti(L, top + 1, 2);                      /* top+3: op */
     lua_rawgeti(L, top + 1, 3);                      /* top+4: value */
-    op = (int)lua_tointeger(L, top + 3);
-    if (lua_istable(L, top + 2) && op > 0 && op < PF_NOPS &&
+    {
+      int64_t o = 0;
+      op = buzz__to_int(L, top + 3, 1, PF_NOPS - 1, &o) ? (int)o : 0;
+    }
+    if (lua_istable(L, top + 2) && op > 0 &&
         pf_walk(L, payload, top + 2))                /* top+5: at path */
       holds = pf_test(L, op, top + 5, top + 4);
     lua_settop(L, top);
@@ -553,7 +561,14 @@ static void report(lua_State *L, lcore *c, int u, lua_State *co,
     push_traceback(L, co, "(error object is not a string)", 0, 0);
   else
     lua_pushnil(L);
-  if (lua_pcall(L, 4, 0, 0) != 0) lua_pop(L, 1);
+  if (lua_pcall(L, 4, 0, 0) != 0) {    /* not even the reporter ran: */
+    const char *e = err_idx ? lua_tostring(L, err_idx) : msg;
+    fprintf(stderr, "buzz: a failed delivery could not be reported "
+            "(%s): %s\n", lua_type(L, -1) == LUA_TSTRING
+            ? lua_tostring(L, -1) : "the reporter failed",
+            e ? e : "(error object is not a string)");
+    lua_pop(L, 1);
+  }
   lua_settop(L, top);
 }
 
@@ -584,7 +599,17 @@ static void dispatch(lua_State *L, lcore *c, int u, buzz_sub *sub,
   lua_xmove(L, co, 2);
   if (sub->is_once) once_ended(L, u, sub, top + 1);
   is_current = cur_push(c, ev->id, ev->table_ref);
+#if LUA_VERSION_NUM >= 504
+  /* Lua 5.4 starts a resumed thread at its resumer's count of C calls
+  ** (limit 200), so nested publish_sync deliveries would share one budget
+  ** and a wrapped handler (retry, timeout: two or three C calls a level)
+  ** would run out at 65 levels, its failure unreportable. Each delivery
+  ** counts afresh instead: SYNC_MAX bounds the nesting, as on LuaJIT,
+  ** which does not count resumes. */
+  rc = lua_resume(co, NULL, 1, &nres);
+#else
   rc = buzz_resume_n(co, L, 1, &nres);
+#endif
   if (is_current) c->ncur--;
   if (rc == LUA_OK) {
     lua_settop(co, 0);
@@ -702,32 +727,49 @@ static void set_str(lua_State *L, int key, buzz_str v) {
   lua_rawset(L, -3);
 }
 
-/* Decodes JSON text into field UV(key); a row that does not decode keeps
-** the text in decode_error instead (the log is never rewritten here). */
-static void set_json(lua_State *L, int key, buzz_str v) {
-  if (v.p == NULL) return;
+/*
+** Decodes JSON text into field UV(key) of the table on top (event id). A
+** row that does not decode leaves the field unset and gets decode_error =
+** "EDECODE: event <id>'s stored <what> is not valid JSON (...)" instead
+** (the log is never rewritten here); returns 0, or BUZZ_EDECODE then.
+*/
+static int set_json(lua_State *L, int key, buzz_str v, int64_t id,
+                    const char *what) {
+  if (v.p == NULL) return 0;
   if (buzz__json_decode(L, v.p, v.n) == 0) {
     lua_pushvalue(L, UV(key));
     lua_insert(L, -2);
     lua_rawset(L, -3);
-  } else {
-    lua_setfield(L, -2, "decode_error");
+    return 0;
   }
+  {
+    char num[32];
+    snprintf(num, sizeof num, "%lld", (long long)id);
+    lua_pushfstring(L, "%s: event %s's stored %s is not valid JSON (",
+                    buzz__err_name(BUZZ_EDECODE), num, what);
+  }
+  lua_insert(L, -2);                   /* the decoder's message */
+  lua_pushliteral(L, ")");
+  lua_concat(L, 3);
+  lua_setfield(L, -2, "decode_error");
+  return BUZZ_EDECODE;
 }
 
 /*
 ** Pushes the event table of a stored row, upcast when an upcaster is set.
-** Returns 0, or an error code with the upcaster's error on top instead of
-** the table. Only called from methods (uses the upvalues).
+** Returns 0; or BUZZ_EDECODE with the table on top, not upcast, when its
+** payload or headers do not decode (see set_json); or BUZZ_EINVAL with
+** the upcaster's error on top instead of the table. Only called from
+** methods (uses the upvalues).
 */
 static int push_stored(lua_State *L, lcore *c, int u, const buzz_stored *r) {
   int prio = r->priority >= 0 && r->priority < BUZZ_NPRIO ? r->priority
-             : BUZZ_PRIO_NORMAL;
+             : BUZZ_PRIO_NORMAL, rc;
   lua_createtable(L, 0, 7 + (r->key_kind != 0) + (r->corr.p != NULL) +
                          (r->causation_id != 0) + (r->headers.p != NULL));
   set_int(L, UV_ID, r->id);
   set_str(L, UV_TYPE, r->type);
-  set_json(L, UV_PAYLOAD, r->payload);
+  rc = set_json(L, UV_PAYLOAD, r->payload, r->id, "payload");
   set_int(L, UV_TS, r->ts);
   lua_pushvalue(L, UV(UV_PRIORITY));
   lua_pushvalue(L, UV(UV_PRIO0 + prio));
@@ -737,8 +779,9 @@ static int push_stored(lua_State *L, lcore *c, int u, const buzz_stored *r) {
   else if (r->key_kind == 2) set_int(L, UV_KEY, r->key_int);
   set_str(L, UV_CORR, r->corr);
   if (r->causation_id) set_int(L, UV_CAUS, r->causation_id);
-  set_json(L, UV_HEADERS, r->headers);
+  if (rc == 0) rc = set_json(L, UV_HEADERS, r->headers, r->id, "headers");
   set_int(L, UV_VERSION, r->version);
+  if (rc != 0) return rc;              /* nothing to upcast */
   if (c->upcast_ref != LUA_NOREF) {
     lua_rawgeti(L, u, c->upcast_ref);
     lua_pushvalue(L, -2);
@@ -753,12 +796,15 @@ static int push_stored(lua_State *L, lcore *c, int u, const buzz_stored *r) {
 /*
 ** Reads one page of stored events into a new array on top: the rows of q
 ** up to q->limit. Returns the number read; if an upcaster raised on a
-** row, the page stops before it, *bad_id is its id and the error is
-** pushed above the array. A store failure returns a negative code with a
-** message on top instead of the array.
+** row, or (with is_strict) a row does not decode, the page stops before
+** it, *bad_id is its id, and the message and the row's event table (nil
+** for an upcaster's raise) are pushed above the array. Without is_strict
+** a row that does not decode is in the page, with decode_error set. A
+** store failure returns a negative code with a message on top instead of
+** the array.
 */
 static int read_page(lua_State *L, lcore *c, int u, const buzz_query *q,
-                     int64_t *bad_id) {
+                     int is_strict, int64_t *bad_id) {
   buzz_stored row;
   char err[ERR_MAX];
   int n = 0, rc;
@@ -770,12 +816,23 @@ static int read_page(lua_State *L, lcore *c, int u, const buzz_query *q,
   }
   lua_createtable(L, (int)q->limit, 0);
   while ((rc = buzz__store_next(c->store, &row, err, sizeof err)) > 0) {
-    if (push_stored(L, c, u, &row) != 0) {
+    int bad = push_stored(L, c, u, &row);
+    if (bad == BUZZ_EDECODE && is_strict) {
       buzz__store_query_done(c->store);   /* let go of the snapshot */
       *bad_id = row.id;
-      lua_pushfstring(L, "upcasting event %d failed: ", (int)row.id);
+      lua_getfield(L, -1, "decode_error");
+      lua_insert(L, -2);                  /* array, message, table */
+      return n;
+    }
+    if (bad != 0 && bad != BUZZ_EDECODE) {
+      char num[32];
+      buzz__store_query_done(c->store);   /* let go of the snapshot */
+      *bad_id = row.id;
+      snprintf(num, sizeof num, "%lld", (long long)row.id);
+      lua_pushfstring(L, "upcasting event %s failed: ", num);
       lua_insert(L, -2);
       lua_concat(L, 2);
+      lua_pushnil(L);                     /* array, message, nil */
       return n;
     }
     lua_rawseti(L, -2, ++n);
@@ -885,7 +942,7 @@ static lua_Integer pump_durables(lua_State *L, lcore *c, int u,
     q.pattern.n = sub->len;
     q.limit = budget < 0 || budget - n > PAGE_MAX ? PAGE_MAX : budget - n;
     buzz__sub_hold(sub);
-    k = read_page(L, c, u, &q, &bad);
+    k = read_page(L, c, u, &q, 1, &bad);
     if (k < 0) {                       /* the position stays put */
       report_store(L, c, u, lua_tostring(L, -1));
       k = 0;
@@ -912,10 +969,10 @@ static lua_Integer pump_durables(lua_State *L, lcore *c, int u,
       n++;
     }
     if (j > k && bad > 0 && !sub->is_dead && c->is_open) {
-      lua_rawgeti(L, u, c->report_ref);  /* an upcaster raised: report */
-      lua_pushvalue(L, top + 2);         /* and skip that event, as a */
-      lua_pushnil(L);                    /* failed delivery */
-      lua_rawgeti(L, u, sub->data_ref);
+      lua_rawgeti(L, u, c->report_ref);  /* an upcaster raised or the */
+      lua_pushvalue(L, top + 2);         /* row does not decode: report */
+      lua_pushvalue(L, top + 3);         /* and skip that event, as a */
+      lua_rawgeti(L, u, sub->data_ref);  /* failed delivery */
       if (lua_pcall(L, 3, 0, 0) != 0) lua_pop(L, 1);
       sub->acked = bad;
       n++;
@@ -967,32 +1024,37 @@ static void dedup_loaded(void *data, buzz_str key, int64_t id, int64_t ts) {
   buzz__dedup_put((buzz_dedup *)data, key.p, key.n, id, ts);
 }
 
-static int64_t opt_int64(lua_State *L, int t, const char *k) {
-  int64_t v;
-  lua_getfield(L, t, k);
-  v = (int64_t)lua_tonumber(L, -1);
-  lua_pop(L, 1);
-  return v;
+/* Ten years in milliseconds: the longest retention the core takes. */
+#define AGE_MAX_MS (INT64_C(100000000000) * 1000)
+
+/*
+** Reads the numbers of the store options table at t into o (the rest
+** zeroed); raises for one out of its range.
+*/
+static void store_opts(lua_State *L, int t, buzz_store_opts *o) {
+  memset(o, 0, sizeof *o);
+  o->durability = (int)buzz__field_int(L, t, "durability", 0, 0, 2);
+  o->is_readonly = buzz__field_int(L, t, "readonly", 0, 0, 1) != 0;
+  o->max_bytes = buzz__field_int(L, t, "max_bytes", 0, 0, BUZZ_INT_EXACT);
+  o->max_age_ms = buzz__field_int(L, t, "max_age_ms", 0, 0, AGE_MAX_MS);
+  o->max_events = buzz__field_int(L, t, "max_events", 0, 0,
+                                  BUZZ_INT_EXACT);
 }
 
 /*
 ** Opens the store described by the options table at t (path, durability,
 ** readonly, max_bytes, max_age_ms, max_events) and loads the dedup keys
-** still in their window. Returns 0, or pushes nil, err, code.
+** still in their window before now (ms). Returns 0, or pushes nil, err,
+** code; raises for an option out of range.
 */
-static int open_store(lua_State *L, lcore *c, int t) {
+static int open_store(lua_State *L, lcore *c, int t, int64_t now) {
   buzz_store_opts o;
   char err[ERR_MAX];
   const char *path;
   int rc;
-  memset(&o, 0, sizeof o);
+  store_opts(L, t, &o);
   lua_getfield(L, t, "path");
   path = lua_tostring(L, -1);
-  o.durability = (int)opt_int64(L, t, "durability");  /* 0 none */
-  o.is_readonly = opt_int64(L, t, "readonly") != 0;
-  o.max_bytes = opt_int64(L, t, "max_bytes");
-  o.max_age_ms = opt_int64(L, t, "max_age_ms");
-  o.max_events = opt_int64(L, t, "max_events");
   o.notify = on_commit;
   o.data = c->loop;
   err[0] = '\0';
@@ -1004,9 +1066,9 @@ static int open_store(lua_State *L, lcore *c, int t) {
   c->committed = c->bus.last_id;
   if ((rc = buzz__dedup_new(&c->dedup, c->dedup_window)) < 0)
     return push_fail(L, rc, NULL);
-  if ((rc = buzz__store_dedup_load(c->store, buzz__clock_ms() -
-                                   c->dedup_window, dedup_loaded, c->dedup,
-                                   err, sizeof err)) < 0)
+  if ((rc = buzz__store_dedup_load(c->store, now - c->dedup_window,
+                                   dedup_loaded, c->dedup, err,
+                                   sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   return 0;
 }
@@ -1018,25 +1080,38 @@ static int open_store(lua_State *L, lcore *c, int t) {
 ** core.new(queue_limit, report, opts) -> core | nil, err, code.
 ** report(err, ev, sub, trace) is called for every failed delivery (and
 ** with err alone for a store failure that belongs to no delivery). opts
-** (optional): dedup_window_ms, max_payload, and store = { path, durability
-** (0 none, 1 batch, 2 sync), readonly, max_bytes, max_age_ms, max_events }.
+** (optional): dedup_window_ms, max_payload, now_ms (the bus's clock, for
+** the dedup keys a store loads), and store = { path, durability (0 none,
+** 1 batch, 2 sync), readonly, max_bytes, max_age_ms, max_events }. A
+** number out of its range raises, naming the option.
 */
 static int lcore_new(lua_State *L) {
-  lua_Integer limit = luaL_optinteger(L, 1, 100000);
+  int64_t limit = buzz__opt_int(L, 1, "queue_limit", 100000, 0,
+                                BUZZ_INT_EXACT);
+  int64_t window = 0, max_payload = 0, now;
   lcore *c;
   int rc, has_opts = lua_istable(L, 3);
-  luaL_argcheck(L, limit >= 0, 1, "queue_limit must be >= 0");
   luaL_checktype(L, 2, LUA_TFUNCTION);
   lua_settop(L, 3);
+  if (has_opts) {                      /* may raise: before acquiring */
+    buzz_store_opts o;
+    window = buzz__field_int(L, 3, "dedup_window_ms", 0, 0,
+                             INT64_C(31536000000));   /* a year */
+    max_payload = buzz__field_int(L, 3, "max_payload", 0, 0,
+                                  BUZZ_INT_EXACT);
+    lua_getfield(L, 3, "store");
+    if (lua_istable(L, -1)) store_opts(L, -1, &o);
+    lua_pop(L, 1);
+  }
+  now = has_opts ? buzz__field_int(L, 3, "now_ms", 0, 0, BUZZ_INT_EXACT) : 0;
+  if (now == 0) now = buzz__clock_ms();
   c = (lcore *)buzz_newud(L, sizeof *c);
   memset(c, 0, sizeof *c);             /* closed until acquired */
   c->bus.is_closed = 1;
   c->upcast_ref = LUA_NOREF;
   c->yield_ref = LUA_NOREF;
-  c->dedup_window = has_opts ? opt_int64(L, 3, "dedup_window_ms") : 0;
-  if (c->dedup_window <= 0) c->dedup_window = 120000;
-  c->max_payload = has_opts ? (size_t)opt_int64(L, 3, "max_payload") : 0;
-  if (c->max_payload == 0) c->max_payload = 1048576;
+  c->dedup_window = window > 0 ? window : 120000;
+  c->max_payload = max_payload > 0 ? (size_t)max_payload : 1048576;
   luaL_setmetatable(L, CORE_MT);
   lua_newtable(L);                     /* U */
   lua_newtable(L);
@@ -1054,7 +1129,7 @@ static int lcore_new(lua_State *L) {
   }
   if (has_opts) {
     lua_getfield(L, 3, "store");
-    if (lua_istable(L, -1) && open_store(L, c, lua_gettop(L)) != 0) {
+    if (lua_istable(L, -1) && open_store(L, c, lua_gettop(L), now) != 0) {
       buzz__dedup_free(c->dedup);      /* nil, err, code are on top */
       c->dedup = NULL;
       buzz__store_close(c->store);
@@ -1230,7 +1305,8 @@ static int lcore_subscribe(lua_State *L) {
 ** reused), or NULL. Pushes U and sets *u to its slot when it finds one.
 */
 static buzz_sub *live_sub(lua_State *L, lcore *c, int *u) {
-  buzz_sub *sub = buzz__bus_sub(&c->bus, luaL_checkinteger(L, 2));
+  buzz_sub *sub = buzz__bus_sub(&c->bus, buzz__check_int(L, 2, "id", 0,
+                                                         INT64_MAX));
   int is_it;
   if (sub == NULL) return NULL;
   *u = push_refs(L);
@@ -1390,8 +1466,11 @@ static void push_correlation(lua_State *L, int u, int ref) {
 ** (or a thread run by resume() with an event), a nil correlation_id is
 ** inherited from the
 ** current event and a nil causation_id is the current event's id. A dedup
-** key seen within the window returns the first id and "duplicate", and
-** publishes nothing. With engine true, reserved types ("$DLQ.x", "$SYS.x")
+** key seen within the window (by ts when given: a manual clock's windows
+** move with it) returns the first id and "duplicate", and publishes
+** nothing. Numbers out of their range (a key beyond +-2^53, a version
+** beyond INT_MAX, ...) raise. mode 1 nested SYNC_MAX deep returns nil,
+** "EDEPTH: ...", "EDEPTH" and publishes nothing. With engine true, reserved types ("$DLQ.x", "$SYS.x")
 ** are accepted: the Lua layer publishes its own events so.
 ** mode 0 queues and returns id; mode 1 delivers at once and returns id;
 ** mode 2 (for tests and drivers) opens a sync cursor without delivering
@@ -1402,12 +1481,13 @@ static int do_publish(lua_State *L, int mode) {
   size_t len, level = 0, dlen = 0;
   const char *type = lua_type(L, 2) == LUA_TSTRING
                      ? lua_tolstring(L, 2, &len) : NULL;
-  lua_Integer prio = luaL_optinteger(L, 4, BUZZ_PRIO_NORMAL);
-  lua_Integer caus = luaL_optinteger(L, 7, 0);
+  int64_t prio = buzz__opt_int(L, 4, "priority", BUZZ_PRIO_NORMAL, 0,
+                               BUZZ_NPRIO - 1);
+  int64_t caus = buzz__opt_int(L, 7, "causation_id", 0, 0, INT64_MAX);
   const char *dkey = luaL_optlstring(L, 9, NULL, &dlen);
-  lua_Integer version = luaL_optinteger(L, 10, 0);
+  int64_t version = buzz__opt_int(L, 10, "version", 0, 0, INT_MAX);
   int is_engine = lua_toboolean(L, 11);
-  lua_Integer ts = luaL_optinteger(L, 12, 0);
+  int64_t ts = buzz__opt_int(L, 12, "ts", 0, 0, BUZZ_INT_EXACT);
   lcur cur;            /* a copy: a nested publish may move the stack */
   buzz_event *ev;
   int64_t id, now = 0;
@@ -1424,13 +1504,24 @@ static int do_publish(lua_State *L, int mode) {
     return 3;
   }
   if (subject_usage(L, "type", type, len, 0, is_engine)) return 3;
-  luaL_argcheck(L, prio >= 0 && prio < BUZZ_NPRIO, 4, "priority out of range");
+  if (lua_type(L, 5) == LUA_TNUMBER)   /* an integer key JSON holds */
+    buzz__check_int(L, 5, "key", -BUZZ_INT_EXACT, BUZZ_INT_EXACT);
+  if (mode == 1 && c->nsync >= SYNC_MAX) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: publish_sync nested %d deep: a handler run by "
+                    "publish_sync may publish_sync again at most %d levels "
+                    "deep; nothing was published (use publish to queue the "
+                    "event)", buzz__err_name(BUZZ_EDEPTH), c->nsync + 1,
+                    SYNC_MAX);
+    lua_pushstring(L, buzz__err_name(BUZZ_EDEPTH));
+    return 3;
+  }
   lua_settop(L, 10);
   ctx.L = L;
   ctx.u = push_refs(L);                /* slot 11 */
+  if (dkey) now = ts > 0 ? ts : buzz__clock_ms();  /* the bus's clock */
   if (dkey && c->dedup &&
-      (id = buzz__dedup_find(c->dedup, dkey, dlen, now = buzz__clock_ms()))
-      != 0) {
+      (id = buzz__dedup_find(c->dedup, dkey, dlen, now)) != 0) {
     lua_pushinteger(L, (lua_Integer)id);
     lua_pushliteral(L, "duplicate");
     return 2;
@@ -1466,8 +1557,7 @@ static int do_publish(lua_State *L, int mode) {
     if (c->dedup == NULL &&
         buzz__dedup_new(&c->dedup, c->dedup_window) < 0)
       return push_fail(L, BUZZ_ENOMEM, NULL);
-    if (buzz__dedup_put(c->dedup, dkey, dlen, id,
-                        now ? now : buzz__clock_ms()) < 0)
+    if (buzz__dedup_put(c->dedup, dkey, dlen, id, now) < 0)
       return push_fail(L, BUZZ_ENOMEM, NULL);
   }
   if (rc == 0) {                       /* no audience: freed already */
@@ -1491,9 +1581,11 @@ static int do_publish(lua_State *L, int mode) {
   } else if (mode == 1) {
     buzz_sub *sub;
     buzz_event *e;
+    c->nsync++;
     while (c->is_open &&
            buzz__bus_next(&c->bus, level, &sub, &e, &ctx) > 0)
       dispatch(L, c, ctx.u, sub, e);
+    c->nsync--;
   } else {
     lua_pushinteger(L, (lua_Integer)id);
     lua_pushinteger(L, (lua_Integer)level);
@@ -1578,8 +1670,7 @@ static int lcore_resume(lua_State *L) {
     if (has_ev) {
       lua_pushvalue(L, UV(UV_ID));
       lua_rawget(L, 3);
-      if (lua_type(L, -1) == LUA_TNUMBER)
-        id = (int64_t)lua_tointeger(L, -1);
+      if (!buzz__to_int(L, -1, 0, INT64_MAX, &id)) id = 0;  /* none */
       lua_pop(L, 1);
       lua_pushvalue(L, 3);
       ref = luaL_ref(L, u);            /* released below */
@@ -1640,7 +1731,8 @@ static int lcore_current(lua_State *L) {
 */
 static int lcore_pump(lua_State *L) {
   lcore *c = check_core(L);
-  lua_Integer max = luaL_checkinteger(L, 2), n = 0;
+  lua_Integer max = (lua_Integer)buzz__check_int(L, 2, "max", -1,
+                                                 BUZZ_INT_EXACT), n = 0;
   buzz_sub *sub;
   buzz_event *ev;
   lctx ctx;
@@ -1718,12 +1810,11 @@ static int lcore_subs(lua_State *L) {
 */
 static int lcore_next(lua_State *L) {
   lcore *c = check_core(L);
-  lua_Integer level = luaL_optinteger(L, 2, 0);
+  int64_t level = buzz__opt_int(L, 2, "level", 0, 0, BUZZ_INT_EXACT);
   buzz_sub *sub;
   buzz_event *ev;
   lctx ctx;
   int rc;
-  luaL_argcheck(L, level >= 0, 2, "level must be >= 0");
   ctx.L = L;
   ctx.u = push_refs(L);
   rc = buzz__bus_next(&c->bus, (size_t)level, &sub, &ev, &ctx);
@@ -1760,10 +1851,9 @@ static int lcore_timeout(lua_State *L) {
 */
 static int lcore_arm(lua_State *L) {
   lcore *c = check_core(L);
-  lua_Integer ms = luaL_optinteger(L, 2, -1);
+  int64_t ms = buzz__opt_int(L, 2, "ms (-1 or nil disarms)", -1, -1,
+                             BUZZ_INT_EXACT);
   int rc;
-  luaL_argcheck(L, ms >= -1, 2, "expected milliseconds >= 0, or -1 or nil "
-                "to disarm");
   if ((rc = buzz__loop_arm(c->loop, (int64_t)ms)) < 0)
     return push_fail(L, rc, NULL);
   lua_pushboolean(L, 1);
@@ -1851,30 +1941,36 @@ static int lcore_query(lua_State *L) {
   int u, n;
   luaL_checktype(L, 2, LUA_TTABLE);
   memset(&q, 0, sizeof q);
-  q.after_id = (int64_t)luaL_checkinteger(L, 3);
-  q.limit = (int64_t)luaL_checkinteger(L, 4);
+  q.after_id = buzz__check_int(L, 3, "after_id", 0, INT64_MAX);
+  q.limit = buzz__check_int(L, 4, "limit", 1, BUZZ_INT_EXACT);
+  q.to_id = buzz__field_int(L, 2, "to_id", 0, -1, INT64_MAX);
+  q.from_ts = buzz__field_int(L, 2, "from_ts", 0, -BUZZ_INT_EXACT,
+                              BUZZ_INT_EXACT);
+  q.to_ts = buzz__field_int(L, 2, "to_ts", 0, -BUZZ_INT_EXACT,
+                            BUZZ_INT_EXACT);
   if (!need_store(L, c, "events()")) return 3;
-  q.to_id = opt_int64(L, 2, "to_id");
-  q.from_ts = opt_int64(L, 2, "from_ts");
-  q.to_ts = opt_int64(L, 2, "to_ts");
   lua_getfield(L, 2, "pattern");
   q.pattern.p = lua_tolstring(L, -1, &q.pattern.n);
   lua_getfield(L, 2, "key");
   if (lua_type(L, -1) == LUA_TNUMBER) {
     q.has_key = q.is_key_int = 1;
-    q.key_int = (int64_t)lua_tointeger(L, -1);
+    q.key_int = buzz__check_int(L, lua_gettop(L), "key", -BUZZ_INT_EXACT,
+                                BUZZ_INT_EXACT);
   } else if (lua_type(L, -1) == LUA_TSTRING) {
     q.has_key = 1;
     q.key.p = lua_tolstring(L, -1, &q.key.n);
   }
   u = push_refs(L);
-  if ((n = read_page(L, c, u, &q, &bad)) < 0) {
+  if ((n = read_page(L, c, u, &q, 0, &bad)) < 0) {
     lua_pushnil(L);
     lua_pushfstring(L, "ESTORE: %s", lua_tostring(L, -2));
     lua_pushliteral(L, "ESTORE");
     return 3;
   }
-  if (bad > 0) return lua_error(L);    /* the upcaster's raise */
+  if (bad > 0) {                       /* the upcaster's raise */
+    lua_pop(L, 1);
+    return lua_error(L);
+  }
   return 1;
 }
 
@@ -2243,7 +2339,8 @@ static int l_traceback(lua_State *L) {
     lua_pushvalue(L, arg + 1);
     return 1;
   }
-  level = (int)luaL_optinteger(L, arg + 2, L1 == L ? 1 : 0);
+  level = (int)buzz__opt_int(L, arg + 2, "level", L1 == L ? 1 : 0, 0,
+                             INT_MAX);
   if (!lua_isnoneornil(L, arg + 3)) {
     luaL_checktype(L, arg + 3, LUA_TFUNCTION);
     stop = arg + 3;

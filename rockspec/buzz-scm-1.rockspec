@@ -49,6 +49,7 @@ build = {
         "csrc/store.c",
         "csrc/dedup.c",
         "csrc/lbuzz.c",
+        "csrc/lcheck.c",
       },
       defines = { "_POSIX_C_SOURCE=200809L" },
       incdirs = {

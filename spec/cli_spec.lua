@@ -396,6 +396,32 @@ describe("bin/buzz", function()
       assert.are.equal("", out)
       assert.are.equal(("buzz: no event 99 in %s\n"):format(s.path), err)
     end)
+
+    it("exits 1 with EDECODE for a stored payload that is not JSON, and ls "
+       .. "and replay say so too", function()
+      local s = new_store()
+      finally(s.remove)
+      local st, out = sh(("%ssqlite3 %s %s 2>&1"):format(TOOL, quote(s.path),
+        quote("UPDATE events SET payload = '{nope' WHERE id = 2")))
+      assert.are.equal(0, st, out)
+      local status, err
+      status, out, err = run(s, "show 2")
+      assert.are.equal(1, status)
+      assert.are.equal("", out)
+      assert.matches("^buzz: EDECODE: event 2's stored payload is not valid "
+                     .. "JSON", err)
+      status, out, err = run(s, "ls")
+      assert.are.equal(1, status)
+      assert.are.equal(4, #lines(out))          -- the other four events
+      assert.no.matches("null", out, 1, true)
+      assert.matches("^buzz: EDECODE: event 2", err)
+      local handler = s.dir .. "/h.lua"
+      spit(handler, "return function() end\n")
+      status, out, err = run(s, "replay --handler " .. quote(handler))
+      assert.are.equal(1, status)
+      assert.matches("replayed 4 events, 1 failed", out, 1, true)
+      assert.matches("EDECODE: event 2", err, 1, true)
+    end)
   end)
 
   describe("stats", function()

@@ -23,7 +23,7 @@
 -- @module buzz.aggregate
 local type, error, pairs, ipairs, setmetatable, getmetatable, pcall =
       type, error, pairs, ipairs, setmetatable, getmetatable, pcall
-local floor, huge, ceil = math.floor, math.huge, math.ceil
+local floor, ceil = math.floor, math.ceil
 local sort = table.sort
 
 local M = {}
@@ -299,9 +299,13 @@ local function window_spec(spec, level)
   if spec.allowed_lateness ~= nil then
     if type(spec.allowed_lateness) ~= "number"
        or spec.allowed_lateness ~= spec.allowed_lateness
-       or spec.allowed_lateness < 0 or spec.allowed_lateness == huge then
+       or spec.allowed_lateness < 0
+       or spec.allowed_lateness > util.MAX_SECONDS then
       fail(level, "bad window allowed_lateness: expected seconds >= 0, got "
-           .. "%s", quote(spec.allowed_lateness))
+           .. "%s%s", quote(spec.allowed_lateness),
+           type(spec.allowed_lateness) == "number"
+           and spec.allowed_lateness > util.MAX_SECONDS
+           and (" (allowed: up to %g)"):format(util.MAX_SECONDS) or "")
     end
     w.lateness = floor(spec.allowed_lateness * 1000 + 0.5)
   end

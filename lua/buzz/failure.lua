@@ -40,8 +40,8 @@ local yield = rawget(co_lib, "_yield") or co_lib.yield
 local running = co_lib.running
 local close = coroutine.close         -- nil before Lua 5.4
 local core_traceback = core.traceback  -- debug.traceback, minus 30 us
-local floor, huge, min, max, random = math.floor, math.huge, math.min,
-                                      math.max, math.random
+local floor, min, max, random = math.floor, math.min, math.max,
+                                math.random
 local concat, sort = table.concat, table.sort
 local json_encode, json_decode = core.json_encode, core.json_decode
 
@@ -72,7 +72,8 @@ local BREAKER_DEFAULTS = { failures = 5, within = 10, cool_down = 30 }
 
 -- ------------------------------------------------------------ helpers
 
-local quote = require("buzz.util").quote
+local util = require "buzz.util"
+local quote = util.quote
 
 local function fifo()
   return { first = 1, last = 0 }
@@ -174,12 +175,18 @@ local function check_table(v, name, defaults, level)
   end
 end
 
+-- v if it is a number above lo (or at it, unless lo_open), an integer
+-- if is_int, and at most util.MAX_INT (counts) or util.MAX_SECONDS
+-- (seconds, factors); else raises at level.
 local function number_in(v, name, lo, lo_open, is_int, level)
-  if type(v) ~= "number" or v ~= v or v == huge or v < lo
+  local hi = is_int and util.MAX_INT or util.MAX_SECONDS
+  if type(v) ~= "number" or v ~= v or v > hi or v < lo
      or (lo_open and v == lo) or (is_int and v ~= floor(v)) then
-    error(("bad %s: expected %s %s %s, got %s")
+    error(("bad %s: expected %s %s %s, got %s%s")
           :format(name, is_int and "an integer" or "a number",
-                  lo_open and ">" or ">=", tostring(lo), quote(v)),
+                  lo_open and ">" or ">=", tostring(lo), quote(v),
+                  type(v) == "number" and v > hi and (" (allowed: up to %s)")
+                  :format(is_int and "2^53" or ("%g"):format(hi)) or ""),
           level + 1)
   end
   return v
@@ -253,9 +260,12 @@ end
 -- seconds (a number >= 0) in whole milliseconds; raises at level.
 local function to_ms(seconds, level)
   if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0
-     or seconds == huge then
-    error(("bad seconds: expected a number >= 0, got %s")
-          :format(quote(seconds)), level + 1)
+     or seconds > util.MAX_SECONDS then
+    error(("bad seconds: expected a number >= 0, got %s%s")
+          :format(quote(seconds), type(seconds) == "number"
+                  and seconds > util.MAX_SECONDS
+                  and (" (allowed: up to %g)"):format(util.MAX_SECONDS)
+                  or ""), level + 1)
   end
   return floor(seconds * 1000 + 0.5)
 end

@@ -90,8 +90,12 @@ local function is_callable(f)
   return type(mt) == "table" and rawget(mt, "__call") ~= nil
 end
 
+-- An integer every Lua number holds exactly (and JSON carries): within
+-- +-2^53. Larger ones (2^63, 1e300) are refused, never rounded or wrapped.
+local MAX_INT = util.MAX_INT
 local function is_integer(n)
-  return type(n) == "number" and n == floor(n) and n > -huge and n < huge
+  return type(n) == "number" and n == floor(n) and n >= -MAX_INT
+         and n <= MAX_INT
 end
 
 -- Returns the core of a bus, raising if self is not an open bus.
@@ -109,15 +113,40 @@ local check_subject_value = util.check_subject_value
 local check_type_arg = util.check_type_arg
 local quote = util.quote
 
--- Raises unless v is nil or a number > 0 (an integer if is_int).
-local function check_positive(v, name, is_int, level)
+-- The ranges of the numeric options (util.check_number names the field
+-- and the range in its message).
+local range, check_number = util.range, util.check_number
+local MAX_SECONDS = util.MAX_SECONDS
+local RANGE = {
+  count = range("a positive integer", 1, MAX_INT, true),
+  seconds = range("a positive number", 0, MAX_SECONDS, false, true,
+                  "seconds"),
+  -- a window below a millisecond would be none; above a year, memory
+  dedup_window = range("a positive number", 0.001, 365 * 86400, false,
+                       false, "seconds (a year)"),
+  max_age = range("a positive number", 0.001, MAX_SECONDS, false, false,
+                  "seconds"),
+  version = range("a positive integer", 1, 2 ^ 31 - 1, true),
+  key = range("a string or an integer", -MAX_INT, MAX_INT, true),
+  max = range("a non-negative integer", 0, MAX_INT, true),
+}
+
+-- Raises unless v is nil or a number > 0 (an integer if is_int) within
+-- its range (rng: RANGE.count or RANGE.seconds unless given).
+local function check_positive(v, name, is_int, level, rng)
   if v == nil then return end
-  if type(v) ~= "number" or v ~= v or v <= 0 or v == huge
-     or (is_int and not is_integer(v)) then
-    error(("bad %s: expected a positive %s, got %s")
-          :format(name, is_int and "integer" or "number", quote(v)),
-          level + 1)
+  check_number(v, name, rng or (is_int and RANGE.count or RANGE.seconds),
+               level + 1)
+end
+
+-- Raises unless key is nil, a string or an integer within +-2^53.
+local function check_key(key, level)
+  if key == nil or type(key) == "string" then return end
+  if type(key) ~= "number" then
+    error(("bad key: expected a string or an integer, got %s")
+          :format(type(key)), level + 1)
   end
+  check_number(key, "key", RANGE.key, level + 1)
 end
 
 -- The furthest ahead a delay or an at may be, in seconds: its due time in
@@ -158,10 +187,7 @@ local function publish_options(opts, level)
                     PRIORITY_CHOICES), level + 1)
     end
   end
-  if key ~= nil and type(key) ~= "string" and not is_integer(key) then
-    error(("bad key: expected a string or an integer, got %s")
-          :format(type(key)), level + 1)
-  end
+  if key ~= nil and type(key) ~= "string" then check_key(key, level + 1) end
   if corr ~= nil and type(corr) ~= "string" then
     error(("bad correlation_id: expected a string, got %s")
           :format(type(corr)), level + 1)
@@ -203,7 +229,9 @@ local function publish_options(opts, level)
     error(("bad dedup: expected a non-empty string such as \"req-77\", "
            .. "got %s"):format(quote(dedup)), level + 1)
   end
-  if version ~= nil then check_positive(version, "version", true, level + 1) end
+  if version ~= nil then
+    check_number(version, "version", RANGE.version, level + 1)
+  end
   return prio, key, corr, headers, dedup, version, delay ~= nil or at ~= nil
 end
 
@@ -227,6 +255,14 @@ local function default_on_error(err, ev, sub, trace)
                        trace or tostring(err)))
 end
 
+-- tostring(v), or a fixed text when v's __tostring raises or gives no
+-- string: reporting an error must not fail on the error's own value.
+local function shown(v)
+  local ok, s = pcall(tostring, v)
+  if ok and type(s) == "string" then return s end
+  return "(an error object whose __tostring failed)"
+end
+
 -- The core calls this for a failed delivery; on_error runs protected, and
 -- an on_error that raises is reported on stderr.
 local function reporter(on_error)
@@ -234,7 +270,7 @@ local function reporter(on_error)
     local ok, e2 = pcall(on_error, err, ev, sub, trace)
     if not ok then
       stderr:write(("buzz: on_error raised while reporting %q: %s\n")
-                   :format(tostring(err), tostring(e2)))
+                   :format(shown(err), shown(e2)))
     end
   end
 end
@@ -272,9 +308,8 @@ function M.new(opts)
   local limit = opts.queue_limit
   if limit == nil then
     limit = 100000
-  elseif not is_integer(limit) or limit < 1 then
-    error(("bad queue_limit: expected a positive integer, got %s")
-          :format(tostring(limit)), 2)
+  else
+    check_number(limit, "queue_limit", RANGE.count, 2)
   end
   local on_error = opts.on_error
   if on_error ~= nil and not is_callable(on_error) then
@@ -295,8 +330,9 @@ function M.new(opts)
     error("bad readonly: expected a boolean", 2)
   end
   check_positive(opts.max_payload, "max_payload", true, 2)
-  check_positive(opts.dedup_window, "dedup_window", false, 2)
-  check_positive(opts.max_age, "max_age", false, 2)
+  check_positive(opts.dedup_window, "dedup_window", false, 2,
+                 RANGE.dedup_window)
+  check_positive(opts.max_age, "max_age", false, 2, RANGE.max_age)
   check_positive(opts.max_events, "max_events", true, 2)
   check_positive(opts.max_size, "max_size", true, 2)
   local clock = opts.clock
@@ -318,6 +354,7 @@ function M.new(opts)
   local copts = {
     max_payload = opts.max_payload,
     dedup_window_ms = opts.dedup_window and floor(opts.dedup_window * 1000),
+    now_ms = clock and clock:now_ms(),  -- the dedup keys a store loads
   }
   if store then
     copts.store = {
@@ -689,9 +726,8 @@ function Bus:step(max)
   local c = check_bus(self, "step")
   if max == nil then
     max = 1
-  elseif not is_integer(max) or max < 0 then
-    error(("bad max: expected a non-negative integer, got %s")
-          :format(tostring(max)), 2)
+  else
+    check_number(max, "max", RANGE.max, 2)
   end
   c:stop(false)
   pump(c, 0, "step")                  -- raises inside a handler
@@ -879,12 +915,20 @@ local function range_end(v, name, level)
     if is_integer(v.id) and v.id >= 0 and v.time == nil then
       return v.id, nil
     end
-    if type(v.time) == "number" and v.time == v.time and v.id == nil then
+    if type(v.time) == "number" and v.time >= 0 and v.time <= MAX_SECONDS
+       and v.id == nil then
       return nil, floor(v.time * 1000)
     end
   end
-  error(("bad %s: expected an event id or { time = epoch seconds }, got %s")
-        :format(name, quote(v)), level + 1)
+  local n = type(v) == "table" and (v.time or v.id) or v
+  error(("bad %s: expected an event id or { time = epoch seconds }, got %s%s")
+        :format(name, type(v) ~= "table" and quote(v)
+                or v.time ~= nil and ("{ time = %s }"):format(quote(v.time))
+                or v.id ~= nil and ("{ id = %s }"):format(quote(v.id))
+                or quote(v),
+                type(n) == "number" and n == n and n > 0 and (" (allowed: "
+                .. "ids from 0 to 2^53, times from 0 to %g seconds)")
+                :format(MAX_SECONDS) or ""), level + 1)
 end
 
 -- Turns events()/replay() filters into the core's query, the id to start
@@ -902,10 +946,7 @@ local function query_filters(f, allowed, what, level)
   q.from_ts, q.to_ts, q.to_id = from_ts, to_ts, to_id
   if to_id == 0 then q.to_id = -1 end          -- nothing is at or below 0
   local key = f.key
-  if key ~= nil and type(key) ~= "string" and not is_integer(key) then
-    error(("bad key: expected a string or an integer, got %s")
-          :format(type(key)), level + 1)
-  end
+  check_key(key, level + 1)
   q.key = key
   check_positive(f.limit, "limit", true, level + 1)
   return q, from_id and from_id - 1 or 0, f.limit or huge
@@ -998,11 +1039,15 @@ function Bus:replay(opts)
   local n = 0
   for ev in iter do
     ev.is_replay = true
-    local ok, e = xpcall(handler, on_raise, ev)
-    if not ok then
-      report(e, ev, sub or { pattern = q.pattern or ">" }, trace)
+    if ev.decode_error then           -- a corrupt row: on_error, not fn
+      report(ev.decode_error, ev, sub or { pattern = q.pattern or ">" })
+    else
+      local ok, e = xpcall(handler, on_raise, ev)
+      if not ok then
+        report(e, ev, sub or { pattern = q.pattern or ">" }, trace)
+      end
+      n = n + 1
     end
-    n = n + 1
     if not self._core then break end   -- a handler closed the bus
   end
   return n
@@ -1033,10 +1078,7 @@ end
 function Bus:upcaster(etype, from_version, fn)
   local c = check_bus(self, "upcaster")
   check_subject_value(etype, "type", "order.created", false, 2)
-  if not is_integer(from_version) or from_version < 1 then
-    error(("bad from_version: expected a positive integer, got %s")
-          :format(quote(from_version)), 2)
-  end
+  check_number(from_version, "from_version", RANGE.version, 2)
   if not is_callable(fn) then
     error(("bad upcaster: expected a function, got %s"):format(type(fn)), 2)
   end

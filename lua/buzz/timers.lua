@@ -8,9 +8,10 @@
 -- drain, run) or when a manual clock is advanced.
 -- @module buzz.timers
 local core = require "buzz.core"
+local util = require "buzz.util"
 
-local setmetatable, getmetatable, error, type, pairs, ipairs, tostring =
-      setmetatable, getmetatable, error, type, pairs, ipairs, tostring
+local setmetatable, getmetatable, error, pairs, ipairs =
+      setmetatable, getmetatable, error, pairs, ipairs
 local sort = table.sort
 local floor, huge = math.floor, math.huge
 local now_ms = core.now_ms
@@ -179,17 +180,19 @@ end
 local ManualClock = { __name = "buzz.clock", is_manual = true }
 ManualClock.__index = ManualClock
 
+-- The times a manual clock takes: its start and each advance.
+local START = util.range("epoch seconds", 0, util.MAX_SECONDS, false, false,
+                         "seconds")
+local ADVANCE = util.range("a number >= 0", 0, util.MAX_SECONDS, false,
+                           false, "seconds")
+
 --- A clock that moves only when advanced: delays, backoff, timeouts and
 --- breakers of the buses using it are then exact and take no real time.
 --- It starts at start (epoch seconds), or at the wall clock's time.
 ---@param start number|nil
 ---@return table clock
 function M.manual_clock(start)
-  if start ~= nil and (type(start) ~= "number" or start ~= start
-                       or start < 0 or start == huge) then
-    error(("bad start: expected epoch seconds, got %s"):format(
-          tostring(start)), 2)
-  end
+  if start ~= nil then util.check_number(start, "start", START, 2) end
   return setmetatable({ ms = floor((start or now_ms() / 1000) * 1000),
                         buses = setmetatable({}, { __mode = "k" }),
                         nbuses = 0, version = 0 },
@@ -245,11 +248,7 @@ function ManualClock:advance(seconds)
   if getmetatable(self) ~= ManualClock then
     error("use clock:advance(seconds), not clock.advance(seconds)", 2)
   end
-  if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0
-     or seconds == huge then
-    error(("bad seconds: expected a number >= 0, got %s")
-          :format(tostring(seconds)), 2)
-  end
+  util.check_number(seconds, "seconds", ADVANCE, 2)
   local buses, version = joined(self), self.version
   for _, bus in ipairs(buses) do
     if bus:_is_in_handler() then

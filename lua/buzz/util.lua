@@ -5,6 +5,7 @@
 local core = require "buzz.core"
 
 local type, error, tostring, tonumber = type, error, tostring, tonumber
+local floor = math.floor
 
 local M = {}
 
@@ -24,16 +25,74 @@ function M.fail(level, fmt, ...)
   error(fmt:format(...), level + 1)
 end
 
---- v, unless it is not a positive number (an integer with is_int, else
---- seconds): then raises "bad <what>: ..." at level.
-function M.positive(v, what, is_int, level)
-  if type(v) ~= "number" or v ~= v or v <= 0 or v == math.huge
-     or (is_int and v ~= math.floor(v)) then
-    error(("bad %s: expected a positive %s, got %s")
-          :format(what, is_int and "integer" or "number of seconds",
-                  M.quote(v)), level + 1)
+-- ------------------------------------------------------------ numbers
+
+--- The largest integer every Lua number holds exactly, and JSON carries
+--- without loss: counts, sizes, ids and integer keys stay within it.
+M.MAX_INT = 2 ^ 53
+
+--- The longest duration or furthest epoch time an option takes, in
+--- seconds (about 3,000 years): its milliseconds stay exact integers.
+M.MAX_SECONDS = 1e11
+
+-- n as a range shows it: 2^53 by name, integers in full.
+local function show(n)
+  if n == M.MAX_INT then return "2^53" end
+  if n == -M.MAX_INT then return "-2^53" end
+  if n == floor(n) and n > -1e15 and n < 1e15 then
+    return ("%d"):format(n)
   end
-  return v
+  return ("%.14g"):format(n)
+end
+
+--- A range for check_number: numbers from lo to hi (above lo only, with
+--- lo_open), integers only with is_int. what says what is expected
+--- ("a positive integer") and unit what the numbers count ("seconds").
+---@return table range
+function M.range(what, lo, hi, is_int, lo_open, unit)
+  local text = (lo_open and "more than %s, up to %s" or "%s to %s")
+               :format(show(lo), show(hi))
+  if is_int then text = "integers " .. (lo_open and text or "from " .. text) end
+  if unit then text = text .. " " .. unit end
+  return { what = what, lo = lo, hi = hi, is_int = is_int,
+           lo_open = lo_open, text = text }
+end
+
+--- Is v a number within the range r (see range)?
+function M.in_range(v, r)
+  return type(v) == "number" and v >= r.lo and v <= r.hi
+         and not (r.lo_open and v == r.lo)
+         and not (r.is_int and v ~= floor(v))   -- NaN fails v >= lo
+end
+
+--- v, if it is a number within the range r; else raises at level
+--- 'bad <name>: expected <r.what>, got <v>'. r.what states the type and
+--- the lower bound ("a positive integer"); a number that has them but is
+--- out of range (1e300, 2^63, a window below a millisecond) gets the
+--- whole range too: '... got 1e+300 (allowed: integers from 1 to 2^53)'.
+function M.check_number(v, name, r, level)
+  if M.in_range(v, r) then return v end
+  local msg = ("bad %s: expected %s, got %s"):format(name, r.what,
+                                                     M.quote(v))
+  if type(v) == "number" and (v > r.hi or v < -r.hi
+                              or (v > 0 and v < r.lo)) then
+    msg = ("%s (allowed: %s)"):format(msg, r.text)
+  end
+  error(msg, level + 1)
+end
+
+-- The ranges positive() checks against.
+local POSITIVE_INT = M.range("a positive integer", 1, M.MAX_INT, true)
+local POSITIVE_SECONDS = M.range("a positive number of seconds", 0,
+                                 M.MAX_SECONDS, false, true, "seconds")
+
+--- v, unless it is not a positive number (an integer up to 2^53 with
+--- is_int, else seconds up to MAX_SECONDS): then raises "bad <what>: ..."
+--- at level.
+function M.positive(v, what, is_int, level)
+  local n = M.check_number(v, what, is_int and POSITIVE_INT
+                           or POSITIVE_SECONDS, level + 1)
+  return n                             -- not a tail call: error levels
 end
 
 --- Raises (at level) unless s is a string; what names the argument and
