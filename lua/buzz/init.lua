@@ -212,7 +212,7 @@ end
 
 local function default_on_error(err, ev, sub, trace)
   if not ev then                      -- the store, not a delivery
-    stderr:write(("buzz: %s\n"):format(tostring(err)))
+    stderr:write(("buzz: %s\n"):format(failure.readable(err)))
     return
   end
   local what = ("%s #%s"):format(tostring(ev.type), tostring(ev.id))
@@ -224,17 +224,22 @@ local function default_on_error(err, ev, sub, trace)
   end
   stderr:write(("buzz: handler for %q failed on %s: %s\n")
                :format(sub and sub.pattern or "?", what,
-                       trace or tostring(err)))
+                       trace or failure.readable(err)))
 end
 
 -- The core calls this for a failed delivery; on_error runs protected, and
--- an on_error that raises is reported on stderr.
+-- an on_error that raises is reported on stderr, in words that cannot
+-- raise in turn (an error whose __tostring raises), or failing that in
+-- fixed ones: a report is never dropped silently.
 local function reporter(on_error)
   return function(err, ev, sub, trace)
     local ok, e2 = pcall(on_error, err, ev, sub, trace)
     if not ok then
-      stderr:write(("buzz: on_error raised while reporting %q: %s\n")
-                   :format(tostring(err), tostring(e2)))
+      local fine, line = pcall(string.format,
+        "buzz: on_error raised while reporting %q: %s\n",
+        failure.readable(err), failure.readable(e2))
+      stderr:write(fine and line or "buzz: on_error raised while "
+                   .. "reporting an error, and neither can be shown\n")
     end
   end
 end
