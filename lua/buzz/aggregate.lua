@@ -721,6 +721,14 @@ local function start(self, emit, opts, level)
                             self.red, emit)
   local bus = route.bus
   local feed = route:compose(function(ev) engine:add(ev) end)
+  if opts and opts.durable ~= nil and opts.retry == nil then
+    -- The feed is the engine's, not a handler, and a durable aggregation
+    -- keeps its own checkpoint: no dead letter by default (retry =
+    -- false), unless a retry policy is asked for.
+    local o = { retry = false }
+    for k, v in pairs(opts) do o[k] = v end
+    opts = o
+  end
   local sub, err, code = bus:_subscribe(route.pattern, feed, opts, level)
   if not sub then return nil, err, code end
   engine.sub = sub

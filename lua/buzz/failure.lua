@@ -162,9 +162,12 @@ end
 
 local function check_table(v, name, defaults, level)
   if type(v) ~= "table" then
-    error(("bad %s: expected a table such as { %s }, got %s")
-          :format(name, name == "retry" and "max = 5, base = 0.2"
-                  or "failures = 5, within = 10, cool_down = 30",
+    error(("bad %s: expected %s, got %s")
+          :format(name, name == "retry"
+                  and "a table such as { max = 5, base = 0.2 }, a number "
+                      .. "of attempts, or false (no retries)"
+                  or "a table such as { failures = 5, within = 10, "
+                     .. "cool_down = 30 }",
                   quote(v)), level + 1)
   end
   local known = {}
@@ -190,8 +193,9 @@ local function number_in(v, name, lo, lo_open, is_int, level)
 end
 
 --- Validates a retry option: a table of max, base, factor, max_delay,
---- jitter (seconds), or an integer (max attempts). Returns the policy
---- with defaults filled in and times in milliseconds.
+--- jitter (seconds), or an integer (max attempts); false (no retries) is
+--- the caller's to handle. Returns the policy with defaults filled in and
+--- times in milliseconds.
 function M.retry_policy(v, level)
   if type(v) == "number" then v = { max = v } end
   check_table(v, "retry", RETRY_DEFAULTS, level + 1)
@@ -464,17 +468,17 @@ function Supervisor:runner(sub, handler, policy, level)
     r.breaker = { failures = b.failures, within = b.within,
                   cool_down = b.cool_down, state = "closed", fails = fifo() }
   end
-  if r.retry then
-    if self.runners[r.name] then
-      error(("a subscription named %q is already subscribed on this bus "
-             .. "(retries and dead letters are kept by name): give each "
-             .. "one its own name = \"...\"")
-            :format(r.name), level + 1)
-    end
-    self.runners[r.name] = r
-  elseif r.is_durable and not self.runners[r.name] then
-    self.runners[r.name] = r          -- the core refuses a second one
+  local other = self.runners[r.name]
+  if r.retry and other and not (r.is_durable and other.is_durable
+                                and other.sub.durable == sub.durable) then
+    error(("a subscription named %q is already subscribed on this bus "
+           .. "(retries and dead letters are kept by name): give each "
+           .. "one its own name = \"...\"")
+          :format(r.name), level + 1)
   end
+  if (r.retry or r.is_durable) and not other then
+    self.runners[r.name] = r          -- the core refuses a second durable
+  end                                 -- consumer of one name, in its words
   return r
 end
 

@@ -391,6 +391,14 @@ local function supervision(opts, default_name, level)
   if ordered ~= nil and type(ordered) ~= "boolean" then
     error("bad ordered: expected a boolean", level + 1)
   end
+  -- A durable consumer is at least once: a failed event must stay
+  -- inspectable, so without a policy it becomes a dead letter (retry = 1);
+  -- retry = false opts out (the error only goes to on_error).
+  if retry == false then
+    retry = nil
+  elseif retry == nil and opts.durable ~= nil then
+    retry = 1
+  end
   if retry == nil and breaker == nil and not ordered and timeout == nil
      and conc == nil then
     return nil
