@@ -386,6 +386,18 @@ describe("bus:batch", function()
       assert.same({}, bus:dead_letters())
     end)
 
+    it("run() waits for a partial batch's interval, then returns",
+       function()
+      local bus = H.bus{ store = path, on_error = function() end }
+      local got = {}
+      bus:batch("m.*", { size = 10, interval = 0.05, durable = "sink" })(
+        function(events) got[#got + 1] = ns(events) end)
+      publish_n(bus, 1, 2)
+      assert.equal(2, bus:run())
+      assert.same({ "1,2" }, got)
+      assert.equal(0, bus:stats().timers)
+    end)
+
     it("a live batch keeps no state in the store", function()
       local bus = open(buzz.manual_clock(1000))
       bus:batch("m.*", { size = 10 })(function() end)

@@ -608,7 +608,7 @@ function Engine.tick_checkpoint(self)
   if not self.is_active then return end
   self:checkpoint()
   self.tick = self.bus._timers:after(self.w.checkpoint,
-                                     Engine.tick_checkpoint, self)
+                                     Engine.tick_checkpoint, self):unref()
 end
 
 -- Puts back what a checkpoint row holds.
@@ -668,8 +668,10 @@ function Engine:resume(name, feed)
   end                           -- replays from here
   self.is_dirty = true
   self:checkpoint()
+  -- housekeeping: it re-arms for as long as the aggregation lives, and
+  -- must not keep bus:run() going (timers.lua)
   self.tick = bus._timers:after(self.w.checkpoint, Engine.tick_checkpoint,
-                                self)
+                                self):unref()
 end
 
 

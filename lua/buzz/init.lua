@@ -761,7 +761,8 @@ function Bus:_turn(max)
 end
 
 --- Drives the bus on its own loop until stop(), or until nothing is
---- pending and no timer is armed. Returns the number of deliveries.
+--- pending and no timer is armed (housekeeping timers, which Timer:unref
+--- marks, do not count). Returns the number of deliveries.
 ---@return integer
 function Bus:run()
   local c = check_bus(self, "run")
@@ -781,7 +782,9 @@ function Bus:run()
     c = self._core
     if not c then break end
     if n == 0 and fired == 0 then
-      local due = not clock.is_manual and tl:next_due()
+      -- Housekeeping timers (a durable window's checkpoints) fire while
+      -- run() waits for something else, but do not keep it going.
+      local due = not clock.is_manual and tl:has_ref() and tl:next_due()
       c:arm(due and math_max(0, due - clock:now_ms()) or -1)
       if not c:wait() then break end
     end
