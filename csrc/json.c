@@ -857,6 +857,86 @@ static int ljson_encode(lua_State *L) {
   return rc == 0 ? 1 : push_fail(L, rc);
 }
 
+/*
+** Bytes of the UTF-8 character at s (n > 0 bytes left, s[0] >= 0x80), or
+** 0 when they are not one (RFC 3629: no overlong forms, no surrogates,
+** nothing above U+10FFFF).
+*/
+static size_t utf8_char(const unsigned char *s, size_t n) {
+  unsigned char c = s[0], lo = 0x80, hi = 0xBF;
+  size_t len, i;
+  if (c >= 0xC2 && c <= 0xDF) len = 2;
+  else if (c >= 0xE0 && c <= 0xEF) len = 3;
+  else if (c >= 0xF0 && c <= 0xF4) len = 4;
+  else return 0;
+  if (c == 0xE0) lo = 0xA0;
+  else if (c == 0xED) hi = 0x9F;
+  else if (c == 0xF0) lo = 0x90;
+  else if (c == 0xF4) hi = 0x8F;
+  if (n < len || s[1] < lo || s[1] > hi) return 0;
+  for (i = 2; i < len; i++)
+    if (s[i] < 0x80 || s[i] > 0xBF) return 0;
+  return len;
+}
+
+/*
+** core.json_text(s [, limit]) -> s as text JSON (and every reader of it)
+** can hold: a NUL byte as \0, each byte that is not part of a UTF-8
+** character as \xHH, and, past limit bytes (default 65536; 0: none),
+** cut there with "... [truncated N bytes]" (N: the bytes of s left out;
+** never inside a character or an escape). Text that needs none of it is
+** returned as it is. For error text a store must always be able to keep
+** (lua/buzz/storable.lua); a C loop, as a Lua pattern costs ~200
+** instructions a byte.
+*/
+static int ljson_text(lua_State *L) {
+  size_t n, i = 0, out = 0, limit;
+  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+  lua_Integer lim = luaL_optinteger(L, 2, 65536);
+  luaL_Buffer b;
+  luaL_argcheck(L, lim >= 0, 2, "limit must be >= 0 bytes (0 = no limit)");
+  limit = lim == 0 ? (size_t)-1 : (size_t)lim;
+  while (i < n && s[i] != 0) {                 /* the clean prefix */
+    size_t w = s[i] < 0x80 ? 1 : utf8_char(s + i, n - i);
+    if (w == 0) break;
+    i += w;
+  }
+  if (i == n && n <= limit) {
+    lua_settop(L, 1);
+    return 1;
+  }
+  luaL_buffinit(L, &b);
+  i = 0;
+  while (i < n) {
+    char esc[8];
+    size_t w = s[i] < 0x80 ? 1 : utf8_char(s + i, n - i);
+    const char *piece = (const char *)s + i;
+    size_t len = w;
+    if (s[i] == 0) {
+      piece = "\\0";
+      w = 1;
+      len = 2;
+    } else if (w == 0) {
+      snprintf(esc, sizeof esc, "\\x%02X", s[i]);
+      piece = esc;
+      w = 1;
+      len = 4;
+    }
+    if (out + len > limit) break;
+    luaL_addlstring(&b, piece, len);
+    out += len;
+    i += w;
+  }
+  if (i < n) {
+    char mark[64];
+    snprintf(mark, sizeof mark, "... [truncated %lu bytes]",
+             (unsigned long)(n - i));
+    luaL_addstring(&b, mark);
+  }
+  luaL_pushresult(&b);
+  return 1;
+}
+
 /* core.json_decode(text) -> value | nil, message, "EINVAL" */
 static int ljson_decode(lua_State *L) {
   size_t len;
@@ -870,6 +950,8 @@ void buzz__json_register(lua_State *L) {
   lua_setfield(L, -2, "json_encode");
   lua_pushcfunction(L, ljson_decode);
   lua_setfield(L, -2, "json_decode");
+  lua_pushcfunction(L, ljson_text);
+  lua_setfield(L, -2, "json_text");
   lua_pushlightuserdata(L, NULL);
   lua_setfield(L, -2, "null");
 }

@@ -264,8 +264,7 @@ describe("core.json_encode with a limit", function()
   end)
 
   it("refuses nesting past 1000 levels without walking the rest", function()
-    local deep = nest(200000)
-    local _, err, code = encode(deep, 1048576)
+    local _, err, code = encode(nest(20000), 1048576)
     assert.equal("EINVAL", code)
     assert.matches("tables nest deeper than 1000 levels", err, 1, true)
   end)
@@ -479,5 +478,26 @@ describe("core.json_encode and json_decode under the collector", function()
     collectgarbage()
     assert.equal(0, wrong)
     assert.is_true(nested > 0, "no finalizer ran inside a call")
+  end)
+end)
+
+describe("core.json_text", function()
+  local text = core.json_text
+
+  it("gives clean text back, escapes NUL and bytes that are not UTF-8, "
+     .. "and cuts at the limit", function()
+    assert.equal("caf\195\169", text("caf\195\169"))
+    assert.equal("a\\0b\\xFF", text("a\0b\255"))
+    assert.equal("\\xE2\\x82", text("\226\130"))          -- cut short
+    assert.equal("ab... [truncated 1 bytes]", text("abc", 2))
+    assert.equal("\\0... [truncated 1 bytes]", text("\0\0", 3))
+    assert.equal(("x"):rep(70000), text(("x"):rep(70000), 0))
+    assert.equal(65536 + #"... [truncated 1 bytes]",
+                 #text(("x"):rep(65537)))
+  end)
+
+  it("raises on misuse", function()
+    assert.has_error(function() text() end)
+    assert.has_error(function() text("x", -1) end)
   end)
 end)
