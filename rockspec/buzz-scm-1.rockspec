@@ -79,6 +79,7 @@ build = {
     ["buzz.middleware"] = "lua/buzz/middleware.lua",
     ["buzz.ngx"] = "lua/buzz/ngx.lua",
     ["buzz.router"] = "lua/buzz/router.lua",
+    ["buzz.storable"] = "lua/buzz/storable.lua",
     ["buzz.timers"] = "lua/buzz/timers.lua",
     ["buzz.transform"] = "lua/buzz/transform.lua",
     ["buzz.util"] = "lua/buzz/util.lua",

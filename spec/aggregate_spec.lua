@@ -426,6 +426,44 @@ describe("route:window on a store, durable", function()
     assert.same({ "c@1 n=3 users=2 low=3" }, results(bus4))
   end)
 
+  -- Issue 13: run() never returned once a durable window existed, as its
+  -- checkpoint timer re-arms itself. Checkpoints are housekeeping: they
+  -- go on while run() runs, and do not keep it running. In real time (run
+  -- waits on the wall clock); should run() not return, the checkpoint
+  -- stops the bus after a few more rounds, so the spec fails, not hangs.
+  it("lets run() return, checkpointing while it runs", function()
+    local bus = H.bus { store = path, on_error = function() end }
+    local sub = bus:route("m.*"):window { count = 100, checkpoint = 0.02 }
+      :reduce(buzz.agg.count())
+      :publish("m.stats", { durable = "stats" })
+    local engine = sub._engine
+    local checkpoint = engine.checkpoint
+    local ticks, late_ticks, ticks_before_last, is_stuck = 0, 0, nil, false
+    engine.checkpoint = function(self)
+      checkpoint(self)
+      ticks = ticks + 1
+      if ticks_before_last then
+        late_ticks = late_ticks + 1
+        if late_ticks > 5 then
+          is_stuck = true
+          bus:stop()
+        end
+      end
+    end
+    bus:subscribe("done", function() ticks_before_last = ticks end)
+    assert(bus:publish("m.x", 1))
+    assert(bus:publish("done", nil, { delay = 0.2 }))
+    local delivered = bus:run()
+    assert.is_false(is_stuck, "run() kept running for the checkpoints")
+    assert.equal(2, delivered)            -- m.x to the window, done
+    -- checkpoints came while run() waited for the delayed event, and
+    -- the last one holds the event the window took
+    assert.is_true(ticks_before_last > 0)
+    assert(bus:flush())
+    local row = bus._core:state_list("window")[1]
+    assert.equal(1, require("buzz.core").json_decode(row.value).last)
+  end)
+
   it("a live aggregation keeps no checkpoint", function()
     local bus, clock = open(1000)
     bus:route("m.*"):window { tumbling = 10 }:reduce(buzz.agg.count())

@@ -348,6 +348,56 @@ describe("bus:batch", function()
                      .. "feeds them%)", tostring(errs[1]))
     end)
 
+    -- Issue 13: a durable batch without retry that failed was released,
+    -- its row moved past its events, and nothing but on_error saw them.
+    it("dead-letters a failing durable batch by default, as its events; "
+       .. "redrive after a restart re-batches them", function()
+      local bus = open(buzz.manual_clock(1000))
+      bus:batch("m.*", { size = 2, durable = "sink" })(function()
+        error("sink down")
+      end)
+      publish_n(bus, 1, 2)
+      bus:drain()
+      local dead = bus:dead_letters{ subscription = "sink" }
+      assert.equal(2, #dead)
+      assert.same({ 1, 2 }, { dead[1].event.payload.n,
+                              dead[2].event.payload.n })
+      assert(bus:flush())
+      bus:close()
+      local bus2 = open(buzz.manual_clock(2000))
+      local got = {}
+      bus2:batch("m.*", { size = 2, durable = "sink" })(function(events)
+        got[#got + 1] = ns(events)
+      end)
+      bus2:drain()
+      assert.same({}, got)                -- finished: not taken up again
+      assert.equal(2, bus2:redrive { subscription = "sink" })
+      bus2:drain()
+      assert.same({ "1,2" }, got)
+    end)
+
+    it("lets a durable batch opt out of dead letters with retry = false",
+       function()
+      local bus = open(buzz.manual_clock(1000))
+      bus:batch("m.*", { size = 2, durable = "sink", retry = false })(
+        function() error("sink down") end)
+      publish_n(bus, 1, 2)
+      bus:drain()
+      assert.same({}, bus:dead_letters())
+    end)
+
+    it("run() waits for a partial batch's interval, then returns",
+       function()
+      local bus = H.bus{ store = path, on_error = function() end }
+      local got = {}
+      bus:batch("m.*", { size = 10, interval = 0.05, durable = "sink" })(
+        function(events) got[#got + 1] = ns(events) end)
+      publish_n(bus, 1, 2)
+      assert.equal(2, bus:run())
+      assert.same({ "1,2" }, got)
+      assert.equal(0, bus:stats().timers)
+    end)
+
     it("a live batch keeps no state in the store", function()
       local bus = open(buzz.manual_clock(1000))
       bus:batch("m.*", { size = 10 })(function() end)

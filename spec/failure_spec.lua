@@ -699,6 +699,55 @@ describe("failure handling with a store", function()
     assert.equal(2, #seen)
   end)
 
+  -- Issue 13: a durable subscription without a retry policy moved its
+  -- position past an event whose handler raised, and the only trace was
+  -- an on_error line.
+  it("dead-letters a durable consumer's failed event by default, for "
+     .. "redrive after a restart", function()
+    local errs = 0
+    local bus = H.bus { store = path, on_error = function()
+      errs = errs + 1 end }
+    local broken = true
+    bus:subscribe("order.*", function(ev)
+      if broken and ev.payload.n == 2 then error("ledger down") end
+    end, { durable = "billing" })
+    for n = 1, 3 do bus:publish("order.created", { n = n }) end
+    bus:drain()
+    assert.equal(1, errs)
+    local dead = bus:dead_letters{ subscription = "billing" }
+    assert.equal(1, #dead)
+    assert.equal("exhausted", dead[1].reason)
+    assert.same({ n = 2 }, dead[1].event.payload)
+    assert.matches("ledger down", dead[1].error)
+    bus:close()
+    local again = H.bus { store = path }
+    broken = false
+    local seen = {}
+    again:subscribe("order.*", function(ev)
+      seen[#seen + 1] = ev.payload.n
+    end, { durable = "billing" })
+    again:drain()
+    assert.same({}, seen)                  -- its position moved on
+    assert.equal(1, again:redrive { subscription = "billing" })
+    again:drain()
+    assert.same({ 2 }, seen)
+    assert.same({}, again:dead_letters())
+  end)
+
+  it("lets a durable consumer opt out of dead letters with retry = false",
+     function()
+    local errs = 0
+    local bus = H.bus { store = path, on_error = function()
+      errs = errs + 1 end }
+    bus:subscribe("e", function() error("ignored") end,
+                  { durable = "d", retry = false })
+    bus:publish("e", 1)
+    bus:drain()
+    assert.equal(1, errs)
+    assert.same({}, bus:dead_letters())
+    assert.equal(1, bus:consumers()[1].acked)
+  end)
+
   it("redrives a stored dead letter and forgets it", function()
     local bus = H.bus { store = path, on_error = function() end }
     local fixed = false
@@ -931,8 +980,8 @@ describe("bad failure-handling input", function()
     assert.has_error(sub { retry = { jitter = 2 } },
       "bad retry.jitter: expected a fraction from 0 to 1, got 2")
     assert.has_error(sub { retry = "often" },
-      'bad retry: expected a table such as { max = 5, base = 0.2 }, got '
-      .. '"often"')
+      'bad retry: expected a table such as { max = 5, base = 0.2 }, a '
+      .. 'number of attempts, or false (no retries), got "often"')
     assert.has_error(sub { breaker = { cool_down = 0 } },
                      "bad breaker.cool_down: expected a number > 0, got 0")
     assert.has_error(sub { timeout = -1 },

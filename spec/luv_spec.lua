@@ -202,6 +202,28 @@ describe("the luv driver", function()
     assert.are.same({ 1, 2, 3 }, got)
   end)
 
+  it("fires a durable window's checkpoints on the host's loop, where "
+     .. "they are due like any timer", function()
+    local path = H.tmp_store()
+    finally(function() H.remove_store(path) end)
+    local bus = H.bus{ loop = uv, store = path }
+    local sub = bus:route("m.*"):window { count = 100, checkpoint = 0.02 }
+      :reduce(buzz.agg.count()):publish("m.stats", { durable = "stats" })
+    local engine, checkpoint = sub._engine, sub._engine.checkpoint
+    local ticks = 0
+    engine.checkpoint = function(self)
+      checkpoint(self)
+      ticks = ticks + 1
+      if ticks == 3 then bus:close() end
+    end
+    bus:publish("m.x", 1)
+    assert.is_true(run_loop(), "uv.run() did not return")
+    assert.are.equal(3, ticks)
+    local again = H.bus{ store = path, readonly = true }
+    local row = again._core:state_list("window")[1]
+    assert.are.equal(1, require("buzz.core").json_decode(row.value).last)
+  end)
+
   it("refuses run() on a bus the loop drives", function()
     local bus = H.bus{ loop = uv }
     assert.has_error(function() bus:run() end,

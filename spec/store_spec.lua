@@ -242,7 +242,8 @@ describe("the store", function()
       assert.same({ 1, 3 }, got)
     end)
 
-    it("move past an event whose handler raised, and report it", function()
+    it("move past an event whose handler raised, report it, and keep it "
+       .. "as a dead letter", function()
       local errs = {}
       local bus = H.bus{ store = path, on_error = function(err)
         errs[#errs + 1] = err
@@ -257,7 +258,10 @@ describe("the store", function()
       assert.same({ 1, 3 }, got)
       assert.equal(1, #errs)
       assert.matches("boom", errs[1])
-      assert.equal(3, bus:consumers()[1].acked)
+      assert.equal(4, bus:consumers()[1].acked)   -- past $DLQ.e (#4) too
+      local dead = bus:dead_letters{ subscription = "d" }
+      assert.equal(1, #dead)
+      assert.equal(2, dead[1].event.payload)
     end)
 
     it("are not fed live events, and live subscriptions no history",

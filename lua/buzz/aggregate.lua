@@ -612,7 +612,7 @@ function Engine.tick_checkpoint(self)
   if not self.is_active then return end
   self:checkpoint()
   self.tick = self.bus._timers:after(self.w.checkpoint,
-                                     Engine.tick_checkpoint, self)
+                                     Engine.tick_checkpoint, self):unref()
 end
 
 -- Puts back what a checkpoint row holds.
@@ -672,8 +672,10 @@ function Engine:resume(name, feed)
   end                           -- replays from here
   self.is_dirty = true
   self:checkpoint()
+  -- housekeeping: it re-arms for as long as the aggregation lives, and
+  -- must not keep bus:run() going (timers.lua)
   self.tick = bus._timers:after(self.w.checkpoint, Engine.tick_checkpoint,
-                                self)
+                                self):unref()
 end
 
 
@@ -725,6 +727,14 @@ local function start(self, emit, opts, level)
                             self.red, emit)
   local bus = route.bus
   local feed = route:compose(function(ev) engine:add(ev) end)
+  if opts and opts.durable ~= nil and opts.retry == nil then
+    -- The feed is the engine's, not a handler, and a durable aggregation
+    -- keeps its own checkpoint: no dead letter by default (retry =
+    -- false), unless a retry policy is asked for.
+    local o = { retry = false }
+    for k, v in pairs(opts) do o[k] = v end
+    opts = o
+  end
   local sub, err, code = bus:_subscribe(route.pattern, feed, opts, level)
   if not sub then return nil, err, code end
   engine.sub = sub

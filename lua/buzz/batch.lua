@@ -25,7 +25,9 @@
 -- event id is kept as a state row, and the next run feeds the events from
 -- there up to the consumer's position into the batch again before new
 -- ones. That is at least once: a batch that finished after an unfinished
--- older one comes again too.
+-- older one comes again too. A durable batch without retry is
+-- dead-lettered when it fails (as with retry = 1); retry = false opts
+-- out.
 -- @module buzz.batch
 local failure = require "buzz.failure"
 local util = require "buzz.util"
@@ -131,10 +133,16 @@ local function split(opts, pattern, level)
   if run.concurrency ~= nil then
     positive(run.concurrency, "concurrency", true, level + 1)
   end
+  -- A durable batch is at least once: without a policy a failed batch
+  -- becomes dead letters (retry = 1), not a silent loss; false opts out.
+  local retry = run.retry
+  if retry == nil and opts.durable ~= nil then retry = 1 end
+  -- The collecting subscription is plain: the batch's runner, not the
+  -- subscription, handles failures (retry = false: no durable default).
+  sub_opts.retry = false
   local policy = {
     name = opts.name or opts.durable or pattern,
-    retry = run.retry ~= nil and failure.retry_policy(run.retry, level)
-            or nil,
+    retry = retry and failure.retry_policy(retry, level) or nil,
     breaker = run.breaker ~= nil
               and failure.breaker_policy(run.breaker, level) or nil,
     ordered = false,

@@ -44,6 +44,7 @@ local floor, min, max, random = math.floor, math.min, math.max,
                                 math.random
 local concat, sort = table.concat, table.sort
 local json_encode, json_decode = core.json_encode, core.json_decode
+local storable = require "buzz.storable"
 
 local M = {}
 
@@ -64,6 +65,12 @@ function Fatal:__tostring() return tostring(self.err) end
 local RetryAfter = { __name = "buzz.retry_after" }
 RetryAfter.__index = RetryAfter
 function RetryAfter:__tostring() return tostring(self.err) end
+
+storable.wrapper(Fatal)           -- described by what they carry
+storable.wrapper(RetryAfter)
+
+-- The core's max_payload when buzz.new is given none (csrc/lbuzz.c).
+local DEFAULT_MAX_PAYLOAD = 1048576
 
 local RETRY_DEFAULTS = { max = 5, base = 0.2, factor = 2, max_delay = 30,
                          jitter = 0.2 }
@@ -96,26 +103,23 @@ local function size(q)
   return q.last - q.first + 1
 end
 
---- A readable sentence for any error value a handler may raise.
----@param err any
----@return string
-local function readable(err)
-  local t = type(err)
-  if t == "string" then return err end
-  if t == "table" then
-    local mt = getmetatable(err)
-    if type(mt) == "table" and rawget(mt, "__tostring") then
-      return tostring(err)
-    end
-    local text = json_encode(err)
-    if text then return "error object " .. text end
-    return "error object (" .. tostring(err) .. ")"
-  end
-  if t == "nil" then return "error raised with no value (nil)" end
-  return ("error object (%s %s)"):format(t, tostring(err))
-end
+-- A storable sentence for any error value a handler may raise (NUL and
+-- bytes that are not UTF-8 escaped, cut at 64 KiB: lua/buzz/storable.lua).
+local readable = storable.describe
 M.readable = readable
 
+-- The traceback of a raise, as storable text: its first line holds the
+-- first TRACE_MESSAGE bytes of the message (the whole of which is the
+-- attempt's error), so a long message does not crowd out the frames.
+local TRACE_MESSAGE = 4096
+
+-- The traceback of err, as storable text: of the thread co when given,
+-- else of the running one from level, down to stop (core.traceback).
+local function trace_of(err, co, level, stop)
+  local msg = storable.text(readable(err), TRACE_MESSAGE)
+  if co then return storable.text(core_traceback(co, msg)) end
+  return storable.text(core_traceback(msg, level, stop))
+end
 
 --- A deep copy of v (cycles and shared tables kept as such), so that
 --- what callers get cannot change the records the bus keeps.
@@ -159,9 +163,12 @@ end
 
 local function check_table(v, name, defaults, level)
   if type(v) ~= "table" then
-    error(("bad %s: expected a table such as { %s }, got %s")
-          :format(name, name == "retry" and "max = 5, base = 0.2"
-                  or "failures = 5, within = 10, cool_down = 30",
+    error(("bad %s: expected %s, got %s")
+          :format(name, name == "retry"
+                  and "a table such as { max = 5, base = 0.2 }, a number "
+                      .. "of attempts, or false (no retries)"
+                  or "a table such as { failures = 5, within = 10, "
+                     .. "cool_down = 30 }",
                   quote(v)), level + 1)
   end
   local known = {}
@@ -193,8 +200,9 @@ local function number_in(v, name, lo, lo_open, is_int, level)
 end
 
 --- Validates a retry option: a table of max, base, factor, max_delay,
---- jitter (seconds), or an integer (max attempts). Returns the policy
---- with defaults filled in and times in milliseconds.
+--- jitter (seconds), or an integer (max attempts); false (no retries) is
+--- the caller's to handle. Returns the policy with defaults filled in and
+--- times in milliseconds.
 function M.retry_policy(v, level)
   if type(v) == "number" then v = { max = v } end
   check_table(v, "retry", RETRY_DEFAULTS, level + 1)
@@ -367,12 +375,21 @@ function Supervisor:store_core()
   return nil
 end
 
+-- The kinds of state rows that record a failure. They must be written
+-- even when what they hold cannot be encoded as it is (an event table a
+-- handler changed to hold a function, say): then as storable.value
+-- makes it, so the event stays inspectable and can be redriven.
+local RECORDS = { retry = true, dead = true }
+
 -- Writes a state row when the bus has a writable store; a failure is
 -- reported, never raised (the delivery it belongs to goes on).
 function Supervisor:put(kind, name, value)
   local c = self:store_core()
   if not c then return end
-  local text, err = json_encode(value)
+  local text, err, code = json_encode(value)
+  if not text and code == "EINVAL" and RECORDS[kind] then
+    text, err = json_encode(storable.value(value))
+  end
   local ok
   if text then ok, err = c:state_put(kind, name, text) end
   if not (text and ok) then
@@ -452,7 +469,7 @@ function Supervisor:runner(sub, handler, policy, level)
   -- xpcall's message handler: the traceback is taken where it raised,
   -- down to the handler (buzz's own frames below it are left out).
   r.on_raise = function(e)
-    r.trace = core_traceback(readable(e), 2, xpcall)
+    r.trace = trace_of(e, nil, 3, xpcall)
     return e
   end
   self.all[r] = true
@@ -461,17 +478,17 @@ function Supervisor:runner(sub, handler, policy, level)
     r.breaker = { failures = b.failures, within = b.within,
                   cool_down = b.cool_down, state = "closed", fails = fifo() }
   end
-  if r.retry then
-    if self.runners[r.name] then
-      error(("a subscription named %q is already subscribed on this bus "
-             .. "(retries and dead letters are kept by name): give each "
-             .. "one its own name = \"...\"")
-            :format(r.name), level + 1)
-    end
-    self.runners[r.name] = r
-  elseif r.is_durable and not self.runners[r.name] then
-    self.runners[r.name] = r          -- the core refuses a second one
+  local other = self.runners[r.name]
+  if r.retry and other and not (r.is_durable and other.is_durable
+                                and other.sub.durable == sub.durable) then
+    error(("a subscription named %q is already subscribed on this bus "
+           .. "(retries and dead letters are kept by name): give each "
+           .. "one its own name = \"...\"")
+          :format(r.name), level + 1)
   end
+  if (r.retry or r.is_durable) and not other then
+    self.runners[r.name] = r          -- the core refuses a second durable
+  end                                 -- consumer of one name, in its words
   return r
 end
 
@@ -750,7 +767,7 @@ function Runner:continue(job, ...)
   end
   if job.is_over or job.co ~= co then return end
   if not ok then
-    return self:fail(job, what, core_traceback(co, readable(what)))
+    return self:fail(job, what, trace_of(what, co))
   end
   if status(co) == "dead" then
     if job.is_plain then self:succeed(job) end
@@ -991,9 +1008,54 @@ function Runner:bury(job, reason)
   end
   self:release(job)
   for _, rec in ipairs(recs) do             -- copies: not the bus's own
-    sup:announce("$DLQ." .. rec.event.type, M.copy(rec))
+    sup:announce("$DLQ." .. rec.event.type, sup:dlq_payload(rec))
   end
 end
+
+-- Error text kept per attempt in a $DLQ event that had to be trimmed.
+local TRIMMED_ERROR = 1024
+
+-- The attempts of a $DLQ event being trimmed: the last one only, or all,
+-- without tracebacks, their errors cut to TRIMMED_ERROR bytes.
+local function trim_attempts(copy, last_only)
+  local a, out = copy.attempts or {}, {}
+  for i = last_only and #a or 1, #a do
+    local x = a[i]
+    out[#out + 1] = { attempt = x.attempt, at = x.at,
+                      error = x.error and storable.text(x.error,
+                                                        TRIMMED_ERROR) }
+  end
+  copy.attempts = out
+  if copy.error then copy.error = storable.text(copy.error, TRIMMED_ERROR) end
+end
+
+--- The payload of the $DLQ event of the dead letter rec: a copy (callers
+--- cannot change the bus's record). With a store it must be held by
+--- JSON within max_payload, or the event would be refused and nobody
+--- told: a record JSON cannot hold as it is goes as storable.value makes
+--- it; one above the limit is trimmed (is_trimmed = true) step by step
+--- until it fits: tracebacks go and errors are cut to 1 KiB, then only
+--- the last attempt stays, then the event's payload is left out. The
+--- dead letter itself keeps everything.
+function Supervisor:dlq_payload(rec)
+  local copy = M.copy(rec)
+  local bus = self.bus
+  if not bus._store then return copy end
+  local limit = bus._max_payload or DEFAULT_MAX_PAYLOAD
+  local text, _, code = json_encode(copy, limit)
+  if text then return copy end
+  if code == "EINVAL" then
+    copy = storable.value(copy)
+    if json_encode(copy, limit) then return copy end
+  end
+  copy.is_trimmed = true
+  trim_attempts(copy, false)
+  if json_encode(copy, limit) then return copy end
+  trim_attempts(copy, true)
+  if json_encode(copy, limit) then return copy end
+  if type(copy.event) == "table" then copy.event.payload = nil end
+  return copy                      -- if it is still too big, announce
+end                                -- reports the refusal
 
 
 -- ------------------------------------------------------------ breaker

@@ -240,7 +240,7 @@ end
 
 local function default_on_error(err, ev, sub, trace)
   if not ev then                      -- the store, not a delivery
-    stderr:write(("buzz: %s\n"):format(tostring(err)))
+    stderr:write(("buzz: %s\n"):format(failure.readable(err)))
     return
   end
   local what = ("%s #%s"):format(tostring(ev.type), tostring(ev.id))
@@ -252,25 +252,22 @@ local function default_on_error(err, ev, sub, trace)
   end
   stderr:write(("buzz: handler for %q failed on %s: %s\n")
                :format(sub and sub.pattern or "?", what,
-                       trace or tostring(err)))
-end
-
--- tostring(v), or a fixed text when v's __tostring raises or gives no
--- string: reporting an error must not fail on the error's own value.
-local function shown(v)
-  local ok, s = pcall(tostring, v)
-  if ok and type(s) == "string" then return s end
-  return "(an error object whose __tostring failed)"
+                       trace or failure.readable(err)))
 end
 
 -- The core calls this for a failed delivery; on_error runs protected, and
--- an on_error that raises is reported on stderr.
+-- an on_error that raises is reported on stderr, in words that cannot
+-- raise in turn (an error whose __tostring raises), or failing that in
+-- fixed ones: a report is never dropped silently.
 local function reporter(on_error)
   return function(err, ev, sub, trace)
     local ok, e2 = pcall(on_error, err, ev, sub, trace)
     if not ok then
-      stderr:write(("buzz: on_error raised while reporting %q: %s\n")
-                   :format(shown(err), shown(e2)))
+      local fine, line = pcall(string.format,
+        "buzz: on_error raised while reporting %q: %s\n",
+        failure.readable(err), failure.readable(e2))
+      stderr:write(fine and line or "buzz: on_error raised while "
+                   .. "reporting an error, and neither can be shown\n")
     end
   end
 end
@@ -422,6 +419,14 @@ local function supervision(opts, default_name, level)
   local ordered, timeout, conc = opts.ordered, opts.timeout, opts.concurrency
   if ordered ~= nil and type(ordered) ~= "boolean" then
     error("bad ordered: expected a boolean", level + 1)
+  end
+  -- A durable consumer is at least once: a failed event must stay
+  -- inspectable, so without a policy it becomes a dead letter (retry = 1);
+  -- retry = false opts out (the error only goes to on_error).
+  if retry == false then
+    retry = nil
+  elseif retry == nil and opts.durable ~= nil then
+    retry = 1
   end
   if retry == nil and breaker == nil and not ordered and timeout == nil
      and conc == nil then
@@ -784,7 +789,8 @@ function Bus:_turn(max)
 end
 
 --- Drives the bus on its own loop until stop(), or until nothing is
---- pending and no timer is armed. Returns the number of deliveries.
+--- pending and no timer is armed (housekeeping timers, which Timer:unref
+--- marks, do not count). Returns the number of deliveries.
 ---@return integer
 function Bus:run()
   local c = check_bus(self, "run")
@@ -804,7 +810,9 @@ function Bus:run()
     c = self._core
     if not c then break end
     if n == 0 and fired == 0 then
-      local due = not clock.is_manual and tl:next_due()
+      -- Housekeeping timers (a durable window's checkpoints) fire while
+      -- run() waits for something else, but do not keep it going.
+      local due = not clock.is_manual and tl:has_ref() and tl:next_due()
       c:arm(due and math_max(0, due - clock:now_ms()) or -1)
       if not c:wait() then break end
     end

@@ -6,6 +6,12 @@
 -- timer dead; dead timers are dropped when they reach the top. Nothing here
 -- runs on its own: the bus fires what is due when it is driven (step,
 -- drain, run) or when a manual clock is advanced.
+--
+-- A housekeeping timer (a durable window's checkpoint, which re-arms
+-- itself for as long as the window lives) is unreferenced, libuv's
+-- uv_unref idea: it fires like any other while the bus is driven, and a
+-- host loop's timer counts down to it, but it does not keep bus:run()
+-- going: has_ref() says whether any other timer is live.
 -- @module buzz.timers
 local core = require "buzz.core"
 local util = require "buzz.util"
@@ -30,8 +36,10 @@ Timer.__index = Timer
 function M.new(clock)
   -- is_held: a host driver's thread is taken (lua/buzz/ngx.lua); fire()
   -- stops, and what is due waits for its next call.
+  -- live: timers not yet fired or cancelled; unrefs: those of them
+  -- made housekeeping by Timer:unref().
   return setmetatable({ clock = clock, heap = {}, n = 0, seq = 0, live = 0,
-                        is_held = false }, Timers)
+                        unrefs = 0, is_held = false }, Timers)
 end
 
 -- The heap's order, (due, seq), is written out in each loop below rather
@@ -108,8 +116,28 @@ end
 function Timer:cancel()
   if self.fn == nil then return false end
   self.fn, self.a, self.b = nil, nil, nil
-  self.list.live = self.list.live - 1
+  local list = self.list
+  list.live = list.live - 1
+  if self.is_unref then list.unrefs = list.unrefs - 1 end
   return true
+end
+
+--- Makes the timer housekeeping: it still fires when due while the bus
+--- is driven, but does not keep bus:run() going. Returns the timer.
+---@return table timer
+function Timer:unref()
+  if self.fn ~= nil and not self.is_unref then
+    self.is_unref = true
+    self.list.unrefs = self.list.unrefs + 1
+  end
+  return self
+end
+
+--- True while a live timer is not housekeeping: one that bus:run() waits
+--- for.
+---@return boolean
+function Timers:has_ref()
+  return self.live > self.unrefs
 end
 
 --- The due time of the earliest live timer, or nil.
@@ -133,6 +161,7 @@ function Timers:fire(now)
     if fn ~= nil then
       top.fn, top.a, top.b = nil, nil, nil
       self.live = self.live - 1
+      if top.is_unref then self.unrefs = self.unrefs - 1 end
       fired = fired + 1
       fn(a, b)
     end
@@ -152,7 +181,7 @@ function Timers:clear()
     t.fn, t.a, t.b = nil, nil, nil
     self.heap[i] = nil
   end
-  self.n, self.live = 0, 0
+  self.n, self.live, self.unrefs = 0, 0, 0
 end
 
 

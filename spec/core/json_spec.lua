@@ -211,8 +211,8 @@ describe("core.json_encode with a limit", function()
   it("refuses text longer than max bytes with ETOOBIG", function()
     local text, err, code = encode(value, 50)
     assert.is_nil(text)
-    assert.equal("ETOOBIG: value is 104 bytes as JSON, above the limit of "
-                 .. "50 bytes", err)
+    assert.equal("ETOOBIG: value is above the limit of 50 bytes as JSON "
+                 .. "(encoding stopped at 104 bytes)", err)
     assert.equal("ETOOBIG", code)
     assert.is_nil(encode(value, 103))
   end)
@@ -222,9 +222,51 @@ describe("core.json_encode with a limit", function()
     assert.equal(104, #encode(value, 0))
   end)
 
-  it("reports a refused value before the size", function()
-    local _, _, code = encode({ ("x"):rep(100), noop }, 10)
+  it("reports a refused value met before the limit is passed", function()
+    local _, _, code = encode({ "x", noop, ("x"):rep(100) }, 10)
     assert.equal("EINVAL", code)
+  end)
+
+  it("stops at the limit: what comes after it is not looked at", function()
+    local _, err, code = encode({ ("x"):rep(100), noop }, 10)
+    assert.equal("ETOOBIG", code)
+    assert.matches("stopped at 104 bytes", err, 1, true)
+  end)
+
+  -- A table that holds the same table twice, n levels deep: 2^n leaves,
+  -- gigabytes of JSON from a few hundred bytes of Lua. Encoding used to
+  -- build the whole cJSON tree before it looked at the size: 23 levels
+  -- took 13 s and 1.3 GB to be refused, 30 would exhaust memory. A child
+  -- encodes them (its peak memory is its own) and reports the outcome
+  -- and its peak resident set (VmHWM, kB) from /proc.
+  it("refuses tables that double at each of 23 and 30 levels early, "
+     .. "with little memory", function()
+    local ok, out = H.run([[
+      local core = require "buzz.core"
+      for _, levels in ipairs { 23, 30 } do
+        local t = {}
+        for _ = 1, levels do t = { t, t } end
+        local text, err, code = core.json_encode(t, 1048576)
+        print(levels, tostring(text), code, err)
+      end
+      local status = io.open("/proc/self/status"):read("*a")
+      print("VmHWM", status:match("VmHWM:%s*(%d+) kB"))
+    ]])
+    assert(ok, out)
+    for _, levels in ipairs { 23, 30 } do
+      assert.matches(levels .. "\tnil\tETOOBIG\tETOOBIG: value is above "
+                     .. "the limit of 1048576 bytes as JSON", out, 1, true)
+    end
+    local hwm = tonumber(out:match("VmHWM\t(%d+)"))
+    -- generous: about 40 MB here (the cJSON tree of 1 MiB of text), more
+    -- under the sanitizers; without the bound 1.3 GB for 23 levels alone
+    assert.is_true(hwm < 400 * 1024, ("peak RSS %d kB"):format(hwm))
+  end)
+
+  it("refuses nesting past 1000 levels without walking the rest", function()
+    local _, err, code = encode(nest(20000), 1048576)
+    assert.equal("EINVAL", code)
+    assert.matches("tables nest deeper than 1000 levels", err, 1, true)
   end)
 end)
 
@@ -252,6 +294,25 @@ local ROUND_TRIP = {
   { "a long string (more than the 1 KiB print buffer)",
                               { s = ("0123456789"):rep(1000) } },
 }
+
+describe("core.json_encode's count of the text", function()
+  -- The limit is checked on a running count of the text, as it is
+  -- built: it must be exact, or a value at the limit is refused (or one
+  -- above it let through).
+  local cases = {}
+  for _, c in ipairs(EXACT) do cases[#cases + 1] = { c[2], c[1] } end
+  for _, c in ipairs(ROUND_TRIP) do cases[#cases + 1] = c end
+  it("is exact, so a value fits a limit of its own length", function()
+    for _, case in ipairs(cases) do
+      local text = assert(encode(case[2]))
+      assert.equal(text, encode(case[2], #text), case[1])
+      if #text > 1 then
+        local _, _, code = encode(case[2], #text - 1)
+        assert.equal("ETOOBIG", code, case[1])
+      end
+    end
+  end)
+end)
 
 describe("core.json_decode(core.json_encode(v))", function()
   for _, case in ipairs(ROUND_TRIP) do
@@ -417,5 +478,26 @@ describe("core.json_encode and json_decode under the collector", function()
     collectgarbage()
     assert.equal(0, wrong)
     assert.is_true(nested > 0, "no finalizer ran inside a call")
+  end)
+end)
+
+describe("core.json_text", function()
+  local text = core.json_text
+
+  it("gives clean text back, escapes NUL and bytes that are not UTF-8, "
+     .. "and cuts at the limit", function()
+    assert.equal("caf\195\169", text("caf\195\169"))
+    assert.equal("a\\0b\\xFF", text("a\0b\255"))
+    assert.equal("\\xE2\\x82", text("\226\130"))          -- cut short
+    assert.equal("ab... [truncated 1 bytes]", text("abc", 2))
+    assert.equal("\\0... [truncated 1 bytes]", text("\0\0", 3))
+    assert.equal(("x"):rep(70000), text(("x"):rep(70000), 0))
+    assert.equal(65536 + #"... [truncated 1 bytes]",
+                 #text(("x"):rep(65537)))
+  end)
+
+  it("raises on misuse", function()
+    assert.has_error(function() text() end)
+    assert.has_error(function() text("x", -1) end)
   end)
 end)
