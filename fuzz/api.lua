@@ -169,7 +169,7 @@ local function handler_for(m)
     local b = m.behaviour
     if b == "raise" then
       error("handler failure on purpose")
-    elseif b == "act" and S.depth < 3 then
+    elseif b == "act" and S.depth < 6 then     -- past 4 cursor levels
       S.depth = S.depth + 1
       act(true)
       S.depth = S.depth - 1
@@ -304,7 +304,9 @@ local function do_publish(is_sync)
     count.full = count.full + 1
     return
   end
-  if math.type(id) ~= "integer" then fail(method .. " gave a non-integer id") end
+  if math.type(id) ~= "integer" then
+    fail(method .. " gave a non-integer id")
+  end
   if id <= floor then
     fail(fmt("%s gave id %d, not above %d returned before", method, id,
              floor))
