@@ -9,6 +9,10 @@
 #                and window cases (callgrind: repeatable on a noisy machine)
 #   make test-slow  the long fault specs (tagged #slow: many kill rounds,
 #                a full disk), both interpreters; CI runs them
+#   make fuzz    the libFuzzer harnesses (subjects, JSON) and the random
+#                API sequences, FUZZ_SECONDS each (default 60); fuzz/
+#   make coverage  C (gcov/lcov) and Lua line coverage of the suite;
+#                fails below 90% (C) or 85% (Lua); build/coverage/
 #
 # The module is built once per interpreter into build/<flavour>/buzz/core.so.
 # It is not linked against liblua: the host program provides the Lua API.
@@ -36,7 +40,7 @@ LUAJIT  = luajit
 BUSTED  = busted
 
 .PHONY: all deps test test-slow check asan bench bench-ic demo \
-        clean rock
+        clean rock fuzz coverage
 
 all: build/lua5.4/buzz/core.so build/luajit/buzz/core.so
 
@@ -89,6 +93,70 @@ asan: deps
 	LSAN_OPTIONS=suppressions=$(CURDIR)/tools/lsan.supp:print_suppressions=0 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(BUSTED) --lua=$(LUA54) --exclude-tags=rock,once,slow $(BUSTED_ARGS)
+
+# Fuzzing (fuzz/README of sorts: the harnesses' head comments). The two
+# libFuzzer harnesses are built by clang with ASan + UBSan; what they find
+# new goes to build/fuzz/corpus/<name>, a crash to build/fuzz/crashes/
+# (never the source tree); fuzz/corpus/<name> are the seeds. fuzz/api.lua
+# runs on Lua 5.4 with the core under ASan + UBSan, as make asan does.
+FUZZ_SECONDS ?= 60
+FUZZ_CC      ?= clang
+FUZZ_FLAGS    = -std=c99 -g -O1 -fno-omit-frame-pointer \
+                -D_POSIX_C_SOURCE=200809L -fsanitize=fuzzer,address,undefined \
+                -fno-sanitize-recover=undefined
+FUZZ_ENGINE   = csrc/error.c csrc/map.c csrc/match.c csrc/queue.c csrc/bus.c
+
+build/fuzz/subject: fuzz/subject.c $(FUZZ_ENGINE) csrc/buzz.h
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_FLAGS) fuzz/subject.c $(FUZZ_ENGINE) -o $@
+
+build/fuzz/json: fuzz/json.c csrc/json.c csrc/error.c $(HDRS)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_FLAGS) $(call lua_cflags,lua5.4) $(DEP_CFLAGS) \
+	  fuzz/json.c csrc/json.c csrc/error.c -o $@ \
+	  $(shell pkg-config --libs lua5.4 libcjson) -lm
+
+build/fuzz/asan/buzz/core.so: $(SRCS) $(HDRS)
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(ASAN_FLAGS) -fPIC -D_POSIX_C_SOURCE=200809L \
+	  $(call lua_cflags,lua5.4) $(DEP_CFLAGS) $(SRCS) \
+	  -o $@ $(LDFLAGS_SO) $(DEP_LIBS)
+
+fuzz: deps build/fuzz/subject build/fuzz/json build/fuzz/asan/buzz/core.so
+	sh fuzz/run.sh subject $(FUZZ_SECONDS) -dict=fuzz/subject.dict
+	sh fuzz/run.sh json $(FUZZ_SECONDS)
+	LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='build/fuzz/asan/?.so;;' \
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 \
+	LSAN_OPTIONS=suppressions=$(CURDIR)/tools/lsan.supp:print_suppressions=0 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(LUA54) fuzz/api.lua $(FUZZ_SECONDS)
+
+# Coverage: one instrumented build per interpreter (objects apart, so gcov
+# finds each file's notes), the suite on each, then tools/coverage.sh.
+COV       = build/coverage
+COV_FLAGS = -O0 -g --coverage -fPIC -D_POSIX_C_SOURCE=200809L
+COV_OBJS  = $(patsubst csrc/%.c,%.o,$(SRCS))
+
+$(COV)/lua5.4/obj/%.o: csrc/%.c $(HDRS)
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(COV_FLAGS) $(call lua_cflags,lua5.4) $(DEP_CFLAGS) \
+	  -c $< -o $@
+
+$(COV)/luajit/obj/%.o: csrc/%.c $(HDRS)
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(COV_FLAGS) $(call lua_cflags,luajit) $(DEP_CFLAGS) \
+	  -c $< -o $@
+
+# The objects stay: their notes (.gcno) and counts (.gcda) sit beside them.
+.PRECIOUS: $(COV)/lua5.4/obj/%.o $(COV)/luajit/obj/%.o
+
+$(COV)/%/buzz/core.so: $(addprefix $(COV)/%/obj/,$(COV_OBJS))
+	@mkdir -p $(dir $@)
+	$(CC) --coverage $^ -o $@ $(LDFLAGS_SO) $(DEP_LIBS)
+
+coverage: deps $(COV)/lua5.4/buzz/core.so $(COV)/luajit/buzz/core.so
+	sh tools/coverage.sh
 
 bench: deps all
 	$(LUA54) bench/run.lua

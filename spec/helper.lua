@@ -20,6 +20,9 @@
 --   H.eventually(fn, timeout, what)
 --                      polls fn until it returns a true value, and
 --                      returns that value; fails after timeout seconds
+-- make coverage: BUZZ_COVERAGE names a directory for Lua line counts.
+if os.getenv("BUZZ_COVERAGE") then dofile("spec/coverage.lua") end
+
 local flavour = jit and "luajit" or "lua5.4"
 local build = os.getenv("BUZZ_BUILD") or ("build/" .. flavour)
 
