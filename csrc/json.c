@@ -280,6 +280,9 @@ static void add_segment(luaL_Buffer *b, const frame *f, int first) {
 ** Pushes the path of f, such as 'payload.items[3]["two words"]'. Paths
 ** deeper than PATH_HEAD + PATH_TAIL show their ends around a "...".
 */
+#if defined(__GNUC__)
+__attribute__((noinline))                /* its buffer: see fail_mixed */
+#endif
 static void push_path(lua_State *L, const char *root, const frame *f) {
   const frame *seg[PATH_HEAD + PATH_TAIL];
   int n = f->depth, shown = 0, i;
@@ -444,6 +447,33 @@ static int positive_int_key(lua_State *L, int idx, lua_Integer *i) {
 static int encode_value(encoder *e, int idx, cJSON *parent, frame *f);
 
 /*
+** The error for a table with both integer and string keys. A function of
+** its own, never inlined, because its luaL_Buffer is LUAL_BUFFERSIZE bytes
+** (8 KiB on LuaJIT): inside encode_table it would sit in every level's
+** frame, and 1000 nested levels would take 8 MiB of C stack.
+*/
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
+static int fail_mixed(encoder *e, const frame *f, lua_Integer first_int,
+                      const char *first_str, size_t first_len) {
+  lua_State *L = e->L;
+  luaL_Buffer b;
+  int rc;
+  box_drop(e->box);
+  luaL_checkstack(L, 6, NULL);
+  luaL_buffinit(L, &b);
+  add_quoted_key(&b, first_str, first_len);
+  luaL_pushresult(&b);
+  lua_pushinteger(L, first_int);
+  rc = fail(e, f, "table mixes integer keys ([%s]) and string keys (%s); "
+            "JSON would lose keys", lua_tostring(L, -1), lua_tostring(L, -2));
+  lua_replace(L, -3);
+  lua_pop(L, 1);
+  return rc;
+}
+
+/*
 ** Encodes the table at idx: an array when its keys are exactly 1..n, an
 ** object when they are all strings (or it is empty). Uses 3 stack slots
 ** per level.
@@ -488,20 +518,8 @@ static int encode_table(encoder *e, int idx, cJSON *parent, frame *f) {
                   "indexes 1..n", what);
     }
   }
-  if (nint > 0 && first_str != NULL) {
-    luaL_Buffer b;
-    box_drop(e->box);
-    luaL_checkstack(L, 6, NULL);
-    luaL_buffinit(L, &b);
-    add_quoted_key(&b, first_str, first_len);
-    luaL_pushresult(&b);
-    lua_pushinteger(L, first_int);
-    rc = fail(e, f, "table mixes integer keys ([%s]) and string keys (%s); "
-              "JSON would lose keys", lua_tostring(L, -1), lua_tostring(L, -2));
-    lua_replace(L, -3);
-    lua_pop(L, 1);
-    return rc;
-  }
+  if (nint > 0 && first_str != NULL)
+    return fail_mixed(e, f, first_int, first_str, first_len);
   if (nint != maxint) {
     char num[32];
     /* nint keys in 1..maxint, maxint > nint: one of 1..nint+1 is free */

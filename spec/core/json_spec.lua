@@ -89,6 +89,20 @@ describe("core.json_encode", function()
     assert.equal(("["):rep(999) .. "{}" .. ("]"):rep(999), text)
   end)
 
+  it("writes 1000 levels with little C stack (1 MiB), on both interpreters",
+     function()
+    -- A luaL_Buffer (8 KiB on LuaJIT) in each level's frame once took
+    -- 8 MiB for 1000 levels, and LuaJIT crashed with a smaller stack.
+    local ok, out = H.run([[
+      local t = {}
+      for _ = 1, 999 do t = { t } end
+      local text = assert(require("buzz.core").json_encode(t))
+      print(#text)
+    ]], "ulimit -s 1024;")
+    assert.is_true(ok, out)
+    assert.equal("1998\n", out)
+  end)
+
   it("ignores metatables", function()
     local t = setmetatable({ a = 1 }, { __index = function() return 2 end,
                                         __pairs = error })
