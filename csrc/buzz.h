@@ -328,6 +328,30 @@ int buzz__loop_timeout(buzz_loop *l);    /* ms, -1 = no timer armed */
 /* Waits for one round of loop activity; returns 0 if nothing can arrive. */
 int buzz__loop_wait(buzz_loop *l);
 
+/* ------------------------------------------------------------ storelock.c */
+
+/*
+** A database file some store of this process has open, known by its
+** device and inode; its one descriptor carries the writer's flock.
+** CONSTRUCTOR: buzz__file_claim()   DESTRUCTOR: buzz__file_release()
+*/
+typedef struct buzz_file buzz_file;
+
+/*
+** Claims path for a store: opens it (a writer creates it) unless a store of
+** this process has it open already, and for a writer takes the writer lock
+** on the file itself, so that every path to one file meets the same lock.
+** *real gets the canonical path (malloc'd, the caller frees it) to give
+** SQLite. On failure returns BUZZ_ELOCKED, BUZZ_ESTORE or BUZZ_ENOMEM with a
+** sentence in err, and *out and *real are NULL.
+*/
+int buzz__file_claim(const char *path, int is_writer, buzz_file **out,
+                     char **real, char *err, size_t errlen);
+/* Gives the claim back (is_writer as claimed). Call it only once the
+** store's SQLite connections are closed: it may close the descriptor,
+** which drops the process's POSIX locks on the file. NULL: nothing. */
+void buzz__file_release(buzz_file *f, int is_writer);
+
 /* ---------------------------------------------------------------- store.c */
 
 /*

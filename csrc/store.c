@@ -18,10 +18,16 @@
 ** serves queries, consumer positions and statistics. WAL lets it read while
 ** the writer writes, and it only ever sees committed rows.
 **
-** One writer per file: a writer holds an exclusive flock() on "<path>-lock"
-** for its lifetime (a separate file, because closing any descriptor of the
-** database itself would drop SQLite's POSIX locks). A second writer gets
-** BUZZ_ELOCKED; readers (is_readonly) take no lock.
+** One writer per file: a writer holds an exclusive flock() on the database
+** file itself for its lifetime, taken through storelock.c, which knows the
+** file by device and inode (so a symlink, a hard link or a "../" path meet
+** the same lock) and keeps the one descriptor of the file this process
+** may have (closing any descriptor of the database would drop SQLite's
+** POSIX locks). A second writer, from this process or another, gets
+** BUZZ_ELOCKED; readers (is_readonly) take no lock but share the
+** descriptor. SQLite opens the file's canonical path (file), never the
+** given one (path, for messages), so every name but a hard link gives it
+** the same -wal and -shm files.
 **
 ** Failures: a commit that fails is rolled back whole: the log keeps only
 ** complete groups. The failure (message and the ids it lost) is latched
@@ -85,8 +91,9 @@ typedef struct failure {
 struct buzz_store {
   /* set at open, read-only after */
   buzz_store_opts o;
-  char *path;                /* owns */
-  int lock_fd;               /* owns; -1 for readers */
+  char *path;                /* owns; as given, for messages */
+  char *file;                /* owns; canonical, what SQLite opens */
+  buzz_file *fid;            /* owns a claim; the writer lock if a writer */
   int64_t last_id;           /* max(id) at open */
   /* loop thread only */
   sqlite3 *rdb;              /* owns; read-only connection */
@@ -130,6 +137,25 @@ static void db_err(char *err, size_t errlen, const buzz_store *s,
                    sqlite3 *db) {
   set_err(err, errlen, "%s: %s", s->path,
           db ? sqlite3_errmsg(db) : "cannot open");
+}
+
+/*
+** Bytes on disk of the database and its WAL together (the WAL's alone in
+** *wal if wal is not NULL). Any thread: it only stats the files.
+*/
+static int64_t file_bytes(const buzz_store *s, int64_t *wal) {
+  struct stat sb;
+  size_t n = strlen(s->file);
+  int64_t total = stat(s->file, &sb) == 0 ? (int64_t)sb.st_size : 0, w = 0;
+  char *p = malloc(n + 5);
+  if (p != NULL) {
+    memcpy(p, s->file, n);
+    memcpy(p + n, "-wal", 5);
+    if (stat(p, &sb) == 0) w = (int64_t)sb.st_size;
+    free(p);
+  }
+  if (wal) *wal = w;
+  return total + w;
 }
 
 buzz_row *buzz__row_new(const buzz_row *spec) {
@@ -399,35 +425,13 @@ static void writer_main(void *arg) {
 
 /* ------------------------------------------------------------ open/close */
 
-static int lock_writer(buzz_store *s, char *err, size_t errlen) {
-  size_t n = strlen(s->path);
-  char *lp = malloc(n + 6), pid[32];
-  int fd;
-  if (lp == NULL) return BUZZ_ENOMEM;
-  memcpy(lp, s->path, n);
-  memcpy(lp + n, "-lock", 6);
-  fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  free(lp);
-  if (fd < 0) {
-    set_err(err, errlen, "%s: cannot create its lock file: %s", s->path,
-            strerror(errno));
-    return BUZZ_ESTORE;
-  }
-  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    ssize_t k = pread(fd, pid, sizeof pid - 1, 0);
-    pid[k > 0 ? k : 0] = '\0';
-    close(fd);
-    set_err(err, errlen, "%s is locked by another writer%s (two processes "
-            "may read one store, only one may write it)", s->path,
-            k > 0 ? pid : "");
-    return BUZZ_ELOCKED;
-  }
-  snprintf(pid, sizeof pid, " (pid %ld)", (long)getpid());
-  if (ftruncate(fd, 0) == 0 && pwrite(fd, pid, strlen(pid), 0) < 0) {
-    /* the pid is only for the message; the lock is what counts */
-  }
-  s->lock_fd = fd;
-  return BUZZ_OK;
+/*
+** Claims the file (storelock.c): a writer takes the writer lock, or gets
+** BUZZ_ELOCKED; s->file becomes the canonical path SQLite is to open.
+*/
+static int claim_file(buzz_store *s, char *err, size_t errlen) {
+  return buzz__file_claim(s->path, !s->o.is_readonly, &s->fid, &s->file,
+                          err, errlen);
 }
 
 /* A store whose schema this buzz does not know is left alone. */
@@ -488,7 +492,7 @@ fail:
 
 static int open_db(buzz_store *s, sqlite3 **db, int flags, char *err,
                    size_t errlen) {
-  if (sqlite3_open_v2(s->path, db, flags | SQLITE_OPEN_NOMUTEX, NULL)
+  if (sqlite3_open_v2(s->file, db, flags | SQLITE_OPEN_NOMUTEX, NULL)
       != SQLITE_OK) {
     db_err(err, errlen, s, *db);
     return BUZZ_ESTORE;
@@ -527,7 +531,7 @@ static int check_path(buzz_store *s, char *err, size_t errlen) {
 static int open_writer(buzz_store *s, char *err, size_t errlen) {
   char b[96];
   int rc;
-  if ((rc = lock_writer(s, err, errlen)) < 0) return rc;
+  if ((rc = claim_file(s, err, errlen)) < 0) return rc;
   if ((rc = open_db(s, &s->wdb, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
                     err, errlen)) < 0)
     return rc;
@@ -593,7 +597,6 @@ int buzz__store_open(buzz_store **out, const char *path,
   *out = NULL;
   if (s == NULL) return BUZZ_ENOMEM;
   s->o = *o;
-  s->lock_fd = -1;
   if ((s->path = malloc(strlen(path) + 1)) == NULL) {
     free(s);
     return BUZZ_ENOMEM;
@@ -607,6 +610,7 @@ int buzz__store_open(buzz_store **out, const char *path,
   uv_cond_init(&s->work);
   uv_cond_init(&s->done);
   if ((rc = check_path(s, err, errlen)) < 0) goto fail;
+  if (o->is_readonly && (rc = claim_file(s, err, errlen)) < 0) goto fail;
   if (!o->is_readonly && (rc = open_writer(s, err, errlen)) < 0) goto fail;
   if ((rc = open_db(s, &s->rdb, SQLITE_OPEN_READONLY, err, errlen)) < 0)
     goto fail;
@@ -675,7 +679,7 @@ void buzz__store_close(buzz_store *s) {
   sqlite3_finalize(s->del);
   sqlite3_close(s->rdb);
   sqlite3_close(s->wdb);
-  if (s->lock_fd >= 0) close(s->lock_fd);   /* after SQLite let go */
+  buzz__file_release(s->fid, !s->o.is_readonly);  /* after SQLite let go */
   while ((f = s->fails) != NULL) {
     s->fails = f->next;
     free(f->msg);
@@ -685,6 +689,7 @@ void buzz__store_close(buzz_store *s) {
   uv_cond_destroy(&s->done);
   uv_mutex_destroy(&s->mu);
   free(s->path);
+  free(s->file);
   free(s);
 }
 
@@ -916,9 +921,6 @@ int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
                      int64_t *last, int64_t *bytes, char *err,
                      size_t errlen) {
   sqlite3_stmt *st;
-  struct stat sb;
-  size_t n = strlen(s->path);
-  char *wal;
   int rc;
   if (read_prepare(s, "SELECT count(*), min(id), max(id) FROM events", &st,
                    err, errlen) < 0)
@@ -929,13 +931,7 @@ int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
     *last = sqlite3_column_int64(st, 2);
   }
   if (read_done(s, st, rc, 1, err, errlen) < 0) return BUZZ_ESTORE;
-  *bytes = stat(s->path, &sb) == 0 ? (int64_t)sb.st_size : 0;
-  if ((wal = malloc(n + 5)) != NULL) {
-    memcpy(wal, s->path, n);
-    memcpy(wal + n, "-wal", 5);
-    if (stat(wal, &sb) == 0) *bytes += (int64_t)sb.st_size;
-    free(wal);
-  }
+  *bytes = file_bytes(s, NULL);
   return BUZZ_OK;
 }
 
