@@ -401,10 +401,17 @@ buzz_row *buzz__row_new(const buzz_row *spec);
 
 typedef void (*buzz_store_notify_cb)(void *data);
 
+/* Bytes of rows the writer may hold (queued and in flight): the default,
+** and the range of buzz.new{ max_backlog = ... }. */
+#define BUZZ_BACKLOG_DEFAULT ((int64_t)64 << 20)
+#define BUZZ_BACKLOG_MIN ((int64_t)64 << 10)
+#define BUZZ_BACKLOG_LIMIT ((int64_t)1 << 48)
+
 typedef struct buzz_store_opts {
   int durability;          /* BUZZ_DUR_* */
   int is_readonly;         /* read only: no writer, no lock */
-  int64_t max_bytes;       /* 0 = no cap on the file's size */
+  int64_t max_bytes;       /* 0 = no cap on the file and its WAL */
+  int64_t max_backlog;     /* bytes; 0 = BUZZ_BACKLOG_DEFAULT */
   int64_t max_age_ms;      /* retention; 0 = keep forever */
   int64_t max_events;      /* retention; 0 = no limit */
   buzz_store_notify_cb notify;  /* called on the writer thread after each
@@ -437,6 +444,10 @@ typedef struct buzz_query {
 typedef struct buzz_store_stats {
   int64_t appended, committed, commits, failed, pending;
   int64_t committed_id, held_back, deleted;
+  int64_t backlog_bytes;   /* rows the writer holds now, in bytes */
+  int64_t backlog_peak;    /* the most it ever held */
+  int64_t backlog_limit;   /* max_backlog */
+  int64_t refused;         /* events refused with BUZZ_EFULL */
 } buzz_store_stats;
 
 /*
@@ -450,8 +461,11 @@ void buzz__store_close(buzz_store *s);
 int64_t buzz__store_last_id(const buzz_store *s);  /* highest id at open */
 /*
 ** Hands a row to the writer; the store owns it from here, even on failure
-** (BUZZ_ESTORE: the store was opened read-only). Blocks while the writer's
-** backlog is full.
+** (BUZZ_ESTORE: the store was opened read-only). Never blocks: an event
+** row that would take the writer's backlog (rows queued or in flight)
+** past max_backlog bytes, or past its row limit, is refused with
+** BUZZ_EFULL, unless the backlog is empty (so any one row can go). Other
+** rows (positions, state) are always taken; they count toward the bound.
 */
 int buzz__store_append(buzz_store *s, buzz_row *row);
 /* Waits until everything appended so far is committed or has failed. */

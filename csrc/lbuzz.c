@@ -967,12 +967,51 @@ static void dedup_loaded(void *data, buzz_str key, int64_t id, int64_t ts) {
   buzz__dedup_put((buzz_dedup *)data, key.p, key.n, id, ts);
 }
 
+/* Field k of the table at t as an integer; 0 when absent, not a number
+** or NaN, and saturated at +-2^62 before the cast (the Lua layer checks
+** the ranges; this keeps the cast defined whatever a caller passes). */
 static int64_t opt_int64(lua_State *L, int t, const char *k) {
-  int64_t v;
+  lua_Number v;
   lua_getfield(L, t, k);
-  v = (int64_t)lua_tonumber(L, -1);
+  v = lua_tonumber(L, -1);
   lua_pop(L, 1);
-  return v;
+  if (!(v == v)) return 0;
+  if (v > 4611686018427387904.0) return INT64_C(4611686018427387904);
+  if (v < -4611686018427387904.0) return -INT64_C(4611686018427387904);
+  return (int64_t)v;
+}
+
+/*
+** Raises for store options (the table at t) a store cannot take: a path
+** with a NUL byte (C would cut it short there and open another file),
+** ":memory:" (SQLite's in-memory database is per connection, and the
+** writer thread and the reader each have one: see README), and a
+** max_backlog outside its range. The Lua layer raises first, at its
+** caller's level; this guards the core's own callers.
+*/
+static void check_store_opts(lua_State *L, int t) {
+  size_t len;
+  const char *path;
+  lua_Number v;
+  lua_getfield(L, t, "path");
+  path = lua_tolstring(L, -1, &len);
+  if (path == NULL)
+    luaL_error(L, "bad store: expected the path of a SQLite file");
+  if (strlen(path) != len)
+    luaL_error(L, "bad store: the path contains a NUL byte");
+  if (strcmp(path, ":memory:") == 0)
+    luaL_error(L, "bad store: \":memory:\" cannot be shared by the "
+               "store's writer thread and its reader; omit store for an "
+               "in-memory bus");
+  lua_pop(L, 1);
+  lua_getfield(L, t, "max_backlog");
+  v = lua_tonumber(L, -1);
+  if (!lua_isnil(L, -1) &&
+      !(v >= (lua_Number)BUZZ_BACKLOG_MIN &&
+        v <= (lua_Number)BUZZ_BACKLOG_LIMIT && v == (lua_Number)(int64_t)v))
+    luaL_error(L, "bad max_backlog: expected an integer number of bytes "
+               "from %d to 2^48", (int)BUZZ_BACKLOG_MIN);
+  lua_pop(L, 1);
 }
 
 /*
@@ -991,6 +1030,7 @@ static int open_store(lua_State *L, lcore *c, int t) {
   o.durability = (int)opt_int64(L, t, "durability");  /* 0 none */
   o.is_readonly = opt_int64(L, t, "readonly") != 0;
   o.max_bytes = opt_int64(L, t, "max_bytes");
+  o.max_backlog = opt_int64(L, t, "max_backlog");    /* 0: the default */
   o.max_age_ms = opt_int64(L, t, "max_age_ms");
   o.max_events = opt_int64(L, t, "max_events");
   o.notify = on_commit;
@@ -1019,7 +1059,8 @@ static int open_store(lua_State *L, lcore *c, int t) {
 ** report(err, ev, sub, trace) is called for every failed delivery (and
 ** with err alone for a store failure that belongs to no delivery). opts
 ** (optional): dedup_window_ms, max_payload, and store = { path, durability
-** (0 none, 1 batch, 2 sync), readonly, max_bytes, max_age_ms, max_events }.
+** (0 none, 1 batch, 2 sync), readonly, max_bytes, max_backlog, max_age_ms,
+** max_events }.
 */
 static int lcore_new(lua_State *L) {
   lua_Integer limit = luaL_optinteger(L, 1, 100000);
@@ -1028,6 +1069,11 @@ static int lcore_new(lua_State *L) {
   luaL_argcheck(L, limit >= 0, 1, "queue_limit must be >= 0");
   luaL_checktype(L, 2, LUA_TFUNCTION);
   lua_settop(L, 3);
+  if (has_opts) {                      /* before anything is allocated */
+    lua_getfield(L, 3, "store");
+    if (lua_istable(L, -1)) check_store_opts(L, 4);
+    lua_pop(L, 1);
+  }
   c = (lcore *)buzz_newud(L, sizeof *c);
   memset(c, 0, sizeof *c);             /* closed until acquired */
   c->bus.is_closed = 1;
@@ -1292,6 +1338,20 @@ static int lcore_set_handler(lua_State *L) {
   return 1;
 }
 
+/* Pushes nil, err, code for an event the store's append refused. */
+static int push_append_fail(lua_State *L, lcore *c, int rc) {
+  buzz_store_stats st;
+  char msg[ERR_MAX];
+  if (rc != BUZZ_EFULL)
+    return push_fail(L, rc, "the store was opened read-only");
+  buzz__store_stats(c->store, &st);
+  snprintf(msg, sizeof msg, "the store's writer is behind: %lld bytes "
+           "wait to be written (max_backlog = %lld); retry when it has "
+           "caught up (bus:flush() waits for that) or raise max_backlog",
+           (long long)st.backlog_bytes, (long long)st.backlog_limit);
+  return push_fail(L, rc, msg);
+}
+
 /*
 ** With a store: encodes the payload (slot 3) and headers (slot 8), appends
 ** the row (id and ts preset in ev) and, for sync durability or a
@@ -1347,7 +1407,7 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
     return push_fail(L, BUZZ_ENOMEM, NULL);
   lua_settop(L, top);
   if ((rc = buzz__store_append(c->store, row)) < 0)
-    return push_fail(L, rc, "the store was opened read-only");
+    return push_append_fail(L, c, rc);
   c->appended_id = spec.id;
   if ((is_sync && c->durability != BUZZ_DUR_NONE) ||
       c->durability == BUZZ_DUR_SYNC) {
@@ -1978,7 +2038,8 @@ static void set_i(lua_State *L, const char *k, int64_t v) {
 /*
 ** core:store_info(with_types) -> { events, first_id, last_id, size_bytes,
 ** appended, committed, commits, failed, pending_writes, committed_id,
-** held_back, deleted, dedup_keys, types = { [type] = count } }
+** held_back, deleted, backlog_bytes, backlog_peak, max_backlog, refused,
+** dedup_keys, types = { [type] = count } }
 */
 static int lcore_store_info(lua_State *L) {
   lcore *c = check_core(L);
@@ -2005,6 +2066,10 @@ static int lcore_store_info(lua_State *L) {
   set_i(L, "committed_id", st.committed_id);
   set_i(L, "held_back", st.held_back);
   set_i(L, "deleted", st.deleted);
+  set_i(L, "backlog_bytes", st.backlog_bytes);
+  set_i(L, "backlog_peak", st.backlog_peak);
+  set_i(L, "max_backlog", st.backlog_limit);
+  set_i(L, "refused", st.refused);
   set_i(L, "dedup_keys", c->dedup ? (int64_t)buzz__dedup_count(c->dedup) : 0);
   if (lua_toboolean(L, 2)) {
     lua_newtable(L);

@@ -57,7 +57,7 @@
 
 #define APP_ID 0x62757a7a         /* "buzz", PRAGMA application_id */
 #define SCHEMA_VERSION 1          /* PRAGMA user_version */
-#define BACKLOG_MAX 65536         /* rows queued before append blocks */
+#define BACKLOG_ROWS 65536        /* rows queued before events are refused */
 #define RETAIN_EVERY_MS 1000      /* retention pass at most this often */
 #define RETAIN_CHUNK 5000         /* rows deleted per retention txn */
 
@@ -110,6 +110,7 @@ struct buzz_store {
   uv_cond_t done;            /* waiters: a group finished, or room */
   buzz_row *head, *tail;     /* owns the queued rows */
   size_t nqueued;
+  int64_t qbytes;            /* bytes of rows queued or in flight */
   int64_t done_seq;          /* rows finished (committed or failed) */
   int64_t committed_id;
   failure *fails, *fails_tail;  /* owns; unreported failures */
@@ -156,6 +157,12 @@ static int64_t file_bytes(const buzz_store *s, int64_t *wal) {
   }
   if (wal) *wal = w;
   return total + w;
+}
+
+/* Bytes a row takes in memory: the record and its strings (row_new). */
+static int64_t row_bytes(const buzz_row *r) {
+  return (int64_t)(sizeof *r + r->type.n + r->key.n + r->corr.n +
+                   r->headers.n + r->payload.n + r->dedup.n + 6);
 }
 
 buzz_row *buzz__row_new(const buzz_row *spec) {
@@ -348,12 +355,24 @@ static void keep_high_id(buzz_store *s, int64_t hi) {
   sqlite3_finalize(st);
 }
 
+/* Frees a written group of rows; returns the bytes they took. */
+static int64_t free_rows(buzz_row *r) {
+  int64_t n = 0;
+  while (r) {
+    buzz_row *next = r->next;
+    n += row_bytes(r);
+    free(r);
+    r = next;
+  }
+  return n;
+}
+
 static void writer_main(void *arg) {
   buzz_store *s = arg;
   uv_mutex_lock(&s->mu);
   for (;;) {
     buzz_row *batch, *r;
-    int64_t nrows = 0, lo = 0, hi = 0;
+    int64_t nrows = 0, lo = 0, hi = 0, batch_bytes = 0;
     int rc;
     while (s->head == NULL && !s->is_stopping) {
       if (s->o.max_age_ms || s->o.max_events) {
@@ -371,7 +390,6 @@ static void writer_main(void *arg) {
     batch = s->head;
     s->head = s->tail = NULL;
     s->nqueued = 0;
-    uv_cond_broadcast(&s->done);       /* room for blocked appenders */
     uv_mutex_unlock(&s->mu);
 
     rc = exec(s->wdb, "BEGIN IMMEDIATE");
@@ -384,6 +402,7 @@ static void writer_main(void *arg) {
       if (rc == SQLITE_OK) rc = write_row(s, r);
     }
     if (rc == SQLITE_OK) rc = exec(s->wdb, "COMMIT");
+    batch_bytes = free_rows(batch);    /* before they leave the backlog */
     if (rc != SQLITE_OK) {
       failure *f = calloc(1, sizeof *f);
       const char *m = sqlite3_errmsg(s->wdb);
@@ -408,13 +427,9 @@ static void writer_main(void *arg) {
       s->st.commits++;
     }
     s->done_seq += nrows;
+    s->qbytes -= batch_bytes;
     uv_cond_broadcast(&s->done);
     uv_mutex_unlock(&s->mu);
-    while (batch) {
-      r = batch->next;
-      free(batch);
-      batch = r;
-    }
     if (s->o.notify) s->o.notify(s->o.data);
     retain(s);
     uv_mutex_lock(&s->mu);
@@ -597,6 +612,7 @@ int buzz__store_open(buzz_store **out, const char *path,
   *out = NULL;
   if (s == NULL) return BUZZ_ENOMEM;
   s->o = *o;
+  if (s->o.max_backlog <= 0) s->o.max_backlog = BUZZ_BACKLOG_DEFAULT;
   if ((s->path = malloc(strlen(path) + 1)) == NULL) {
     free(s);
     return BUZZ_ENOMEM;
@@ -701,16 +717,25 @@ int64_t buzz__store_last_id(const buzz_store *s) {
 /* ------------------------------------------------------------ appends */
 
 int buzz__store_append(buzz_store *s, buzz_row *row) {
+  int64_t n = row_bytes(row);
   if (!s->has_thread) {
     free(row);
     return BUZZ_ESTORE;
   }
   uv_mutex_lock(&s->mu);
-  while (s->nqueued >= BACKLOG_MAX) uv_cond_wait(&s->done, &s->mu);
+  if (row->kind == BUZZ_ROW_EVENT && s->qbytes > 0 &&
+      (s->nqueued >= BACKLOG_ROWS || s->qbytes + n > s->o.max_backlog)) {
+    s->st.refused++;                   /* back-pressure, never a wait */
+    uv_mutex_unlock(&s->mu);
+    free(row);
+    return BUZZ_EFULL;
+  }
   if (s->tail) s->tail->next = row;
   else s->head = row;
   s->tail = row;
   s->nqueued++;
+  s->qbytes += n;
+  if (s->qbytes > s->st.backlog_peak) s->st.backlog_peak = s->qbytes;
   s->st.appended++;
   s->appended_seq++;
   if (s->nqueued == 1) uv_cond_signal(&s->work);
@@ -764,6 +789,8 @@ void buzz__store_stats(buzz_store *s, buzz_store_stats *st) {
   *st = s->st;
   st->pending = s->appended_seq - s->done_seq;
   st->committed_id = s->committed_id;
+  st->backlog_bytes = s->qbytes;
+  st->backlog_limit = s->o.max_backlog;
   uv_mutex_unlock(&s->mu);
 }
 

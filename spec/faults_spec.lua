@@ -28,25 +28,23 @@ local function run_ok(cmd)
   return out
 end
 
--- Starts code in a child interpreter in the background, with arg[1] a
--- file to write once it is ready and arg[2] a FIFO to read "go" from
+-- Starts the shell command cmd in the background with $READY, a file it
+-- must create once it is ready, and $FIFO, a FIFO it reads "go" from
 -- before it goes on; waits until it is ready. Returns a function that says
--- "go" and waits until the child has printed "done" (idempotent; call it
--- in finally, so no child outlives its test).
-local function background(dir, code)
-  local script, ready, fifo, out = dir .. "/bg.lua", dir .. "/bg.ready",
-                                   dir .. "/bg.fifo", dir .. "/bg.out"
-  H.spit(script, code)
+-- "go" and waits until cmd has ended (idempotent; call it in finally, so
+-- nothing outlives its test).
+local function background(dir, cmd)
+  local ready, fifo, out = dir .. "/bg.ready", dir .. "/bg.fifo",
+                           dir .. "/bg.out"
   run_ok("mkfifo " .. quote(fifo))
-  os.execute(("LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='%s/?.so;;' "
-              .. "%s %s %s %s > %s 2>&1 &")
-             :format(H.build, H.lua, quote(script), quote(ready), quote(fifo),
-                     quote(out)))
+  os.execute(("READY=%s FIFO=%s sh -c %s > %s 2>&1 &")
+             :format(quote(ready), quote(fifo),
+                     quote(cmd .. "; echo bg-done"), quote(out)))
   H.eventually(function()
     local text = H.slurp(out) or ""
-    assert(not text:match("lua.*: "), text)       -- it failed
+    assert(not text:match("bg%-done"), text)      -- it ended too soon
     return H.slurp(ready)
-  end, 10, "the child to be ready")
+  end, 10, "the background command to be ready")
   local is_released = false
   return function()
     if is_released then return end
@@ -54,9 +52,32 @@ local function background(dir, code)
     local f = assert(io.open(fifo, "w"))
     f:write("go\n")
     f:close()
-    H.eventually(function() return (H.slurp(out) or ""):match("done") end,
-                 10, "the child to finish")
+    H.eventually(function() return (H.slurp(out) or ""):match("bg%-done") end,
+                 10, "the background command to end")
   end
+end
+
+-- background() for Lua code, run by a child interpreter with the
+-- project's paths; arg[1] is $READY, arg[2] is $FIFO.
+local function background_lua(dir, code)
+  local script = dir .. "/bg.lua"
+  H.spit(script, code)
+  return background(dir, ("LUA_PATH='lua/?.lua;lua/?/init.lua;;' "
+                          .. "LUA_CPATH='%s/?.so;;' %s %s \"$READY\" "
+                          .. "\"$FIFO\""):format(H.build, H.lua, quote(script)))
+end
+
+-- Holds SQLite's write lock on the store at path (the sqlite3 shell in a
+-- transaction) until the returned function is called: the store's writer
+-- waits meanwhile, as on a stalled disk (for up to its busy timeout, 5 s).
+local function hold_write_lock(dir, path)
+  local script = dir .. "/hold.sh"
+  H.spit(script, ([[
+{ printf 'BEGIN IMMEDIATE;\n.output %%s\nSELECT 1;\n.output stdout\n' "$READY"
+  head -n 1 "$FIFO" > /dev/null
+  printf 'COMMIT;\n'; } | sqlite3 %s
+]]):format(quote(path)))
+  return background(dir, H.tool .. "sh " .. quote(script))
 end
 
 -- The POSIX (fcntl) locks this process holds on the file at path, as
@@ -184,7 +205,7 @@ describe("one writer per store file", function()
   it("leaves this process's SQLite locks in place when it refuses a "
      .. "writer", function()
     H.bus{ store = t.path }:close()
-    local release = background(t.dir, ([[
+    local release = background_lua(t.dir, ([[
       local buzz = require "buzz"
       local bus = assert(buzz.new{ store = %q })
       assert(bus:publish("e", 1))
@@ -192,7 +213,6 @@ describe("one writer per store file", function()
       io.open(arg[1], "w"):close()
       io.open(arg[2]):read()
       bus:close()
-      print("done")
     ]]):format(t.path))
     finally(release)
     local reader = H.bus{ store = t.path, readonly = true }
@@ -211,5 +231,96 @@ describe("one writer per store file", function()
     H.bus{ store = t.path }:close()
     local b = H.bus{ store = alias }
     assert.equal(1, b:publish("e", 1))
+  end)
+end)
+
+describe("the writer's backlog", function()
+  local t = scratch()
+
+  it("refuses events with EFULL past max_backlog bytes while the writer "
+     .. "is stalled, and loses none it took", function()
+    local limit = 1024 * 1024
+    local bus = H.bus{ store = t.path, max_backlog = limit }
+    assert.equal(1, bus:publish("e", { i = 1 }))
+    assert(bus:flush())
+    local release = hold_write_lock(t.dir, t.path)
+    finally(release)
+    local pad = ("x"):rep(200 * 1024)
+    local accepted, err, code = 1, nil, nil
+    for i = 2, 40 do
+      local id
+      id, err, code = bus:publish("e", { i = i, pad = pad })
+      if not id then break end
+      accepted = accepted + 1
+      assert.equal(accepted, id)             -- a refusal consumes no id
+    end
+    assert.equal("EFULL", code)
+    local waiting = tonumber(err:match(
+      "^EFULL: the store's writer is behind: (%d+) bytes wait to be "
+      .. "written %(max_backlog = 1048576%)"))
+    assert.is_true(waiting and waiting <= limit, err)
+    assert.is_true(accepted >= 3, "the backlog took some events")
+    release()                    -- reads wait for the writer: only now
+    assert.is_true(bus:flush())
+    local info = bus:store_info()
+    assert.equal(0, info.backlog_bytes)
+    assert.is_true(info.backlog_peak <= limit, info.backlog_peak)
+    assert.equal(limit, info.max_backlog)
+    assert.is_true(info.refused >= 1)
+    assert.equal(accepted + 1, bus:publish("e", { i = "after" }))
+    bus:close()
+    assert.same(range(accepted + 1), stored_ids(t.path))
+  end)
+
+  it("takes one event bigger than max_backlog when nothing waits",
+     function()
+    local bus = H.bus{ store = t.path, max_backlog = 65536 }
+    assert.equal(1, bus:publish("e", ("x"):rep(100000)))
+    assert.is_true(bus:flush())
+  end)
+
+  it("refuses a max_backlog out of range", function()
+    for _, v in ipairs { 0, 1000, 2 ^ 49, 1e6 + 0.5, "big" } do
+      assert.has_error(function()
+        buzz.new{ store = t.path, max_backlog = v }
+      end, ("bad max_backlog: expected an integer number of bytes from "
+            .. "65536 (64 KiB) to 2^48, got %s"):format(
+              type(v) == "string" and ("%q"):format(v) or tostring(v)))
+    end
+    assert.has_error(function() buzz.new{ max_backlog = 65536 } end,
+      'max_backlog applies to a store: give buzz.new{ store = "events.db" }'
+      .. " too, or drop max_backlog")
+  end)
+end)
+
+describe("store paths the store cannot take", function()
+  local t = scratch()
+
+  it("refuses a path with a NUL byte instead of cutting it short",
+     function()
+    local cut = t.dir .. "/a"
+    assert.has_error(function() buzz.new{ store = cut .. "\0b.db" } end,
+      ("bad store: the path %q contains a NUL byte; give a path without "
+       .. "one"):format(cut .. "\0b.db"))
+    assert.has_error(function()
+      require("buzz.core").new(10, function() end,
+                               { store = { path = cut .. "\0b.db" } })
+    end, "bad store: the path contains a NUL byte")
+    assert.is_nil(H.slurp(cut), "nothing was created at the cut path")
+  end)
+
+  it("refuses \":memory:\", pointing at the memory bus, and leaves no "
+     .. "file behind", function()
+    local msg = 'bad store: ":memory:" cannot be shared by the store\'s '
+                .. "writer thread and its reader; omit store for an "
+                .. "in-memory bus"
+    assert.has_error(function() buzz.new{ store = ":memory:" } end, msg)
+    assert.has_error(function()
+      require("buzz.core").new(10, function() end,
+                               { store = { path = ":memory:" } })
+    end, msg)
+    for _, suffix in ipairs { "", "-lock", "-wal", "-shm" } do
+      assert.is_nil(H.slurp(":memory:" .. suffix))
+    end
   end)
 end)
