@@ -352,6 +352,27 @@ int buzz__file_claim(const char *path, int is_writer, buzz_file **out,
 ** which drops the process's POSIX locks on the file. NULL: nothing. */
 void buzz__file_release(buzz_file *f, int is_writer);
 
+/* ------------------------------------------------------------- storewal.c */
+
+/*
+** A store's checkpointer: a thread and a connection of its own that keep
+** the WAL short, off the writer's commits (see storewal.c).
+** CONSTRUCTOR: buzz__wal_start()   DESTRUCTOR: buzz__wal_stop()
+*/
+typedef struct buzz_wal buzz_wal;
+struct sqlite3;
+
+/* Starts checkpointing the database file (in WAL mode) that the writer
+** connection wdb has open; hooks wdb's commits. BUZZ_ESTORE on failure. */
+int buzz__wal_start(buzz_wal **out, struct sqlite3 *wdb, const char *file);
+/* Stops and frees it; call it while wdb is open and idle. NULL: nothing. */
+void buzz__wal_stop(buzz_wal *w);
+int64_t buzz__wal_checkpoints(buzz_wal *w);   /* checkpoints run so far */
+/* On the writer thread, between groups: copies the frames a checkpoint
+** could not (commits went on meanwhile), so the next commit rewinds the
+** WAL. Cheap: the checkpointer did the bulk. */
+void buzz__wal_catch_up(buzz_wal *w);
+
 /* ---------------------------------------------------------------- store.c */
 
 /*
@@ -448,6 +469,7 @@ typedef struct buzz_store_stats {
   int64_t backlog_peak;    /* the most it ever held */
   int64_t backlog_limit;   /* max_backlog */
   int64_t refused;         /* events refused with BUZZ_EFULL */
+  int64_t checkpoints;     /* WAL checkpoints run off the writer */
 } buzz_store_stats;
 
 /*
@@ -507,9 +529,11 @@ int buzz__store_types(buzz_store *s, buzz_count_cb cb, void *data,
 /* Counts events after id whose type matches pattern (NULL: any). */
 int buzz__store_count(buzz_store *s, int64_t after, buzz_str pattern,
                       int64_t *n, char *err, size_t errlen);
-/* Counts events, first and last id, bytes on disk. */
+/* Counts events, first and last id, bytes on disk (the database and its
+** WAL) and the WAL's share of them. */
 int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
-                     int64_t *last, int64_t *bytes, char *err, size_t errlen);
+                     int64_t *last, int64_t *bytes, int64_t *wal_bytes,
+                     char *err, size_t errlen);
 /* Calls cb(key, id, ts) for events with a dedup key and ts >= since. */
 typedef void (*buzz_dedup_cb)(void *data, buzz_str key, int64_t id,
                               int64_t ts);

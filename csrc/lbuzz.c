@@ -2037,20 +2037,20 @@ static void set_i(lua_State *L, const char *k, int64_t v) {
 
 /*
 ** core:store_info(with_types) -> { events, first_id, last_id, size_bytes,
-** appended, committed, commits, failed, pending_writes, committed_id,
+** wal_bytes, appended, committed, commits, failed, pending_writes, committed_id,
 ** held_back, deleted, backlog_bytes, backlog_peak, max_backlog, refused,
-** dedup_keys, types = { [type] = count } }
+** checkpoints, dedup_keys, types = { [type] = count } }
 */
 static int lcore_store_info(lua_State *L) {
   lcore *c = check_core(L);
   buzz_store_stats st;
-  int64_t count, first, last, bytes;
+  int64_t count, first, last, bytes, wal;
   char err[ERR_MAX];
   int rc;
   if (!need_store(L, c, "store_info()")) return 3;
   err[0] = '\0';
-  if ((rc = buzz__store_size(c->store, &count, &first, &last, &bytes, err,
-                             sizeof err)) < 0)
+  if ((rc = buzz__store_size(c->store, &count, &first, &last, &bytes, &wal,
+                             err, sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   buzz__store_stats(c->store, &st);
   lua_createtable(L, 0, 16);
@@ -2058,6 +2058,7 @@ static int lcore_store_info(lua_State *L) {
   set_i(L, "first_id", first);
   set_i(L, "last_id", last);
   set_i(L, "size_bytes", bytes);
+  set_i(L, "wal_bytes", wal);
   set_i(L, "appended", st.appended);
   set_i(L, "committed", st.committed);
   set_i(L, "commits", st.commits);
@@ -2070,6 +2071,7 @@ static int lcore_store_info(lua_State *L) {
   set_i(L, "backlog_peak", st.backlog_peak);
   set_i(L, "max_backlog", st.backlog_limit);
   set_i(L, "refused", st.refused);
+  set_i(L, "checkpoints", st.checkpoints);
   set_i(L, "dedup_keys", c->dedup ? (int64_t)buzz__dedup_count(c->dedup) : 0);
   if (lua_toboolean(L, 2)) {
     lua_newtable(L);

@@ -104,6 +104,8 @@ struct buzz_store {
   sqlite3_stmt *ins, *ack, *drop;
   sqlite3_stmt *put, *del;   /* state rows */
   int64_t last_retain;
+  char full_msg[200];        /* why room_for() refused the last group */
+  buzz_wal *wal;             /* owns; the checkpointer (storewal.c) */
   /* shared, under mu */
   uv_mutex_t mu;
   uv_cond_t work;            /* writer: rows queued or stop */
@@ -355,16 +357,44 @@ static void keep_high_id(buzz_store *s, int64_t hi) {
   sqlite3_finalize(st);
 }
 
-/* Frees a written group of rows; returns the bytes they took. */
-static int64_t free_rows(buzz_row *r) {
-  int64_t n = 0;
+/*
+** With max_size: may a group of rows of group_bytes be written without the
+** database and its WAL passing max_bytes together? When not, first
+** checkpoints the WAL into the database and truncates it (no busy wait: a
+** reader in the way leaves the WAL as it is). The estimate of what the
+** group adds is its bytes and a quarter more for pages, and four pages.
+** Writer thread, between groups. 0, or -1 with full_msg set.
+*/
+static int room_for(buzz_store *s, int64_t group_bytes) {
+  int64_t wal, total, need;
+  int rc;
+  if (s->o.max_bytes <= 0) return 0;
+  need = group_bytes + group_bytes / 4 + 4 * 4096;
+  total = file_bytes(s, &wal);
+  if (total + need <= s->o.max_bytes) return 0;
+  if (wal > 0) {
+    sqlite3_busy_timeout(s->wdb, 0);
+    rc = sqlite3_wal_checkpoint_v2(s->wdb, NULL, SQLITE_CHECKPOINT_TRUNCATE,
+                                   NULL, NULL);
+    sqlite3_busy_timeout(s->wdb, 5000);
+    (void)rc;                          /* the sizes tell what it did */
+    total = file_bytes(s, &wal);
+    if (total + need <= s->o.max_bytes) return 0;
+  }
+  snprintf(s->full_msg, sizeof s->full_msg, "database or disk is full: "
+           "max_size is %lld bytes, and the store and its WAL hold %lld "
+           "(%lld more needed)", (long long)s->o.max_bytes,
+           (long long)total, (long long)need);
+  return -1;
+}
+
+/* Frees a written group of rows. */
+static void free_rows(buzz_row *r) {
   while (r) {
     buzz_row *next = r->next;
-    n += row_bytes(r);
     free(r);
     r = next;
   }
-  return n;
 }
 
 static void writer_main(void *arg) {
@@ -373,7 +403,7 @@ static void writer_main(void *arg) {
   for (;;) {
     buzz_row *batch, *r;
     int64_t nrows = 0, lo = 0, hi = 0, batch_bytes = 0;
-    int rc;
+    int rc, is_full;
     while (s->head == NULL && !s->is_stopping) {
       if (s->o.max_age_ms || s->o.max_events) {
         uv_mutex_unlock(&s->mu);
@@ -392,7 +422,9 @@ static void writer_main(void *arg) {
     s->nqueued = 0;
     uv_mutex_unlock(&s->mu);
 
-    rc = exec(s->wdb, "BEGIN IMMEDIATE");
+    for (r = batch; r; r = r->next) batch_bytes += row_bytes(r);
+    is_full = room_for(s, batch_bytes) < 0;
+    rc = is_full ? SQLITE_FULL : exec(s->wdb, "BEGIN IMMEDIATE");
     for (r = batch; r; r = r->next) {
       nrows++;
       if (r->kind == BUZZ_ROW_EVENT) {
@@ -402,10 +434,10 @@ static void writer_main(void *arg) {
       if (rc == SQLITE_OK) rc = write_row(s, r);
     }
     if (rc == SQLITE_OK) rc = exec(s->wdb, "COMMIT");
-    batch_bytes = free_rows(batch);    /* before they leave the backlog */
+    free_rows(batch);                  /* before they leave the backlog */
     if (rc != SQLITE_OK) {
       failure *f = calloc(1, sizeof *f);
-      const char *m = sqlite3_errmsg(s->wdb);
+      const char *m = is_full ? s->full_msg : sqlite3_errmsg(s->wdb);
       if (f) {
         f->lo = lo;
         f->hi = hi;
@@ -431,6 +463,7 @@ static void writer_main(void *arg) {
     uv_cond_broadcast(&s->done);
     uv_mutex_unlock(&s->mu);
     if (s->o.notify) s->o.notify(s->o.data);
+    buzz__wal_catch_up(s->wal);
     retain(s);
     uv_mutex_lock(&s->mu);
   }
@@ -656,6 +689,13 @@ int buzz__store_open(buzz_store **out, const char *path,
                           SQLITE_UTF8 | SQLITE_DETERMINISTIC, NULL,
                           sql_match, NULL, NULL);
   s->committed_id = s->last_id;
+  if (!o->is_readonly &&
+      buzz__wal_start(&s->wal, s->wdb, s->file) < 0) {
+    set_err(err, errlen, "%s: cannot start the checkpointer: %s", path,
+            sqlite3_errmsg(s->wdb));
+    rc = BUZZ_ESTORE;
+    goto fail;
+  }
   if (!o->is_readonly) {
     s->has_thread = 1;                 /* before the thread can read it */
     if (uv_thread_create(&s->thread, writer_main, s) != 0) {
@@ -682,6 +722,7 @@ void buzz__store_close(buzz_store *s) {
     uv_mutex_unlock(&s->mu);
     uv_thread_join(&s->thread);        /* the writer commits what is left */
   }
+  buzz__wal_stop(s->wal);              /* while the writer's db is open */
   while (s->head) {                    /* rows of a writer never started */
     buzz_row *r = s->head->next;
     free(s->head);
@@ -791,6 +832,7 @@ void buzz__store_stats(buzz_store *s, buzz_store_stats *st) {
   st->committed_id = s->committed_id;
   st->backlog_bytes = s->qbytes;
   st->backlog_limit = s->o.max_backlog;
+  st->checkpoints = buzz__wal_checkpoints(s->wal);
   uv_mutex_unlock(&s->mu);
 }
 
@@ -945,8 +987,8 @@ int buzz__store_count(buzz_store *s, int64_t after, buzz_str pattern,
 }
 
 int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
-                     int64_t *last, int64_t *bytes, char *err,
-                     size_t errlen) {
+                     int64_t *last, int64_t *bytes, int64_t *wal_bytes,
+                     char *err, size_t errlen) {
   sqlite3_stmt *st;
   int rc;
   if (read_prepare(s, "SELECT count(*), min(id), max(id) FROM events", &st,
@@ -958,7 +1000,7 @@ int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
     *last = sqlite3_column_int64(st, 2);
   }
   if (read_done(s, st, rc, 1, err, errlen) < 0) return BUZZ_ESTORE;
-  *bytes = file_bytes(s, NULL);
+  *bytes = file_bytes(s, wal_bytes);
   return BUZZ_OK;
 }
 

@@ -48,6 +48,7 @@ build = {
         "csrc/json.c",
         "csrc/store.c",
         "csrc/storelock.c",
+        "csrc/storewal.c",
         "csrc/dedup.c",
         "csrc/lbuzz.c",
       },
