@@ -13,6 +13,11 @@
 ** commit it advances the committed id, wakes waiters and calls notify (the
 ** loop's async handle, so a polled descriptor becomes readable).
 ** Retention runs on the writer too, in small transactions between groups.
+** The rows the writer holds, queued or in flight, are counted in bytes
+** until it frees them: an event past max_backlog is refused (EFULL), so
+** the loop thread never waits for room. With max_size, a group that would
+** take the file and its WAL together past it fails before it starts.
+** Checkpoints run off the commits, on storewal.c's thread.
 **
 ** Reading: a second, read-only connection, used only on the loop thread,
 ** serves queries, consumer positions and statistics. WAL lets it read while
@@ -39,16 +44,12 @@
 **
 ** It does not know Lua, JSON or subscriptions: payloads arrive as text.
 */
-#define _DEFAULT_SOURCE 1     /* flock() */
 #include <errno.h>
-#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <sqlite3.h>
 #include <uv.h>

@@ -509,7 +509,8 @@ describe("the store on a failing world", function()
     local ok, out = H.run(([[
       local buzz = require "buzz"
       local bus = assert(buzz.new{ store = %q, durability = "sync" })
-      for i = 1, 40 do assert(bus:publish("e", { i = i, pad = ("w"):rep(3000) })) end
+      local pad = ("w"):rep(3000)
+      for i = 1, 40 do assert(bus:publish("e", { i = i, pad = pad })) end
       print(bus:store_info().wal_bytes > 0)
       os.exit(0, false)             -- no close: the WAL stays behind
     ]]):format(t.path))

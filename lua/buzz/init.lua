@@ -267,7 +267,8 @@ end
 -- ------------------------------------------------------------ the bus
 
 --- Creates a bus.
----@param opts table|nil store, durability, queue_limit, on_error
+---@param opts table|nil store, durability, queue_limit, on_error, and for
+--- a store readonly, max_size and max_backlog (bytes), max_age, max_events
 ---@return table|nil bus, string|nil err, string|nil code
 function M.new(opts)
   check_options(opts, NEW_OPTIONS, "buzz.new", 2)
