@@ -330,6 +330,51 @@ int buzz__loop_timeout(buzz_loop *l);    /* ms, -1 = no timer armed */
 /* Waits for one round of loop activity; returns 0 if nothing can arrive. */
 int buzz__loop_wait(buzz_loop *l);
 
+/* ------------------------------------------------------------ storelock.c */
+
+/*
+** A database file some store of this process has open, known by its
+** device and inode; its one descriptor carries the writer's flock.
+** CONSTRUCTOR: buzz__file_claim()   DESTRUCTOR: buzz__file_release()
+*/
+typedef struct buzz_file buzz_file;
+
+/*
+** Claims path for a store: opens it (a writer creates it) unless a store of
+** this process has it open already, and for a writer takes the writer lock
+** on the file itself, so that every path to one file meets the same lock.
+** *real gets the canonical path (malloc'd, the caller frees it) to give
+** SQLite. On failure returns BUZZ_ELOCKED, BUZZ_ESTORE or BUZZ_ENOMEM with a
+** sentence in err, and *out and *real are NULL.
+*/
+int buzz__file_claim(const char *path, int is_writer, buzz_file **out,
+                     char **real, char *err, size_t errlen);
+/* Gives the claim back (is_writer as claimed). Call it only once the
+** store's SQLite connections are closed: it may close the descriptor,
+** which drops the process's POSIX locks on the file. NULL: nothing. */
+void buzz__file_release(buzz_file *f, int is_writer);
+
+/* ------------------------------------------------------------- storewal.c */
+
+/*
+** A store's checkpointer: a thread and a connection of its own that keep
+** the WAL short, off the writer's commits (see storewal.c).
+** CONSTRUCTOR: buzz__wal_start()   DESTRUCTOR: buzz__wal_stop()
+*/
+typedef struct buzz_wal buzz_wal;
+struct sqlite3;
+
+/* Starts checkpointing the database file (in WAL mode) that the writer
+** connection wdb has open; hooks wdb's commits. BUZZ_ESTORE on failure. */
+int buzz__wal_start(buzz_wal **out, struct sqlite3 *wdb, const char *file);
+/* Stops and frees it; call it while wdb is open and idle. NULL: nothing. */
+void buzz__wal_stop(buzz_wal *w);
+int64_t buzz__wal_checkpoints(buzz_wal *w);   /* checkpoints run so far */
+/* On the writer thread, between groups: copies the frames a checkpoint
+** could not (commits went on meanwhile), so the next commit rewinds the
+** WAL. Cheap: the checkpointer did the bulk. */
+void buzz__wal_catch_up(buzz_wal *w);
+
 /* ---------------------------------------------------------------- store.c */
 
 /*
@@ -379,10 +424,17 @@ buzz_row *buzz__row_new(const buzz_row *spec);
 
 typedef void (*buzz_store_notify_cb)(void *data);
 
+/* Bytes of rows the writer may hold (queued and in flight): the default,
+** and the range of buzz.new{ max_backlog = ... }. */
+#define BUZZ_BACKLOG_DEFAULT ((int64_t)64 << 20)
+#define BUZZ_BACKLOG_MIN ((int64_t)64 << 10)
+#define BUZZ_BACKLOG_LIMIT ((int64_t)1 << 48)
+
 typedef struct buzz_store_opts {
   int durability;          /* BUZZ_DUR_* */
   int is_readonly;         /* read only: no writer, no lock */
-  int64_t max_bytes;       /* 0 = no cap on the file's size */
+  int64_t max_bytes;       /* 0 = no cap on the file and its WAL */
+  int64_t max_backlog;     /* bytes; 0 = BUZZ_BACKLOG_DEFAULT */
   int64_t max_age_ms;      /* retention; 0 = keep forever */
   int64_t max_events;      /* retention; 0 = no limit */
   buzz_store_notify_cb notify;  /* called on the writer thread after each
@@ -415,6 +467,11 @@ typedef struct buzz_query {
 typedef struct buzz_store_stats {
   int64_t appended, committed, commits, failed, pending;
   int64_t committed_id, held_back, deleted;
+  int64_t backlog_bytes;   /* rows the writer holds now, in bytes */
+  int64_t backlog_peak;    /* the most it ever held */
+  int64_t backlog_limit;   /* max_backlog */
+  int64_t refused;         /* events refused with BUZZ_EFULL */
+  int64_t checkpoints;     /* WAL checkpoints run off the writer */
 } buzz_store_stats;
 
 /*
@@ -428,8 +485,11 @@ void buzz__store_close(buzz_store *s);
 int64_t buzz__store_last_id(const buzz_store *s);  /* highest id at open */
 /*
 ** Hands a row to the writer; the store owns it from here, even on failure
-** (BUZZ_ESTORE: the store was opened read-only). Blocks while the writer's
-** backlog is full.
+** (BUZZ_ESTORE: the store was opened read-only). Never blocks: an event
+** row that would take the writer's backlog (rows queued or in flight)
+** past max_backlog bytes, or past its row limit, is refused with
+** BUZZ_EFULL, unless the backlog is empty (so any one row can go). Other
+** rows (positions, state) are always taken; they count toward the bound.
 */
 int buzz__store_append(buzz_store *s, buzz_row *row);
 /* Waits until everything appended so far is committed or has failed. */
@@ -471,9 +531,11 @@ int buzz__store_types(buzz_store *s, buzz_count_cb cb, void *data,
 /* Counts events after id whose type matches pattern (NULL: any). */
 int buzz__store_count(buzz_store *s, int64_t after, buzz_str pattern,
                       int64_t *n, char *err, size_t errlen);
-/* Counts events, first and last id, bytes on disk. */
+/* Counts events, first and last id, bytes on disk (the database and its
+** WAL) and the WAL's share of them. */
 int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
-                     int64_t *last, int64_t *bytes, char *err, size_t errlen);
+                     int64_t *last, int64_t *bytes, int64_t *wal_bytes,
+                     char *err, size_t errlen);
 /* Calls cb(key, id, ts) for events with a dedup key and ts >= since. */
 typedef void (*buzz_dedup_cb)(void *data, buzz_str key, int64_t id,
                               int64_t ts);

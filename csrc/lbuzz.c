@@ -1036,9 +1036,35 @@ static void store_opts(lua_State *L, int t, buzz_store_opts *o) {
   o->durability = (int)buzz__field_int(L, t, "durability", 0, 0, 2);
   o->is_readonly = buzz__field_int(L, t, "readonly", 0, 0, 1) != 0;
   o->max_bytes = buzz__field_int(L, t, "max_bytes", 0, 0, BUZZ_INT_EXACT);
+  o->max_backlog = buzz__field_int(L, t, "max_backlog", 0, BUZZ_BACKLOG_MIN,
+                                   BUZZ_BACKLOG_LIMIT);  /* 0: the default */
   o->max_age_ms = buzz__field_int(L, t, "max_age_ms", 0, 0, AGE_MAX_MS);
   o->max_events = buzz__field_int(L, t, "max_events", 0, 0,
                                   BUZZ_INT_EXACT);
+}
+
+/*
+** Raises for store options (the table at t) a store cannot take: a path
+** with a NUL byte (C would cut it short there and open another file),
+** ":memory:" (SQLite's in-memory database is per connection, and the
+** writer thread and the reader each have one: see README). The Lua layer
+** raises first, at its caller's level; this guards the core's own
+** callers. store_opts() checks the numbers.
+*/
+static void check_store_opts(lua_State *L, int t) {
+  size_t len;
+  const char *path;
+  lua_getfield(L, t, "path");
+  path = lua_tolstring(L, -1, &len);
+  if (path == NULL)
+    luaL_error(L, "bad store: expected the path of a SQLite file");
+  if (strlen(path) != len)
+    luaL_error(L, "bad store: the path contains a NUL byte");
+  if (strcmp(path, ":memory:") == 0)
+    luaL_error(L, "bad store: \":memory:\" cannot be shared by the "
+               "store's writer thread and its reader; omit store for an "
+               "in-memory bus");
+  lua_pop(L, 1);
 }
 
 /*
@@ -1082,7 +1108,7 @@ static int open_store(lua_State *L, lcore *c, int t, int64_t now) {
 ** with err alone for a store failure that belongs to no delivery). opts
 ** (optional): dedup_window_ms, max_payload, now_ms (the bus's clock, for
 ** the dedup keys a store loads), and store = { path, durability (0 none,
-** 1 batch, 2 sync), readonly, max_bytes, max_age_ms, max_events }. A
+** 1 batch, 2 sync), readonly, max_bytes, max_backlog, max_age_ms, max_events }. A
 ** number out of its range raises, naming the option.
 */
 static int lcore_new(lua_State *L) {
@@ -1100,7 +1126,10 @@ static int lcore_new(lua_State *L) {
     max_payload = buzz__field_int(L, 3, "max_payload", 0, 0,
                                   BUZZ_INT_EXACT);
     lua_getfield(L, 3, "store");
-    if (lua_istable(L, -1)) store_opts(L, -1, &o);
+    if (lua_istable(L, -1)) {
+      check_store_opts(L, lua_gettop(L));
+      store_opts(L, lua_gettop(L), &o);
+    }
     lua_pop(L, 1);
   }
   now = has_opts ? buzz__field_int(L, 3, "now_ms", 0, 0, BUZZ_INT_EXACT) : 0;
@@ -1368,6 +1397,20 @@ static int lcore_set_handler(lua_State *L) {
   return 1;
 }
 
+/* Pushes nil, err, code for an event the store's append refused. */
+static int push_append_fail(lua_State *L, lcore *c, int rc) {
+  buzz_store_stats st;
+  char msg[ERR_MAX];
+  if (rc != BUZZ_EFULL)
+    return push_fail(L, rc, "the store was opened read-only");
+  buzz__store_stats(c->store, &st);
+  snprintf(msg, sizeof msg, "the store's writer is behind: %lld bytes "
+           "wait to be written (max_backlog = %lld); retry when it has "
+           "caught up (bus:flush() waits for that) or raise max_backlog",
+           (long long)st.backlog_bytes, (long long)st.backlog_limit);
+  return push_fail(L, rc, msg);
+}
+
 /*
 ** With a store: encodes the payload (slot 3) and headers (slot 8), appends
 ** the row (id and ts preset in ev) and, for sync durability or a
@@ -1423,7 +1466,7 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
     return push_fail(L, BUZZ_ENOMEM, NULL);
   lua_settop(L, top);
   if ((rc = buzz__store_append(c->store, row)) < 0)
-    return push_fail(L, rc, "the store was opened read-only");
+    return push_append_fail(L, c, rc);
   c->appended_id = spec.id;
   if ((is_sync && c->durability != BUZZ_DUR_NONE) ||
       c->durability == BUZZ_DUR_SYNC) {
@@ -2073,19 +2116,20 @@ static void set_i(lua_State *L, const char *k, int64_t v) {
 
 /*
 ** core:store_info(with_types) -> { events, first_id, last_id, size_bytes,
-** appended, committed, commits, failed, pending_writes, committed_id,
-** held_back, deleted, dedup_keys, types = { [type] = count } }
+** wal_bytes, appended, committed, commits, failed, pending_writes, committed_id,
+** held_back, deleted, backlog_bytes, backlog_peak, max_backlog, refused,
+** checkpoints, dedup_keys, types = { [type] = count } }
 */
 static int lcore_store_info(lua_State *L) {
   lcore *c = check_core(L);
   buzz_store_stats st;
-  int64_t count, first, last, bytes;
+  int64_t count, first, last, bytes, wal;
   char err[ERR_MAX];
   int rc;
   if (!need_store(L, c, "store_info()")) return 3;
   err[0] = '\0';
-  if ((rc = buzz__store_size(c->store, &count, &first, &last, &bytes, err,
-                             sizeof err)) < 0)
+  if ((rc = buzz__store_size(c->store, &count, &first, &last, &bytes, &wal,
+                             err, sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   buzz__store_stats(c->store, &st);
   lua_createtable(L, 0, 16);
@@ -2093,6 +2137,7 @@ static int lcore_store_info(lua_State *L) {
   set_i(L, "first_id", first);
   set_i(L, "last_id", last);
   set_i(L, "size_bytes", bytes);
+  set_i(L, "wal_bytes", wal);
   set_i(L, "appended", st.appended);
   set_i(L, "committed", st.committed);
   set_i(L, "commits", st.commits);
@@ -2101,6 +2146,11 @@ static int lcore_store_info(lua_State *L) {
   set_i(L, "committed_id", st.committed_id);
   set_i(L, "held_back", st.held_back);
   set_i(L, "deleted", st.deleted);
+  set_i(L, "backlog_bytes", st.backlog_bytes);
+  set_i(L, "backlog_peak", st.backlog_peak);
+  set_i(L, "max_backlog", st.backlog_limit);
+  set_i(L, "refused", st.refused);
+  set_i(L, "checkpoints", st.checkpoints);
   set_i(L, "dedup_keys", c->dedup ? (int64_t)buzz__dedup_count(c->dedup) : 0);
   if (lua_toboolean(L, 2)) {
     lua_newtable(L);

@@ -13,15 +13,26 @@
 ** commit it advances the committed id, wakes waiters and calls notify (the
 ** loop's async handle, so a polled descriptor becomes readable).
 ** Retention runs on the writer too, in small transactions between groups.
+** The rows the writer holds, queued or in flight, are counted in bytes
+** until it frees them: an event past max_backlog is refused (EFULL), so
+** the loop thread never waits for room. With max_size, a group that would
+** take the file and its WAL together past it fails before it starts.
+** Checkpoints run off the commits, on storewal.c's thread.
 **
 ** Reading: a second, read-only connection, used only on the loop thread,
 ** serves queries, consumer positions and statistics. WAL lets it read while
 ** the writer writes, and it only ever sees committed rows.
 **
-** One writer per file: a writer holds an exclusive flock() on "<path>-lock"
-** for its lifetime (a separate file, because closing any descriptor of the
-** database itself would drop SQLite's POSIX locks). A second writer gets
-** BUZZ_ELOCKED; readers (is_readonly) take no lock.
+** One writer per file: a writer holds an exclusive flock() on the database
+** file itself for its lifetime, taken through storelock.c, which knows the
+** file by device and inode (so a symlink, a hard link or a "../" path meet
+** the same lock) and keeps the one descriptor of the file this process
+** may have (closing any descriptor of the database would drop SQLite's
+** POSIX locks). A second writer, from this process or another, gets
+** BUZZ_ELOCKED; readers (is_readonly) take no lock but share the
+** descriptor. SQLite opens the file's canonical path (file), never the
+** given one (path, for messages), so every name but a hard link gives it
+** the same -wal and -shm files.
 **
 ** Failures: a commit that fails is rolled back whole: the log keeps only
 ** complete groups. The failure (message and the ids it lost) is latched
@@ -33,16 +44,12 @@
 **
 ** It does not know Lua, JSON or subscriptions: payloads arrive as text.
 */
-#define _DEFAULT_SOURCE 1     /* flock() */
 #include <errno.h>
-#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <sqlite3.h>
 #include <uv.h>
@@ -51,7 +58,7 @@
 
 #define APP_ID 0x62757a7a         /* "buzz", PRAGMA application_id */
 #define SCHEMA_VERSION 1          /* PRAGMA user_version */
-#define BACKLOG_MAX 65536         /* rows queued before append blocks */
+#define BACKLOG_ROWS 65536        /* rows queued before events are refused */
 #define RETAIN_EVERY_MS 1000      /* retention pass at most this often */
 #define RETAIN_CHUNK 5000         /* rows deleted per retention txn */
 
@@ -85,8 +92,9 @@ typedef struct failure {
 struct buzz_store {
   /* set at open, read-only after */
   buzz_store_opts o;
-  char *path;                /* owns */
-  int lock_fd;               /* owns; -1 for readers */
+  char *path;                /* owns; as given, for messages */
+  char *file;                /* owns; canonical, what SQLite opens */
+  buzz_file *fid;            /* owns a claim; the writer lock if a writer */
   int64_t last_id;           /* max(id) at open */
   /* loop thread only */
   sqlite3 *rdb;              /* owns; read-only connection */
@@ -97,12 +105,15 @@ struct buzz_store {
   sqlite3_stmt *ins, *ack, *drop;
   sqlite3_stmt *put, *del;   /* state rows */
   int64_t last_retain;
+  char full_msg[200];        /* why room_for() refused the last group */
+  buzz_wal *wal;             /* owns; the checkpointer (storewal.c) */
   /* shared, under mu */
   uv_mutex_t mu;
   uv_cond_t work;            /* writer: rows queued or stop */
   uv_cond_t done;            /* waiters: a group finished, or room */
   buzz_row *head, *tail;     /* owns the queued rows */
   size_t nqueued;
+  int64_t qbytes;            /* bytes of rows queued or in flight */
   int64_t done_seq;          /* rows finished (committed or failed) */
   int64_t committed_id;
   failure *fails, *fails_tail;  /* owns; unreported failures */
@@ -130,6 +141,31 @@ static void db_err(char *err, size_t errlen, const buzz_store *s,
                    sqlite3 *db) {
   set_err(err, errlen, "%s: %s", s->path,
           db ? sqlite3_errmsg(db) : "cannot open");
+}
+
+/*
+** Bytes on disk of the database and its WAL together (the WAL's alone in
+** *wal if wal is not NULL). Any thread: it only stats the files.
+*/
+static int64_t file_bytes(const buzz_store *s, int64_t *wal) {
+  struct stat sb;
+  size_t n = strlen(s->file);
+  int64_t total = stat(s->file, &sb) == 0 ? (int64_t)sb.st_size : 0, w = 0;
+  char *p = malloc(n + 5);
+  if (p != NULL) {
+    memcpy(p, s->file, n);
+    memcpy(p + n, "-wal", 5);
+    if (stat(p, &sb) == 0) w = (int64_t)sb.st_size;
+    free(p);
+  }
+  if (wal) *wal = w;
+  return total + w;
+}
+
+/* Bytes a row takes in memory: the record and its strings (row_new). */
+static int64_t row_bytes(const buzz_row *r) {
+  return (int64_t)(sizeof *r + r->type.n + r->key.n + r->corr.n +
+                   r->headers.n + r->payload.n + r->dedup.n + 6);
 }
 
 buzz_row *buzz__row_new(const buzz_row *spec) {
@@ -322,13 +358,53 @@ static void keep_high_id(buzz_store *s, int64_t hi) {
   sqlite3_finalize(st);
 }
 
+/*
+** With max_size: may a group of rows of group_bytes be written without the
+** database and its WAL passing max_bytes together? When not, first
+** checkpoints the WAL into the database and truncates it (no busy wait: a
+** reader in the way leaves the WAL as it is). The estimate of what the
+** group adds is its bytes and a quarter more for pages, and four pages.
+** Writer thread, between groups. 0, or -1 with full_msg set.
+*/
+static int room_for(buzz_store *s, int64_t group_bytes) {
+  int64_t wal, total, need;
+  int rc;
+  if (s->o.max_bytes <= 0) return 0;
+  need = group_bytes + group_bytes / 4 + 4 * 4096;
+  total = file_bytes(s, &wal);
+  if (total + need <= s->o.max_bytes) return 0;
+  if (wal > 0) {
+    sqlite3_busy_timeout(s->wdb, 0);
+    rc = sqlite3_wal_checkpoint_v2(s->wdb, NULL, SQLITE_CHECKPOINT_TRUNCATE,
+                                   NULL, NULL);
+    sqlite3_busy_timeout(s->wdb, 5000);
+    (void)rc;                          /* the sizes tell what it did */
+    total = file_bytes(s, &wal);
+    if (total + need <= s->o.max_bytes) return 0;
+  }
+  snprintf(s->full_msg, sizeof s->full_msg, "database or disk is full: "
+           "max_size is %lld bytes, and the store and its WAL hold %lld "
+           "(%lld more needed)", (long long)s->o.max_bytes,
+           (long long)total, (long long)need);
+  return -1;
+}
+
+/* Frees a written group of rows. */
+static void free_rows(buzz_row *r) {
+  while (r) {
+    buzz_row *next = r->next;
+    free(r);
+    r = next;
+  }
+}
+
 static void writer_main(void *arg) {
   buzz_store *s = arg;
   uv_mutex_lock(&s->mu);
   for (;;) {
     buzz_row *batch, *r;
-    int64_t nrows = 0, lo = 0, hi = 0;
-    int rc;
+    int64_t nrows = 0, lo = 0, hi = 0, batch_bytes = 0;
+    int rc, is_full;
     while (s->head == NULL && !s->is_stopping) {
       if (s->o.max_age_ms || s->o.max_events) {
         uv_mutex_unlock(&s->mu);
@@ -345,10 +421,11 @@ static void writer_main(void *arg) {
     batch = s->head;
     s->head = s->tail = NULL;
     s->nqueued = 0;
-    uv_cond_broadcast(&s->done);       /* room for blocked appenders */
     uv_mutex_unlock(&s->mu);
 
-    rc = exec(s->wdb, "BEGIN IMMEDIATE");
+    for (r = batch; r; r = r->next) batch_bytes += row_bytes(r);
+    is_full = room_for(s, batch_bytes) < 0;
+    rc = is_full ? SQLITE_FULL : exec(s->wdb, "BEGIN IMMEDIATE");
     for (r = batch; r; r = r->next) {
       nrows++;
       if (r->kind == BUZZ_ROW_EVENT) {
@@ -358,9 +435,10 @@ static void writer_main(void *arg) {
       if (rc == SQLITE_OK) rc = write_row(s, r);
     }
     if (rc == SQLITE_OK) rc = exec(s->wdb, "COMMIT");
+    free_rows(batch);                  /* before they leave the backlog */
     if (rc != SQLITE_OK) {
       failure *f = calloc(1, sizeof *f);
-      const char *m = sqlite3_errmsg(s->wdb);
+      const char *m = is_full ? s->full_msg : sqlite3_errmsg(s->wdb);
       if (f) {
         f->lo = lo;
         f->hi = hi;
@@ -382,14 +460,11 @@ static void writer_main(void *arg) {
       s->st.commits++;
     }
     s->done_seq += nrows;
+    s->qbytes -= batch_bytes;
     uv_cond_broadcast(&s->done);
     uv_mutex_unlock(&s->mu);
-    while (batch) {
-      r = batch->next;
-      free(batch);
-      batch = r;
-    }
     if (s->o.notify) s->o.notify(s->o.data);
+    buzz__wal_catch_up(s->wal);
     retain(s);
     uv_mutex_lock(&s->mu);
   }
@@ -399,35 +474,13 @@ static void writer_main(void *arg) {
 
 /* ------------------------------------------------------------ open/close */
 
-static int lock_writer(buzz_store *s, char *err, size_t errlen) {
-  size_t n = strlen(s->path);
-  char *lp = malloc(n + 6), pid[32];
-  int fd;
-  if (lp == NULL) return BUZZ_ENOMEM;
-  memcpy(lp, s->path, n);
-  memcpy(lp + n, "-lock", 6);
-  fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  free(lp);
-  if (fd < 0) {
-    set_err(err, errlen, "%s: cannot create its lock file: %s", s->path,
-            strerror(errno));
-    return BUZZ_ESTORE;
-  }
-  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    ssize_t k = pread(fd, pid, sizeof pid - 1, 0);
-    pid[k > 0 ? k : 0] = '\0';
-    close(fd);
-    set_err(err, errlen, "%s is locked by another writer%s (two processes "
-            "may read one store, only one may write it)", s->path,
-            k > 0 ? pid : "");
-    return BUZZ_ELOCKED;
-  }
-  snprintf(pid, sizeof pid, " (pid %ld)", (long)getpid());
-  if (ftruncate(fd, 0) == 0 && pwrite(fd, pid, strlen(pid), 0) < 0) {
-    /* the pid is only for the message; the lock is what counts */
-  }
-  s->lock_fd = fd;
-  return BUZZ_OK;
+/*
+** Claims the file (storelock.c): a writer takes the writer lock, or gets
+** BUZZ_ELOCKED; s->file becomes the canonical path SQLite is to open.
+*/
+static int claim_file(buzz_store *s, char *err, size_t errlen) {
+  return buzz__file_claim(s->path, !s->o.is_readonly, &s->fid, &s->file,
+                          err, errlen);
 }
 
 /* A store whose schema this buzz does not know is left alone. */
@@ -488,7 +541,7 @@ fail:
 
 static int open_db(buzz_store *s, sqlite3 **db, int flags, char *err,
                    size_t errlen) {
-  if (sqlite3_open_v2(s->path, db, flags | SQLITE_OPEN_NOMUTEX, NULL)
+  if (sqlite3_open_v2(s->file, db, flags | SQLITE_OPEN_NOMUTEX, NULL)
       != SQLITE_OK) {
     db_err(err, errlen, s, *db);
     return BUZZ_ESTORE;
@@ -527,7 +580,7 @@ static int check_path(buzz_store *s, char *err, size_t errlen) {
 static int open_writer(buzz_store *s, char *err, size_t errlen) {
   char b[96];
   int rc;
-  if ((rc = lock_writer(s, err, errlen)) < 0) return rc;
+  if ((rc = claim_file(s, err, errlen)) < 0) return rc;
   if ((rc = open_db(s, &s->wdb, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
                     err, errlen)) < 0)
     return rc;
@@ -593,7 +646,7 @@ int buzz__store_open(buzz_store **out, const char *path,
   *out = NULL;
   if (s == NULL) return BUZZ_ENOMEM;
   s->o = *o;
-  s->lock_fd = -1;
+  if (s->o.max_backlog <= 0) s->o.max_backlog = BUZZ_BACKLOG_DEFAULT;
   if ((s->path = malloc(strlen(path) + 1)) == NULL) {
     free(s);
     return BUZZ_ENOMEM;
@@ -607,6 +660,7 @@ int buzz__store_open(buzz_store **out, const char *path,
   uv_cond_init(&s->work);
   uv_cond_init(&s->done);
   if ((rc = check_path(s, err, errlen)) < 0) goto fail;
+  if (o->is_readonly && (rc = claim_file(s, err, errlen)) < 0) goto fail;
   if (!o->is_readonly && (rc = open_writer(s, err, errlen)) < 0) goto fail;
   if ((rc = open_db(s, &s->rdb, SQLITE_OPEN_READONLY, err, errlen)) < 0)
     goto fail;
@@ -636,6 +690,13 @@ int buzz__store_open(buzz_store **out, const char *path,
                           SQLITE_UTF8 | SQLITE_DETERMINISTIC, NULL,
                           sql_match, NULL, NULL);
   s->committed_id = s->last_id;
+  if (!o->is_readonly &&
+      buzz__wal_start(&s->wal, s->wdb, s->file) < 0) {
+    set_err(err, errlen, "%s: cannot start the checkpointer: %s", path,
+            sqlite3_errmsg(s->wdb));
+    rc = BUZZ_ESTORE;
+    goto fail;
+  }
   if (!o->is_readonly) {
     s->has_thread = 1;                 /* before the thread can read it */
     if (uv_thread_create(&s->thread, writer_main, s) != 0) {
@@ -662,6 +723,7 @@ void buzz__store_close(buzz_store *s) {
     uv_mutex_unlock(&s->mu);
     uv_thread_join(&s->thread);        /* the writer commits what is left */
   }
+  buzz__wal_stop(s->wal);              /* while the writer's db is open */
   while (s->head) {                    /* rows of a writer never started */
     buzz_row *r = s->head->next;
     free(s->head);
@@ -675,7 +737,7 @@ void buzz__store_close(buzz_store *s) {
   sqlite3_finalize(s->del);
   sqlite3_close(s->rdb);
   sqlite3_close(s->wdb);
-  if (s->lock_fd >= 0) close(s->lock_fd);   /* after SQLite let go */
+  buzz__file_release(s->fid, !s->o.is_readonly);  /* after SQLite let go */
   while ((f = s->fails) != NULL) {
     s->fails = f->next;
     free(f->msg);
@@ -685,6 +747,7 @@ void buzz__store_close(buzz_store *s) {
   uv_cond_destroy(&s->done);
   uv_mutex_destroy(&s->mu);
   free(s->path);
+  free(s->file);
   free(s);
 }
 
@@ -696,16 +759,25 @@ int64_t buzz__store_last_id(const buzz_store *s) {
 /* ------------------------------------------------------------ appends */
 
 int buzz__store_append(buzz_store *s, buzz_row *row) {
+  int64_t n = row_bytes(row);
   if (!s->has_thread) {
     free(row);
     return BUZZ_ESTORE;
   }
   uv_mutex_lock(&s->mu);
-  while (s->nqueued >= BACKLOG_MAX) uv_cond_wait(&s->done, &s->mu);
+  if (row->kind == BUZZ_ROW_EVENT && s->qbytes > 0 &&
+      (s->nqueued >= BACKLOG_ROWS || s->qbytes + n > s->o.max_backlog)) {
+    s->st.refused++;                   /* back-pressure, never a wait */
+    uv_mutex_unlock(&s->mu);
+    free(row);
+    return BUZZ_EFULL;
+  }
   if (s->tail) s->tail->next = row;
   else s->head = row;
   s->tail = row;
   s->nqueued++;
+  s->qbytes += n;
+  if (s->qbytes > s->st.backlog_peak) s->st.backlog_peak = s->qbytes;
   s->st.appended++;
   s->appended_seq++;
   if (s->nqueued == 1) uv_cond_signal(&s->work);
@@ -759,6 +831,9 @@ void buzz__store_stats(buzz_store *s, buzz_store_stats *st) {
   *st = s->st;
   st->pending = s->appended_seq - s->done_seq;
   st->committed_id = s->committed_id;
+  st->backlog_bytes = s->qbytes;
+  st->backlog_limit = s->o.max_backlog;
+  st->checkpoints = buzz__wal_checkpoints(s->wal);
   uv_mutex_unlock(&s->mu);
 }
 
@@ -913,12 +988,9 @@ int buzz__store_count(buzz_store *s, int64_t after, buzz_str pattern,
 }
 
 int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
-                     int64_t *last, int64_t *bytes, char *err,
-                     size_t errlen) {
+                     int64_t *last, int64_t *bytes, int64_t *wal_bytes,
+                     char *err, size_t errlen) {
   sqlite3_stmt *st;
-  struct stat sb;
-  size_t n = strlen(s->path);
-  char *wal;
   int rc;
   if (read_prepare(s, "SELECT count(*), min(id), max(id) FROM events", &st,
                    err, errlen) < 0)
@@ -929,13 +1001,7 @@ int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
     *last = sqlite3_column_int64(st, 2);
   }
   if (read_done(s, st, rc, 1, err, errlen) < 0) return BUZZ_ESTORE;
-  *bytes = stat(s->path, &sb) == 0 ? (int64_t)sb.st_size : 0;
-  if ((wal = malloc(n + 5)) != NULL) {
-    memcpy(wal, s->path, n);
-    memcpy(wal + n, "-wal", 5);
-    if (stat(wal, &sb) == 0) *bytes += (int64_t)sb.st_size;
-    free(wal);
-  }
+  *bytes = file_bytes(s, wal_bytes);
   return BUZZ_OK;
 }
 

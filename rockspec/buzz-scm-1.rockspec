@@ -47,6 +47,8 @@ build = {
         "csrc/loop.c",
         "csrc/json.c",
         "csrc/store.c",
+        "csrc/storelock.c",
+        "csrc/storewal.c",
         "csrc/dedup.c",
         "csrc/lbuzz.c",
         "csrc/lcheck.c",

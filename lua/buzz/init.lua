@@ -41,6 +41,9 @@ local PAGE = 256
 -- Deliveries run() makes between checks of the loop.
 local RUN_BATCH = 256
 
+-- The range of max_backlog, in bytes (csrc/buzz.h, BUZZ_BACKLOG_*).
+local MIN_BACKLOG, MAX_BACKLOG = 65536, 2 ^ 48
+
 
 -- ------------------------------------------------------------ validation
 
@@ -55,7 +58,7 @@ end
 local NEW_OPTIONS = option_set("store", "durability", "queue_limit",
                                "on_error", "readonly", "max_payload",
                                "dedup_window", "max_age", "max_events",
-                               "max_size", "clock", "loop")
+                               "max_size", "max_backlog", "clock", "loop")
 local SUBSCRIBE_OPTIONS = option_set("once", "durable", "start", "name",
                                      "retry", "ordered", "breaker",
                                      "timeout", "concurrency", "filter")
@@ -297,7 +300,8 @@ end
 -- ------------------------------------------------------------ the bus
 
 --- Creates a bus.
----@param opts table|nil store, durability, queue_limit, on_error
+---@param opts table|nil store, durability, queue_limit, on_error, and for
+--- a store readonly, max_size and max_backlog (bytes), max_age, max_events
 ---@return table|nil bus, string|nil err, string|nil code
 function M.new(opts)
   check_options(opts, NEW_OPTIONS, "buzz.new", 2)
@@ -323,6 +327,14 @@ function M.new(opts)
     error(("bad store: expected the path of a SQLite file such as "
            .. "\"events.db\", got %s"):format(quote(store)), 2)
   end
+  if store and store:find("\0", 1, true) then
+    error(("bad store: the path %s contains a NUL byte; give a path "
+           .. "without one"):format(quote(store)), 2)
+  end
+  if store == ":memory:" then
+    error('bad store: ":memory:" cannot be shared by the store\'s writer '
+          .. "thread and its reader; omit store for an in-memory bus", 2)
+  end
   if opts.readonly ~= nil and type(opts.readonly) ~= "boolean" then
     error("bad readonly: expected a boolean", 2)
   end
@@ -332,6 +344,13 @@ function M.new(opts)
   check_positive(opts.max_age, "max_age", false, 2, RANGE.max_age)
   check_positive(opts.max_events, "max_events", true, 2)
   check_positive(opts.max_size, "max_size", true, 2)
+  local backlog = opts.max_backlog
+  if backlog ~= nil and (not is_integer(backlog) or backlog < MIN_BACKLOG
+                         or backlog > MAX_BACKLOG) then
+    error(("bad max_backlog: expected an integer number of bytes from "
+           .. "%d (64 KiB) to 2^48, got %s"):format(MIN_BACKLOG,
+                                                   quote(backlog)), 2)
+  end
   local clock = opts.clock
   if clock ~= nil and not timers.is_clock(clock) then
     error(("bad clock: expected buzz.manual_clock(), got %s")
@@ -341,7 +360,7 @@ function M.new(opts)
   if loop ~= nil then driver.check(loop, 2) end   -- raises before anything
   if not store then
     for _, k in ipairs { "durability", "readonly", "max_age", "max_events",
-                         "max_size" } do
+                         "max_size", "max_backlog" } do
       if opts[k] ~= nil then
         error(("%s applies to a store: give buzz.new{ store = "
                .. "\"events.db\" } too, or drop %s"):format(k, k), 2)
@@ -359,6 +378,7 @@ function M.new(opts)
       durability = DURABILITIES[durability or "batch"],
       readonly = opts.readonly and 1 or 0,
       max_bytes = opts.max_size,
+      max_backlog = backlog,
       max_age_ms = opts.max_age and floor(opts.max_age * 1000),
       max_events = opts.max_events,
     }
