@@ -100,7 +100,7 @@ describe("core.json_encode", function()
       print(#text)
     ]], "ulimit -s 1024;")
     assert.is_true(ok, out)
-    assert.equal("1998\n", out)
+    assert.equal("2000\n", out)
   end)
 
   it("ignores metatables", function()
