@@ -16,7 +16,7 @@
 CC      ?= cc
 FLAVOURS = lua5.4 luajit
 SRCS     = csrc/error.c csrc/map.c csrc/match.c csrc/queue.c csrc/bus.c \
-           csrc/loop.c csrc/json.c csrc/store.c csrc/dedup.c \
+           csrc/loop.c csrc/json.c csrc/store.c csrc/ids.c csrc/dedup.c \
            csrc/lbuzz.c
 HDRS     = csrc/buzz.h csrc/compat.h csrc/json.h
 

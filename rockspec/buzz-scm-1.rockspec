@@ -47,6 +47,7 @@ build = {
         "csrc/loop.c",
         "csrc/json.c",
         "csrc/store.c",
+        "csrc/ids.c",
         "csrc/dedup.c",
         "csrc/lbuzz.c",
       },
