@@ -1299,13 +1299,15 @@ static int lcore_set_handler(lua_State *L) {
 /*
 ** With a store: makes sure the next id (bus.last_id + 1) is reserved
 ** (ids.c), so that no crash can hand it out again. Returns 0, or BUZZ_ESTORE
-** (or BUZZ_ENOMEM) with the reason in err: the id is then not used. The
-** hot path is the one comparison. Stack: U at u.
+** (or BUZZ_ENOMEM) with the reason in err: the id is then not used. Callers
+** skip the call while NEED_ID() is false: the hot path is one comparison.
+** Stack: U at u.
 */
+#define NEED_ID(c) ((c)->bus.last_id >= (c)->id_safe)
+
 static int take_id(lua_State *L, lcore *c, int u, char *err) {
   char why[ERR_MAX];
   int rc;
-  if (c->bus.last_id < c->id_safe) return 0;
   if ((rc = buzz__ids_take(c->store, c->bus.last_id + 1, &c->id_safe)) == 0)
     return 0;
   if (rc == BUZZ_ESTORE && store_sync(L, c, u, why) < 0)
@@ -1335,7 +1337,7 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
   memset(&spec, 0, sizeof spec);
   if ((rc = store_sync(L, c, u, err)) < 0)  /* an earlier group failed */
     return push_store_fail(L, rc, err);
-  if ((rc = take_id(L, c, u, err)) < 0)
+  if (NEED_ID(c) && (rc = take_id(L, c, u, err)) < 0)
     return push_store_fail(L, rc, err);
   if ((rc = buzz__json_encode(L, 3, "payload", c->max_payload)) != 0) {
     lua_pushnil(L);
@@ -1479,7 +1481,7 @@ static int do_publish(lua_State *L, int mode) {
   if (ts > 0) ev->ts = (int64_t)ts;    /* a manual clock's time */
   if (c->store && mode == 2) {         /* not stored, but never reused */
     char err[ERR_MAX];
-    if ((rc = take_id(L, c, ctx.u, err)) < 0) {
+    if (NEED_ID(c) && (rc = take_id(L, c, ctx.u, err)) < 0) {
       event_drop(c, ev);
       return push_store_fail(L, rc, err);
     }
