@@ -370,7 +370,23 @@ function M.run()
   if not ok then error(err, 0) end
 end
 
-if is_main then
+--- One case for callgrind (bench/instructions.sh): n appends with a
+--- durability ("batch", "none", "sync"), flushed; both threads count.
+---@param name string
+---@param n integer
+function M.run_case(name, n)
+  local path = fresh_path()
+  local bus = new_bus(path, name)
+  publish_n(bus, 0, n)
+  assert(bus:flush())
+  bus:close()
+  remove_db(path)
+  remove_dir()
+end
+
+if is_main and arg[1] == "--case" then
+  M.run_case(arg[2], tonumber(arg[3]) or 10000)
+elseif is_main then
   local t0 = clock()
   M.run()
   io.write(format("\n(%.1f s CPU in this process)\n", clock() - t0))
