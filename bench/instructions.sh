@@ -1,6 +1,6 @@
 #!/bin/sh
 # Instructions per event for each case of bench/failure.lua (then of
-# bench/filter.lua and bench/aggregate.lua), counted by
+# bench/filter.lua, bench/aggregate.lua and bench/store.lua), counted by
 # valgrind's callgrind: repeatable whatever else the machine is doing, where
 # the CPU-time figures of `make bench` are not. Each case runs twice, with
 # N and 3N events, and the difference is divided by 2N, so start-up cancels
@@ -44,4 +44,10 @@ done
 echo "windows, instructions per event ($lua)"
 for c in window hand; do
   printf '  %-12s %8d\n' "$c" "$(per_event "$c" aggregate)"
+done
+# bench/store.lua: an append with a store, publish to commit (the writer
+# thread's SQLite work included; groups vary a little from run to run).
+echo "store appends, instructions per event ($lua)"
+for c in batch none; do
+  printf '  %-12s %8d\n' "$c" "$(per_event "$c" store)"
 done

@@ -387,19 +387,31 @@ function M.run()
   if not ok then error(err, 0) end
 end
 
---- One case alone: `lua5.4 bench/store.lua --case latency` (the only one).
-function M.run_case(name)
-  if name ~= "latency" then
-    error("bench/store.lua: the only case is latency", 0)
+--- One case alone. `--case latency`: paced publishes, p99.9 latency;
+--- `--case batch|none|sync N` (for callgrind, bench/instructions.sh): N
+--- appends with that durability, flushed; both threads count.
+---@param name string
+---@param n integer|nil
+function M.run_case(name, n)
+  if name == "latency" then
+    local ok, err = pcall(latency_rows)
+    remove_dir()
+    if not ok then error(err, 0) end
+    return
   end
-  local ok, err = pcall(latency_rows)
+  local path = fresh_path()
+  local bus = new_bus(path, name)
+  publish_n(bus, 0, n or 10000)
+  assert(bus:flush())
+  bus:close()
+  remove_db(path)
   remove_dir()
-  if not ok then error(err, 0) end
 end
 
 if is_main then
   local t0 = clock()
-  if arg[1] == "--case" then M.run_case(arg[2]) else M.run() end
+  if arg[1] == "--case" then M.run_case(arg[2], tonumber(arg[3]))
+  else M.run() end
   io.write(format("\n(%.1f s CPU in this process)\n", clock() - t0))
 end
 

@@ -391,8 +391,12 @@ typedef struct buzz_store buzz_store;
 enum { BUZZ_DUR_NONE = 0, BUZZ_DUR_BATCH, BUZZ_DUR_SYNC };
 enum {
   BUZZ_ROW_EVENT = 0, BUZZ_ROW_ACK, BUZZ_ROW_DROP_CONSUMER,
-  BUZZ_ROW_STATE_PUT, BUZZ_ROW_STATE_DEL
+  BUZZ_ROW_STATE_PUT, BUZZ_ROW_STATE_DEL,
+  BUZZ_ROW_IDS_RESERVE, BUZZ_ROW_IDS_RELEASE   /* ids.c; the value in id */
 };
+/* The store's own rows, which its counters (buzz_store_stats) leave out. */
+#define BUZZ_ROW_IS_IDS(kind) \
+  ((kind) == BUZZ_ROW_IDS_RESERVE || (kind) == BUZZ_ROW_IDS_RELEASE)
 
 /* A byte string that may be absent (p == NULL). */
 typedef struct buzz_str {
@@ -482,7 +486,9 @@ int buzz__store_open(buzz_store **out, const char *path,
                      const buzz_store_opts *o, char *err, size_t errlen);
 /* Commits what is queued, stops the writer and closes. Idempotent on NULL. */
 void buzz__store_close(buzz_store *s);
-int64_t buzz__store_last_id(const buzz_store *s);  /* highest id at open */
+/* The highest id at open: for a writer, the highest any earlier session
+** may have handed out (its reservation included; see ids.c). */
+int64_t buzz__store_last_id(const buzz_store *s);
 /*
 ** Hands a row to the writer; the store owns it from here, even on failure
 ** (BUZZ_ESTORE: the store was opened read-only). Never blocks: an event
@@ -550,6 +556,46 @@ int buzz__store_dedup_load(buzz_store *s, int64_t since, buzz_dedup_cb cb,
 typedef void (*buzz_state_cb)(void *data, buzz_str name, buzz_str value);
 int buzz__store_state(buzz_store *s, buzz_str kind, buzz_state_cb cb,
                       void *data, char *err, size_t errlen);
+
+/* ---------------------------------------------------------------- ids.c */
+
+/*
+** The id reservation of a writing store (ids.c says how it works): ids are
+** handed out only up to a reservation committed to the store, which the
+** writer advances in blocks ahead of use, so a crash never repeats an id.
+** CONSTRUCTOR: buzz__ids_open(), by store.c on the writer's connection
+** before the writer starts   DESTRUCTOR: buzz__ids_close(), by store.c
+*/
+typedef struct buzz_ids buzz_ids;
+struct sqlite3;
+
+/*
+** Reads the highest id an earlier session may have used (max(id), the
+** reservation) into *last and reserves the first block. Returns an SQLite
+** result code; a first block that cannot be written is not an error (the
+** first publish asks again).
+*/
+int buzz__ids_open(buzz_ids **out, struct sqlite3 *db, int64_t *last);
+void buzz__ids_close(buzz_ids *ids);                  /* NULL: nothing */
+/* Writer thread: writes a BUZZ_ROW_IDS_* row (SQLite result code), and
+** after each group, committed or rolled back, takes note. */
+int buzz__ids_write(buzz_ids *ids, const buzz_row *r);
+void buzz__ids_done(buzz_ids *ids, int is_committed);
+/* store.c: the store's reservation, NULL for a reader. */
+buzz_ids *buzz__store_ids(buzz_store *s);
+/*
+** Loop thread, before id is handed out (ids go up by one): makes sure id
+** is reserved, asking the writer for the next block when less than half
+** of this one is left, and waiting for its commit only if id is past what
+** is committed. Sets *safe to the highest id that needs no further call.
+** Returns 0, or BUZZ_ESTORE (read-only, or the reservation could not be
+** committed: the writer's failure then waits for buzz__store_poll) or
+** BUZZ_ENOMEM; id is then not to be used.
+*/
+int buzz__ids_take(buzz_store *s, int64_t id, int64_t *safe);
+/* Loop thread, at a clean close: gives back the ids reserved above last,
+** the highest handed out, so the next session goes on without a gap. */
+int buzz__ids_release(buzz_store *s, int64_t last);
 
 /* ---------------------------------------------------------------- dedup.c */
 

@@ -78,6 +78,8 @@ typedef struct lcore {
   int64_t gate_id;     /* the highest queued id that must be committed */
   int64_t committed;   /* before delivery, and the committed id last seen */
   int64_t appended_id; /* the last event id handed to the writer */
+  int64_t id_safe;     /* ids up to this are reserved in the store: */
+                       /* no word with it needed (buzz__ids_take) */
   size_t ndurable;     /* live durable subs */
   int upcast_ref;      /* U ref: upcast(ev) from lua/buzz, or LUA_NOREF */
   int yield_ref;       /* U ref: on_yield(co, sub, ev, ...), or LUA_NOREF */
@@ -1208,6 +1210,8 @@ static int lcore_close(lua_State *L) {
       if (c->bus.slots[i] && c->bus.slots[i]->durable)
         save_position(c, c->bus.slots[i], err);
   }
+  if (c->store)                        /* the next session goes on from */
+    buzz__ids_release(c->store, c->bus.last_id);   /* here, no gap */
   n = buzz__bus_close(&c->bus, NULL);  /* U is dropped whole below */
   c->ndurable = 0;
   buzz__store_close(c->store);         /* commits what is left; before the
@@ -1412,6 +1416,31 @@ static int push_append_fail(lua_State *L, lcore *c, int rc) {
 }
 
 /*
+** With a store: makes sure the next id (bus.last_id + 1) is reserved
+** (ids.c), so that no crash can hand it out again. Returns 0, or BUZZ_ESTORE
+** (or BUZZ_ENOMEM) with the reason in err: the id is then not used. Callers
+** skip the call while NEED_ID() is false: the hot path is one comparison.
+** Stack: U at u.
+*/
+#define NEED_ID(c) ((c)->bus.last_id >= (c)->id_safe)
+
+static int take_id(lua_State *L, lcore *c, int u, char *err) {
+  char why[ERR_MAX];
+  int rc;
+  if ((rc = buzz__ids_take(c->store, c->bus.last_id + 1, &c->id_safe)) == 0)
+    return 0;
+  if (rc == BUZZ_ESTORE && store_sync(L, c, u, why) < 0)
+    snprintf(err, ERR_MAX, "cannot reserve ids, so nothing was published: "
+             "%s", why);
+  else if (rc == BUZZ_ESTORE)
+    snprintf(err, ERR_MAX, "cannot reserve ids, so nothing was published "
+             "(the store is read-only, or its last reservation failed)");
+  else
+    snprintf(err, ERR_MAX, "%s", buzz__err_message(rc));
+  return rc;
+}
+
+/*
 ** With a store: encodes the payload (slot 3) and headers (slot 8), appends
 ** the row (id and ts preset in ev) and, for sync durability or a
 ** publish_sync, waits for its commit. Returns 0, or pushes nil, err, code
@@ -1426,6 +1455,8 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
   int rc, top = lua_gettop(L);
   memset(&spec, 0, sizeof spec);
   if ((rc = store_sync(L, c, u, err)) < 0)  /* an earlier group failed */
+    return push_store_fail(L, rc, err);
+  if (NEED_ID(c) && (rc = take_id(L, c, u, err)) < 0)
     return push_store_fail(L, rc, err);
   if ((rc = buzz__json_encode(L, 3, "payload", c->max_payload)) != 0) {
     lua_pushnil(L);
@@ -1582,6 +1613,14 @@ static int do_publish(lua_State *L, int mode) {
   ev->causation_id = caus == 0 ? cur.id : (int64_t)caus;
   ev->version = (int)version;
   if (ts > 0) ev->ts = (int64_t)ts;    /* a manual clock's time */
+  if (c->store && mode == 2) {         /* not stored, but never reused */
+    char err[ERR_MAX];
+    if (NEED_ID(c) && (rc = take_id(L, c, ctx.u, err)) < 0) {
+      event_drop(c, ev);
+      return push_store_fail(L, rc, err);
+    }
+    ev->id = c->bus.last_id + 1;
+  }
   if (c->store && mode != 2 &&
       store_publish(L, c, ctx.u, ev, mode == 1, type, len, dkey, dlen)) {
     event_drop(c, ev);

@@ -38,9 +38,11 @@
 ** complete groups. The failure (message and the ids it lost) is latched
 ** and reported once, by the next append or flush.
 **
-** Invariants: ids increase; the newest event is never deleted by retention
-** (so max(id) survives and ids are never reused); an event at or below no
-** durable consumer's position is deleted.
+** Ids: the writer also keeps the id reservation (ids.c) in its groups: ids
+** are handed out only up to a committed reservation, so none is reused.
+**
+** Invariants: ids increase; the newest event is never deleted by retention;
+** an event at or below no durable consumer's position is deleted.
 **
 ** It does not know Lua, JSON or subscriptions: payloads arrive as text.
 */
@@ -95,7 +97,9 @@ struct buzz_store {
   char *path;                /* owns; as given, for messages */
   char *file;                /* owns; canonical, what SQLite opens */
   buzz_file *fid;            /* owns a claim; the writer lock if a writer */
-  int64_t last_id;           /* max(id) at open */
+  int64_t last_id;           /* max(id) at open (and, for a writer, the
+                                highest id an earlier session reserved) */
+  buzz_ids *ids;             /* owns; the id reservation, NULL for readers */
   /* loop thread only */
   sqlite3 *rdb;              /* owns; read-only connection */
   sqlite3_stmt *q_stmt;      /* owns; the current query page */
@@ -277,6 +281,9 @@ static int write_row(buzz_store *s, buzz_row *r) {
     bind_str(st, 1, r->type);
     bind_str(st, 2, r->key);           /* NULL: the whole kind */
     break;
+  case BUZZ_ROW_IDS_RESERVE:
+  case BUZZ_ROW_IDS_RELEASE:
+    return buzz__ids_write(s->ids, r);
   default:
     return SQLITE_MISUSE;
   }
@@ -341,24 +348,6 @@ static void retain(buzz_store *s) {
 }
 
 /*
-** After a failed group: records its highest id on its own, so no id is
-** handed out twice across a restart (with durability "none" a handler may
-** have seen it). Best effort: if this fails too, the disk is in trouble
-** and the ids were seen by nobody in the other modes.
-*/
-static void keep_high_id(buzz_store *s, int64_t hi) {
-  sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(s->wdb, "INSERT INTO meta (key, value) VALUES "
-                         "('last_id', ?1) ON CONFLICT (key) DO UPDATE SET "
-                         "value = max(value, ?1)", -1, &st, NULL)
-      != SQLITE_OK)
-    return;
-  sqlite3_bind_int64(st, 1, hi);
-  sqlite3_step(st);
-  sqlite3_finalize(st);
-}
-
-/*
 ** With max_size: may a group of rows of group_bytes be written without the
 ** database and its WAL passing max_bytes together? When not, first
 ** checkpoints the WAL into the database and truncates it (no busy wait: a
@@ -403,7 +392,7 @@ static void writer_main(void *arg) {
   uv_mutex_lock(&s->mu);
   for (;;) {
     buzz_row *batch, *r;
-    int64_t nrows = 0, lo = 0, hi = 0, batch_bytes = 0;
+    int64_t nrows = 0, nids = 0, lo = 0, hi = 0, batch_bytes = 0;
     int rc, is_full;
     while (s->head == NULL && !s->is_stopping) {
       if (s->o.max_age_ms || s->o.max_events) {
@@ -428,6 +417,7 @@ static void writer_main(void *arg) {
     rc = is_full ? SQLITE_FULL : exec(s->wdb, "BEGIN IMMEDIATE");
     for (r = batch; r; r = r->next) {
       nrows++;
+      nids += BUZZ_ROW_IS_IDS(r->kind);
       if (r->kind == BUZZ_ROW_EVENT) {
         if (lo == 0) lo = r->id;
         hi = r->id;
@@ -445,19 +435,20 @@ static void writer_main(void *arg) {
         if ((f->msg = malloc(strlen(m) + 1)) != NULL) strcpy(f->msg, m);
       }
       if (!sqlite3_get_autocommit(s->wdb)) exec(s->wdb, "ROLLBACK");
-      if (hi > 0) keep_high_id(s, hi);
+      buzz__ids_done(s->ids, 0);       /* before waiters wake */
       uv_mutex_lock(&s->mu);
       if (f) {
         if (s->fails_tail) s->fails_tail->next = f;
         else s->fails = f;
         s->fails_tail = f;
       }
-      s->st.failed += nrows;
+      s->st.failed += nrows - nids;
     } else {
+      buzz__ids_done(s->ids, 1);
       uv_mutex_lock(&s->mu);
       if (hi > s->committed_id) s->committed_id = hi;
-      s->st.committed += nrows;
-      s->st.commits++;
+      s->st.committed += nrows - nids;
+      s->st.commits += nrows > nids;
     }
     s->done_seq += nrows;
     s->qbytes -= batch_bytes;
@@ -625,14 +616,7 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
       sqlite3_prepare_v2(s->wdb, "DELETE FROM state WHERE kind = ?1 AND "
         "(?2 IS NULL OR name = ?2)", -1, &s->del, NULL) != SQLITE_OK)
     goto fail;
-  s->last_id = query_int(s->wdb, "SELECT max(id) FROM events", 0, 0, 0, &rc);
-  if (rc != SQLITE_OK) goto fail;
-  {
-    int64_t kept = query_int(s->wdb, "SELECT value FROM meta WHERE key = "
-                             "'last_id'", 0, 0, 0, &rc);
-    if (rc != SQLITE_OK) goto fail;
-    if (kept > s->last_id) s->last_id = kept;
-  }
+  if (buzz__ids_open(&s->ids, s->wdb, &s->last_id) != SQLITE_OK) goto fail;
   return BUZZ_OK;
 fail:
   db_err(err, errlen, s, s->wdb);
@@ -735,6 +719,7 @@ void buzz__store_close(buzz_store *s) {
   sqlite3_finalize(s->drop);
   sqlite3_finalize(s->put);
   sqlite3_finalize(s->del);
+  buzz__ids_close(s->ids);
   sqlite3_close(s->rdb);
   sqlite3_close(s->wdb);
   buzz__file_release(s->fid, !s->o.is_readonly);  /* after SQLite let go */
@@ -753,6 +738,10 @@ void buzz__store_close(buzz_store *s) {
 
 int64_t buzz__store_last_id(const buzz_store *s) {
   return s->last_id;
+}
+
+buzz_ids *buzz__store_ids(buzz_store *s) {
+  return s->has_thread ? s->ids : NULL;
 }
 
 
@@ -778,7 +767,7 @@ int buzz__store_append(buzz_store *s, buzz_row *row) {
   s->nqueued++;
   s->qbytes += n;
   if (s->qbytes > s->st.backlog_peak) s->st.backlog_peak = s->qbytes;
-  s->st.appended++;
+  s->st.appended += !BUZZ_ROW_IS_IDS(row->kind);
   s->appended_seq++;
   if (s->nqueued == 1) uv_cond_signal(&s->work);
   uv_mutex_unlock(&s->mu);

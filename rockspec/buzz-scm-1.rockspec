@@ -49,6 +49,7 @@ build = {
         "csrc/store.c",
         "csrc/storelock.c",
         "csrc/storewal.c",
+        "csrc/ids.c",
         "csrc/dedup.c",
         "csrc/lbuzz.c",
         "csrc/lcheck.c",

@@ -298,3 +298,142 @@ describe("durable windows and batches after SIGKILL", function()
     end
   end)
 end)
+
+-- Ids under SIGKILL, in every durability mode: the child publishes as
+-- fast as it can and logs, one unbuffered line each, every id publish
+-- returned and every id its handler saw, with the event's fingerprint
+-- (the round and a counter). It is killed at a random moment after its
+-- first publish, and restarted on the same store.
+local IDS_CHILD = [[
+local buzz = require "buzz"
+local store, durability, round, logpath = arg[1], arg[2], arg[3], arg[4]
+local log = assert(io.open(logpath, "w"))
+log:setvbuf("no")
+local bus = assert(buzz.new{ store = store, durability = durability })
+bus:subscribe("job.*", function(ev)
+  log:write(("saw %d %s\n"):format(ev.id, ev.payload.fp))
+end)
+local i = 0
+while true do
+  i = i + 1
+  local fp = round .. "." .. i
+  local id, err, code = bus:publish("job.run", { fp = fp })
+  if id then
+    log:write(("pub %d %s\n"):format(id, fp))
+  elseif code == "EFULL" then
+    bus:drain()
+  else
+    error(err)
+  end
+  bus:step(2)
+end
+]]
+
+-- Starts the child, waits until it has logged a publish, lets it run for
+-- secs more and SIGKILLs it. Returns the complete lines of its log (the
+-- kill may cut the last one) and what it wrote on stderr.
+local function run_until_kill(t, durability, round, secs)
+  local log = ("%s/log-%s-%d.txt"):format(t.dir, durability, round)
+  local cmd = ("LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='%s/?.so;;' "
+               .. "%s %s %s %s %d %s 2> %s & pid=$!; n=0; "
+               .. "until grep -q '^pub ' %s 2>/dev/null || "
+               .. "! kill -0 $pid 2>/dev/null || [ $n -ge 2000 ]; do "
+               .. "%ssleep 0.01; n=$((n+1)); done; %ssleep %.3f; "
+               .. "kill -9 $pid; wait $pid 2>/dev/null; true")
+              :format(H.build, H.lua, t.script, t.store, durability, round,
+                      log, t.out, log, H.tool, H.tool, secs)
+  os.execute(cmd)
+  local text = H.slurp(log) or ""
+  return text:match("^(.*\n)") or "", read(t.out)
+end
+
+-- Runs rounds kills of the child with this durability on one store, then
+-- checks that every id ever returned or seen names exactly one event, and
+-- that the store holds each with the fingerprint the child logged.
+local function id_rounds(t, durability, rounds)
+  local seed = os.time()
+  math.randomseed(seed)
+  local names = {}           -- id -> fingerprint, over every round
+  local returned, saw = {}, {}
+  local function name(id, fp, how, round)
+    local was = names[id]
+    if was ~= nil and was ~= fp then   -- (assert per line is slow)
+      assert.is_true(false, ("round %d (seed %d): id %d %s %s, but named %s "
+                             .. "before"):format(round, seed, id, how, fp,
+                                                 was))
+    end
+    names[id] = fp
+  end
+  for round = 1, rounds do
+    local text, err = run_until_kill(t, durability, round,
+                                     math.random() * 0.3)
+    local published = 0
+    for what, id, fp in text:gmatch("(%a+) (%d+) (%S+)\n") do
+      id = tonumber(id)
+      if what == "pub" then
+        name(id, fp, "was returned for", round)
+        returned[id] = fp
+        published = published + 1
+      else
+        name(id, fp, "was seen for", round)
+        saw[id] = fp
+      end
+    end
+    assert.is_true(published > 0, ("round %d: the child published nothing:"
+                                   .. "\n%s"):format(round, err))
+  end
+  local p = assert(io.popen(("sqlite3 %q 'PRAGMA integrity_check'")
+                            :format(t.store)))
+  assert.equal("ok\n", p:read("*a"))
+  p:close()
+  local bus = H.bus{ store = t.store, durability = durability }
+  local stored = {}
+  for ev in bus:events() do
+    local fp, was = ev.payload.fp, names[ev.id]
+    if was ~= nil and was ~= fp then
+      assert.is_true(false, ("(seed %d) the store holds %s as event %d, "
+                             .. "which the child knew as %s")
+                            :format(seed, fp, ev.id, was))
+    end
+    stored[ev.id] = fp
+  end
+  -- What each mode promises on top: "batch" and "sync" hand handlers
+  -- committed events only; "sync" returns an id once it is committed.
+  local function kept(ids, how)
+    for id, fp in pairs(ids) do
+      if stored[id] ~= fp then
+        assert.is_true(false, ("(seed %d) event %d (%s) was %s, then lost")
+                              :format(seed, id, fp, how))
+      end
+    end
+  end
+  if durability ~= "none" then kept(saw, "seen") end
+  if durability == "sync" then kept(returned, "returned") end
+  -- and after the last crash, ids go on past every one handed out
+  local high = 0
+  for id in pairs(names) do high = math.max(high, id) end
+  assert.is_true(bus:publish("job.run", { fp = "last" }) > high)
+  bus:close()
+end
+
+describe("ids after SIGKILL", function()
+  local t = scratch(IDS_CHILD)
+
+  for _, durability in ipairs { "none", "batch", "sync" } do
+    it(("each name one event forever, 3 rounds, durability %q")
+       :format(durability), function()
+      id_rounds(t, durability, 3)
+    end)
+  end
+end)
+
+describe("ids after 50 SIGKILLs per durability mode #slow", function()
+  local t = scratch(IDS_CHILD)
+
+  for _, durability in ipairs { "none", "batch", "sync" } do
+    it(("each name one event forever, durability %q"):format(durability),
+       function()
+      id_rounds(t, durability, 50)
+    end)
+  end
+end)
