@@ -72,7 +72,7 @@ test-slow: deps all
 
 check: deps
 	$(MAKE) -B all EXTRA_CFLAGS=-Werror
-	luacheck -q lua spec bench examples bin/buzz
+	luacheck -q lua spec bench examples fuzz bin/buzz
 	cppcheck --quiet --error-exitcode=1 --enable=warning,portability \
 	  --inline-suppr --std=c99 -Icsrc $(SRCS)
 

@@ -1,7 +1,9 @@
 /*
 ** ids.c: the id reservation of a store. An id is handed out only if it is
 ** at or below a reservation that is committed to the store (the meta row
-** 'id_reserved'), so no crash, in any durability mode, can hand an id out
+** 'last_id': the row an older buzz kept its highest failed id in, so a
+** store opened again by an older buzz still skips what was reserved),
+** so no crash, in any durability mode, can hand an id out
 ** twice: after a restart, ids start above max(max(id), reservation).
 **
 ** The writer advances the reservation in blocks, ahead of use, as rows of
@@ -84,9 +86,7 @@ static int put(buzz_ids *ids, int64_t v, int is_exact) {
 int buzz__ids_open(buzz_ids **out, struct sqlite3 *db, int64_t *last) {
   static const char *const highs[] = {
     "SELECT max(id) FROM events",
-    "SELECT value FROM meta WHERE key = 'last_id'",  /* older buzz, after a
-                                                         failed group */
-    "SELECT value FROM meta WHERE key = 'id_reserved'"
+    "SELECT value FROM meta WHERE key = 'last_id'"   /* the reservation */
   };
   buzz_ids *ids;
   int64_t high = 0;
@@ -104,7 +104,7 @@ int buzz__ids_open(buzz_ids **out, struct sqlite3 *db, int64_t *last) {
     return SQLITE_NOMEM;
   }
   if ((rc = sqlite3_prepare_v2(db, "INSERT INTO meta (key, value) VALUES "
-                               "('id_reserved', ?1) ON CONFLICT (key) DO "
+                               "('last_id', ?1) ON CONFLICT (key) DO "
                                "UPDATE SET value = CASE WHEN ?2 THEN ?1 "
                                "ELSE max(value, ?1) END", -1, &ids->put,
                                NULL)) != SQLITE_OK) {

@@ -28,12 +28,23 @@ local function buzz_clock(start)
 end
 
 -- Runs the child for about `secs` seconds, then SIGKILLs it; returns what
--- it printed, complete lines only (the kill may cut the last one).
-local function run_and_kill(script, store, start, secs, out)
+-- it printed, complete lines only (the kill may cut the last one). With
+-- ready (a grep pattern), the seconds count from the first line of its
+-- output that matches it (at most 20 s of waiting): a loaded machine, or
+-- the sanitizers' build, may take longer than secs just to start.
+local function run_and_kill(script, store, start, secs, out, ready)
+  local wait = ""
+  if ready then
+    wait = ("n=0; until grep -q %s %s 2>/dev/null || "
+            .. "! kill -0 $pid 2>/dev/null || [ $n -ge 2000 ]; do "
+            .. "%ssleep 0.01; n=$((n+1)); done; ")
+           :format(H.quote(ready), out, H.tool)
+  end
   local cmd = ("LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='%s/?.so;;' "
-               .. "%s %s %s %d > %s 2>&1 & pid=$!; sleep %.2f; "
+               .. "%s %s %s %d > %s 2>&1 & pid=$!; %s%ssleep %.2f; "
                .. "kill -9 $pid; wait $pid 2>/dev/null; true")
-              :format(H.build, H.lua, script, store, start, out, secs)
+              :format(H.build, H.lua, script, store, start, out, wait, H.tool,
+                      secs)
   os.execute(cmd)
   local text = read(out)
   return text:match("^(.*\n)") or ""
@@ -250,10 +261,11 @@ describe("durable windows and batches after SIGKILL", function()
   it("count every stored event once, and hand every one to a batch",
      function()
     local setup = assert(load(STREAM_SETUP .. " return setup"))()
-    for round, secs in ipairs { 0.35, 0.5, 0.65 } do
+    for round, secs in ipairs { 0.15, 0.3, 0.45 } do
       local store = ("%s/events-%d.db"):format(t.dir, round)
       local start = math.floor(os.time())
-      local text = run_and_kill(t.script, store, start, secs, t.out)
+      local text = run_and_kill(t.script, store, start, secs, t.out,
+                                "^batch ")
       local handled = {}
       for ids in text:gmatch("batch ([%d ]+)\n") do
         for id in ids:gmatch("%d+") do handled[tonumber(id)] = true end
