@@ -55,6 +55,14 @@ typedef enum {
 const char *buzz__err_name(int code);     /* "EFULL"; "EUNKNOWN" if none */
 const char *buzz__err_message(int code);  /* "queue is full" */
 
+/* Formats a message into err (errlen bytes, always terminated); does
+** nothing when err is NULL or errlen 0. For the engine files' err out
+** parameters. */
+#if defined(__GNUC__)
+__attribute__((format(printf, 3, 4)))
+#endif
+void buzz__set_err(char *err, size_t errlen, const char *fmt, ...);
+
 
 /* ---------------------------------------------------------------- map.c */
 

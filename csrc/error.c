@@ -1,8 +1,20 @@
 /*
 ** error.c: names and messages of the BUZZ_E* codes, generated from the one
-** list in buzz.h (libuv's UV_ERRNO_MAP). No state.
+** list in buzz.h (libuv's UV_ERRNO_MAP), and the engine files' message
+** formatter. No state.
 */
+#include <stdarg.h>
+#include <stdio.h>
+
 #include "buzz.h"
+
+void buzz__set_err(char *err, size_t errlen, const char *fmt, ...) {
+  va_list ap;
+  if (err == NULL || errlen == 0) return;
+  va_start(ap, fmt);
+  vsnprintf(err, errlen, fmt, ap);
+  va_end(ap);
+}
 
 const char *buzz__err_name(int code) {
   switch (code) {

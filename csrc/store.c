@@ -47,7 +47,6 @@
 ** It does not know Lua, JSON or subscriptions: payloads arrive as text.
 */
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -130,20 +129,10 @@ struct buzz_store {
 
 /* ------------------------------------------------------------ helpers */
 
-#if defined(__GNUC__)
-__attribute__((format(printf, 3, 4)))
-#endif
-static void set_err(char *err, size_t errlen, const char *fmt, ...) {
-  va_list ap;
-  if (err == NULL || errlen == 0) return;
-  va_start(ap, fmt);
-  vsnprintf(err, errlen, fmt, ap);
-  va_end(ap);
-}
 
 static void db_err(char *err, size_t errlen, const buzz_store *s,
                    sqlite3 *db) {
-  set_err(err, errlen, "%s: %s", s->path,
+  buzz__set_err(err, errlen, "%s: %s", s->path,
           db ? sqlite3_errmsg(db) : "cannot open");
 }
 
@@ -478,7 +467,7 @@ static int claim_file(buzz_store *s, char *err, size_t errlen) {
 static int check_version(const buzz_store *s, int64_t ver, char *err,
                          size_t errlen) {
   if (ver <= SCHEMA_VERSION) return BUZZ_OK;
-  set_err(err, errlen, "%s was written by a newer buzz (schema %lld, this "
+  buzz__set_err(err, errlen, "%s was written by a newer buzz (schema %lld, this "
           "buzz knows %d); upgrade buzz to open it", s->path, (long long)ver,
           SCHEMA_VERSION);
   return BUZZ_ESTORE;
@@ -500,13 +489,13 @@ static int prepare_schema(buzz_store *s, char *err, size_t errlen) {
   if (app != APP_ID) {
     char b[64];
     if (n > 0 || app != 0) {
-      set_err(err, errlen, "%s is an SQLite database but not a buzz store "
+      buzz__set_err(err, errlen, "%s is an SQLite database but not a buzz store "
               "(it has %lld other schema objects); give buzz a file of its "
               "own", s->path, (long long)n);
       return BUZZ_ESTORE;
     }
     if (s->o.is_readonly) {
-      set_err(err, errlen, "%s is not a buzz store yet (empty); open it "
+      buzz__set_err(err, errlen, "%s is not a buzz store yet (empty); open it "
               "for writing once to create it", s->path);
       return BUZZ_ESTORE;
     }
@@ -551,17 +540,17 @@ static int check_path(buzz_store *s, char *err, size_t errlen) {
   struct stat sb;
   if (stat(s->path, &sb) != 0) {
     if (!s->o.is_readonly) return BUZZ_OK;        /* SQLite creates it */
-    set_err(err, errlen, "%s: %s (readonly = true opens an existing store)",
+    buzz__set_err(err, errlen, "%s: %s (readonly = true opens an existing store)",
             s->path, strerror(errno));
     return BUZZ_ESTORE;
   }
   if (S_ISDIR(sb.st_mode)) {
-    set_err(err, errlen, "%s is a directory: give the path of a store file "
+    buzz__set_err(err, errlen, "%s is a directory: give the path of a store file "
             "in it, such as %s/events.db", s->path, s->path);
     return BUZZ_ESTORE;
   }
   if (!s->o.is_readonly && (sb.st_mode & 0222) == 0) {
-    set_err(err, errlen, "%s is read-only (no write permission bits); open "
+    buzz__set_err(err, errlen, "%s is read-only (no write permission bits); open "
             "it with readonly = true to read it", s->path);
     return BUZZ_ESTORE;
   }
@@ -576,7 +565,7 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
                     err, errlen)) < 0)
     return rc;
   if (sqlite3_db_readonly(s->wdb, "main") == 1) {
-    set_err(err, errlen, "%s cannot be written (read-only file or "
+    buzz__set_err(err, errlen, "%s cannot be written (read-only file or "
             "directory); open it with readonly = true to read it", s->path);
     return BUZZ_ESTORE;
   }
@@ -656,7 +645,7 @@ int buzz__store_open(buzz_store **out, const char *path,
       goto fail;
     }
     if (app != APP_ID) {
-      set_err(err, errlen, "%s is not a buzz store (open it once without "
+      buzz__set_err(err, errlen, "%s is not a buzz store (open it once without "
               "readonly to create one, or check the path)", path);
       rc = BUZZ_ESTORE;
       goto fail;
@@ -676,7 +665,7 @@ int buzz__store_open(buzz_store **out, const char *path,
   s->committed_id = s->last_id;
   if (!o->is_readonly &&
       buzz__wal_start(&s->wal, s->wdb, s->file) < 0) {
-    set_err(err, errlen, "%s: cannot start the checkpointer: %s", path,
+    buzz__set_err(err, errlen, "%s: cannot start the checkpointer: %s", path,
             sqlite3_errmsg(s->wdb));
     rc = BUZZ_ESTORE;
     goto fail;
@@ -685,7 +674,7 @@ int buzz__store_open(buzz_store **out, const char *path,
     s->has_thread = 1;                 /* before the thread can read it */
     if (uv_thread_create(&s->thread, writer_main, s) != 0) {
       s->has_thread = 0;
-      set_err(err, errlen, "%s: cannot start the writer thread", path);
+      buzz__set_err(err, errlen, "%s: cannot start the writer thread", path);
       rc = BUZZ_ESTORE;
       goto fail;
     }

@@ -43,7 +43,6 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,16 +78,6 @@ static pthread_mutex_t files_mu = PTHREAD_MUTEX_INITIALIZER;
 static buzz_file *files;   /* under files_mu */
 
 
-#if defined(__GNUC__)
-__attribute__((format(printf, 3, 4)))
-#endif
-static void set_err(char *err, size_t errlen, const char *fmt, ...) {
-  va_list ap;
-  if (err == NULL || errlen == 0) return;
-  va_start(ap, fmt);
-  vsnprintf(err, errlen, fmt, ap);
-  va_end(ap);
-}
 
 static buzz_file *find(dev_t dev, ino_t ino) {
   buzz_file *f;
@@ -132,7 +121,7 @@ static int lock(buzz_file *f, const char *path, char *err, size_t errlen) {
   long pid;
   for (g = files; g; g = g->next)     /* two entries after a rename race */
     if (g->dev == f->dev && g->ino == f->ino && g->is_writer) {
-      set_err(err, errlen, "%s is locked by another writer (pid %ld) in "
+      buzz__set_err(err, errlen, "%s is locked by another writer (pid %ld) in "
               "this process: close that bus first (two buses may read one "
               "store, only one may write it)", path, (long)getpid());
       return BUZZ_ELOCKED;
@@ -142,17 +131,17 @@ static int lock(buzz_file *f, const char *path, char *err, size_t errlen) {
     return BUZZ_OK;
   }
   if (errno != EWOULDBLOCK) {
-    set_err(err, errlen, "%s: cannot lock it for writing: %s", path,
+    buzz__set_err(err, errlen, "%s: cannot lock it for writing: %s", path,
             strerror(errno));
     return BUZZ_ESTORE;
   }
   pid = holder_pid(f->dev, f->ino);
   if (pid > 0)
-    set_err(err, errlen, "%s is locked by another writer (pid %ld) (two "
+    buzz__set_err(err, errlen, "%s is locked by another writer (pid %ld) (two "
             "processes may read one store, only one may write it)", path,
             pid);
   else
-    set_err(err, errlen, "%s is locked by another writer (two processes "
+    buzz__set_err(err, errlen, "%s is locked by another writer (two processes "
             "may read one store, only one may write it)", path);
   return BUZZ_ELOCKED;
 }
@@ -181,14 +170,14 @@ static int open_entry(const char *path, int is_writer, buzz_file **out,
   }
   fd = open(path, O_RDONLY | O_CLOEXEC | (is_writer ? O_CREAT : 0), 0644);
   if (fd < 0 || fstat(fd, &sb) != 0) {
-    set_err(err, errlen, "%s: cannot %s it: %s", path,
+    buzz__set_err(err, errlen, "%s: cannot %s it: %s", path,
             is_writer ? "open or create" : "open", strerror(errno));
     if (fd >= 0) close(fd);            /* never a database: fstat failed */
     return BUZZ_ESTORE;
   }
   if (!S_ISREG(sb.st_mode)) {
     close(fd);                         /* not a database file either */
-    set_err(err, errlen, "%s is not a regular file: give the path of a "
+    buzz__set_err(err, errlen, "%s is not a regular file: give the path of a "
             "store file", path);
     return BUZZ_ESTORE;
   }
@@ -268,13 +257,13 @@ static int resolve(const buzz_file *f, const char *path, int is_writer,
   char *r = home_of(f, &is_unsupported);
   if (r == NULL) {
     if ((r = realpath(path, NULL)) == NULL) {
-      set_err(err, errlen, "%s: cannot resolve its path: %s", path,
+      buzz__set_err(err, errlen, "%s: cannot resolve its path: %s", path,
               strerror(errno));
       return BUZZ_ESTORE;
     }
     if (stat(r, &sb) != 0 || sb.st_dev != f->dev || sb.st_ino != f->ino) {
       free(r);
-      set_err(err, errlen, "%s was replaced while it was being opened; "
+      buzz__set_err(err, errlen, "%s was replaced while it was being opened; "
               "open it again", path);
       return BUZZ_ESTORE;
     }
@@ -282,7 +271,7 @@ static int resolve(const buzz_file *f, const char *path, int is_writer,
   }
   if (is_unsupported && fstat(f->fd, &sb) == 0 && sb.st_nlink > 1) {
     free(r);
-    set_err(err, errlen, "%s has %lu hard links, and its file system keeps "
+    buzz__set_err(err, errlen, "%s has %lu hard links, and its file system keeps "
             "no extended attributes to tell which name holds its WAL; "
             "remove the other links (a symlink is fine)", path,
             (unsigned long)sb.st_nlink);
