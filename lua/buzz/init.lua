@@ -190,7 +190,11 @@ local function publish_options(opts, level)
                     PRIORITY_CHOICES), level + 1)
     end
   end
-  if key ~= nil and type(key) ~= "string" then check_key(key, level + 1) end
+  if key ~= nil and type(key) ~= "string"             -- a key in range:
+     and not (type(key) == "number" and key % 1 == 0  -- no call (hot path)
+              and key >= -MAX_INT and key <= MAX_INT) then
+    check_key(key, level + 1)
+  end
   if corr ~= nil and type(corr) ~= "string" then
     error(("bad correlation_id: expected a string, got %s")
           :format(type(corr)), level + 1)
