@@ -1431,7 +1431,7 @@ static int take_id(lua_State *L, lcore *c, int u, char *err) {
     return 0;
   if (rc == BUZZ_ESTORE && store_sync(L, c, u, why) < 0)
     snprintf(err, ERR_MAX, "cannot reserve ids, so nothing was published: "
-             "%s", why);
+             "%.*s", ERR_MAX - 64, why);        /* room for the head */
   else if (rc == BUZZ_ESTORE)
     snprintf(err, ERR_MAX, "cannot reserve ids, so nothing was published "
              "(the store is read-only, or its last reservation failed)");
