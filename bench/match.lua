@@ -23,7 +23,11 @@
 -- once, before timing: buzz's deliveries, in order, must equal the linear
 -- matcher's, and have the expected length.
 -- @module bench.match
+
+package.path = (arg and arg[0] or ""):gsub("bench/[%w_]+%.lua$", "?.lua")
+               .. ";" .. package.path      -- finds bench.util from anywhere
 local util = require "bench.util"
+local is_main = util.standalone("match")
 local buzz = require "buzz"
 local pcall, error, format, concat = pcall, error, string.format, table.concat
 local gmatch, byte = string.gmatch, string.byte
@@ -70,12 +74,13 @@ function M.types()
   return list
 end
 
---- 8,200 types that match 2 patterns each, ordered so that consecutive
---- publishes differ in every position a cache could key on.
+--- 100 * nk types that match 2 patterns each (8,200 by default), ordered so
+--- that consecutive publishes differ in every position a cache could key on.
+---@param nk integer|nil
 ---@return string[]
-function M.uncached_types()
+function M.uncached_types(nk)
   local list = {}
-  for k = 0, UNCACHED_K - 1 do
+  for k = 0, (nk or UNCACHED_K) - 1 do
     for g = 0, 9 do
       for s = 0, 9 do list[#list + 1] = format("app%d.svc%d.u%d", g, s, k) end
     end
@@ -288,5 +293,34 @@ function M.run()
   row("buzz publish_sync, cache misses", r.sync_u, r.linear_u)
   row("pure-Lua linear matcher", r.linear_u, r.linear_u)
 end
+
+-- Cases for callgrind (bench/instructions.sh): publish_sync to the 1,000
+-- patterns, of one hot type ("hot", 3 matches) or rotating through 100 * k
+-- types ("rotK", 2 matches each). Every type is published twice before the
+-- n counted events, so the cache is in its steady state when they start.
+local ROTATIONS = { rot20 = 20, rot40 = 40, rot82 = 82, rot164 = 164 }
+
+function M.run_case(name, n)
+  local types, per
+  if name == "hot" then
+    types, per = { "app0.svc0.done" }, 3
+  elseif ROTATIONS[name] then
+    types, per = M.uncached_types(ROTATIONS[name]), 2
+  else
+    error("no case " .. tostring(name), 0)
+  end
+  local bus = buzz.new()
+  local patterns = M.patterns()
+  for i = 1, #patterns do bus:subscribe(patterns[i], handler) end
+  local body = rotate_sync(bus, types, nil)
+  body(2 * #types)
+  local got = body(n)
+  bus:close()
+  if got ~= n * per then
+    error(("%s: %d events made %d handler calls"):format(name, n, got), 0)
+  end
+end
+
+util.main(M, is_main)
 
 return M

@@ -65,7 +65,7 @@ const char *buzz__err_message(int code);  /* "queue is full" */
 ** CONSTRUCTOR: buzz__map_init()   DESTRUCTOR: buzz__map_free()
 */
 typedef struct buzz_map_slot {
-  const char *key;   /* borrows; NULL = empty, BUZZ__MAP_TOMB = deleted */
+  const char *key;   /* borrows; NULL = empty */
   size_t len;
   uint32_t hash;
   void *value;       /* borrows */
@@ -75,7 +75,7 @@ typedef struct buzz_map {
   buzz_map_slot *slots;  /* owns; NULL while empty */
   size_t cap;            /* power of two, or 0 */
   size_t count;          /* live entries */
-  size_t used;           /* live + tombstones */
+  size_t used;           /* equals count (deletes leave no tombstones) */
 } buzz_map;
 
 void buzz__map_init(buzz_map *m);
@@ -134,12 +134,15 @@ typedef struct buzz_matchvec {
 ** reference so the type string is stored once however many are queued.
 */
 typedef struct buzz_subject {
-  char *type;            /* owns; NUL-terminated */
+  char *type;            /* NUL-terminated; in the record's own block */
   size_t len;
   uint32_t hash;
   unsigned refcount;     /* events that point here */
-  unsigned is_cached : 1;/* still in the trie's subject map */
+  unsigned is_cached : 1;/* still in the trie's subject cache */
   unsigned is_reserved : 1; /* first token starts with '$' */
+  unsigned char is_referenced; /* CLOCK: looked up since the hand passed
+                                  (a byte, so a hit sets it in one store) */
+  size_t ring_slot;      /* private to match.c: its place in the cache */
   uint64_t gen;          /* trie generation vec was built at */
   buzz_matchvec *vec;    /* owns a reference; NULL until first lookup */
 } buzz_subject;
@@ -165,6 +168,7 @@ void buzz__subject_release(buzz_subject *s);
 int buzz__trie_match(buzz_trie *t, buzz_subject *s, buzz_matchvec **out);
 void buzz__matchvec_release(buzz_matchvec *v);
 size_t buzz__trie_cached(const buzz_trie *t);  /* for tests and stats */
+int64_t buzz__trie_misses(const buzz_trie *t);  /* lookups that missed */
 /* Called by bus.c when a sub's last reference goes. */
 void buzz__sub_free(buzz_sub *sub);
 

@@ -2355,11 +2355,12 @@ static int lcore_audience(lua_State *L) {
 
 static int lcore_stats(lua_State *L) {
   lcore *c = check_core(L);
-  lua_createtable(L, 0, 5);
+  lua_createtable(L, 0, 6);
   set_i(L, "pending", (int64_t)buzz__bus_pending(&c->bus));
   set_i(L, "subscriptions", (int64_t)c->bus.nsubs);
   set_i(L, "last_id", c->bus.last_id);
   set_i(L, "cached_types", (int64_t)buzz__trie_cached(c->bus.trie));
+  set_i(L, "type_misses", buzz__trie_misses(c->bus.trie));
   set_i(L, "queue_limit", (int64_t)c->bus.queue.limit);
   return 1;
 }
