@@ -26,7 +26,9 @@
 
 /*
 ** The error map. One list generates the enum, the names ("EFULL") and the
-** messages. Numbers are stable: later issues append, never renumber.
+** messages, and core.errors for Lua: every code that reaches on_error or
+** a `nil, "CODE: message", "CODE"` return, the Lua layer's included, is
+** here. Numbers are stable: later issues append, never renumber.
 */
 #define BUZZ_ERRNO_MAP(X)                                          \
   X(NOMEM,   1, "out of memory")                                   \
@@ -39,7 +41,11 @@
   X(LOCKED,  8, "store is locked by another writer")             \
   X(TOOBIG,  9, "payload is too big")                            \
   X(DEPTH,  10, "nested synchronous delivery is too deep")       \
-  X(DECODE, 11, "a stored event does not decode")
+  X(DECODE, 11, "a stored event does not decode")                \
+  X(INHANDLER, 12, "called from inside a handler")               \
+  X(TIMEOUT, 13, "a handler did not finish in time")             \
+  X(YIELD,  14, "a handler yielded what buzz cannot resume")     \
+  X(CALLBACK, 15, "a function given to buzz raised")
 
 typedef enum {
   BUZZ_OK = 0,
@@ -54,6 +60,8 @@ typedef enum {
 
 const char *buzz__err_name(int code);     /* "EFULL"; "EUNKNOWN" if none */
 const char *buzz__err_message(int code);  /* "queue is full" */
+/* The i-th code of the map, i from 0; 0 past the last. */
+int buzz__err_code(size_t i);
 
 
 /* ---------------------------------------------------------------- map.c */
