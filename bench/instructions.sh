@@ -1,6 +1,7 @@
 #!/bin/sh
 # Instructions per event for each case of bench/failure.lua (then of
-# bench/filter.lua, bench/aggregate.lua and bench/store.lua), counted by
+# bench/filter.lua, bench/aggregate.lua, bench/store.lua and
+# bench/match.lua), counted by
 # valgrind's callgrind: repeatable whatever else the machine is doing, where
 # the CPU-time figures of `make bench` are not. Each case runs twice, with
 # N and 3N events, and the difference is divided by 2N, so start-up cancels
@@ -50,4 +51,11 @@ done
 echo "store appends, instructions per event ($lua)"
 for c in batch none; do
   printf '  %-12s %8d\n' "$c" "$(per_event "$c" store)"
+done
+# bench/match.lua: publish_sync to 1,000 patterns, one hot type, then
+# rotating through 2,000 / 4,000 / 8,200 / 16,400 types (the type cache
+# holds 4,096: no cliff past it), then 16,400 with 100,000 subscriptions.
+echo "type cache, instructions per event ($lua)"
+for c in hot rot20 rot40 rot82 rot164 rot164_100k; do
+  printf '  %-12s %8d\n' "$c" "$(per_event "$c" match)"
 done

@@ -23,9 +23,14 @@
 -- once, before timing: buzz's deliveries, in order, must equal the linear
 -- matcher's, and have the expected length.
 -- @module bench.match
+
+package.path = (arg and arg[0] or ""):gsub("bench/[%w_]+%.lua$", "?.lua")
+               .. ";" .. package.path      -- finds bench.util from anywhere
 local util = require "bench.util"
+local is_main = util.standalone("match")
 local buzz = require "buzz"
-local pcall, error, format, concat = pcall, error, string.format, table.concat
+local pcall, error, format, concat, ipairs = pcall, error, string.format,
+                                            table.concat, ipairs
 local gmatch, byte = string.gmatch, string.byte
 
 local M = {}
@@ -70,12 +75,13 @@ function M.types()
   return list
 end
 
---- 8,200 types that match 2 patterns each, ordered so that consecutive
---- publishes differ in every position a cache could key on.
+--- 100 * nk types that match 2 patterns each (8,200 by default), ordered so
+--- that consecutive publishes differ in every position a cache could key on.
+---@param nk integer|nil
 ---@return string[]
-function M.uncached_types()
+function M.uncached_types(nk)
   local list = {}
-  for k = 0, UNCACHED_K - 1 do
+  for k = 0, (nk or UNCACHED_K) - 1 do
     for g = 0, 9 do
       for s = 0, 9 do list[#list + 1] = format("app%d.svc%d.u%d", g, s, k) end
     end
@@ -235,6 +241,20 @@ local function rotate_linear(lin, types, payload)
   end
 end
 
+--- Subscribes 99,000 patterns that match none of the published types,
+--- under the same first tokens (literal and wildcard); returns 99,000.
+function M.add_99k(bus)
+  for k = 0, 494 do
+    for g = 0, 9 do
+      for s = 0, 9 do
+        bus:subscribe(format("app%d.svc%d.k%d", g, s, k), handler)
+        bus:subscribe(format("app%d.*.k%d.>", g, k * 10 + s), handler)
+      end
+    end
+  end
+  return 99000
+end
+
 --- Runs the benchmark and prints its table.
 function M.run()
   local patterns, types, uncached = M.patterns(), M.types(), M.uncached_types()
@@ -287,6 +307,83 @@ function M.run()
                    util.commas(#uncached), util.commas(cached)))
   row("buzz publish_sync, cache misses", r.sync_u, r.linear_u)
   row("pure-Lua linear matcher", r.linear_u, r.linear_u)
+
+  -- The type cache (4,096 types) past its capacity: the share of lookups
+  -- that miss, counted by the core, and the rate, per rotation size.
+  util.note("publish_sync rotating through n types (2 matches each); the "
+            .. "type cache holds 4,096 (instructions per event: "
+            .. "sh bench/instructions.sh):")
+  for _, k in ipairs { 20, 40, 82, 164 } do
+    local rot = M.uncached_types(k)
+    local b = buzz.new()
+    for i = 1, #patterns do b:subscribe(patterns[i], handler) end
+    local body = rotate_sync(b, rot, payload)
+    body(2 * #rot)                                -- the steady state
+    local m0 = b:stats().type_misses
+    body(#rot * 4)
+    local missed = (b:stats().type_misses - m0) / (#rot * 4)
+    local rate = util.measure("rotate " .. #rot, body, { per = 2 })
+    b:close()
+    util.row(format("%s types", util.commas(#rot)), rate,
+             format("%5.1f%% of lookups miss", missed * 100))
+  end
+
+  -- Kept goals (issue 14): flat matching cost, 1k against 100k
+  -- subscriptions, on the rotation that misses the cache most.
+  local rot = M.uncached_types(164)
+  local b = buzz.new()
+  for i = 1, #patterns do b:subscribe(patterns[i], handler) end
+  local body = rotate_sync(b, rot, payload)
+  body(2 * #rot)
+  local r1k = util.measure("1k subs", body, { per = 2 })
+  local n = #patterns + M.add_99k(b)
+  body(2 * #rot)
+  local r100k = util.measure("100k subs", body, { per = 2 })
+  b:close()
+  M.goals = {
+    { format("1,000 wildcard subscriptions >= 1,000,000 ev/s (publish N + "
+             .. "drain once: %s ev/s)", util.commas(r.batch)),
+      r.batch >= 1000000 },
+    { format("flat matching cost: %s subscriptions at %.2fx the rate of "
+             .. "1,000 (>= 0.80x; cache-missing rotation)", util.commas(n),
+             r100k / r1k), r100k / r1k >= 0.8 },
+  }
+  util.row(format("%s subscriptions, misses", util.commas(#patterns)), r1k)
+  util.row(format("%s subscriptions, misses", util.commas(n)), r100k,
+           util.ratio(r100k / r1k, "1,000 subscriptions", 0.8))
 end
+
+-- Cases for callgrind (bench/instructions.sh): publish_sync to the 1,000
+-- patterns, of one hot type ("hot", 3 matches) or rotating through 100 * k
+-- types ("rotK", 2 matches each). Every type is published twice before the
+-- n counted events, so the cache is in its steady state when they start.
+local ROTATIONS = { rot20 = 20, rot40 = 40, rot82 = 82, rot164 = 164 }
+
+-- "rot164_100k": rot164 with 99,000 more subscriptions that match none.
+function M.run_case(name, n)
+  local types, per
+  local is_100k = name == "rot164_100k"
+  if is_100k then name = "rot164" end
+  if name == "hot" then
+    types, per = { "app0.svc0.done" }, 3
+  elseif ROTATIONS[name] then
+    types, per = M.uncached_types(ROTATIONS[name]), 2
+  else
+    error("no case " .. tostring(name), 0)
+  end
+  local bus = buzz.new()
+  local patterns = M.patterns()
+  for i = 1, #patterns do bus:subscribe(patterns[i], handler) end
+  if is_100k then M.add_99k(bus) end
+  local body = rotate_sync(bus, types, nil)
+  body(2 * #types)
+  local got = body(n)
+  bus:close()
+  if got ~= n * per then
+    error(("%s: %d events made %d handler calls"):format(name, n, got), 0)
+  end
+end
+
+util.main(M, is_main)
 
 return M

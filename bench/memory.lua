@@ -97,6 +97,7 @@ end
 ---@param interp string|nil the interpreter command (arg[-1])
 ---@param script string|nil this script's path (arg[0])
 function M.run(interp, script)
+  local worst
   util.section(format("3. memory: %s pending events (payload excluded)",
                       util.commas(N)))
   for i = 1, #VARIANTS do
@@ -111,6 +112,7 @@ function M.run(interp, script)
     util.note(format("%s (measured in %s):", LABELS[v], where))
     if r.rss0 and r.rss1 then
       local per_rss = (r.rss1 - r.rss0) / N
+      worst = worst and math.max(worst, per_rss) or per_rss
       util.note(format("  RSS        %7.1f bytes/event  (target <= %d)  %s",
                        per_rss, TARGET_BYTES, util.verdict(per_rss <= TARGET_BYTES)))
       util.note(format("    of which Lua heap %5.1f, C core and allocator %5.1f",
@@ -126,6 +128,12 @@ function M.run(interp, script)
     util.note(format("  queued at %s ev/s, drained at %s ev/s",
                      util.commas(N / r.publish_s), util.commas(N / r.drain_s)))
   end
+  M.goals = {
+    { worst and format("<= %d B per pending event (RSS, worst variant: "
+                       .. "%.1f B)", TARGET_BYTES, worst)
+      or format("<= %d B per pending event (no RSS reading)", TARGET_BYTES),
+      worst ~= nil and worst <= TARGET_BYTES },
+  }
 end
 
 return M

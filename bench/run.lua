@@ -54,4 +54,12 @@ require("bench.aggregate").run()
 require("bench.hosts").run()
 require("bench.batch").run()
 
+-- Issue 14's goals that were met before it and must stay met.
+util.section("kept goals")
+for _, list in ipairs { match.goals or {}, memory.goals or {} } do
+  for _, g in ipairs(list) do
+    write(format("  %-80s %s\n", g[1], util.verdict(g[2])))
+  end
+end
+
 write(format("\n(%.1f s CPU in this process)\n", clock() - t0))

@@ -26,7 +26,9 @@
 
 /*
 ** The error map. One list generates the enum, the names ("EFULL") and the
-** messages. Numbers are stable: later issues append, never renumber.
+** messages, and core.errors for Lua: every code that reaches on_error or
+** a `nil, "CODE: message", "CODE"` return, the Lua layer's included, is
+** here. Numbers are stable: later issues append, never renumber.
 */
 #define BUZZ_ERRNO_MAP(X)                                          \
   X(NOMEM,   1, "out of memory")                                   \
@@ -39,7 +41,11 @@
   X(LOCKED,  8, "store is locked by another writer")             \
   X(TOOBIG,  9, "payload is too big")                            \
   X(DEPTH,  10, "nested synchronous delivery is too deep")       \
-  X(DECODE, 11, "a stored event does not decode")
+  X(DECODE, 11, "a stored event does not decode")                \
+  X(INHANDLER, 12, "called from inside a handler")               \
+  X(TIMEOUT, 13, "a handler did not finish in time")             \
+  X(YIELD,  14, "a handler yielded what buzz cannot resume")     \
+  X(CALLBACK, 15, "a function given to buzz raised")
 
 typedef enum {
   BUZZ_OK = 0,
@@ -54,6 +60,8 @@ typedef enum {
 
 const char *buzz__err_name(int code);     /* "EFULL"; "EUNKNOWN" if none */
 const char *buzz__err_message(int code);  /* "queue is full" */
+/* The i-th code of the map, i from 0; 0 past the last. */
+int buzz__err_code(size_t i);
 
 /* Formats a message into err (errlen bytes, always terminated); does
 ** nothing when err is NULL or errlen 0. For the engine files' err out
@@ -73,7 +81,7 @@ void buzz__set_err(char *err, size_t errlen, const char *fmt, ...);
 ** CONSTRUCTOR: buzz__map_init()   DESTRUCTOR: buzz__map_free()
 */
 typedef struct buzz_map_slot {
-  const char *key;   /* borrows; NULL = empty, BUZZ__MAP_TOMB = deleted */
+  const char *key;   /* borrows; NULL = empty */
   size_t len;
   uint32_t hash;
   void *value;       /* borrows */
@@ -83,7 +91,7 @@ typedef struct buzz_map {
   buzz_map_slot *slots;  /* owns; NULL while empty */
   size_t cap;            /* power of two, or 0 */
   size_t count;          /* live entries */
-  size_t used;           /* live + tombstones */
+  size_t used;           /* equals count (deletes leave no tombstones) */
 } buzz_map;
 
 void buzz__map_init(buzz_map *m);
@@ -142,12 +150,15 @@ typedef struct buzz_matchvec {
 ** reference so the type string is stored once however many are queued.
 */
 typedef struct buzz_subject {
-  char *type;            /* owns; NUL-terminated */
+  char *type;            /* NUL-terminated; in the record's own block */
   size_t len;
   uint32_t hash;
   unsigned refcount;     /* events that point here */
-  unsigned is_cached : 1;/* still in the trie's subject map */
+  unsigned is_cached : 1;/* still in the trie's subject cache */
   unsigned is_reserved : 1; /* first token starts with '$' */
+  unsigned char is_referenced; /* CLOCK: looked up since the hand passed
+                                  (a byte, so a hit sets it in one store) */
+  size_t ring_slot;      /* private to match.c: its place in the cache */
   uint64_t gen;          /* trie generation vec was built at */
   buzz_matchvec *vec;    /* owns a reference; NULL until first lookup */
 } buzz_subject;
@@ -173,6 +184,7 @@ void buzz__subject_release(buzz_subject *s);
 int buzz__trie_match(buzz_trie *t, buzz_subject *s, buzz_matchvec **out);
 void buzz__matchvec_release(buzz_matchvec *v);
 size_t buzz__trie_cached(const buzz_trie *t);  /* for tests and stats */
+int64_t buzz__trie_misses(const buzz_trie *t);  /* lookups that missed */
 /* Called by bus.c when a sub's last reference goes. */
 void buzz__sub_free(buzz_sub *sub);
 

@@ -33,3 +33,12 @@ const char *buzz__err_message(int code) {
     default: return "unknown error";
   }
 }
+
+int buzz__err_code(size_t i) {
+  static const int codes[] = {
+#define BUZZ__GEN_CODE(name, num, msg) BUZZ_E##name,
+    BUZZ_ERRNO_MAP(BUZZ__GEN_CODE)
+#undef BUZZ__GEN_CODE
+  };
+  return i < sizeof codes / sizeof codes[0] ? codes[i] : 0;
+}

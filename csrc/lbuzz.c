@@ -65,7 +65,8 @@ typedef struct lcur {
 
 /*
 ** The core object.
-** CONSTRUCTOR: lcore_new()   DESTRUCTOR: lcore_close() (also __gc/__close)
+** CONSTRUCTOR: lcore_new()   DESTRUCTOR: lcore_close(); lcore_gc() is both
+** __gc and __close
 */
 typedef struct lcore {
   buzz_bus bus;        /* owns; embedded */
@@ -634,8 +635,9 @@ static void dispatch(lua_State *L, lcore *c, int u, buzz_sub *sub,
     }
   } else if (rc == LUA_YIELD) {
     buzz_resetthread(co);
-    report(L, c, u, co, 0, "handler yielded, but nothing drives this bus to "
-           "resume it (yield only under a driver that supports it)", top + 1);
+    report(L, c, u, co, 0, "EYIELD: handler yielded, but nothing drives "
+           "this bus to resume it (yield only under a driver that supports "
+           "it)", top + 1);
   } else {
     lua_xmove(co, L, 1);                            /* the error value */
     report(L, c, u, co, lua_gettop(L), NULL, top + 1);
@@ -816,7 +818,7 @@ static int read_page(lua_State *L, lcore *c, int u, const buzz_query *q,
     lua_pushliteral(L, "cannot query the store");
     return BUZZ_ESTORE;
   }
-  lua_createtable(L, (int)q->limit, 0);
+  lua_createtable(L, q->limit < 1024 ? (int)q->limit : 1024, 0);
   while ((rc = buzz__store_next(c->store, &row, err, sizeof err)) > 0) {
     int bad = push_stored(L, c, u, &row);
     if (bad == BUZZ_EDECODE && is_strict) {
@@ -1227,12 +1229,19 @@ static int lcore_close(lua_State *L) {
   return 1;
 }
 
+/*
+** __gc and __close, one function: closes (idempotent, never raises), then
+** frees the current-event stack unless a delivery still uses it (a bus
+** closed from inside a handler): __gc, which runs later, frees it then.
+*/
 static int lcore_gc(lua_State *L) {
   lcore *c = (lcore *)luaL_checkudata(L, 1, CORE_MT);
   lcore_close(L);
-  free(c->cur);
-  c->cur = NULL;
-  c->ncur = c->capcur = 0;
+  if (c->ncur == 0) {
+    free(c->cur);
+    c->cur = NULL;
+    c->capcur = 0;
+  }
   return 0;
 }
 
@@ -1677,10 +1686,14 @@ static int do_publish(lua_State *L, int mode) {
   return 1;
 full:
   lua_pushnil(L);
-  lua_pushfstring(L, "EFULL: queue is full (%d pending events); drain "
-                  "the bus or raise queue_limit",
-                  (int)buzz__bus_pending(&c->bus));
-  lua_pushliteral(L, "EFULL");
+  {                                    /* a count: no (int) cut */
+    char num[24];
+    snprintf(num, sizeof num, "%zu", buzz__bus_pending(&c->bus));
+    lua_pushfstring(L, "%s: queue is full (%s pending events); drain "
+                    "the bus or raise queue_limit",
+                    buzz__err_name(BUZZ_EFULL), num);
+  }
+  lua_pushstring(L, buzz__err_name(BUZZ_EFULL));
   return 3;
 }
 
@@ -1808,7 +1821,7 @@ static int lcore_current(lua_State *L) {
 
 /*
 ** core:pump(max) -> deliveries made (max < 0: no limit), or nil,
-** "EINHANDLER" when called from inside a handler. Runs queued deliveries
+** "EINHANDLER: ...", "EINHANDLER" when called from inside a handler. Runs queued deliveries
 ** until the queue is empty, stop() is called or the core is closed.
 */
 static int lcore_pump(lua_State *L) {
@@ -1820,8 +1833,10 @@ static int lcore_pump(lua_State *L) {
   lctx ctx;
   if (c->ncur > 0) {
     lua_pushnil(L);
-    lua_pushliteral(L, "EINHANDLER");
-    return 2;
+    lua_pushfstring(L, "%s: pump called from inside a handler",
+                    buzz__err_name(BUZZ_EINHANDLER));
+    lua_pushstring(L, buzz__err_name(BUZZ_EINHANDLER));
+    return 3;
   }
   ctx.L = L;
   ctx.u = push_refs(L);
@@ -1876,7 +1891,7 @@ static int lcore_subs(lua_State *L) {
   lcore *c = check_core(L);
   int u = push_refs(L), n = 0;
   size_t i;
-  lua_createtable(L, (int)c->bus.nsubs, 0);
+  lua_createtable(L, c->bus.nsubs < INT_MAX ? (int)c->bus.nsubs : 0, 0);
   for (i = 0; i < c->bus.nslots; i++) {
     buzz_sub *sub = c->bus.slots[i];
     if (sub == NULL) continue;
@@ -2344,7 +2359,7 @@ static int lcore_audience(lua_State *L) {
   buzz__subject_release(s);
   if (rc < 0) return push_fail(L, rc, NULL);
   u = push_refs(L);
-  lua_createtable(L, (int)v->n, 0);
+  lua_createtable(L, v->n < INT_MAX ? (int)v->n : 0, 0);
   for (i = 0; i < v->n; i++) {
     if (v->subs[i]->is_dead) continue;
     lua_rawgeti(L, u, v->subs[i]->data_ref);
@@ -2355,11 +2370,12 @@ static int lcore_audience(lua_State *L) {
 
 static int lcore_stats(lua_State *L) {
   lcore *c = check_core(L);
-  lua_createtable(L, 0, 5);
+  lua_createtable(L, 0, 6);
   set_i(L, "pending", (int64_t)buzz__bus_pending(&c->bus));
   set_i(L, "subscriptions", (int64_t)c->bus.nsubs);
   set_i(L, "last_id", c->bus.last_id);
   set_i(L, "cached_types", (int64_t)buzz__trie_cached(c->bus.trie));
+  set_i(L, "type_misses", buzz__trie_misses(c->bus.trie));
   set_i(L, "queue_limit", (int64_t)c->bus.queue.limit);
   return 1;
 }
@@ -2518,7 +2534,7 @@ int luaopen_buzz_core(lua_State *L) {
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, lcore_gc);
     lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, lcore_close);
+    lua_pushcfunction(L, lcore_gc);
     lua_setfield(L, -2, "__close");
     lua_pushcfunction(L, lcore_tostring);
     lua_setfield(L, -2, "__tostring");
@@ -2535,6 +2551,16 @@ int luaopen_buzz_core(lua_State *L) {
       lua_setfield(L, -2, pf_names[op]);
     }
     lua_setfield(L, -2, "prefilter_ops");
+  }
+  {                                    /* the error map: code -> meaning */
+    size_t i;
+    int code;
+    lua_newtable(L);
+    for (i = 0; (code = buzz__err_code(i)) != 0; i++) {
+      lua_pushstring(L, buzz__err_message(code));
+      lua_setfield(L, -2, buzz__err_name(code));
+    }
+    lua_setfield(L, -2, "errors");
   }
   lua_pushliteral(L, "0.1.0");
   lua_setfield(L, -2, "version");

@@ -76,6 +76,7 @@ build = {
     ["buzz.aggregate"] = "lua/buzz/aggregate.lua",
     ["buzz.batch"] = "lua/buzz/batch.lua",
     ["buzz.driver"] = "lua/buzz/driver.lua",
+    ["buzz.errors"] = "lua/buzz/errors.lua",
     ["buzz.failure"] = "lua/buzz/failure.lua",
     ["buzz.filter"] = "lua/buzz/filter.lua",
     ["buzz.luv"] = "lua/buzz/luv.lua",

@@ -29,6 +29,7 @@ local sort = table.sort
 local M = {}
 
 local util = require "buzz.util"
+local errors = require "buzz.errors"
 local core = require "buzz.core"
 local quote = util.quote
 
@@ -371,7 +372,9 @@ function Engine:late(ev)
   local fn = self.w.late
   if fn then
     local ok, err = pcall(fn, ev)
-    if not ok then self.bus._report(err, ev) end
+    if not ok then
+      self.bus._report((errors.wrap("ECALLBACK", "late(ev) raised", err)), ev)
+    end
     return
   end
   self.bus._sup:announce("$SYS.late", {      -- a refusal is reported
@@ -599,10 +602,10 @@ function Engine:checkpoint()
   self.is_dirty = false
   local ok, snap = pcall(self.snapshot, self)
   if not ok then
-    return self.bus._report(("buzz: aggregation %s could not save its "
-                             .. "open windows (a reducer's save raised: "
-                             .. "%s); the last checkpoint stands")
-                            :format(self.row, tostring(snap)))
+    return self.bus._report(errors.text("ECALLBACK", (
+      "aggregation %s could not save its open windows (a reducer's save "
+      .. "raised: %s); the last checkpoint stands")
+      :format(self.row, tostring(snap))))
   end
   self.bus._sup:put("window", self.row, snap)  -- reports a refusal
 end
@@ -660,10 +663,11 @@ function Engine:resume(name, feed)
           feed(ev)
         end })
       if not ok then
-        bus._report(("buzz: aggregation %s could not replay the log from "
-                     .. "#%d: %s; its windows hold what the checkpoint "
-                     .. "kept, and events from there on are not counted")
-                    :format(name, from, tostring(err)))
+        bus._report((errors.wrap("ESTORE", ("aggregation %s could not "
+                                            .. "replay the log from #%d")
+                                           :format(name, from), err))
+                    .. "; its windows hold what the checkpoint kept, and "
+                    .. "events from there on are not counted")
       end
     end
     self.replay_now = nil
@@ -775,7 +779,9 @@ function Agg:handle(fn, opts)
   local bus = self.route.bus
   local sub, err, code = start(self, function(result)
     local ok, e = pcall(fn, result)
-    if not ok then bus._report(e) end
+    if not ok then
+      bus._report((errors.wrap("ECALLBACK", "handle(result) raised", e)))
+    end
   end, opts, 3)
   return sub, err, code
 end

@@ -31,10 +31,10 @@
 -- @module buzz.batch
 local failure = require "buzz.failure"
 local util = require "buzz.util"
+local errors = require "buzz.errors"
 local core = require "buzz.core"
 
-local type, pairs, setmetatable, tostring, ipairs =
-      type, pairs, setmetatable, tostring, ipairs
+local type, pairs, setmetatable, ipairs = type, pairs, setmetatable, ipairs
 local floor, ceil, min, max = math.floor, math.ceil, math.min, math.max
 local json_encode = core.json_encode
 local quote = util.quote
@@ -300,11 +300,12 @@ function Batcher:recover(test, collect)
     bus._timers:after(0, Batcher.hand_over, self)
   end
   if not ok then
-    bus._report(("buzz: batch %s could not take up its unfinished "
-                 .. "events: %s; they are in the log from #%d to #%d "
+    local text = errors.wrap("ESTORE", ("batch %s could not take up its "
+                                        .. "unfinished events")
+                                       :format(self.row), err)
+    bus._report(("%s; they are in the log from #%d to #%d "
                  .. "(bus:replay{ from = %d, to = %d, handler = ... } "
-                 .. "feeds them)"):format(self.row, tostring(err), from,
-                                          acked, from, acked))
+                 .. "feeds them)"):format(text, from, acked, from, acked))
   end
 end
 

@@ -80,6 +80,7 @@ local BREAKER_DEFAULTS = { failures = 5, within = 10, cool_down = 30 }
 -- ------------------------------------------------------------ helpers
 
 local util = require "buzz.util"
+local errors = require "buzz.errors"
 local quote = util.quote
 
 local function fifo()
@@ -393,8 +394,8 @@ function Supervisor:put(kind, name, value)
   local ok
   if text then ok, err = c:state_put(kind, name, text) end
   if not (text and ok) then
-    self.bus._report(("buzz: could not store %s %s: %s")
-                     :format(kind, name, tostring(err)))
+    self.bus._report((errors.wrap("ESTORE", ("could not store %s %s")
+                                            :format(kind, name), err)))
   end
 end
 
@@ -414,8 +415,9 @@ function Supervisor:del(kind, name)
   if not c then return end
   local ok, err = c:state_del(kind, name)
   if not ok then
-    self.bus._report(("buzz: could not remove %s %s: %s")
-                     :format(kind, tostring(name), tostring(err)))
+    self.bus._report((errors.wrap("ESTORE", ("could not remove %s %s")
+                                            :format(kind, tostring(name)),
+                                  err)))
   end
 end
 
@@ -427,8 +429,8 @@ function Supervisor:announce(etype, payload)
   local ok, id, err = pcall(c.publish, c, etype, payload, nil, nil, nil, nil,
                             nil, nil, nil, true, self.clock.ms)
   if not ok or not id then
-    self.bus._report(("buzz: could not publish %s: %s")
-                     :format(etype, tostring(ok and err or id)))
+    self.bus._report((errors.wrap("EINVAL", ("could not publish %s")
+                                            :format(etype), ok and err or id)))
   end
 end
 
@@ -789,9 +791,11 @@ function Runner:asleep(job, what, ms)
   elseif what == AWAIT then
     if not self:await(job, ms) then return end
   elseif what ~= nil or not (host and host:park(job)) then
-    self:fail(job, ("handler yielded %s, which buzz cannot resume: yield "
-                    .. "only through buzz.sleep or a host driver")
-                   :format(quote(what)), nil)
+    self:fail(job, errors.text("EYIELD", ("handler yielded %s, which buzz "
+                                          .. "cannot resume: yield only "
+                                          .. "through buzz.sleep or a host "
+                                          .. "driver"):format(quote(what))),
+              nil)
     return
   end
   if job.deadline and not job.timeout_timer then
@@ -857,8 +861,8 @@ function Runner.timed_out(job)
   job.timeout_timer = nil
   local r = job.runner
   if r.is_closed or job.is_over then return end
-  r:fail(job, ("ETIMEOUT: handler did not finish within %g s")
-              :format(r.timeout / 1000), nil)
+  r:fail(job, errors.text("ETIMEOUT", ("handler did not finish within %g s")
+                                       :format(r.timeout / 1000)), nil)
   r.sup:flush()
 end
 
@@ -1215,8 +1219,9 @@ local function publish_due(sup, rec)
   sup.delays = sup.delays - 1
   if rec.stored then sup:del("delay", rec.stored) end
   if not ok or not id then
-    sup.bus._report(("buzz: delayed %s could not be published: %s")
-                    :format(rec.type, tostring(ok and err or id)))
+    sup.bus._report((errors.wrap("EINVAL", ("delayed %s could not be "
+                                           .. "published"):format(rec.type),
+                                 ok and err or id)))
   end
 end
 

@@ -12,6 +12,7 @@ local transform = require "buzz.transform"
 local router = require "buzz.router"
 local middleware = require "buzz.middleware"
 local driver = require "buzz.driver"
+local errors = require "buzz.errors"
 
 local type, error, pairs, ipairs, tostring, pcall, xpcall =
       type, error, pairs, ipairs, tostring, pcall, xpcall
@@ -246,7 +247,7 @@ end
 -- ------------------------------------------------------------ delivery
 
 local function default_on_error(err, ev, sub, trace)
-  if not ev then                      -- the store, not a delivery
+  if not ev then                      -- the engine: err is "CODE: message"
     stderr:write(("buzz: %s\n"):format(failure.readable(err)))
     return
   end
@@ -415,7 +416,7 @@ function M.new(opts)
     local ok, e = pcall(sup.load, sup)
     if not ok then
       c:close()
-      return nil, tostring(e), "ESTORE"
+      return nil, errors.wrap("ESTORE", "cannot load the store's records", e)
     end
   end
   if clock.is_manual then clock:join(bus) end
@@ -1288,8 +1289,8 @@ function Bus:every(seconds, etype, payload_fn)
     if is_callable(payload_fn) then
       local pok, v = pcall(payload_fn)
       if not pok then
-        bus._report(("buzz: every(%s): payload function raised: %s")
-                    :format(etype, tostring(v)))
+        bus._report((errors.wrap("ECALLBACK", ("every(%s): payload function "
+                                              .. "raised"):format(etype), v)))
         return
       end
       payload = v
@@ -1297,9 +1298,8 @@ function Bus:every(seconds, etype, payload_fn)
     end
     local pubok, id, err = pcall(bus.publish, bus, etype, payload)
     if not (pubok and id) then
-      bus._report(("buzz: every(%s): %s"):format(etype,
-                                                 tostring(pubok and err
-                                                          or id)))
+      bus._report((errors.wrap("EINVAL", ("every(%s)"):format(etype),
+                               pubok and err or id)))
     end
   end
   local first = self._clock:now_ms() + period

@@ -34,6 +34,8 @@
 local type, pcall, rawget, setmetatable, tostring =
       type, pcall, rawget, setmetatable, tostring
 
+local errors = require "buzz.errors"
+
 local M = {}
 
 local Driver = { __name = "buzz.luv" }
@@ -59,7 +61,8 @@ function Driver:turn()
   local bus = self.bus
   local ok, err = pcall(bus._turn, bus, M.TURN)
   if not ok and bus._report then
-    bus._report("buzz.luv: a turn of the bus raised: " .. tostring(err))
+    bus._report((errors.wrap("ELOOP", "buzz.luv: a turn of the bus raised",
+                             err)))
   end
 end
 

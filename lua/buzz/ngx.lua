@@ -40,6 +40,7 @@
 -- @module buzz.ngx
 local core = require "buzz.core"
 local util = require "buzz.util"
+local errors = require "buzz.errors"
 
 local type, error, pcall, select, tostring, pairs =
       type, error, pcall, select, tostring, pairs
@@ -448,14 +449,15 @@ function M.shared(opts)
   return self
 end
 
--- The world failed: on_error if given, else the error log.
+-- The world failed: on_error if given, else the error log. msg is
+-- "CODE: message".
 function Shared:report(msg)
   if self.on_error then
     local ok, e = pcall(self.on_error, msg)
     if ok then return end
     msg = msg .. " (and on_error raised: " .. tostring(e) .. ")"
   end
-  log_err(msg)
+  log_err("buzz: ", msg)
 end
 
 -- The owner opens the store; a store still locked (a reload's old
@@ -464,7 +466,8 @@ function Shared:open()
   local bus, err, code = require("buzz").new(self.new_opts)
   if not bus then
     if code ~= "ELOCKED" or not self.said_locked then
-      self:report("buzz: the shared store is not open yet: " .. tostring(err))
+      self:report((errors.wrap("ESTORE", "the shared store is not open yet",
+                               err)))
     end
     self.said_locked = code == "ELOCKED"
     return
@@ -473,7 +476,9 @@ function Shared:open()
   bus._driver.on_exit = function() self:exit() end
   if self.setup then
     local ok, e = pcall(self.setup, bus)
-    if not ok then self:report("buzz: setup(bus) raised: " .. tostring(e)) end
+    if not ok then
+      self:report((errors.wrap("ECALLBACK", "setup(bus) raised", e)))
+    end
   end
   self:take()
 end
@@ -494,8 +499,9 @@ function Shared:take()
       return
     end
     if not ok or not id then
-      self:report(("buzz: a forwarded %s was refused: %s")
-                  :format(tostring(rec.type), tostring(ok and err or id)))
+      self:report((errors.wrap("EINVAL", ("a forwarded %s was refused")
+                                          :format(tostring(rec.type)),
+                               ok and err or id)))
     end
   end
 end

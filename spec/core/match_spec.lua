@@ -175,6 +175,94 @@ describe("matching", function()
     assert.equal(1, #c:audience("t1"))         -- still correct after eviction
   end)
 
+  it("evicts one type at a time when the cache is full", function()
+    assert(c:subscribe(">", {}, noop))
+    for i = 1, 4096 + 100 do c:audience("t" .. i) end
+    assert.equal(4096, c:stats().cached_types)
+    assert.equal(4096 + 100, c:stats().type_misses)
+  end)
+
+  it("keeps a hot type cached while more types than it holds go by",
+     function()
+    assert(c:subscribe(">", {}, noop))
+    for i = 1, 10000 do
+      assert.equal(1, #c:audience("hot"))
+      c:audience("cold" .. i)
+    end
+    -- "hot" missed once, on its first lookup; each cold type once
+    assert.equal(1 + 10000, c:stats().type_misses)
+  end)
+
+  it("still hits most of a rotation a little larger than the cache",
+     function()
+    assert(c:subscribe(">", {}, noop))
+    local function rotate()
+      for i = 1, 4200 do c:audience("r" .. i) end
+    end
+    rotate()                                   -- fills it: 4,200 misses
+    assert.equal(4200, c:stats().type_misses)
+    rotate()
+    rotate()
+    -- emptied when full, or evicted in a fixed order (FIFO, LRU), every
+    -- lookup of such a rotation would miss: 8,400 more
+    assert.is_true(c:stats().type_misses - 4200 < 8400 / 4,
+                   "misses: " .. c:stats().type_misses - 4200)
+  end)
+
+  it("keeps audiences right under rotation, unsubscribe and resubscribe",
+     function()
+    local patterns = { ">", "a.*", "a.>", "*.b", "a.b", "*.*", "a.*.c",
+                       "b.>", "*.b.>", "a.b.c", "$SYS.>", "*.*.*" }
+    local types = {}
+    for i = 1, 6000 do                        -- more than the cache holds
+      local k = i % 7
+      types[i] = k == 0 and ("a.b." .. i) or k == 1 and ("a." .. i)
+                 or k == 2 and (i .. ".b") or k == 3 and ("b." .. i .. ".c")
+                 or k == 4 and ("a." .. i .. ".c") or k == 5 and ("$SYS." .. i)
+                 or ("x" .. i)
+    end
+    types[#types + 1] = "a.b"
+    types[#types + 1] = "a.b.c"
+    local live = {}                           -- { pattern, obj, id }, in order
+    local function subscribe(p)
+      local obj = { p }
+      local id = assert(c:subscribe(p, obj, noop))
+      live[#live + 1] = { p, obj, id }
+    end
+    local function check(step)
+      for i = 1, #types, step do
+        local ty, want = types[i], {}
+        for _, s in ipairs(live) do
+          if core.match(s[1], ty) then want[#want + 1] = s[2] end
+        end
+        local got = c:audience(ty)
+        local same = #got == #want
+        for j = 1, #want do same = same and got[j] == want[j] end
+        if not same then assert.same(want, got, ty) end
+      end
+    end
+    for _, p in ipairs(patterns) do subscribe(p) end
+    for round = 1, 6 do
+      check(round % 2 == 0 and 1 or 7)
+      -- unsubscribe every third (from a rotating start), then subscribe
+      -- a fresh object to each pattern that went, at the end of the order
+      local gone, kept = {}, {}
+      for j, s in ipairs(live) do
+        if (j + round) % 3 == 0 then
+          assert.is_true(c:unsubscribe(s[3], s[2]))
+          gone[#gone + 1] = s[1]
+        else
+          kept[#kept + 1] = s
+        end
+      end
+      live = kept
+      check(5)
+      for _, p in ipairs(gone) do subscribe(p) end
+    end
+    check(1)
+    assert.is_true(c:stats().cached_types <= 4096)
+  end)
+
   it("prunes the trie when subscriptions go", function()
     for round = 1, 3 do
       local ids, subs = {}, {}
@@ -200,5 +288,24 @@ describe("matching", function()
   it("quotes unprintable subjects in its messages", function()
     local _, err = c:subscribe("a\nb", {}, noop)
     assert.matches('"a\\010b"', err, 1, true)
+  end)
+end)
+
+describe("the match cache under a bus", function()
+  it("delivers a queued event whose type was evicted meanwhile", function()
+    local bus = H.bus()
+    local got = {}
+    bus:subscribe("a.*", function(ev) got[#got + 1] = ev.type end)
+    bus:subscribe("other.>", H.counter(0))
+    assert(bus:publish("a.x", nil))           -- queued, holds its type
+    for i = 1, 10000 do assert(bus:publish("cold.t" .. i, nil)) end
+    local late = H.counter(1)
+    bus:subscribe("a.x", late)                -- after: not in its audience
+    bus:drain()
+    assert.same({ "a.x" }, got)
+    assert(bus:publish("a.x", nil))           -- a fresh lookup of the type
+    bus:drain()
+    assert.same({ "a.x", "a.x" }, got)
+    H.done()
   end)
 end)
