@@ -77,13 +77,28 @@ static const char *const schema_sql =
   " payload TEXT,"                       /* JSON */
   " version INTEGER NOT NULL DEFAULT 1,"
   " dedup TEXT);"
-  "CREATE INDEX events_dedup ON events(dedup) WHERE dedup IS NOT NULL;"
+  "CREATE INDEX events_dedup_ts ON events(ts, dedup) WHERE dedup IS NOT "
+  "NULL;"
   "CREATE TABLE meta (key TEXT PRIMARY KEY, value);"
   "CREATE TABLE consumers ("
   " name TEXT PRIMARY KEY,"
   " pattern TEXT NOT NULL,"
   " acked INTEGER NOT NULL,"
   " updated INTEGER NOT NULL);";
+
+/*
+** The index the dedup keys load from at open (buzz__store_dedup_load):
+** only events with a key, by time, so the keys of a window are one range
+** of it and the rows themselves are never read. A store made by an older
+** buzz has events_dedup (on dedup alone, which no query can use for a
+** time range) instead: the first writer to open it builds this one, once,
+** and drops that one. An older buzz opening the store afterwards neither
+** needs nor misses either; SQLite keeps the index up to date for it.
+*/
+static const char *const dedup_index_sql =
+  "CREATE INDEX IF NOT EXISTS events_dedup_ts ON events(ts, dedup) WHERE "
+  "dedup IS NOT NULL;"
+  "DROP INDEX IF EXISTS events_dedup;";
 
 typedef struct failure {
   struct failure *next;
@@ -588,6 +603,7 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
   if ((rc = prepare_schema(s, err, errlen)) < 0) return rc;
   if (exec(s->wdb, "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, "
            "value)") != SQLITE_OK ||
+      exec(s->wdb, dedup_index_sql) != SQLITE_OK ||
       exec(s->wdb, "CREATE TABLE IF NOT EXISTS state (kind TEXT NOT NULL, "
            "name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (kind, "
            "name)) WITHOUT ROWID") != SQLITE_OK)
@@ -999,7 +1015,8 @@ int buzz__store_dedup_load(buzz_store *s, int64_t since, buzz_dedup_cb cb,
   sqlite3_stmt *st;
   int rc;
   if (read_prepare(s, "SELECT dedup, id, ts FROM events WHERE dedup IS NOT "
-                   "NULL AND ts >= ? ORDER BY id", &st, err, errlen) < 0)
+                   "NULL AND ts >= ? ORDER BY ts, dedup, id", &st, err,
+                   errlen) < 0)
     return BUZZ_ESTORE;
   sqlite3_bind_int64(st, 1, since);
   while ((rc = sqlite3_step(st)) == SQLITE_ROW)
