@@ -26,6 +26,28 @@ local function sqlite(path, sql)
   return out
 end
 
+-- Overwrites one leaf page of the events table, from the middle of
+-- the log, with 0xFF: a query that reads the log's rows (a scan)
+-- fails on it with "database disk image is malformed", one that
+-- reads an index or one end of the rowid order never meets it.
+local function damage_middle_of_log(path)
+  sqlite(path, "PRAGMA wal_checkpoint(TRUNCATE)")
+  local size = tonumber(sqlite(path, "PRAGMA page_size"))
+  local leaves = tonumber(sqlite(path, "SELECT count(*) FROM dbstat "
+                                 .. "WHERE name = 'events' AND "
+                                 .. "pagetype = 'leaf'"))
+  assert.is_true(leaves > 20, "the log spans too few pages")
+  local page = tonumber(sqlite(path, ("SELECT pageno FROM dbstat WHERE "
+    .. "name = 'events' AND pagetype = 'leaf' ORDER BY path LIMIT 1 "
+    .. "OFFSET %d"):format(math.floor(leaves / 2))))
+  local f = assert(io.open(path, "r+b"))
+  f:seek("set", (page - 1) * size)
+  f:write(("\255"):rep(size))
+  f:close()
+  assert.matches("malformed", sqlite(path, "SELECT count(*), "
+                                     .. "sum(length(payload)) FROM events"))
+end
+
 describe("the store", function()
   local path
 
@@ -429,29 +451,7 @@ describe("the store", function()
     end)
   end)
 
-  describe("opening", function()
-    -- Overwrites one leaf page of the events table, from the middle of
-    -- the log, with 0xFF: a query that reads the log's rows (a scan)
-    -- fails on it with "database disk image is malformed", one that
-    -- reads an index or one end of the rowid order never meets it.
-    local function damage_middle_of_log()
-      sqlite(path, "PRAGMA wal_checkpoint(TRUNCATE)")
-      local size = tonumber(sqlite(path, "PRAGMA page_size"))
-      local leaves = tonumber(sqlite(path, "SELECT count(*) FROM dbstat "
-                                     .. "WHERE name = 'events' AND "
-                                     .. "pagetype = 'leaf'"))
-      assert.is_true(leaves > 20, "the log spans too few pages")
-      local page = tonumber(sqlite(path, ("SELECT pageno FROM dbstat WHERE "
-        .. "name = 'events' AND pagetype = 'leaf' ORDER BY path LIMIT 1 "
-        .. "OFFSET %d"):format(math.floor(leaves / 2))))
-      local f = assert(io.open(path, "r+b"))
-      f:seek("set", (page - 1) * size)
-      f:write(("\255"):rep(size))
-      f:close()
-      assert.matches("malformed", sqlite(path, "SELECT count(*), "
-                                         .. "sum(length(payload)) FROM events"))
-    end
-
+  describe("opening and reading without a scan", function()
     it("reads neither the log nor its rows: a damaged middle page is not "
        .. "met", function()
       local bus = H.bus{ store = path }
@@ -465,7 +465,7 @@ describe("the store", function()
       end
       assert.is_true(bus:flush())
       bus:close()
-      damage_middle_of_log()
+      damage_middle_of_log(path)
 
       -- a writer: ids go on, and the dedup keys came from their index
       local w = H.bus{ store = path }
@@ -479,6 +479,23 @@ describe("the store", function()
       assert.equal(last, tail[1].id)
       assert.equal(2, #tail)
       assert.equal(first, collect(r:events{ limit = 1 })[1].id)
+    end)
+
+    it("stops reading at to: the rows after it are never read", function()
+      local bus = H.bus{ store = path }
+      local first
+      for i = 1, 3000 do
+        local id = bus:publish("order.placed", { n = i, pad = ("x"):rep(40) })
+        first = first or id
+      end
+      bus:close()
+      damage_middle_of_log(path)
+      local r = H.bus{ store = path, readonly = true }
+      local got = collect(r:events{ from = first, to = first + 9 })
+      assert.same({ first, first + 9 }, { got[1].id, got[#got].id })
+      assert.equal(10, #got)
+      assert.equal(1, r:replay{ types = "order.*", from = first + 9,
+                                to = first + 9, handler = function() end })
     end)
 
     it("moves a store of an older buzz to the dedup index by time, once, "
