@@ -92,8 +92,10 @@ static const char *const schema_sql =
 ** of it and the rows themselves are never read. A store made by an older
 ** buzz has events_dedup (on dedup alone, which no query can use for a
 ** time range) instead: the first writer to open it builds this one, once,
-** and drops that one. An older buzz opening the store afterwards neither
-** needs nor misses either; SQLite keeps the index up to date for it.
+** and drops that one (if it cannot, as on a full disk or at max_size,
+** the store opens all the same and the keys load by a walk of the log,
+** as before). An older buzz opening the store afterwards neither needs
+** nor misses either; SQLite keeps the index up to date for it.
 */
 static const char *const dedup_index_sql =
   "CREATE INDEX IF NOT EXISTS events_dedup_ts ON events(ts, dedup) WHERE "
@@ -614,7 +616,6 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
   if ((rc = prepare_schema(s, err, errlen)) < 0) return rc;
   if (exec(s->wdb, "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, "
            "value)") != SQLITE_OK ||
-      exec(s->wdb, dedup_index_sql) != SQLITE_OK ||
       exec(s->wdb, "CREATE TABLE IF NOT EXISTS state (kind TEXT NOT NULL, "
            "name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (kind, "
            "name)) WITHOUT ROWID") != SQLITE_OK)
@@ -628,6 +629,9 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
              (long long)(s->o.max_bytes / (page > 0 ? page : 4096)));
     if (exec(s->wdb, b) != SQLITE_OK) goto fail;
   }
+  /* Within max_size; if it cannot be built (a full disk), the store
+  ** opens all the same and the keys load by a walk of the log. */
+  (void)exec(s->wdb, dedup_index_sql);
   if (sqlite3_prepare_v2(s->wdb, "INSERT INTO events (id, type, ts, "
         "priority, key, correlation_id, causation_id, headers, payload, "
         "version, dedup) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", -1,

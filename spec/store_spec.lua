@@ -525,6 +525,26 @@ describe("the store", function()
                             .. "FROM events WHERE dedup IS NOT NULL AND "
                             .. "ts >= 5 ORDER BY ts, dedup, id"))
     end)
+
+    it("opens a store of an older buzz that has no room for the index, "
+       .. "keeping its keys", function()
+      local bus = H.bus{ store = path }
+      local id = bus:publish("pay", 1, { dedup = "req-1" })
+      for i = 1, 200 do bus:publish("pay", { i = i, pad = ("p"):rep(200) }) end
+      bus:close()
+      sqlite(path, "DROP INDEX events_dedup_ts; CREATE INDEX events_dedup "
+             .. "ON events(dedup) WHERE dedup IS NOT NULL; PRAGMA "
+             .. "wal_checkpoint(TRUNCATE)")
+      local size = tonumber(sqlite(path, "PRAGMA page_size"))
+                   * tonumber(sqlite(path, "PRAGMA page_count"))
+      bus = H.bus{ store = path, max_size = size }   -- not a page more
+      assert.same({ id, "duplicate" },
+                  { bus:publish("pay", 1, { dedup = "req-1" }) })
+      bus:close()
+      assert.equal("events_dedup\n", sqlite(path, "SELECT name FROM "
+                   .. "sqlite_schema WHERE type = 'index' AND name LIKE "
+                   .. "'events_%'"))
+    end)
   end)
 
   describe("query and replay", function()
