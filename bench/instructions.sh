@@ -59,3 +59,11 @@ echo "type cache, instructions per event ($lua)"
 for c in hot rot20 rot40 rot82 rot164 rot164_100k; do
   printf '  %-12s %8d\n' "$c" "$(per_event "$c" match)"
 done
+# bench/store.lua: reads of a generated store (bus:replay{}, bus:events{}),
+# the row, its JSON and its event table. The store is generated (once,
+# cached) before callgrind runs, so neither count holds that work.
+"$lua" bench/store.lua --case replay 1 >/dev/null
+echo "store reads, instructions per event ($lua)"
+for c in replay events; do
+  printf '  %-12s %8d\n' "$c" "$(per_event "$c" store)"
+done

@@ -562,7 +562,9 @@ int buzz__store_count(buzz_store *s, int64_t after, buzz_str pattern,
 int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
                      int64_t *last, int64_t *bytes, int64_t *wal_bytes,
                      char *err, size_t errlen);
-/* Calls cb(key, id, ts) for events with a dedup key and ts >= since. */
+/* Calls cb(key, id, ts) for events with a dedup key and ts >= since, in
+** ts order (then key, then id): one range of the index events_dedup_ts,
+** so an open reads only the keys of the window, never the log. */
 typedef void (*buzz_dedup_cb)(void *data, buzz_str key, int64_t id,
                               int64_t ts);
 int buzz__store_dedup_load(buzz_store *s, int64_t since, buzz_dedup_cb cb,

@@ -751,14 +751,16 @@ static void push_syntax_error(lua_State *L, const char *s, size_t len,
 
 /*
 ** Pushes the Lua value of n: nil for a null at the root, core.null for
-** one in an array. Uses 3 stack slots per level; cJSON's parser allows
-** JSON_MAX_DEPTH levels. Returns 0, or BUZZ_EINVAL with the tree freed
+** one in an array. Uses 3 stack slots per level, checked per array or
+** object (a scalar takes the slot its container checked, or at the root
+** one of buzz__json_decode's); cJSON's parser allows JSON_MAX_DEPTH
+** levels. Tables are made at their final size (cJSON counts the
+** children), so none is ever rehashed. Returns 0, or BUZZ_EINVAL with the tree freed
 ** and a message on top.
 */
 static int decode_node(lua_State *L, json_box *box, const cJSON *n) {
   const cJSON *c;
   int rc;
-  luaL_checkstack(L, 3, "json: arrays and objects nest too deeply");
   switch (n->type & 0xFF) {
     case cJSON_NULL:
       if (n == box->tree) lua_pushnil(L);
@@ -790,6 +792,7 @@ static int decode_node(lua_State *L, json_box *box, const cJSON *n) {
       return 0;
     case cJSON_Array: {
       int i = 0;
+      luaL_checkstack(L, 3, "json: arrays and objects nest too deeply");
       lua_createtable(L, cJSON_GetArraySize(n), 0);
       for (c = n->child; c != NULL; c = c->next) {
         if ((rc = decode_node(L, box, c)) != 0) return rc;
@@ -798,6 +801,7 @@ static int decode_node(lua_State *L, json_box *box, const cJSON *n) {
       return 0;
     }
     case cJSON_Object:
+      luaL_checkstack(L, 3, "json: arrays and objects nest too deeply");
       lua_createtable(L, 0, cJSON_GetArraySize(n));
       for (c = n->child; c != NULL; c = c->next) {
         lua_pushstring(L, c->string);

@@ -1073,9 +1073,11 @@ static void check_store_opts(lua_State *L, int t) {
 
 /*
 ** Opens the store described by the options table at t (path, durability,
-** readonly, max_bytes, max_age_ms, max_events) and loads the dedup keys
-** still in their window before now (ms). Returns 0, or pushes nil, err,
-** code; raises for an option out of range.
+** readonly, max_bytes, max_age_ms, max_events) and, for a writer, loads
+** the dedup keys still in their window before now (ms): a reader never
+** publishes, so it loads none. Every query an open runs reads an index or
+** one end of the rowid order, never the log (see store.c). Returns 0, or
+** pushes nil, err, code; raises for an option out of range.
 */
 static int open_store(lua_State *L, lcore *c, int t, int64_t now) {
   buzz_store_opts o;
@@ -1096,6 +1098,7 @@ static int open_store(lua_State *L, lcore *c, int t, int64_t now) {
   c->committed = c->bus.last_id;
   if ((rc = buzz__dedup_new(&c->dedup, c->dedup_window)) < 0)
     return push_fail(L, rc, NULL);
+  if (o.is_readonly) return 0;         /* it never publishes: no keys */
   if ((rc = buzz__store_dedup_load(c->store, now - c->dedup_window,
                                    dedup_loaded, c->dedup, err,
                                    sizeof err)) < 0)

@@ -76,13 +76,40 @@ static const char *const schema_sql =
   " payload TEXT,"                       /* JSON */
   " version INTEGER NOT NULL DEFAULT 1,"
   " dedup TEXT);"
-  "CREATE INDEX events_dedup ON events(dedup) WHERE dedup IS NOT NULL;"
+  "CREATE INDEX events_dedup_ts ON events(ts, dedup) WHERE dedup IS NOT "
+  "NULL;"
   "CREATE TABLE meta (key TEXT PRIMARY KEY, value);"
   "CREATE TABLE consumers ("
   " name TEXT PRIMARY KEY,"
   " pattern TEXT NOT NULL,"
   " acked INTEGER NOT NULL,"
   " updated INTEGER NOT NULL);";
+
+/*
+** The index the dedup keys load from at open (buzz__store_dedup_load):
+** only events with a key, by time, so the keys of a window are one range
+** of it and the rows themselves are never read. A store made by an older
+** buzz has events_dedup (on dedup alone, which no query can use for a
+** time range) instead: the first writer to open it builds this one, once,
+** and drops that one (if it cannot, as on a full disk or at max_size,
+** the store opens all the same and the keys load by a walk of the log,
+** as before). An older buzz opening the store afterwards neither needs
+** nor misses either; SQLite keeps the index up to date for it.
+*/
+static const char *const dedup_index_sql =
+  "CREATE INDEX IF NOT EXISTS events_dedup_ts ON events(ts, dedup) WHERE "
+  "dedup IS NOT NULL;"
+  "DROP INDEX IF EXISTS events_dedup;";
+
+/*
+** Queries (buzz__store_query) come in shapes: which of the optional
+** filters they have, one bit each. Each shape has a statement of its own
+** with only its own conditions, so a row is tested for what was asked and
+** nothing else, and an upper id bound ends the rowid range (a statement
+** with "?2 IS NULL OR id <= ?2" walked on to the end of the log).
+*/
+enum { Q_TO_ID = 1, Q_FROM_TS = 2, Q_TO_TS = 4, Q_KEY = 8, Q_PATTERN = 16,
+       Q_SHAPES = 32 };
 
 typedef struct failure {
   struct failure *next;
@@ -101,7 +128,8 @@ struct buzz_store {
   buzz_ids *ids;             /* owns; the id reservation, NULL for readers */
   /* loop thread only */
   sqlite3 *rdb;              /* owns; read-only connection */
-  sqlite3_stmt *q_stmt;      /* owns; the current query page */
+  sqlite3_stmt *q_stmts[Q_SHAPES];  /* owns; one per shape of filters */
+  sqlite3_stmt *q_stmt;      /* borrows one of them: the current page */
   int64_t appended_seq;      /* rows handed to the writer */
   /* writer thread only */
   sqlite3 *wdb;              /* owns; read-write connection */
@@ -590,6 +618,9 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
              (long long)(s->o.max_bytes / (page > 0 ? page : 4096)));
     if (exec(s->wdb, b) != SQLITE_OK) goto fail;
   }
+  /* Within max_size; if it cannot be built (a full disk), the store
+  ** opens all the same and the keys load by a walk of the log. */
+  (void)exec(s->wdb, dedup_index_sql);
   if (sqlite3_prepare_v2(s->wdb, "INSERT INTO events (id, type, ts, "
         "priority, key, correlation_id, causation_id, headers, payload, "
         "version, dedup) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", -1,
@@ -688,6 +719,7 @@ fail:
 
 void buzz__store_close(buzz_store *s) {
   failure *f;
+  int i;
   if (s == NULL) return;
   if (s->has_thread) {
     uv_mutex_lock(&s->mu);
@@ -702,7 +734,7 @@ void buzz__store_close(buzz_store *s) {
     free(s->head);
     s->head = r;
   }
-  sqlite3_finalize(s->q_stmt);
+  for (i = 0; i < Q_SHAPES; i++) sqlite3_finalize(s->q_stmts[i]);
   sqlite3_finalize(s->ins);
   sqlite3_finalize(s->ack);
   sqlite3_finalize(s->drop);
@@ -818,30 +850,50 @@ void buzz__store_stats(buzz_store *s, buzz_store_stats *st) {
 
 /* ------------------------------------------------------------ reads */
 
+/* Prepares the statement of a query shape (Q_* bits) on the reader. */
+static int query_prepare(buzz_store *s, int shape, sqlite3_stmt **st) {
+  char sql[512];
+  size_t n;
+  n = (size_t)snprintf(sql, sizeof sql, "SELECT id, type, ts, priority, "
+    "key, correlation_id, causation_id, headers, payload, version FROM "
+    "events WHERE id > ?1");
+#define WHERE(bit, cond)                                            \
+  if ((shape & (bit)) && n < sizeof sql)                            \
+    n += (size_t)snprintf(sql + n, sizeof sql - n, " AND %s", cond);
+  WHERE(Q_TO_ID, "id <= ?2")
+  WHERE(Q_FROM_TS, "ts >= ?3")
+  WHERE(Q_TO_TS, "ts <= ?4")
+  WHERE(Q_KEY, "key = ?5")
+  WHERE(Q_PATTERN, "buzz_match(?6, type)")
+#undef WHERE
+  if (n < sizeof sql)
+    snprintf(sql + n, sizeof sql - n, " ORDER BY id LIMIT ?7");
+  return sqlite3_prepare_v3(s->rdb, sql, -1, SQLITE_PREPARE_PERSISTENT, st,
+                            NULL);
+}
+
 int buzz__store_query(buzz_store *s, const buzz_query *q) {
-  int rc;
-  if (s->q_stmt == NULL) {
-    rc = sqlite3_prepare_v2(s->rdb,
-      "SELECT id, type, ts, priority, key, correlation_id, causation_id, "
-      "headers, payload, version FROM events WHERE id > ?1 "
-      "AND (?2 IS NULL OR id <= ?2) AND (?3 IS NULL OR ts >= ?3) "
-      "AND (?4 IS NULL OR ts <= ?4) AND (?5 IS NULL OR key = ?5) "
-      "AND (?6 IS NULL OR buzz_match(?6, type)) ORDER BY id LIMIT ?7",
-      -1, &s->q_stmt, NULL);
-    if (rc != SQLITE_OK) return BUZZ_ESTORE;
+  int shape = (q->to_id ? Q_TO_ID : 0) | (q->from_ts ? Q_FROM_TS : 0) |
+              (q->to_ts ? Q_TO_TS : 0) | (q->has_key ? Q_KEY : 0) |
+              (q->pattern.p ? Q_PATTERN : 0);
+  sqlite3_stmt *st;
+  if (s->q_stmt) sqlite3_reset(s->q_stmt);   /* the last page, if open */
+  s->q_stmt = NULL;
+  if ((st = s->q_stmts[shape]) == NULL) {
+    if (query_prepare(s, shape, &st) != SQLITE_OK) return BUZZ_ESTORE;
+    s->q_stmts[shape] = st;
   }
-  sqlite3_reset(s->q_stmt);
-  sqlite3_clear_bindings(s->q_stmt);
-  sqlite3_bind_int64(s->q_stmt, 1, q->after_id);
-  if (q->to_id) sqlite3_bind_int64(s->q_stmt, 2, q->to_id);
-  if (q->from_ts) sqlite3_bind_int64(s->q_stmt, 3, q->from_ts);
-  if (q->to_ts) sqlite3_bind_int64(s->q_stmt, 4, q->to_ts);
-  if (q->has_key) {
-    if (q->is_key_int) sqlite3_bind_int64(s->q_stmt, 5, q->key_int);
-    else bind_str(s->q_stmt, 5, q->key);
+  s->q_stmt = st;
+  sqlite3_bind_int64(st, 1, q->after_id);
+  if (shape & Q_TO_ID) sqlite3_bind_int64(st, 2, q->to_id);
+  if (shape & Q_FROM_TS) sqlite3_bind_int64(st, 3, q->from_ts);
+  if (shape & Q_TO_TS) sqlite3_bind_int64(st, 4, q->to_ts);
+  if (shape & Q_KEY) {
+    if (q->is_key_int) sqlite3_bind_int64(st, 5, q->key_int);
+    else bind_str(st, 5, q->key);
   }
-  if (q->pattern.p) bind_str(s->q_stmt, 6, q->pattern);
-  sqlite3_bind_int64(s->q_stmt, 7, q->limit > 0 ? q->limit : 1);
+  if (shape & Q_PATTERN) bind_str(st, 6, q->pattern);
+  sqlite3_bind_int64(st, 7, q->limit > 0 ? q->limit : 1);
   return BUZZ_OK;
 }
 
@@ -988,7 +1040,8 @@ int buzz__store_dedup_load(buzz_store *s, int64_t since, buzz_dedup_cb cb,
   sqlite3_stmt *st;
   int rc;
   if (read_prepare(s, "SELECT dedup, id, ts FROM events WHERE dedup IS NOT "
-                   "NULL AND ts >= ? ORDER BY id", &st, err, errlen) < 0)
+                   "NULL AND ts >= ? ORDER BY ts, dedup, id", &st, err,
+                   errlen) < 0)
     return BUZZ_ESTORE;
   sqlite3_bind_int64(st, 1, since);
   while ((rc = sqlite3_step(st)) == SQLITE_ROW)

@@ -494,9 +494,9 @@ describe("the store on a failing world", function()
     scribble(t.path, page * (pages - 2), ("\170"):rep(page))
     local b, err, code = buzz.new{ store = t.path, readonly = true }
     if b then                          -- the schema survived: reads fail
-      local ok, e = pcall(function()
+      local ok, e = pcall(function()   -- at once (nil, err) or later (raise)
         local n = 0
-        for _ in b:events() do n = n + 1 end
+        for _ in assert(b:events()) do n = n + 1 end
         return n
       end)
       b:close()

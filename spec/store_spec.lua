@@ -26,6 +26,28 @@ local function sqlite(path, sql)
   return out
 end
 
+-- Overwrites one leaf page of the events table, from the middle of
+-- the log, with 0xFF: a query that reads the log's rows (a scan)
+-- fails on it with "database disk image is malformed", one that
+-- reads an index or one end of the rowid order never meets it.
+local function damage_middle_of_log(path)
+  sqlite(path, "PRAGMA wal_checkpoint(TRUNCATE)")
+  local size = tonumber(sqlite(path, "PRAGMA page_size"))
+  local leaves = tonumber(sqlite(path, "SELECT count(*) FROM dbstat "
+                                 .. "WHERE name = 'events' AND "
+                                 .. "pagetype = 'leaf'"))
+  assert.is_true(leaves > 20, "the log spans too few pages")
+  local page = tonumber(sqlite(path, ("SELECT pageno FROM dbstat WHERE "
+    .. "name = 'events' AND pagetype = 'leaf' ORDER BY path LIMIT 1 "
+    .. "OFFSET %d"):format(math.floor(leaves / 2))))
+  local f = assert(io.open(path, "r+b"))
+  f:seek("set", (page - 1) * size)
+  f:write(("\255"):rep(size))
+  f:close()
+  assert.matches("malformed", sqlite(path, "SELECT count(*), "
+                                     .. "sum(length(payload)) FROM events"))
+end
+
 describe("the store", function()
   local path
 
@@ -426,6 +448,102 @@ describe("the store", function()
                   { bus:publish("pay", 1, { dedup = "k" }) })
       assert.has_error(function() bus:publish("pay", 1, { dedup = 5 }) end,
         'bad dedup: expected a non-empty string such as "req-77", got 5')
+    end)
+  end)
+
+  describe("opening and reading without a scan", function()
+    it("reads neither the log nor its rows: a damaged middle page is not "
+       .. "met", function()
+      local bus = H.bus{ store = path }
+      local first, mid, last
+      for i = 1, 3000 do
+        local id = bus:publish("order.placed", { n = i, pad = ("x"):rep(40) },
+                               { dedup = i % 500 == 0 and "d-" .. i or nil })
+        first = first or id
+        if i == 1500 then mid = id end
+        last = id
+      end
+      assert.is_true(bus:flush())
+      bus:close()
+      damage_middle_of_log(path)
+
+      -- a writer: ids go on, and the dedup keys came from their index
+      local w = H.bus{ store = path }
+      assert.same({ mid, "duplicate" },
+                  { w:publish("order.placed", {}, { dedup = "d-1500" }) })
+      assert.is_true(w:publish("order.placed", { n = 3001 }) > last)
+      assert.is_true(w:flush())
+      -- a reader, and a read from the log's end
+      local r = H.bus{ store = path, readonly = true }
+      local tail = collect(r:events{ from = last })
+      assert.equal(last, tail[1].id)
+      assert.equal(2, #tail)
+      assert.equal(first, collect(r:events{ limit = 1 })[1].id)
+    end)
+
+    it("stops reading at to: the rows after it are never read", function()
+      local bus = H.bus{ store = path }
+      local first
+      for i = 1, 3000 do
+        local id = bus:publish("order.placed", { n = i, pad = ("x"):rep(40) })
+        first = first or id
+      end
+      bus:close()
+      damage_middle_of_log(path)
+      local r = H.bus{ store = path, readonly = true }
+      local got = collect(r:events{ from = first, to = first + 9 })
+      assert.same({ first, first + 9 }, { got[1].id, got[#got].id })
+      assert.equal(10, #got)
+      assert.equal(1, r:replay{ types = "order.*", from = first + 9,
+                                to = first + 9, handler = function() end })
+    end)
+
+    it("moves a store of an older buzz to the dedup index by time, once, "
+       .. "keeping its keys", function()
+      local bus = H.bus{ store = path }
+      local id = bus:publish("pay", 1, { dedup = "req-1" })
+      bus:close()
+      sqlite(path, "DROP INDEX events_dedup_ts; CREATE INDEX events_dedup "
+             .. "ON events(dedup) WHERE dedup IS NOT NULL")
+      assert.equal("events_dedup\n", sqlite(path, "SELECT name FROM "
+                   .. "sqlite_schema WHERE type = 'index' AND name LIKE "
+                   .. "'events_%'"))
+      -- a reader changes nothing
+      H.bus{ store = path, readonly = true }:close()
+      assert.equal("events_dedup\n", sqlite(path, "SELECT name FROM "
+                   .. "sqlite_schema WHERE type = 'index' AND name LIKE "
+                   .. "'events_%'"))
+      bus = H.bus{ store = path }
+      assert.same({ id, "duplicate" },
+                  { bus:publish("pay", 1, { dedup = "req-1" }) })
+      bus:close()
+      assert.equal("events_dedup_ts\n", sqlite(path, "SELECT name FROM "
+                   .. "sqlite_schema WHERE type = 'index' AND name LIKE "
+                   .. "'events_%'"))
+      assert.matches("USING COVERING INDEX events_dedup_ts %(ts>%?%)",
+                     sqlite(path, "EXPLAIN QUERY PLAN SELECT dedup, id, ts "
+                            .. "FROM events WHERE dedup IS NOT NULL AND "
+                            .. "ts >= 5 ORDER BY ts, dedup, id"))
+    end)
+
+    it("opens a store of an older buzz that has no room for the index, "
+       .. "keeping its keys", function()
+      local bus = H.bus{ store = path }
+      local id = bus:publish("pay", 1, { dedup = "req-1" })
+      for i = 1, 200 do bus:publish("pay", { i = i, pad = ("p"):rep(200) }) end
+      bus:close()
+      sqlite(path, "DROP INDEX events_dedup_ts; CREATE INDEX events_dedup "
+             .. "ON events(dedup) WHERE dedup IS NOT NULL; PRAGMA "
+             .. "wal_checkpoint(TRUNCATE)")
+      local size = tonumber(sqlite(path, "PRAGMA page_size"))
+                   * tonumber(sqlite(path, "PRAGMA page_count"))
+      bus = H.bus{ store = path, max_size = size }   -- not a page more
+      assert.same({ id, "duplicate" },
+                  { bus:publish("pay", 1, { dedup = "req-1" }) })
+      bus:close()
+      assert.equal("events_dedup\n", sqlite(path, "SELECT name FROM "
+                   .. "sqlite_schema WHERE type = 'index' AND name LIKE "
+                   .. "'events_%'"))
     end)
   end)
 
