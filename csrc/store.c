@@ -20,8 +20,9 @@
 ** Checkpoints run off the commits, on storewal.c's thread.
 **
 ** Reading: a second, read-only connection, used only on the loop thread,
-** serves queries, consumer positions and statistics. WAL lets it read while
-** the writer writes, and it only ever sees committed rows.
+** serves queries, consumer positions and statistics (storeread.c). WAL
+** lets it read while the writer writes, and it only ever sees committed
+** rows. The struct and the helpers both files use are in storeint.h.
 **
 ** One writer per file: a writer holds an exclusive flock() on the database
 ** file itself for its lifetime, taken through storelock.c, which knows the
@@ -56,6 +57,7 @@
 #include <uv.h>
 
 #include "buzz.h"
+#include "storeint.h"
 
 #define APP_ID 0x62757a7a         /* "buzz", PRAGMA application_id */
 #define SCHEMA_VERSION 1          /* PRAGMA user_version */
@@ -101,65 +103,11 @@ static const char *const dedup_index_sql =
   "dedup IS NOT NULL;"
   "DROP INDEX IF EXISTS events_dedup;";
 
-/*
-** Queries (buzz__store_query) come in shapes: which of the optional
-** filters they have, one bit each. Each shape has a statement of its own
-** with only its own conditions, so a row is tested for what was asked and
-** nothing else, and an upper id bound ends the rowid range (a statement
-** with "?2 IS NULL OR id <= ?2" walked on to the end of the log).
-*/
-enum { Q_TO_ID = 1, Q_FROM_TS = 2, Q_TO_TS = 4, Q_KEY = 8, Q_PATTERN = 16,
-       Q_SHAPES = 32 };
-
-typedef struct failure {
-  struct failure *next;
-  char *msg;                 /* owns */
-  int64_t lo, hi;            /* event ids lost; 0 if none */
-} failure;
-
-struct buzz_store {
-  /* set at open, read-only after */
-  buzz_store_opts o;
-  char *path;                /* owns; as given, for messages */
-  char *file;                /* owns; canonical, what SQLite opens */
-  buzz_file *fid;            /* owns a claim; the writer lock if a writer */
-  int64_t last_id;           /* max(id) at open (and, for a writer, the
-                                highest id an earlier session reserved) */
-  buzz_ids *ids;             /* owns; the id reservation, NULL for readers */
-  /* loop thread only */
-  sqlite3 *rdb;              /* owns; read-only connection */
-  sqlite3_stmt *q_stmts[Q_SHAPES];  /* owns; one per shape of filters */
-  sqlite3_stmt *q_stmt;      /* borrows one of them: the current page */
-  int64_t appended_seq;      /* rows handed to the writer */
-  /* writer thread only */
-  sqlite3 *wdb;              /* owns; read-write connection */
-  sqlite3_stmt *ins, *ack, *drop;
-  sqlite3_stmt *put, *del;   /* state rows */
-  int64_t last_retain;
-  char full_msg[200];        /* why room_for() refused the last group */
-  buzz_wal *wal;             /* owns; the checkpointer (storewal.c) */
-  /* shared, under mu */
-  uv_mutex_t mu;
-  uv_cond_t work;            /* writer: rows queued or stop */
-  uv_cond_t done;            /* waiters: a group finished, or room */
-  buzz_row *head, *tail;     /* owns the queued rows */
-  size_t nqueued;
-  int64_t qbytes;            /* bytes of rows queued or in flight */
-  int64_t done_seq;          /* rows finished (committed or failed) */
-  int64_t committed_id;
-  failure *fails, *fails_tail;  /* owns; unreported failures */
-  buzz_store_stats st;
-  int is_stopping;           /* under mu */
-  int has_thread;            /* set before the thread starts */
-  uv_thread_t thread;
-};
-
-
 /* ------------------------------------------------------------ helpers */
 
 
-static void db_err(char *err, size_t errlen, const buzz_store *s,
-                   sqlite3 *db) {
+void buzz__store_db_err(char *err, size_t errlen, const buzz_store *s,
+                        sqlite3 *db) {
   buzz__set_err(err, errlen, "%s: %s", s->path,
           db ? sqlite3_errmsg(db) : "cannot open");
 }
@@ -168,7 +116,7 @@ static void db_err(char *err, size_t errlen, const buzz_store *s,
 ** Bytes on disk of the database and its WAL together (the WAL's alone in
 ** *wal if wal is not NULL). Any thread: it only stats the files.
 */
-static int64_t file_bytes(const buzz_store *s, int64_t *wal) {
+int64_t buzz__store_file_bytes(const buzz_store *s, int64_t *wal) {
   struct stat sb;
   size_t n = strlen(s->file);
   int64_t total = stat(s->file, &sb) == 0 ? (int64_t)sb.st_size : 0, w = 0;
@@ -219,8 +167,8 @@ static int exec(sqlite3 *db, const char *sql) {
 ** first column of its first row, 0 if it has none. *rc is SQLITE_OK or the
 ** error.
 */
-static int64_t query_int(sqlite3 *db, const char *sql, int nargs, int64_t a,
-                         int64_t b, int *rc) {
+int64_t buzz__store_query_int(sqlite3 *db, const char *sql, int nargs,
+                              int64_t a, int64_t b, int *rc) {
   sqlite3_stmt *st;
   int64_t v = 0;
   *rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
@@ -251,7 +199,7 @@ static void sql_match(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
 
 /* ------------------------------------------------------------ writer */
 
-static int bind_str(sqlite3_stmt *st, int i, buzz_str v) {
+int buzz__store_bind_str(sqlite3_stmt *st, int i, buzz_str v) {
   if (v.p == NULL) return sqlite3_bind_null(st, i);
   return sqlite3_bind_text(st, i, v.p, (int)v.n, SQLITE_STATIC);
 }
@@ -263,40 +211,40 @@ static int write_row(buzz_store *s, buzz_row *r) {
   case BUZZ_ROW_EVENT:
     st = s->ins;
     sqlite3_bind_int64(st, 1, r->id);
-    bind_str(st, 2, r->type);
+    buzz__store_bind_str(st, 2, r->type);
     sqlite3_bind_int64(st, 3, r->ts);
     sqlite3_bind_int(st, 4, r->priority);
     if (r->is_key_int) sqlite3_bind_int64(st, 5, r->key_int);
-    else bind_str(st, 5, r->key);
-    bind_str(st, 6, r->corr);
+    else buzz__store_bind_str(st, 5, r->key);
+    buzz__store_bind_str(st, 6, r->corr);
     if (r->causation_id) sqlite3_bind_int64(st, 7, r->causation_id);
     else sqlite3_bind_null(st, 7);
-    bind_str(st, 8, r->headers);
-    bind_str(st, 9, r->payload);
+    buzz__store_bind_str(st, 8, r->headers);
+    buzz__store_bind_str(st, 9, r->payload);
     sqlite3_bind_int(st, 10, r->version);
-    bind_str(st, 11, r->dedup);
+    buzz__store_bind_str(st, 11, r->dedup);
     break;
   case BUZZ_ROW_ACK:
     st = s->ack;
-    bind_str(st, 1, r->type);
-    bind_str(st, 2, r->key);
+    buzz__store_bind_str(st, 1, r->type);
+    buzz__store_bind_str(st, 2, r->key);
     sqlite3_bind_int64(st, 3, r->id);
     sqlite3_bind_int64(st, 4, r->ts);
     break;
   case BUZZ_ROW_DROP_CONSUMER:
     st = s->drop;
-    bind_str(st, 1, r->type);
+    buzz__store_bind_str(st, 1, r->type);
     break;
   case BUZZ_ROW_STATE_PUT:
     st = s->put;
-    bind_str(st, 1, r->type);
-    bind_str(st, 2, r->key);
-    bind_str(st, 3, r->payload);
+    buzz__store_bind_str(st, 1, r->type);
+    buzz__store_bind_str(st, 2, r->key);
+    buzz__store_bind_str(st, 3, r->payload);
     break;
   case BUZZ_ROW_STATE_DEL:
     st = s->del;
-    bind_str(st, 1, r->type);
-    bind_str(st, 2, r->key);           /* NULL: the whole kind */
+    buzz__store_bind_str(st, 1, r->type);
+    buzz__store_bind_str(st, 2, r->key);           /* NULL: the whole kind */
     break;
   case BUZZ_ROW_IDS_RESERVE:
   case BUZZ_ROW_IDS_RELEASE:
@@ -319,22 +267,22 @@ static void retain(buzz_store *s) {
   if (now - s->last_retain < RETAIN_EVERY_MS) return;
   s->last_retain = now;
   if (s->o.max_events > 0)                 /* older than the newest n */
-    cut = query_int(s->wdb, "SELECT id FROM events ORDER BY id DESC LIMIT 1 "
+    cut = buzz__store_query_int(s->wdb, "SELECT id FROM events ORDER BY id DESC LIMIT 1 "
                     "OFFSET ?", 1, s->o.max_events, 0, &rc);
   if (s->o.max_age_ms > 0) {  /* ids follow time: the first young event */
-    int64_t young = query_int(s->wdb, "SELECT coalesce((SELECT id FROM "
+    int64_t young = buzz__store_query_int(s->wdb, "SELECT coalesce((SELECT id FROM "
                               "events WHERE ts >= ? ORDER BY id LIMIT 1), "
                               "(SELECT max(id) FROM events))", 1,
                               now - s->o.max_age_ms, 0, &rc);
     if (young - 1 > cut) cut = young - 1;
   }
   /* never the newest event, never past a durable consumer */
-  max_id = query_int(s->wdb, "SELECT max(id) FROM events", 0, 0, 0, &rc);
+  max_id = buzz__store_query_int(s->wdb, "SELECT max(id) FROM events", 0, 0, 0, &rc);
   if (cut >= max_id) cut = max_id - 1;
-  floor_id = query_int(s->wdb, "SELECT min(coalesce(min(acked), ?1), ?1) "
+  floor_id = buzz__store_query_int(s->wdb, "SELECT min(coalesce(min(acked), ?1), ?1) "
                        "FROM consumers", 1, cut, 0, &rc);
   if (floor_id < cut)
-    held = query_int(s->wdb, "SELECT count(*) FROM events WHERE id > ? AND "
+    held = buzz__store_query_int(s->wdb, "SELECT count(*) FROM events WHERE id > ? AND "
                      "id <= ?", 2, floor_id, cut, &rc);
   uv_mutex_lock(&s->mu);
   s->st.held_back = held;
@@ -377,7 +325,7 @@ static int room_for(buzz_store *s, int64_t group_bytes) {
   int rc;
   if (s->o.max_bytes <= 0) return 0;
   need = group_bytes + group_bytes / 4 + 4 * 4096;
-  total = file_bytes(s, &wal);
+  total = buzz__store_file_bytes(s, &wal);
   if (total + need <= s->o.max_bytes) return 0;
   if (wal > 0) {
     sqlite3_busy_timeout(s->wdb, 0);
@@ -385,7 +333,7 @@ static int room_for(buzz_store *s, int64_t group_bytes) {
                                    NULL, NULL);
     sqlite3_busy_timeout(s->wdb, 5000);
     (void)rc;                          /* the sizes tell what it did */
-    total = file_bytes(s, &wal);
+    total = buzz__store_file_bytes(s, &wal);
     if (total + need <= s->o.max_bytes) return 0;
   }
   snprintf(s->full_msg, sizeof s->full_msg, "database or disk is full: "
@@ -507,12 +455,12 @@ static int check_version(const buzz_store *s, int64_t ver, char *err,
 */
 static int prepare_schema(buzz_store *s, char *err, size_t errlen) {
   int rc;
-  int64_t app = query_int(s->wdb, "PRAGMA application_id", 0, 0, 0, &rc);
+  int64_t app = buzz__store_query_int(s->wdb, "PRAGMA application_id", 0, 0, 0, &rc);
   int64_t ver, n;
   if (rc != SQLITE_OK) goto fail;
-  ver = query_int(s->wdb, "PRAGMA user_version", 0, 0, 0, &rc);
+  ver = buzz__store_query_int(s->wdb, "PRAGMA user_version", 0, 0, 0, &rc);
   if (rc != SQLITE_OK) goto fail;
-  n = query_int(s->wdb, "SELECT count(*) FROM sqlite_schema", 0, 0, 0, &rc);
+  n = buzz__store_query_int(s->wdb, "SELECT count(*) FROM sqlite_schema", 0, 0, 0, &rc);
   if (rc != SQLITE_OK) goto fail;
   if (app != APP_ID) {
     char b[64];
@@ -539,11 +487,11 @@ static int prepare_schema(buzz_store *s, char *err, size_t errlen) {
   }
   return BUZZ_OK;
 fail_txn:
-  db_err(err, errlen, s, s->wdb);
+  buzz__store_db_err(err, errlen, s, s->wdb);
   exec(s->wdb, "ROLLBACK");
   return BUZZ_ESTORE;
 fail:
-  db_err(err, errlen, s, s->wdb);
+  buzz__store_db_err(err, errlen, s, s->wdb);
   return BUZZ_ESTORE;
 }
 
@@ -551,7 +499,7 @@ static int open_db(buzz_store *s, sqlite3 **db, int flags, char *err,
                    size_t errlen) {
   if (sqlite3_open_v2(s->file, db, flags | SQLITE_OPEN_NOMUTEX, NULL)
       != SQLITE_OK) {
-    db_err(err, errlen, s, *db);
+    buzz__store_db_err(err, errlen, s, *db);
     return BUZZ_ESTORE;
   }
   sqlite3_busy_timeout(*db, 5000);
@@ -597,9 +545,9 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
             "directory); open it with readonly = true to read it", s->path);
     return BUZZ_ESTORE;
   }
-  (void)query_int(s->wdb, "PRAGMA journal_mode = WAL", 0, 0, 0, &rc);
+  (void)buzz__store_query_int(s->wdb, "PRAGMA journal_mode = WAL", 0, 0, 0, &rc);
   if (rc != SQLITE_OK) {
-    db_err(err, errlen, s, s->wdb);
+    buzz__store_db_err(err, errlen, s, s->wdb);
     return BUZZ_ESTORE;
   }
   if ((rc = prepare_schema(s, err, errlen)) < 0) return rc;
@@ -613,7 +561,7 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
            s->o.durability == BUZZ_DUR_SYNC ? "FULL" : "NORMAL");
   if (exec(s->wdb, b) != SQLITE_OK) goto fail;
   if (s->o.max_bytes > 0) {
-    int64_t page = query_int(s->wdb, "PRAGMA page_size", 0, 0, 0, &rc);
+    int64_t page = buzz__store_query_int(s->wdb, "PRAGMA page_size", 0, 0, 0, &rc);
     snprintf(b, sizeof b, "PRAGMA max_page_count = %lld",
              (long long)(s->o.max_bytes / (page > 0 ? page : 4096)));
     if (exec(s->wdb, b) != SQLITE_OK) goto fail;
@@ -639,7 +587,7 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
   if (buzz__ids_open(&s->ids, s->wdb, &s->last_id) != SQLITE_OK) goto fail;
   return BUZZ_OK;
 fail:
-  db_err(err, errlen, s, s->wdb);
+  buzz__store_db_err(err, errlen, s, s->wdb);
   return BUZZ_ESTORE;
 }
 
@@ -669,9 +617,9 @@ int buzz__store_open(buzz_store **out, const char *path,
   if ((rc = open_db(s, &s->rdb, SQLITE_OPEN_READONLY, err, errlen)) < 0)
     goto fail;
   if (o->is_readonly) {
-    int64_t ver, app = query_int(s->rdb, "PRAGMA application_id", 0, 0, 0, &rc);
+    int64_t ver, app = buzz__store_query_int(s->rdb, "PRAGMA application_id", 0, 0, 0, &rc);
     if (rc != SQLITE_OK) {
-      db_err(err, errlen, s, s->rdb);
+      buzz__store_db_err(err, errlen, s, s->rdb);
       rc = BUZZ_ESTORE;
       goto fail;
     }
@@ -681,14 +629,14 @@ int buzz__store_open(buzz_store **out, const char *path,
       rc = BUZZ_ESTORE;
       goto fail;
     }
-    ver = query_int(s->rdb, "PRAGMA user_version", 0, 0, 0, &rc);
+    ver = buzz__store_query_int(s->rdb, "PRAGMA user_version", 0, 0, 0, &rc);
     if (rc != SQLITE_OK) {
-      db_err(err, errlen, s, s->rdb);
+      buzz__store_db_err(err, errlen, s, s->rdb);
       rc = BUZZ_ESTORE;
       goto fail;
     }
     if ((rc = check_version(s, ver, err, errlen)) < 0) goto fail;
-    s->last_id = query_int(s->rdb, "SELECT max(id) FROM events", 0, 0, 0, &rc);
+    s->last_id = buzz__store_query_int(s->rdb, "SELECT max(id) FROM events", 0, 0, 0, &rc);
   }
   sqlite3_create_function(s->rdb, "buzz_match", 2,
                           SQLITE_UTF8 | SQLITE_DETERMINISTIC, NULL,
@@ -845,228 +793,4 @@ void buzz__store_stats(buzz_store *s, buzz_store_stats *st) {
   st->backlog_limit = s->o.max_backlog;
   st->checkpoints = buzz__wal_checkpoints(s->wal);
   uv_mutex_unlock(&s->mu);
-}
-
-
-/* ------------------------------------------------------------ reads */
-
-/* Prepares the statement of a query shape (Q_* bits) on the reader. */
-static int query_prepare(buzz_store *s, int shape, sqlite3_stmt **st) {
-  char sql[512];
-  size_t n;
-  n = (size_t)snprintf(sql, sizeof sql, "SELECT id, type, ts, priority, "
-    "key, correlation_id, causation_id, headers, payload, version FROM "
-    "events WHERE id > ?1");
-#define WHERE(bit, cond)                                            \
-  if ((shape & (bit)) && n < sizeof sql)                            \
-    n += (size_t)snprintf(sql + n, sizeof sql - n, " AND %s", cond);
-  WHERE(Q_TO_ID, "id <= ?2")
-  WHERE(Q_FROM_TS, "ts >= ?3")
-  WHERE(Q_TO_TS, "ts <= ?4")
-  WHERE(Q_KEY, "key = ?5")
-  WHERE(Q_PATTERN, "buzz_match(?6, type)")
-#undef WHERE
-  if (n < sizeof sql)
-    snprintf(sql + n, sizeof sql - n, " ORDER BY id LIMIT ?7");
-  return sqlite3_prepare_v3(s->rdb, sql, -1, SQLITE_PREPARE_PERSISTENT, st,
-                            NULL);
-}
-
-int buzz__store_query(buzz_store *s, const buzz_query *q) {
-  int shape = (q->to_id ? Q_TO_ID : 0) | (q->from_ts ? Q_FROM_TS : 0) |
-              (q->to_ts ? Q_TO_TS : 0) | (q->has_key ? Q_KEY : 0) |
-              (q->pattern.p ? Q_PATTERN : 0);
-  sqlite3_stmt *st;
-  if (s->q_stmt) sqlite3_reset(s->q_stmt);   /* the last page, if open */
-  s->q_stmt = NULL;
-  if ((st = s->q_stmts[shape]) == NULL) {
-    if (query_prepare(s, shape, &st) != SQLITE_OK) return BUZZ_ESTORE;
-    s->q_stmts[shape] = st;
-  }
-  s->q_stmt = st;
-  sqlite3_bind_int64(st, 1, q->after_id);
-  if (shape & Q_TO_ID) sqlite3_bind_int64(st, 2, q->to_id);
-  if (shape & Q_FROM_TS) sqlite3_bind_int64(st, 3, q->from_ts);
-  if (shape & Q_TO_TS) sqlite3_bind_int64(st, 4, q->to_ts);
-  if (shape & Q_KEY) {
-    if (q->is_key_int) sqlite3_bind_int64(st, 5, q->key_int);
-    else bind_str(st, 5, q->key);
-  }
-  if (shape & Q_PATTERN) bind_str(st, 6, q->pattern);
-  sqlite3_bind_int64(st, 7, q->limit > 0 ? q->limit : 1);
-  return BUZZ_OK;
-}
-
-void buzz__store_query_done(buzz_store *s) {
-  if (s->q_stmt) sqlite3_reset(s->q_stmt);
-}
-
-static buzz_str col_str(sqlite3_stmt *st, int i) {
-  buzz_str v;
-  v.p = (const char *)sqlite3_column_text(st, i);
-  v.n = v.p ? (size_t)sqlite3_column_bytes(st, i) : 0;
-  return v;
-}
-
-int buzz__store_next(buzz_store *s, buzz_stored *row, char *err,
-                     size_t errlen) {
-  sqlite3_stmt *st = s->q_stmt;
-  int rc = sqlite3_step(st);
-  if (rc == SQLITE_DONE) {
-    sqlite3_reset(st);
-    return 0;
-  }
-  if (rc != SQLITE_ROW) {
-    db_err(err, errlen, s, s->rdb);
-    sqlite3_reset(st);
-    return BUZZ_ESTORE;
-  }
-  row->id = sqlite3_column_int64(st, 0);
-  row->type = col_str(st, 1);
-  row->ts = sqlite3_column_int64(st, 2);
-  row->priority = sqlite3_column_int(st, 3);
-  switch (sqlite3_column_type(st, 4)) {
-  case SQLITE_NULL:
-    row->key_kind = 0;
-    break;
-  case SQLITE_INTEGER:
-    row->key_kind = 2;
-    row->key_int = sqlite3_column_int64(st, 4);
-    break;
-  default:
-    row->key_kind = 1;
-    row->key = col_str(st, 4);
-  }
-  row->corr = col_str(st, 5);
-  row->causation_id = sqlite3_column_int64(st, 6);
-  row->headers = col_str(st, 7);
-  row->payload = col_str(st, 8);
-  row->version = sqlite3_column_int(st, 9);
-  return 1;
-}
-
-/* Prepares sql on the read connection: 0, or BUZZ_ESTORE with err. */
-static int read_prepare(buzz_store *s, const char *sql, sqlite3_stmt **st,
-                        char *err, size_t errlen) {
-  if (sqlite3_prepare_v2(s->rdb, sql, -1, st, NULL) == SQLITE_OK) return 0;
-  db_err(err, errlen, s, s->rdb);
-  return BUZZ_ESTORE;
-}
-
-/* Finalizes a read whose last step gave rc: 0 if it ran to the end (or
-** stopped at a row, with is_row_ok), else BUZZ_ESTORE with err. */
-static int read_done(buzz_store *s, sqlite3_stmt *st, int rc, int is_row_ok,
-                     char *err, size_t errlen) {
-  int ok = rc == SQLITE_DONE || (is_row_ok && rc == SQLITE_ROW);
-  if (!ok) db_err(err, errlen, s, s->rdb);
-  sqlite3_finalize(st);
-  return ok ? BUZZ_OK : BUZZ_ESTORE;
-}
-
-int buzz__store_consumer(buzz_store *s, const char *name, size_t len,
-                         int64_t *acked, char *err, size_t errlen) {
-  sqlite3_stmt *st;
-  int rc, is_found;
-  if (read_prepare(s, "SELECT acked FROM consumers WHERE name = ?", &st, err,
-                   errlen) < 0)
-    return BUZZ_ESTORE;
-  sqlite3_bind_text(st, 1, name, (int)len, SQLITE_STATIC);
-  rc = sqlite3_step(st);
-  if ((is_found = rc == SQLITE_ROW)) *acked = sqlite3_column_int64(st, 0);
-  if (read_done(s, st, rc, 1, err, errlen) < 0) return BUZZ_ESTORE;
-  return is_found;
-}
-
-int buzz__store_consumers(buzz_store *s, buzz_consumer_cb cb, void *data,
-                          char *err, size_t errlen) {
-  sqlite3_stmt *st;
-  int rc;
-  if (read_prepare(s, "SELECT name, pattern, acked, updated FROM consumers "
-                   "ORDER BY name", &st, err, errlen) < 0)
-    return BUZZ_ESTORE;
-  while ((rc = sqlite3_step(st)) == SQLITE_ROW)
-    cb(data, col_str(st, 0), col_str(st, 1), sqlite3_column_int64(st, 2),
-       sqlite3_column_int64(st, 3));
-  return read_done(s, st, rc, 0, err, errlen);
-}
-
-int buzz__store_types(buzz_store *s, buzz_count_cb cb, void *data,
-                      char *err, size_t errlen) {
-  sqlite3_stmt *st;
-  int rc;
-  if (read_prepare(s, "SELECT type, count(*) FROM events GROUP BY type "
-                   "ORDER BY type", &st, err, errlen) < 0)
-    return BUZZ_ESTORE;
-  while ((rc = sqlite3_step(st)) == SQLITE_ROW)
-    cb(data, col_str(st, 0), sqlite3_column_int64(st, 1));
-  return read_done(s, st, rc, 0, err, errlen);
-}
-
-int buzz__store_count(buzz_store *s, int64_t after, buzz_str pattern,
-                      int64_t *n, char *err, size_t errlen) {
-  sqlite3_stmt *st;
-  int rc;
-  if (read_prepare(s, "SELECT count(*) FROM events WHERE id > ?1 AND "
-                   "(?2 IS NULL OR buzz_match(?2, type))", &st, err,
-                   errlen) < 0)
-    return BUZZ_ESTORE;
-  sqlite3_bind_int64(st, 1, after);
-  bind_str(st, 2, pattern);
-  rc = sqlite3_step(st);
-  if (rc == SQLITE_ROW) *n = sqlite3_column_int64(st, 0);
-  return read_done(s, st, rc, 1, err, errlen);
-}
-
-int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
-                     int64_t *last, int64_t *bytes, int64_t *wal_bytes,
-                     char *err, size_t errlen) {
-  sqlite3_stmt *st;
-  int rc;
-  if (read_prepare(s, "SELECT count(*), min(id), max(id) FROM events", &st,
-                   err, errlen) < 0)
-    return BUZZ_ESTORE;
-  if ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-    *count = sqlite3_column_int64(st, 0);
-    *first = sqlite3_column_int64(st, 1);
-    *last = sqlite3_column_int64(st, 2);
-  }
-  if (read_done(s, st, rc, 1, err, errlen) < 0) return BUZZ_ESTORE;
-  *bytes = file_bytes(s, wal_bytes);
-  return BUZZ_OK;
-}
-
-int buzz__store_dedup_load(buzz_store *s, int64_t since, buzz_dedup_cb cb,
-                           void *data, char *err, size_t errlen) {
-  sqlite3_stmt *st;
-  int rc;
-  if (read_prepare(s, "SELECT dedup, id, ts FROM events WHERE dedup IS NOT "
-                   "NULL AND ts >= ? ORDER BY ts, dedup, id", &st, err,
-                   errlen) < 0)
-    return BUZZ_ESTORE;
-  sqlite3_bind_int64(st, 1, since);
-  while ((rc = sqlite3_step(st)) == SQLITE_ROW)
-    cb(data, col_str(st, 0), sqlite3_column_int64(st, 1),
-       sqlite3_column_int64(st, 2));
-  return read_done(s, st, rc, 0, err, errlen);
-}
-
-int buzz__store_state(buzz_store *s, buzz_str kind, buzz_state_cb cb,
-                      void *data, char *err, size_t errlen) {
-  sqlite3_stmt *st;
-  int rc;
-  if (sqlite3_prepare_v2(s->rdb, "SELECT name, value FROM state WHERE "
-                         "kind = ? ORDER BY name", -1, &st, NULL)
-      != SQLITE_OK) {
-    int64_t has;
-    db_err(err, errlen, s, s->rdb);    /* before another call resets it */
-    has = query_int(s->rdb, "SELECT count(*) FROM sqlite_schema WHERE "
-                    "type = 'table' AND name = 'state'", 0, 0, 0, &rc);
-    if (rc != SQLITE_OK || has != 0) return BUZZ_ESTORE;
-    if (err && errlen) err[0] = '\0';  /* an older store: no rows */
-    return BUZZ_OK;
-  }
-  bind_str(st, 1, kind);
-  while ((rc = sqlite3_step(st)) == SQLITE_ROW)
-    cb(data, col_str(st, 0), col_str(st, 1));
-  return read_done(s, st, rc, 0, err, errlen);
 }

@@ -47,6 +47,7 @@ build = {
         "csrc/loop.c",
         "csrc/json.c",
         "csrc/store.c",
+        "csrc/storeread.c",
         "csrc/storelock.c",
         "csrc/storewal.c",
         "csrc/ids.c",
