@@ -19,11 +19,12 @@
 
 CC      ?= cc
 FLAVOURS = lua5.4 luajit
+JSON_SRCS = csrc/json.c csrc/jsonenc.c csrc/jsondec.c
 SRCS     = csrc/error.c csrc/map.c csrc/match.c csrc/queue.c csrc/bus.c \
-           csrc/loop.c csrc/json.c csrc/store.c csrc/storeread.c \
+           csrc/loop.c $(JSON_SRCS) csrc/store.c csrc/storeread.c \
            csrc/storelock.c csrc/storewal.c csrc/ids.c csrc/dedup.c \
            csrc/lbuzz.c csrc/lcheck.c
-HDRS     = csrc/buzz.h csrc/compat.h csrc/json.h csrc/lcheck.h \
+HDRS     = csrc/buzz.h csrc/compat.h csrc/json.h csrc/jsonint.h csrc/lcheck.h \
            csrc/storeint.h
 
 WARN     = -std=c99 -Wall -Wextra -pedantic -Wshadow -Wmissing-prototypes \
@@ -112,10 +113,10 @@ build/fuzz/subject: fuzz/subject.c $(FUZZ_ENGINE) csrc/buzz.h
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_FLAGS) fuzz/subject.c $(FUZZ_ENGINE) -o $@
 
-build/fuzz/json: fuzz/json.c csrc/json.c csrc/error.c $(HDRS)
+build/fuzz/json: fuzz/json.c $(JSON_SRCS) csrc/error.c $(HDRS)
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_FLAGS) $(call lua_cflags,lua5.4) $(DEP_CFLAGS) \
-	  fuzz/json.c csrc/json.c csrc/error.c -o $@ \
+	  fuzz/json.c $(JSON_SRCS) csrc/error.c -o $@ \
 	  $(shell pkg-config --libs lua5.4 libcjson) -lm
 
 build/fuzz/asan/buzz/core.so: $(SRCS) $(HDRS)

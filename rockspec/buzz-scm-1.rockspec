@@ -46,6 +46,8 @@ build = {
         "csrc/bus.c",
         "csrc/loop.c",
         "csrc/json.c",
+        "csrc/jsonenc.c",
+        "csrc/jsondec.c",
         "csrc/store.c",
         "csrc/storeread.c",
         "csrc/storelock.c",
