@@ -61,6 +61,9 @@
 typedef struct lcur {
   int64_t id;
   int table_ref;
+  int slot;            /* a U ref kept for this level (LUA_NOREF until
+                          first used) where core:sync() puts its event
+                          table; false while unused; released with U */
 } lcur;
 
 /*
@@ -448,7 +451,9 @@ static int cur_push(lcore *c, int64_t id, int table_ref) {
   if (c->ncur == c->capcur) {
     size_t ncap = c->capcur ? c->capcur * 2 : 8;
     lcur *n = (lcur *)realloc(c->cur, ncap * sizeof *n);
+    size_t i;
     if (n == NULL) return 0;
+    for (i = c->capcur; i < ncap; i++) n[i].slot = LUA_NOREF;
     c->cur = n;
     c->capcur = ncap;
   }
@@ -1532,6 +1537,18 @@ static void push_correlation(lua_State *L, int u, int ref) {
   }
 }
 
+/* Pushes nil, "EDEPTH: ...", "EDEPTH": publish_sync nested too deep. */
+static int push_too_deep(lua_State *L, lcore *c) {
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s: publish_sync nested %d deep: a handler run by "
+                  "publish_sync may publish_sync again at most %d levels "
+                  "deep; nothing was published (use publish to queue the "
+                  "event)", buzz__err_name(BUZZ_EDEPTH), c->nsync + 1,
+                  SYNC_MAX);
+  lua_pushstring(L, buzz__err_name(BUZZ_EDEPTH));
+  return 3;
+}
+
 /*
 ** Shared by publish, publish_sync and publish_cursor. Arguments: self,
 ** type, payload, priority (0..3), key, correlation_id, causation_id,
@@ -1580,16 +1597,7 @@ static int do_publish(lua_State *L, int mode) {
   if (subject_usage(L, "type", type, len, 0, is_engine)) return 3;
   if (lua_type(L, 5) == LUA_TNUMBER)   /* an integer key JSON holds */
     buzz__check_int(L, 5, "key", -BUZZ_INT_EXACT, BUZZ_INT_EXACT);
-  if (mode == 1 && c->nsync >= SYNC_MAX) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "%s: publish_sync nested %d deep: a handler run by "
-                    "publish_sync may publish_sync again at most %d levels "
-                    "deep; nothing was published (use publish to queue the "
-                    "event)", buzz__err_name(BUZZ_EDEPTH), c->nsync + 1,
-                    SYNC_MAX);
-    lua_pushstring(L, buzz__err_name(BUZZ_EDEPTH));
-    return 3;
-  }
+  if (mode == 1 && c->nsync >= SYNC_MAX) return push_too_deep(L, c);
   lua_settop(L, 10);
   ctx.L = L;
   ctx.u = push_refs(L);                /* slot 11 */
@@ -1767,6 +1775,209 @@ static int lcore_resume(lua_State *L) {
   rc = buzz_resume_n(co, L, nargs, &nres);
   if (level >= 0) c->ncur = (size_t)level;  /* nested levels are gone */
   unref(L, u, &ref);                   /* the U this ref was taken in */
+  if (rc == LUA_OK || rc == LUA_YIELD) {
+    if (!lua_checkstack(L, nres + 1)) {
+      lua_pop(co, nres);
+      lua_pushboolean(L, 0);
+      lua_pushliteral(L, "too many results to resume");
+      return 2;
+    }
+    lua_pushboolean(L, 1);
+    lua_xmove(co, L, nres);
+    return nres + 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_xmove(co, L, 1);                 /* the error value */
+  return 2;
+}
+
+/*
+** The hot path of a memory bus (lua/buzz/hot.lua): the Lua layer keeps
+** each type's audience (core:audience) and builds the event table itself;
+** the core still hands out ids and keeps the current-event stack and the
+** publish_sync depth, so publishes made anywhere agree on all three.
+**
+** core:stamp(is_sync, ts) -> id, ts, causation_id, correlation_id | nil,
+** "EDEPTH: ...", "EDEPTH". Takes the next id (as a publish with an
+** audience or without one would), stamps ts (ms; nil: the core's clock)
+** and returns what a publish made now inherits (nil when nothing): the
+** current event's id and correlation_id. With is_sync, refuses as
+** publish_sync does past SYNC_MAX levels, taking no id. A bus with a
+** store publishes through core:publish (its ids come from a
+** reservation): stamp raises there.
+*/
+static int lcore_stamp(lua_State *L) {
+  lcore *c = check_core(L);
+  int64_t ts = buzz__opt_int(L, 3, "ts", 0, 0, BUZZ_INT_EXACT);
+  if (c->store != NULL)
+    return luaL_error(L, "core:stamp() is for a memory bus; a store's "
+                      "events go through core:publish()");
+  if (lua_toboolean(L, 2) && c->nsync >= SYNC_MAX)
+    return push_too_deep(L, c);
+  if (c->bus.last_id >= BUZZ_INT_EXACT)
+    return push_fail(L, BUZZ_EINVAL, "no ids left");
+  lua_pushinteger(L, (lua_Integer)++c->bus.last_id);
+  lua_pushinteger(L, (lua_Integer)(ts > 0 ? ts : buzz__clock_ms()));
+  if (c->ncur == 0) return 2;
+  {
+    lcur cur = c->cur[c->ncur - 1];
+    if (cur.id != 0) lua_pushinteger(L, (lua_Integer)cur.id);
+    else lua_pushnil(L);
+    if (cur.table_ref == BUZZ_NOREF) return 3;
+    push_correlation(L, push_refs(L), cur.table_ref);
+    lua_remove(L, -2);                 /* U */
+    return 4;
+  }
+}
+
+/*
+** core:sync(co, ev, aud, ts) -> id, ok, ... | nil, "EDEPTH: ...",
+** "EDEPTH". publish_sync's hot path in one call: refuses past SYNC_MAX
+** nested levels (taking no id), takes the next id, and sets ev.id, ev.ts
+** (ts, or the core's clock when ts is nil or false) and what ev inherits from the current event
+** (correlation_id unless ev has one, causation_id), then resumes co (a
+** suspended thread of the hot path's pool) with ev and aud while ev is
+** the current event, as one publish_sync level. Returns the id, then
+** what core:deliver returns for the resume. The constructor in
+** lua/buzz/hot.lua sizes ev so that setting these fields never rehashes.
+*/
+static int lcore_sync(lua_State *L) {
+  lcore *c = check_core(L);
+  lua_State *co = lua_tothread(L, 2);
+  int64_t ts = lua_toboolean(L, 5)     /* false: no manual clock */
+               ? buzz__opt_int(L, 5, "ts", 0, 0, BUZZ_INT_EXACT) : 0, id;
+  int u, rc, nres = 0;
+  size_t level;
+  lcur *cur;
+  luaL_argcheck(L, co != NULL && co != L && lua_status(co) == LUA_YIELD, 2,
+                "expected a suspended thread");
+  luaL_checktype(L, 3, LUA_TTABLE);
+  if (!lua_checkstack(co, 2)) return luaL_error(L, "stack overflow");
+  if (c->store != NULL)
+    return luaL_error(L, "core:sync() is for a memory bus; a store's "
+                      "events go through core:publish_sync()");
+  if (c->nsync >= SYNC_MAX) return push_too_deep(L, c);
+  if (c->bus.last_id >= BUZZ_INT_EXACT)
+    return push_fail(L, BUZZ_EINVAL, "no ids left");
+  lua_settop(L, 4);
+  u = push_refs(L);                    /* slot 5 */
+  id = ++c->bus.last_id;
+  lua_pushvalue(L, UV(UV_ID));
+  lua_pushinteger(L, (lua_Integer)id);
+  lua_rawset(L, 3);
+  lua_pushvalue(L, UV(UV_TS));
+  lua_pushinteger(L, (lua_Integer)(ts > 0 ? ts : buzz__clock_ms()));
+  lua_rawset(L, 3);
+  if (c->ncur > 0) {                   /* inside a handler: inherit */
+    lcur top = c->cur[c->ncur - 1];
+    if (top.id != 0) {
+      lua_pushvalue(L, UV(UV_CAUS));
+      lua_pushinteger(L, (lua_Integer)top.id);
+      lua_rawset(L, 3);
+    }
+    if (top.table_ref != BUZZ_NOREF) {
+      lua_pushvalue(L, UV(UV_CORR));
+      lua_rawget(L, 3);
+      if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        lua_pushvalue(L, UV(UV_CORR));
+        push_correlation(L, u, top.table_ref);
+        lua_rawset(L, 3);
+      } else {
+        lua_pop(L, 1);
+      }
+    }
+  }
+  if (!cur_push(c, id, BUZZ_NOREF))
+    return luaL_error(L, "not enough memory");
+  level = c->ncur - 1;
+  cur = &c->cur[level];
+  lua_pushvalue(L, 3);
+  if (cur->slot == LUA_NOREF) cur->slot = luaL_ref(L, u);
+  else lua_rawseti(L, u, cur->slot);
+  cur->table_ref = cur->slot;
+  lua_pushinteger(L, (lua_Integer)id); /* slot 6: the result */
+  lua_pushvalue(L, 3);
+  lua_pushvalue(L, 4);
+  lua_xmove(L, co, 2);
+  c->nsync++;
+#if LUA_VERSION_NUM >= 504
+  rc = lua_resume(co, NULL, 2, &nres);
+#else
+  rc = buzz_resume_n(co, L, 2, &nres);
+#endif
+  c->nsync--;
+  c->ncur = level;                     /* nested levels are gone */
+  if (c->is_open) {                    /* else U went with close() */
+    lua_pushboolean(L, 0);             /* keep the slot a non-nil */
+    lua_rawseti(L, u, c->cur[level].slot);  /* value: see luaL_ref */
+  }
+  if (rc == LUA_OK || rc == LUA_YIELD) {
+    if (!lua_checkstack(L, nres + 1)) {
+      lua_pop(co, nres);
+      lua_pushboolean(L, 0);
+      lua_pushliteral(L, "too many results to resume");
+      return 3;
+    }
+    lua_pushboolean(L, 1);
+    lua_xmove(co, L, nres);
+    return nres + 2;
+  }
+  lua_pushboolean(L, 0);
+  lua_xmove(co, L, 1);                 /* the error value */
+  return 3;
+}
+
+/*
+** core:deliver(co, ev, is_sync, ...) -> true, ... | false, err. Resumes co
+** (a thread of the hot path's pool) with the arguments after is_sync
+** while the table ev
+** (with an integer id) is the current event, as dispatch() does for the
+** core's own deliveries: publishes inside inherit from it. With is_sync
+** the resume counts as a publish_sync level (EDEPTH). On Lua 5.4 each
+** resume starts a fresh budget of C calls, as in dispatch(). Returns as
+** coroutine.resume does; never raises for co's sake.
+*/
+static int lcore_deliver(lua_State *L) {
+  lcore *c = check_core(L);
+  lua_State *co;
+  int u, rc, nres = 0, is_sync, ref, nargs;
+  int64_t id = 0;
+  size_t level;
+  co = lua_tothread(L, 2);
+  luaL_argcheck(L, co != NULL, 2, "expected a thread");
+  luaL_checktype(L, 3, LUA_TTABLE);
+  is_sync = lua_toboolean(L, 4);
+  nargs = lua_gettop(L) > 4 ? lua_gettop(L) - 4 : 0;
+  if (co == L || (lua_status(co) == LUA_OK && lua_gettop(co) == 0) ||
+      !lua_checkstack(co, nargs)) {
+    lua_pushboolean(L, 0);
+    lua_pushliteral(L, "cannot resume dead coroutine");
+    return 2;
+  }
+  lua_xmove(L, co, nargs);             /* the arguments */
+  lua_settop(L, 3);
+  u = push_refs(L);                    /* slot 4 */
+  lua_pushvalue(L, UV(UV_ID));
+  lua_rawget(L, 3);
+  if (!buzz__to_int(L, -1, 0, INT64_MAX, &id)) id = 0;
+  lua_pop(L, 1);
+  lua_pushvalue(L, 3);
+  ref = luaL_ref(L, u);                /* released below */
+  if (!cur_push(c, id, ref)) {
+    unref(L, u, &ref);
+    return luaL_error(L, "not enough memory");
+  }
+  level = c->ncur - 1;
+  if (is_sync) c->nsync++;
+#if LUA_VERSION_NUM >= 504
+  rc = lua_resume(co, NULL, nargs, &nres);
+#else
+  rc = buzz_resume_n(co, L, nargs, &nres);
+#endif
+  if (is_sync) c->nsync--;
+  c->ncur = level;                     /* nested levels are gone */
+  unref(L, u, &ref);
   if (rc == LUA_OK || rc == LUA_YIELD) {
     if (!lua_checkstack(L, nres + 1)) {
       lua_pop(co, nres);
@@ -2329,7 +2540,13 @@ static int lcore_on_yield(lua_State *L) {
   return 0;
 }
 
-/* core:audience(type) -> array of the subobjs a publish would reach now */
+/*
+** core:audience(type, engine) -> array of the live subobjs a publish_sync
+** of type would reach now, in subscription order (durable consumers,
+** which read the store, left out), or nil, message, "ESUBJECT" for a
+** type publish refuses (a reserved "$" type unless engine is true). The
+** hot path memoizes it until subscriptions change.
+*/
 static int lcore_audience(lua_State *L) {
   lcore *c = check_core(L);
   size_t len, i, n = 0;
@@ -2337,7 +2554,9 @@ static int lcore_audience(lua_State *L) {
   buzz_subject *s;
   buzz_matchvec *v;
   int u, rc;
-  if (subject_usage(L, "type", type, len, 0, 1)) return 3;
+  if (subject_usage(L, "type", type, len, 0, lua_isnone(L, 3) ||
+                    lua_toboolean(L, 3)))
+    return 3;
   if ((s = buzz__trie_subject(c->bus.trie, type, len)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   rc = buzz__trie_match(c->bus.trie, s, &v);
@@ -2346,7 +2565,7 @@ static int lcore_audience(lua_State *L) {
   u = push_refs(L);
   lua_createtable(L, (int)v->n, 0);
   for (i = 0; i < v->n; i++) {
-    if (v->subs[i]->is_dead) continue;
+    if (v->subs[i]->is_dead || v->subs[i]->durable) continue;
     lua_rawgeti(L, u, v->subs[i]->data_ref);
     lua_rawseti(L, -2, (int)++n);
   }
@@ -2458,6 +2677,9 @@ static const luaL_Reg core_methods[] = {
   { "publish_sync", lcore_publish_sync },
   { "publish_cursor", lcore_publish_cursor },
   { "resume", lcore_resume },
+  { "stamp", lcore_stamp },
+  { "deliver", lcore_deliver },
+  { "sync", lcore_sync },
   { "set_handler", lcore_set_handler },
   { "current", lcore_current },
   { "pump", lcore_pump },

@@ -78,6 +78,7 @@ build = {
     ["buzz.driver"] = "lua/buzz/driver.lua",
     ["buzz.failure"] = "lua/buzz/failure.lua",
     ["buzz.filter"] = "lua/buzz/filter.lua",
+    ["buzz.hot"] = "lua/buzz/hot.lua",
     ["buzz.luv"] = "lua/buzz/luv.lua",
     ["buzz.middleware"] = "lua/buzz/middleware.lua",
     ["buzz.ngx"] = "lua/buzz/ngx.lua",

@@ -12,6 +12,7 @@ local transform = require "buzz.transform"
 local router = require "buzz.router"
 local middleware = require "buzz.middleware"
 local driver = require "buzz.driver"
+local hot_path = require "buzz.hot"
 
 local type, error, pairs, ipairs, tostring, pcall, xpcall =
       type, error, pairs, ipairs, tostring, pcall, xpcall
@@ -27,6 +28,11 @@ local Bus = { __name = "buzz.bus" }
 Bus.__index = Bus
 local Sub = { __name = "buzz.sub" }
 Sub.__index = Sub
+
+-- Open memory buses without middleware -> their hot path's state
+-- (lua/buzz/hot.lua): publish_sync finds it in one lookup, which also
+-- tells a bus from anything else.
+local HOT = setmetatable({}, { __mode = "k" })
 
 --- Priorities, most urgent first, and the number the core uses for each.
 local PRIORITIES = { critical = 0, high = 1, normal = 2, low = 3 }
@@ -404,6 +410,8 @@ function M.new(opts)
   }, Bus)
   local sup = failure.new(bus, tl)
   bus._sup = sup
+  if not store then bus._hot = hot_path.new(bus) end  -- publish_sync's
+  HOT[bus] = bus._hot                                   -- hot path
   c:on_yield(function(co, sub, ev, what, arg)
     sup:adopt(co, sub, ev, what, arg)
   end)
@@ -554,9 +562,11 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
   -- A once subscription with a filter ends at its first event that
   -- passes the filter (bind), not at the first that comes.
   local plan = sub._test and conditions.plan(opts.filter) or nil
-  local id, err, code = c:subscribe(pattern, sub, bind(self, sub),
-                                    sub.is_once and not sub._test, durable,
-                                    start_new, plan)
+  -- What the hot path calls (lua/buzz/hot.lua), as the core does.
+  sub._fn = bind(self, sub)
+  sub._once = sub.is_once and not sub._test
+  local id, err, code = c:subscribe(pattern, sub, sub._fn, sub._once,
+                                    durable, start_new, plan)
   if not id then
     if sub._runner then sub._runner:close() end
     local _, e, k = refused(err, code, level + 1)  -- not a tail call
@@ -564,6 +574,7 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
   end
   sub._id = id
   self._subs[sub] = true
+  if self._hot then hot_path.invalidate(self._hot) end
   if sub._runner then
     self._sup:adopt_orphans(sub._runner)
   elseif durable then
@@ -721,6 +732,60 @@ local function publisher(method)
   end
 end
 
+local PRIORITY_NAMES = { [0] = "critical", "high", "normal", "low" }
+
+local publish_sync_core = publisher("publish_sync")
+local hot_sync, hot_audience = hot_path.publish_sync, hot_path.audience
+local hot_take, hot_finish, DONE = hot_path.take, hot_path.finish,
+                                   hot_path.DONE
+
+--- Delivers an event to its handlers before returning, even in a handler.
+--- An open memory bus without middleware takes the hot path
+--- (lua/buzz/hot.lua; HOT holds it) for a type somebody listens to,
+--- unless a dedup key or a delay is given; the core's own path does the
+--- rest, and says what is wrong with a bad call.
+---@param etype string
+---@param payload any
+---@param opts table|nil as for publish
+---@return integer|nil id, string|nil err, string|nil code
+function Bus:publish_sync(etype, payload, opts)
+  local h = HOT[self]                  -- nil unless self is such a bus
+  if h then
+    local aud = h.memo[etype]
+    if aud == nil then aud = hot_audience(h, etype) end
+    if aud and opts == nil then
+      -- hot.publish_sync inlined: this is the hottest call of all
+      local ev = { id = 0, type = etype, payload = payload, ts = 0,
+                   priority = "normal", attempt = 1 }
+      local k, co = h.npool
+      if k > 0 then
+        co, h.npool = h.pool[k], k - 1
+      else
+        co = hot_take(h)
+      end
+      local m = h.manual
+      local id, ok, what, arg = h.c:sync(co, ev, aud, m and m.ms)
+      if what == DONE then
+        k = h.npool + 1
+        h.pool[k], h.npool = co, k
+        return id
+      end
+      return hot_finish(h, co, ev, aud, id, ok, what, arg)
+    elseif aud then
+      local prio, key, corr, headers, dedup, version, is_later =
+        publish_options(opts, 2)
+      if dedup == nil and not is_later then
+        local id, err, code = hot_sync(h, aud, etype, payload,
+                                       PRIORITY_NAMES[prio], key, corr,
+                                       headers, version)
+        return id, err, code
+      end
+    end
+  end
+  local id, err, code = publish_sync_core(self, etype, payload, opts)
+  return id, err, code        -- not a tail call: error levels count frames
+end
+
 --- Queues an event; handlers run when the bus is driven.
 ---@param etype string a concrete subject, "task.start"
 ---@param payload any
@@ -729,12 +794,6 @@ end
 ---@return integer|nil id, string|nil err, string|nil code
 Bus.publish = publisher("publish")
 
---- Delivers an event to its handlers before returning, even in a handler.
----@param etype string
----@param payload any
----@param opts table|nil as for publish
----@return integer|nil id, string|nil err, string|nil code
-Bus.publish_sync = publisher("publish_sync")
 
 -- Fires the timers due by the bus's clock; returns how many fired.
 local function fire_due(self)
@@ -857,6 +916,7 @@ function Bus:close()
   local c = self._core
   if not c then return 0 end
   self._core = false
+  HOT[self] = nil
   local d = self._driver
   if d then d:close() end     -- the host's handles, before the fd goes
   self._timers:clear()
@@ -1330,6 +1390,8 @@ function Sub:unsubscribe()
   local id, c = self._id, self.bus._core
   self._id = nil
   if c and id then c:unsubscribe(id, self) end
+  local h = self.bus._hot
+  if h then hot_path.invalidate(h) end
   if self._runner then self._runner:close() end
   if self._engine then self._engine:stop() end   -- its open windows
   self.bus._sup:forget(self)
@@ -1372,12 +1434,16 @@ M.agg = require("buzz.aggregate").agg  -- reducers for route:window()
 function Bus:use(fn)
   local c = check_bus(self, "use")
   middleware.add(self._mw, fn, 2)
+  HOT[self] = nil             -- middleware stamps headers: the core's path
   local subs = {}
   for sub in pairs(self._subs) do subs[#subs + 1] = sub end
   sort(subs, function(a, b) return a._id < b._id end)
   for _, sub in ipairs(subs) do
     local fn2 = bind(self, sub)
-    if not sub._runner then c:set_handler(sub._id, sub, fn2) end
+    if not sub._runner then
+      sub._fn = fn2
+      c:set_handler(sub._id, sub, fn2)
+    end
   end
   return true
 end
