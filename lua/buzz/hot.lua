@@ -56,14 +56,15 @@ local MEMO_MAX = 4096
 -- What a worker yields when it waits for work.
 local DONE = setmetatable({}, { __tostring = function() return "done" end })
 
---- The hot path's state for one bus: its core (c) and manual clock (or
---- false), memo (type -> audience, false for none), nmemo, and the pool
+--- The hot path's state for one bus: its core (c), core.sync (the method,
+--- looked up once), its manual clock (or false), memo (type -> audience, false for none), nmemo, and the pool
 --- of idle worker threads (pool[1..npool]) with their states.
 ---@param bus table
 ---@return table
 function M.new(bus)
-  return { bus = bus, c = bus._core, manual = bus._manual, memo = {},
-           nmemo = 0, pool = {}, states = {}, npool = 0 }
+  local c = bus._core
+  return { bus = bus, c = c, sync = c.sync, manual = bus._manual,
+           memo = {}, nmemo = 0, pool = {}, states = {}, npool = 0 }
 end
 
 --- Subscriptions changed: forget every memoized audience.
@@ -182,20 +183,23 @@ end
 function M.publish_sync(h, aud, etype, payload, prio, key, corr, headers,
                         version)
   -- One constructor (one NEWTABLE); core:sync sets id and ts, and
-  -- correlation_id and causation_id when ev inherits them, into the slots
-  -- the constructor sized (6 fields take 8 slots; 10 take 16), so that
-  -- none of them rehashes the table.
+  -- correlation_id and causation_id when ev inherits them (6 or 7 fields
+  -- take 8 slots, so that mostly fits without a rehash).
+  -- A field set to nil in a constructor costs a slow store, so the
+  -- options name only the fields they have.
   local ev
-  if prio == nil then                  -- no options
+  if corr == nil and headers == nil and version == nil then
     ev = { id = 0, type = etype, payload = payload, ts = 0,
-           priority = "normal", attempt = 1 }
+           priority = prio or "normal", attempt = 1, key = key }
   else
     ev = { id = 0, type = etype, payload = payload, ts = 0,
-           priority = prio, attempt = 1, key = key, correlation_id = corr,
-           headers = headers, version = version }
+           priority = prio or "normal", attempt = 1, key = key }
+    if corr ~= nil then ev.correlation_id = corr end
+    if headers ~= nil then ev.headers = headers end
+    if version ~= nil then ev.version = version end
   end
   local co, m = take(h), h.manual
-  local id, ok, what, arg = h.c:sync(co, ev, aud, m and m.ms)
+  local id, ok, what, arg = h.sync(h.c, co, ev, aud, m and m.ms)
   if what == DONE then
     give(h, co)
     return id

@@ -764,7 +764,7 @@ function Bus:publish_sync(etype, payload, opts)
         co = hot_take(h)
       end
       local m = h.manual
-      local id, ok, what, arg = h.c:sync(co, ev, aud, m and m.ms)
+      local id, ok, what, arg = h.sync(h.c, co, ev, aud, m and m.ms)
       if what == DONE then
         k = h.npool + 1
         h.pool[k], h.npool = co, k
