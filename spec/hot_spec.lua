@@ -71,6 +71,7 @@ describe("publish_sync's hot path", function()
     assert.equal("job.done", errors[1].sub.pattern)
     assert.matches("stack traceback:", errors[1].trace)
     assert.matches("hot_spec.lua", errors[1].trace)
+    assert.not_matches("hot%.lua", errors[1].trace)  -- the handler's only
   end)
 
   it("hands a handler that sleeps to the bus's timers, runs the others at "
@@ -131,6 +132,25 @@ describe("publish_sync's hot path", function()
     bus:publish_sync("job.done")
     assert.has_error(function() bus:publish_sync("job.done") end,
                      "attempt to use a closed bus")
+  end)
+
+  it("points misuse at the caller's line, on either path", function()
+    bus:subscribe("job.*", function() end)
+    local cases = {
+      function() bus:publish_sync("a..b") end,               -- the core's
+      function() bus:publish_sync("job.done", nil, { prio = 1 }) end,
+      function() bus:publish_sync("job.done", nil, { dedup = 7 }) end,
+      function() bus:publish_sync("job.done", nil, { delay = 1 }) end,
+      function() bus.publish_sync("job.done") end,
+      function() bus:publish("a..b") end,
+      function() bus.publish("job.done") end,
+    }
+    for i, case in ipairs(cases) do
+      local ok, err = pcall(case)
+      assert.is_false(ok)
+      assert.matches("^spec/hot_spec%.lua:%d+: ", err, 1, false,
+                     "case " .. i)
+    end
   end)
 
   it("keeps at most 4096 types in its memo", function()

@@ -56,14 +56,16 @@ local MEMO_MAX = 4096
 -- What a worker yields when it waits for work.
 local DONE = setmetatable({}, { __tostring = function() return "done" end })
 
---- The hot path's state for one bus: its core (c), core.sync (the method,
---- looked up once), its manual clock (or false), memo (type -> audience, false for none), nmemo, and the pool
---- of idle worker threads (pool[1..npool]) with their states.
+--- The hot path's state for one bus: its core (c), core.sync and
+--- core.publish (the methods, looked up once), its manual clock (or
+--- false), memo (type -> audience, false for none), nmemo, the pool of
+--- idle worker threads (pool[1..npool]) and their states (thread -> st).
 ---@param bus table
 ---@return table
 function M.new(bus)
   local c = bus._core
-  return { bus = bus, c = c, sync = c.sync, manual = bus._manual,
+  return { bus = bus, c = c, sync = c.sync, publish = c.publish,
+           manual = bus._manual,
            memo = {}, nmemo = 0, pool = {}, states = {}, npool = 0 }
 end
 
@@ -99,15 +101,17 @@ local function end_once(bus, sub)
 end
 
 -- A worker thread and its state: st.i is the index of the subscription
--- whose handler runs. It waits in a yield (the core resumes only
--- suspended threads) for an event and its audience, runs every live
--- handler of it, and waits again. A handler that yields leaves the
+-- whose handler runs; a traceback of the thread stops at st.body, so it
+-- shows the handler's frames only, as the core's own threads do. It
+-- waits in a yield (the core resumes only suspended threads) for an
+-- event and its audience, runs every live handler of it, and waits
+-- again. A handler that yields leaves the
 -- thread to the supervisor, which resumes it until the handler returns:
 -- st.adopted then ends the thread instead of going on with the others.
 local function new_worker(h, first)
   local bus = h.bus
-  local st = { i = first, adopted = false }
-  local co = create(function()
+  local st = { i = first, adopted = false, body = false }
+  local function body()
     local ev, aud = yield(DONE)
     while true do
       for i = st.i, #aud do
@@ -122,7 +126,9 @@ local function new_worker(h, first)
       st.i = 1
       ev, aud = yield(DONE)
     end
-  end)
+  end
+  st.body = body                       -- where its tracebacks stop
+  local co = create(body)
   resume(co)                           -- to its first yield
   h.states[co] = st
   return co
@@ -160,12 +166,13 @@ local function settle(h, co, ev, aud, ok, what, arg)
                               arg)
       if not fine then
         bus._report(err, ev, sub, traceback(co, type(err) == "string"
-                    and err or "(error object is not a string)", 0))
+                    and err or "(error object is not a string)", 0,
+                    st.body))
         if close then close(co) end
       end
     else                               -- it raised: report, go on
       bus._report(what, ev, sub, traceback(co, type(what) == "string"
-                  and what or "(error object is not a string)", 0))
+                  and what or "(error object is not a string)", 0, st.body))
       if close then close(co) end
     end
     local c = bus._core

@@ -107,13 +107,15 @@ local function is_integer(n)
          and n <= MAX_INT
 end
 
--- Returns the core of a bus, raising if self is not an open bus.
-local function check_bus(self, method)
+-- Returns the core of a bus, raising if self is not an open bus (at
+-- level, 3 unless given: the method's caller).
+local function check_bus(self, method, level)
   if getmetatable(self) ~= Bus then
-    error(("use bus:%s(...), not bus.%s(...)"):format(method, method), 3)
+    error(("use bus:%s(...), not bus.%s(...)"):format(method, method),
+          level or 3)
   end
   local c = self._core
-  if not c then error("attempt to use a closed bus", 3) end
+  if not c then error("attempt to use a closed bus", level or 3) end
   return c
 end
 
@@ -654,13 +656,15 @@ end
 -- store the payload must be JSON), then keeps the event until its time,
 -- with the correlation and causation ids it would get now (inside a
 -- handler, those of the handler's event). Returns true, "delayed"; the
--- event gets its id when it is published. f holds the checked options.
-local function publish_later(self, c, method, etype, payload, opts, f)
+-- event gets its id when it is published. f holds the checked options;
+-- level 3 is the caller of the function that calls this one.
+local function publish_later(self, c, method, etype, payload, opts, f,
+                             level)
   if method ~= "publish" then
     error("publish_sync delivers at once: use bus:publish(type, payload, "
-          .. "{ delay = seconds }) for a delayed event", 3)
+          .. "{ delay = seconds }) for a delayed event", level)
   end
-  check_type_arg(etype, "task.start", 3)
+  check_type_arg(etype, "task.start", level)
   local now = self._clock:now_ms()
   local due = opts.at and floor(opts.at * 1000 + 0.5)
               or now + floor(opts.delay * 1000 + 0.5)
@@ -669,14 +673,14 @@ local function publish_later(self, c, method, etype, payload, opts, f)
                                     nil, f.headers, f.dedup, f.version, nil,
                                     self._manual and self._manual.ms or nil)
     if not id then
-      local _, e, k = refused(err, code, 3)     -- not a tail call: levels
+      local _, e, k = refused(err, code, level)  -- not a tail call: levels
       return nil, e, k
     end
     return id, err
   end
   if self._store then
     local text, err = core.json_encode(payload, self._max_payload)
-    if not text then error(("bad payload: %s"):format(err), 3) end
+    if not text then error(("bad payload: %s"):format(err), level) end
   end
   local caus, corr = c:current()
   self._sup:schedule_publish({
@@ -686,19 +690,21 @@ local function publish_later(self, c, method, etype, payload, opts, f)
   return true, "delayed"
 end
 
--- Makes Bus:publish and Bus:publish_sync, which differ only in the core
--- method they call; made once, at load, not per bus.
+-- Makes the core's path of Bus:publish and Bus:publish_sync, which
+-- differ only in the core method they call; made once, at load, not per
+-- bus. The methods call it (one frame): misuse is raised at level 3, the
+-- method's caller.
 local function publisher(method)
   return function(self, etype, payload, opts)
-    local c = check_bus(self, method)
+    local c = check_bus(self, method, 4)
     if self._readonly then
       error("this bus opened its store read-only (readonly = true): it "
-            .. "cannot publish", 2)
+            .. "cannot publish", 3)
     end
     local prio, key, corr, headers, dedup, version, is_later = 2
     if opts ~= nil then                -- else the core checks the types
       prio, key, corr, headers, dedup, version, is_later =
-        publish_options(opts, 2)
+        publish_options(opts, 3)
     end
     if self._mw.n > 0 and not (headers and headers.traceparent) then
       local tp = middleware.traceparent(self._mw)
@@ -711,7 +717,7 @@ local function publisher(method)
     if is_later then
       local id, e, k = publish_later(self, c, method, etype, payload, opts, {
         prio = prio, key = key, corr = corr, headers = headers,
-        dedup = dedup, version = version })
+        dedup = dedup, version = version }, 4)
       return id, e, k
     end
     local id, err, code
@@ -724,7 +730,7 @@ local function publisher(method)
                                 headers, dedup, version)
     end
     if not id then
-      local _, e, k = refused(err, code, 2)   -- not a tail call: levels
+      local _, e, k = refused(err, code, 3)   -- not a tail call: levels
       return nil, e, k
     end
     if err then return id, err end   -- "duplicate": a repeated dedup key
@@ -786,13 +792,29 @@ function Bus:publish_sync(etype, payload, opts)
   return id, err, code        -- not a tail call: error levels count frames
 end
 
+local publish_core = publisher("publish")
+
 --- Queues an event; handlers run when the bus is driven.
+--- Without options, an open memory bus without middleware (HOT) goes
+--- straight to the core: nothing here to check or to add.
 ---@param etype string a concrete subject, "task.start"
 ---@param payload any
 ---@param opts table|nil priority, key, correlation_id, headers, dedup,
 ---  version
 ---@return integer|nil id, string|nil err, string|nil code
-Bus.publish = publisher("publish")
+function Bus:publish(etype, payload, opts)
+  local h = HOT[self]
+  if h and opts == nil then
+    local m = h.manual
+    local id, err, code = h.publish(h.c, etype, payload, 2, nil, nil, nil,
+                                    nil, nil, nil, nil, m and m.ms or nil)
+    if id then return id end
+    local _, e, k = refused(err, code, 2)   -- not a tail call: levels
+    return nil, e, k
+  end
+  local id, err, code = publish_core(self, etype, payload, opts)
+  return id, err, code        -- not a tail call: error levels count frames
+end
 
 
 -- Fires the timers due by the bus's clock; returns how many fired.
