@@ -21,8 +21,9 @@ CC      ?= cc
 FLAVOURS = lua5.4 luajit
 SRCS     = csrc/error.c csrc/map.c csrc/match.c csrc/queue.c csrc/bus.c \
            csrc/loop.c csrc/json.c csrc/store.c csrc/storelock.c \
-           csrc/storewal.c csrc/ids.c csrc/dedup.c csrc/lbuzz.c csrc/lcheck.c
-HDRS     = csrc/buzz.h csrc/compat.h csrc/json.h csrc/lcheck.h
+           csrc/storewal.c csrc/ids.c csrc/dedup.c csrc/lbuzz.c csrc/lhot.c \
+           csrc/lcheck.c
+HDRS     = csrc/buzz.h csrc/compat.h csrc/json.h csrc/lcheck.h csrc/lcore.h
 
 WARN     = -std=c99 -Wall -Wextra -pedantic -Wshadow -Wmissing-prototypes \
            -Werror=implicit-function-declaration

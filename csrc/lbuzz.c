@@ -30,6 +30,10 @@
 ** as its delivery would have. next() hands deliveries out one by one
 ** instead, for tests and drivers that run handlers themselves.
 **
+** The hot path of the Lua layer (lua/buzz/hot.lua) has calls of its own
+** in lhot.c (stamp, sync, deliver); lcore.h shares the core object and
+** the helpers they need.
+**
 ** Engine publishes (the engine flag) may use the reserved "$" types the
 ** Lua layer's dead letters and system events travel on. The state
 ** methods give the Lua layer the store's key/value table for its own
@@ -44,6 +48,7 @@
 #include "buzz.h"
 #include "json.h"
 #include "lcheck.h"
+#include "lcore.h"
 
 #define CORE_MT "buzz.core"
 
@@ -51,81 +56,11 @@
 #error "BUZZ_NOREF must equal LUA_NOREF"
 #endif
 
-/*
-** One level of the current-event stack, innermost last: what a publish
-** made there inherits. id is the causation id (0: none); table_ref, the
-** event table whose correlation_id is inherited (BUZZ_NOREF: none), is a
-** U ref borrowed from the event in dispatch() and owned by lcore_resume()
-** (which releases it when its resume returns).
-*/
-typedef struct lcur {
-  int64_t id;
-  int table_ref;
-  int slot;            /* a U ref kept for this level (LUA_NOREF until
-                          first used) where core:sync() puts its event
-                          table; false while unused; released with U */
-} lcur;
-
-/*
-** The core object.
-** CONSTRUCTOR: lcore_new()   DESTRUCTOR: lcore_close() (also __gc/__close)
-*/
-typedef struct lcore {
-  buzz_bus bus;        /* owns; embedded */
-  buzz_loop *loop;     /* owns; NULL once closed */
-  buzz_store *store;   /* owns; NULL for a memory bus or once closed */
-  buzz_dedup *dedup;   /* owns; NULL until the first dedup key */
-  int64_t dedup_window;/* ms */
-  size_t max_payload;  /* bytes of JSON a stored payload may take */
-  int durability;      /* BUZZ_DUR_* */
-  int64_t gate_id;     /* the highest queued id that must be committed */
-  int64_t committed;   /* before delivery, and the committed id last seen */
-  int64_t appended_id; /* the last event id handed to the writer */
-  int64_t id_safe;     /* ids up to this are reserved in the store: */
-                       /* no word with it needed (buzz__ids_take) */
-  size_t ndurable;     /* live durable subs */
-  int upcast_ref;      /* U ref: upcast(ev) from lua/buzz, or LUA_NOREF */
-  int yield_ref;       /* U ref: on_yield(co, sub, ev, ...), or LUA_NOREF */
-  lcur *cur;           /* owns (freed by __gc): the current-event */
-  size_t ncur, capcur; /* stack, innermost last */
-  int npool;           /* idle threads in the pool table */
-  int pool_ref;        /* U refs: the pool of idle threads, and the */
-  int report_ref;      /* reporter function (both released with U) */
-  int is_open;
-  int is_stopped;      /* set by stop(); pump() returns */
-  int nsync;           /* publish_sync deliveries under way, nested */
-} lcore;
-
-#define POOL_MAX 64    /* idle threads kept per core */
-#define SYNC_MAX 100   /* nested publish_sync deliveries; one more is
-                          refused with EDEPTH (README, "Driving the bus") */
-#define PAGE_MAX 256   /* stored events read per query page */
-#define ERR_MAX 512
-
-/* What on_event_free needs: the state and the stack slot of U. */
-typedef struct lctx {
-  lua_State *L;
-  int u;
-} lctx;
-
-/*
-** Upvalues of every method: the metatable (for the type check), then the
-** strings the hot path uses as table keys and values, so building an
-** event table never interns a C string.
-*/
-enum {
-  UV_MT = 1, UV_ID, UV_TYPE, UV_PAYLOAD, UV_TS, UV_PRIORITY, UV_ATTEMPT,
-  UV_KEY, UV_CORR, UV_CAUS, UV_HEADERS, UV_ACTIVE, UV_VERSION, UV_PRIO0,
-  UV_COUNT = UV_PRIO0 + BUZZ_NPRIO - 1
-};
-
 static const char *const uv_strings[] = {
   "id", "type", "payload", "ts", "priority", "attempt", "key",
   "correlation_id", "causation_id", "headers", "is_active", "version",
   "critical", "high", "normal", "low"
 };
-
-#define UV(i) lua_upvalueindex(i)
 
 
 /* ------------------------------------------------------------ helpers */
@@ -1792,209 +1727,6 @@ static int lcore_resume(lua_State *L) {
 }
 
 /*
-** The hot path of a memory bus (lua/buzz/hot.lua): the Lua layer keeps
-** each type's audience (core:audience) and builds the event table itself;
-** the core still hands out ids and keeps the current-event stack and the
-** publish_sync depth, so publishes made anywhere agree on all three.
-**
-** core:stamp(is_sync, ts) -> id, ts, causation_id, correlation_id | nil,
-** "EDEPTH: ...", "EDEPTH". Takes the next id (as a publish with an
-** audience or without one would), stamps ts (ms; nil: the core's clock)
-** and returns what a publish made now inherits (nil when nothing): the
-** current event's id and correlation_id. With is_sync, refuses as
-** publish_sync does past SYNC_MAX levels, taking no id. A bus with a
-** store publishes through core:publish (its ids come from a
-** reservation): stamp raises there.
-*/
-static int lcore_stamp(lua_State *L) {
-  lcore *c = check_core(L);
-  int64_t ts = buzz__opt_int(L, 3, "ts", 0, 0, BUZZ_INT_EXACT);
-  if (c->store != NULL)
-    return luaL_error(L, "core:stamp() is for a memory bus; a store's "
-                      "events go through core:publish()");
-  if (lua_toboolean(L, 2) && c->nsync >= SYNC_MAX)
-    return push_too_deep(L, c);
-  if (c->bus.last_id >= BUZZ_INT_EXACT)
-    return push_fail(L, BUZZ_EINVAL, "no ids left");
-  lua_pushinteger(L, (lua_Integer)++c->bus.last_id);
-  lua_pushinteger(L, (lua_Integer)(ts > 0 ? ts : buzz__clock_ms()));
-  if (c->ncur == 0) return 2;
-  {
-    lcur cur = c->cur[c->ncur - 1];
-    if (cur.id != 0) lua_pushinteger(L, (lua_Integer)cur.id);
-    else lua_pushnil(L);
-    if (cur.table_ref == BUZZ_NOREF) return 3;
-    push_correlation(L, push_refs(L), cur.table_ref);
-    lua_remove(L, -2);                 /* U */
-    return 4;
-  }
-}
-
-/*
-** core:sync(co, ev, aud, ts) -> id, ok, ... | nil, "EDEPTH: ...",
-** "EDEPTH". publish_sync's hot path in one call: refuses past SYNC_MAX
-** nested levels (taking no id), takes the next id, and sets ev.id, ev.ts
-** (ts, or the core's clock when ts is nil or false) and what ev inherits from the current event
-** (correlation_id unless ev has one, causation_id), then resumes co (a
-** suspended thread of the hot path's pool) with ev and aud while ev is
-** the current event, as one publish_sync level. Returns the id, then
-** what core:deliver returns for the resume. The constructor in
-** lua/buzz/hot.lua sizes ev so that setting these fields never rehashes.
-*/
-static int lcore_sync(lua_State *L) {
-  lcore *c = check_core(L);
-  lua_State *co = lua_tothread(L, 2);
-  int64_t ts = lua_toboolean(L, 5)     /* false: no manual clock */
-               ? buzz__opt_int(L, 5, "ts", 0, 0, BUZZ_INT_EXACT) : 0, id;
-  int u, rc, nres = 0;
-  size_t level;
-  lcur *cur;
-  luaL_argcheck(L, co != NULL && co != L && lua_status(co) == LUA_YIELD, 2,
-                "expected a suspended thread");
-  luaL_checktype(L, 3, LUA_TTABLE);
-  if (!lua_checkstack(co, 2)) return luaL_error(L, "stack overflow");
-  if (c->store != NULL)
-    return luaL_error(L, "core:sync() is for a memory bus; a store's "
-                      "events go through core:publish_sync()");
-  if (c->nsync >= SYNC_MAX) return push_too_deep(L, c);
-  if (c->bus.last_id >= BUZZ_INT_EXACT)
-    return push_fail(L, BUZZ_EINVAL, "no ids left");
-  lua_settop(L, 4);
-  u = push_refs(L);                    /* slot 5 */
-  id = ++c->bus.last_id;
-  lua_pushvalue(L, UV(UV_ID));
-  lua_pushinteger(L, (lua_Integer)id);
-  lua_rawset(L, 3);
-  lua_pushvalue(L, UV(UV_TS));
-  lua_pushinteger(L, (lua_Integer)(ts > 0 ? ts : buzz__clock_ms()));
-  lua_rawset(L, 3);
-  if (c->ncur > 0) {                   /* inside a handler: inherit */
-    lcur top = c->cur[c->ncur - 1];
-    if (top.id != 0) {
-      lua_pushvalue(L, UV(UV_CAUS));
-      lua_pushinteger(L, (lua_Integer)top.id);
-      lua_rawset(L, 3);
-    }
-    if (top.table_ref != BUZZ_NOREF) {
-      lua_pushvalue(L, UV(UV_CORR));
-      lua_rawget(L, 3);
-      if (lua_isnil(L, -1)) {
-        lua_pop(L, 1);
-        lua_pushvalue(L, UV(UV_CORR));
-        push_correlation(L, u, top.table_ref);
-        lua_rawset(L, 3);
-      } else {
-        lua_pop(L, 1);
-      }
-    }
-  }
-  if (!cur_push(c, id, BUZZ_NOREF))
-    return luaL_error(L, "not enough memory");
-  level = c->ncur - 1;
-  cur = &c->cur[level];
-  lua_pushvalue(L, 3);
-  if (cur->slot == LUA_NOREF) cur->slot = luaL_ref(L, u);
-  else lua_rawseti(L, u, cur->slot);
-  cur->table_ref = cur->slot;
-  lua_pushinteger(L, (lua_Integer)id); /* slot 6: the result */
-  lua_pushvalue(L, 3);
-  lua_pushvalue(L, 4);
-  lua_xmove(L, co, 2);
-  c->nsync++;
-#if LUA_VERSION_NUM >= 504
-  rc = lua_resume(co, NULL, 2, &nres);
-#else
-  rc = buzz_resume_n(co, L, 2, &nres);
-#endif
-  c->nsync--;
-  c->ncur = level;                     /* nested levels are gone */
-  if (c->is_open) {                    /* else U went with close() */
-    lua_pushboolean(L, 0);             /* keep the slot a non-nil */
-    lua_rawseti(L, u, c->cur[level].slot);  /* value: see luaL_ref */
-  }
-  if (rc == LUA_OK || rc == LUA_YIELD) {
-    if (!lua_checkstack(L, nres + 1)) {
-      lua_pop(co, nres);
-      lua_pushboolean(L, 0);
-      lua_pushliteral(L, "too many results to resume");
-      return 3;
-    }
-    lua_pushboolean(L, 1);
-    lua_xmove(co, L, nres);
-    return nres + 2;
-  }
-  lua_pushboolean(L, 0);
-  lua_xmove(co, L, 1);                 /* the error value */
-  return 3;
-}
-
-/*
-** core:deliver(co, ev, is_sync, ...) -> true, ... | false, err. Resumes co
-** (a thread of the hot path's pool) with the arguments after is_sync
-** while the table ev
-** (with an integer id) is the current event, as dispatch() does for the
-** core's own deliveries: publishes inside inherit from it. With is_sync
-** the resume counts as a publish_sync level (EDEPTH). On Lua 5.4 each
-** resume starts a fresh budget of C calls, as in dispatch(). Returns as
-** coroutine.resume does; never raises for co's sake.
-*/
-static int lcore_deliver(lua_State *L) {
-  lcore *c = check_core(L);
-  lua_State *co;
-  int u, rc, nres = 0, is_sync, ref, nargs;
-  int64_t id = 0;
-  size_t level;
-  co = lua_tothread(L, 2);
-  luaL_argcheck(L, co != NULL, 2, "expected a thread");
-  luaL_checktype(L, 3, LUA_TTABLE);
-  is_sync = lua_toboolean(L, 4);
-  nargs = lua_gettop(L) > 4 ? lua_gettop(L) - 4 : 0;
-  if (co == L || (lua_status(co) == LUA_OK && lua_gettop(co) == 0) ||
-      !lua_checkstack(co, nargs)) {
-    lua_pushboolean(L, 0);
-    lua_pushliteral(L, "cannot resume dead coroutine");
-    return 2;
-  }
-  lua_xmove(L, co, nargs);             /* the arguments */
-  lua_settop(L, 3);
-  u = push_refs(L);                    /* slot 4 */
-  lua_pushvalue(L, UV(UV_ID));
-  lua_rawget(L, 3);
-  if (!buzz__to_int(L, -1, 0, INT64_MAX, &id)) id = 0;
-  lua_pop(L, 1);
-  lua_pushvalue(L, 3);
-  ref = luaL_ref(L, u);                /* released below */
-  if (!cur_push(c, id, ref)) {
-    unref(L, u, &ref);
-    return luaL_error(L, "not enough memory");
-  }
-  level = c->ncur - 1;
-  if (is_sync) c->nsync++;
-#if LUA_VERSION_NUM >= 504
-  rc = lua_resume(co, NULL, nargs, &nres);
-#else
-  rc = buzz_resume_n(co, L, nargs, &nres);
-#endif
-  if (is_sync) c->nsync--;
-  c->ncur = level;                     /* nested levels are gone */
-  unref(L, u, &ref);
-  if (rc == LUA_OK || rc == LUA_YIELD) {
-    if (!lua_checkstack(L, nres + 1)) {
-      lua_pop(co, nres);
-      lua_pushboolean(L, 0);
-      lua_pushliteral(L, "too many results to resume");
-      return 2;
-    }
-    lua_pushboolean(L, 1);
-    lua_xmove(co, L, nres);
-    return nres + 1;
-  }
-  lua_pushboolean(L, 0);
-  lua_xmove(co, L, 1);                 /* the error value */
-  return 2;
-}
-
-/*
 ** core:current() -> id, correlation_id of the innermost current event (the
 ** one a publish made now would inherit from), or nothing outside every
 ** handler. For the Lua layer's own later publishes (delayed events).
@@ -2670,6 +2402,26 @@ static int l_hrtime(lua_State *L) {
   return 1;
 }
 
+/* ------------------------------------------- for the other binding files */
+
+/* The helpers lcore.h declares, for lhot.c: the static ones above stay
+** inlinable here. */
+lcore *buzz__lcore_check(lua_State *L) { return check_core(L); }
+int buzz__lcore_refs(lua_State *L) { return push_refs(L); }
+int buzz__lcore_fail(lua_State *L, int rc, const char *detail) {
+  return push_fail(L, rc, detail);
+}
+void buzz__lcore_unref(lua_State *L, int u, int *ref) { unref(L, u, ref); }
+int buzz__lcore_cur_push(lcore *c, int64_t id, int table_ref) {
+  return cur_push(c, id, table_ref);
+}
+void buzz__lcore_correlation(lua_State *L, int u, int ref) {
+  push_correlation(L, u, ref);
+}
+int buzz__lcore_too_deep(lua_State *L, lcore *c) {
+  return push_too_deep(L, c);
+}
+
 static const luaL_Reg core_methods[] = {
   { "subscribe", lcore_subscribe },
   { "unsubscribe", lcore_unsubscribe },
@@ -2677,9 +2429,9 @@ static const luaL_Reg core_methods[] = {
   { "publish_sync", lcore_publish_sync },
   { "publish_cursor", lcore_publish_cursor },
   { "resume", lcore_resume },
-  { "stamp", lcore_stamp },
-  { "deliver", lcore_deliver },
-  { "sync", lcore_sync },
+  { "stamp", buzz__lhot_stamp },
+  { "deliver", buzz__lhot_deliver },
+  { "sync", buzz__lhot_sync },
   { "set_handler", lcore_set_handler },
   { "current", lcore_current },
   { "pump", lcore_pump },

@@ -52,6 +52,7 @@ build = {
         "csrc/ids.c",
         "csrc/dedup.c",
         "csrc/lbuzz.c",
+        "csrc/lhot.c",
         "csrc/lcheck.c",
       },
       defines = { "_POSIX_C_SOURCE=200809L" },

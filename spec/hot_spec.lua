@@ -153,6 +153,20 @@ describe("publish_sync's hot path", function()
     end
   end)
 
+  it("counts as inside a handler: step, drain and run raise there",
+     function()
+    local errs = {}
+    bus:subscribe("job.done", function()
+      for _, m in ipairs { "step", "drain", "run" } do
+        local ok, err = pcall(bus[m], bus)
+        errs[#errs + 1] = not ok and err:match("called from inside a handler")
+      end
+    end)
+    bus:publish_sync("job.done")
+    assert.same({ "called from inside a handler", "called from inside a "
+                  .. "handler", "called from inside a handler" }, errs)
+  end)
+
   it("keeps at most 4096 types in its memo", function()
     bus:subscribe("t.*", function() end)
     for i = 1, 5000 do bus:publish_sync("t.n" .. i) end
