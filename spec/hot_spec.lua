@@ -167,6 +167,28 @@ describe("publish_sync's hot path", function()
                   .. "handler", "called from inside a handler" }, errs)
   end)
 
+  it("gives handlers the options, a lone string key included", function()
+    local got = {}
+    bus:subscribe("job.done", function(ev) got[#got + 1] = ev end)
+    bus:publish_sync("job.done", 1, { key = "k-1" })
+    bus:publish_sync("job.done", 2, { key = 7 })
+    bus:publish_sync("job.done", 3, { key = "k-3", priority = "low",
+                                       headers = { a = "b" }, version = 2,
+                                       correlation_id = "c-3" })
+    assert.same({ "k-1", "normal", 1 },
+                { got[1].key, got[1].priority, got[1].attempt })
+    assert.equal(7, got[2].key)
+    assert.same({ "k-3", "low", { a = "b" }, 2, "c-3" },
+                { got[3].key, got[3].priority, got[3].headers,
+                  got[3].version, got[3].correlation_id })
+    assert.has_error(function()
+      bus:publish_sync("job.done", 4, { key = "k", prio = 1 })
+    end)
+    assert.has_error(function()
+      bus:publish_sync("job.done", 4, { key = 1.5 })
+    end)
+  end)
+
   it("keeps at most 4096 types in its memo", function()
     bus:subscribe("t.*", function() end)
     for i = 1, 5000 do bus:publish_sync("t.n" .. i) end

@@ -14,8 +14,8 @@ local middleware = require "buzz.middleware"
 local driver = require "buzz.driver"
 local hot_path = require "buzz.hot"
 
-local type, error, pairs, ipairs, tostring, pcall, xpcall =
-      type, error, pairs, ipairs, tostring, pcall, xpcall
+local type, error, pairs, ipairs, tostring, pcall, xpcall, next =
+      type, error, pairs, ipairs, tostring, pcall, xpcall, next
 local traceback = debug.traceback
 local setmetatable, getmetatable, rawget = setmetatable, getmetatable, rawget
 local floor, huge, math_max = math.floor, math.huge, math.max
@@ -778,6 +778,12 @@ function Bus:publish_sync(etype, payload, opts)
       end
       return hot_finish(h, co, ev, aud, id, ok, what, arg)
     elseif aud then
+      local k1, v1 = next(opts)        -- { key = "..." } alone: the most
+      if k1 == "key" and type(v1) == "string"  -- common options, checked
+         and next(opts, k1) == nil then        -- here without a loop
+        local id, err, code = hot_sync(h, aud, etype, payload, "normal", v1)
+        return id, err, code
+      end
       local prio, key, corr, headers, dedup, version, is_later =
         publish_options(opts, 2)
       if dedup == nil and not is_later then
