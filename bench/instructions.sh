@@ -1,7 +1,7 @@
 #!/bin/sh
-# Instructions per event for each case of bench/failure.lua (then of
-# bench/filter.lua, bench/aggregate.lua, bench/store.lua and
-# bench/match.lua), counted by
+# Instructions per event for each case of bench/dispatch.lua (then of
+# bench/failure.lua, bench/filter.lua, bench/aggregate.lua, bench/store.lua
+# and bench/match.lua), counted by
 # valgrind's callgrind: repeatable whatever else the machine is doing, where
 # the CPU-time figures of `make bench` are not. Each case runs twice, with
 # N and 3N events, and the difference is divided by 2N, so start-up cancels
@@ -20,7 +20,26 @@ per_event() {
   b=$(count "$1" $((n * 3)) "${2:-}")
   echo $(( (b - a) / (n * 2) ))
 }
-echo "instructions per event ($lua, callgrind; N = $n and $((n * 3)))"
+# bench/dispatch.lua: issue 14's hot path against mediator_lua, one
+# subscriber and a trivial handler (options tables made once).
+echo "dispatch, instructions per event ($lua, callgrind; N = $n and $((n * 3)))"
+for c in sync sync_key sync_opts queued mediator pcall; do
+  eval "ic_$c=$(per_event "$c" dispatch)"
+  eval "v=\$ic_$c"
+  printf '  %-12s %8d\n' "$c" "$v"
+done
+awk -v s="$ic_sync" -v k="$ic_sync_key" -v o="$ic_sync_opts" \
+    -v q="$ic_queued" -v m="$ic_mediator" -v lua="$lua" 'BEGIN {
+  g = (lua == "luajit") ? 0.25 : 1.2
+  printf "  publish_sync vs mediator:     %.2fx (goal >= %gx) %s\n", m / s, g,
+         (m / s >= g ? "met" : "MISS")
+  if (lua != "luajit")
+    printf "  publish + drain vs mediator:  %.2fx (goal >= 1x) %s\n", m / q,
+           (m / q >= 1 ? "met" : "MISS")
+  printf "  options: key %+.0f%%, key + priority + headers %+.0f%% (goal <= +10%%) %s\n",
+         (k / s - 1) * 100, (o / s - 1) * 100, (o / s <= 1.1 ? "met" : "MISS")
+}'
+echo "failure handling, instructions per event ($lua)"
 for c in plain retry0 retry1 plain_keyed ordered ordered1; do
   eval "ic_$c=$(per_event "$c")"
   eval "v=\$ic_$c"

@@ -30,6 +30,10 @@
 ** as its delivery would have. next() hands deliveries out one by one
 ** instead, for tests and drivers that run handlers themselves.
 **
+** The hot path of the Lua layer (lua/buzz/hot.lua) has calls of its own
+** in lhot.c (stamp, sync, deliver); lcore.h shares the core object and
+** the helpers they need.
+**
 ** Engine publishes (the engine flag) may use the reserved "$" types the
 ** Lua layer's dead letters and system events travel on. The state
 ** methods give the Lua layer the store's key/value table for its own
@@ -44,6 +48,7 @@
 #include "buzz.h"
 #include "json.h"
 #include "lcheck.h"
+#include "lcore.h"
 
 #define CORE_MT "buzz.core"
 
@@ -51,79 +56,11 @@
 #error "BUZZ_NOREF must equal LUA_NOREF"
 #endif
 
-/*
-** One level of the current-event stack, innermost last: what a publish
-** made there inherits. id is the causation id (0: none); table_ref, the
-** event table whose correlation_id is inherited (BUZZ_NOREF: none), is a
-** U ref borrowed from the event in dispatch() and owned by lcore_resume()
-** (which releases it when its resume returns).
-*/
-typedef struct lcur {
-  int64_t id;
-  int table_ref;
-} lcur;
-
-/*
-** The core object.
-** CONSTRUCTOR: lcore_new()   DESTRUCTOR: lcore_close(); lcore_gc() is both
-** __gc and __close
-*/
-typedef struct lcore {
-  buzz_bus bus;        /* owns; embedded */
-  buzz_loop *loop;     /* owns; NULL once closed */
-  buzz_store *store;   /* owns; NULL for a memory bus or once closed */
-  buzz_dedup *dedup;   /* owns; NULL until the first dedup key */
-  int64_t dedup_window;/* ms */
-  size_t max_payload;  /* bytes of JSON a stored payload may take */
-  int durability;      /* BUZZ_DUR_* */
-  int64_t gate_id;     /* the highest queued id that must be committed */
-  int64_t committed;   /* before delivery, and the committed id last seen */
-  int64_t appended_id; /* the last event id handed to the writer */
-  int64_t id_safe;     /* ids up to this are reserved in the store: */
-                       /* no word with it needed (buzz__ids_take) */
-  size_t ndurable;     /* live durable subs */
-  int upcast_ref;      /* U ref: upcast(ev) from lua/buzz, or LUA_NOREF */
-  int yield_ref;       /* U ref: on_yield(co, sub, ev, ...), or LUA_NOREF */
-  lcur *cur;           /* owns (freed by __gc): the current-event */
-  size_t ncur, capcur; /* stack, innermost last */
-  int npool;           /* idle threads in the pool table */
-  int pool_ref;        /* U refs: the pool of idle threads, and the */
-  int report_ref;      /* reporter function (both released with U) */
-  int is_open;
-  int is_stopped;      /* set by stop(); pump() returns */
-  int nsync;           /* publish_sync deliveries under way, nested */
-} lcore;
-
-#define POOL_MAX 64    /* idle threads kept per core */
-#define SYNC_MAX 100   /* nested publish_sync deliveries; one more is
-                          refused with EDEPTH (README, "Driving the bus") */
-#define PAGE_MAX 256   /* stored events read per query page */
-#define ERR_MAX 512
-
-/* What on_event_free needs: the state and the stack slot of U. */
-typedef struct lctx {
-  lua_State *L;
-  int u;
-} lctx;
-
-/*
-** Upvalues of every method: the metatable (for the type check), then the
-** strings the hot path uses as table keys and values, so building an
-** event table never interns a C string.
-*/
-enum {
-  UV_MT = 1, UV_ID, UV_TYPE, UV_PAYLOAD, UV_TS, UV_PRIORITY, UV_ATTEMPT,
-  UV_KEY, UV_CORR, UV_CAUS, UV_HEADERS, UV_ACTIVE, UV_VERSION, UV_PRIO0,
-  UV_COUNT = UV_PRIO0 + BUZZ_NPRIO - 1
-};
-
 static const char *const uv_strings[] = {
   "id", "type", "payload", "ts", "priority", "attempt", "key",
   "correlation_id", "causation_id", "headers", "is_active", "version",
   "critical", "high", "normal", "low"
 };
-
-#define UV(i) lua_upvalueindex(i)
 
 
 /* ------------------------------------------------------------ helpers */
@@ -449,7 +386,9 @@ static int cur_push(lcore *c, int64_t id, int table_ref) {
   if (c->ncur == c->capcur) {
     size_t ncap = c->capcur ? c->capcur * 2 : 8;
     lcur *n = (lcur *)realloc(c->cur, ncap * sizeof *n);
+    size_t i;
     if (n == NULL) return 0;
+    for (i = c->capcur; i < ncap; i++) n[i].slot = LUA_NOREF;
     c->cur = n;
     c->capcur = ncap;
   }
@@ -1544,6 +1483,18 @@ static void push_correlation(lua_State *L, int u, int ref) {
   }
 }
 
+/* Pushes nil, "EDEPTH: ...", "EDEPTH": publish_sync nested too deep. */
+static int push_too_deep(lua_State *L, lcore *c) {
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s: publish_sync nested %d deep: a handler run by "
+                  "publish_sync may publish_sync again at most %d levels "
+                  "deep; nothing was published (use publish to queue the "
+                  "event)", buzz__err_name(BUZZ_EDEPTH), c->nsync + 1,
+                  SYNC_MAX);
+  lua_pushstring(L, buzz__err_name(BUZZ_EDEPTH));
+  return 3;
+}
+
 /*
 ** Shared by publish, publish_sync and publish_cursor. Arguments: self,
 ** type, payload, priority (0..3), key, correlation_id, causation_id,
@@ -1592,16 +1543,7 @@ static int do_publish(lua_State *L, int mode) {
   if (subject_usage(L, "type", type, len, 0, is_engine)) return 3;
   if (lua_type(L, 5) == LUA_TNUMBER)   /* an integer key JSON holds */
     buzz__check_int(L, 5, "key", -BUZZ_INT_EXACT, BUZZ_INT_EXACT);
-  if (mode == 1 && c->nsync >= SYNC_MAX) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "%s: publish_sync nested %d deep: a handler run by "
-                    "publish_sync may publish_sync again at most %d levels "
-                    "deep; nothing was published (use publish to queue the "
-                    "event)", buzz__err_name(BUZZ_EDEPTH), c->nsync + 1,
-                    SYNC_MAX);
-    lua_pushstring(L, buzz__err_name(BUZZ_EDEPTH));
-    return 3;
-  }
+  if (mode == 1 && c->nsync >= SYNC_MAX) return push_too_deep(L, c);
   lua_settop(L, 10);
   ctx.L = L;
   ctx.u = push_refs(L);                /* slot 11 */
@@ -2347,7 +2289,13 @@ static int lcore_on_yield(lua_State *L) {
   return 0;
 }
 
-/* core:audience(type) -> array of the subobjs a publish would reach now */
+/*
+** core:audience(type, engine) -> array of the live subobjs a publish_sync
+** of type would reach now, in subscription order (durable consumers,
+** which read the store, left out), or nil, message, "ESUBJECT" for a
+** type publish refuses (a reserved "$" type unless engine is true). The
+** hot path memoizes it until subscriptions change.
+*/
 static int lcore_audience(lua_State *L) {
   lcore *c = check_core(L);
   size_t len, i, n = 0;
@@ -2355,7 +2303,9 @@ static int lcore_audience(lua_State *L) {
   buzz_subject *s;
   buzz_matchvec *v;
   int u, rc;
-  if (subject_usage(L, "type", type, len, 0, 1)) return 3;
+  if (subject_usage(L, "type", type, len, 0, lua_isnone(L, 3) ||
+                    lua_toboolean(L, 3)))
+    return 3;
   if ((s = buzz__trie_subject(c->bus.trie, type, len)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   rc = buzz__trie_match(c->bus.trie, s, &v);
@@ -2364,7 +2314,7 @@ static int lcore_audience(lua_State *L) {
   u = push_refs(L);
   lua_createtable(L, v->n < INT_MAX ? (int)v->n : 0, 0);
   for (i = 0; i < v->n; i++) {
-    if (v->subs[i]->is_dead) continue;
+    if (v->subs[i]->is_dead || v->subs[i]->durable) continue;
     lua_rawgeti(L, u, v->subs[i]->data_ref);
     lua_rawseti(L, -2, (int)++n);
   }
@@ -2470,6 +2420,26 @@ static int l_hrtime(lua_State *L) {
   return 1;
 }
 
+/* ------------------------------------------- for the other binding files */
+
+/* The helpers lcore.h declares, for lhot.c: the static ones above stay
+** inlinable here. */
+lcore *buzz__lcore_check(lua_State *L) { return check_core(L); }
+int buzz__lcore_refs(lua_State *L) { return push_refs(L); }
+int buzz__lcore_fail(lua_State *L, int rc, const char *detail) {
+  return push_fail(L, rc, detail);
+}
+void buzz__lcore_unref(lua_State *L, int u, int *ref) { unref(L, u, ref); }
+int buzz__lcore_cur_push(lcore *c, int64_t id, int table_ref) {
+  return cur_push(c, id, table_ref);
+}
+void buzz__lcore_correlation(lua_State *L, int u, int ref) {
+  push_correlation(L, u, ref);
+}
+int buzz__lcore_too_deep(lua_State *L, lcore *c) {
+  return push_too_deep(L, c);
+}
+
 static const luaL_Reg core_methods[] = {
   { "subscribe", lcore_subscribe },
   { "unsubscribe", lcore_unsubscribe },
@@ -2477,6 +2447,9 @@ static const luaL_Reg core_methods[] = {
   { "publish_sync", lcore_publish_sync },
   { "publish_cursor", lcore_publish_cursor },
   { "resume", lcore_resume },
+  { "stamp", buzz__lhot_stamp },
+  { "deliver", buzz__lhot_deliver },
+  { "sync", buzz__lhot_sync },
   { "set_handler", lcore_set_handler },
   { "current", lcore_current },
   { "pump", lcore_pump },

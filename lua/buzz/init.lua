@@ -13,9 +13,10 @@ local router = require "buzz.router"
 local middleware = require "buzz.middleware"
 local driver = require "buzz.driver"
 local errors = require "buzz.errors"
+local hot_path = require "buzz.hot"
 
-local type, error, pairs, ipairs, tostring, pcall, xpcall =
-      type, error, pairs, ipairs, tostring, pcall, xpcall
+local type, error, pairs, ipairs, tostring, pcall, xpcall, next =
+      type, error, pairs, ipairs, tostring, pcall, xpcall, next
 local traceback = debug.traceback
 local setmetatable, getmetatable, rawget = setmetatable, getmetatable, rawget
 local floor, huge, math_max = math.floor, math.huge, math.max
@@ -28,6 +29,11 @@ local Bus = { __name = "buzz.bus" }
 Bus.__index = Bus
 local Sub = { __name = "buzz.sub" }
 Sub.__index = Sub
+
+-- Open memory buses without middleware -> their hot path's state
+-- (lua/buzz/hot.lua): publish_sync finds it in one lookup, which also
+-- tells a bus from anything else.
+local HOT = setmetatable({}, { __mode = "k" })
 
 --- Priorities, most urgent first, and the number the core uses for each.
 local PRIORITIES = { critical = 0, high = 1, normal = 2, low = 3 }
@@ -102,13 +108,15 @@ local function is_integer(n)
          and n <= MAX_INT
 end
 
--- Returns the core of a bus, raising if self is not an open bus.
-local function check_bus(self, method)
+-- Returns the core of a bus, raising if self is not an open bus (at
+-- level, 3 unless given: the method's caller).
+local function check_bus(self, method, level)
   if getmetatable(self) ~= Bus then
-    error(("use bus:%s(...), not bus.%s(...)"):format(method, method), 3)
+    error(("use bus:%s(...), not bus.%s(...)"):format(method, method),
+          level or 3)
   end
   local c = self._core
-  if not c then error("attempt to use a closed bus", 3) end
+  if not c then error("attempt to use a closed bus", level or 3) end
   return c
 end
 
@@ -409,6 +417,8 @@ function M.new(opts)
   }, Bus)
   local sup = failure.new(bus, tl)
   bus._sup = sup
+  if not store then bus._hot = hot_path.new(bus) end  -- publish_sync's
+  HOT[bus] = bus._hot                                   -- hot path
   c:on_yield(function(co, sub, ev, what, arg)
     sup:adopt(co, sub, ev, what, arg)
   end)
@@ -559,9 +569,11 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
   -- A once subscription with a filter ends at its first event that
   -- passes the filter (bind), not at the first that comes.
   local plan = sub._test and conditions.plan(opts.filter) or nil
-  local id, err, code = c:subscribe(pattern, sub, bind(self, sub),
-                                    sub.is_once and not sub._test, durable,
-                                    start_new, plan)
+  -- What the hot path calls (lua/buzz/hot.lua), as the core does.
+  sub._fn = bind(self, sub)
+  sub._once = sub.is_once and not sub._test
+  local id, err, code = c:subscribe(pattern, sub, sub._fn, sub._once,
+                                    durable, start_new, plan)
   if not id then
     if sub._runner then sub._runner:close() end
     local _, e, k = refused(err, code, level + 1)  -- not a tail call
@@ -569,6 +581,7 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
   end
   sub._id = id
   self._subs[sub] = true
+  if self._hot then hot_path.invalidate(self._hot) end
   if sub._runner then
     self._sup:adopt_orphans(sub._runner)
   elseif durable then
@@ -648,13 +661,15 @@ end
 -- store the payload must be JSON), then keeps the event until its time,
 -- with the correlation and causation ids it would get now (inside a
 -- handler, those of the handler's event). Returns true, "delayed"; the
--- event gets its id when it is published. f holds the checked options.
-local function publish_later(self, c, method, etype, payload, opts, f)
+-- event gets its id when it is published. f holds the checked options;
+-- level 3 is the caller of the function that calls this one.
+local function publish_later(self, c, method, etype, payload, opts, f,
+                             level)
   if method ~= "publish" then
     error("publish_sync delivers at once: use bus:publish(type, payload, "
-          .. "{ delay = seconds }) for a delayed event", 3)
+          .. "{ delay = seconds }) for a delayed event", level)
   end
-  check_type_arg(etype, "task.start", 3)
+  check_type_arg(etype, "task.start", level)
   local now = self._clock:now_ms()
   local due = opts.at and floor(opts.at * 1000 + 0.5)
               or now + floor(opts.delay * 1000 + 0.5)
@@ -663,14 +678,14 @@ local function publish_later(self, c, method, etype, payload, opts, f)
                                     nil, f.headers, f.dedup, f.version, nil,
                                     self._manual and self._manual.ms or nil)
     if not id then
-      local _, e, k = refused(err, code, 3)     -- not a tail call: levels
+      local _, e, k = refused(err, code, level)  -- not a tail call: levels
       return nil, e, k
     end
     return id, err
   end
   if self._store then
     local text, err = core.json_encode(payload, self._max_payload)
-    if not text then error(("bad payload: %s"):format(err), 3) end
+    if not text then error(("bad payload: %s"):format(err), level) end
   end
   local caus, corr = c:current()
   self._sup:schedule_publish({
@@ -680,19 +695,21 @@ local function publish_later(self, c, method, etype, payload, opts, f)
   return true, "delayed"
 end
 
--- Makes Bus:publish and Bus:publish_sync, which differ only in the core
--- method they call; made once, at load, not per bus.
+-- Makes the core's path of Bus:publish and Bus:publish_sync, which
+-- differ only in the core method they call; made once, at load, not per
+-- bus. The methods call it (one frame): misuse is raised at level 3, the
+-- method's caller.
 local function publisher(method)
   return function(self, etype, payload, opts)
-    local c = check_bus(self, method)
+    local c = check_bus(self, method, 4)
     if self._readonly then
       error("this bus opened its store read-only (readonly = true): it "
-            .. "cannot publish", 2)
+            .. "cannot publish", 3)
     end
     local prio, key, corr, headers, dedup, version, is_later = 2
     if opts ~= nil then                -- else the core checks the types
       prio, key, corr, headers, dedup, version, is_later =
-        publish_options(opts, 2)
+        publish_options(opts, 3)
     end
     if self._mw.n > 0 and not (headers and headers.traceparent) then
       local tp = middleware.traceparent(self._mw)
@@ -705,7 +722,7 @@ local function publisher(method)
     if is_later then
       local id, e, k = publish_later(self, c, method, etype, payload, opts, {
         prio = prio, key = key, corr = corr, headers = headers,
-        dedup = dedup, version = version })
+        dedup = dedup, version = version }, 4)
       return id, e, k
     end
     local id, err, code
@@ -718,7 +735,7 @@ local function publisher(method)
                                 headers, dedup, version)
     end
     if not id then
-      local _, e, k = refused(err, code, 2)   -- not a tail call: levels
+      local _, e, k = refused(err, code, 3)   -- not a tail call: levels
       return nil, e, k
     end
     if err then return id, err end   -- "duplicate": a repeated dedup key
@@ -726,20 +743,90 @@ local function publisher(method)
   end
 end
 
+local PRIORITY_NAMES = { [0] = "critical", "high", "normal", "low" }
+
+local publish_sync_core = publisher("publish_sync")
+local hot_sync, hot_audience = hot_path.publish_sync, hot_path.audience
+local hot_take, hot_finish, DONE = hot_path.take, hot_path.finish,
+                                   hot_path.DONE
+
+--- Delivers an event to its handlers before returning, even in a handler.
+--- An open memory bus without middleware takes the hot path
+--- (lua/buzz/hot.lua; HOT holds it) for a type somebody listens to,
+--- unless a dedup key or a delay is given; the core's own path does the
+--- rest, and says what is wrong with a bad call.
+---@param etype string
+---@param payload any
+---@param opts table|nil as for publish
+---@return integer|nil id, string|nil err, string|nil code
+function Bus:publish_sync(etype, payload, opts)
+  local h = HOT[self]                  -- nil unless self is such a bus
+  if h then
+    local aud = h.memo[etype]
+    if aud == nil then aud = hot_audience(h, etype) end
+    if aud and opts == nil then
+      -- hot.publish_sync inlined: this is the hottest call of all
+      local ev = { id = 0, type = etype, payload = payload, ts = 0,
+                   priority = "normal", attempt = 1 }
+      local k, co = h.npool
+      if k > 0 then
+        co, h.npool = h.pool[k], k - 1
+      else
+        co = hot_take(h)
+      end
+      local m = h.manual
+      local id, ok, what, arg = h.sync(h.c, co, ev, aud, m and m.ms)
+      if what == DONE then
+        k = h.npool + 1
+        h.pool[k], h.npool = co, k
+        return id
+      end
+      return hot_finish(h, co, ev, aud, id, ok, what, arg)
+    elseif aud then
+      local k1, v1 = next(opts)        -- { key = "..." } alone: the most
+      if k1 == "key" and type(v1) == "string"  -- common options, checked
+         and next(opts, k1) == nil then        -- here without a loop
+        local id, err, code = hot_sync(h, aud, etype, payload, "normal", v1)
+        return id, err, code
+      end
+      local prio, key, corr, headers, dedup, version, is_later =
+        publish_options(opts, 2)
+      if dedup == nil and not is_later then
+        local id, err, code = hot_sync(h, aud, etype, payload,
+                                       PRIORITY_NAMES[prio], key, corr,
+                                       headers, version)
+        return id, err, code
+      end
+    end
+  end
+  local id, err, code = publish_sync_core(self, etype, payload, opts)
+  return id, err, code        -- not a tail call: error levels count frames
+end
+
+local publish_core = publisher("publish")
+
 --- Queues an event; handlers run when the bus is driven.
+--- Without options, an open memory bus without middleware (HOT) goes
+--- straight to the core: nothing here to check or to add.
 ---@param etype string a concrete subject, "task.start"
 ---@param payload any
 ---@param opts table|nil priority, key, correlation_id, headers, dedup,
 ---  version
 ---@return integer|nil id, string|nil err, string|nil code
-Bus.publish = publisher("publish")
+function Bus:publish(etype, payload, opts)
+  local h = HOT[self]
+  if h and opts == nil then
+    local m = h.manual
+    local id, err, code = h.publish(h.c, etype, payload, 2, nil, nil, nil,
+                                    nil, nil, nil, nil, m and m.ms or nil)
+    if id then return id end
+    local _, e, k = refused(err, code, 2)   -- not a tail call: levels
+    return nil, e, k
+  end
+  local id, err, code = publish_core(self, etype, payload, opts)
+  return id, err, code        -- not a tail call: error levels count frames
+end
 
---- Delivers an event to its handlers before returning, even in a handler.
----@param etype string
----@param payload any
----@param opts table|nil as for publish
----@return integer|nil id, string|nil err, string|nil code
-Bus.publish_sync = publisher("publish_sync")
 
 -- Fires the timers due by the bus's clock; returns how many fired.
 local function fire_due(self)
@@ -862,6 +949,7 @@ function Bus:close()
   local c = self._core
   if not c then return 0 end
   self._core = false
+  HOT[self] = nil
   local d = self._driver
   if d then d:close() end     -- the host's handles, before the fd goes
   self._timers:clear()
@@ -1334,6 +1422,8 @@ function Sub:unsubscribe()
   local id, c = self._id, self.bus._core
   self._id = nil
   if c and id then c:unsubscribe(id, self) end
+  local h = self.bus._hot
+  if h then hot_path.invalidate(h) end
   if self._runner then self._runner:close() end
   if self._engine then self._engine:stop() end   -- its open windows
   self.bus._sup:forget(self)
@@ -1376,12 +1466,16 @@ M.agg = require("buzz.aggregate").agg  -- reducers for route:window()
 function Bus:use(fn)
   local c = check_bus(self, "use")
   middleware.add(self._mw, fn, 2)
+  HOT[self] = nil             -- middleware stamps headers: the core's path
   local subs = {}
   for sub in pairs(self._subs) do subs[#subs + 1] = sub end
   sort(subs, function(a, b) return a._id < b._id end)
   for _, sub in ipairs(subs) do
     local fn2 = bind(self, sub)
-    if not sub._runner then c:set_handler(sub._id, sub, fn2) end
+    if not sub._runner then
+      sub._fn = fn2
+      c:set_handler(sub._id, sub, fn2)
+    end
   end
   return true
 end

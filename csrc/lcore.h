@@ -1,0 +1,109 @@
+/*
+** lcore.h: the core object ("buzz.core" userdata) as the binding files
+** see it. lbuzz.c owns it (module, lifecycle, publish, the core's own
+** dispatch, the store's queries); lhot.c holds the calls of the Lua
+** layer's hot path (lua/buzz/hot.lua). Only binding files include this
+** header (it needs the Lua headers, through compat.h).
+*/
+#ifndef BUZZ_LCORE_H
+#define BUZZ_LCORE_H
+
+#include "compat.h"
+#include "buzz.h"
+
+#if defined(__GNUC__) && !defined(_WIN32)
+#pragma GCC visibility push(hidden)
+#endif
+
+/*
+** One level of the current-event stack, innermost last: what a publish
+** made there inherits. id is the causation id (0: none); table_ref, the
+** event table whose correlation_id is inherited (BUZZ_NOREF: none), is a
+** U ref borrowed from the event in dispatch(), owned by lcore_resume()
+** (which releases it when its resume returns), or the level's slot
+** (core:sync in lhot.c).
+*/
+typedef struct lcur {
+  int64_t id;
+  int table_ref;
+  int slot;            /* a U ref kept for this level (LUA_NOREF until
+                          first used) where core:sync() puts its event
+                          table; false while unused; released with U */
+} lcur;
+
+/*
+** The core object.
+** CONSTRUCTOR: lcore_new()   DESTRUCTOR: lcore_close(); lcore_gc() is both
+** __gc and __close
+*/
+typedef struct lcore {
+  buzz_bus bus;        /* owns; embedded */
+  buzz_loop *loop;     /* owns; NULL once closed */
+  buzz_store *store;   /* owns; NULL for a memory bus or once closed */
+  buzz_dedup *dedup;   /* owns; NULL until the first dedup key */
+  int64_t dedup_window;/* ms */
+  size_t max_payload;  /* bytes of JSON a stored payload may take */
+  int durability;      /* BUZZ_DUR_* */
+  int64_t gate_id;     /* the highest queued id that must be committed */
+  int64_t committed;   /* before delivery, and the committed id last seen */
+  int64_t appended_id; /* the last event id handed to the writer */
+  int64_t id_safe;     /* ids up to this are reserved in the store: */
+                       /* no word with it needed (buzz__ids_take) */
+  size_t ndurable;     /* live durable subs */
+  int upcast_ref;      /* U ref: upcast(ev) from lua/buzz, or LUA_NOREF */
+  int yield_ref;       /* U ref: on_yield(co, sub, ev, ...), or LUA_NOREF */
+  lcur *cur;           /* owns (freed by __gc): the current-event */
+  size_t ncur, capcur; /* stack, innermost last */
+  int npool;           /* idle threads in the pool table */
+  int pool_ref;        /* U refs: the pool of idle threads, and the */
+  int report_ref;      /* reporter function (both released with U) */
+  int is_open;
+  int is_stopped;      /* set by stop(); pump() returns */
+  int nsync;           /* publish_sync deliveries under way, nested */
+} lcore;
+
+#define POOL_MAX 64    /* idle threads kept per core */
+#define SYNC_MAX 100   /* nested publish_sync deliveries; one more is
+                          refused with EDEPTH (README, "Driving the bus") */
+#define PAGE_MAX 256   /* stored events read per query page */
+#define ERR_MAX 512
+
+/* What on_event_free needs: the state and the stack slot of U. */
+typedef struct lctx {
+  lua_State *L;
+  int u;
+} lctx;
+
+/*
+** Upvalues of every method: the metatable (for the type check), then the
+** strings the hot path uses as table keys and values, so building an
+** event table never interns a C string.
+*/
+enum {
+  UV_MT = 1, UV_ID, UV_TYPE, UV_PAYLOAD, UV_TS, UV_PRIORITY, UV_ATTEMPT,
+  UV_KEY, UV_CORR, UV_CAUS, UV_HEADERS, UV_ACTIVE, UV_VERSION, UV_PRIO0,
+  UV_COUNT = UV_PRIO0 + BUZZ_NPRIO - 1
+};
+
+
+#define UV(i) lua_upvalueindex(i)
+
+/* lbuzz.c: the helpers the other binding files share (contracts there). */
+lcore *buzz__lcore_check(lua_State *L);        /* check_core */
+int buzz__lcore_refs(lua_State *L);            /* pushes U, its index */
+int buzz__lcore_fail(lua_State *L, int rc, const char *detail);
+void buzz__lcore_unref(lua_State *L, int u, int *ref);
+int buzz__lcore_cur_push(lcore *c, int64_t id, int table_ref);
+void buzz__lcore_correlation(lua_State *L, int u, int ref);
+int buzz__lcore_too_deep(lua_State *L, lcore *c);   /* EDEPTH */
+
+/* lhot.c: core:stamp, core:sync and core:deliver. */
+int buzz__lhot_stamp(lua_State *L);
+int buzz__lhot_sync(lua_State *L);
+int buzz__lhot_deliver(lua_State *L);
+
+#if defined(__GNUC__) && !defined(_WIN32)
+#pragma GCC visibility pop
+#endif
+
+#endif

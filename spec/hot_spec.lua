@@ -1,0 +1,210 @@
+-- lua/buzz/hot.lua: publish_sync's hot path on a memory bus (audiences
+-- memoized in Lua, one core:sync per event, handlers in pooled threads).
+-- Each case holds for the core's own path too; here it is checked where
+-- the hot path could break it.
+local buzz = require "buzz"
+
+describe("publish_sync's hot path", function()
+  local bus, errors
+  before_each(function()
+    errors = {}
+    bus = H.bus{ on_error = function(err, ev, sub, trace)
+      errors[#errors + 1] = { err = err, ev = ev, sub = sub, trace = trace }
+    end }
+  end)
+  after_each(function() H.done() end)
+
+  it("delivers to a subscription made after its type's audience was "
+     .. "memoized", function()
+    local seen = {}
+    bus:subscribe("job.done", function() seen[#seen + 1] = "a" end)
+    bus:publish_sync("job.done")
+    bus:subscribe("job.*", function() seen[#seen + 1] = "b" end)
+    bus:publish_sync("job.done")
+    assert.equal("a a b", table.concat(seen, " "))
+  end)
+
+  it("stops delivering to a subscription ended after the memo was made, "
+     .. "even within the event under way", function()
+    local seen, b = {}, nil
+    bus:subscribe("job.done", function()
+      seen[#seen + 1] = "a"
+      b:unsubscribe()                  -- b is later in this event's audience
+    end)
+    b = bus:subscribe("job.done", function() seen[#seen + 1] = "b" end)
+    bus:publish_sync("job.done")
+    bus:publish_sync("job.done")
+    assert.equal("a a", table.concat(seen, " "))
+  end)
+
+  it("fixes the audience at publish: a subscription made by a handler "
+     .. "gets the next event, not this one", function()
+    local seen = {}
+    bus:subscribe("job.done", function()
+      seen[#seen + 1] = "a"
+      if #seen == 1 then
+        bus:subscribe("job.done", function() seen[#seen + 1] = "late" end)
+      end
+    end)
+    bus:publish_sync("job.done")
+    bus:publish_sync("job.done")
+    assert.equal("a a late", table.concat(seen, " "))
+  end)
+
+  it("ends a once subscription at its first event", function()
+    local calls = H.counter(1)
+    bus:once("job.done")(calls)
+    bus:publish_sync("job.done")
+    bus:publish_sync("job.done")
+  end)
+
+  it("reports a raising handler with its traceback and runs the next ones",
+     function()
+    local after = H.counter(2)
+    bus:subscribe("job.done", function() error("boom") end)
+    bus:subscribe("job.done", after)
+    bus:publish_sync("job.done", { n = 1 })
+    bus:publish_sync("job.done", { n = 2 })
+    assert.equal(2, #errors)
+    assert.matches("boom", errors[1].err)
+    assert.equal(1, errors[1].ev.payload.n)
+    assert.equal("job.done", errors[1].sub.pattern)
+    assert.matches("stack traceback:", errors[1].trace)
+    assert.matches("hot_spec.lua", errors[1].trace)
+    assert.not_matches("hot%.lua", errors[1].trace)  -- the handler's only
+  end)
+
+  it("hands a handler that sleeps to the bus's timers, runs the others at "
+     .. "once, and delivers to each subscription once", function()
+    local clock = buzz.manual_clock(1000)
+    local b = H.bus{ clock = clock }
+    local seen = {}
+    b:subscribe("job.done", function(ev)
+      seen[#seen + 1] = "sleeper " .. ev.id
+      buzz.sleep(5)
+      seen[#seen + 1] = "woke " .. ev.id
+    end)
+    b:subscribe("job.done", function(ev) seen[#seen + 1] = "b " .. ev.id end)
+    local id = b:publish_sync("job.done")
+    assert.equal(("sleeper %d b %d"):format(id, id), table.concat(seen, " "))
+    clock:advance(5)
+    assert.equal(("sleeper %d b %d woke %d"):format(id, id, id),
+                 table.concat(seen, " "))
+    local id2 = b:publish_sync("job.done")   -- the pool still works
+    assert.equal(("sleeper %d b %d"):format(id2, id2),
+                 table.concat(seen, " ", 4))
+  end)
+
+  it("gives events ids that rise with the queued ones, and inherits the "
+     .. "correlation and causation ids", function()
+    local inner
+    bus:subscribe("outer", function()
+      bus:publish_sync("inner")
+    end)
+    bus:subscribe("inner", function(ev) inner = ev end)
+    local a = bus:publish("x")
+    local b = bus:publish_sync("outer", nil, { correlation_id = "req-1" })
+    local c = bus:publish("x")
+    assert.is_true(a < b and b < inner.id and inner.id < c)
+    assert.equal("req-1", inner.correlation_id)
+    assert.equal(b, inner.causation_id)
+  end)
+
+  it("counts its levels with the core's toward EDEPTH", function()
+    local depth, refused = 0, nil
+    bus:subscribe("deep", function()
+      depth = depth + 1
+      -- every other level takes the core's path (a dedup key)
+      local opts = depth % 2 == 0 and { dedup = "d" .. depth } or nil
+      local id, err, code = bus:publish_sync("deep", nil, opts)
+      if not id and not refused then refused = { depth, err, code } end
+    end)
+    bus:publish_sync("deep")
+    assert.equal(100, depth)
+    assert.same({ 100, refused[2], "EDEPTH" }, refused)
+    assert.matches("^EDEPTH: publish_sync nested 101 deep", refused[2])
+  end)
+
+  it("stops at a handler that closes the bus", function()
+    local later = H.counter(0)
+    bus:subscribe("job.done", function() bus:close() end)
+    bus:subscribe("job.done", later)
+    bus:publish_sync("job.done")
+    assert.has_error(function() bus:publish_sync("job.done") end,
+                     "attempt to use a closed bus")
+  end)
+
+  it("points misuse at the caller's line, on either path", function()
+    bus:subscribe("job.*", function() end)
+    local cases = {
+      function() bus:publish_sync("a..b") end,               -- the core's
+      function() bus:publish_sync("job.done", nil, { prio = 1 }) end,
+      function() bus:publish_sync("job.done", nil, { dedup = 7 }) end,
+      function() bus:publish_sync("job.done", nil, { delay = 1 }) end,
+      function() bus.publish_sync("job.done") end,
+      function() bus:publish("a..b") end,
+      function() bus.publish("job.done") end,
+    }
+    for i, case in ipairs(cases) do
+      local ok, err = pcall(case)
+      assert.is_false(ok)
+      assert.matches("^spec/hot_spec%.lua:%d+: ", err, 1, false,
+                     "case " .. i)
+    end
+  end)
+
+  it("counts as inside a handler: step, drain and run raise there",
+     function()
+    local errs = {}
+    bus:subscribe("job.done", function()
+      for _, m in ipairs { "step", "drain", "run" } do
+        local ok, err = pcall(bus[m], bus)
+        errs[#errs + 1] = not ok and err:match("called from inside a handler")
+      end
+    end)
+    bus:publish_sync("job.done")
+    assert.same({ "called from inside a handler", "called from inside a "
+                  .. "handler", "called from inside a handler" }, errs)
+  end)
+
+  it("gives handlers the options, a lone string key included", function()
+    local got = {}
+    bus:subscribe("job.done", function(ev) got[#got + 1] = ev end)
+    bus:publish_sync("job.done", 1, { key = "k-1" })
+    bus:publish_sync("job.done", 2, { key = 7 })
+    bus:publish_sync("job.done", 3, { key = "k-3", priority = "low",
+                                       headers = { a = "b" }, version = 2,
+                                       correlation_id = "c-3" })
+    assert.same({ "k-1", "normal", 1 },
+                { got[1].key, got[1].priority, got[1].attempt })
+    assert.equal(7, got[2].key)
+    assert.same({ "k-3", "low", { a = "b" }, 2, "c-3" },
+                { got[3].key, got[3].priority, got[3].headers,
+                  got[3].version, got[3].correlation_id })
+    assert.has_error(function()
+      bus:publish_sync("job.done", 4, { key = "k", prio = 1 })
+    end)
+    assert.has_error(function()
+      bus:publish_sync("job.done", 4, { key = 1.5 })
+    end)
+  end)
+
+  it("keeps at most 4096 types in its memo", function()
+    bus:subscribe("t.*", function() end)
+    for i = 1, 5000 do bus:publish_sync("t.n" .. i) end
+    assert.is_true(bus._hot.nmemo <= 4096)
+  end)
+
+  it("leaves middleware to the core's path, which stamps traceparent",
+     function()
+    local got
+    bus:use(function(ev, next, ctx)
+      ctx.trace_id = ("a"):rep(32)
+      return next(ev)
+    end)
+    bus:subscribe("outer", function() bus:publish_sync("inner") end)
+    bus:subscribe("inner", function(ev) got = ev end)
+    bus:publish_sync("outer")
+    assert.matches("^00%-" .. ("a"):rep(32), got.headers.traceparent)
+  end)
+end)
