@@ -194,17 +194,11 @@ function M.publish_sync(h, aud, etype, payload, prio, key, corr, headers,
   -- take 8 slots, so that mostly fits without a rehash).
   -- A field set to nil in a constructor costs a slow store, so the
   -- options name only the fields they have.
-  local ev
-  if corr == nil and headers == nil and version == nil then
-    ev = { id = 0, type = etype, payload = payload, ts = 0,
-           priority = prio or "normal", attempt = 1, key = key }
-  else
-    ev = { id = 0, type = etype, payload = payload, ts = 0,
-           priority = prio or "normal", attempt = 1, key = key }
-    if corr ~= nil then ev.correlation_id = corr end
-    if headers ~= nil then ev.headers = headers end
-    if version ~= nil then ev.version = version end
-  end
+  local ev = { id = 0, type = etype, payload = payload, ts = 0,
+               priority = prio or "normal", attempt = 1, key = key }
+  if corr ~= nil then ev.correlation_id = corr end
+  if headers ~= nil then ev.headers = headers end
+  if version ~= nil then ev.version = version end
   local co, m = take(h), h.manual
   local id, ok, what, arg = h.sync(h.c, co, ev, aud, m and m.ms)
   if what == DONE then
