@@ -1674,6 +1674,28 @@ static const char *resume_refusal(lua_State *L, lua_State *co) {
 }
 
 /*
+** After lua_resume(co) gave rc with nres results on co: pushes true and
+** them, or false and the error value (false and "too many results to
+** resume" when L has no room). Returns how many values it pushed.
+*/
+int buzz__lcore_resumed(lua_State *L, lua_State *co, int rc, int nres) {
+  if (rc == LUA_OK || rc == LUA_YIELD) {
+    if (!lua_checkstack(L, nres + 1)) {
+      lua_pop(co, nres);
+      lua_pushboolean(L, 0);
+      lua_pushliteral(L, "too many results to resume");
+      return 2;
+    }
+    lua_pushboolean(L, 1);
+    lua_xmove(co, L, nres);
+    return nres + 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_xmove(co, L, 1);                 /* the error value */
+  return 2;
+}
+
+/*
 ** core:resume(co, ev, ...) -> true, ... | false, err. Resumes the thread
 ** co with the extra arguments and returns as coroutine.resume does: true
 ** and what co yielded or returned, or false and the error value (co is
@@ -1725,20 +1747,7 @@ static int lcore_resume(lua_State *L) {
   rc = buzz_resume_n(co, L, nargs, &nres);
   if (level >= 0) c->ncur = (size_t)level;  /* nested levels are gone */
   unref(L, u, &ref);                   /* the U this ref was taken in */
-  if (rc == LUA_OK || rc == LUA_YIELD) {
-    if (!lua_checkstack(L, nres + 1)) {
-      lua_pop(co, nres);
-      lua_pushboolean(L, 0);
-      lua_pushliteral(L, "too many results to resume");
-      return 2;
-    }
-    lua_pushboolean(L, 1);
-    lua_xmove(co, L, nres);
-    return nres + 1;
-  }
-  lua_pushboolean(L, 0);
-  lua_xmove(co, L, 1);                 /* the error value */
-  return 2;
+  return buzz__lcore_resumed(L, co, rc, nres);
 }
 
 /*

@@ -96,6 +96,7 @@ void buzz__lcore_unref(lua_State *L, int u, int *ref);
 int buzz__lcore_cur_push(lcore *c, int64_t id, int table_ref);
 void buzz__lcore_correlation(lua_State *L, int u, int ref);
 int buzz__lcore_too_deep(lua_State *L, lcore *c);   /* EDEPTH */
+int buzz__lcore_resumed(lua_State *L, lua_State *co, int rc, int nres);
 
 /* lhot.c: core:stamp, core:sync and core:deliver. */
 int buzz__lhot_stamp(lua_State *L);

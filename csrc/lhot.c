@@ -132,20 +132,7 @@ int buzz__lhot_sync(lua_State *L) {
     lua_pushboolean(L, 0);             /* keep the slot a non-nil */
     lua_rawseti(L, u, c->cur[level].slot);  /* value: see luaL_ref */
   }
-  if (rc == LUA_OK || rc == LUA_YIELD) {
-    if (!lua_checkstack(L, nres + 1)) {
-      lua_pop(co, nres);
-      lua_pushboolean(L, 0);
-      lua_pushliteral(L, "too many results to resume");
-      return 3;
-    }
-    lua_pushboolean(L, 1);
-    lua_xmove(co, L, nres);
-    return nres + 2;
-  }
-  lua_pushboolean(L, 0);
-  lua_xmove(co, L, 1);                 /* the error value */
-  return 3;
+  return 1 + buzz__lcore_resumed(L, co, rc, nres);  /* after the id */
 }
 
 /*
@@ -198,18 +185,5 @@ int buzz__lhot_deliver(lua_State *L) {
   if (is_sync) c->nsync--;
   c->ncur = level;                     /* nested levels are gone */
   unref(L, u, &ref);
-  if (rc == LUA_OK || rc == LUA_YIELD) {
-    if (!lua_checkstack(L, nres + 1)) {
-      lua_pop(co, nres);
-      lua_pushboolean(L, 0);
-      lua_pushliteral(L, "too many results to resume");
-      return 2;
-    }
-    lua_pushboolean(L, 1);
-    lua_xmove(co, L, nres);
-    return nres + 1;
-  }
-  lua_pushboolean(L, 0);
-  lua_xmove(co, L, 1);                 /* the error value */
-  return 2;
+  return buzz__lcore_resumed(L, co, rc, nres);
 }
