@@ -166,6 +166,11 @@ static void on_event_free(void *ctx, buzz_event *ev) {
   unref(x->L, x->u, &ev->key_ref);
   unref(x->L, x->u, &ev->corr_ref);
   unref(x->L, x->u, &ev->headers_ref);
+  if (ev->table_ref != BUZZ_NOREF && ev->table_ref == x->c->ev_slot) {
+    lua_pushboolean(x->L, 0);          /* the slot stays the core's; its */
+    lua_rawseti(x->L, x->u, ev->table_ref);  /* table may be collected */
+    ev->table_ref = BUZZ_NOREF;
+  }
   unref(x->L, x->u, &ev->table_ref);
 }
 
@@ -198,9 +203,15 @@ static void set_int(lua_State *L, int key, int64_t v) {
 ** publish call's own arguments (slots 3, 5, 8; publish_sync needs no refs
 ** for them); the correlation id from slot 6 or its ref. The table is kept
 ** in U (table_ref) until the event leaves the bus, so every subscription
-** receives the same table. Only called from methods (uses the upvalues).
+** receives the same table. A queued event (not from_args) keeps it in the
+** core's ev_slot instead of a ref of its own: only the event at the head
+** of the queue's cursor is delivered at a time (pump() is not reentrant,
+** EINHANDLER), on_event_free empties the slot when it leaves, and one
+** rawseti costs less than a luaL_ref and a luaL_unref per event. Only
+** called from methods (uses the upvalues).
 */
-static void push_event(lua_State *L, int u, buzz_event *ev, int from_args) {
+static void push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
+                       int from_args) {
   if (ev->table_ref != BUZZ_NOREF) {
     lua_rawgeti(L, u, ev->table_ref);
     return;
@@ -223,7 +234,13 @@ static void push_event(lua_State *L, int u, buzz_event *ev, int from_args) {
   set_field(L, u, &ev->headers_ref, from_args ? 8 : 0, UV_HEADERS);
   if (ev->version != 0) set_int(L, UV_VERSION, ev->version);
   lua_pushvalue(L, -1);
-  ev->table_ref = luaL_ref(L, u);
+  if (from_args || c->ev_slot == LUA_NOREF) {
+    ev->table_ref = luaL_ref(L, u);    /* on_event_free releases it */
+    if (!from_args) c->ev_slot = ev->table_ref;  /* kept from now on */
+  } else {
+    lua_rawseti(L, u, c->ev_slot);
+    ev->table_ref = c->ev_slot;
+  }
 }
 
 
@@ -525,7 +542,7 @@ static void dispatch(lua_State *L, lcore *c, int u, buzz_sub *sub,
   int top = lua_gettop(L), rc, is_current, nres = 0;
   lua_State *co;
   lua_rawgeti(L, u, sub->data_ref);                 /* top+1: sub */
-  push_event(L, u, ev, 0);                          /* top+2: event */
+  push_event(L, c, u, ev, 0);                       /* top+2: event */
   if (c->npool > 0) {
     lua_rawgeti(L, u, c->pool_ref);
     lua_rawgeti(L, -1, c->npool);
@@ -641,6 +658,7 @@ static int store_sync_watch(lua_State *L, lcore *c, int u, char *err,
   sync_ctx y;
   y.c = c;
   y.x.L = L;
+  y.x.c = c;
   y.x.u = u;
   y.err = err;
   y.n = 0;
@@ -906,6 +924,7 @@ static lua_Integer pump_durables(lua_State *L, lcore *c, int u,
         dispatch(L, c, u, sub, ev);
       ctx.L = L;
       ctx.u = u;
+      ctx.c = c;
       on_event_free(&ctx, ev);         /* U at u is the one ev used */
       sub->acked = ev->id;
       event_drop(c, ev);               /* the handler may have closed */
@@ -1085,6 +1104,7 @@ static int lcore_new(lua_State *L) {
   c->bus.is_closed = 1;
   c->upcast_ref = LUA_NOREF;
   c->yield_ref = LUA_NOREF;
+  c->ev_slot = LUA_NOREF;
   c->dedup_window = window > 0 ? window : 120000;
   c->max_payload = max_payload > 0 ? (size_t)max_payload : 1048576;
   luaL_setmetatable(L, CORE_MT);
@@ -1546,6 +1566,7 @@ static int do_publish(lua_State *L, int mode) {
   if (mode == 1 && c->nsync >= SYNC_MAX) return push_too_deep(L, c);
   lua_settop(L, 10);
   ctx.L = L;
+  ctx.c = c;
   ctx.u = push_refs(L);                /* slot 11 */
   if (dkey) now = ts > 0 ? ts : buzz__clock_ms();  /* the bus's clock */
   if (dkey && c->dedup &&
@@ -1609,7 +1630,7 @@ static int do_publish(lua_State *L, int mode) {
     ev->corr_ref = ref_opt(L, ctx.u, 6);
   }
   if (mode == 1) {                     /* build the table from the args */
-    push_event(L, ctx.u, ev, 1);
+    push_event(L, c, ctx.u, ev, 1);
     lua_pop(L, 1);
   }
   if (mode == 0) {
@@ -1793,6 +1814,7 @@ static int lcore_pump(lua_State *L) {
     return 3;
   }
   ctx.L = L;
+  ctx.c = c;
   ctx.u = push_refs(L);
   for (;;) {                           /* the queue, then durable subs, */
     lua_Integer before = n;            /* until neither has work left */
@@ -1867,6 +1889,7 @@ static int lcore_next(lua_State *L) {
   lctx ctx;
   int rc;
   ctx.L = L;
+  ctx.c = c;
   ctx.u = push_refs(L);
   rc = buzz__bus_next(&c->bus, (size_t)level, &sub, &ev, &ctx);
   if (rc == 0) {
@@ -1876,7 +1899,7 @@ static int lcore_next(lua_State *L) {
   if (rc < 0) return push_fail(L, rc, NULL);
   lua_rawgeti(L, ctx.u, sub->data_ref);
   if (sub->is_once) once_ended(L, ctx.u, sub, lua_gettop(L));
-  push_event(L, ctx.u, ev, 0);
+  push_event(L, c, ctx.u, ev, 0);
   return 2;
 }
 

@@ -57,6 +57,10 @@ typedef struct lcore {
   int npool;           /* idle threads in the pool table */
   int pool_ref;        /* U refs: the pool of idle threads, and the */
   int report_ref;      /* reporter function (both released with U) */
+  int ev_slot;         /* U ref kept for the table of the queued event
+                          under delivery (push_event): reused for each
+                          event instead of a luaL_ref and a luaL_unref per
+                          event; false between events; released with U */
   int is_open;
   int is_stopped;      /* set by stop(); pump() returns */
   int nsync;           /* publish_sync deliveries under way, nested */
@@ -68,10 +72,12 @@ typedef struct lcore {
 #define PAGE_MAX 256   /* stored events read per query page */
 #define ERR_MAX 512
 
-/* What on_event_free needs: the state and the stack slot of U. */
+/* What on_event_free needs: the state, the stack slot of U and the core
+** (whose ev_slot an event's table may be in). */
 typedef struct lctx {
   lua_State *L;
   int u;
+  struct lcore *c;
 } lctx;
 
 /*

@@ -208,3 +208,84 @@ describe("publish_sync's hot path", function()
     assert.matches("^00%-" .. ("a"):rep(32), got.headers.traceparent)
   end)
 end)
+
+-- The core's own path for queued events keeps the table of the event under
+-- delivery in one reused slot of the core (lbuzz.c, push_event): these
+-- check that each event still gets its own table, shared by its
+-- subscriptions, and lets go of it once delivered.
+describe("drain's event tables", function()
+  local bus
+  before_each(function() bus = H.bus() end)
+  after_each(function() H.done() end)
+
+  it("hands every subscription of a queued event one table, each event "
+     .. "its own, and keeps them intact", function()
+    local a, b = {}, {}
+    bus:subscribe("job.*", function(ev) a[#a + 1] = ev end)
+    bus:subscribe("job.done", function(ev) b[#b + 1] = ev end,
+                  { filter = buzz.where{ ["payload.n"] = { gte = 2 } } })
+    for n = 1, 3 do bus:publish("job.done", { n = n }) end
+    assert.equal(5, bus:drain())
+    assert.equal(3, #a)
+    assert.equal(2, #b)
+    assert.equal(a[2], b[1])
+    assert.equal(a[3], b[2])
+    assert.is_true(a[1] ~= a[2] and a[2] ~= a[3])
+    for n = 1, 3 do
+      assert.equal(n, a[n].payload.n)
+      assert.equal("job.done", a[n].type)
+    end
+    assert.is_true(a[1].id < a[2].id and a[2].id < a[3].id)
+  end)
+
+  it("lets a prefilter read the payload a handler before it set",
+     function()
+    local got = {}
+    bus:subscribe("job.done", function(ev) ev.payload = { n = 5 } end)
+    bus:subscribe("job.done", function(ev) got[#got + 1] = ev.payload.n end,
+                  { filter = buzz.where{ ["payload.n"] = { gte = 5 } } })
+    bus:publish("job.done", { n = 1 })
+    bus:drain()
+    assert.same({ 5 }, got)
+  end)
+
+  it("inherits the correlation id a handler of a queued event reads at "
+     .. "its publish", function()
+    local child
+    bus:subscribe("outer", function(ev)
+      ev.correlation_id = "changed"
+      bus:publish("inner")
+    end)
+    bus:subscribe("inner", function(ev) child = ev end)
+    bus:publish("other")
+    local id = bus:publish("outer", nil, { correlation_id = "req-1" })
+    bus:publish("other")
+    bus:drain()
+    assert.equal("changed", child.correlation_id)
+    assert.equal(id, child.causation_id)
+  end)
+
+  it("keeps what handlers of queued events publish apart from their "
+     .. "events", function()
+    local got = {}
+    bus:subscribe("a", function(ev)
+      bus:publish("b", { n = ev.payload.n }, { key = "k" .. ev.payload.n })
+    end)
+    bus:subscribe("b", function(ev)
+      got[#got + 1] = ev.key .. "=" .. tostring(ev.payload.n)
+    end)
+    for n = 1, 4 do bus:publish("a", { n = n }) end
+    bus:drain()
+    assert.equal("k1=1 k2=2 k3=3 k4=4", table.concat(got, " "))
+  end)
+
+  it("lets a delivered queued event's table be collected", function()
+    local kept = setmetatable({}, { __mode = "k" })
+    bus:subscribe("job.done", function(ev) kept[ev] = true end)
+    bus:publish("job.done", { n = 1 })
+    bus:drain()
+    collectgarbage()
+    collectgarbage()
+    assert.is_nil(next(kept))
+  end)
+end)
