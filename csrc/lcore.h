@@ -1,8 +1,11 @@
 /*
 ** lcore.h: the core object ("buzz.core" userdata) as the binding files
 ** see it. lbuzz.c owns it (module, lifecycle, publish, the core's own
-** dispatch, the store's queries); lhot.c holds the calls of the Lua
-** layer's hot path (lua/buzz/hot.lua). Only binding files include this
+** dispatch); lhot.c holds the calls of the Lua
+** layer's hot path (lua/buzz/hot.lua); lstore.c the store's queries,
+** consumers and state rows; lprefilter.c the where{} prefilter; lutil.c
+** the module functions that need no bus and the helpers they share with
+** the binding. Only binding files include this
 ** header (it needs the Lua headers, through compat.h).
 */
 #ifndef BUZZ_LCORE_H
@@ -94,10 +97,32 @@ enum {
 
 #define UV(i) lua_upvalueindex(i)
 
+/* Sets field k of the table on top to the integer v. */
+static inline void buzz__set_field_int(lua_State *L, const char *k,
+                                       int64_t v) {
+  lua_pushinteger(L, (lua_Integer)v);
+  lua_setfield(L, -2, k);
+}
+
+/*
+** lstore.c: the store's methods (query, consumers, remove_consumer,
+** store_info, state_*), which luaopen_buzz_core registers with the
+** upvalues above, and the page reader durable delivery uses (contract
+** there: pushes an array of event tables, returns how many).
+*/
+extern const luaL_Reg buzz__lstore_methods[];
+int buzz__lstore_read_page(lua_State *L, lcore *c, int u,
+                           const buzz_query *q, int is_strict,
+                           int64_t *bad_id);
+
 /* lbuzz.c: the helpers the other binding files share (contracts there). */
 lcore *buzz__lcore_check(lua_State *L);        /* check_core */
 int buzz__lcore_refs(lua_State *L);            /* pushes U, its index */
 int buzz__lcore_fail(lua_State *L, int rc, const char *detail);
+int buzz__lcore_store_sync(lua_State *L, lcore *c, int u, char *err);
+int buzz__lcore_store_flush(lua_State *L, lcore *c, int u, char *err);
+void buzz__lcore_catch_up(lua_State *L, lcore *c);
+buzz_sub *buzz__lcore_find_durable(const lcore *c, const char *name);
 void buzz__lcore_unref(lua_State *L, int u, int *ref);
 int buzz__lcore_cur_push(lcore *c, int64_t id, int table_ref);
 void buzz__lcore_correlation(lua_State *L, int u, int ref);

@@ -56,6 +56,7 @@ build = {
         "csrc/dedup.c",
         "csrc/lbuzz.c",
         "csrc/lhot.c",
+        "csrc/lstore.c",
         "csrc/lcheck.c",
       },
       defines = { "_POSIX_C_SOURCE=200809L" },

@@ -1,0 +1,505 @@
+/*
+** lstore.c: the store's Lua API on the core object: one page of stored
+** events (core:query), durable consumers (consumers, remove_consumer),
+** what the store holds (store_info), the Lua layer's state rows
+** (state_put, state_del, state_list), and the conversion of a stored row
+** to the event table handlers and readers get (buzz__lstore_read_page,
+** which durable consumers' delivery in lbuzz.c reads its pages with). A
+** binding file: the methods are registered from buzz__lstore_methods by
+** luaopen_buzz_core in lbuzz.c, with the same upvalues as the core's
+** other methods (lcore.h), so the row conversion sets fields from the
+** interned key strings.
+**
+** Invariants: every read sees the bus's own writes (need_store commits
+** what is in flight first, through lbuzz.c's catch_up); a stored row that
+** does not decode is never rewritten here, it comes back with
+** decode_error set; every write goes to the writer in order with the
+** bus's other writes (the same group commit). A memory bus has no store:
+** these methods return nil, err, "EINVAL" there. Rows are upcast by the
+** function core:set_upcast gives (lbuzz.c sets it, as it sets on_yield,
+** whose setter it shares).
+**
+** It does not own the store (lbuzz.c opens and closes it), does not take
+** the writer's news by itself (store_sync and store_flush stay with the
+** commit gate in lbuzz.c), and delivers nothing.
+*/
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "compat.h"
+#include "buzz.h"
+#include "json.h"
+#include "lcheck.h"
+#include "lcore.h"
+
+#define check_core buzz__lcore_check
+#define push_refs buzz__lcore_refs
+#define push_fail buzz__lcore_fail
+#define store_sync buzz__lcore_store_sync
+#define store_flush buzz__lcore_store_flush
+#define catch_up buzz__lcore_catch_up
+#define find_durable buzz__lcore_find_durable
+#define set_i buzz__set_field_int
+
+static int push_store_fail(lua_State *L, int rc, const char *err) {
+  return push_fail(L, rc, err[0] ? err : NULL);
+}
+
+
+/* ------------------------------------------------- stored rows to Lua */
+
+/* Sets field UV(key) of the table on top to the integer v. */
+static void set_int(lua_State *L, int key, int64_t v) {
+  lua_pushvalue(L, UV(key));
+  lua_pushinteger(L, (lua_Integer)v);
+  lua_rawset(L, -3);
+}
+
+/* Sets field UV(key) of the table on top to the string v, if present. */
+static void set_str(lua_State *L, int key, buzz_str v) {
+  if (v.p == NULL) return;
+  lua_pushvalue(L, UV(key));
+  lua_pushlstring(L, v.p, v.n);
+  lua_rawset(L, -3);
+}
+
+/*
+** Decodes JSON text into field UV(key) of the table on top (event id). A
+** row that does not decode leaves the field unset and gets decode_error =
+** "EDECODE: event <id>'s stored <what> is not valid JSON (...)" instead
+** (the log is never rewritten here); returns 0, or BUZZ_EDECODE then.
+*/
+static int set_json(lua_State *L, int key, buzz_str v, int64_t id,
+                    const char *what) {
+  if (v.p == NULL) return 0;
+  if (buzz__json_decode(L, v.p, v.n) == 0) {
+    lua_pushvalue(L, UV(key));
+    lua_insert(L, -2);
+    lua_rawset(L, -3);
+    return 0;
+  }
+  {
+    char num[32];
+    snprintf(num, sizeof num, "%lld", (long long)id);
+    lua_pushfstring(L, "%s: event %s's stored %s is not valid JSON (",
+                    buzz__err_name(BUZZ_EDECODE), num, what);
+  }
+  lua_insert(L, -2);                   /* the decoder's message */
+  lua_pushliteral(L, ")");
+  lua_concat(L, 3);
+  lua_setfield(L, -2, "decode_error");
+  return BUZZ_EDECODE;
+}
+
+/*
+** Pushes the event table of a stored row, upcast when an upcaster is set.
+** Returns 0; or BUZZ_EDECODE with the table on top, not upcast, when its
+** payload or headers do not decode (see set_json); or BUZZ_EINVAL with
+** the upcaster's error on top instead of the table. Only called from
+** methods (uses the upvalues).
+*/
+static int push_stored(lua_State *L, lcore *c, int u, const buzz_stored *r) {
+  int prio = r->priority >= 0 && r->priority < BUZZ_NPRIO ? r->priority
+             : BUZZ_PRIO_NORMAL, rc;
+  lua_createtable(L, 0, 7 + (r->key_kind != 0) + (r->corr.p != NULL) +
+                         (r->causation_id != 0) + (r->headers.p != NULL));
+  set_int(L, UV_ID, r->id);
+  set_str(L, UV_TYPE, r->type);
+  rc = set_json(L, UV_PAYLOAD, r->payload, r->id, "payload");
+  set_int(L, UV_TS, r->ts);
+  lua_pushvalue(L, UV(UV_PRIORITY));
+  lua_pushvalue(L, UV(UV_PRIO0 + prio));
+  lua_rawset(L, -3);
+  set_int(L, UV_ATTEMPT, 1);
+  if (r->key_kind == 1) set_str(L, UV_KEY, r->key);
+  else if (r->key_kind == 2) set_int(L, UV_KEY, r->key_int);
+  set_str(L, UV_CORR, r->corr);
+  if (r->causation_id) set_int(L, UV_CAUS, r->causation_id);
+  if (rc == 0) rc = set_json(L, UV_HEADERS, r->headers, r->id, "headers");
+  set_int(L, UV_VERSION, r->version);
+  if (rc != 0) return rc;              /* nothing to upcast */
+  if (c->upcast_ref != LUA_NOREF) {
+    lua_rawgeti(L, u, c->upcast_ref);
+    lua_pushvalue(L, -2);
+    if (lua_pcall(L, 1, 0, 0) != 0) {
+      lua_remove(L, -2);
+      return BUZZ_EINVAL;
+    }
+  }
+  return 0;
+}
+
+/*
+** Reads one page of stored events into a new array on top: the rows of q
+** up to q->limit. Returns the number read; if an upcaster raised on a
+** row, or (with is_strict) a row does not decode, the page stops before
+** it, *bad_id is its id, and the message and the row's event table (nil
+** for an upcaster's raise) are pushed above the array. Without is_strict
+** a row that does not decode is in the page, with decode_error set. A
+** store failure returns a negative code with a message on top instead of
+** the array.
+*/
+int buzz__lstore_read_page(lua_State *L, lcore *c, int u,
+                           const buzz_query *q, int is_strict,
+                           int64_t *bad_id) {
+  buzz_stored row;
+  char err[ERR_MAX];
+  int n = 0, rc;
+  err[0] = '\0';
+  *bad_id = 0;
+  if (buzz__store_query(c->store, q) < 0) {
+    lua_pushliteral(L, "cannot query the store");
+    return BUZZ_ESTORE;
+  }
+  lua_createtable(L, q->limit < 1024 ? (int)q->limit : 1024, 0);
+  while ((rc = buzz__store_next(c->store, &row, err, sizeof err)) > 0) {
+    int bad = push_stored(L, c, u, &row);
+    if (bad == BUZZ_EDECODE && is_strict) {
+      buzz__store_query_done(c->store);   /* let go of the snapshot */
+      *bad_id = row.id;
+      lua_getfield(L, -1, "decode_error");
+      lua_insert(L, -2);                  /* array, message, table */
+      return n;
+    }
+    if (bad != 0 && bad != BUZZ_EDECODE) {
+      char num[32];
+      buzz__store_query_done(c->store);   /* let go of the snapshot */
+      *bad_id = row.id;
+      snprintf(num, sizeof num, "%lld", (long long)row.id);
+      lua_pushfstring(L, "upcasting event %s failed: ", num);
+      lua_insert(L, -2);
+      lua_concat(L, 2);
+      lua_pushnil(L);                     /* array, message, nil */
+      return n;
+    }
+    lua_rawseti(L, -2, ++n);
+  }
+  if (rc < 0) {
+    lua_pop(L, 1);
+    lua_pushstring(L, err);
+    return BUZZ_ESTORE;
+  }
+  return n;
+}
+
+
+
+/* ------------------------------------------------------------ methods */
+
+/* Pushes nil, err, "EINVAL": what (which verb the store) needs a store. */
+static int push_no_store(lua_State *L, const char *what, const char *verb) {
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s %s the store, and this bus has none: create it "
+                  "with buzz.new{ store = \"events.db\" }", what, verb);
+  lua_pushliteral(L, "EINVAL");
+  return 3;
+}
+
+/*
+** Returns the store, or pushes nil, err, "EINVAL" for a memory bus. Reads
+** see the caller's own writes: what is in flight is committed first (a
+** failed group is reported to on_error, and the read goes on).
+*/
+static buzz_store *need_store(lua_State *L, lcore *c, const char *what) {
+  if (c->store) {
+    catch_up(L, c);
+    return c->store;
+  }
+  push_no_store(L, what, "reads");
+  return NULL;
+}
+
+/*
+** core:query(filters, after_id, limit) -> array of events | nil, err,
+** code. filters: pattern, to_id, from_ts, to_ts, key (string or
+** integer). One page of stored events with id > after_id, in id order.
+** An upcaster's raise is raised (the caller is in Lua, not a handler).
+*/
+static int lcore_query(lua_State *L) {
+  lcore *c = check_core(L);
+  buzz_query q;
+  int64_t bad;
+  int u, n;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  memset(&q, 0, sizeof q);
+  q.after_id = buzz__check_int(L, 3, "after_id", 0, INT64_MAX);
+  q.limit = buzz__check_int(L, 4, "limit", 1, BUZZ_INT_EXACT);
+  q.to_id = buzz__field_int(L, 2, "to_id", 0, -1, INT64_MAX);
+  q.from_ts = buzz__field_int(L, 2, "from_ts", 0, -BUZZ_INT_EXACT,
+                              BUZZ_INT_EXACT);
+  q.to_ts = buzz__field_int(L, 2, "to_ts", 0, -BUZZ_INT_EXACT,
+                            BUZZ_INT_EXACT);
+  if (!need_store(L, c, "events()")) return 3;
+  lua_getfield(L, 2, "pattern");
+  q.pattern.p = lua_tolstring(L, -1, &q.pattern.n);
+  lua_getfield(L, 2, "key");
+  if (lua_type(L, -1) == LUA_TNUMBER) {
+    q.has_key = q.is_key_int = 1;
+    q.key_int = buzz__check_int(L, lua_gettop(L), "key", -BUZZ_INT_EXACT,
+                                BUZZ_INT_EXACT);
+  } else if (lua_type(L, -1) == LUA_TSTRING) {
+    q.has_key = 1;
+    q.key.p = lua_tolstring(L, -1, &q.key.n);
+  }
+  u = push_refs(L);
+  if ((n = buzz__lstore_read_page(L, c, u, &q, 0, &bad)) < 0) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "ESTORE: %s", lua_tostring(L, -2));
+    lua_pushliteral(L, "ESTORE");
+    return 3;
+  }
+  if (bad > 0) {                       /* the upcaster's raise */
+    lua_pop(L, 1);
+    return lua_error(L);
+  }
+  return 1;
+}
+
+typedef struct consumers_ctx {
+  lua_State *L;
+  buzz_store *store;
+  int n;
+} consumers_ctx;
+
+static void on_consumer(void *data, buzz_str name, buzz_str pattern,
+                        int64_t acked, int64_t updated) {
+  consumers_ctx *x = (consumers_ctx *)data;
+  lua_State *L = x->L;
+  int64_t lag = 0;
+  char err[ERR_MAX];
+  lua_createtable(L, 0, 5);
+  lua_pushlstring(L, name.p, name.n);
+  lua_setfield(L, -2, "name");
+  lua_pushlstring(L, pattern.p, pattern.n);
+  lua_setfield(L, -2, "pattern");
+  lua_pushinteger(L, (lua_Integer)acked);
+  lua_setfield(L, -2, "acked");
+  lua_pushinteger(L, (lua_Integer)updated);
+  lua_setfield(L, -2, "updated_ms");
+  if (buzz__store_count(x->store, acked, pattern, &lag, err, sizeof err) == 0)
+  {
+    lua_pushinteger(L, (lua_Integer)lag);
+    lua_setfield(L, -2, "lag");
+  }
+  lua_rawseti(L, -2, ++x->n);
+}
+
+/* core:consumers() -> array of { name, pattern, acked, updated_ms, lag } */
+static int lcore_consumers(lua_State *L) {
+  lcore *c = check_core(L);
+  consumers_ctx x;
+  char err[ERR_MAX];
+  int rc;
+  if (!need_store(L, c, "consumers()")) return 3;
+  lua_newtable(L);
+  x.L = L;
+  x.store = c->store;
+  x.n = 0;
+  err[0] = '\0';
+  if ((rc = buzz__store_consumers(c->store, on_consumer, &x, err,
+                                  sizeof err)) < 0)
+    return push_store_fail(L, rc, err);
+  return 1;
+}
+
+/*
+** core:remove_consumer(name) -> true if it existed | nil, err, code. A
+** consumer subscribed on this bus must be unsubscribed first.
+*/
+static int lcore_remove_consumer(lua_State *L) {
+  lcore *c = check_core(L);
+  size_t len;
+  const char *name = luaL_checklstring(L, 2, &len);
+  buzz_row spec, *row;
+  char err[ERR_MAX];
+  int64_t acked;
+  int rc, found;
+  if (!need_store(L, c, "remove_consumer()")) return 3;
+  if (find_durable(c, name)) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "durable consumer \"%s\" is subscribed on this "
+                    "bus: unsubscribe it before removing it", name);
+    lua_pushliteral(L, "EINVAL");
+    return 3;
+  }
+  err[0] = '\0';
+  if ((found = buzz__store_consumer(c->store, name, len, &acked, err,
+                                    sizeof err)) < 0)
+    return push_store_fail(L, found, err);
+  memset(&spec, 0, sizeof spec);
+  spec.kind = BUZZ_ROW_DROP_CONSUMER;
+  spec.type.p = name;
+  spec.type.n = len;
+  if ((row = buzz__row_new(&spec)) == NULL)
+    return push_fail(L, BUZZ_ENOMEM, NULL);
+  if ((rc = buzz__store_append(c->store, row)) < 0)
+    return push_fail(L, rc, "the store was opened read-only");
+  if ((rc = store_flush(L, c, push_refs(L), err)) < 0)
+    return push_store_fail(L, rc, err);
+  lua_pushboolean(L, found);
+  return 1;
+}
+
+static void on_type_count(void *data, buzz_str type, int64_t n) {
+  lua_State *L = (lua_State *)data;
+  lua_pushlstring(L, type.p, type.n);
+  lua_pushinteger(L, (lua_Integer)n);
+  lua_rawset(L, -3);
+}
+
+/*
+** core:store_info(with_types) -> { events, first_id, last_id, size_bytes,
+** wal_bytes, appended, committed, commits, failed, pending_writes, committed_id,
+** held_back, deleted, backlog_bytes, backlog_peak, max_backlog, refused,
+** checkpoints, dedup_keys, types = { [type] = count } }
+*/
+static int lcore_store_info(lua_State *L) {
+  lcore *c = check_core(L);
+  buzz_store_stats st;
+  int64_t count, first, last, bytes, wal;
+  char err[ERR_MAX];
+  int rc;
+  if (!need_store(L, c, "store_info()")) return 3;
+  err[0] = '\0';
+  if ((rc = buzz__store_size(c->store, &count, &first, &last, &bytes, &wal,
+                             err, sizeof err)) < 0)
+    return push_store_fail(L, rc, err);
+  buzz__store_stats(c->store, &st);
+  lua_createtable(L, 0, 16);
+  set_i(L, "events", count);
+  set_i(L, "first_id", first);
+  set_i(L, "last_id", last);
+  set_i(L, "size_bytes", bytes);
+  set_i(L, "wal_bytes", wal);
+  set_i(L, "appended", st.appended);
+  set_i(L, "committed", st.committed);
+  set_i(L, "commits", st.commits);
+  set_i(L, "failed", st.failed);
+  set_i(L, "pending_writes", st.pending);
+  set_i(L, "committed_id", st.committed_id);
+  set_i(L, "held_back", st.held_back);
+  set_i(L, "deleted", st.deleted);
+  set_i(L, "backlog_bytes", st.backlog_bytes);
+  set_i(L, "backlog_peak", st.backlog_peak);
+  set_i(L, "max_backlog", st.backlog_limit);
+  set_i(L, "refused", st.refused);
+  set_i(L, "checkpoints", st.checkpoints);
+  set_i(L, "dedup_keys", c->dedup ? (int64_t)buzz__dedup_count(c->dedup) : 0);
+  if (lua_toboolean(L, 2)) {
+    lua_newtable(L);
+    if ((rc = buzz__store_types(c->store, on_type_count, L, err,
+                                sizeof err)) < 0)
+      return push_store_fail(L, rc, err);
+    lua_setfield(L, -2, "types");
+  }
+  return 1;
+}
+
+/*
+** Hands the writer the state row spec (see buzz_row) for the store of a
+** bus that has one, behind everything appended before it. A failure of
+** an earlier group is returned first, as publish does, and then nothing
+** is written; under sync durability it waits for the commit. Returns
+** true | nil, err, code (ESTORE for a read-only store).
+*/
+static int state_write(lua_State *L, lcore *c, const buzz_row *spec) {
+  char err[ERR_MAX];
+  buzz_row *row;
+  int u = push_refs(L), rc;
+  if ((rc = store_sync(L, c, u, err)) < 0)
+    return push_store_fail(L, rc, err);
+  if ((row = buzz__row_new(spec)) == NULL)
+    return push_fail(L, BUZZ_ENOMEM, NULL);
+  if ((rc = buzz__store_append(c->store, row)) < 0)
+    return push_fail(L, rc, "the store was opened read-only");
+  if (c->durability == BUZZ_DUR_SYNC &&
+      (rc = store_flush(L, c, u, err)) < 0)
+    return push_store_fail(L, rc, err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/*
+** core:state_put(kind, name, value) -> true | nil, err, code. Sets the
+** state row (kind, name) to the string value, replacing it, in order with
+** the bus's other writes (the same group commit).
+*/
+static int lcore_state_put(lua_State *L) {
+  lcore *c = check_core(L);
+  buzz_row spec;
+  memset(&spec, 0, sizeof spec);
+  spec.kind = BUZZ_ROW_STATE_PUT;
+  spec.type.p = luaL_checklstring(L, 2, &spec.type.n);
+  spec.key.p = luaL_checklstring(L, 3, &spec.key.n);
+  spec.payload.p = luaL_checklstring(L, 4, &spec.payload.n);
+  if (c->store == NULL) return push_no_store(L, "state_put()", "writes");
+  return state_write(L, c, &spec);
+}
+
+/*
+** core:state_del(kind, name) -> true | nil, err, code. Deletes the state
+** row (kind, name), or with name nil every row of kind. Deleting what is
+** not there is no error.
+*/
+static int lcore_state_del(lua_State *L) {
+  lcore *c = check_core(L);
+  buzz_row spec;
+  memset(&spec, 0, sizeof spec);
+  spec.kind = BUZZ_ROW_STATE_DEL;
+  spec.type.p = luaL_checklstring(L, 2, &spec.type.n);
+  spec.key.p = luaL_optlstring(L, 3, NULL, &spec.key.n);
+  if (c->store == NULL) return push_no_store(L, "state_del()", "writes");
+  return state_write(L, c, &spec);
+}
+
+typedef struct state_ctx {
+  lua_State *L;
+  int n;
+} state_ctx;
+
+static void on_state(void *data, buzz_str name, buzz_str value) {
+  state_ctx *x = (state_ctx *)data;
+  lua_State *L = x->L;
+  lua_createtable(L, 0, 2);
+  lua_pushlstring(L, name.p ? name.p : "", name.n);
+  lua_setfield(L, -2, "name");
+  lua_pushlstring(L, value.p ? value.p : "", value.n);
+  lua_setfield(L, -2, "value");
+  lua_rawseti(L, -2, ++x->n);
+}
+
+/*
+** core:state_list(kind) -> array of { name, value } | nil, err, code: the
+** state rows of kind, in name order. Sees the bus's own writes.
+*/
+static int lcore_state_list(lua_State *L) {
+  lcore *c = check_core(L);
+  buzz_str kind;
+  state_ctx x;
+  char err[ERR_MAX];
+  int rc;
+  kind.p = luaL_checklstring(L, 2, &kind.n);
+  if (!need_store(L, c, "state_list()")) return 3;
+  lua_newtable(L);
+  x.L = L;
+  x.n = 0;
+  err[0] = '\0';
+  if ((rc = buzz__store_state(c->store, kind, on_state, &x, err,
+                              sizeof err)) < 0)
+    return push_store_fail(L, rc, err);
+  return 1;
+}
+
+/* The methods of this file; lbuzz.c's luaopen_buzz_core adds them to the
+** core's method table. */
+const luaL_Reg buzz__lstore_methods[] = {
+  { "query", lcore_query },
+  { "consumers", lcore_consumers },
+  { "remove_consumer", lcore_remove_consumer },
+  { "store_info", lcore_store_info },
+  { "state_put", lcore_state_put },
+  { "state_del", lcore_state_del },
+  { "state_list", lcore_state_list },
+  { NULL, NULL }
+};
