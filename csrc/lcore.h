@@ -115,6 +115,17 @@ int buzz__lstore_read_page(lua_State *L, lcore *c, int u,
                            const buzz_query *q, int is_strict,
                            int64_t *bad_id);
 
+/*
+** lprefilter.c: the where{} prefilter. buzz__pf_holds: may ev pass the
+** clauses at U[ref]? (stack: U at u; methods only: reads UV_PAYLOAD).
+** buzz__pf_accept is the bus's accept hook (ctx an lctx);
+** buzz__pf_register sets core.prefilter_ops and core.prefilter on the
+** module table on top.
+*/
+int buzz__pf_holds(lua_State *L, int u, int ref, const buzz_event *ev);
+int buzz__pf_accept(void *ctx, const buzz_sub *sub, const buzz_event *ev);
+void buzz__pf_register(lua_State *L);
+
 /* lbuzz.c: the helpers the other binding files share (contracts there). */
 lcore *buzz__lcore_check(lua_State *L);        /* check_core */
 int buzz__lcore_refs(lua_State *L);            /* pushes U, its index */

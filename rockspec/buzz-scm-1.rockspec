@@ -57,6 +57,7 @@ build = {
         "csrc/lbuzz.c",
         "csrc/lhot.c",
         "csrc/lstore.c",
+        "csrc/lprefilter.c",
         "csrc/lcheck.c",
       },
       defines = { "_POSIX_C_SOURCE=200809L" },
