@@ -126,6 +126,20 @@ int buzz__pf_holds(lua_State *L, int u, int ref, const buzz_event *ev);
 int buzz__pf_accept(void *ctx, const buzz_sub *sub, const buzz_event *ev);
 void buzz__pf_register(lua_State *L);
 
+/*
+** lutil.c: the module functions that need no bus, and two helpers.
+** buzz__lsubject_usage pushes nil, 'bad <what> "<s>": <why>', "ESUBJECT"
+** and returns 3 if s is not a valid subject (a '$' type is refused
+** unless is_reserved_ok), else returns 0. buzz__ltraceback pushes msg (if
+** not NULL) and a traceback of L1 from level up, ending before the first
+** frame running the function at stop (an index of L, or 0).
+*/
+extern const luaL_Reg buzz__lutil_funcs[];
+int buzz__lsubject_usage(lua_State *L, const char *what, const char *s,
+                         size_t len, int is_pattern, int is_reserved_ok);
+void buzz__ltraceback(lua_State *L, lua_State *L1, const char *msg,
+                      int level, int stop);
+
 /* lbuzz.c: the helpers the other binding files share (contracts there). */
 lcore *buzz__lcore_check(lua_State *L);        /* check_core */
 int buzz__lcore_refs(lua_State *L);            /* pushes U, its index */

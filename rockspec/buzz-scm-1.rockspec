@@ -58,6 +58,7 @@ build = {
         "csrc/lhot.c",
         "csrc/lstore.c",
         "csrc/lprefilter.c",
+        "csrc/lutil.c",
         "csrc/lcheck.c",
       },
       defines = { "_POSIX_C_SOURCE=200809L" },
