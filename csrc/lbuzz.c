@@ -1,6 +1,7 @@
 /*
-** lbuzz.c: the Lua binding of the core, module "buzz.core". The only file
-** that includes Lua headers.
+** lbuzz.c: the Lua binding of the core, module "buzz.core": the module's
+** opening, the core object's lifecycle, publish and the core's own
+** dispatch. The other binding files (l*.c, sharing lcore.h) hold the rest.
 **
 ** A core object ("buzz.core" userdata) embeds the dispatcher and owns the
 ** libuv loop. Its user value is the ref table U: every Lua value the core
@@ -35,9 +36,10 @@
 ** the helpers they need.
 **
 ** Engine publishes (the engine flag) may use the reserved "$" types the
-** Lua layer's dead letters and system events travel on. The state
-** methods give the Lua layer the store's key/value table for its own
-** records.
+** Lua layer's dead letters and system events travel on. The store's
+** queries, consumers and state rows are lstore.c's; the where{}
+** prefilter, lprefilter.c's; the module functions that need no bus (and
+** the subject messages and tracebacks they share), lutil.c's.
 */
 #include <limits.h>
 #include <stdio.h>
@@ -1710,6 +1712,19 @@ int buzz__lcore_too_deep(lua_State *L, lcore *c) {
   return push_too_deep(L, c);
 }
 
+/*
+** Test-only entry points: next and publish_cursor (only
+** spec/core/bus_spec.lua calls them) and core.prefilter (lprefilter.c,
+** only spec/filter_spec.lua). They are deliberately not compiled out
+** without -DBUZZ_TESTING: `make` builds one core.so per interpreter that
+** is both the build README hands users and the one the suite (and make
+** asan, coverage, the Neovim and nginx host tests) loads, so gating them
+** would either ship them anyway or make the suite test a core other than
+** the shipped one. They cost three table entries and nothing per event.
+** next and publish_cursor go once core:take (issue 14's pull delivery)
+** can drive bus_spec.lua; prefilter once filter_spec.lua tests clauses
+** through subscribe{ where }.
+*/
 static const luaL_Reg core_methods[] = {
   { "subscribe", lcore_subscribe },
   { "unsubscribe", lcore_unsubscribe },

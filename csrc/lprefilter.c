@@ -125,7 +125,8 @@ int buzz__pf_holds(lua_State *L, int u, int ref, const buzz_event *ev) {
   return holds;
 }
 
-/* core.prefilter(plan, payload) -> may it pass? (for the specs) */
+/* core.prefilter(plan, payload) -> may it pass? Only spec/filter_spec.lua
+** calls it; not gated by BUZZ_TESTING (see core_methods in lbuzz.c). */
 static int l_prefilter(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 2);
