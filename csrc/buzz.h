@@ -558,7 +558,8 @@ int buzz__store_types(buzz_store *s, buzz_count_cb cb, void *data,
 int buzz__store_count(buzz_store *s, int64_t after, buzz_str pattern,
                       int64_t *n, char *err, size_t errlen);
 /* Counts events, first and last id, bytes on disk (the database and its
-** WAL) and the WAL's share of them. */
+** WAL) and the WAL's share of them. With count NULL the events are not
+** counted (a pass over the log): the ids are two index lookups. */
 int buzz__store_size(buzz_store *s, int64_t *count, int64_t *first,
                      int64_t *last, int64_t *bytes, int64_t *wal_bytes,
                      char *err, size_t errlen);

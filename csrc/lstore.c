@@ -349,25 +349,28 @@ static void on_type_count(void *data, buzz_str type, int64_t n) {
 }
 
 /*
-** core:store_info(with_types) -> { events, first_id, last_id, size_bytes,
-** wal_bytes, appended, committed, commits, failed, pending_writes, committed_id,
-** held_back, deleted, backlog_bytes, backlog_peak, max_backlog, refused,
-** checkpoints, dedup_keys, types = { [type] = count } }
+** core:store_info(with_types, with_events) -> { events, first_id,
+** last_id, size_bytes, wal_bytes, appended, committed, commits, failed,
+** pending_writes, committed_id, held_back, deleted, backlog_bytes,
+** backlog_peak, max_backlog, refused, checkpoints, dedup_keys, types = {
+** [type] = count } }. events (a pass over the log) is left out when
+** with_events is given and false; types (another) is there only with
+** with_types.
 */
 static int lcore_store_info(lua_State *L) {
   lcore *c = check_core(L);
   buzz_store_stats st;
-  int64_t count, first, last, bytes, wal;
+  int64_t count = 0, first, last, bytes, wal;
   char err[ERR_MAX];
-  int rc;
+  int rc, with_events = lua_isnoneornil(L, 3) || lua_toboolean(L, 3);
   if (!need_store(L, c, "store_info()")) return 3;
   err[0] = '\0';
-  if ((rc = buzz__store_size(c->store, &count, &first, &last, &bytes, &wal,
-                             err, sizeof err)) < 0)
+  if ((rc = buzz__store_size(c->store, with_events ? &count : NULL, &first,
+                             &last, &bytes, &wal, err, sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   buzz__store_stats(c->store, &st);
   lua_createtable(L, 0, 16);
-  set_i(L, "events", count);
+  if (with_events) set_i(L, "events", count);
   set_i(L, "first_id", first);
   set_i(L, "last_id", last);
   set_i(L, "size_bytes", bytes);

@@ -297,6 +297,26 @@ describe("bin/buzz", function()
       assert.are.equal(1, #lines(out))
     end)
 
+    it("reads only the ends of the log, not a count of it: a damaged "
+       .. "middle page is not met", function()
+      local s = new_store()
+      finally(s.remove)
+      local rows = {}
+      for i = 1, 3000 do
+        rows[i] = { "metric.tick", { i = i, pad = ("x"):rep(40) } }
+      end
+      publish(s, rows)
+      H.damage_middle_of_log(s.path)
+      local status, out, err = run(s, "tail -n 2 --json")
+      assert.are.equal(0, status, err)
+      local got = lines(out)
+      assert.are.same({ 2999, 3000 }, { json_decode(got[1]).payload.i,
+                                        json_decode(got[2]).payload.i })
+      status, _, err = run(s, "stats")         -- which counts: it cannot
+      assert.are.equal(1, status)
+      assert.matches("malformed", err)
+    end)
+
     it("follows events stored after it started and exits after --count",
        function()
       local s = new_store()

@@ -20,6 +20,10 @@
 --   H.eventually(fn, timeout, what)
 --                      polls fn until it returns a true value, and
 --                      returns that value; fails after timeout seconds
+--   H.sqlite(path, sql) what the sqlite3 command prints for sql on path
+--   H.damage_middle_of_log(path)
+--                      overwrites a leaf page from the middle of a store's
+--                      log, so that any pass over the log fails
 -- make coverage: BUZZ_COVERAGE names a directory for Lua line counts.
 if os.getenv("BUZZ_COVERAGE") then dofile("spec/coverage.lua") end
 
@@ -159,6 +163,40 @@ function H.eventually(fn, timeout, what)
   until os.time() > deadline
   error(("timed out waiting for %s"):format(what or "a condition"), 2)
 end
+
+--- What the sqlite3 command prints (stdout and stderr) for sql on the
+-- database at path.
+function H.sqlite(path, sql)
+  local p = assert(io.popen(("sqlite3 %q %q 2>&1"):format(path, sql)))
+  local out = p:read("*a")
+  p:close()
+  return out
+end
+
+--- Overwrites one leaf page of the events table, from the middle of
+-- the log, with 0xFF: a query that reads the log's rows (a scan)
+-- fails on it with "database disk image is malformed", one that
+-- reads an index or one end of the rowid order never meets it.
+function H.damage_middle_of_log(path)
+  local sqlite = H.sqlite
+  sqlite(path, "PRAGMA wal_checkpoint(TRUNCATE)")
+  local size = tonumber(sqlite(path, "PRAGMA page_size"))
+  local leaves = tonumber(sqlite(path, "SELECT count(*) FROM dbstat "
+                                 .. "WHERE name = 'events' AND "
+                                 .. "pagetype = 'leaf'"))
+  assert(leaves > 20, "the log spans too few pages")
+  local page = tonumber(sqlite(path, ("SELECT pageno FROM dbstat WHERE "
+    .. "name = 'events' AND pagetype = 'leaf' ORDER BY path LIMIT 1 "
+    .. "OFFSET %d"):format(math.floor(leaves / 2))))
+  local f = assert(io.open(path, "r+b"))
+  f:seek("set", (page - 1) * size)
+  f:write(("\255"):rep(size))
+  f:close()
+  local out = sqlite(path, "SELECT count(*), sum(length(payload)) FROM "
+                    .. "events")
+  assert(out:match("malformed"), "the damage is not met by a scan: " .. out)
+end
+
 
 -- ------------------------------------------------------------ children
 

@@ -19,34 +19,7 @@ local function ids(events)
   return out
 end
 
-local function sqlite(path, sql)
-  local p = assert(io.popen(("sqlite3 %q %q 2>&1"):format(path, sql)))
-  local out = p:read("*a")
-  p:close()
-  return out
-end
-
--- Overwrites one leaf page of the events table, from the middle of
--- the log, with 0xFF: a query that reads the log's rows (a scan)
--- fails on it with "database disk image is malformed", one that
--- reads an index or one end of the rowid order never meets it.
-local function damage_middle_of_log(path)
-  sqlite(path, "PRAGMA wal_checkpoint(TRUNCATE)")
-  local size = tonumber(sqlite(path, "PRAGMA page_size"))
-  local leaves = tonumber(sqlite(path, "SELECT count(*) FROM dbstat "
-                                 .. "WHERE name = 'events' AND "
-                                 .. "pagetype = 'leaf'"))
-  assert.is_true(leaves > 20, "the log spans too few pages")
-  local page = tonumber(sqlite(path, ("SELECT pageno FROM dbstat WHERE "
-    .. "name = 'events' AND pagetype = 'leaf' ORDER BY path LIMIT 1 "
-    .. "OFFSET %d"):format(math.floor(leaves / 2))))
-  local f = assert(io.open(path, "r+b"))
-  f:seek("set", (page - 1) * size)
-  f:write(("\255"):rep(size))
-  f:close()
-  assert.matches("malformed", sqlite(path, "SELECT count(*), "
-                                     .. "sum(length(payload)) FROM events"))
-end
+local sqlite, damage_middle_of_log = H.sqlite, H.damage_middle_of_log
 
 describe("the store", function()
   local path
@@ -496,6 +469,30 @@ describe("the store", function()
       assert.equal(10, #got)
       assert.equal(1, r:replay{ types = "order.*", from = first + 9,
                                 to = first + 9, handler = function() end })
+    end)
+
+    it("gives the first and last ids without counting the events with "
+       .. "store_info{ events = false }", function()
+      local bus = H.bus{ store = path }
+      local first, last
+      for i = 1, 3000 do
+        last = bus:publish("order.placed", { n = i, pad = ("x"):rep(40) })
+        first = first or last
+      end
+      bus:close()
+      damage_middle_of_log(path)
+      local r = H.bus{ store = path, readonly = true }
+      local info = assert(r:store_info{ events = false })
+      assert.same({ first, last }, { info.first_id, info.last_id })
+      assert.is_nil(info.events)
+      assert.equal(path, info.path)
+      local none, err, code = r:store_info()          -- the count does
+      assert.is_nil(none)                              -- read the log
+      assert.equal("ESTORE", code)
+      assert.matches("malformed", err)
+      assert.has_error(function() r:store_info{ events = "no" } end,
+                       'bad events: expected a boolean (false leaves the '
+                       .. 'count out), got "no"')
     end)
 
     it("moves a store of an older buzz to the dedup index by time, once, "

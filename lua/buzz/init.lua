@@ -74,7 +74,7 @@ local PUBLISH_OPTIONS = option_set("priority", "key", "delay", "at",
                                    "correlation_id", "headers", "dedup",
                                    "version")
 local QUERY_OPTIONS = option_set("types", "from", "to", "key", "limit")
-local STORE_INFO_OPTIONS = option_set("types")
+local STORE_INFO_OPTIONS = option_set("types", "events")
 local REPLAY_OPTIONS = option_set("types", "from", "to", "key", "limit",
                                   "handler", "consumer")
 
@@ -960,8 +960,8 @@ end
 Bus.__close = Bus.close
 
 -- The core's store_info with what only this layer knows.
-local function store_info(self, c, with_types)
-  local info, err, code = c:store_info(with_types)
+local function store_info(self, c, with_types, with_events)
+  local info, err, code = c:store_info(with_types, with_events)
   if not info then return nil, err, code end
   info.path = self._store
   info.durability = self._durability
@@ -1266,13 +1266,22 @@ end
 
 --- What the store holds: events, first_id, last_id, size_bytes, the
 --- writer's counters, held_back (events retention keeps for consumers),
---- and with types = true a count per type.
----@param opts table|nil types
+--- and with types = true a count per type. events = false leaves the
+--- count out (it is a pass over the log; the ids are not).
+---@param opts table|nil types, events
 ---@return table|nil info, string|nil err, string|nil code
 function Bus:store_info(opts)
   local c = check_store(self, "store_info")
   check_options(opts, STORE_INFO_OPTIONS, "store_info", 2)
-  local info, err, code = store_info(self, c, opts and opts.types)
+  local with_events = opts == nil or opts.events
+  if with_events == nil then
+    with_events = true
+  elseif type(with_events) ~= "boolean" then
+    error(("bad events: expected a boolean (false leaves the count out), "
+           .. "got %s"):format(quote(with_events)), 2)
+  end
+  local info, err, code = store_info(self, c, opts and opts.types,
+                                     with_events)
   return info, err, code
 end
 
