@@ -312,9 +312,9 @@ describe("bin/buzz", function()
       local got = lines(out)
       assert.are.same({ 2999, 3000 }, { json_decode(got[1]).payload.i,
                                         json_decode(got[2]).payload.i })
-      status, _, err = run(s, "stats")         -- which counts: it cannot
-      assert.are.equal(1, status)
-      assert.matches("malformed", err)
+      local st_status, _, st_err = run(s, "stats")   -- which counts: it
+      assert.are.equal(1, st_status)                   -- cannot
+      assert.matches("malformed", st_err)
     end)
 
     it("follows events stored after it started and exits after --count",
