@@ -181,7 +181,7 @@ describe("the filter option of subscribe", function()
   end)
 end)
 
--- The core's prefilter (csrc/lbuzz.c pf_holds): the part of a where{}
+-- The core's prefilter (csrc/lprefilter.c): the part of a where{}
 -- it tests on the payload before a delivery. It may only reject what the
 -- Lua test rejects; for values, sets and comparisons it must reject.
 describe("the core's prefilter", function()

@@ -292,7 +292,7 @@ end
 -- before it builds the event or resumes a thread: clauses { steps under
 -- the payload, op code, value } for the fields under "payload" whose
 -- condition is values, sets or comparisons. The core only rejects with
--- it (see pf_holds in csrc/lbuzz.c); the compiled test still runs on
+-- it (see csrc/lprefilter.c); the compiled test still runs on
 -- every event that gets through, so a clause left out costs nothing but
 -- speed. nil when no field qualifies.
 local OPS = core.prefilter_ops
