@@ -1,12 +1,12 @@
 /*
 ** lcore.h: the core object ("buzz.core" userdata) as the binding files
 ** see it. lbuzz.c owns it (module, lifecycle, publish, the core's own
-** dispatch); lhot.c holds the calls of the Lua
-** layer's hot path (lua/buzz/hot.lua); lstore.c the store's queries,
-** consumers and state rows; lprefilter.c the where{} prefilter; lutil.c
-** the module functions that need no bus and the helpers they share with
-** the binding. Only binding files include this
-** header (it needs the Lua headers, through compat.h).
+** dispatch); lhot.c holds the calls of the Lua layer's hot path
+** (lua/buzz/hot.lua); lstore.c the store's queries, consumers and state
+** rows; lprefilter.c the where{} prefilter; lutil.c the module functions
+** that need no bus and the helpers they share with the binding. Only
+** binding files include this header (it needs the Lua headers, through
+** compat.h).
 */
 #ifndef BUZZ_LCORE_H
 #define BUZZ_LCORE_H
