@@ -322,7 +322,8 @@ end
 
 -- Open times of a generated store of OPEN_ROWS events, against issue
 -- 14's goal: one line each for a writer, a reader, and `buzz ls --limit
--- 1` as a process (with, for scale, the same interpreter doing nothing).
+-- 1` and `buzz tail` as processes (with, for scale, the same interpreter
+-- doing nothing). tail reads the first and last ids, never a count.
 local function open_rows()
   local path = generated_store(OPEN_ROWS)
   local lua = interpreter_cmd()
@@ -331,6 +332,8 @@ local function open_rows()
     { "open, readonly", run_open(path, true) },
     { "buzz --store F ls --limit 1", run_process(format(
         "%s %sbin/buzz --store '%s' ls --limit 1", lua, root, path)) },
+    { "buzz --store F tail", run_process(format(
+        "%s %sbin/buzz --store '%s' tail", lua, root, path)) },
   }
   local bare = run_process(lua .. " -e ''")
   for i, r in ipairs(rows) do
