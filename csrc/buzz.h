@@ -129,6 +129,8 @@ typedef struct buzz_sub {
                             sub reads the store, not the live queue */
   int64_t acked;         /* durable: last id handled (its position) */
   int64_t saved;         /* durable: the position last given the writer */
+  int64_t page_last;     /* durable: the last id of the page handed out */
+  int64_t page_to;       /* durable: its position once that one is acked */
   int filter_ref;        /* borrows; a Lua ref owned by lbuzz.c to the
                             sub's prefilter, or BUZZ_NOREF: see accept */
   void *trie_node;       /* private to match.c: where the sub is indexed */
@@ -348,7 +350,7 @@ void buzz__loop_wake(buzz_loop *l);
 int buzz__loop_arm(buzz_loop *l, int64_t ms);
 int buzz__loop_timeout(buzz_loop *l);    /* ms, -1 = no timer armed */
 /* Waits for one round of loop activity; returns 0 if nothing can arrive. */
-int buzz__loop_wait(buzz_loop *l);
+int buzz__loop_wait(buzz_loop *l, int is_writing);
 
 /* ------------------------------------------------------------ storelock.c */
 

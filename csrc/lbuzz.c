@@ -207,22 +207,6 @@ static void push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
 /* ----------------------------------------------------------- delivery */
 
 /*
-** A once subscription has been handed its delivery and the core has ended
-** it: mark its Lua object (at sub_idx) inactive and drop its refs. The
-** handler must already be pushed if it is still needed.
-*/
-static void once_ended(lua_State *L, int u, buzz_sub *sub, int sub_idx) {
-  if (lua_istable(L, sub_idx)) {
-    lua_pushvalue(L, UV(UV_ACTIVE));
-    lua_pushboolean(L, 0);
-    lua_rawset(L, sub_idx);
-  }
-  unref(L, u, &sub->data_ref);
-  unref(L, u, &sub->fn_ref);
-  unref(L, u, &sub->filter_ref);
-}
-
-/*
 ** Pushes a level on the current-event stack: publishes inherit from it
 ** until the caller sets ncur back. Returns 0 (and pushes nothing) when
 ** out of memory.
@@ -241,110 +225,6 @@ static int cur_push(lcore *c, int64_t id, int table_ref) {
   c->cur[c->ncur].table_ref = table_ref;
   c->ncur++;
   return 1;
-}
-
-
-/*
-** Calls U.report(err, ev, sub, trace) for a failed delivery. Reads the
-** error at err_idx (or uses msg if err_idx is 0), the sub and the event at
-** sub_idx and sub_idx + 1, and the thread co for the traceback. The
-** reporter runs protected: its own failure is dropped here (the Lua
-** reporter already guards on_error).
-*/
-static void report(lua_State *L, lcore *c, int u, lua_State *co,
-                   int err_idx, const char *msg, int sub_idx) {
-  int top = lua_gettop(L);
-  lua_rawgeti(L, u, c->report_ref);
-  if (err_idx) lua_pushvalue(L, err_idx);
-  else lua_pushstring(L, msg);
-  lua_pushvalue(L, sub_idx + 1);
-  lua_pushvalue(L, sub_idx);
-  if (err_idx && lua_type(L, err_idx) == LUA_TSTRING)
-    push_traceback(L, co, lua_tostring(L, err_idx), 0, 0);
-  else if (err_idx)
-    push_traceback(L, co, "(error object is not a string)", 0, 0);
-  else
-    lua_pushnil(L);
-  if (lua_pcall(L, 4, 0, 0) != 0) {    /* not even the reporter ran: */
-    const char *e = err_idx ? lua_tostring(L, err_idx) : msg;
-    fprintf(stderr, "buzz: a failed delivery could not be reported "
-            "(%s): %s\n", lua_type(L, -1) == LUA_TSTRING
-            ? lua_tostring(L, -1) : "the reporter failed",
-            e ? e : "(error object is not a string)");
-    lua_pop(L, 1);
-  }
-  lua_settop(L, top);
-}
-
-/*
-** Runs one delivery: resumes the sub's handler with the event in a pooled
-** thread. Stack: U at u; leaves the stack as it found it. Never raises
-** for the handler's sake (except out of memory in the Lua state). Does not
-** touch sub after resuming: a handler may close the bus, which frees it.
-*/
-static void dispatch(lua_State *L, lcore *c, int u, buzz_sub *sub,
-                     buzz_event *ev) {
-  int top = lua_gettop(L), rc, is_current, nres = 0;
-  lua_State *co;
-  lua_rawgeti(L, u, sub->data_ref);                 /* top+1: sub */
-  push_event(L, c, u, ev, 0);                       /* top+2: event */
-  if (c->npool > 0) {
-    lua_rawgeti(L, u, c->pool_ref);
-    lua_rawgeti(L, -1, c->npool);
-    lua_pushnil(L);
-    lua_rawseti(L, -3, c->npool--);
-    lua_remove(L, -2);
-    co = lua_tothread(L, -1);                       /* top+3: thread */
-  } else {
-    co = lua_newthread(L);
-  }
-  lua_rawgeti(L, u, sub->fn_ref);
-  lua_pushvalue(L, top + 2);
-  lua_xmove(L, co, 2);
-  if (sub->is_once) once_ended(L, u, sub, top + 1);
-  is_current = cur_push(c, ev->id, ev->table_ref);
-#if LUA_VERSION_NUM >= 504
-  /* Lua 5.4 starts a resumed thread at its resumer's count of C calls
-  ** (limit 200), so nested publish_sync deliveries would share one budget
-  ** and a wrapped handler (retry, timeout: two or three C calls a level)
-  ** would run out at 65 levels, its failure unreportable. Each delivery
-  ** counts afresh instead: SYNC_MAX bounds the nesting, as on LuaJIT,
-  ** which does not count resumes. */
-  rc = lua_resume(co, NULL, 1, &nres);
-#else
-  rc = buzz_resume_n(co, L, 1, &nres);
-#endif
-  if (is_current) c->ncur--;
-  if (rc == LUA_OK) {
-    lua_settop(co, 0);
-    if (c->npool < POOL_MAX) {
-      lua_rawgeti(L, u, c->pool_ref);
-      lua_pushvalue(L, top + 3);
-      lua_rawseti(L, -2, ++c->npool);
-    }
-  } else if (rc == LUA_YIELD && c->yield_ref != LUA_NOREF &&
-             lua_checkstack(L, nres + 5)) {
-    /* The Lua layer adopts the thread: it leaves the pool for good. */
-    lua_rawgeti(L, u, c->yield_ref);
-    lua_pushvalue(L, top + 3);
-    lua_pushvalue(L, top + 1);
-    lua_pushvalue(L, top + 2);
-    lua_xmove(co, L, nres);                         /* what it yielded */
-    if (lua_pcall(L, 3 + nres, 0, 0) != 0) {
-      report(L, c, u, co, lua_gettop(L), NULL, top + 1);
-      buzz_resetthread(co);
-    }
-  } else if (rc == LUA_YIELD) {
-    buzz_resetthread(co);
-    report(L, c, u, co, 0, "EYIELD: handler yielded, but nothing drives "
-           "this bus to resume it (yield only under a driver that supports "
-           "it)", top + 1);
-  } else {
-    lua_xmove(co, L, 1);                            /* the error value */
-    report(L, c, u, co, lua_gettop(L), NULL, top + 1);
-    buzz_resetthread(co);
-  }
-  lua_settop(L, top);
 }
 
 
@@ -489,108 +369,37 @@ static void catch_up(lua_State *L, lcore *c) {
 }
 
 /*
-** Delivers stored events to durable subscriptions, each in id order and
-** one at a time, at most *budget of them (< 0: no limit). A delivery
-** that returns or raises moves the consumer's position past its event;
-** positions reach the writer after each page. Stack: U at u.
+** Is a durable subscription with no page out behind the committed log?
+** committed is a peek at the writer's (store_sync() takes its news).
 */
-static lua_Integer pump_durables(lua_State *L, lcore *c, int u,
-                                 lua_Integer budget) {
-  lua_Integer n = 0;
+static int durables_behind(lcore *c, int64_t committed) {
   size_t i;
-  char err[ERR_MAX];
-  int wrote = 0;
-  if (c->store == NULL || c->ndurable == 0) return 0;
-  if (c->appended_id > c->committed) {  /* what is due includes the writes */
-    if (store_flush(L, c, u, err) < 0)  /* in flight */
-      report_store(L, c, u, err);
-  } else if (store_sync(L, c, u, err) < 0) {
-    report_store(L, c, u, err);
-  }
-  for (i = 0; i < c->bus.nslots && c->is_open && !c->is_stopped; i++) {
-    buzz_sub *sub = c->bus.slots[i];
-    buzz_query q;
-    int64_t bad;
-    int k, j = 1, top = lua_gettop(L);
-    if (sub == NULL || sub->durable == NULL || sub->acked >= c->committed)
-      continue;
-    if (budget >= 0 && n >= budget) break;
-    memset(&q, 0, sizeof q);
-    q.after_id = sub->acked;
-    q.to_id = c->committed;
-    q.pattern.p = sub->pattern;
-    q.pattern.n = sub->len;
-    q.limit = budget < 0 || budget - n > PAGE_MAX ? PAGE_MAX : budget - n;
-    buzz__sub_hold(sub);
-    k = read_page(L, c, u, &q, 1, &bad);
-    if (k < 0) {                       /* the position stays put */
-      report_store(L, c, u, lua_tostring(L, -1));
-      k = 0;
-      bad = -1;
-    }
-    for (j = 1; j <= k; j++) {
-      buzz_event *ev;
-      lctx ctx;
-      if (sub->is_dead || !c->is_open || c->is_stopped) break;
-      if ((ev = buzz__event_new(&c->bus.queue)) == NULL) break;
-      lua_rawgeti(L, top + 1, j);
-      lua_getfield(L, -1, "id");
-      ev->id = (int64_t)lua_tointeger(L, -1);
-      lua_pop(L, 1);
-      ev->table_ref = luaL_ref(L, u);
-      if (sub->filter_ref == BUZZ_NOREF ||
-          pf_holds(L, u, sub->filter_ref, ev))
-        dispatch(L, c, u, sub, ev);
-      ctx.L = L;
-      ctx.u = u;
-      ctx.c = c;
-      on_event_free(&ctx, ev);         /* U at u is the one ev used */
-      sub->acked = ev->id;
-      event_drop(c, ev);               /* the handler may have closed */
-      n++;
-    }
-    if (j > k && bad > 0 && !sub->is_dead && c->is_open) {
-      lua_rawgeti(L, u, c->report_ref);  /* an upcaster raised or the */
-      lua_pushvalue(L, top + 2);         /* row does not decode: report */
-      lua_pushvalue(L, top + 3);         /* and skip that event, as a */
-      lua_rawgeti(L, u, sub->data_ref);  /* failed delivery */
-      if (lua_pcall(L, 3, 0, 0) != 0) lua_pop(L, 1);
-      sub->acked = bad;
-      n++;
-    } else if (j > k && k >= 0 && bad == 0 && k < q.limit) {
-      sub->acked = q.to_id;            /* read to the committed end */
-    }
-    lua_settop(L, top);
-    if (!sub->is_dead && c->is_open) {
-      int rc = save_position(c, sub, err);
-      if (rc < 0) report_store(L, c, u, err);
-      wrote |= rc > 0;
-    }
-    buzz__sub_release(sub);
-  }
-  if (wrote && c->is_open && c->durability == BUZZ_DUR_SYNC &&
-      store_flush(L, c, u, err) < 0)
-    report_store(L, c, u, err);
-  return n;
-}
-
-/* Is a durable subscription behind the committed log? */
-static int durables_behind(lcore *c) {
-  size_t i;
-  int64_t committed;                  /* a peek: store_sync() takes news */
-  if (c->store == NULL || c->ndurable == 0) return 0;
-  if (c->appended_id > c->committed) return 1;   /* writes in flight */
-  committed = buzz__store_committed(c->store);
+  if (c->ndurable == 0) return 0;
   for (i = 0; i < c->bus.nslots; i++) {
     buzz_sub *sub = c->bus.slots[i];
-    if (sub && sub->durable && sub->acked < committed) return 1;
+    if (sub && sub->durable && sub->page_last == 0 && sub->acked < committed)
+      return 1;
   }
   return 0;
 }
 
-/* Work that is due now: queued events or durable consumers behind. */
+/*
+** Work that take() can hand out now: queued events (with a store, once
+** the queue's head is committed) or durable consumers behind. Writes in
+** flight are not work: their commit wakes the loop.
+*/
 static int has_work(lcore *c) {
-  return buzz__bus_pending(&c->bus) > 0 || durables_behind(c);
+  int64_t committed;
+  if (c->store == NULL) return buzz__bus_pending(&c->bus) > 0;
+  committed = buzz__store_committed(c->store);
+  if (buzz__bus_pending(&c->bus) > 0) {
+    int p;
+    const buzz_queue *q = &c->bus.queue;
+    if (c->gate_id <= committed) return 1;
+    for (p = 0; p < BUZZ_NPRIO && !q->head[p]; p++) {}
+    if (p < BUZZ_NPRIO && q->head[p]->id <= committed) return 1;
+  }
+  return durables_behind(c, committed);
 }
 
 /* Keeps a polled descriptor readable exactly while work is due; with a
@@ -722,14 +531,11 @@ static int lcore_new(lua_State *L) {
   memset(c, 0, sizeof *c);             /* closed until acquired */
   c->bus.is_closed = 1;
   c->upcast_ref = LUA_NOREF;
-  c->yield_ref = LUA_NOREF;
   c->ev_slot = LUA_NOREF;
   c->dedup_window = window > 0 ? window : 120000;
   c->max_payload = max_payload > 0 ? (size_t)max_payload : 1048576;
   luaL_setmetatable(L, CORE_MT);
   lua_newtable(L);                     /* U */
-  lua_newtable(L);
-  c->pool_ref = luaL_ref(L, -2);
   lua_pushvalue(L, 2);
   c->report_ref = luaL_ref(L, -2);
   buzz_setuv(L, -2);
@@ -1148,8 +954,9 @@ static int push_too_deep(lua_State *L, lcore *c) {
 ** beyond INT_MAX, ...) raise. mode 1 nested SYNC_MAX deep returns nil,
 ** "EDEPTH: ...", "EDEPTH" and publishes nothing. With engine true, reserved types ("$DLQ.x", "$SYS.x")
 ** are accepted: the Lua layer publishes its own events so.
-** mode 0 queues and returns id; mode 1 delivers at once and returns id;
-** mode 2 (for tests and drivers) opens a sync cursor without delivering
+** mode 0 queues and returns id; mode 1 (publish_sync, publish_cursor)
+** opens a sync cursor and returns id, level (level nil when nobody
+** listens): the caller takes its deliveries with core:take (ldispatch.c).
 ** and returns id, level (level nil when nobody listens).
 */
 static int do_publish(lua_State *L, int mode) {
@@ -1207,15 +1014,7 @@ static int do_publish(lua_State *L, int mode) {
   ev->causation_id = caus == 0 ? cur.id : (int64_t)caus;
   ev->version = (int)version;
   if (ts > 0) ev->ts = (int64_t)ts;    /* a manual clock's time */
-  if (c->store && mode == 2) {         /* not stored, but never reused */
-    char err[ERR_MAX];
-    if (NEED_ID(c) && (rc = take_id(L, c, ctx.u, err)) < 0) {
-      event_drop(c, ev);
-      return push_store_fail(L, rc, err);
-    }
-    ev->id = c->bus.last_id + 1;
-  }
-  if (c->store && mode != 2 &&
+  if (c->store &&
       store_publish(L, c, ctx.u, ev, mode == 1, type, len, dkey, dlen)) {
     event_drop(c, ev);
     return 3;
@@ -1254,15 +1053,8 @@ static int do_publish(lua_State *L, int mode) {
   }
   if (mode == 0) {
     buzz__loop_signal(c->loop, 1);
-  } else if (mode == 1) {
-    buzz_sub *sub;
-    buzz_event *e;
-    c->nsync++;
-    while (c->is_open &&
-           buzz__bus_next(&c->bus, level, &sub, &e, &ctx) > 0)
-      dispatch(L, c, ctx.u, sub, e);
-    c->nsync--;
-  } else {
+  } else {                             /* the caller takes the level */
+    c->nsync++;                        /* take() closes it */
     lua_pushinteger(L, (lua_Integer)id);
     lua_pushinteger(L, (lua_Integer)level);
     return 2;
@@ -1291,103 +1083,7 @@ static int lcore_publish_sync(lua_State *L) {
 }
 
 static int lcore_publish_cursor(lua_State *L) {
-  return do_publish(L, 2);
-}
-
-/*
-** Why co cannot be resumed from L, as coroutine.resume words it, or NULL
-** if it can: suspended in a yield, or a fresh thread with its function.
-*/
-static const char *resume_refusal(lua_State *L, lua_State *co) {
-  lua_Debug ar;
-  if (co == L) return "cannot resume non-suspended coroutine";
-  switch (lua_status(co)) {
-  case LUA_YIELD:
-    return NULL;
-  case LUA_OK:
-    if (lua_getstack(co, 0, &ar)) return "cannot resume non-suspended "
-                                         "coroutine";  /* it is running */
-    return lua_gettop(co) == 0 ? "cannot resume dead coroutine" : NULL;
-  default:                             /* it raised */
-    return "cannot resume dead coroutine";
-  }
-}
-
-/*
-** After lua_resume(co) gave rc with nres results on co: pushes true and
-** them, or false and the error value (false and "too many results to
-** resume" when L has no room). Returns how many values it pushed.
-*/
-int buzz__lcore_resumed(lua_State *L, lua_State *co, int rc, int nres) {
-  if (rc == LUA_OK || rc == LUA_YIELD) {
-    if (!lua_checkstack(L, nres + 1)) {
-      lua_pop(co, nres);
-      lua_pushboolean(L, 0);
-      lua_pushliteral(L, "too many results to resume");
-      return 2;
-    }
-    lua_pushboolean(L, 1);
-    lua_xmove(co, L, nres);
-    return nres + 1;
-  }
-  lua_pushboolean(L, 0);
-  lua_xmove(co, L, 1);                 /* the error value */
-  return 2;
-}
-
-/*
-** core:resume(co, ev, ...) -> true, ... | false, err. Resumes the thread
-** co with the extra arguments and returns as coroutine.resume does: true
-** and what co yielded or returned, or false and the error value (co is
-** then left as it is, for debug.traceback(co, err)). While co runs, the
-** table ev is the current event: a publish inside co inherits
-** ev.correlation_id (read raw when it publishes) and takes ev.id (an
-** integer, read raw now) as its causation id, as in a handler of ev; ev
-** nil means no current event, even inside a handler. Never raises for
-** co's sake. Stack: self, co, ev at 1..3, the arguments from 4.
-*/
-static int lcore_resume(lua_State *L) {
-  lcore *c = check_core(L);
-  lua_State *co;
-  const char *why;
-  int nargs, u, rc, nres, has_ev, level = -1, ref = BUZZ_NOREF;
-  luaL_checktype(L, 2, LUA_TTHREAD);
-  has_ev = !lua_isnoneornil(L, 3);
-  luaL_argcheck(L, !has_ev || lua_istable(L, 3), 3,
-                "expected an event table or nil");
-  if (lua_gettop(L) < 3) lua_settop(L, 3);
-  co = lua_tothread(L, 2);
-  nargs = lua_gettop(L) - 3;
-  if ((why = resume_refusal(L, co)) == NULL && !lua_checkstack(co, nargs))
-    why = "too many arguments to resume";
-  if (why != NULL) {
-    lua_pushboolean(L, 0);
-    lua_pushstring(L, why);
-    return 2;
-  }
-  lua_xmove(L, co, nargs);             /* the arguments */
-  u = push_refs(L);                    /* slot 4 */
-  if (has_ev || c->ncur > 0) {         /* nil hides an outer event */
-    int64_t id = 0;
-    if (has_ev) {
-      lua_pushvalue(L, UV(UV_ID));
-      lua_rawget(L, 3);
-      if (!buzz__to_int(L, -1, 0, INT64_MAX, &id)) id = 0;  /* none */
-      lua_pop(L, 1);
-      lua_pushvalue(L, 3);
-      ref = luaL_ref(L, u);            /* released below */
-    }
-    if (!cur_push(c, id, ref)) {
-      unref(L, u, &ref);
-      lua_pop(co, nargs);
-      return luaL_error(L, "not enough memory");
-    }
-    level = (int)c->ncur - 1;
-  }
-  rc = buzz_resume_n(co, L, nargs, &nres);
-  if (level >= 0) c->ncur = (size_t)level;  /* nested levels are gone */
-  unref(L, u, &ref);                   /* the U this ref was taken in */
-  return buzz__lcore_resumed(L, co, rc, nres);
+  return do_publish(L, 1);
 }
 
 /*
@@ -1413,74 +1109,6 @@ static int lcore_current(lua_State *L) {
   return 2;
 }
 
-/*
-** core:pump(max) -> deliveries made (max < 0: no limit), or nil,
-** "EINHANDLER: ...", "EINHANDLER" when called from inside a handler. Runs queued deliveries
-** until the queue is empty, stop() is called or the core is closed.
-*/
-static int lcore_pump(lua_State *L) {
-  lcore *c = check_core(L);
-  lua_Integer max = (lua_Integer)buzz__check_int(L, 2, "max", -1,
-                                                 BUZZ_INT_EXACT), n = 0;
-  buzz_sub *sub;
-  buzz_event *ev;
-  lctx ctx;
-  if (c->ncur > 0) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "%s: pump called from inside a handler",
-                    buzz__err_name(BUZZ_EINHANDLER));
-    lua_pushstring(L, buzz__err_name(BUZZ_EINHANDLER));
-    return 3;
-  }
-  ctx.L = L;
-  ctx.c = c;
-  ctx.u = push_refs(L);
-  for (;;) {                           /* the queue, then durable subs, */
-    lua_Integer before = n;            /* until neither has work left */
-    while ((max < 0 || n < max) && c->is_open && !c->is_stopped) {
-      int rc;
-      c->bus.has_gate = c->gate_id > c->committed;  /* never deliver */
-      c->bus.gate = c->committed;                   /* uncommitted */
-      c->bus.is_gated = 0;
-      rc = buzz__bus_next(&c->bus, 0, &sub, &ev, &ctx);
-      if (rc == 0 && c->bus.is_gated) {
-        char err[ERR_MAX];
-        int64_t was = c->committed;
-        if (store_sync(L, c, ctx.u, err) < 0) report_store(L, c, ctx.u, err);
-        else if (c->committed == was &&
-                 store_flush(L, c, ctx.u, err) < 0)
-          report_store(L, c, ctx.u, err);
-        continue;                        /* committed or dropped now */
-      }
-      if (rc <= 0) break;
-      dispatch(L, c, ctx.u, sub, ev);
-      n++;
-    }
-    if (c->is_open && !c->is_stopped && (max < 0 || n < max))
-      n += pump_durables(L, c, ctx.u, max < 0 ? -1 : max - n);
-    if (n == before || (max >= 0 && n >= max) || !c->is_open ||
-        c->is_stopped)
-      break;
-  }
-  c->bus.has_gate = 0;
-  if (c->is_open) signal_work(c);
-  lua_pushinteger(L, n);
-  return 1;
-}
-
-/* core:stop(flag): pump() returns while the flag is set. */
-static int lcore_stop(lua_State *L) {
-  lcore *c = check_core(L);
-  c->is_stopped = lua_toboolean(L, 2);
-  return 0;
-}
-
-static int lcore_is_stopped(lua_State *L) {
-  lcore *c = check_core(L);
-  lua_pushboolean(L, c->is_stopped);
-  return 1;
-}
-
 /* core:subs() -> array of the live subscription objects, in order */
 static int lcore_subs(lua_State *L) {
   lcore *c = check_core(L);
@@ -1494,32 +1122,6 @@ static int lcore_subs(lua_State *L) {
     lua_rawseti(L, -2, ++n);
   }
   return 1;
-}
-
-/*
-** core:next(level) -> subobj, event | nothing. Hands out the next delivery
-** at a level (0 = the queue, k = the k-th nested publish_sync).
-*/
-static int lcore_next(lua_State *L) {
-  lcore *c = check_core(L);
-  int64_t level = buzz__opt_int(L, 2, "level", 0, 0, BUZZ_INT_EXACT);
-  buzz_sub *sub;
-  buzz_event *ev;
-  lctx ctx;
-  int rc;
-  ctx.L = L;
-  ctx.c = c;
-  ctx.u = push_refs(L);
-  rc = buzz__bus_next(&c->bus, (size_t)level, &sub, &ev, &ctx);
-  if (rc == 0) {
-    if (level == 0) buzz__loop_signal(c->loop, 0);
-    return 0;
-  }
-  if (rc < 0) return push_fail(L, rc, NULL);
-  lua_rawgeti(L, ctx.u, sub->data_ref);
-  if (sub->is_once) once_ended(L, ctx.u, sub, lua_gettop(L));
-  push_event(L, c, ctx.u, ev, 0);
-  return 2;
 }
 
 static int lcore_pending(lua_State *L) {
@@ -1570,16 +1172,9 @@ static int lcore_fd(lua_State *L) {
 */
 static int lcore_wait(lua_State *L) {
   lcore *c = check_core(L);
-  if (has_work(c)) {
-    lua_pushboolean(L, 1);
-  } else if (c->store && !buzz__store_is_idle(c->store)) {
-    char err[ERR_MAX];
-    if (store_flush(L, c, push_refs(L), err) < 0)
-      report_store(L, c, lua_gettop(L), err);
-    lua_pushboolean(L, 1);
-  } else {
-    lua_pushboolean(L, buzz__loop_wait(c->loop));
-  }
+  if (has_work(c)) lua_pushboolean(L, 1);
+  else lua_pushboolean(L, buzz__loop_wait(c->loop, c->store != NULL &&
+                                          !buzz__store_is_idle(c->store)));
   return 1;
 }
 
@@ -1616,18 +1211,6 @@ static void set_fn_ref(lua_State *L, int *ref) {
 
 static int lcore_set_upcast(lua_State *L) {
   set_fn_ref(L, &check_core(L)->upcast_ref);
-  return 0;
-}
-
-/*
-** core:on_yield(fn | nil). A handler that yields inside a delivery made
-** here (pump, publish_sync, durable reads) is handed over: fn(co, sub,
-** ev, ...) gets its thread, the subscription object, the event table and
-** what it yielded, and owns the thread from then on (resume it with
-** core:resume). Without fn, or if fn raises, the delivery fails.
-*/
-static int lcore_on_yield(lua_State *L) {
-  set_fn_ref(L, &check_core(L)->yield_ref);
   return 0;
 }
 
@@ -1711,6 +1294,14 @@ void buzz__lcore_correlation(lua_State *L, int u, int ref) {
 int buzz__lcore_too_deep(lua_State *L, lcore *c) {
   return push_too_deep(L, c);
 }
+void buzz__lcore_push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
+                            int from_args) {
+  push_event(L, c, u, ev, from_args);
+}
+int buzz__lcore_save_position(lcore *c, buzz_sub *sub, char *err) {
+  return save_position(c, sub, err);
+}
+void buzz__lcore_signal_work(lcore *c) { signal_work(c); }
 
 /*
 ** Test-only entry points: next and publish_cursor (only
@@ -1731,17 +1322,10 @@ static const luaL_Reg core_methods[] = {
   { "publish", lcore_publish },
   { "publish_sync", lcore_publish_sync },
   { "publish_cursor", lcore_publish_cursor },
-  { "resume", lcore_resume },
-  { "stamp", buzz__lhot_stamp },
-  { "deliver", buzz__lhot_deliver },
   { "sync", buzz__lhot_sync },
   { "set_handler", lcore_set_handler },
   { "current", lcore_current },
-  { "pump", lcore_pump },
-  { "stop", lcore_stop },
-  { "is_stopped", lcore_is_stopped },
   { "subs", lcore_subs },
-  { "next", lcore_next },
   { "pending", lcore_pending },
   { "timeout", lcore_timeout },
   { "arm", lcore_arm },
@@ -1751,7 +1335,6 @@ static const luaL_Reg core_methods[] = {
   { "stats", lcore_stats },
   { "flush", lcore_flush },
   { "set_upcast", lcore_set_upcast },
-  { "on_yield", lcore_on_yield },
   { "close", lcore_close },
   { "is_closed", lcore_is_closed },
   { NULL, NULL }
@@ -1787,6 +1370,8 @@ int luaopen_buzz_core(lua_State *L) {
     luaL_setfuncs(L, core_methods, UV_COUNT);
     push_upvalues(L, -2);
     luaL_setfuncs(L, buzz__lstore_methods, UV_COUNT);
+    push_upvalues(L, -2);
+    luaL_setfuncs(L, buzz__ldispatch_methods, UV_COUNT);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, lcore_gc);
     lua_setfield(L, -2, "__gc");

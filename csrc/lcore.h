@@ -54,22 +54,18 @@ typedef struct lcore {
                        /* no word with it needed (buzz__ids_take) */
   size_t ndurable;     /* live durable subs */
   int upcast_ref;      /* U ref: upcast(ev) from lua/buzz, or LUA_NOREF */
-  int yield_ref;       /* U ref: on_yield(co, sub, ev, ...), or LUA_NOREF */
   lcur *cur;           /* owns (freed by __gc): the current-event */
   size_t ncur, capcur; /* stack, innermost last */
-  int npool;           /* idle threads in the pool table */
-  int pool_ref;        /* U refs: the pool of idle threads, and the */
-  int report_ref;      /* reporter function (both released with U) */
+  int report_ref;      /* U ref: the reporter of store failures that
+                          belong to no delivery (released with U) */
   int ev_slot;         /* U ref kept for the table of the queued event
                           under delivery (push_event): reused for each
                           event instead of a luaL_ref and a luaL_unref per
                           event; false between events; released with U */
   int is_open;
-  int is_stopped;      /* set by stop(); pump() returns */
-  int nsync;           /* publish_sync deliveries under way, nested */
+  int nsync;           /* publish_sync levels open (take() closes them) */
 } lcore;
 
-#define POOL_MAX 64    /* idle threads kept per core */
 #define SYNC_MAX 100   /* nested publish_sync deliveries; one more is
                           refused with EDEPTH (README, "Driving the bus") */
 #define PAGE_MAX 256   /* stored events read per query page */
@@ -152,12 +148,18 @@ void buzz__lcore_unref(lua_State *L, int u, int *ref);
 int buzz__lcore_cur_push(lcore *c, int64_t id, int table_ref);
 void buzz__lcore_correlation(lua_State *L, int u, int ref);
 int buzz__lcore_too_deep(lua_State *L, lcore *c);   /* EDEPTH */
+void buzz__lcore_push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
+                            int from_args);
+int buzz__lcore_save_position(lcore *c, buzz_sub *sub, char *err);
+void buzz__lcore_signal_work(lcore *c);
+
+/* ldispatch.c: take, ack, wait_commit, is_writing, resume; and the
+** result of a resume as coroutine.resume gives it (lhot.c's too). */
+extern const luaL_Reg buzz__ldispatch_methods[];
 int buzz__lcore_resumed(lua_State *L, lua_State *co, int rc, int nres);
 
-/* lhot.c: core:stamp, core:sync and core:deliver. */
-int buzz__lhot_stamp(lua_State *L);
+/* lhot.c: core:sync. */
 int buzz__lhot_sync(lua_State *L);
-int buzz__lhot_deliver(lua_State *L);
 
 #if defined(__GNUC__) && !defined(_WIN32)
 #pragma GCC visibility pop

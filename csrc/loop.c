@@ -174,7 +174,14 @@ int buzz__loop_timeout(buzz_loop *l) {
   return left > INT_MAX ? INT_MAX : (int)left;
 }
 
-int buzz__loop_wait(buzz_loop *l) {
+int buzz__loop_wait(buzz_loop *l, int is_writing) {
+  if (is_writing) {                        /* a commit's wake-up ends it */
+    uv_update_time(l->loop);
+    uv_ref((uv_handle_t *)l->wake);
+    uv_run(l->loop, UV_RUN_ONCE);
+    uv_unref((uv_handle_t *)l->wake);
+    return 1;
+  }
   if (!uv_loop_alive(l->loop)) return 0;
   uv_update_time(l->loop);                 /* wait for what is left only */
   uv_run(l->loop, UV_RUN_ONCE);

@@ -48,15 +48,6 @@ local CASES = {
       H.bus{ store = path }
       return buzz.new{ store = path }
     end },
-  { "pump called from inside a handler (the core)", function()
-      local c = assert(core.new(100, noop))
-      local res
-      assert(c:subscribe("t", {}, function() res = { c:pump(-1) } end))
-      assert(c:publish("t"))
-      c:pump(-1)
-      c:close()
-      return res[1], res[2], res[3]
-    end },
   { "a handler past its timeout", function()
       local bus, clock, got = clocked()
       bus:subscribe("slow", function() buzz.sleep(10) end, { timeout = 1 })

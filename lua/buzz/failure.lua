@@ -81,6 +81,7 @@ local BREAKER_DEFAULTS = { failures = 5, within = 10, cool_down = 30 }
 
 local util = require "buzz.util"
 local errors = require "buzz.errors"
+local task_resume = require("buzz.task").resume
 local quote = util.quote
 
 local function fifo()
@@ -758,7 +759,7 @@ end
 function Runner:continue(job, ...)
   local c, co = self.sup:core(), job.co
   if c == nil then return end
-  local ok, what, arg = c:resume(co, job.evt, ...)
+  local ok, what, arg = task_resume(self.sup.bus._task, c, co, job.evt, ...)
   if what == IDLE and ok then         -- the body settled the job
     local sup = self.sup
     if sup.npool < POOL_MAX then

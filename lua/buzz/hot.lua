@@ -35,6 +35,7 @@
 -- lua/buzz/init.lua sends those through core:publish_sync.
 -- @module buzz.hot
 local core = require "buzz.core"
+local task_resume = require("buzz.task").resume
 
 local rawget, type, pcall, setmetatable = rawget, type, pcall, setmetatable
 local co_lib = coroutine
@@ -65,6 +66,7 @@ local DONE = setmetatable({}, { __tostring = function() return "done" end })
 function M.new(bus)
   local c = bus._core
   return { bus = bus, c = c, sync = c.sync, publish = c.publish,
+           task = bus._task,
            manual = bus._manual,
            memo = {}, nmemo = 0, pool = {}, states = {}, npool = 0 }
 end
@@ -178,7 +180,7 @@ local function settle(h, co, ev, aud, ok, what, arg)
     local c = bus._core
     if not c or i >= #aud then return end  -- done, or the bus was closed
     co = new_worker(h, i + 1)
-    ok, what, arg = c:deliver(co, ev, true, ev, aud)
+    ok, what, arg = task_resume(h.task, c, co, ev, ev, aud)
     if ok and what == DONE then return give(h, co) end
   end
 end
@@ -199,8 +201,11 @@ function M.publish_sync(h, aud, etype, payload, prio, key, corr, headers,
   if corr ~= nil then ev.correlation_id = corr end
   if headers ~= nil then ev.headers = headers end
   if version ~= nil then ev.version = version end
-  local co, m = take(h), h.manual
+  local co, m, t = take(h), h.manual, h.task
+  local d = t.depth
+  t.depth = d + 1                      -- a handler runs (task.lua)
   local id, ok, what, arg = h.sync(h.c, co, ev, aud, m and m.ms)
+  t.depth = d
   if what == DONE then
     give(h, co)
     return id

@@ -14,6 +14,7 @@ local middleware = require "buzz.middleware"
 local driver = require "buzz.driver"
 local errors = require "buzz.errors"
 local hot_path = require "buzz.hot"
+local task = require "buzz.task"
 
 local type, error, pairs, ipairs, tostring, pcall, xpcall, next =
       type, error, pairs, ipairs, tostring, pcall, xpcall, next
@@ -47,6 +48,8 @@ local PAGE = 256
 
 -- Deliveries run() makes between checks of the loop.
 local RUN_BATCH = 256
+local HUGE = 2 ^ 53     -- no limit: drain's
+local drive, run_level = task.drive, task.run_level
 
 -- The range of max_backlog, in bytes (csrc/buzz.h, BUZZ_BACKLOG_*).
 local MIN_BACKLOG, MAX_BACKLOG = 65536, 2 ^ 48
@@ -288,18 +291,30 @@ local function reporter(on_error)
   end
 end
 
--- Runs queued deliveries in the core; raises if called from a handler
--- (the core's only refusal, "EINHANDLER").
-local function pump(c, max, method)
-  local n = c:pump(max)
-  if not n then
+-- Raises, for the driving method, when called from inside a handler
+-- (level 3: the method's caller).
+local function not_in_handler(self, method)
+  if self._task.depth > 0 then
     error(("bus:%s() called from inside a handler; use "
            .. "bus:publish_sync(...) to deliver an event at once")
           :format(method), 3)
   end
-  return n
 end
 
+-- At most max deliveries, waiting for the commit of written events when
+-- nothing else is due (step and drain deliver what was published).
+local function pull(self, t, max)
+  local n = drive(t, max)
+  while n < max and not t.is_stopped do
+    local c = self._core
+    if not c then break end
+    local waited, err = c:wait_commit()
+    if err then self._report(err) end
+    if not waited then break end
+    n = n + drive(t, max - n)
+  end
+  return n
+end
 -- The core refused a call: its misuse (a bad subject, a payload JSON cannot
 -- hold, a durable consumer without a store) is raised at the caller's
 -- level; failures of the world are returned.
@@ -417,11 +432,9 @@ function M.new(opts)
   }, Bus)
   local sup = failure.new(bus, tl)
   bus._sup = sup
+  bus._task = task.new(bus)  -- runs every delivery
   if not store then bus._hot = hot_path.new(bus) end  -- publish_sync's
   HOT[bus] = bus._hot                                   -- hot path
-  c:on_yield(function(co, sub, ev, what, arg)
-    sup:adopt(co, sub, ev, what, arg)
-  end)
   if store then
     local ok, e = pcall(sup.load, sup)
     if not ok then
@@ -738,6 +751,10 @@ local function publisher(method)
       local _, e, k = refused(err, code, 3)   -- not a tail call: levels
       return nil, e, k
     end
+    if type(err) == "number" then    -- publish_sync's level: run it now
+      run_level(self._task, c, err)
+      return id
+    end
     if err then return id, err end   -- "duplicate": a repeated dedup key
     return id
   end
@@ -774,8 +791,11 @@ function Bus:publish_sync(etype, payload, opts)
       else
         co = hot_take(h)
       end
-      local m = h.manual
+      local m, t = h.manual, h.task
+      local d = t.depth
+      t.depth = d + 1                  -- a handler runs (task.lua)
       local id, ok, what, arg = h.sync(h.c, co, ev, aud, m and m.ms)
+      t.depth = d
       if what == DONE then
         k = h.npool + 1
         h.pool[k], h.npool = co, k
@@ -840,33 +860,34 @@ end
 ---@param max integer|nil
 ---@return integer
 function Bus:step(max)
-  local c = check_bus(self, "step")
+  check_bus(self, "step")
   if max == nil then
     max = 1
   else
     check_number(max, "max", RANGE.max, 2)
   end
-  c:stop(false)
-  pump(c, 0, "step")                  -- raises inside a handler
+  not_in_handler(self, "step")
+  local t = self._task
+  t.is_stopped = false
   fire_due(self)
-  c = self._core
-  if not c then return 0 end          -- a timer's callback closed the bus
-  return pump(c, max, "step")
+  if not self._core then return 0 end   -- a timer's callback closed the bus
+  return pull(self, t, max)
 end
 
 --- Delivers until nothing is due; returns the number of deliveries.
 --- Timers due by the clock fire on the way; later ones wait.
 ---@return integer
 function Bus:drain()
-  local c = check_bus(self, "drain")
-  c:stop(false)
+  check_bus(self, "drain")
+  not_in_handler(self, "drain")
+  local t = self._task
+  t.is_stopped = false
   local total = 0
   repeat
-    local n = pump(c, -1, "drain")
+    local n = pull(self, t, HUGE)
     local fired = self._core and fire_due(self) or 0
     total = total + n
-    c = self._core
-  until not c or c:is_stopped() or (n == 0 and fired == 0)
+  until not self._core or t.is_stopped or (n == 0 and fired == 0)
   return total
 end
 
@@ -877,9 +898,9 @@ function Bus:_next_due()
   return self._timers:next_due()
 end
 
--- True while one of the bus's handlers runs (the core refuses to pump).
+-- True while one of the bus's handlers runs.
 function Bus:_is_in_handler()
-  return self._core and self._core:pump(0) == nil or false
+  return self._core and self._task.depth > 0 or false
 end
 
 function Bus:_tick()
@@ -887,37 +908,40 @@ function Bus:_tick()
 end
 
 -- A host driver's turn (lua/buzz/luv.lua): the timers that are due, then
--- at most max deliveries, as step(max); nothing on a closed bus, or while
+-- at most max deliveries, as step(max) but never waiting for a commit
+-- (the commit wakes the host's poll); nothing on a closed bus, or while
 -- a handler runs, or after a timer's callback closed the bus. Returns the
 -- deliveries made.
 function Bus:_turn(max)
-  local c = self._core
-  if not c or c:pump(0) == nil then return 0 end
-  c:stop(false)
+  local t = self._task
+  if not self._core or t.depth > 0 then return 0 end
+  t.is_stopped = false
   fire_due(self)
-  c = self._core
-  if not c then return 0 end
-  return pump(c, max, "step")
+  if not self._core then return 0 end
+  return drive(t, max)
 end
 
 --- Drives the bus on its own loop until stop(), or until nothing is
 --- pending and no timer is armed (housekeeping timers, which Timer:unref
---- marks, do not count). Returns the number of deliveries.
+--- marks, do not count). Returns the number of deliveries. It never
+--- waits for the store's writer: a commit wakes the loop.
 ---@return integer
 function Bus:run()
-  local c = check_bus(self, "run")
+  check_bus(self, "run")
   if self._driver then
     error("bus:run() would block the host loop that drives this bus "
           .. "(buzz.new{ loop = ... }): let the host's loop run it (uv.run(), "
           .. "Neovim's own), or use bus:drain()", 2)
   end
-  c:stop(false)
-  local total, tl, clock = 0, self._timers, self._clock
+  not_in_handler(self, "run")
+  local t = self._task
+  t.is_stopped = false
+  local total, tl, clock, c = 0, self._timers, self._clock
   while true do
-    local n = pump(c, RUN_BATCH, "run")
+    local n = drive(t, RUN_BATCH)
     total = total + n
     c = self._core
-    if not c or c:is_stopped() then break end
+    if not c or t.is_stopped then break end
     local fired = fire_due(self)
     c = self._core
     if not c then break end
@@ -936,7 +960,8 @@ end
 --- Makes run() (or a drain/step in progress) return after the current
 --- delivery.
 function Bus:stop()
-  check_bus(self, "stop"):stop(true)
+  check_bus(self, "stop")
+  self._task.is_stopped = true
 end
 
 --- Closes the bus: nothing more is delivered. Returns the number of pending
@@ -953,6 +978,7 @@ function Bus:close()
   local d = self._driver
   if d then d:close() end     -- the host's handles, before the fd goes
   self._timers:clear()
+  task.close(self._task)
   self._sup:close()
   if self._clock.is_manual then self._clock:leave(self) end
   return c:close()            -- marks every live subscription inactive
@@ -975,6 +1001,7 @@ end
 function Bus:stats()
   local c = check_bus(self, "stats")
   local st = c:stats()
+  st.pending = st.pending + task.held(self._task)  -- taken, not run
   local sup = self._sup
   st.timers = self._timers:count()
   st.dead_letters = #sup.dead

@@ -255,8 +255,8 @@ function Driver:park(job)
     return false
   end
   t.parked = job
-  local c = self.bus._core
-  if c then c:stop(true) end   -- no other delivery on this thread now,
+  local bus = self.bus         -- no other delivery on this thread now,
+  if bus._core then bus._task.is_stopped = true end
   self:hold(true)              -- nor timers, nor queued jobs
   return true
 end

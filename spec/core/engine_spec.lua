@@ -4,6 +4,36 @@
 -- table (state_put, state_del, state_list).
 local core = require "buzz.core"
 
+-- One delivery pulled from the core (core:take), as the Lua layer pulls.
+local function take1(c, level)
+  local subs, evs = {}, {}
+  if c:take(1, subs, evs, level) == 1 then return subs[1], evs[1] end
+end
+
+-- The Lua layer's side of delivery, in miniature: subscription objects
+-- carry their handler (fn); psync runs a publish_sync level's deliveries
+-- (core:publish_sync returns id, level; core:take hands them out).
+local function sub(c, pattern, fn)
+  return c:subscribe(pattern, { fn = fn }, fn)
+end
+
+local function run_level(c, level)
+  local subs, evs = {}, {}
+  while true do
+    local n = c:take(8, subs, evs, level)
+    if n == 0 then return end
+    for i = 1, n do       -- the event is current while its handler runs
+      assert(c:resume(coroutine.create(subs[i].fn), evs[i], evs[i]))
+    end
+  end
+end
+
+local function psync(c, ...)
+  local id, level = c:publish_sync(...)
+  if level then run_level(c, level) end
+  return id
+end
+
 local function noop() end
 
 -- Milliseconds on the monotonic clock.
@@ -24,7 +54,7 @@ local tmp_store, remove_store = H.tmp_store, H.remove_store
 local function drain(c)
   local out = {}
   while true do
-    local _, ev = c:next(0)
+    local _, ev = take1(c, 0)
     if not ev then return out end
     out[#out + 1] = ev
   end
@@ -214,16 +244,16 @@ describe("resume", function()
   it("works re-entrantly: handlers run by publish_sync inside the thread",
      function()
     local seen = {}
-    assert(c:subscribe("leaf", {}, function(ev) seen.leaf = ev end))
-    assert(c:subscribe("mid", {}, function(ev)
+    assert(sub(c, "leaf", function(ev) seen.leaf = ev end))
+    assert(sub(c, "mid", function(ev)
       seen.mid = ev
-      c:publish_sync("leaf", "l")
+      psync(c, "leaf", "l")
     end))
-    assert(c:subscribe("after", {}, function(ev) seen.after = ev end))
+    assert(sub(c, "after", function(ev) seen.after = ev end))
     local co = coroutine.create(function()
-      c:publish_sync("mid", "m")
+      psync(c, "mid", "m")
       coroutine.yield("between")
-      c:publish_sync("after", "a")
+      psync(c, "after", "a")
     end)
     local ev = { id = 41, correlation_id = "req-1" }
     assert.same({ true, "between" }, { c:resume(co, ev) })
@@ -239,14 +269,14 @@ describe("resume", function()
   it("runs a thread with no current event when ev is nil, even inside a "
      .. "handler", function()
     local inner
-    assert(c:subscribe("inner", {}, function(ev) inner = ev end))
-    assert(c:subscribe("outer", {}, function()
+    assert(sub(c, "inner", function(ev) inner = ev end))
+    assert(sub(c, "outer", function()
       local co = coroutine.create(function()
-        c:publish_sync("inner", 1)
+        psync(c, "inner", 1)
       end)
       assert(c:resume(co, nil))
     end))
-    c:publish_sync("outer", 0, nil, nil, "req-outer")
+    psync(c, "outer", 0, nil, nil, "req-outer")
     assert.is_nil(inner.correlation_id)
     assert.is_nil(inner.causation_id)
   end)
@@ -289,14 +319,15 @@ describe("engine publishes", function()
      function()
     local got = {}
     assert(c:subscribe("$DLQ.x", {}, noop))
-    assert(c:subscribe("$SYS.>", {}, function(ev) got[#got + 1] = ev end))
+    assert(sub(c, "$SYS.>", function(ev) got[#got + 1] = ev end))
     local id = assert(engine_publish("publish", "$DLQ.x", "dead"))
     local evs = drain(c)
     assert.equal(1, #evs)
     assert.equal(id, evs[1].id)
     assert.equal("$DLQ.x", evs[1].type)
     assert.equal("dead", evs[1].payload)
-    assert(engine_publish("publish_sync", "$SYS.breaker", "open"))
+    local _, level = engine_publish("publish_sync", "$SYS.breaker", "open")
+    run_level(c, level)
     assert.equal(1, #got)
     assert.equal("$SYS.breaker", got[1].type)
   end)
@@ -433,57 +464,6 @@ describe("the state table", function()
       assert.matches("this bus has none", err)
       assert.equal("EINVAL", code)
     end
-  end)
-end)
-
-describe("on_yield", function()
-  local c
-  before_each(function() c = assert(core.new(100, noop)) end)
-  after_each(function() c:close() end)
-
-  it("hands a yielding handler's thread, sub, event and values over",
-     function()
-    local got
-    c:on_yield(function(co, sub, ev, a, b)
-      got = { co = co, sub = sub, ev = ev, a = a, b = b }
-    end)
-    local subobj = {}
-    local after
-    assert(c:subscribe("e", subobj, function(ev)
-      local x = coroutine.yield("sleep", 5)
-      after = { x, ev.payload }
-    end))
-    assert(c:publish("e", "p"))
-    assert.equal(1, c:pump(-1))
-    assert.equal("thread", type(got.co))
-    assert.equal(subobj, got.sub)
-    assert.equal("p", got.ev.payload)
-    assert.same({ "sleep", 5 }, { got.a, got.b })
-    assert.is_nil(after)
-    assert.same({ true }, { c:resume(got.co, got.ev, "woken") })
-    assert.same({ "woken", "p" }, after)
-  end)
-
-  it("fails the delivery when there is none, or it raises", function()
-    local errors = {}
-    local c2 = assert(core.new(100, function(err)
-      errors[#errors + 1] = err
-    end))
-    assert(c2:subscribe("e", {}, function() coroutine.yield() end))
-    assert(c2:publish("e", 1))
-    c2:pump(-1)
-    assert.matches("nothing drives this bus", errors[1])
-    c2:on_yield(function() error("adopter broke", 0) end)
-    assert(c2:publish("e", 2))
-    c2:pump(-1)
-    assert.equal("adopter broke", errors[2])
-    c2:on_yield(nil)
-    assert(c2:publish("e", 3))
-    c2:pump(-1)
-    assert.matches("nothing drives this bus", errors[3])
-    assert.equal(3, #errors)
-    assert.has_error(function() c2:on_yield("not a function") end)
-    c2:close()
   end)
 end)
 

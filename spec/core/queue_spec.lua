@@ -1,6 +1,12 @@
 -- csrc/queue.c: event records, priorities, FIFO order, back-pressure.
 local core = require "buzz.core"
 
+-- One delivery pulled from the core (core:take), as the Lua layer pulls.
+local function take1(c, level)
+  local subs, evs = {}, {}
+  if c:take(1, subs, evs, level) == 1 then return subs[1], evs[1] end
+end
+
 local function noop() end
 
 local PRIO = { critical = 0, high = 1, normal = 2, low = 3 }
@@ -13,7 +19,7 @@ describe("the queue", function()
   local function drain_types()
     local out = {}
     while true do
-      local _, ev = c:next(0)
+      local _, ev = take1(c, 0)
       if not ev then return out end
       out[#out + 1] = ev.payload
     end
@@ -38,7 +44,7 @@ describe("the queue", function()
     for i = 2, 5 do assert.equal(ids[i - 1] + 1, ids[i]) end
     local last
     for i = 1, 5 do
-      local _, ev = c:next(0)
+      local _, ev = take1(c, 0)
       assert.equal(ids[i], ev.id)
       assert.equal(math.floor(ev.ts), ev.ts)
       assert.is_true(ev.ts >= before and ev.ts <= core.now_ms())
@@ -70,7 +76,7 @@ describe("the queue", function()
     assert(c:subscribe("e", {}, noop))
     local headers = { traceparent = "00-abc-def-01" }
     assert(c:publish("e", "p", PRIO.high, "k1", "corr-1", 41, headers))
-    local _, ev = c:next(0)
+    local _, ev = take1(c, 0)
     assert.equal("e", ev.type)
     assert.equal("p", ev.payload)
     assert.equal("high", ev.priority)
@@ -85,7 +91,7 @@ describe("the queue", function()
     assert(c:subscribe("e", {}, noop))
     local payload = { nested = { 1, 2, 3 } }
     assert(c:publish("e", payload))
-    local _, ev = c:next(0)
+    local _, ev = take1(c, 0)
     assert.equal(payload, ev.payload)
   end)
 

@@ -1,0 +1,427 @@
+/*
+** ldispatch.c: delivery, pulled. The Lua layer (lua/buzz/task.lua) asks
+** the core for what is due and runs it; the core never calls a handler.
+**
+** core:take(max, subs, evs [, level]) -> n [, errs [, is_durable]] fills
+** subs[1..n] and evs[1..n] (caller-owned arrays, reused from call to
+** call; entries past n are left as they were) with the next n <= max
+** deliveries: a subscription object and its event table, in queue order
+** (priority, then FIFO; one event's subscriptions in subscription order).
+** level 0 is the queue; level k the k-th nested publish_sync, whose
+** deliveries core:publish_sync left open (it returns id, level). Once a
+** level k > 0 has handed out its last delivery, the next take there
+** returns 0 and closes the level. With a store, level 0 hands out only
+** committed events (durability "batch" and "sync"): when the queue's
+** head is not committed yet, take returns what it has and never waits;
+** the writer's commit wakes the loop's descriptor (core:wait returns),
+** and core:wait_commit waits where a caller must (drain). When the queue
+** has nothing due, take hands out one page of a durable consumer's
+** stored events instead (is_durable true); core:ack(sub_id, sub, ev_id)
+** moves that consumer's position past each one once it has run, and its
+** position reaches the writer at the next take. errs, when not nil, is an
+** array of failures to report, three entries each: "CODE: message" (or
+** the message of a stored event that does not decode or upcast), the
+** event table or false, the subscription object or false.
+**
+** A once subscription is ended in the core as it is handed out; the Lua
+** layer marks its object inactive when it runs it. An unsubscribe after
+** take and before the run is for the Lua layer to honour (is_active).
+**
+** core:resume(co, ev, ...) resumes a handler's thread while ev is the
+** current event, from which publish inherits the correlation and
+** causation ids; on Lua 5.4 with a fresh budget of C calls (see there).
+** It is the only place the core resumes a thread.
+*/
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "compat.h"
+#include "buzz.h"
+#include "lcheck.h"
+#include "lcore.h"
+
+#define check_core buzz__lcore_check
+#define push_refs buzz__lcore_refs
+#define push_fail buzz__lcore_fail
+#define push_event buzz__lcore_push_event
+#define unref buzz__lcore_unref
+#define store_sync buzz__lcore_store_sync
+#define store_flush buzz__lcore_store_flush
+#define save_position buzz__lcore_save_position
+#define signal_work buzz__lcore_signal_work
+#define cur_push buzz__lcore_cur_push
+#define read_page buzz__lstore_read_page
+#define pf_holds buzz__pf_holds
+
+/* Slots of take(): self, max, subs, evs, level, U, errs. */
+enum { T_SUBS = 3, T_EVS = 4, T_U = 6, T_ERRS = 7 };
+
+/*
+** Appends err (the value on top, popped), ev and sub (stack slots, or 0
+** for false) to errs at T_ERRS, made on first use.
+*/
+static void add_err(lua_State *L, int *nerr, int ev, int sub) {
+  if (*nerr == 0) {
+    lua_newtable(L);
+    lua_replace(L, T_ERRS);
+  }
+  lua_rawseti(L, T_ERRS, ++*nerr);
+  if (ev) lua_pushvalue(L, ev); else lua_pushboolean(L, 0);
+  lua_rawseti(L, T_ERRS, ++*nerr);
+  if (sub) lua_pushvalue(L, sub); else lua_pushboolean(L, 0);
+  lua_rawseti(L, T_ERRS, ++*nerr);
+}
+
+static void add_store_err(lua_State *L, int *nerr, const char *err) {
+  lua_pushfstring(L, "ESTORE: %s", err);
+  add_err(L, nerr, 0, 0);
+}
+
+/* Puts sub's object and ev's table at n in subs and evs. */
+static void hand_out(lua_State *L, lcore *c, buzz_sub *sub, buzz_event *ev,
+                     int n) {
+  lua_rawgeti(L, T_U, sub->data_ref);
+  lua_rawseti(L, T_SUBS, n);
+  if (sub->is_once) {                  /* the core ended it: its refs go */
+    unref(L, T_U, &sub->data_ref);
+    unref(L, T_U, &sub->fn_ref);
+    unref(L, T_U, &sub->filter_ref);
+  }
+  push_event(L, c, T_U, ev, 0);
+  lua_rawseti(L, T_EVS, n);
+}
+
+/*
+** Hands out one page (at most max) of the first durable consumer that is
+** behind the committed log and has no page out. Returns how many.
+*/
+static int take_durables(lua_State *L, lcore *c, lua_Integer max,
+                         int *nerr) {
+  char err[ERR_MAX];
+  size_t i;
+  if (store_sync(L, c, T_U, err) < 0) add_store_err(L, nerr, err);
+  for (i = 0; i < c->bus.nslots && c->is_open; i++) {
+    buzz_sub *sub = c->bus.slots[i];
+    buzz_query q;
+    int64_t bad, last = 0, read = 0, to;
+    int k, j, n = 0, top = lua_gettop(L);
+    if (sub == NULL || sub->durable == NULL || sub->page_last != 0)
+      continue;
+    if (save_position(c, sub, err) < 0) add_store_err(L, nerr, err);
+    if (sub->acked >= c->committed) continue;
+    memset(&q, 0, sizeof q);
+    q.after_id = sub->acked;
+    q.to_id = c->committed;
+    q.pattern.p = sub->pattern;
+    q.pattern.n = sub->len;
+    q.limit = max > PAGE_MAX ? PAGE_MAX : max;
+    k = read_page(L, c, T_U, &q, 1, &bad);
+    if (k < 0) {                       /* the position stays put */
+      add_store_err(L, nerr, lua_tostring(L, -1));
+      lua_settop(L, top);
+      continue;
+    }
+    for (j = 1; j <= k; j++) {
+      lua_rawgeti(L, top + 1, j);
+      lua_getfield(L, -1, "id");
+      read = (int64_t)lua_tointeger(L, -1);
+      lua_pop(L, 1);
+      if (sub->filter_ref != BUZZ_NOREF) {
+        buzz_event e;
+        int holds;
+        memset(&e, 0, sizeof e);
+        lua_pushvalue(L, -1);
+        e.table_ref = luaL_ref(L, T_U);
+        e.payload_ref = e.key_ref = e.corr_ref = e.headers_ref = BUZZ_NOREF;
+        holds = pf_holds(L, T_U, sub->filter_ref, &e);
+        unref(L, T_U, &e.table_ref);
+        if (!holds) {
+          lua_pop(L, 1);
+          continue;
+        }
+      }
+      lua_rawseti(L, T_EVS, ++n);
+      lua_rawgeti(L, T_U, sub->data_ref);
+      lua_rawseti(L, T_SUBS, n);
+      last = read;
+    }
+    if (bad > 0) {                     /* report it, skip that event */
+      lua_rawgeti(L, T_U, sub->data_ref);            /* top+4 */
+      lua_pushvalue(L, top + 2);
+      add_err(L, nerr, lua_isnil(L, top + 3) ? 0 : top + 3, top + 4);
+      to = bad;
+    } else if (k < q.limit) {
+      to = q.to_id;                    /* read to the committed end */
+    } else {
+      to = read;
+    }
+    lua_settop(L, top);
+    if (n == 0) {
+      sub->acked = to;
+      if (save_position(c, sub, err) < 0) add_store_err(L, nerr, err);
+      continue;
+    }
+    sub->page_last = last;
+    sub->page_to = to;
+    return n;
+  }
+  return 0;
+}
+
+/*
+** May a take that has handed out something go on at level? Not past a
+** level's last delivery (the take that finds none closes the level, so
+** a publish_sync level counts toward EDEPTH while its handlers run), and
+** not to a subscription with a prefilter: it must read the payload as
+** the handlers before it left it.
+*/
+static int more_now(const lcore *c, size_t level) {
+  const buzz_cursor *cur = &c->bus.cursors[level];
+  if (cur->ev == NULL || cur->vec == NULL) return level == 0;
+  if (cur->i >= cur->vec->n) return level == 0;
+  return cur->vec->subs[cur->i]->filter_ref == BUZZ_NOREF;
+}
+
+static int lcore_take(lua_State *L) {
+  lcore *c = check_core(L);
+  lua_Integer max = (lua_Integer)buzz__check_int(L, 2, "max", 0,
+                                                 BUZZ_INT_EXACT);
+  int64_t level = buzz__opt_int(L, 5, "level", 0, 0, INT_MAX);
+  int n = 0, nerr = 0, is_durable = 0;
+  lctx ctx;
+  luaL_checktype(L, T_SUBS, LUA_TTABLE);
+  luaL_checktype(L, T_EVS, LUA_TTABLE);
+  lua_settop(L, 5);
+  ctx.L = L;
+  ctx.c = c;
+  ctx.u = push_refs(L);                /* T_U */
+  lua_pushnil(L);                      /* T_ERRS */
+  if (level > 0 && (size_t)level >= c->bus.depth) max = 0;  /* closed */
+  if (max > INT_MAX) max = INT_MAX;
+  while (n < max && c->is_open) {
+    buzz_sub *sub;
+    buzz_event *ev;
+    int rc;
+    if (n > 0 && !more_now(c, (size_t)level)) break;
+    if (level == 0) {
+      c->bus.has_gate = c->gate_id > c->committed;  /* never deliver */
+      c->bus.gate = c->committed;                   /* uncommitted */
+      c->bus.is_gated = 0;
+    }
+    rc = buzz__bus_next(&c->bus, (size_t)level, &sub, &ev, &ctx);
+    if (rc == 0 && level == 0 && c->bus.is_gated) {
+      char err[ERR_MAX];
+      int64_t was = c->committed;
+      int had = nerr;
+      if (store_sync(L, c, T_U, err) < 0) add_store_err(L, &nerr, err);
+      if (c->committed != was || nerr != had) continue;
+      break;                           /* the commit wakes the fd */
+    }
+    if (rc < 0) {
+      lua_pushfstring(L, "%s: %s", buzz__err_name(rc),
+                      buzz__err_message(rc));
+      add_err(L, &nerr, 0, 0);
+      break;
+    }
+    if (rc == 0) {
+      if (level > 0) c->nsync--;       /* the level is closed */
+      break;
+    }
+    hand_out(L, c, sub, ev, ++n);
+  }
+  c->bus.has_gate = 0;
+  if (n == 0 && level == 0 && max > 0 && c->is_open && c->store &&
+      c->ndurable > 0) {
+    n = take_durables(L, c, max, &nerr);
+    is_durable = n > 0;
+  }
+  if (level == 0 && c->is_open && n < max) signal_work(c);
+  lua_pushinteger(L, n);
+  if (nerr == 0 && !is_durable) return 1;
+  lua_pushvalue(L, T_ERRS);
+  lua_pushboolean(L, is_durable);
+  return 3;
+}
+
+/*
+** core:ack(sub_id, sub, ev_id): the durable consumer sub (its id and
+** object) has run its delivery of the stored event ev_id: its position
+** moves past it (past the rest of its page, filtered or undecodable
+** events included, after the page's last delivery). Nothing for a sub
+** that has ended.
+*/
+static int lcore_ack(lua_State *L) {
+  lcore *c = check_core(L);
+  int64_t id = buzz__check_int(L, 2, "sub_id", 1, BUZZ_INT_EXACT);
+  int64_t ev_id = buzz__check_int(L, 4, "ev_id", 1, BUZZ_INT_EXACT);
+  buzz_sub *sub = buzz__bus_sub(&c->bus, id);
+  int u;
+  if (sub == NULL || sub->durable == NULL || sub->is_dead) return 0;
+  u = push_refs(L);
+  lua_rawgeti(L, u, sub->data_ref);
+  if (!lua_rawequal(L, -1, 3)) return 0;
+  if (ev_id > sub->acked) sub->acked = ev_id;
+  if (ev_id >= sub->page_last) {
+    if (sub->page_to > sub->acked) sub->acked = sub->page_to;
+    sub->page_last = 0;
+  }
+  return 0;
+}
+
+/*
+** core:wait_commit() -> true | false [, err]: with writes in flight that
+** hold up a delivery (queued events, or durable consumers, which read
+** the committed log), waits for their commit (blocking the caller: only
+** where it must, as step and drain do) and returns true, with the
+** message of a failed group; false when there was nothing to wait for.
+*/
+static int lcore_wait_commit(lua_State *L) {
+  lcore *c = check_core(L);
+  char err[ERR_MAX];
+  if (c->store == NULL || buzz__store_is_idle(c->store) ||
+      (buzz__bus_pending(&c->bus) == 0 && c->ndurable == 0)) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  lua_pushboolean(L, 1);
+  if (store_flush(L, c, push_refs(L), err) < 0) {
+    lua_pushfstring(L, "ESTORE: %s", err);
+    lua_remove(L, -2);
+    return 2;
+  }
+  lua_pop(L, 1);
+  return 1;
+}
+
+/* core:is_writing() -> are writes in flight (a commit will wake the fd)? */
+static int lcore_is_writing(lua_State *L) {
+  lcore *c = check_core(L);
+  lua_pushboolean(L, c->store != NULL && !buzz__store_is_idle(c->store));
+  return 1;
+}
+
+
+/* ------------------------------------------------------------- resume */
+
+/*
+** Why co cannot be resumed from L, as coroutine.resume words it, or NULL
+** if it can: suspended in a yield, or a fresh thread with its function.
+*/
+static const char *resume_refusal(lua_State *L, lua_State *co) {
+  lua_Debug ar;
+  if (co == L) return "cannot resume non-suspended coroutine";
+  switch (lua_status(co)) {
+  case LUA_YIELD:
+    return NULL;
+  case LUA_OK:
+    if (lua_getstack(co, 0, &ar)) return "cannot resume non-suspended "
+                                         "coroutine";  /* it is running */
+    return lua_gettop(co) == 0 ? "cannot resume dead coroutine" : NULL;
+  default:                             /* it raised */
+    return "cannot resume dead coroutine";
+  }
+}
+
+/*
+** After lua_resume(co) gave rc with nres results on co: pushes true and
+** them, or false and the error value (false and "too many results to
+** resume" when L has no room). Returns how many values it pushed.
+*/
+int buzz__lcore_resumed(lua_State *L, lua_State *co, int rc, int nres) {
+  if (rc == LUA_OK || rc == LUA_YIELD) {
+    if (!lua_checkstack(L, nres + 1)) {
+      lua_pop(co, nres);
+      lua_pushboolean(L, 0);
+      lua_pushliteral(L, "too many results to resume");
+      return 2;
+    }
+    lua_pushboolean(L, 1);
+    lua_xmove(co, L, nres);
+    return nres + 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_xmove(co, L, 1);                 /* the error value */
+  return 2;
+}
+
+/*
+** core:resume(co, ev, ...) -> true, ... | false, err. Resumes the thread
+** co with the extra arguments and returns as coroutine.resume does: true
+** and what co yielded or returned, or false and the error value (co is
+** then left as it is, for debug.traceback(co, err)). While co runs, the
+** table ev is the current event: a publish inside co inherits
+** ev.correlation_id (read raw when it publishes) and takes ev.id (an
+** integer, read raw now) as its causation id, as in a handler of ev; ev
+** nil means no current event, even inside a handler. Each level of the
+** current-event stack keeps a slot in U for its table (no luaL_ref per
+** resume). On Lua 5.4 the resume starts a fresh budget of C calls
+** (limit 200): nested publish_sync deliveries would otherwise share one
+** and run out at 65 levels; SYNC_MAX bounds the nesting instead, as on
+** LuaJIT, which does not count resumes. Never raises for co's sake.
+** Stack: self, co, ev at 1..3, the arguments from 4.
+*/
+static int lcore_resume(lua_State *L) {
+  lcore *c = check_core(L);
+  lua_State *co = lua_tothread(L, 2);
+  const char *why;
+  int nargs, u, rc, nres = 0, has_ev;
+  size_t level;
+  if (co == NULL) luaL_checktype(L, 2, LUA_TTHREAD);
+  has_ev = !lua_isnoneornil(L, 3);
+  luaL_argcheck(L, !has_ev || lua_istable(L, 3), 3,
+                "expected an event table or nil");
+  if (lua_gettop(L) < 3) lua_settop(L, 3);
+  nargs = lua_gettop(L) - 3;
+  if ((why = resume_refusal(L, co)) == NULL && !lua_checkstack(co, nargs))
+    why = "too many arguments to resume";
+  if (why != NULL) {
+    lua_pushboolean(L, 0);
+    lua_pushstring(L, why);
+    return 2;
+  }
+  lua_xmove(L, co, nargs);             /* the arguments */
+  u = push_refs(L);                    /* slot 4 */
+  {
+    int64_t id = 0;
+    lcur *cur;
+    if (has_ev) {
+      lua_pushvalue(L, UV(UV_ID));
+      lua_rawget(L, 3);
+      if (!buzz__to_int(L, -1, 0, INT64_MAX, &id)) id = 0;  /* none */
+      lua_pop(L, 1);
+    }
+    if (!cur_push(c, id, BUZZ_NOREF)) {
+      lua_pop(co, nargs);
+      return luaL_error(L, "not enough memory");
+    }
+    level = c->ncur - 1;
+    cur = &c->cur[level];
+    if (has_ev) {                      /* nil hides an outer event */
+      lua_pushvalue(L, 3);
+      if (cur->slot == LUA_NOREF) cur->slot = luaL_ref(L, u);
+      else lua_rawseti(L, u, cur->slot);
+      cur->table_ref = cur->slot;
+    }
+  }
+#if LUA_VERSION_NUM >= 504
+  rc = lua_resume(co, NULL, nargs, &nres);
+#else
+  rc = buzz_resume_n(co, L, nargs, &nres);
+#endif
+  c->ncur = level;                     /* nested levels are gone */
+  if (has_ev && c->is_open) {          /* else U went with close() */
+    lua_pushboolean(L, 0);             /* keep the slot a non-nil */
+    lua_rawseti(L, u, c->cur[level].slot);   /* value: see luaL_ref */
+  }
+  return buzz__lcore_resumed(L, co, rc, nres);
+}
+
+const luaL_Reg buzz__ldispatch_methods[] = {
+  { "take", lcore_take },
+  { "ack", lcore_ack },
+  { "wait_commit", lcore_wait_commit },
+  { "is_writing", lcore_is_writing },
+  { "resume", lcore_resume },
+  { NULL, NULL }
+};
