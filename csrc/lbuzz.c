@@ -532,6 +532,8 @@ static int lcore_new(lua_State *L) {
   c->bus.is_closed = 1;
   c->upcast_ref = LUA_NOREF;
   c->ev_slot = LUA_NOREF;
+  c->batch_ref = LUA_NOREF;
+  c->batch_prio = -1;
   c->dedup_window = window > 0 ? window : 120000;
   c->max_payload = max_payload > 0 ? (size_t)max_payload : 1048576;
   luaL_setmetatable(L, CORE_MT);
@@ -954,7 +956,9 @@ static int push_too_deep(lua_State *L, lcore *c) {
 ** beyond INT_MAX, ...) raise. mode 1 nested SYNC_MAX deep returns nil,
 ** "EDEPTH: ...", "EDEPTH" and publishes nothing. With engine true, reserved types ("$DLQ.x", "$SYS.x")
 ** are accepted: the Lua layer publishes its own events so.
-** mode 0 queues and returns id; mode 1 (publish_sync, publish_cursor)
+** mode 0 queues and returns id (an event more urgent than the last one
+** a take handed out sets preempt on that take's subs array: see take);
+** mode 1 (publish_sync, publish_cursor)
 ** opens a sync cursor and returns id, level (level nil when nobody
 ** listens): the caller takes its deliveries with core:take (ldispatch.c).
 ** and returns id, level (level nil when nobody listens).
@@ -1053,6 +1057,13 @@ static int do_publish(lua_State *L, int mode) {
   }
   if (mode == 0) {
     buzz__loop_signal(c->loop, 1);
+    if ((int)prio < c->batch_prio) {   /* it overtakes what a take handed */
+      lua_rawgeti(L, ctx.u, c->batch_ref);   /* out and did not run yet */
+      lua_pushinteger(L, (lua_Integer)prio);
+      lua_setfield(L, -2, "preempt");
+      lua_pop(L, 1);
+      c->batch_prio = (int)prio;
+    }
   } else {                             /* the caller takes the level */
     c->nsync++;                        /* take() closes it */
     lua_pushinteger(L, (lua_Integer)id);

@@ -62,6 +62,10 @@ typedef struct lcore {
                           under delivery (push_event): reused for each
                           event instead of a luaL_ref and a luaL_unref per
                           event; false between events; released with U */
+  int batch_ref;       /* U ref: the subs array of the last take at level
+                          0 (LUA_NOREF until one; released with U) */
+  int batch_prio;      /* the priority of the last event that take handed
+                          out: a publish more urgent preempts (-1: none) */
   int is_open;
   int nsync;           /* publish_sync levels open (take() closes them) */
 } lcore;

@@ -2,9 +2,9 @@
 ** ldispatch.c: delivery, pulled. The Lua layer (lua/buzz/task.lua) asks
 ** the core for what is due and runs it; the core never calls a handler.
 **
-** core:take(max, subs, evs [, level]) -> n [, errs [, is_durable]] fills
-** subs[1..n] and evs[1..n] (caller-owned arrays, reused from call to
-** call; entries past n are left as they were) with the next n <= max
+** core:take(max, subs, evs [, level, below]) -> n [, errs [, is_durable]]
+** fills subs[1..n] and evs[1..n] (caller-owned arrays, reused from call
+** to call; entries past n are left as they were) with the next n <= max
 ** deliveries: a subscription object and its event table, in queue order
 ** (priority, then FIFO; one event's subscriptions in subscription order).
 ** level 0 is the queue; level k the k-th nested publish_sync, whose
@@ -22,6 +22,12 @@
 ** array of failures to report, three entries each: "CODE: message" (or
 ** the message of a stored event that does not decode or upcast), the
 ** event table or false, the subscription object or false.
+**
+** Priority across a batch: a publish of an event more urgent than the
+** last one the latest take at level 0 handed out sets subs.preempt to its
+** priority; the Lua layer then takes with below (a priority), which hands
+** out only events more urgent than below, before it goes on with the
+** rest of its batch.
 **
 ** A once subscription is ended in the core as it is handed out; the Lua
 ** layer marks its object inactive when it runs it. An unsubscribe after
@@ -183,16 +189,31 @@ static int more_now(const lcore *c, size_t level) {
   return cur->vec->subs[cur->i]->filter_ref == BUZZ_NOREF;
 }
 
+/*
+** With below (a priority), may take go on at level 0? Only to events more
+** urgent than below: the rest of an event already under way if it is,
+** else the queue's head if it is.
+*/
+static int is_urgent(const lcore *c, int below) {
+  const buzz_cursor *cur = &c->bus.cursors[0];
+  int p;
+  if (cur->ev != NULL && cur->vec != NULL && cur->i < cur->vec->n)
+    return cur->ev->priority < below;  /* its subscriptions are not done */
+  for (p = 0; p < BUZZ_NPRIO && !c->bus.queue.head[p]; p++) {}
+  return p < below;
+}
+
 static int lcore_take(lua_State *L) {
   lcore *c = check_core(L);
   lua_Integer max = (lua_Integer)buzz__check_int(L, 2, "max", 0,
                                                  BUZZ_INT_EXACT);
   int64_t level = buzz__opt_int(L, 5, "level", 0, 0, INT_MAX);
-  int n = 0, nerr = 0, is_durable = 0;
+  int below = (int)buzz__opt_int(L, 6, "below", BUZZ_NPRIO, 0, BUZZ_NPRIO);
+  int n = 0, nerr = 0, is_durable = 0, prio = -1;
   lctx ctx;
   luaL_checktype(L, T_SUBS, LUA_TTABLE);
   luaL_checktype(L, T_EVS, LUA_TTABLE);
-  lua_settop(L, 5);
+  lua_settop(L, 5);                    /* below is read */
   ctx.L = L;
   ctx.c = c;
   ctx.u = push_refs(L);                /* T_U */
@@ -204,6 +225,7 @@ static int lcore_take(lua_State *L) {
     buzz_event *ev;
     int rc;
     if (n > 0 && !more_now(c, (size_t)level)) break;
+    if (below < BUZZ_NPRIO && (level > 0 || !is_urgent(c, below))) break;
     if (level == 0) {
       c->bus.has_gate = c->gate_id > c->committed;  /* never deliver */
       c->bus.gate = c->committed;                   /* uncommitted */
@@ -229,6 +251,17 @@ static int lcore_take(lua_State *L) {
       break;
     }
     hand_out(L, c, sub, ev, ++n);
+    prio = ev->priority;
+  }
+  if (level == 0 && below == BUZZ_NPRIO && n > 0) {
+    if (c->batch_ref == LUA_NOREF) {   /* preempt goes to this array */
+      lua_pushvalue(L, T_SUBS);
+      c->batch_ref = luaL_ref(L, T_U);
+    } else {
+      lua_pushvalue(L, T_SUBS);
+      lua_rawseti(L, T_U, c->batch_ref);
+    }
+    c->batch_prio = prio;
   }
   c->bus.has_gate = 0;
   if (n == 0 && level == 0 && max > 0 && c->is_open && c->store &&

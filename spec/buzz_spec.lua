@@ -86,6 +86,40 @@ describe("a bus", function()
       assert.same({ "first:a", "first:b", "second" }, order)
     end)
 
+    it("delivers a critical event a handler publishes before the normal "
+       .. "events already queued", function()
+      local order = {}
+      bus:subscribe("n", function(ev)
+        order[#order + 1] = "n" .. ev.payload
+        if ev.payload == 1 then
+          bus:publish("c", 1, { priority = "critical" })
+          bus:publish("h", 1, { priority = "high" })
+          bus:publish("n", 9)
+        end
+      end)
+      bus:subscribe("c", function() order[#order + 1] = "c" end)
+      bus:subscribe("h", function() order[#order + 1] = "h" end)
+      for i = 1, 3 do bus:publish("n", i) end
+      assert.equal(6, bus:drain())
+      assert.same({ "n1", "c", "h", "n2", "n3", "n9" }, order)
+    end)
+
+    it("counts a preempting delivery toward step(max)", function()
+      local order = {}
+      bus:subscribe("n", function(ev)
+        order[#order + 1] = "n" .. ev.payload
+        if ev.payload == 1 then
+          bus:publish("c", 1, { priority = "critical" })
+        end
+      end)
+      bus:subscribe("c", function() order[#order + 1] = "c" end)
+      for i = 1, 3 do bus:publish("n", i) end
+      assert.equal(2, bus:step(2))
+      assert.same({ "n1", "c" }, order)
+      assert.equal(2, bus:step(5))
+      assert.same({ "n1", "c", "n2", "n3" }, order)
+    end)
+
     it("passes the payload by reference, one event table per event",
        function()
       local payload, tables = { n = 1 }, {}

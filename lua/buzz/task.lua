@@ -50,6 +50,7 @@ function M.new(bus)
     is_stopped = false,
     subs = {}, evs = {},    -- the queue's batch: [pos..last] not run yet
     pos = 1, last = 0, is_durable = false,
+    psubs = {}, pevs = {},  -- a preempting take's (one delivery)
     levels = {},            -- publish_sync level -> { subs, evs }
   }
 end
@@ -131,6 +132,27 @@ local function report_errs(bus, errs)
   end
 end
 
+local PRIO = { critical = 0, high = 1, normal = 2, low = 3 }
+
+-- Makes at most max deliveries of events more urgent than the priority
+-- below, one take at a time (a stop() leaves nothing taken behind);
+-- returns how many.
+local function preempt(t, below, max)
+  local bus, n, subs, evs = t.bus, 0, t.psubs, t.pevs
+  while n < max do
+    local c = bus._core
+    if not c or t.is_stopped then break end
+    local m, errs = c:take(1, subs, evs, 0, below)
+    if errs then report_errs(bus, errs) end
+    if m == 0 then break end
+    local sub, ev = subs[1], evs[1]
+    subs[1], evs[1] = nil, nil
+    n = n + 1
+    run(t, c, sub, ev)
+  end
+  return n
+end
+
 --- Makes at most max deliveries from the queue (and durable consumers'
 --- pages), never waiting; returns how many. Stops early on stop() or
 --- when a handler closes the bus.
@@ -164,6 +186,16 @@ function M.drive(t, max)
         if c and id then c:ack(id, sub, ev.id) end
       end
       if t.is_stopped or not bus._core then break end
+      local p = subs.preempt           -- a handler queued a more urgent
+      if p and evs[pos] ~= ev then     -- event than the batch's last (it
+        subs.preempt = nil             -- comes after the current event)
+        local below = pos <= last and PRIO[evs[pos].priority]
+        if below and p < below and n < max then
+          t.pos = pos
+          n = n + preempt(t, below, max - n)
+          if t.is_stopped or not bus._core then break end
+        end
+      end
     end
     t.pos = pos
     if pos > last then                 -- let the tables run go (GC)
