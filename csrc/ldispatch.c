@@ -379,6 +379,26 @@ int buzz__lcore_resumed(lua_State *L, lua_State *co, int rc, int nres) {
 }
 
 /*
+** Is co a thread with nothing to resume (never run, or run to its end,
+** its results taken): one core:resume may start a function in?
+*/
+static int is_idle(lua_State *L, lua_State *co) {
+  lua_Debug ar;
+  return co != L && lua_status(co) == LUA_OK && lua_gettop(co) == 0 &&
+         !lua_getstack(co, 0, &ar);
+}
+
+/* Is the value at idx a function, or has it a __call metamethod? */
+static int is_callable(lua_State *L, int idx) {
+  int t = lua_type(L, idx);
+  if (t == LUA_TFUNCTION) return 1;
+  if (t != LUA_TTABLE && t != LUA_TUSERDATA) return 0;
+  if (luaL_getmetafield(L, idx, "__call") == LUA_TNIL) return 0;
+  lua_pop(L, 1);
+  return 1;
+}
+
+/*
 ** core:resume(co, ev, ...) -> true, ... | false, err. Resumes the thread
 ** co with the extra arguments and returns as coroutine.resume does: true
 ** and what co yielded or returned, or false and the error value (co is
@@ -393,12 +413,18 @@ int buzz__lcore_resumed(lua_State *L, lua_State *co, int rc, int nres) {
 ** and run out at 65 levels; SYNC_MAX bounds the nesting instead, as on
 ** LuaJIT, which does not count resumes. Never raises for co's sake.
 ** Stack: self, co, ev at 1..3, the arguments from 4.
+**
+** core:resume(co, ev, fn, ...) with co idle (is_idle) and fn callable
+** starts fn(...) in co -> true, true when it returned (its results
+** dropped; co is idle again, to be reused: a pool of threads needs no
+** yield per run, which costs a longjmp on Lua 5.4); true, false and what
+** it yielded; or false, err.
 */
 static int lcore_resume(lua_State *L) {
   lcore *c = check_core(L);
   lua_State *co = lua_tothread(L, 2);
   const char *why;
-  int nargs, u, rc, nres = 0, has_ev;
+  int nargs, u, rc, nres = 0, has_ev, is_start = 0;
   size_t level;
   if (co == NULL) luaL_checktype(L, 2, LUA_TTHREAD);
   has_ev = !lua_isnoneornil(L, 3);
@@ -406,8 +432,13 @@ static int lcore_resume(lua_State *L) {
                 "expected an event table or nil");
   if (lua_gettop(L) < 3) lua_settop(L, 3);
   nargs = lua_gettop(L) - 3;
-  if ((why = resume_refusal(L, co)) == NULL && !lua_checkstack(co, nargs))
+  if (is_callable(L, 4) && is_idle(L, co)) {
+    is_start = 1;                      /* the function is no argument */
+    why = lua_checkstack(co, nargs) ? NULL : "too many arguments to resume";
+  } else if ((why = resume_refusal(L, co)) == NULL &&
+             !lua_checkstack(co, nargs)) {
     why = "too many arguments to resume";
+  }
   if (why != NULL) {
     lua_pushboolean(L, 0);
     lua_pushstring(L, why);
@@ -438,16 +469,33 @@ static int lcore_resume(lua_State *L) {
     }
   }
 #if LUA_VERSION_NUM >= 504
-  rc = lua_resume(co, NULL, nargs, &nres);
+  rc = lua_resume(co, NULL, nargs - is_start, &nres);
 #else
-  rc = buzz_resume_n(co, L, nargs, &nres);
+  rc = buzz_resume_n(co, L, nargs - is_start, &nres);
 #endif
   c->ncur = level;                     /* nested levels are gone */
   if (has_ev && c->is_open) {          /* else U went with close() */
     lua_pushboolean(L, 0);             /* keep the slot a non-nil */
     lua_rawseti(L, u, c->cur[level].slot);   /* value: see luaL_ref */
   }
-  return buzz__lcore_resumed(L, co, rc, nres);
+  if (!is_start || (rc != LUA_OK && rc != LUA_YIELD))
+    return buzz__lcore_resumed(L, co, rc, nres);
+  if (rc == LUA_OK) {                  /* returned: idle again */
+    lua_settop(co, 0);
+    lua_pushboolean(L, 1);
+    lua_pushboolean(L, 1);
+    return 2;
+  }
+  if (!lua_checkstack(L, nres + 2)) {  /* co stays suspended */
+    lua_pop(co, nres);
+    lua_pushboolean(L, 0);
+    lua_pushliteral(L, "too many results to resume");
+    return 2;
+  }
+  lua_pushboolean(L, 1);               /* true, false, what it yielded */
+  lua_pushboolean(L, 0);
+  lua_xmove(co, L, nres);
+  return 2 + nres;
 }
 
 const luaL_Reg buzz__ldispatch_methods[] = {

@@ -20,12 +20,12 @@
 -- @module buzz.task
 local core = require "buzz.core"
 
-local rawget, type, pcall, setmetatable = rawget, type, pcall, setmetatable
+local rawget, type, pcall = rawget, type, pcall
 local co_lib = coroutine
 -- The raw coroutine functions: inside OpenResty coroutine.* serve the
 -- threads nginx schedules.
 local create = rawget(co_lib, "_create") or co_lib.create
-local yield = rawget(co_lib, "_yield") or co_lib.yield
+local co_resume = rawget(co_lib, "_resume") or co_lib.resume
 local close = co_lib.close             -- nil before Lua 5.4
 local traceback = core.traceback
 
@@ -34,10 +34,6 @@ local M = {}
 local BATCH = 64        -- deliveries one take hands out at most
 local POOL_MAX = 64     -- idle coroutines kept per bus
 
--- What a worker yields when its handler returned.
-local DONE = setmetatable({}, { __tostring = function() return "done" end })
-M.DONE = DONE
-
 --- The running state of one bus.
 ---@param bus table
 ---@return table
@@ -45,7 +41,6 @@ function M.new(bus)
   return {
     bus = bus,
     pool = {}, npool = 0,   -- idle workers, pool[1..npool]
-    states = setmetatable({}, { __mode = "k" }),  -- worker -> its state
     depth = 0,              -- resumes under way (> 0: inside a handler)
     is_stopped = false,
     subs = {}, evs = {},    -- the queue's batch: [pos..last] not run yet
@@ -55,41 +50,38 @@ function M.new(bus)
   }
 end
 
--- A worker: runs a handler with its event, yields DONE, and is given the
--- next. One whose handler yielded is the supervisor's from then on: when
--- that handler returns, the worker ends (st.adopted).
-local function new_worker(t)
-  local st = { adopted = false, body = false }
-  local function body(fn, ev)
-    while true do
-      fn(ev)
-      if st.adopted then return end
-      fn, ev = nil, nil  -- luacheck: ignore 311 (an idle worker holds no event)
-      fn, ev = yield(DONE)
-    end
-  end
-  st.body = body                       -- where its tracebacks stop
-  local co = create(body)
-  t.states[co] = st
+-- An idle thread for the pool: run to its end, so core:resume can start
+-- a handler in it, and again once that handler returned.
+local function noop() end
+
+local function new_thread()
+  local co = create(noop)
+  co_resume(co)
   return co
+end
+
+-- An idle thread from the pool, or a new one.
+local function idle(t)
+  local k = t.npool
+  if k == 0 then return new_thread() end
+  t.npool = k - 1
+  return t.pool[k]
 end
 
 local function message(what)
   return type(what) == "string" and what or "(error object is not a string)"
 end
 
--- The worker co did not come back DONE: its handler yielded (ok) or
--- raised (what).
+-- The handler in co yielded (ok: it is the supervisor's now) or raised
+-- (what).
 local function settle(t, co, sub, ev, ok, what, arg)
-  local bus, st = t.bus, t.states[co]
-  t.states[co] = nil
-  if ok then                           -- it yielded: the supervisor's now
-    st.adopted = true
+  local bus = t.bus
+  if ok then
     local fine, err = pcall(bus._sup.adopt, bus._sup, co, sub, ev, what, arg)
     if fine then return end
     what = err
   end
-  bus._report(what, ev, sub, traceback(co, message(what), 0, st.body))
+  bus._report(what, ev, sub, traceback(co, message(what), 0))
   if close then close(co) end
 end
 
@@ -98,21 +90,20 @@ end
 local function run(t, c, sub, ev)
   if not sub.is_active then return end
   if sub._once then sub.is_active = false end   -- the core ended it
-  local k, co = t.npool
-  if k > 0 then
-    co, t.npool = t.pool[k], k - 1
-  else
-    co = new_worker(t)
-  end
+  local co = idle(t)
   t.depth = t.depth + 1
-  local ok, what, arg = c:resume(co, ev, sub._fn, ev)
+  local ok, done, what, arg = c:resume(co, ev, sub._fn, ev)
   t.depth = t.depth - 1
-  if what == DONE and ok then
-    k = t.npool + 1
+  if done and ok then                  -- it returned: co is idle again
+    local k = t.npool + 1
     if k <= POOL_MAX then t.pool[k], t.npool = co, k end
     return
   end
-  settle(t, co, sub, ev, ok, what, arg)
+  if ok then
+    settle(t, co, sub, ev, true, what, arg)
+  else
+    settle(t, co, sub, ev, false, done)
+  end
 end
 M.run = run
 
@@ -160,49 +151,71 @@ end
 ---@return integer
 function M.drive(t, max)
   local bus, n = t.bus, 0
-  local subs, evs = t.subs, t.evs
-  while n < max do
-    local c = bus._core
-    if not c or t.is_stopped then break end
+  local c = bus._core
+  if not c or t.is_stopped then return 0 end
+  -- The batch loop keeps what it reads per delivery in locals: the core's
+  -- resume, one idle thread (a handler that returns leaves it idle for
+  -- the next one), and the depth (a handler runs all through the batch
+  -- but for the reporter, which may drive the bus).
+  local subs, evs, resume, d = t.subs, t.evs, c.resume, t.depth
+  local co = idle(t)
+  while n < max and not t.is_stopped do
     local pos, last = t.pos, t.last
     if pos > last then
       local want = max - n
       local m, errs, is_durable = c:take(want < BATCH and want or BATCH,
                                          subs, evs)
       if errs then report_errs(bus, errs) end
-      if m == 0 then break end
+      if m == 0 or t.is_stopped then break end
       pos, last = 1, m
       t.last, t.is_durable = m, is_durable or false
     end
     local is_durable = t.is_durable
+    t.depth = d + 1
     while pos <= last and n < max do
       local sub, ev = subs[pos], evs[pos]
       pos = pos + 1
       n = n + 1
-      run(t, c, sub, ev)
-      if is_durable then
-        c = bus._core
-        local id = sub._id             -- nil: it ended meanwhile
-        if c and id then c:ack(id, sub, ev.id) end
+      if sub.is_active then
+        if sub._once then sub.is_active = false end  -- the core ended it
+        local ok, done, what, arg = resume(c, co, ev, sub._fn, ev)
+        if not (done and ok) then      -- it yielded or raised
+          t.depth = d
+          if ok then
+            settle(t, co, sub, ev, true, what, arg)
+          else
+            settle(t, co, sub, ev, false, done)
+          end
+          t.depth = d + 1
+          co = idle(t)
+        end
       end
-      if t.is_stopped or not bus._core then break end
+      if is_durable and bus._core then
+        local id = sub._id             -- nil: it ended meanwhile
+        if id then c:ack(id, sub, ev.id) end
+      end
+      if t.is_stopped then break end   -- stop(), or the bus closed
       local p = subs.preempt           -- a handler queued a more urgent
       if p and evs[pos] ~= ev then     -- event than the batch's last (it
         subs.preempt = nil             -- comes after the current event)
         local below = pos <= last and PRIO[evs[pos].priority]
         if below and p < below and n < max then
-          t.pos = pos
+          t.depth, t.pos = d, pos
           n = n + preempt(t, below, max - n)
-          if t.is_stopped or not bus._core then break end
+          t.depth = d + 1
+          if t.is_stopped then break end
         end
       end
     end
+    t.depth = d
     t.pos = pos
     if pos > last then                 -- let the tables run go (GC)
       for i = 1, last do subs[i], evs[i] = nil, nil end
       t.last = 0
     end
   end
+  local k = t.npool + 1
+  if k <= POOL_MAX then t.pool[k], t.npool = co, k end
   return n
 end
 
@@ -233,9 +246,11 @@ function M.held(t)
   return t.last - t.pos + 1
 end
 
---- The bus closed: what a take handed out and nothing ran is dropped.
+--- The bus closed: what a take handed out and nothing ran is dropped,
+--- and a drive under way stops.
 function M.close(t)
   t.pos, t.last = 1, 0
+  t.is_stopped = true
 end
 
 return M
