@@ -307,23 +307,31 @@ static int lcore_ack(lua_State *L) {
 ** hold up a delivery (queued events, or durable consumers, which read
 ** the committed log), waits for their commit (blocking the caller: only
 ** where it must, as step and drain do) and returns true, with the
-** message of a failed group; false when there was nothing to wait for.
+** message of a failed group; true too when a commit came whose news was
+** not taken yet; false when there was nothing to wait for.
 */
 static int lcore_wait_commit(lua_State *L) {
   lcore *c = check_core(L);
   char err[ERR_MAX];
-  if (c->store == NULL || buzz__store_is_idle(c->store) ||
+  int rc;
+  if (c->store == NULL ||
       (buzz__bus_pending(&c->bus) == 0 && c->ndurable == 0)) {
     lua_pushboolean(L, 0);
     return 1;
   }
+  if (!buzz__store_is_idle(c->store)) {
+    rc = store_flush(L, c, push_refs(L), err);
+  } else if (buzz__store_committed(c->store) > c->committed) {
+    rc = store_sync(L, c, push_refs(L), err);  /* news not taken yet */
+  } else {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
   lua_pushboolean(L, 1);
-  if (store_flush(L, c, push_refs(L), err) < 0) {
+  if (rc < 0) {
     lua_pushfstring(L, "ESTORE: %s", err);
-    lua_remove(L, -2);
     return 2;
   }
-  lua_pop(L, 1);
   return 1;
 }
 

@@ -1068,3 +1068,25 @@ describe("bad failure-handling input", function()
     assert.equal(0, bus:stats().delayed)
   end)
 end)
+
+
+describe("step(max) with retries due", function()
+  it("makes at most max deliveries and counts those timers start", function()
+    local bus = buzz.new{ on_error = function() end }
+    local runs = 0
+    bus:subscribe("job", function(ev)
+      runs = runs + 1
+      if ev.attempt == 1 then error("first attempt fails") end
+    end, { retry = { max = 2, base = 0 } })
+    for i = 1, 50 do bus:publish("job", i) end
+    assert.equal(50, bus:step(50))    -- 50 first attempts: 50 retries due
+    assert.equal(50, runs)
+    assert.equal(1, bus:step(1))      -- one retry, not 50
+    assert.equal(51, runs)
+    assert.equal(10, bus:step(10))
+    assert.equal(61, runs)
+    bus:drain()                       -- drain still runs everything
+    assert.equal(100, runs)
+    bus:close()
+  end)
+end)

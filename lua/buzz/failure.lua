@@ -81,7 +81,9 @@ local BREAKER_DEFAULTS = { failures = 5, within = 10, cool_down = 30 }
 
 local util = require "buzz.util"
 local errors = require "buzz.errors"
-local task_resume = require("buzz.task").resume
+local task = require "buzz.task"
+local task_resume, task_started, task_spent = task.resume, task.started,
+                                              task.is_spent
 local quote = util.quote
 
 local function fifo()
@@ -445,7 +447,8 @@ function Supervisor:flush()
   while true do
     local job = shift(q)
     if job == nil then break end
-    if self.is_held then               -- back to the head of the queue
+    if self.is_held or task_spent(self.bus._task) then  -- back to the
+                                       -- head of the queue (step's budget)
       q.first = q.first - 1
       q[q.first] = job
       break
@@ -738,6 +741,7 @@ end
 -- only if the handler yields: one that never does cannot be interrupted.
 function Runner:start(job)
   local sup = self.sup
+  task_started(sup.bus._task)          -- a delivery: step(max) counts it
   self.inflight = self.inflight + 1
   job.is_over = false
   job.evt = event_for(job)

@@ -848,11 +848,12 @@ function Bus:publish(etype, payload, opts)
 end
 
 
--- Fires the timers due by the bus's clock; returns how many fired.
+-- Fires the timers due by the bus's clock (while step's budget lasts);
+-- returns how many fired.
 local function fire_due(self)
   local tl = self._timers
   if tl.n == 0 then return 0 end
-  return tl:fire(self._clock:now_ms())
+  return tl:fire(self._clock:now_ms(), task.is_spent, self._task)
 end
 
 --- Makes at most max deliveries (default 1); returns how many it made.
@@ -869,9 +870,14 @@ function Bus:step(max)
   not_in_handler(self, "step")
   local t = self._task
   t.is_stopped = false
-  fire_due(self)
-  if not self._core then return 0 end   -- a timer's callback closed the bus
-  return pull(self, t, max)
+  local start = t.runs
+  t.limit = start + max               -- every delivery counts, however
+  fire_due(self)                      -- it started: timers (retries),
+  if self._core then self._sup:flush() end  -- the supervisor's queue
+  local n = t.runs - start
+  if n < max and self._core then pull(self, t, max - n) end
+  t.limit = false
+  return t.runs - start
 end
 
 --- Delivers until nothing is due; returns the number of deliveries.
@@ -884,6 +890,7 @@ function Bus:drain()
   t.is_stopped = false
   local total = 0
   repeat
+    self._sup:flush()                 -- what a step(max) left queued
     local n = pull(self, t, HUGE)
     local fired = self._core and fire_due(self) or 0
     total = total + n
@@ -918,6 +925,7 @@ function Bus:_turn(max)
   t.is_stopped = false
   fire_due(self)
   if not self._core then return 0 end
+  self._sup:flush()                   -- what a step(max) left queued
   return drive(t, max)
 end
 
@@ -938,6 +946,7 @@ function Bus:run()
   t.is_stopped = false
   local total, tl, clock, c = 0, self._timers, self._clock
   while true do
+    self._sup:flush()                 -- what a step(max) left queued
     local n = drive(t, RUN_BATCH)
     total = total + n
     c = self._core

@@ -43,6 +43,8 @@ function M.new(bus)
     pool = {}, npool = 0,   -- idle workers, pool[1..npool]
     depth = 0,              -- resumes under way (> 0: inside a handler)
     is_stopped = false,
+    runs = 0,               -- deliveries made, however they started
+    limit = false,          -- step(max): runs at which work stops
     subs = {}, evs = {},    -- the queue's batch: [pos..last] not run yet
     pos = 1, last = 0, is_durable = false,
     psubs = {}, pevs = {},  -- a preempting take's (one delivery)
@@ -91,6 +93,7 @@ local function run(t, c, sub, ev)
   if not sub.is_active then return end
   if sub._once then sub.is_active = false end   -- the core ended it
   local co = idle(t)
+  t.runs = t.runs + 1
   t.depth = t.depth + 1
   local ok, done, what, arg = c:resume(co, ev, sub._fn, ev)
   t.depth = t.depth - 1
@@ -201,7 +204,8 @@ function M.drive(t, max)
         local below = pos <= last and PRIO[evs[pos].priority]
         if below and p < below and n < max then
           t.depth, t.pos = d, pos
-          n = n + preempt(t, below, max - n)
+          local m = preempt(t, below, max - n)
+          n, t.runs = n + m, t.runs - m  -- run() counted them: drive adds n
           t.depth = d + 1
           if t.is_stopped then break end
         end
@@ -216,6 +220,7 @@ function M.drive(t, max)
   end
   local k = t.npool + 1
   if k <= POOL_MAX then t.pool[k], t.npool = co, k end
+  t.runs = t.runs + n
   return n
 end
 
@@ -244,6 +249,18 @@ end
 --- Deliveries a take handed out that have not run (a stop() came).
 function M.held(t)
   return t.last - t.pos + 1
+end
+
+--- A delivery a timer or the supervisor's queue started (a retry, a job
+--- that waited for its lane): it counts toward step(max).
+function M.started(t)
+  t.runs = t.runs + 1
+end
+
+--- Has step(max) made its deliveries? Then timers and queued jobs wait.
+function M.is_spent(t)
+  local limit = t.limit
+  return limit and t.runs >= limit or false
 end
 
 --- The bus closed: what a take handed out and nothing ran is dropped,

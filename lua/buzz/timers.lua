@@ -151,9 +151,10 @@ end
 --- Fires every timer due by now, in (due, seq) order, including those a
 --- callback sets for a time already reached, until one sets is_held.
 --- Returns how many fired.
-function Timers:fire(now)
+function Timers:fire(now, is_spent, arg)
   local fired, h = 0, self.heap
   while self.n > 0 and not self.is_held do
+    if is_spent and is_spent(arg) then break end  -- step(max)'s budget
     local top = h[1]
     if top.fn ~= nil and top.due > now then break end
     pop(self)
