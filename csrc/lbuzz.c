@@ -75,20 +75,7 @@ static const char *const uv_strings[] = {
 
 /* ------------------------------------------------------------ helpers */
 
-/*
-** Methods get the metatable as upvalue 1, so the type check is one
-** comparison (luaL_checkudata looks the name up in the registry).
-*/
-static lcore *check_core(lua_State *L) {
-  lcore *c = (lcore *)lua_touserdata(L, 1);
-  if (c == NULL || !lua_getmetatable(L, 1) ||
-      !lua_rawequal(L, -1, lua_upvalueindex(1)))
-    c = (lcore *)luaL_checkudata(L, 1, CORE_MT);   /* raises */
-  else
-    lua_pop(L, 1);
-  if (!c->is_open) luaL_error(L, "attempt to use a closed bus");
-  return c;
-}
+#define check_core buzz__lcore_check_fast
 
 /* Pushes U and returns its absolute index. */
 static int push_refs(lua_State *L) {
@@ -930,6 +917,25 @@ static void push_correlation(lua_State *L, int u, int ref) {
   }
 }
 
+/*
+** The causation id a publish made at the current-event level cur takes:
+** its id, or (a level core:resume pushed) the integer id of its event
+** table, read raw now; 0 for none. A method's upvalues are in reach.
+*/
+static int64_t cur_id(lua_State *L, int u, const lcur *cur) {
+  int64_t id = 0;
+  if (cur->id != 0 || cur->table_ref == BUZZ_NOREF) return cur->id;
+  lua_rawgeti(L, u, cur->table_ref);
+  if (lua_istable(L, -1)) {
+    lua_pushvalue(L, UV(UV_ID));
+    lua_rawget(L, -2);
+    if (!buzz__to_int(L, -1, 0, INT64_MAX, &id)) id = 0;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return id;
+}
+
 /* Pushes nil, "EDEPTH: ...", "EDEPTH": publish_sync nested too deep. */
 static int push_too_deep(lua_State *L, lcore *c) {
   lua_pushnil(L);
@@ -1015,7 +1021,7 @@ static int do_publish(lua_State *L, int mode) {
   if ((ev = buzz__event_new(&c->bus.queue)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   ev->priority = (unsigned char)prio;
-  ev->causation_id = caus == 0 ? cur.id : (int64_t)caus;
+  ev->causation_id = caus == 0 ? cur_id(L, ctx.u, &cur) : (int64_t)caus;
   ev->version = (int)version;
   if (ts > 0) ev->ts = (int64_t)ts;    /* a manual clock's time */
   if (c->store &&
@@ -1108,14 +1114,14 @@ static int lcore_current(lua_State *L) {
   if (c->ncur == 0) return 0;
   cur = c->cur[c->ncur - 1];
   if (cur.id == 0 && cur.table_ref == BUZZ_NOREF) return 0;
-  if (cur.id != 0) lua_pushinteger(L, (lua_Integer)cur.id);
-  else lua_pushnil(L);
-  if (cur.table_ref != BUZZ_NOREF) {
+  {
     int u = push_refs(L);
-    push_correlation(L, u, cur.table_ref);
+    int64_t id = cur_id(L, u, &cur);
+    if (id != 0) lua_pushinteger(L, (lua_Integer)id);
+    else lua_pushnil(L);
+    if (cur.table_ref != BUZZ_NOREF) push_correlation(L, u, cur.table_ref);
+    else lua_pushnil(L);
     lua_remove(L, u);
-  } else {
-    lua_pushnil(L);
   }
   return 2;
 }
@@ -1304,6 +1310,9 @@ void buzz__lcore_correlation(lua_State *L, int u, int ref) {
 }
 int buzz__lcore_too_deep(lua_State *L, lcore *c) {
   return push_too_deep(L, c);
+}
+int64_t buzz__lcore_cur_id(lua_State *L, int u, const lcur *cur) {
+  return cur_id(L, u, cur);
 }
 void buzz__lcore_push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
                             int from_args) {

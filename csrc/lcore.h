@@ -20,7 +20,8 @@
 
 /*
 ** One level of the current-event stack, innermost last: what a publish
-** made there inherits. id is the causation id (0: none); table_ref, the
+** made there inherits. id is the causation id (0: the id of the table at
+** table_ref, read when a publish needs it, or none); table_ref, the
 ** event table whose correlation_id is inherited (BUZZ_NOREF: none), is a
 ** U ref borrowed from the event in dispatch(), owned by lcore_resume()
 ** (which releases it when its resume returns), or the level's slot
@@ -97,6 +98,23 @@ enum {
 
 #define UV(i) lua_upvalueindex(i)
 
+/*
+** The core object at slot 1 of a method, or raises (not a core, or a
+** closed one). Methods get the metatable as upvalue UV_MT, so the type
+** check is one comparison (luaL_checkudata looks the name up in the
+** registry). Inline: the per-delivery methods (ldispatch.c) call it.
+*/
+static inline lcore *buzz__lcore_check_fast(lua_State *L) {
+  lcore *c = (lcore *)lua_touserdata(L, 1);
+  if (c == NULL || !lua_getmetatable(L, 1) ||
+      !lua_rawequal(L, -1, lua_upvalueindex(UV_MT)))
+    c = (lcore *)luaL_checkudata(L, 1, "buzz.core");   /* raises */
+  else
+    lua_pop(L, 1);
+  if (!c->is_open) luaL_error(L, "attempt to use a closed bus");
+  return c;
+}
+
 /* Sets field k of the table on top to the integer v. */
 static inline void buzz__set_field_int(lua_State *L, const char *k,
                                        int64_t v) {
@@ -152,6 +170,7 @@ void buzz__lcore_unref(lua_State *L, int u, int *ref);
 int buzz__lcore_cur_push(lcore *c, int64_t id, int table_ref);
 void buzz__lcore_correlation(lua_State *L, int u, int ref);
 int buzz__lcore_too_deep(lua_State *L, lcore *c);   /* EDEPTH */
+int64_t buzz__lcore_cur_id(lua_State *L, int u, const lcur *cur);
 void buzz__lcore_push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
                             int from_args);
 int buzz__lcore_save_position(lcore *c, buzz_sub *sub, char *err);

@@ -47,7 +47,7 @@
 #include "lcheck.h"
 #include "lcore.h"
 
-#define check_core buzz__lcore_check
+#define check_core buzz__lcore_check_fast
 #define push_refs buzz__lcore_refs
 #define push_fail buzz__lcore_fail
 #define push_event buzz__lcore_push_event
@@ -412,8 +412,8 @@ static int is_callable(lua_State *L, int idx) {
 ** and what co yielded or returned, or false and the error value (co is
 ** then left as it is, for debug.traceback(co, err)). While co runs, the
 ** table ev is the current event: a publish inside co inherits
-** ev.correlation_id (read raw when it publishes) and takes ev.id (an
-** integer, read raw now) as its causation id, as in a handler of ev; ev
+** ev.correlation_id and takes ev.id (an integer) as its causation id,
+** both read raw when it publishes, as in a handler of ev; ev
 ** nil means no current event, even inside a handler. Each level of the
 ** current-event stack keeps a slot in U for its table (no luaL_ref per
 ** resume). On Lua 5.4 the resume starts a fresh budget of C calls
@@ -455,15 +455,8 @@ static int lcore_resume(lua_State *L) {
   lua_xmove(L, co, nargs);             /* the arguments */
   u = push_refs(L);                    /* slot 4 */
   {
-    int64_t id = 0;
     lcur *cur;
-    if (has_ev) {
-      lua_pushvalue(L, UV(UV_ID));
-      lua_rawget(L, 3);
-      if (!buzz__to_int(L, -1, 0, INT64_MAX, &id)) id = 0;  /* none */
-      lua_pop(L, 1);
-    }
-    if (!cur_push(c, id, BUZZ_NOREF)) {
+    if (!cur_push(c, 0, BUZZ_NOREF)) { /* the id is read when needed */
       lua_pop(co, nargs);
       return luaL_error(L, "not enough memory");
     }

@@ -57,9 +57,10 @@ int buzz__lhot_sync(lua_State *L) {
   lua_rawset(L, 3);
   if (c->ncur > 0) {                   /* inside a handler: inherit */
     lcur top = c->cur[c->ncur - 1];
-    if (top.id != 0) {
+    int64_t caus = buzz__lcore_cur_id(L, u, &top);
+    if (caus != 0) {
       lua_pushvalue(L, UV(UV_CAUS));
-      lua_pushinteger(L, (lua_Integer)top.id);
+      lua_pushinteger(L, (lua_Integer)caus);
       lua_rawset(L, 3);
     }
     if (top.table_ref != BUZZ_NOREF) {
