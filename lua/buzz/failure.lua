@@ -3,15 +3,16 @@
 -- buzz.sleep and delayed events.
 --
 -- A subscription with any of retry, ordered, breaker, timeout or
--- concurrency is "supervised": the core calls a small wrapper instead of
--- the handler. A delivery that passes its gates at once runs inline in
--- the core's thread, under xpcall, and becomes a job (a table) only if it
--- fails or yields. Everything else (retries, queued and redriven
--- deliveries) is a job run in a pooled worker thread; core:resume makes
--- the job's event the current one, so publishes inside inherit its
--- correlation id whenever the job is resumed. Plain subscriptions never
--- come here, so their hot path is untouched; a plain handler that yields
--- (buzz.sleep) is adopted by the same machinery through core:on_yield.
+-- concurrency is "supervised": lua/buzz/task.lua runs a small wrapper
+-- instead of the handler. A delivery that passes its gates at once runs
+-- inline in the task's thread, under xpcall, and becomes a job (a table)
+-- only if it fails or yields. Everything else (retries, queued and
+-- redriven deliveries) is a job run in an idle thread of the bus's one
+-- pool (task.lua); core:resume makes the job's event the current one, so
+-- publishes inside inherit its correlation id whenever the job is
+-- resumed. Plain subscriptions never come here, so their hot path is
+-- untouched; a plain handler that yields (buzz.sleep) is adopted by the
+-- same machinery (Supervisor:adopt, which task.lua calls).
 --
 -- Tracebacks are taken by core.traceback at the raise and stop at the
 -- wrapper's xpcall, so a dead letter shows the handler's frames only.
@@ -30,11 +31,10 @@ local type, error, pairs, ipairs, tostring, pcall, setmetatable, assert =
 local xpcall, select = xpcall, select
 local unpack = table.unpack or unpack   -- luacheck: ignore (5.1's global)
 local getmetatable, rawget = getmetatable, rawget
--- The core resumes these threads itself (lua_resume), so inside
+-- The core resumes these threads (core:resume, lua_resume), so inside
 -- OpenResty, whose coroutine.* serve the threads nginx schedules, the raw
 -- functions it keeps as coroutine._* are the ones that fit.
 local co_lib = coroutine
-local create = rawget(co_lib, "_create") or co_lib.create
 local status = rawget(co_lib, "_status") or co_lib.status
 local yield = rawget(co_lib, "_yield") or co_lib.yield
 local running = co_lib.running
@@ -353,7 +353,6 @@ function M.new(bus, timers)
     -- job over, to resume it later with runner:continue(job, ...).
     host = nil,
     is_held = false,     -- set by the host: flush() waits (see there)
-    pool = {}, npool = 0,  -- idle worker threads
     dead = {},           -- dead letters in id order
     next_dead = 1,
     orphans = {},        -- name -> stored retries waiting for their sub
@@ -724,21 +723,9 @@ function Runner:settle(job, ok, err)
   self:fail(job, err, trace)
 end
 
--- What a pooled worker thread yields when its job's body is through.
-local IDLE = setmetatable({}, { __tostring = function() return "idle" end })
-local POOL_MAX = 16             -- idle worker threads kept per bus
-
--- A worker thread: runs a job's body, yields IDLE, and is then given the
--- next job (or dropped).
-local function worker(r, job)
-  while true do
-    r:body(job)
-    r, job = yield(IDLE)
-  end
-end
-
--- Starts an attempt in a worker thread of the pool. A timeout is armed
--- only if the handler yields: one that never does cannot be interrupted.
+-- Starts an attempt in an idle thread of the bus's pool (lua/buzz/task.lua,
+-- the one pool of the bus). A timeout is armed only if the handler
+-- yields: one that never does cannot be interrupted.
 function Runner:start(job)
   local sup = self.sup
   task_started(sup.bus._task)          -- a delivery: step(max) counts it
@@ -746,15 +733,21 @@ function Runner:start(job)
   job.is_over = false
   job.evt = event_for(job)
   if self.timeout then job.deadline = sup:now() + self.timeout end
-  local pool, n = sup.pool, sup.npool
-  local co
-  if n > 0 then
-    co, pool[n], sup.npool = pool[n], nil, n - 1
-  else
-    co = create(worker)
-  end
+  local c = sup:core()
+  if c == nil then return end
+  local t = sup.bus._task
+  local co = task.idle(t)
   job.co = co
-  self:continue(job, self, job)
+  local ok, done, what, arg = task_resume(t, c, co, job.evt, Runner.body,
+                                          self, job)
+  if ok and done then                  -- the body settled the job
+    return task.give(t, co)
+  end
+  if job.is_over or job.co ~= co then return end
+  if not ok then
+    return self:fail(job, done, trace_of(done, co))
+  end
+  self:asleep(job, what, arg)
 end
 
 -- Resumes the job's thread and takes what it gave: finished (the body
@@ -763,22 +756,17 @@ end
 function Runner:continue(job, ...)
   local c, co = self.sup:core(), job.co
   if c == nil then return end
-  local ok, what, arg = task_resume(self.sup.bus._task, c, co, job.evt, ...)
-  if what == IDLE and ok then         -- the body settled the job
-    local sup = self.sup
-    if sup.npool < POOL_MAX then
-      sup.npool = sup.npool + 1
-      sup.pool[sup.npool] = co
-    end
+  local t = self.sup.bus._task
+  local ok, what, arg = task_resume(t, c, co, job.evt, ...)
+  if ok and status(co) == "dead" then  -- it ran to its end: idle again
+    task.give(t, co)
+    if job.is_over or job.co ~= co then return end
+    if job.is_plain then self:succeed(job) end
     return
   end
   if job.is_over or job.co ~= co then return end
   if not ok then
     return self:fail(job, what, trace_of(what, co))
-  end
-  if status(co) == "dead" then
-    if job.is_plain then self:succeed(job) end
-    return
   end
   self:asleep(job, what, arg)
 end

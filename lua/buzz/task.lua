@@ -112,11 +112,21 @@ M.run = run
 
 --- Resumes co (a supervised job's thread) while ev is the current event,
 --- counting as a running handler. Returns as coroutine.resume does.
+--- With co idle (task.idle) and a function first, starts it: see
+--- core:resume (true, true when it returned).
 function M.resume(t, c, co, ev, ...)
   t.depth = t.depth + 1
-  local ok, what, arg = c:resume(co, ev, ...)
+  local ok, a, b, d = c:resume(co, ev, ...)
   t.depth = t.depth - 1
-  return ok, what, arg
+  return ok, a, b, d
+end
+
+M.idle = idle
+
+--- Gives an idle thread (one that ran to its end) back to the pool.
+function M.give(t, co)
+  local k = t.npool + 1
+  if k <= POOL_MAX then t.pool[k], t.npool = co, k end
 end
 
 -- Reports what core:take could not hand out.
