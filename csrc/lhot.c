@@ -18,15 +18,18 @@
 #define push_too_deep buzz__lcore_too_deep
 
 /*
-** core:sync(co, ev, aud, ts) -> id, ok, ... | nil, "EDEPTH: ...",
-** "EDEPTH". publish_sync's hot path in one call: refuses past SYNC_MAX
-** nested levels (taking no id), takes the next id, and sets ev.id, ev.ts
-** (ts, or the core's clock when ts is nil or false) and what ev inherits from the current event
-** (correlation_id unless ev has one, causation_id), then resumes co (a
-** suspended thread of the hot path's pool) with ev and aud while ev is
-** the current event, as one publish_sync level. Returns the id, then
-** what core:deliver returns for the resume. The constructor in
-** lua/buzz/hot.lua sizes ev so that setting these fields never rehashes.
+** core:sync(co, ev, aud, ts, fn, st) -> id, ok, done, ... | nil,
+** "EDEPTH: ...", "EDEPTH". publish_sync's hot path in one call: refuses
+** past SYNC_MAX nested levels (taking no id), takes the next id, and sets
+** ev.id, ev.ts (ts, or the core's clock when ts is nil or false) and
+** what ev inherits from the current event (correlation_id unless ev has
+** one, causation_id), then starts fn(ev, aud, st) in co (an idle thread
+** of the bus's pool, lua/buzz/task.lua) while ev is the current event,
+** as one publish_sync level. Returns the id, then what core:resume's
+** start form returns: true, true when fn returned (co is idle again);
+** true, false and what it yielded; false and the error. The constructor
+** in lua/buzz/hot.lua sizes ev so that setting these fields never
+** rehashes.
 */
 int buzz__lhot_sync(lua_State *L) {
   lcore *c = check_core(L);
@@ -36,18 +39,21 @@ int buzz__lhot_sync(lua_State *L) {
   int u, rc, nres = 0;
   size_t level;
   lcur *cur;
-  luaL_argcheck(L, co != NULL && co != L && lua_status(co) == LUA_YIELD, 2,
-                "expected a suspended thread");
+  lua_Debug ar;
+  luaL_argcheck(L, co != NULL && co != L && lua_status(co) == LUA_OK &&
+                lua_gettop(co) == 0 && !lua_getstack(co, 0, &ar), 2,
+                "expected an idle thread");
   luaL_checktype(L, 3, LUA_TTABLE);
-  if (!lua_checkstack(co, 2)) return luaL_error(L, "stack overflow");
+  luaL_checktype(L, 6, LUA_TFUNCTION);
+  if (!lua_checkstack(co, 4)) return luaL_error(L, "stack overflow");
   if (c->store != NULL)
     return luaL_error(L, "core:sync() is for a memory bus; a store's "
                       "events go through core:publish_sync()");
   if (c->nsync >= SYNC_MAX) return push_too_deep(L, c);
   if (c->bus.last_id >= BUZZ_INT_EXACT)
     return push_fail(L, BUZZ_EINVAL, "no ids left");
-  lua_settop(L, 4);
-  u = push_refs(L);                    /* slot 5 */
+  lua_settop(L, 7);
+  u = push_refs(L);                    /* slot 8 */
   id = ++c->bus.last_id;
   lua_pushvalue(L, UV(UV_ID));
   lua_pushinteger(L, (lua_Integer)id);
@@ -84,15 +90,17 @@ int buzz__lhot_sync(lua_State *L) {
   if (cur->slot == LUA_NOREF) cur->slot = luaL_ref(L, u);
   else lua_rawseti(L, u, cur->slot);
   cur->table_ref = cur->slot;
-  lua_pushinteger(L, (lua_Integer)id); /* slot 6: the result */
+  lua_pushinteger(L, (lua_Integer)id); /* slot 9: the result */
+  lua_pushvalue(L, 6);                 /* fn(ev, aud, st) */
   lua_pushvalue(L, 3);
   lua_pushvalue(L, 4);
-  lua_xmove(L, co, 2);
+  lua_pushvalue(L, 7);
+  lua_xmove(L, co, 4);
   c->nsync++;
 #if LUA_VERSION_NUM >= 504
-  rc = lua_resume(co, NULL, 2, &nres);
+  rc = lua_resume(co, NULL, 3, &nres);
 #else
-  rc = buzz_resume_n(co, L, 2, &nres);
+  rc = buzz_resume_n(co, L, 3, &nres);
 #endif
   c->nsync--;
   c->ncur = level;                     /* nested levels are gone */
@@ -100,6 +108,25 @@ int buzz__lhot_sync(lua_State *L) {
     lua_pushboolean(L, 0);             /* keep the slot a non-nil */
     lua_rawseti(L, u, c->cur[level].slot);  /* value: see luaL_ref */
   }
-  return 1 + buzz__lcore_resumed(L, co, rc, nres);  /* after the id */
+  if (rc == LUA_OK) {                  /* fn returned: co is idle again */
+    lua_settop(co, 0);
+    lua_pushboolean(L, 1);
+    lua_pushboolean(L, 1);
+    return 3;
+  }
+  if (rc != LUA_YIELD) {
+    lua_pushboolean(L, 0);
+    lua_xmove(co, L, 1);               /* the error value */
+    return 3;
+  }
+  if (!lua_checkstack(L, nres + 2)) {
+    lua_pop(co, nres);
+    lua_pushboolean(L, 0);
+    lua_pushliteral(L, "too many results to resume");
+    return 3;
+  }
+  lua_pushboolean(L, 1);               /* true, false, what it yielded */
+  lua_pushboolean(L, 0);
+  lua_xmove(co, L, nres);
+  return 3 + nres;
 }
-

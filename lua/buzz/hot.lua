@@ -35,16 +35,10 @@
 -- lua/buzz/init.lua sends those through core:publish_sync.
 -- @module buzz.hot
 local core = require "buzz.core"
-local task_resume = require("buzz.task").resume
+local task = require "buzz.task"
 
-local rawget, type, pcall, setmetatable = rawget, type, pcall, setmetatable
-local co_lib = coroutine
--- The raw coroutine functions, as lua/buzz/failure.lua takes them: inside
--- OpenResty coroutine.* serve the threads nginx schedules.
-local create = rawget(co_lib, "_create") or co_lib.create
-local resume = rawget(co_lib, "_resume") or co_lib.resume
-local yield = rawget(co_lib, "_yield") or co_lib.yield
-local close = co_lib.close             -- nil before Lua 5.4
+local type, pcall, setmetatable = type, pcall, setmetatable
+local close = coroutine.close          -- nil before Lua 5.4
 local traceback = core.traceback
 
 local M = {}
@@ -54,21 +48,18 @@ local M = {}
 -- own path makes for every event).
 local MEMO_MAX = 4096
 
--- What a worker yields when it waits for work.
-local DONE = setmetatable({}, { __tostring = function() return "done" end })
-
 --- The hot path's state for one bus: its core (c), core.sync and
---- core.publish (the methods, looked up once), its manual clock (or
---- false), memo (type -> audience, false for none), nmemo, the pool of
---- idle worker threads (pool[1..npool]) and their states (thread -> st).
+--- core.publish (the methods, looked up once), its task state (task.lua:
+--- the pool of idle threads), its manual clock (or false), memo (type ->
+--- audience, false for none), nmemo, and the states of the threads it
+--- ran an audience in (thread -> st; weak).
 ---@param bus table
 ---@return table
 function M.new(bus)
   local c = bus._core
   return { bus = bus, c = c, sync = c.sync, publish = c.publish,
-           task = bus._task,
-           manual = bus._manual,
-           memo = {}, nmemo = 0, pool = {}, states = {}, npool = 0 }
+           task = bus._task, manual = bus._manual, memo = {}, nmemo = 0,
+           states = setmetatable({}, { __mode = "k" }) }
 end
 
 --- Subscriptions changed: forget every memoized audience.
@@ -102,61 +93,39 @@ local function end_once(bus, sub)
   if c and id then c:unsubscribe(id, sub) end
 end
 
--- A worker thread and its state: st.i is the index of the subscription
--- whose handler runs; a traceback of the thread stops at st.body, so it
--- shows the handler's frames only, as the core's own threads do. It
--- waits in a yield (the core resumes only suspended threads) for an
--- event and its audience, runs every live handler of it, and waits
--- again. A handler that yields leaves the
--- thread to the supervisor, which resumes it until the handler returns:
--- st.adopted then ends the thread instead of going on with the others.
-local function new_worker(h, first)
-  local bus = h.bus
-  local st = { i = first, adopted = false, body = false }
-  local function body()
-    local ev, aud = yield(DONE)
-    while true do
-      for i = st.i, #aud do
-        local sub = aud[i]
-        if sub.is_active then
-          st.i = i
-          if sub._once then end_once(bus, sub) end
-          sub._fn(ev)
-          if st.adopted then return end
-        end
-      end
-      st.i = 1
-      ev, aud = yield(DONE)
+-- Runs the live handlers of ev's audience aud from st.i on, in a thread
+-- of the bus's pool that core:sync (or core:resume) started: st is the
+-- thread's state, st.i the index of the subscription whose handler runs.
+-- A handler that yields leaves the thread to the supervisor, which
+-- resumes it until the handler returns: st.adopted then ends the run
+-- instead of going on with the others. Tracebacks of the thread stop
+-- here, so they show the handler's frames only.
+local function run_audience(ev, aud, st)
+  for i = st.i, #aud do
+    local sub = aud[i]
+    if sub.is_active then
+      st.i = i
+      if sub._once then end_once(st.bus, sub) end
+      sub._fn(ev)
+      if st.adopted then return end
     end
   end
-  st.body = body                       -- where its tracebacks stop
-  local co = create(body)
-  resume(co)                           -- to its first yield
+end
+M.run_audience = run_audience
+
+--- The state of thread co for run_audience, made on its first use.
+function M.state(h, co)
+  local st = { i = 1, adopted = false, bus = h.bus }
   h.states[co] = st
-  return co
+  return st
 end
+local state = M.state
 
--- Gives a worker that finished its event back to the pool (idle
--- workers: pool[1..npool]). The pool never holds more workers than
--- publish_sync levels were ever nested at once (at most 100, EDEPTH).
-local function give(h, co)
-  local k = h.npool + 1
-  h.pool[k], h.npool = co, k
-end
-
--- Takes an idle worker, or makes one.
-local function take(h)
-  local k = h.npool
-  if k == 0 then return new_worker(h, 1) end
-  h.npool = k - 1
-  return h.pool[k]
-end
-
--- The worker co stopped short of its event's end: the handler of aud[st.i]
--- yielded (ok) or raised. Hands the thread to the supervisor or reports
--- the error, then runs the rest of the audience in other workers.
+-- The run in co stopped short of its event's end: the handler of
+-- aud[st.i] yielded (ok) or raised. Hands the thread to the supervisor or
+-- reports the error, then runs the rest of the audience in other threads.
 local function settle(h, co, ev, aud, ok, what, arg)
-  local bus, states = h.bus, h.states
+  local bus, states, t = h.bus, h.states, h.task
   while true do
     local st = states[co]
     states[co] = nil                   -- it is not the pool's any more
@@ -169,19 +138,25 @@ local function settle(h, co, ev, aud, ok, what, arg)
       if not fine then
         bus._report(err, ev, sub, traceback(co, type(err) == "string"
                     and err or "(error object is not a string)", 0,
-                    st.body))
+                    run_audience))
         if close then close(co) end
       end
     else                               -- it raised: report, go on
       bus._report(what, ev, sub, traceback(co, type(what) == "string"
-                  and what or "(error object is not a string)", 0, st.body))
+                  and what or "(error object is not a string)", 0,
+                  run_audience))
       if close then close(co) end
     end
     local c = bus._core
     if not c or i >= #aud then return end  -- done, or the bus was closed
-    co = new_worker(h, i + 1)
-    ok, what, arg = task_resume(h.task, c, co, ev, ev, aud)
-    if ok and what == DONE then return give(h, co) end
+    co = task.idle(t)
+    st = states[co] or state(h, co)
+    st.i = i + 1
+    local done
+    ok, done, what, arg = task.resume(t, c, co, ev, run_audience, ev, aud,
+                                      st)
+    if ok and done then return task.give(t, co) end
+    if not ok then what = done end
   end
 end
 
@@ -201,30 +176,36 @@ function M.publish_sync(h, aud, etype, payload, prio, key, corr, headers,
   if corr ~= nil then ev.correlation_id = corr end
   if headers ~= nil then ev.headers = headers end
   if version ~= nil then ev.version = version end
-  local co, m, t = take(h), h.manual, h.task
+  local t, m = h.task, h.manual
+  local co = task.idle(t)
+  local st = h.states[co] or state(h, co)
+  st.i = 1
   local d = t.depth
   t.depth = d + 1                      -- a handler runs (task.lua)
-  local id, ok, what, arg = h.sync(h.c, co, ev, aud, m and m.ms)
+  local id, ok, done, what, arg = h.sync(h.c, co, ev, aud, m and m.ms,
+                                         run_audience, st)
   t.depth = d
-  if what == DONE then
-    give(h, co)
+  if done == true and ok then          -- (EDEPTH: nil, message, code)
+    task.give(t, co)
     return id
   end
-  return M.finish(h, co, ev, aud, id, ok, what, arg)
+  return M.finish(h, co, ev, aud, id, ok, done, what, arg)
 end
 
---- The end of a hot publish_sync whose worker co (taken from the pool)
---- did not come back DONE: EDEPTH (id nil), or a handler that yielded
---- or raised. Returns what publish_sync returns.
-function M.finish(h, co, ev, aud, id, ok, what, arg)
+--- The end of a hot publish_sync whose run in co (an idle thread of the
+--- pool) did not return: EDEPTH (id nil), or a handler that yielded or
+--- raised. Returns what publish_sync returns.
+function M.finish(h, co, ev, aud, id, ok, done, what, arg)
   if not id then                       -- EDEPTH: nothing was published
-    give(h, co)
-    return nil, ok, what
+    task.give(h.task, co)
+    return nil, ok, done
   end
-  settle(h, co, ev, aud, ok, what, arg)
+  if ok then
+    settle(h, co, ev, aud, true, what, arg)
+  else
+    settle(h, co, ev, aud, false, done)
+  end
   return id
 end
 
-M.take = take
-M.DONE = DONE
 return M

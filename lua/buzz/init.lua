@@ -764,8 +764,10 @@ local PRIORITY_NAMES = { [0] = "critical", "high", "normal", "low" }
 
 local publish_sync_core = publisher("publish_sync")
 local hot_sync, hot_audience = hot_path.publish_sync, hot_path.audience
-local hot_take, hot_finish, DONE = hot_path.take, hot_path.finish,
-                                   hot_path.DONE
+local hot_finish, hot_state, run_audience = hot_path.finish,
+                                           hot_path.state,
+                                           hot_path.run_audience
+local task_idle = task.idle
 
 --- Delivers an event to its handlers before returning, even in a handler.
 --- An open memory bus without middleware takes the hot path
@@ -785,23 +787,26 @@ function Bus:publish_sync(etype, payload, opts)
       -- hot.publish_sync inlined: this is the hottest call of all
       local ev = { id = 0, type = etype, payload = payload, ts = 0,
                    priority = "normal", attempt = 1 }
-      local k, co = h.npool
+      local t = h.task                 -- an idle thread of the bus's pool
+      local k, co = t.npool
       if k > 0 then
-        co, h.npool = h.pool[k], k - 1
+        co, t.npool = t.pool[k], k - 1
       else
-        co = hot_take(h)
+        co = task_idle(t)
       end
-      local m, t = h.manual, h.task
-      local d = t.depth
+      local st = h.states[co] or hot_state(h, co)
+      st.i = 1
+      local m, d = h.manual, t.depth
       t.depth = d + 1                  -- a handler runs (task.lua)
-      local id, ok, what, arg = h.sync(h.c, co, ev, aud, m and m.ms)
+      local id, ok, done, what, arg = h.sync(h.c, co, ev, aud, m and m.ms,
+                                             run_audience, st)
       t.depth = d
-      if what == DONE then
-        k = h.npool + 1
-        h.pool[k], h.npool = co, k
+      if done == true and ok then      -- (EDEPTH: nil, message, code)
+        k = t.npool + 1
+        t.pool[k], t.npool = co, k
         return id
       end
-      return hot_finish(h, co, ev, aud, id, ok, what, arg)
+      return hot_finish(h, co, ev, aud, id, ok, done, what, arg)
     elseif aud then
       local k1, v1 = next(opts)        -- { key = "..." } alone: the most
       if k1 == "key" and type(v1) == "string"  -- common options, checked
