@@ -90,6 +90,7 @@ build = {
     ["buzz.luv"] = "lua/buzz/luv.lua",
     ["buzz.middleware"] = "lua/buzz/middleware.lua",
     ["buzz.ngx"] = "lua/buzz/ngx.lua",
+    ["buzz.options"] = "lua/buzz/options.lua",
     ["buzz.router"] = "lua/buzz/router.lua",
     ["buzz.storable"] = "lua/buzz/storable.lua",
     ["buzz.timers"] = "lua/buzz/timers.lua",

@@ -18,9 +18,9 @@ local hot_path = require "buzz.hot"
 local type, error, pairs, ipairs, tostring, pcall, xpcall, next =
       type, error, pairs, ipairs, tostring, pcall, xpcall, next
 local traceback = debug.traceback
-local setmetatable, getmetatable, rawget = setmetatable, getmetatable, rawget
+local setmetatable, getmetatable = setmetatable, getmetatable
 local floor, huge, math_max = math.floor, math.huge, math.max
-local concat, sort = table.concat, table.sort
+local sort = table.sort
 local stderr = io.stderr
 
 local M = { _VERSION = "0.1.0" }
@@ -35,12 +35,8 @@ Sub.__index = Sub
 -- tells a bus from anything else.
 local HOT = setmetatable({}, { __mode = "k" })
 
---- Priorities, most urgent first, and the number the core uses for each.
-local PRIORITIES = { critical = 0, high = 1, normal = 2, low = 3 }
-local PRIORITY_CHOICES = '"critical", "high", "normal" or "low"'
-
--- Durability modes and the number the core uses for each.
-local DURABILITIES = { none = 0, batch = 1, sync = 2 }
+local options = require "buzz.options"
+local DURABILITIES = options.DURABILITIES
 
 -- Stored events read per page by events() and replay().
 local PAGE = 256
@@ -48,65 +44,24 @@ local PAGE = 256
 -- Deliveries run() makes between checks of the loop.
 local RUN_BATCH = 256
 
--- The range of max_backlog, in bytes (csrc/buzz.h, BUZZ_BACKLOG_*).
-local MIN_BACKLOG, MAX_BACKLOG = 65536, 2 ^ 48
-
 
 -- ------------------------------------------------------------ validation
+-- (lua/buzz/options.lua)
+local check_options, is_callable = options.check_options, options.is_callable
+local is_integer, check_positive = options.is_integer, options.check_positive
+local check_key, publish_options = options.check_key, options.publish_options
+local supervision, RANGE = options.supervision, options.RANGE
+local SUBSCRIBE_OPTIONS = options.SUBSCRIBE_OPTIONS
+local QUERY_OPTIONS, REPLAY_OPTIONS = options.QUERY_OPTIONS,
+                                      options.REPLAY_OPTIONS
+local STORE_INFO_OPTIONS = options.STORE_INFO_OPTIONS
+local DEAD_LETTER_OPTIONS = options.DEAD_LETTER_OPTIONS
+local check_number, MAX_SECONDS = util.check_number, util.MAX_SECONDS
+local check_subject_arg = util.check_subject_arg
+local check_subject_value = util.check_subject_value
+local check_type_arg = util.check_type_arg
+local quote = util.quote
 
-local function option_set(...)
-  local set, names = {}, { ... }
-  for i = 1, #names do set[names[i]] = true end
-  sort(names)
-  set[1] = concat(names, ", ")        -- for messages; never a real option
-  return set
-end
-
-local NEW_OPTIONS = option_set("store", "durability", "queue_limit",
-                               "on_error", "readonly", "max_payload",
-                               "dedup_window", "max_age", "max_events",
-                               "max_size", "max_backlog", "clock", "loop")
-local SUBSCRIBE_OPTIONS = option_set("once", "durable", "start", "name",
-                                     "retry", "ordered", "breaker",
-                                     "timeout", "concurrency", "filter")
-local DEAD_LETTER_OPTIONS = option_set("subscription", "types", "limit")
-local PUBLISH_OPTIONS = option_set("priority", "key", "delay", "at",
-                                   "correlation_id", "headers", "dedup",
-                                   "version")
-local QUERY_OPTIONS = option_set("types", "from", "to", "key", "limit")
-local STORE_INFO_OPTIONS = option_set("types", "events")
-local REPLAY_OPTIONS = option_set("types", "from", "to", "key", "limit",
-                                  "handler", "consumer")
-
--- Raises if opts is not nil or a table of known options.
-local function check_options(opts, allowed, what, level)
-  if opts == nil then return end
-  if type(opts) ~= "table" then
-    error(("bad options to %s: expected a table, got %s")
-          :format(what, type(opts)), level + 1)
-  end
-  for k in pairs(opts) do
-    if type(k) ~= "string" or not allowed[k] then
-      error(("unknown option %s to %s (known options: %s)")
-            :format(type(k) == "string" and ("%q"):format(k) or tostring(k),
-                    what, allowed[1]), level + 1)
-    end
-  end
-end
-
-local function is_callable(f)
-  if type(f) == "function" then return true end
-  local mt = getmetatable(f)
-  return type(mt) == "table" and rawget(mt, "__call") ~= nil
-end
-
--- An integer every Lua number holds exactly (and JSON carries): within
--- +-2^53. Larger ones (2^63, 1e300) are refused, never rounded or wrapped.
-local MAX_INT = util.MAX_INT
-local function is_integer(n)
-  return type(n) == "number" and n == floor(n) and n >= -MAX_INT
-         and n <= MAX_INT
-end
 
 -- Returns the core of a bus, raising if self is not an open bus (at
 -- level, 3 unless given: the method's caller).
@@ -118,137 +73,6 @@ local function check_bus(self, method, level)
   local c = self._core
   if not c then error("attempt to use a closed bus", level or 3) end
   return c
-end
-
-local check_subject_arg = util.check_subject_arg
-local check_subject_value = util.check_subject_value
-local check_type_arg = util.check_type_arg
-local quote = util.quote
-
--- The ranges of the numeric options (util.check_number names the field
--- and the range in its message).
-local range, check_number = util.range, util.check_number
-local MAX_SECONDS = util.MAX_SECONDS
-local RANGE = {
-  count = range("a positive integer", 1, MAX_INT, true),
-  seconds = range("a positive number", 0, MAX_SECONDS, false, true,
-                  "seconds"),
-  -- a window below a millisecond would be none; above a year, memory
-  dedup_window = range("a positive number", 0.001, 365 * 86400, false,
-                       false, "seconds (a year)"),
-  max_age = range("a positive number", 0.001, MAX_SECONDS, false, false,
-                  "seconds"),
-  version = range("a positive integer", 1, 2 ^ 31 - 1, true),
-  key = range("a string or an integer", -MAX_INT, MAX_INT, true),
-  max = range("a non-negative integer", 0, MAX_INT, true),
-}
-
--- Raises unless v is nil or a number > 0 (an integer if is_int) within
--- its range (rng: RANGE.count or RANGE.seconds unless given).
-local function check_positive(v, name, is_int, level, rng)
-  if v == nil then return end
-  check_number(v, name, rng or (is_int and RANGE.count or RANGE.seconds),
-               level + 1)
-end
-
--- Raises unless key is nil, a string or an integer within +-2^53.
-local function check_key(key, level)
-  if key == nil or type(key) == "string" then return end
-  if type(key) ~= "number" then
-    error(("bad key: expected a string or an integer, got %s")
-          :format(type(key)), level + 1)
-  end
-  check_number(key, "key", RANGE.key, level + 1)
-end
-
--- The furthest ahead a delay or an at may be, in seconds: its due time in
--- milliseconds stays an exact integer.
-local MAX_DELAY = 1e11
-
--- Validates publish options; returns priority, key, correlation_id,
--- headers, dedup, version.
-local function publish_options(opts, level)
-  if type(opts) ~= "table" then
-    error(("bad options to publish: expected a table, got %s")
-          :format(type(opts)), level + 1)
-  end
-  -- One pass over what is there (publish is the hot path: a key alone
-  -- costs one step), then the checks of what was given, in a fixed order.
-  local p, key, corr, headers, delay, at, dedup, version
-  for k, v in next, opts do
-    if k == "key" then key = v
-    elseif k == "priority" then p = v
-    elseif k == "correlation_id" then corr = v
-    elseif k == "headers" then headers = v
-    elseif k == "delay" then delay = v
-    elseif k == "at" then at = v
-    elseif k == "dedup" then dedup = v
-    elseif k == "version" then version = v
-    else
-      error(("unknown option %s to publish (known options: %s)")
-            :format(type(k) == "string" and ("%q"):format(k) or tostring(k),
-                    PUBLISH_OPTIONS[1]), level + 1)
-    end
-  end
-  local prio = 2
-  if p ~= nil then
-    prio = PRIORITIES[p]
-    if not prio then
-      error(("bad priority %s: expected %s")
-            :format(type(p) == "string" and ("%q"):format(p) or tostring(p),
-                    PRIORITY_CHOICES), level + 1)
-    end
-  end
-  if key ~= nil and type(key) ~= "string"             -- a key in range:
-     and not (type(key) == "number" and key % 1 == 0  -- no call (hot path)
-              and key >= -MAX_INT and key <= MAX_INT) then
-    check_key(key, level + 1)
-  end
-  if corr ~= nil and type(corr) ~= "string" then
-    error(("bad correlation_id: expected a string, got %s")
-          :format(type(corr)), level + 1)
-  end
-  if headers ~= nil then
-    if type(headers) ~= "table" then
-      error(("bad headers: expected a table of strings, got %s")
-            :format(type(headers)), level + 1)
-    end
-    for k, v in pairs(headers) do
-      if type(k) ~= "string" or type(v) ~= "string" then
-        error(("bad headers: names and values must be strings (%s = %s)")
-              :format(tostring(k), tostring(v)), level + 1)
-      end
-    end
-  end
-  if delay ~= nil or at ~= nil then
-    if delay ~= nil and at ~= nil then
-      error("give delay (seconds from now) or at (epoch seconds), not both",
-            level + 1)
-    end
-    if delay ~= nil and (type(delay) ~= "number" or delay ~= delay
-                         or delay < 0 or delay == huge) then
-      error(("bad delay: expected seconds >= 0, got %s"):format(quote(delay)),
-            level + 1)
-    end
-    if at ~= nil and (type(at) ~= "number" or at ~= at or at < 0
-                      or at == huge) then
-      error(("bad at: expected epoch seconds, got %s"):format(quote(at)),
-            level + 1)
-    end
-    if (delay or 0) > MAX_DELAY or (at or 0) > MAX_DELAY then
-      error(("bad %s %s: more than %g seconds (about 3,000 years) ahead")
-            :format(delay and "delay" or "at", quote(delay or at),
-                    MAX_DELAY), level + 1)
-    end
-  end
-  if dedup ~= nil and (type(dedup) ~= "string" or dedup == "") then
-    error(("bad dedup: expected a non-empty string such as \"req-77\", "
-           .. "got %s"):format(quote(dedup)), level + 1)
-  end
-  if version ~= nil then
-    check_number(version, "version", RANGE.version, level + 1)
-  end
-  return prio, key, corr, headers, dedup, version, delay ~= nil or at ~= nil
 end
 
 
@@ -317,69 +141,9 @@ end
 --- a store readonly, max_size and max_backlog (bytes), max_age, max_events
 ---@return table|nil bus, string|nil err, string|nil code
 function M.new(opts)
-  check_options(opts, NEW_OPTIONS, "buzz.new", 2)
+  local limit, on_error, durability, store, backlog, clock, loop =
+    options.new(opts, 2)
   opts = opts or {}
-  local limit = opts.queue_limit
-  if limit == nil then
-    limit = 100000
-  else
-    check_number(limit, "queue_limit", RANGE.count, 2)
-  end
-  local on_error = opts.on_error
-  if on_error ~= nil and not is_callable(on_error) then
-    error(("bad on_error: expected a function, got %s"):format(type(on_error)),
-          2)
-  end
-  local durability = opts.durability
-  if durability ~= nil and not DURABILITIES[durability] then
-    error(('bad durability %s: expected "batch", "sync" or "none"')
-          :format(quote(durability)), 2)
-  end
-  local store = opts.store
-  if store ~= nil and (type(store) ~= "string" or store == "") then
-    error(("bad store: expected the path of a SQLite file such as "
-           .. "\"events.db\", got %s"):format(quote(store)), 2)
-  end
-  if store and store:find("\0", 1, true) then
-    error(("bad store: the path %s contains a NUL byte; give a path "
-           .. "without one"):format(quote(store)), 2)
-  end
-  if store == ":memory:" then
-    error('bad store: ":memory:" cannot be shared by the store\'s writer '
-          .. "thread and its reader; omit store for an in-memory bus", 2)
-  end
-  if opts.readonly ~= nil and type(opts.readonly) ~= "boolean" then
-    error("bad readonly: expected a boolean", 2)
-  end
-  check_positive(opts.max_payload, "max_payload", true, 2)
-  check_positive(opts.dedup_window, "dedup_window", false, 2,
-                 RANGE.dedup_window)
-  check_positive(opts.max_age, "max_age", false, 2, RANGE.max_age)
-  check_positive(opts.max_events, "max_events", true, 2)
-  check_positive(opts.max_size, "max_size", true, 2)
-  local backlog = opts.max_backlog
-  if backlog ~= nil and (not is_integer(backlog) or backlog < MIN_BACKLOG
-                         or backlog > MAX_BACKLOG) then
-    error(("bad max_backlog: expected an integer number of bytes from "
-           .. "%d (64 KiB) to 2^48, got %s"):format(MIN_BACKLOG,
-                                                   quote(backlog)), 2)
-  end
-  local clock = opts.clock
-  if clock ~= nil and not timers.is_clock(clock) then
-    error(("bad clock: expected buzz.manual_clock(), got %s")
-          :format(quote(clock)), 2)
-  end
-  local loop = opts.loop
-  if loop ~= nil then driver.check(loop, 2) end   -- raises before anything
-  if not store then
-    for _, k in ipairs { "durability", "readonly", "max_age", "max_events",
-                         "max_size", "max_backlog" } do
-      if opts[k] ~= nil then
-        error(("%s applies to a store: give buzz.new{ store = "
-               .. "\"events.db\" } too, or drop %s"):format(k, k), 2)
-      end
-    end
-  end
   local copts = {
     max_payload = opts.max_payload,
     dedup_window_ms = opts.dedup_window and floor(opts.dedup_window * 1000),
@@ -442,44 +206,6 @@ function M.new(opts)
   return bus
 end
 
--- The failure-handling options of a subscription as a policy for the
--- supervisor, or nil when it has none (a plain subscription).
-local function supervision(opts, default_name, level)
-  local name = opts.name
-  if name ~= nil and (type(name) ~= "string" or name == "") then
-    error(("bad name: expected a string such as \"billing\", got %s")
-          :format(quote(name)), level + 1)
-  end
-  local retry, breaker = opts.retry, opts.breaker
-  local ordered, timeout, conc = opts.ordered, opts.timeout, opts.concurrency
-  if ordered ~= nil and type(ordered) ~= "boolean" then
-    error("bad ordered: expected a boolean", level + 1)
-  end
-  -- A durable consumer is at least once: a failed event must stay
-  -- inspectable, so without a policy it becomes a dead letter (retry = 1);
-  -- retry = false opts out (the error only goes to on_error).
-  if retry == false then
-    retry = nil
-  elseif retry == nil and opts.durable ~= nil then
-    retry = 1
-  end
-  if retry == nil and breaker == nil and not ordered and timeout == nil
-     and conc == nil then
-    return nil
-  end
-  check_positive(timeout, "timeout", false, level + 1)
-  check_positive(conc, "concurrency", true, level + 1)
-  return {
-    name = name or default_name,
-    retry = retry ~= nil and failure.retry_policy(retry, level + 1) or nil,
-    breaker = breaker ~= nil and failure.breaker_policy(breaker, level + 1)
-              or nil,
-    ordered = ordered or false,
-    timeout = timeout and floor(timeout * 1000 + 0.5),
-    concurrency = conc,
-    is_durable = opts.durable ~= nil,
-  }
-end
 
 -- The function the core calls for sub's deliveries: its filter, then its
 -- supervisor (if it has one), then the bus's middleware, then its handler.
@@ -518,43 +244,10 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
     error(("bad handler: expected a function, got %s"):format(type(handler)),
           level + 1)
   end
-  check_options(opts, SUBSCRIBE_OPTIONS, "subscribe", level + 1)
   local durable, start_new
-  if opts then
-    if opts.once ~= nil then
-      if type(opts.once) ~= "boolean" then
-        error("bad once: expected a boolean", level + 1)
-      end
-      is_once = is_once or opts.once
-    end
-    durable = opts.durable
-    if durable ~= nil then
-      if type(durable) ~= "string" or durable == "" then
-        error(("bad durable: expected a consumer name such as "
-               .. "\"billing\", got %s"):format(quote(durable)), level + 1)
-      end
-      if is_once then
-        error("a durable consumer cannot be once: it keeps a position "
-              .. "across restarts", level + 1)
-      end
-      if self._readonly then
-        error("durable consumers save their position, and this bus opened "
-              .. "its store read-only", level + 1)
-      end
-    end
-    local start = opts.start
-    if start ~= nil then
-      if start ~= "all" and start ~= "new" then
-        error(('bad start %s: expected "all" (the whole log) or "new" '
-               .. '(events after now)'):format(quote(start)), level + 1)
-      end
-      if durable == nil then
-        error("start applies to a durable consumer: give durable = "
-              .. "\"name\" too", level + 1)
-      end
-      start_new = start == "new"
-    end
-  end
+  is_once, durable, start_new = options.subscribe(opts, is_once,
+                                                  self._readonly,
+                                                  level + 1)
   local policy = opts and supervision(opts, durable or pattern, level + 1)
   local sub = setmetatable({
     pattern = pattern, handler = handler, bus = self,
