@@ -93,6 +93,7 @@ build = {
     ["buzz.options"] = "lua/buzz/options.lua",
     ["buzz.router"] = "lua/buzz/router.lua",
     ["buzz.storable"] = "lua/buzz/storable.lua",
+    ["buzz.store"] = "lua/buzz/store.lua",
     ["buzz.timers"] = "lua/buzz/timers.lua",
     ["buzz.transform"] = "lua/buzz/transform.lua",
     ["buzz.util"] = "lua/buzz/util.lua",

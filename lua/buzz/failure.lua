@@ -25,8 +25,8 @@
 -- @module buzz.failure
 local core = require "buzz.core"
 
-local type, error, pairs, ipairs, tostring, pcall, setmetatable, assert =
-      type, error, pairs, ipairs, tostring, pcall, setmetatable, assert
+local type, error, pairs, ipairs, tostring, pcall, setmetatable =
+      type, error, pairs, ipairs, tostring, pcall, setmetatable
 local xpcall, select = xpcall, select
 local unpack = table.unpack or unpack   -- luacheck: ignore (5.1's global)
 local getmetatable, rawget = getmetatable, rawget
@@ -43,7 +43,7 @@ local core_traceback = core.traceback  -- debug.traceback, minus 30 us
 local floor, min, max, random = math.floor, math.min, math.max,
                                 math.random
 local concat, sort = table.concat, table.sort
-local json_encode, json_decode = core.json_encode, core.json_decode
+local json_encode = core.json_encode
 local storable = require "buzz.storable"
 
 local M = {}
@@ -369,56 +369,19 @@ function Supervisor:core()
   return self.bus._core or nil
 end
 
--- The core when the bus is open with a writable store, else nil.
-function Supervisor:store_core()
-  local bus = self.bus
-  if bus._store and not bus._readonly then return bus._core or nil end
-  return nil
-end
-
--- The kinds of state rows that record a failure. They must be written
--- even when what they hold cannot be encoded as it is (an event table a
--- handler changed to hold a function, say): then as storable.value
--- makes it, so the event stays inspectable and can be redriven.
-local RECORDS = { retry = true, dead = true }
-
--- Writes a state row when the bus has a writable store; a failure is
--- reported, never raised (the delivery it belongs to goes on).
+-- State rows (retries, dead letters, delayed events, windows, batches)
+-- go through the bus (lua/buzz/store.lua): written only with a writable
+-- store, a failure reported, never raised.
 function Supervisor:put(kind, name, value)
-  local c = self:store_core()
-  if not c then return end
-  local text, err, code = json_encode(value)
-  if not text and code == "EINVAL" and RECORDS[kind] then
-    text, err = json_encode(storable.value(value))
-  end
-  local ok
-  if text then ok, err = c:state_put(kind, name, text) end
-  if not (text and ok) then
-    self.bus._report((errors.wrap("ESTORE", ("could not store %s %s")
-                                            :format(kind, name), err)))
-  end
+  self.bus:_state_put(kind, name, value)
 end
 
--- The decoded value of the state row kind/name, or nil (none, or not
--- JSON): what put() wrote before a restart.
 function Supervisor:get(kind, name)
-  local c = self:core()
-  if not (c and self.bus._store) then return nil end
-  for _, row in ipairs(assert(c:state_list(kind))) do
-    if row.name == name then return json_decode(row.value) end
-  end
-  return nil
+  return self.bus:_state_get(kind, name)
 end
 
 function Supervisor:del(kind, name)
-  local c = self:store_core()
-  if not c then return end
-  local ok, err = c:state_del(kind, name)
-  if not ok then
-    self.bus._report((errors.wrap("ESTORE", ("could not remove %s %s")
-                                            :format(kind, tostring(name)),
-                                  err)))
-  end
+  self.bus:_state_del(kind, name)
 end
 
 -- Publishes an engine event ($DLQ.<type>, $SYS.breaker); a refusal (a
@@ -573,17 +536,17 @@ end
 
 --- Loads stored dead letters, retries and delayed events (bus opening).
 function Supervisor:load()
-  local c = self:core()
-  for _, row in ipairs(assert(c:state_list("dead"))) do
-    local rec = json_decode(row.value)
+  local bus = self.bus
+  for _, row in ipairs(bus:_state_list("dead")) do
+    local rec = row.value
     if type(rec) == "table" and rec.id then
       self.dead[#self.dead + 1] = rec
       if rec.id >= self.next_dead then self.next_dead = rec.id + 1 end
     end
   end
   sort(self.dead, function(a, b) return a.id < b.id end)
-  for _, row in ipairs(assert(c:state_list("retry"))) do
-    local rec = json_decode(row.value)
+  for _, row in ipairs(bus:_state_list("retry")) do
+    local rec = row.value
     if type(rec) == "table" and rec.subscription and rec.event then
       rec.event, rec.stored = event_of(rec.event), row.name
       local list = self.orphans[rec.subscription] or {}
@@ -591,9 +554,9 @@ function Supervisor:load()
       self.orphans[rec.subscription] = list
     end
   end
-  if self.bus._readonly then return end
-  for _, row in ipairs(assert(c:state_list("delay"))) do
-    local rec = json_decode(row.value)
+  if bus._readonly then return end
+  for _, row in ipairs(bus:_state_list("delay")) do
+    local rec = row.value
     if type(rec) == "table" and rec.type then
       self:schedule_publish(rec, row.name)
     end
