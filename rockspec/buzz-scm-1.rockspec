@@ -91,6 +91,7 @@ build = {
     ["buzz.middleware"] = "lua/buzz/middleware.lua",
     ["buzz.ngx"] = "lua/buzz/ngx.lua",
     ["buzz.options"] = "lua/buzz/options.lua",
+    ["buzz.policy"] = "lua/buzz/policy.lua",
     ["buzz.router"] = "lua/buzz/router.lua",
     ["buzz.storable"] = "lua/buzz/storable.lua",
     ["buzz.store"] = "lua/buzz/store.lua",

@@ -29,7 +29,7 @@
 -- dead-lettered when it fails (as with retry = 1); retry = false opts
 -- out.
 -- @module buzz.batch
-local failure = require "buzz.failure"
+local policies = require "buzz.policy"
 local util = require "buzz.util"
 local errors = require "buzz.errors"
 local core = require "buzz.core"
@@ -142,9 +142,9 @@ local function split(opts, pattern, level)
   sub_opts.retry = false
   local policy = {
     name = opts.name or opts.durable or pattern,
-    retry = retry and failure.retry_policy(retry, level) or nil,
+    retry = retry and policies.retry(retry, level) or nil,
     breaker = run.breaker ~= nil
-              and failure.breaker_policy(run.breaker, level) or nil,
+              and policies.breaker(run.breaker, level) or nil,
     ordered = false,
     timeout = run.timeout and floor(run.timeout * 1000 + 0.5),
     concurrency = run.concurrency or 1,

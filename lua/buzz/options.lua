@@ -4,7 +4,6 @@
 -- counted from its caller, as the code it came from in init.lua did.
 -- @module buzz.options
 local util = require "buzz.util"
-local failure = require "buzz.failure"
 local timers = require "buzz.timers"
 local driver = require "buzz.driver"
 
@@ -283,45 +282,6 @@ function M.new(opts, level)
   return limit, on_error, durability, store, backlog, clock, loop
 end
 
--- The failure-handling options of a subscription as a policy for the
--- supervisor, or nil when it has none (a plain subscription).
-local function supervision(opts, default_name, level)
-  local name = opts.name
-  if name ~= nil and (type(name) ~= "string" or name == "") then
-    error(("bad name: expected a string such as \"billing\", got %s")
-          :format(quote(name)), level + 1)
-  end
-  local retry, breaker = opts.retry, opts.breaker
-  local ordered, timeout, conc = opts.ordered, opts.timeout, opts.concurrency
-  if ordered ~= nil and type(ordered) ~= "boolean" then
-    error("bad ordered: expected a boolean", level + 1)
-  end
-  -- A durable consumer is at least once: a failed event must stay
-  -- inspectable, so without a policy it becomes a dead letter (retry = 1);
-  -- retry = false opts out (the error only goes to on_error).
-  if retry == false then
-    retry = nil
-  elseif retry == nil and opts.durable ~= nil then
-    retry = 1
-  end
-  if retry == nil and breaker == nil and not ordered and timeout == nil
-     and conc == nil then
-    return nil
-  end
-  check_positive(timeout, "timeout", false, level + 1)
-  check_positive(conc, "concurrency", true, level + 1)
-  return {
-    name = name or default_name,
-    retry = retry ~= nil and failure.retry_policy(retry, level + 1) or nil,
-    breaker = breaker ~= nil and failure.breaker_policy(breaker, level + 1)
-              or nil,
-    ordered = ordered or false,
-    timeout = timeout and floor(timeout * 1000 + 0.5),
-    concurrency = conc,
-    is_durable = opts.durable ~= nil,
-  }
-end
-
 -- Validates subscribe's options other than the failure-handling ones
 -- (supervision's): is_once is on/once's own, readonly the bus's store's.
 -- Returns is_once, durable, start_new.
@@ -377,7 +337,6 @@ M.is_integer = is_integer
 M.check_positive = check_positive
 M.check_key = check_key
 M.publish_options = publish_options
-M.supervision = supervision
 M.SUBSCRIBE_OPTIONS = SUBSCRIBE_OPTIONS
 M.QUERY_OPTIONS = QUERY_OPTIONS
 M.STORE_INFO_OPTIONS = STORE_INFO_OPTIONS
