@@ -82,6 +82,7 @@ build = {
     ["buzz"] = "lua/buzz/init.lua",
     ["buzz.aggregate"] = "lua/buzz/aggregate.lua",
     ["buzz.batch"] = "lua/buzz/batch.lua",
+    ["buzz.dlq"] = "lua/buzz/dlq.lua",
     ["buzz.driver"] = "lua/buzz/driver.lua",
     ["buzz.errors"] = "lua/buzz/errors.lua",
     ["buzz.failure"] = "lua/buzz/failure.lua",

@@ -42,9 +42,10 @@ local close = coroutine.close         -- nil before Lua 5.4
 local core_traceback = core.traceback  -- debug.traceback, minus 30 us
 local floor, max = math.floor, math.max
 local sort = table.sort
-local json_encode = core.json_encode
 local storable = require "buzz.storable"
 local policies = require "buzz.policy"
+local dlq = require "buzz.dlq"
+local event_of = dlq.event_of
 local backoff = policies.backoff
 
 local M = {}
@@ -70,8 +71,6 @@ function RetryAfter:__tostring() return tostring(self.err) end
 storable.wrapper(Fatal)           -- described by what they carry
 storable.wrapper(RetryAfter)
 
--- The core's max_payload when buzz.new is given none (csrc/lbuzz.c).
-local DEFAULT_MAX_PAYLOAD = 1048576
 
 
 -- ------------------------------------------------------------ helpers
@@ -119,19 +118,7 @@ local function trace_of(err, co, level, stop)
   return storable.text(core_traceback(msg, level, stop))
 end
 
---- A deep copy of v (cycles and shared tables kept as such), so that
---- what callers get cannot change the records the bus keeps.
----@param v any
----@param seen table|nil
-function M.copy(v, seen)
-  if type(v) ~= "table" then return v end
-  seen = seen or {}
-  if seen[v] then return seen[v] end
-  local t = {}
-  seen[v] = t
-  for k, x in pairs(v) do t[M.copy(k, seen)] = M.copy(x, seen) end
-  return setmetatable(t, getmetatable(v))
-end
+M.copy = dlq.copy
 
 -- The event's own fields as a plain table, for dead letters and stored
 -- retries (the delivery's attempt is not part of the event).
@@ -432,14 +419,6 @@ function Supervisor:adopt_plain_orphans(sub)
   if self.orphans[sub.durable] then
     self:adopt_orphans(self:plain_runner(sub))
   end
-end
-
--- Rebuilds an event table from its stored plain form.
-local function event_of(e)
-  local ev = {}
-  for k, v in pairs(e) do ev[k] = v end
-  ev.attempt = 1
-  return ev
 end
 
 --- Loads stored dead letters, retries and delayed events (bus opening).
@@ -887,52 +866,6 @@ function Runner:bury(job, reason)
   end
 end
 
--- Error text kept per attempt in a $DLQ event that had to be trimmed.
-local TRIMMED_ERROR = 1024
-
--- The attempts of a $DLQ event being trimmed: the last one only, or all,
--- without tracebacks, their errors cut to TRIMMED_ERROR bytes.
-local function trim_attempts(copy, last_only)
-  local a, out = copy.attempts or {}, {}
-  for i = last_only and #a or 1, #a do
-    local x = a[i]
-    out[#out + 1] = { attempt = x.attempt, at = x.at,
-                      error = x.error and storable.text(x.error,
-                                                        TRIMMED_ERROR) }
-  end
-  copy.attempts = out
-  if copy.error then copy.error = storable.text(copy.error, TRIMMED_ERROR) end
-end
-
---- The payload of the $DLQ event of the dead letter rec: a copy (callers
---- cannot change the bus's record). With a store it must be held by
---- JSON within max_payload, or the event would be refused and nobody
---- told: a record JSON cannot hold as it is goes as storable.value makes
---- it; one above the limit is trimmed (is_trimmed = true) step by step
---- until it fits: tracebacks go and errors are cut to 1 KiB, then only
---- the last attempt stays, then the event's payload is left out. The
---- dead letter itself keeps everything.
-function Supervisor:dlq_payload(rec)
-  local copy = M.copy(rec)
-  local bus = self.bus
-  if not bus._store then return copy end
-  local limit = bus._max_payload or DEFAULT_MAX_PAYLOAD
-  local text, _, code = json_encode(copy, limit)
-  if text then return copy end
-  if code == "EINVAL" then
-    copy = storable.value(copy)
-    if json_encode(copy, limit) then return copy end
-  end
-  copy.is_trimmed = true
-  trim_attempts(copy, false)
-  if json_encode(copy, limit) then return copy end
-  trim_attempts(copy, true)
-  if json_encode(copy, limit) then return copy end
-  if type(copy.event) == "table" then copy.event.payload = nil end
-  return copy                      -- if it is still too big, announce
-end                                -- reports the refusal
-
-
 -- ------------------------------------------------------------ breaker
 
 function Runner:announce_breaker(state)
@@ -1010,66 +943,9 @@ end
 
 
 -- ------------------------------------------------------------ dead letters
+-- select, remove, redrive and dlq_payload (lua/buzz/dlq.lua)
 
--- The dead letters a filter selects: an id, or { subscription, types,
--- limit }; types is a subject pattern over the event's type.
-function Supervisor:select(f)
-  local out = {}
-  if type(f) == "number" then
-    for _, rec in ipairs(self.dead) do
-      if rec.id == f then out[1] = rec end
-    end
-    return out
-  end
-  f = f or {}
-  for _, rec in ipairs(self.dead) do
-    if (f.subscription == nil or rec.subscription == f.subscription)
-       and (f.types == nil or core.match(f.types, rec.event.type)) then
-      out[#out + 1] = rec
-      if f.limit and #out >= f.limit then break end
-    end
-  end
-  return out
-end
-
--- Takes the records out of the list (and the store).
-function Supervisor:remove(recs)
-  if #recs == 0 then return end
-  local gone = {}
-  for _, rec in ipairs(recs) do
-    gone[rec] = true
-    self:del("dead", ("%012d"):format(rec.id))
-  end
-  local kept = {}
-  for _, rec in ipairs(self.dead) do
-    if not gone[rec] then kept[#kept + 1] = rec end
-  end
-  self.dead = kept
-end
-
---- Delivers dead letters again to their subscriptions, from attempt 1;
---- a letter whose subscription is not subscribed stays. Returns how many
---- were redriven.
-function Supervisor:redrive(recs)
-  local moved, jobs = {}, {}
-  for _, rec in ipairs(recs) do
-    local r = self.runners[rec.subscription]
-    if r and not r.is_closed then
-      local job = r:job(event_of(rec.event), 1, (rec.redrives or 0) + 1)
-      local h = {}
-      for i, a in ipairs(rec.attempts or {}) do h[i] = a end
-      job.history = h
-      r:admit(job)
-      moved[#moved + 1] = rec
-      jobs[#jobs + 1] = job
-    end
-  end
-  self:remove(moved)
-  self.redriven = self.redriven + #moved
-  self:flush()
-  for _, job in ipairs(jobs) do job.runner:keep(job) end
-  return #moved
-end
+dlq.supervisor(Supervisor)
 
 
 -- ------------------------------------------------------------ delays

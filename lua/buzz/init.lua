@@ -14,6 +14,7 @@ local middleware = require "buzz.middleware"
 local driver = require "buzz.driver"
 local errors = require "buzz.errors"
 local hot_path = require "buzz.hot"
+local dlq = require "buzz.dlq"
 local store_api = require "buzz.store"
 
 local type, error, pairs, ipairs, tostring, pcall, next =
@@ -45,17 +46,15 @@ local RUN_BATCH = 256
 -- ------------------------------------------------------------ validation
 -- (lua/buzz/options.lua)
 local check_options, is_callable = options.check_options, options.is_callable
-local is_integer, check_positive = options.is_integer, options.check_positive
+local check_positive = options.check_positive
 local publish_options = options.publish_options
 local RANGE = options.RANGE
 local supervision = require("buzz.policy").subscription
 local SUBSCRIBE_OPTIONS = options.SUBSCRIBE_OPTIONS
-local DEAD_LETTER_OPTIONS = options.DEAD_LETTER_OPTIONS
 local check_number = util.check_number
 local check_subject_arg = util.check_subject_arg
 local check_subject_value = util.check_subject_value
 local check_type_arg = util.check_type_arg
-local quote = util.quote
 
 
 -- Returns the core of a bus, raising if self is not an open bus (at
@@ -706,78 +705,8 @@ store_api.install(Bus, check_bus, refused)
 
 -- ------------------------------------------------------------ failures
 
--- A dead-letter selection: an id, or { subscription, types, limit }.
-local function dead_filter(f, method, level)
-  if is_integer(f) then return f end
-  if type(f) ~= "table" and f ~= nil then
-    error(("bad argument to %s: expected a dead letter id or a table of "
-           .. "filters, got %s"):format(method, quote(f)), level + 1)
-  end
-  check_options(f, DEAD_LETTER_OPTIONS, method, level + 1)
-  if f then
-    if f.subscription ~= nil and type(f.subscription) ~= "string" then
-      error(("bad subscription: expected a subscription's name, such as "
-             .. "\"billing\", got %s")
-            :format(quote(f.subscription)), level + 1)
-    end
-    if f.types ~= nil then
-      check_subject_value(f.types, "types", "order.*", true, level + 1)
-    end
-    check_positive(f.limit, "limit", true, level + 1)
-  end
-  return f
-end
-
-local copy = failure.copy  -- callers cannot change the bus's records
-
---- The dead letters, oldest first: each is { id, subscription, pattern,
---- reason ("exhausted" or "fatal"), error, attempts = { { attempt, error,
---- traceback, at } }, event, failed_at, redrives }.
----@param filter table|integer|nil an id, or { subscription, types, limit }
----@return table
-function Bus:dead_letters(filter)
-  check_bus(self, "dead_letters")
-  local recs = self._sup:select(dead_filter(filter, "dead_letters", 2))
-  for i, rec in ipairs(recs) do recs[i] = copy(rec) end
-  return recs
-end
-
--- The dead letters filter selects, for a method that changes them (not on
--- a read-only store); an id that is not there raises. The method has
--- checked the bus.
-local function dead_to_change(self, method, filter)
-  if self._readonly then
-    error(("this bus opened its store read-only: it cannot %s")
-          :format(method), 3)
-  end
-  local recs = self._sup:select(dead_filter(filter, method, 3))
-  if is_integer(filter) and #recs == 0 then
-    error(("no dead letter %d on this bus"):format(filter), 3)
-  end
-  return recs
-end
-
---- Delivers dead letters again, to the subscription each came from,
---- starting over at attempt 1 (ev.redrives counts the redrives). Letters
---- whose subscription is not subscribed on this bus stay. Returns how
---- many were redriven.
----@param filter table|integer|nil an id, or { subscription, types, limit }
----@return integer
-function Bus:redrive(filter)
-  check_bus(self, "redrive")
-  local recs = dead_to_change(self, "redrive", filter)
-  return self._sup:redrive(recs)
-end
-
---- Removes dead letters for good; returns how many.
----@param filter table|integer|nil an id, or { subscription, types, limit }
----@return integer
-function Bus:discard(filter)
-  check_bus(self, "discard")
-  local recs = dead_to_change(self, "discard", filter)
-  self._sup:remove(recs)
-  return #recs
-end
+-- dead_letters, redrive, discard (lua/buzz/dlq.lua)
+dlq.install(Bus, check_bus)
 
 --- Publishes an event every seconds on the bus's clock, its payload from
 --- payload_fn() (called each time; a value is used as is). Returns a
