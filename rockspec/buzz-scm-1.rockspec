@@ -94,6 +94,7 @@ build = {
     ["buzz.options"] = "lua/buzz/options.lua",
     ["buzz.policy"] = "lua/buzz/policy.lua",
     ["buzz.router"] = "lua/buzz/router.lua",
+    ["buzz.schedule"] = "lua/buzz/schedule.lua",
     ["buzz.storable"] = "lua/buzz/storable.lua",
     ["buzz.store"] = "lua/buzz/store.lua",
     ["buzz.timers"] = "lua/buzz/timers.lua",

@@ -45,6 +45,7 @@ local sort = table.sort
 local storable = require "buzz.storable"
 local policies = require "buzz.policy"
 local dlq = require "buzz.dlq"
+local schedule = require "buzz.schedule"
 local event_of = dlq.event_of
 local backoff = policies.backoff
 
@@ -949,45 +950,9 @@ dlq.supervisor(Supervisor)
 
 
 -- ------------------------------------------------------------ delays
+-- schedule_publish (lua/buzz/schedule.lua)
 
--- Publishes a delayed event at its time; a refusal (full queue) tries
--- again a little later, so nothing is lost.
-local function publish_due(sup, rec)
-  local c = sup:core()
-  if not c then return end
-  local ok, id, err, code = pcall(c.publish, c, rec.type, rec.payload,
-                                  rec.priority, rec.key, rec.correlation_id,
-                                  rec.causation_id, rec.headers, rec.dedup,
-                                  rec.version, nil, sup.clock.ms)
-  if ok and not id and code == "EFULL" then
-    sup.timers:after(100, publish_due, sup, rec)
-    return
-  end
-  sup.delays = sup.delays - 1
-  if rec.stored then sup:del("delay", rec.stored) end
-  if not ok or not id then
-    sup.bus._report((errors.wrap("EINVAL", ("delayed %s could not be "
-                                           .. "published"):format(rec.type),
-                                 ok and err or id)))
-  end
-end
-
---- Keeps rec = { type, payload, priority (0..3), key, correlation_id,
---- causation_id, headers, dedup, version, due } until due, in the store
---- too (stored names the row when it comes from there: due/sequence).
-function Supervisor:schedule_publish(rec, stored)
-  if stored == nil and self.bus._store then
-    self.seq = self.seq + 1
-    stored = ("%016d/%08d"):format(rec.due, self.seq)
-    self:put("delay", stored, rec)
-  elseif stored then                  -- names made later must not clash
-    local seq = tonumber(stored:match("/(%d+)$"))
-    if seq and seq > self.seq then self.seq = seq end
-  end
-  rec.stored = stored
-  self.delays = self.delays + 1
-  self.timers:at(rec.due, publish_due, self, rec)
-end
+schedule.supervisor(Supervisor)
 
 function Supervisor:close()
   for r in pairs(self.all) do r:close() end   -- any order: each only ends

@@ -14,6 +14,7 @@ local middleware = require "buzz.middleware"
 local driver = require "buzz.driver"
 local errors = require "buzz.errors"
 local hot_path = require "buzz.hot"
+local schedule = require "buzz.schedule"
 local dlq = require "buzz.dlq"
 local store_api = require "buzz.store"
 
@@ -46,7 +47,6 @@ local RUN_BATCH = 256
 -- ------------------------------------------------------------ validation
 -- (lua/buzz/options.lua)
 local check_options, is_callable = options.check_options, options.is_callable
-local check_positive = options.check_positive
 local publish_options = options.publish_options
 local RANGE = options.RANGE
 local supervision = require("buzz.policy").subscription
@@ -54,7 +54,6 @@ local SUBSCRIBE_OPTIONS = options.SUBSCRIBE_OPTIONS
 local check_number = util.check_number
 local check_subject_arg = util.check_subject_arg
 local check_subject_value = util.check_subject_value
-local check_type_arg = util.check_type_arg
 
 
 -- Returns the core of a bus, raising if self is not an open bus (at
@@ -344,43 +343,8 @@ end
 -- The shared front half of publish and publish_sync. Inside a handler the
 -- core inherits the correlation id and sets the causation id itself.
 
--- publish with delay or at: checks the type and the payload now (with a
--- store the payload must be JSON), then keeps the event until its time,
--- with the correlation and causation ids it would get now (inside a
--- handler, those of the handler's event). Returns true, "delayed"; the
--- event gets its id when it is published. f holds the checked options;
--- level 3 is the caller of the function that calls this one.
-local function publish_later(self, c, method, etype, payload, opts, f,
-                             level)
-  if method ~= "publish" then
-    error("publish_sync delivers at once: use bus:publish(type, payload, "
-          .. "{ delay = seconds }) for a delayed event", level)
-  end
-  check_type_arg(etype, "task.start", level)
-  local now = self._clock:now_ms()
-  local due = opts.at and floor(opts.at * 1000 + 0.5)
-              or now + floor(opts.delay * 1000 + 0.5)
-  if due <= now then
-    local id, err, code = c:publish(etype, payload, f.prio, f.key, f.corr,
-                                    nil, f.headers, f.dedup, f.version, nil,
-                                    self._manual and self._manual.ms or nil)
-    if not id then
-      local _, e, k = refused(err, code, level)  -- not a tail call: levels
-      return nil, e, k
-    end
-    return id, err
-  end
-  if self._store then
-    local text, err = core.json_encode(payload, self._max_payload)
-    if not text then error(("bad payload: %s"):format(err), level) end
-  end
-  local caus, corr = c:current()
-  self._sup:schedule_publish({
-    type = etype, payload = payload, priority = f.prio, key = f.key,
-    correlation_id = f.corr or corr, causation_id = caus,
-    headers = f.headers, dedup = f.dedup, version = f.version, due = due })
-  return true, "delayed"
-end
+-- publish with delay or at: lua/buzz/schedule.lua.
+local publish_later = schedule.publish_later
 
 -- Makes the core's path of Bus:publish and Bus:publish_sync, which
 -- differ only in the core method they call; made once, at load, not per
@@ -708,52 +672,8 @@ store_api.install(Bus, check_bus, refused)
 -- dead_letters, redrive, discard (lua/buzz/dlq.lua)
 dlq.install(Bus, check_bus)
 
---- Publishes an event every seconds on the bus's clock, its payload from
---- payload_fn() (called each time; a value is used as is). Returns a
---- handle whose :cancel() stops it.
----@param seconds number
----@param etype string
----@param payload_fn function|any
----@return table handle
-function Bus:every(seconds, etype, payload_fn)
-  check_bus(self, "every")
-  check_positive(seconds, "seconds", false, 2)
-  check_type_arg(etype, "metrics.tick", 2)
-  local period = math_max(1, floor(seconds * 1000 + 0.5))
-  local handle = { is_active = true }
-  local tl, bus, clock = self._timers, self, self._clock
-  local function tick(due)
-    if not (handle.is_active and bus._core) then return end
-    -- The next period after now: after a stall, missed ticks are skipped,
-    -- not published in a burst.
-    local nxt, now = due + period, clock:now_ms()
-    if nxt <= now then nxt = now + period - (now - due) % period end
-    handle.timer = tl:at(nxt, tick, nxt)
-    local payload = payload_fn
-    if is_callable(payload_fn) then
-      local pok, v = pcall(payload_fn)
-      if not pok then
-        bus._report((errors.wrap("ECALLBACK", ("every(%s): payload function "
-                                              .. "raised"):format(etype), v)))
-        return
-      end
-      payload = v
-      if not bus._core then return end  -- it closed the bus
-    end
-    local pubok, id, err = pcall(bus.publish, bus, etype, payload)
-    if not (pubok and id) then
-      bus._report((errors.wrap("EINVAL", ("every(%s)"):format(etype),
-                               pubok and err or id)))
-    end
-  end
-  local first = self._clock:now_ms() + period
-  handle.timer = tl:at(first, tick, first)
-  function handle.cancel()
-    handle.is_active = false
-    return handle.timer:cancel()
-  end
-  return handle
-end
+-- every (lua/buzz/schedule.lua)
+schedule.install(Bus, check_bus, refused)
 
 --- The state of a subscription's failure handling: inflight, waiting,
 --- held, retrying, breaker ("closed", "open", "half_open" or nil).
