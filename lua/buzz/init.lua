@@ -18,12 +18,11 @@ local schedule = require "buzz.schedule"
 local dlq = require "buzz.dlq"
 local store_api = require "buzz.store"
 
-local type, error, pairs, ipairs, tostring, pcall, next =
-      type, error, pairs, ipairs, tostring, pcall, next
+local type, error, pairs, ipairs, pcall, next =
+      type, error, pairs, ipairs, pcall, next
 local setmetatable, getmetatable = setmetatable, getmetatable
 local floor, math_max = math.floor, math.max
 local sort = table.sort
-local stderr = io.stderr
 
 local M = { _VERSION = "0.1.0" }
 
@@ -71,39 +70,8 @@ end
 
 -- ------------------------------------------------------------ delivery
 
-local function default_on_error(err, ev, sub, trace)
-  if not ev then                      -- the engine: err is "CODE: message"
-    stderr:write(("buzz: %s\n"):format(failure.readable(err)))
-    return
-  end
-  local what = ("%s #%s"):format(tostring(ev.type), tostring(ev.id))
-  if ev.batch then                    -- bus:batch's handler: its events
-    local first, last = ev.batch[1], ev.batch[#ev.batch]
-    what = ("a batch of %d (#%s..#%s)"):format(#ev.batch,
-                                               tostring(first and first.id),
-                                               tostring(last and last.id))
-  end
-  stderr:write(("buzz: handler for %q failed on %s: %s\n")
-               :format(sub and sub.pattern or "?", what,
-                       trace or failure.readable(err)))
-end
-
--- The core calls this for a failed delivery; on_error runs protected, and
--- an on_error that raises is reported on stderr, in words that cannot
--- raise in turn (an error whose __tostring raises), or failing that in
--- fixed ones: a report is never dropped silently.
-local function reporter(on_error)
-  return function(err, ev, sub, trace)
-    local ok, e2 = pcall(on_error, err, ev, sub, trace)
-    if not ok then
-      local fine, line = pcall(string.format,
-        "buzz: on_error raised while reporting %q: %s\n",
-        failure.readable(err), failure.readable(e2))
-      stderr:write(fine and line or "buzz: on_error raised while "
-                   .. "reporting an error, and neither can be shown\n")
-    end
-  end
-end
+-- The default on_error and the protected reporter (lua/buzz/errors.lua).
+local default_on_error, reporter = errors.default_on_error, errors.reporter
 
 -- Runs queued deliveries in the core; raises if called from a handler
 -- (the core's only refusal, "EINHANDLER").
