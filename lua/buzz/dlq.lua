@@ -77,7 +77,7 @@ end
 function Sup:dlq_payload(rec)
   local copy = deep_copy(rec)
   local bus = self.bus
-  if not bus._store then return copy end
+  if not bus:_has_store() then return copy end
   local limit = bus._max_payload or DEFAULT_MAX_PAYLOAD
   local text, _, code = json_encode(copy, limit)
   if text then return copy end

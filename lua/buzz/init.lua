@@ -626,6 +626,49 @@ function Bus:__tostring()
 end
 
 
+-- ------------------------------------------------------------ internal
+
+-- The bus's internal interface, for the modules of lua/buzz/ (batch,
+-- aggregate, schedule, failure's supervisor, store, dlq) instead of its
+-- private fields. Not part of the public API; names start with _.
+--   bus:_now()                    the bus's clock, in milliseconds
+--   bus:_at(due_ms, fn, ...)      a timer on the bus's timer heap: fn(...)
+--                                 at due_ms; returns it (:cancel())
+--   bus:_after(ms, fn, ...)       the same, ms from now
+--   bus:_report_error(err, ev, sub, trace)  to on_error, protected
+--   bus:_announce(etype, payload) publishes an engine event ($DLQ.*,
+--                                 $SYS.*); a refusal is reported
+--   bus:_has_store()              true when the bus has a store
+--   bus:_state_put/_state_get/_state_del/_state_list  the store's state
+--                                 rows (lua/buzz/store.lua)
+--   bus:_position(name)           a durable consumer's acked id (store.lua)
+--   bus:_subscribe(...)           subscribe, for modules that subscribe
+--                                 for the user (above)
+function Bus:_now()
+  return self._clock:now_ms()
+end
+
+function Bus:_at(due, fn, ...)
+  return self._timers:at(due, fn, ...)
+end
+
+function Bus:_after(ms, fn, ...)
+  return self._timers:after(ms, fn, ...)
+end
+
+function Bus:_report_error(err, ev, sub, trace)
+  return self._report(err, ev, sub, trace)
+end
+
+function Bus:_announce(etype, payload)
+  return self._sup:announce(etype, payload)
+end
+
+function Bus:_has_store()
+  return self._store ~= nil
+end
+
+
 -- ------------------------------------------------------------ the store
 
 -- events, replay, upcaster, flush, consumers, remove_consumer, store_info

@@ -75,9 +75,9 @@ local function publish_due(sup, rec)
   sup.delays = sup.delays - 1
   if rec.stored then sup:del("delay", rec.stored) end
   if not ok or not id then
-    sup.bus._report((errors.wrap("EINVAL", ("delayed %s could not be "
-                                           .. "published"):format(rec.type),
-                                 ok and err or id)))
+    sup.bus:_report_error((errors.wrap("EINVAL",
+      ("delayed %s could not be published"):format(rec.type),
+      ok and err or id)))
   end
 end
 
@@ -85,7 +85,7 @@ end
 --- causation_id, headers, dedup, version, due } until due, in the store
 --- too (stored names the row when it comes from there: due/sequence).
 function Sup:schedule_publish(rec, stored)
-  if stored == nil and self.bus._store then
+  if stored == nil and self.bus:_has_store() then
     self.seq = self.seq + 1
     stored = ("%016d/%08d"):format(rec.due, self.seq)
     self:put("delay", stored, rec)
@@ -123,8 +123,8 @@ function Sched:every(seconds, etype, payload_fn)
     if is_callable(payload_fn) then
       local pok, v = pcall(payload_fn)
       if not pok then
-        bus._report((errors.wrap("ECALLBACK", ("every(%s): payload function "
-                                              .. "raised"):format(etype), v)))
+        bus:_report_error((errors.wrap("ECALLBACK",
+          ("every(%s): payload function raised"):format(etype), v)))
         return
       end
       payload = v
@@ -132,8 +132,8 @@ function Sched:every(seconds, etype, payload_fn)
     end
     local pubok, id, err = pcall(bus.publish, bus, etype, payload)
     if not (pubok and id) then
-      bus._report((errors.wrap("EINVAL", ("every(%s)"):format(etype),
-                               pubok and err or id)))
+      bus:_report_error((errors.wrap("EINVAL", ("every(%s)"):format(etype),
+                                     pubok and err or id)))
     end
   end
   local first = self._clock:now_ms() + period
