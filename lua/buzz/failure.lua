@@ -22,6 +22,11 @@
 -- waiting for a retry holds back only its own later events. Follow-on
 -- work (the next job of a lane, a job waiting for a slot, jobs a closing
 -- breaker releases) goes through a run queue, never by recursion.
+--
+-- Beside it: lua/buzz/policy.lua checks the options and computes the
+-- backoff, lua/buzz/dlq.lua selects, redrives and announces dead letters,
+-- lua/buzz/schedule.lua keeps delayed events, and the bus's state rows
+-- (lua/buzz/store.lua) hold what outlives a run.
 -- @module buzz.failure
 local core = require "buzz.core"
 
