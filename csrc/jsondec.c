@@ -1,6 +1,18 @@
 /*
 ** jsondec.c: JSON text to Lua values (buzz__json_decode), through cJSON's
 ** parser. The rules are in json.c's header.
+**
+** Most texts the store reads back are small and plain (an object of a few
+** members, strings without escapes, integers), and for those cJSON's tree
+** costs more than the rest of a read: a malloc per node and per string
+** and strtod per number. So a text is first tried by a direct reader of
+** that plain subset (fast_value), which builds the Lua value straight
+** from the text. It gives up, leaving the stack as it found it, at the
+** first thing outside the subset: an escape, a control byte, a fraction
+** or exponent, more than 15 digits, -0, a leading zero, deep nesting or a
+** syntax error. cJSON then reads the whole text, so every error message
+** and every lax case stays cJSON's. Both give the same value for every
+** text the reader accepts (spec/core/json_spec.lua compares them).
 */
 #include <limits.h>
 #include <math.h>
@@ -148,12 +160,209 @@ static int decode_node(lua_State *L, json_box *box, const cJSON *n) {
   }
 }
 
+
+/* ------------------------------------------------ the plain-text reader */
+
+#define FAST_MAX_DEPTH  32     /* deeper texts go to cJSON */
+
+typedef struct fast_reader {
+  const char *p, *end;
+} fast_reader;
+
+static void fast_skip_space(fast_reader *r) {
+  while (r->p < r->end && is_space(*r->p)) r->p++;
+}
+
+/*
+** Pushes the string at r->p (just after its opening quote) when it holds
+** no escape and no control byte; returns 0, or -1 with nothing pushed.
+*/
+static int fast_string(lua_State *L, fast_reader *r) {
+  const char *s = r->p;
+  while (r->p < r->end) {
+    unsigned char c = (unsigned char)*r->p;
+    if (c == '"') {
+      lua_pushlstring(L, s, (size_t)(r->p - s));
+      r->p++;
+      return 0;
+    }
+    if (c == '\\' || c < 0x20) return -1;
+    r->p++;
+  }
+  return -1;
+}
+
+/*
+** Pushes the integer at r->p: an optional '-', then "0" or 1 to 15 digits
+** not starting with 0, not followed by '.', 'e' or 'E'. Fifteen digits
+** stay below 2^53, so the value is exact as a double too (LuaJIT). "-0"
+** is a float in the rules, so it is left to cJSON. Returns 0 or -1.
+*/
+static int fast_integer(lua_State *L, fast_reader *r) {
+  const char *p = r->p, *digits;
+  int neg = 0;
+  lua_Integer v = 0;
+  if (p < r->end && *p == '-') { neg = 1; p++; }
+  digits = p;
+  while (p < r->end && *p >= '0' && *p <= '9') {
+    v = v * 10 + (*p - '0');
+    p++;
+    if (p - digits > 15) return -1;
+  }
+  if (p == digits || (*digits == '0' && (p - digits > 1 || neg))) return -1;
+  if (p < r->end && (*p == '.' || *p == 'e' || *p == 'E')) return -1;
+  lua_pushinteger(L, neg ? -v : v);
+  r->p = p;
+  return 0;
+}
+
+static int fast_word(fast_reader *r, const char *w, size_t n) {
+  if ((size_t)(r->end - r->p) < n || memcmp(r->p, w, n) != 0) return -1;
+  r->p += n;
+  return 0;
+}
+
+static int fast_value(lua_State *L, fast_reader *r, int depth, int is_item);
+
+/*
+** The members of an object after its '{', pushed as key/value pairs
+** above base, then copied into a table made at its final size in text
+** order: a later duplicate wins, and a null member (nil) leaves its key
+** out, or takes out an earlier one, as cJSON's tree does.
+*/
+static int fast_object(lua_State *L, fast_reader *r, int depth) {
+  int base = lua_gettop(L), n = 0, i;
+  fast_skip_space(r);
+  if (r->p < r->end && *r->p == '}') {
+    r->p++;
+    lua_createtable(L, 0, 0);
+    return 0;
+  }
+  for (;;) {
+    if (!lua_checkstack(L, 4) || r->p >= r->end || *r->p != '"') break;
+    r->p++;
+    if (fast_string(L, r) != 0) break;
+    fast_skip_space(r);
+    if (r->p >= r->end || *r->p != ':') break;
+    r->p++;
+    fast_skip_space(r);
+    if (fast_value(L, r, depth, 0) != 0) break;  /* a null is nil here */
+    n++;
+    fast_skip_space(r);
+    if (r->p < r->end && *r->p == ',') {
+      r->p++;
+      fast_skip_space(r);
+      continue;
+    }
+    if (r->p < r->end && *r->p == '}') {
+      r->p++;
+      lua_createtable(L, 0, n);
+      for (i = 0; i < n; i++) {
+        lua_pushvalue(L, base + 2 * i + 1);
+        lua_pushvalue(L, base + 2 * i + 2);
+        lua_rawset(L, -3);
+      }
+      lua_insert(L, base + 1);
+      lua_settop(L, base + 1);
+      return 0;
+    }
+    break;
+  }
+  lua_settop(L, base);
+  return -1;
+}
+
+/* The items of an array after its '[', pushed above base, then moved. */
+static int fast_array(lua_State *L, fast_reader *r, int depth) {
+  int base = lua_gettop(L), n = 0;
+  fast_skip_space(r);
+  if (r->p < r->end && *r->p == ']') {
+    r->p++;
+    lua_createtable(L, 0, 0);
+    return 0;
+  }
+  for (;;) {
+    if (!lua_checkstack(L, 3) || fast_value(L, r, depth, 1) != 0) break;
+    n++;
+    fast_skip_space(r);
+    if (r->p < r->end && *r->p == ',') {
+      r->p++;
+      fast_skip_space(r);
+      continue;
+    }
+    if (r->p < r->end && *r->p == ']') {
+      r->p++;
+      lua_createtable(L, n, 0);
+      lua_insert(L, base + 1);
+      for (; n > 0; n--) lua_rawseti(L, base + 1, n);
+      return 0;
+    }
+    break;
+  }
+  lua_settop(L, base);
+  return -1;
+}
+
+/*
+** Pushes the value at r->p (no space before it) and returns 0, or
+** returns -1 with the stack as it was. A null is core.null in an array
+** (is_item) and nil elsewhere.
+*/
+static int fast_value(lua_State *L, fast_reader *r, int depth, int is_item) {
+  if (r->p >= r->end) return -1;
+  switch (*r->p) {
+    case '{':
+      if (depth >= FAST_MAX_DEPTH) return -1;
+      r->p++;
+      return fast_object(L, r, depth + 1);
+    case '[':
+      if (depth >= FAST_MAX_DEPTH) return -1;
+      r->p++;
+      return fast_array(L, r, depth + 1);
+    case '"':
+      r->p++;
+      return fast_string(L, r);
+    case 't':
+      if (fast_word(r, "true", 4) != 0) return -1;
+      lua_pushboolean(L, 1);
+      return 0;
+    case 'f':
+      if (fast_word(r, "false", 5) != 0) return -1;
+      lua_pushboolean(L, 0);
+      return 0;
+    case 'n':
+      if (fast_word(r, "null", 4) != 0) return -1;
+      if (is_item) lua_pushlightuserdata(L, NULL);
+      else lua_pushnil(L);
+      return 0;
+    default:
+      return fast_integer(L, r);
+  }
+}
+
+/* Pushes the value of a plain text and returns 0, or returns -1. */
+static int fast_decode(lua_State *L, const char *s, size_t len) {
+  fast_reader r;
+  int top = lua_gettop(L);
+  r.p = s;
+  r.end = s + len;
+  fast_skip_space(&r);
+  if (fast_value(L, &r, 0, 0) != 0) return -1;
+  fast_skip_space(&r);
+  if (r.p != r.end) {
+    lua_settop(L, top);
+    return -1;
+  }
+  return 0;
+}
+
 int buzz__json_decode(lua_State *L, const char *s, size_t len) {
   int top = lua_gettop(L), rc = BUZZ_EINVAL;
   const char *end = NULL;
   size_t at, i;
   json_box *box;
   luaL_checkstack(L, 8, NULL);
+  if (fast_decode(L, s, len) == 0) return 0;
   box = buzz__json_box_acquire(L);                                 /* at top + 1 */
   for (i = 0; i < len && is_space(s[i]); i++) {}
   if (i == len) {

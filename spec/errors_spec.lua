@@ -119,4 +119,16 @@ describe("error reporting", function()
                    .. "raised: no payload today\n", out)
     assert.not_matches("buzz: buzz:", out, 1, true)
   end)
+
+  it("the default on_error does not double a report's own buzz: prefix",
+     function()
+    local ok, out = H.run([[
+      require("buzz.errors").default_on_error("buzz: the window closed")
+      require("buzz.errors").default_on_error("EFULL: queue is full")
+    ]])
+    assert.is_true(ok, out)
+    assert.matches("buzz: the window closed\nbuzz: EFULL: queue is full\n",
+                   out, 1, true)
+    assert.not_matches("buzz: buzz:", out, 1, true)
+  end)
 end)

@@ -360,7 +360,7 @@ local function new_engine(bus, w, group_of, red, emit)
 end
 
 function Engine:now()
-  return self.replay_now or self.bus._clock:now_ms()
+  return self.replay_now or self.bus:_now()
 end
 
 function Engine:result(group, start, stop, state, count)
@@ -373,11 +373,12 @@ function Engine:late(ev)
   if fn then
     local ok, err = pcall(fn, ev)
     if not ok then
-      self.bus._report((errors.wrap("ECALLBACK", "late(ev) raised", err)), ev)
+      self.bus:_report_error((errors.wrap("ECALLBACK", "late(ev) raised",
+                                          err)), ev)
     end
     return
   end
-  self.bus._sup:announce("$SYS.late", {      -- a refusal is reported
+  self.bus:_announce("$SYS.late", {      -- a refusal is reported
     type = ev.type, id = ev.id, ts = ev.ts,
     pattern = self.sub and self.sub.pattern })
 end
@@ -388,8 +389,8 @@ function Engine:window(start, stop)
   if win == nil then
     win = { start = start, stop = stop, groups = {}, order = {} }
     self.windows[start] = win
-    self.bus._timers:at(stop + self.w.lateness, Engine.close_window, self,
-                        start)
+    self.bus:_at(stop + self.w.lateness, Engine.close_window, self,
+                 start)
   end
   return win
 end
@@ -446,14 +447,14 @@ function Engine:arm_session(group, s)
   if s.timer then s.timer:cancel() end
   local due = s.stop + w.lateness
   if w.is_processing then due = self:now() + w.size + w.lateness end
-  s.timer = self.bus._timers:at(due, Engine.close_session, self, group)
+  s.timer = self.bus:_at(due, Engine.close_session, self, group)
 end
 
 function Engine:arm_count(group, c)
   if not self.w.idle then return end
   if c.timer then c.timer:cancel() end
-  c.timer = self.bus._timers:at(self:now() + self.w.idle,
-                                Engine.close_count, self, group)
+  c.timer = self.bus:_at(self:now() + self.w.idle,
+                         Engine.close_count, self, group)
 end
 
 --- Takes one event of the route.
@@ -602,20 +603,20 @@ function Engine:checkpoint()
   self.is_dirty = false
   local ok, snap = pcall(self.snapshot, self)
   if not ok then
-    return self.bus._report(errors.text("ECALLBACK", (
+    return self.bus:_report_error(errors.text("ECALLBACK", (
       "aggregation %s could not save its open windows (a reducer's save "
       .. "raised: %s); the last checkpoint stands")
       :format(self.row, tostring(snap))))
   end
-  self.bus._sup:put("window", self.row, snap)  -- reports a refusal
+  self.bus:_state_put("window", self.row, snap)  -- reports a refusal
 end
 
 function Engine.tick_checkpoint(self)
   self.tick = nil
   if not self.is_active then return end
   self:checkpoint()
-  self.tick = self.bus._timers:after(self.w.checkpoint,
-                                     Engine.tick_checkpoint, self):unref()
+  self.tick = self.bus:_after(self.w.checkpoint,
+                              Engine.tick_checkpoint, self):unref()
 end
 
 -- Puts back what a checkpoint row holds.
@@ -647,7 +648,7 @@ end
 function Engine:resume(name, feed)
   local bus = self.bus
   self.row = name
-  local snap = bus._sup:get("window", name)
+  local snap = bus:_state_get("window", name)
   local acked = bus:_position(name)
   if type(snap) == "table" then
     self.replay_now = snap.now
@@ -663,11 +664,11 @@ function Engine:resume(name, feed)
           feed(ev)
         end })
       if not ok then
-        bus._report((errors.wrap("ESTORE", ("aggregation %s could not "
-                                            .. "replay the log from #%d")
-                                           :format(name, from), err))
-                    .. "; its windows hold what the checkpoint kept, and "
-                    .. "events from there on are not counted")
+        bus:_report_error((errors.wrap("ESTORE", ("aggregation %s could not "
+                                                  .. "replay the log from #%d")
+                                                 :format(name, from), err))
+                          .. "; its windows hold what the checkpoint kept, and "
+                          .. "events from there on are not counted")
       end
     end
     self.replay_now = nil
@@ -678,8 +679,8 @@ function Engine:resume(name, feed)
   self:checkpoint()
   -- housekeeping: it re-arms for as long as the aggregation lives, and
   -- must not keep bus:run() going (timers.lua)
-  self.tick = bus._timers:after(self.w.checkpoint, Engine.tick_checkpoint,
-                                self):unref()
+  self.tick = bus:_after(self.w.checkpoint, Engine.tick_checkpoint,
+                         self):unref()
 end
 
 
@@ -763,7 +764,7 @@ function Agg:publish(etype, opts)
       local dedup = engine.row and ("%s/%s/%d"):format(
         engine.row, core.json_encode(result.group), result.window_start)
       local id, perr = bus:publish(etype, result, dedup and { dedup = dedup })
-      if not id then bus._report(perr) end
+      if not id then bus:_report_error(perr) end
     end
   end, opts, 3)
   return sub, err, code
@@ -780,7 +781,7 @@ function Agg:handle(fn, opts)
   local sub, err, code = start(self, function(result)
     local ok, e = pcall(fn, result)
     if not ok then
-      bus._report((errors.wrap("ECALLBACK", "handle(result) raised", e)))
+      bus:_report_error((errors.wrap("ECALLBACK", "handle(result) raised", e)))
     end
   end, opts, 3)
   return sub, err, code

@@ -29,7 +29,7 @@
 -- dead-lettered when it fails (as with retry = 1); retry = false opts
 -- out.
 -- @module buzz.batch
-local failure = require "buzz.failure"
+local policies = require "buzz.policy"
 local util = require "buzz.util"
 local errors = require "buzz.errors"
 local core = require "buzz.core"
@@ -142,9 +142,9 @@ local function split(opts, pattern, level)
   sub_opts.retry = false
   local policy = {
     name = opts.name or opts.durable or pattern,
-    retry = retry and failure.retry_policy(retry, level) or nil,
+    retry = retry and policies.retry(retry, level) or nil,
     breaker = run.breaker ~= nil
-              and failure.breaker_policy(run.breaker, level) or nil,
+              and policies.breaker(run.breaker, level) or nil,
     ordered = false,
     timeout = run.timeout and floor(run.timeout * 1000 + 0.5),
     concurrency = run.concurrency or 1,
@@ -157,7 +157,7 @@ end
 -- ------------------------------------------------------------ batcher
 
 function Batcher:now()
-  return self.bus._clock:now_ms()
+  return self.bus:_now()
 end
 
 -- The oldest event id not finished (buffered or handed over), or nil.
@@ -175,11 +175,11 @@ function Batcher:mark()
   local low = self:low()
   if low == self.marked then return end
   self.marked = low
-  local sup = self.bus._sup
+  local bus = self.bus
   if low then
-    sup:put("batch", self.row, { from = low })
+    bus:_state_put("batch", self.row, { from = low })
   else
-    sup:del("batch", self.row)
+    bus:_state_del("batch", self.row)
   end
 end
 
@@ -195,7 +195,7 @@ function Batcher:add(ev)
   local n = self.n + 1
   self.buf[n], self.n, self.bytes = ev, n, self.bytes + bytes
   if n == 1 then
-    self.timer = self.bus._timers:after(self.interval, Batcher.flush, self)
+    self.timer = self.bus:_after(self.interval, Batcher.flush, self)
     self:mark()
   end
   if n >= self.size or (self.max_bytes and self.bytes >= self.max_bytes)
@@ -284,7 +284,7 @@ end
 -- again, from the oldest up to the consumer's position, before new ones.
 function Batcher:recover(test, collect)
   local bus = self.bus
-  local v = bus._sup:get("batch", self.row)
+  local v = bus:_state_get("batch", self.row)
   local from = type(v) == "table" and v.from
   if type(from) ~= "number" then return end
   local acked = bus:_position(self.row)
@@ -297,15 +297,15 @@ function Batcher:recover(test, collect)
     end })
   self.is_recovering = false
   if #self.closed > 0 then             -- the partial one waits as usual
-    bus._timers:after(0, Batcher.hand_over, self)
+    bus:_after(0, Batcher.hand_over, self)
   end
   if not ok then
     local text = errors.wrap("ESTORE", ("batch %s could not take up its "
                                         .. "unfinished events")
                                        :format(self.row), err)
-    bus._report(("%s; they are in the log from #%d to #%d "
-                 .. "(bus:replay{ from = %d, to = %d, handler = ... } "
-                 .. "feeds them)"):format(text, from, acked, from, acked))
+    bus:_report_error(("%s; they are in the log from #%d to #%d "
+                       .. "(bus:replay{ from = %d, to = %d, handler = ... } "
+                       .. "feeds them)"):format(text, from, acked, from, acked))
   end
 end
 

@@ -6,6 +6,8 @@
 local core = require "buzz.core"
 local type, tostring, error, pairs, pcall = type, tostring, error, pairs, pcall
 local match, format = string.match, string.format
+local stderr = io.stderr
+local readable = require("buzz.storable").describe
 
 local M = {}
 
@@ -62,6 +64,48 @@ function M.wrap(default, context, err)
     code = default
   end
   return M.text(code, context .. ": " .. inner), code
+end
+
+
+-- ------------------------------------------------------------ reporting
+
+--- The on_error of a bus given none: one line on stderr. An engine
+--- failure (no event) is "buzz: CODE: message"; a handler's names the
+--- subscription and the event (or batch) and gives the traceback.
+function M.default_on_error(err, ev, sub, trace)
+  if not ev then                      -- the engine: err is "CODE: message"
+    local text = readable(err)        -- never "buzz: buzz: ..."
+    if text:sub(1, 6) == "buzz: " then text = text:sub(7) end
+    stderr:write(("buzz: %s\n"):format(text))
+    return
+  end
+  local what = ("%s #%s"):format(tostring(ev.type), tostring(ev.id))
+  if ev.batch then                    -- bus:batch's handler: its events
+    local first, last = ev.batch[1], ev.batch[#ev.batch]
+    what = ("a batch of %d (#%s..#%s)"):format(#ev.batch,
+                                               tostring(first and first.id),
+                                               tostring(last and last.id))
+  end
+  stderr:write(("buzz: handler for %q failed on %s: %s\n")
+               :format(sub and sub.pattern or "?", what,
+                       trace or readable(err)))
+end
+
+-- The core calls this for a failed delivery; on_error runs protected, and
+-- an on_error that raises is reported on stderr, in words that cannot
+-- raise in turn (an error whose __tostring raises), or failing that in
+-- fixed ones: a report is never dropped silently.
+function M.reporter(on_error)
+  return function(err, ev, sub, trace)
+    local ok, e2 = pcall(on_error, err, ev, sub, trace)
+    if not ok then
+      local fine, line = pcall(format,
+        "buzz: on_error raised while reporting %q: %s\n",
+        readable(err), readable(e2))
+      stderr:write(fine and line or "buzz: on_error raised while "
+                   .. "reporting an error, and neither can be shown\n")
+    end
+  end
 end
 
 return M

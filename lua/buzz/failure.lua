@@ -23,11 +23,16 @@
 -- waiting for a retry holds back only its own later events. Follow-on
 -- work (the next job of a lane, a job waiting for a slot, jobs a closing
 -- breaker releases) goes through a run queue, never by recursion.
+--
+-- Beside it: lua/buzz/policy.lua checks the options and computes the
+-- backoff, lua/buzz/dlq.lua selects, redrives and announces dead letters,
+-- lua/buzz/schedule.lua keeps delayed events, and the bus's state rows
+-- (lua/buzz/store.lua) hold what outlives a run.
 -- @module buzz.failure
 local core = require "buzz.core"
 
-local type, error, pairs, ipairs, tostring, pcall, setmetatable, assert =
-      type, error, pairs, ipairs, tostring, pcall, setmetatable, assert
+local type, error, pairs, ipairs, tostring, pcall, setmetatable =
+      type, error, pairs, ipairs, tostring, pcall, setmetatable
 local xpcall, select = xpcall, select
 local unpack = table.unpack or unpack   -- luacheck: ignore (5.1's global)
 local getmetatable, rawget = getmetatable, rawget
@@ -40,11 +45,14 @@ local yield = rawget(co_lib, "_yield") or co_lib.yield
 local running = co_lib.running
 local close = coroutine.close         -- nil before Lua 5.4
 local core_traceback = core.traceback  -- debug.traceback, minus 30 us
-local floor, min, max, random = math.floor, math.min, math.max,
-                                math.random
-local concat, sort = table.concat, table.sort
-local json_encode, json_decode = core.json_encode, core.json_decode
+local floor, max = math.floor, math.max
+local sort = table.sort
 local storable = require "buzz.storable"
+local policies = require "buzz.policy"
+local dlq = require "buzz.dlq"
+local schedule = require "buzz.schedule"
+local event_of = dlq.event_of
+local backoff = policies.backoff
 
 local M = {}
 
@@ -69,12 +77,6 @@ function RetryAfter:__tostring() return tostring(self.err) end
 storable.wrapper(Fatal)           -- described by what they carry
 storable.wrapper(RetryAfter)
 
--- The core's max_payload when buzz.new is given none (csrc/lbuzz.c).
-local DEFAULT_MAX_PAYLOAD = 1048576
-
-local RETRY_DEFAULTS = { max = 5, base = 0.2, factor = 2, max_delay = 30,
-                         jitter = 0.2 }
-local BREAKER_DEFAULTS = { failures = 5, within = 10, cool_down = 30 }
 
 
 -- ------------------------------------------------------------ helpers
@@ -125,19 +127,7 @@ local function trace_of(err, co, level, stop)
   return storable.text(core_traceback(msg, level, stop))
 end
 
---- A deep copy of v (cycles and shared tables kept as such), so that
---- what callers get cannot change the records the bus keeps.
----@param v any
----@param seen table|nil
-function M.copy(v, seen)
-  if type(v) ~= "table" then return v end
-  seen = seen or {}
-  if seen[v] then return seen[v] end
-  local t = {}
-  seen[v] = t
-  for k, x in pairs(v) do t[M.copy(k, seen)] = M.copy(x, seen) end
-  return setmetatable(t, getmetatable(v))
-end
+M.copy = dlq.copy
 
 -- The event's own fields as a plain table, for dead letters and stored
 -- retries (the delivery's attempt is not part of the event).
@@ -164,100 +154,11 @@ end
 
 
 -- ------------------------------------------------------------ policies
+-- (lua/buzz/policy.lua)
 
-local function check_table(v, name, defaults, level)
-  if type(v) ~= "table" then
-    error(("bad %s: expected %s, got %s")
-          :format(name, name == "retry"
-                  and "a table such as { max = 5, base = 0.2 }, a number "
-                      .. "of attempts, or false (no retries)"
-                  or "a table such as { failures = 5, within = 10, "
-                     .. "cool_down = 30 }",
-                  quote(v)), level + 1)
-  end
-  local known = {}
-  for k in pairs(defaults) do known[#known + 1] = k end
-  sort(known)
-  for k in pairs(v) do
-    if defaults[k] == nil then
-      error(("unknown option %s in %s (known: %s)")
-            :format(quote(k), name, concat(known, ", ")), level + 1)
-    end
-  end
-end
-
--- v if it is a number above lo (or at it, unless lo_open), an integer
--- if is_int, and at most util.MAX_INT (counts) or util.MAX_SECONDS
--- (seconds, factors); else raises at level.
-local function number_in(v, name, lo, lo_open, is_int, level)
-  local hi = is_int and util.MAX_INT or util.MAX_SECONDS
-  if type(v) ~= "number" or v ~= v or v > hi or v < lo
-     or (lo_open and v == lo) or (is_int and v ~= floor(v)) then
-    error(("bad %s: expected %s %s %s, got %s%s")
-          :format(name, is_int and "an integer" or "a number",
-                  lo_open and ">" or ">=", tostring(lo), quote(v),
-                  type(v) == "number" and v > hi and (" (allowed: up to %s)")
-                  :format(is_int and "2^53" or ("%g"):format(hi)) or ""),
-          level + 1)
-  end
-  return v
-end
-
---- Validates a retry option: a table of max, base, factor, max_delay,
---- jitter (seconds), or an integer (max attempts); false (no retries) is
---- the caller's to handle. Returns the policy with defaults filled in and
---- times in milliseconds.
-function M.retry_policy(v, level)
-  if type(v) == "number" then v = { max = v } end
-  check_table(v, "retry", RETRY_DEFAULTS, level + 1)
-  local p = {}
-  for k, d in pairs(RETRY_DEFAULTS) do p[k] = v[k] == nil and d or v[k] end
-  number_in(p.max, "retry.max (attempts, counting the first)", 1, false,
-            true, level + 1)
-  number_in(p.base, "retry.base", 0, false, false, level + 1)
-  number_in(p.factor, "retry.factor", 1, false, false, level + 1)
-  number_in(p.max_delay, "retry.max_delay", 0, false, false, level + 1)
-  number_in(p.jitter, "retry.jitter", 0, false, false, level + 1)
-  if p.jitter > 1 then
-    error(("bad retry.jitter: expected a fraction from 0 to 1, got %s")
-          :format(quote(p.jitter)), level + 1)
-  end
-  if p.max_delay < p.base then       -- the default cap gives way to base
-    if v.max_delay ~= nil then
-      error(("bad retry.max_delay: %s is less than retry.base (%s)")
-            :format(quote(p.max_delay), quote(p.base)), level + 1)
-    end
-    p.max_delay = p.base
-  end
-  return { max = p.max, base = p.base * 1000, factor = p.factor,
-           max_delay = p.max_delay * 1000, jitter = p.jitter }
-end
-
---- Validates a breaker option; times come back in milliseconds.
-function M.breaker_policy(v, level)
-  if v == true then v = {} end
-  check_table(v, "breaker", BREAKER_DEFAULTS, level + 1)
-  local p = {}
-  for k, d in pairs(BREAKER_DEFAULTS) do p[k] = v[k] == nil and d or v[k] end
-  number_in(p.failures, "breaker.failures", 1, false, true, level + 1)
-  number_in(p.within, "breaker.within", 0, true, false, level + 1)
-  number_in(p.cool_down, "breaker.cool_down", 0, true, false, level + 1)
-  return { failures = p.failures, within = p.within * 1000,
-           cool_down = p.cool_down * 1000 }
-end
-
---- The delay before attempt + 1, in ms: base * factor^(attempt - 1),
---- capped at max_delay, then spread by +-jitter.
----@param p table a retry policy
----@param attempt integer the attempt that failed
----@param rand function|nil returns a number in [0, 1)
-function M.backoff(p, attempt, rand)
-  local d = min(p.max_delay, p.base * p.factor ^ (attempt - 1))
-  if p.jitter > 0 then
-    d = d * (1 + p.jitter * (2 * (rand or random)() - 1))
-  end
-  return max(0, floor(d + 0.5))
-end
+M.retry_policy = policies.retry
+M.breaker_policy = policies.breaker
+M.backoff = backoff
 
 
 -- ------------------------------------------------------------ the API
@@ -371,56 +272,19 @@ function Supervisor:core()
   return self.bus._core or nil
 end
 
--- The core when the bus is open with a writable store, else nil.
-function Supervisor:store_core()
-  local bus = self.bus
-  if bus._store and not bus._readonly then return bus._core or nil end
-  return nil
-end
-
--- The kinds of state rows that record a failure. They must be written
--- even when what they hold cannot be encoded as it is (an event table a
--- handler changed to hold a function, say): then as storable.value
--- makes it, so the event stays inspectable and can be redriven.
-local RECORDS = { retry = true, dead = true }
-
--- Writes a state row when the bus has a writable store; a failure is
--- reported, never raised (the delivery it belongs to goes on).
+-- State rows (retries, dead letters, delayed events, windows, batches)
+-- go through the bus (lua/buzz/store.lua): written only with a writable
+-- store, a failure reported, never raised.
 function Supervisor:put(kind, name, value)
-  local c = self:store_core()
-  if not c then return end
-  local text, err, code = json_encode(value)
-  if not text and code == "EINVAL" and RECORDS[kind] then
-    text, err = json_encode(storable.value(value))
-  end
-  local ok
-  if text then ok, err = c:state_put(kind, name, text) end
-  if not (text and ok) then
-    self.bus._report((errors.wrap("ESTORE", ("could not store %s %s")
-                                            :format(kind, name), err)))
-  end
+  self.bus:_state_put(kind, name, value)
 end
 
--- The decoded value of the state row kind/name, or nil (none, or not
--- JSON): what put() wrote before a restart.
 function Supervisor:get(kind, name)
-  local c = self:core()
-  if not (c and self.bus._store) then return nil end
-  for _, row in ipairs(assert(c:state_list(kind))) do
-    if row.name == name then return json_decode(row.value) end
-  end
-  return nil
+  return self.bus:_state_get(kind, name)
 end
 
 function Supervisor:del(kind, name)
-  local c = self:store_core()
-  if not c then return end
-  local ok, err = c:state_del(kind, name)
-  if not ok then
-    self.bus._report((errors.wrap("ESTORE", ("could not remove %s %s")
-                                            :format(kind, tostring(name)),
-                                  err)))
-  end
+  self.bus:_state_del(kind, name)
 end
 
 -- Publishes an engine event ($DLQ.<type>, $SYS.breaker); a refusal (a
@@ -566,27 +430,19 @@ function Supervisor:adopt_plain_orphans(sub)
   end
 end
 
--- Rebuilds an event table from its stored plain form.
-local function event_of(e)
-  local ev = {}
-  for k, v in pairs(e) do ev[k] = v end
-  ev.attempt = 1
-  return ev
-end
-
 --- Loads stored dead letters, retries and delayed events (bus opening).
 function Supervisor:load()
-  local c = self:core()
-  for _, row in ipairs(assert(c:state_list("dead"))) do
-    local rec = json_decode(row.value)
+  local bus = self.bus
+  for _, row in ipairs(bus:_state_list("dead")) do
+    local rec = row.value
     if type(rec) == "table" and rec.id then
       self.dead[#self.dead + 1] = rec
       if rec.id >= self.next_dead then self.next_dead = rec.id + 1 end
     end
   end
   sort(self.dead, function(a, b) return a.id < b.id end)
-  for _, row in ipairs(assert(c:state_list("retry"))) do
-    local rec = json_decode(row.value)
+  for _, row in ipairs(bus:_state_list("retry")) do
+    local rec = row.value
     if type(rec) == "table" and rec.subscription and rec.event then
       rec.event, rec.stored = event_of(rec.event), row.name
       local list = self.orphans[rec.subscription] or {}
@@ -594,9 +450,9 @@ function Supervisor:load()
       self.orphans[rec.subscription] = list
     end
   end
-  if self.bus._readonly then return end
-  for _, row in ipairs(assert(c:state_list("delay"))) do
-    local rec = json_decode(row.value)
+  if bus._readonly then return end
+  for _, row in ipairs(bus:_state_list("delay")) do
+    local rec = row.value
     if type(rec) == "table" and rec.type then
       self:schedule_publish(rec, row.name)
     end
@@ -941,7 +797,7 @@ function Runner:fail(job, err, trace)
   if getmetatable(err) == Fatal then return self:bury(job, "fatal") end
   if job.attempt >= p.max then return self:bury(job, "exhausted") end
   local delay = getmetatable(err) == RetryAfter and err.ms
-                or M.backoff(p, job.attempt)
+                or backoff(p, job.attempt)
   job.attempt = job.attempt + 1
   local due = sup:now() + delay
   self.retrying = self.retrying + 1
@@ -1008,52 +864,6 @@ function Runner:bury(job, reason)
     sup:announce("$DLQ." .. rec.event.type, sup:dlq_payload(rec))
   end
 end
-
--- Error text kept per attempt in a $DLQ event that had to be trimmed.
-local TRIMMED_ERROR = 1024
-
--- The attempts of a $DLQ event being trimmed: the last one only, or all,
--- without tracebacks, their errors cut to TRIMMED_ERROR bytes.
-local function trim_attempts(copy, last_only)
-  local a, out = copy.attempts or {}, {}
-  for i = last_only and #a or 1, #a do
-    local x = a[i]
-    out[#out + 1] = { attempt = x.attempt, at = x.at,
-                      error = x.error and storable.text(x.error,
-                                                        TRIMMED_ERROR) }
-  end
-  copy.attempts = out
-  if copy.error then copy.error = storable.text(copy.error, TRIMMED_ERROR) end
-end
-
---- The payload of the $DLQ event of the dead letter rec: a copy (callers
---- cannot change the bus's record). With a store it must be held by
---- JSON within max_payload, or the event would be refused and nobody
---- told: a record JSON cannot hold as it is goes as storable.value makes
---- it; one above the limit is trimmed (is_trimmed = true) step by step
---- until it fits: tracebacks go and errors are cut to 1 KiB, then only
---- the last attempt stays, then the event's payload is left out. The
---- dead letter itself keeps everything.
-function Supervisor:dlq_payload(rec)
-  local copy = M.copy(rec)
-  local bus = self.bus
-  if not bus._store then return copy end
-  local limit = bus._max_payload or DEFAULT_MAX_PAYLOAD
-  local text, _, code = json_encode(copy, limit)
-  if text then return copy end
-  if code == "EINVAL" then
-    copy = storable.value(copy)
-    if json_encode(copy, limit) then return copy end
-  end
-  copy.is_trimmed = true
-  trim_attempts(copy, false)
-  if json_encode(copy, limit) then return copy end
-  trim_attempts(copy, true)
-  if json_encode(copy, limit) then return copy end
-  if type(copy.event) == "table" then copy.event.payload = nil end
-  return copy                      -- if it is still too big, announce
-end                                -- reports the refusal
-
 
 -- ------------------------------------------------------------ breaker
 
@@ -1132,108 +942,15 @@ end
 
 
 -- ------------------------------------------------------------ dead letters
+-- select, remove, redrive and dlq_payload (lua/buzz/dlq.lua)
 
--- The dead letters a filter selects: an id, or { subscription, types,
--- limit }; types is a subject pattern over the event's type.
-function Supervisor:select(f)
-  local out = {}
-  if type(f) == "number" then
-    for _, rec in ipairs(self.dead) do
-      if rec.id == f then out[1] = rec end
-    end
-    return out
-  end
-  f = f or {}
-  for _, rec in ipairs(self.dead) do
-    if (f.subscription == nil or rec.subscription == f.subscription)
-       and (f.types == nil or core.match(f.types, rec.event.type)) then
-      out[#out + 1] = rec
-      if f.limit and #out >= f.limit then break end
-    end
-  end
-  return out
-end
-
--- Takes the records out of the list (and the store).
-function Supervisor:remove(recs)
-  if #recs == 0 then return end
-  local gone = {}
-  for _, rec in ipairs(recs) do
-    gone[rec] = true
-    self:del("dead", ("%012d"):format(rec.id))
-  end
-  local kept = {}
-  for _, rec in ipairs(self.dead) do
-    if not gone[rec] then kept[#kept + 1] = rec end
-  end
-  self.dead = kept
-end
-
---- Delivers dead letters again to their subscriptions, from attempt 1;
---- a letter whose subscription is not subscribed stays. Returns how many
---- were redriven.
-function Supervisor:redrive(recs)
-  local moved, jobs = {}, {}
-  for _, rec in ipairs(recs) do
-    local r = self.runners[rec.subscription]
-    if r and not r.is_closed then
-      local job = r:job(event_of(rec.event), 1, (rec.redrives or 0) + 1)
-      local h = {}
-      for i, a in ipairs(rec.attempts or {}) do h[i] = a end
-      job.history = h
-      r:admit(job)
-      moved[#moved + 1] = rec
-      jobs[#jobs + 1] = job
-    end
-  end
-  self:remove(moved)
-  self.redriven = self.redriven + #moved
-  self:flush()
-  for _, job in ipairs(jobs) do job.runner:keep(job) end
-  return #moved
-end
+dlq.supervisor(Supervisor)
 
 
 -- ------------------------------------------------------------ delays
+-- schedule_publish (lua/buzz/schedule.lua)
 
--- Publishes a delayed event at its time; a refusal (full queue) tries
--- again a little later, so nothing is lost.
-local function publish_due(sup, rec)
-  local c = sup:core()
-  if not c then return end
-  local ok, id, err, code = pcall(c.publish, c, rec.type, rec.payload,
-                                  rec.priority, rec.key, rec.correlation_id,
-                                  rec.causation_id, rec.headers, rec.dedup,
-                                  rec.version, nil, sup.clock.ms)
-  if ok and not id and code == "EFULL" then
-    sup.timers:after(100, publish_due, sup, rec)
-    return
-  end
-  sup.delays = sup.delays - 1
-  if rec.stored then sup:del("delay", rec.stored) end
-  if not ok or not id then
-    sup.bus._report((errors.wrap("EINVAL", ("delayed %s could not be "
-                                           .. "published"):format(rec.type),
-                                 ok and err or id)))
-  end
-end
-
---- Keeps rec = { type, payload, priority (0..3), key, correlation_id,
---- causation_id, headers, dedup, version, due } until due, in the store
---- too (stored names the row when it comes from there: due/sequence).
-function Supervisor:schedule_publish(rec, stored)
-  if stored == nil and self.bus._store then
-    self.seq = self.seq + 1
-    stored = ("%016d/%08d"):format(rec.due, self.seq)
-    self:put("delay", stored, rec)
-  elseif stored then                  -- names made later must not clash
-    local seq = tonumber(stored:match("/(%d+)$"))
-    if seq and seq > self.seq then self.seq = seq end
-  end
-  rec.stored = stored
-  self.delays = self.delays + 1
-  self.timers:at(rec.due, publish_due, self, rec)
-end
+schedule.supervisor(Supervisor)
 
 function Supervisor:close()
   for r in pairs(self.all) do r:close() end   -- any order: each only ends

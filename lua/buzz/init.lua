@@ -15,14 +15,15 @@ local driver = require "buzz.driver"
 local errors = require "buzz.errors"
 local hot_path = require "buzz.hot"
 local task = require "buzz.task"
+local schedule = require "buzz.schedule"
+local dlq = require "buzz.dlq"
+local store_api = require "buzz.store"
 
-local type, error, pairs, ipairs, tostring, pcall, xpcall, next =
-      type, error, pairs, ipairs, tostring, pcall, xpcall, next
-local traceback = debug.traceback
-local setmetatable, getmetatable, rawget = setmetatable, getmetatable, rawget
-local floor, huge, math_max = math.floor, math.huge, math.max
-local concat, sort = table.concat, table.sort
-local stderr = io.stderr
+local type, error, pairs, ipairs, pcall, next =
+      type, error, pairs, ipairs, pcall, next
+local setmetatable, getmetatable = setmetatable, getmetatable
+local floor, math_max = math.floor, math.max
+local sort = table.sort
 
 local M = { _VERSION = "0.1.0" }
 
@@ -36,80 +37,26 @@ Sub.__index = Sub
 -- tells a bus from anything else.
 local HOT = setmetatable({}, { __mode = "k" })
 
---- Priorities, most urgent first, and the number the core uses for each.
-local PRIORITIES = { critical = 0, high = 1, normal = 2, low = 3 }
-local PRIORITY_CHOICES = '"critical", "high", "normal" or "low"'
-
--- Durability modes and the number the core uses for each.
-local DURABILITIES = { none = 0, batch = 1, sync = 2 }
-
--- Stored events read per page by events() and replay().
-local PAGE = 256
+local options = require "buzz.options"
+local DURABILITIES = options.DURABILITIES
 
 -- Deliveries run() makes between checks of the loop.
 local RUN_BATCH = 256
 local HUGE = 2 ^ 53     -- no limit: drain's
 local drive, run_level = task.drive, task.run_level
 
--- The range of max_backlog, in bytes (csrc/buzz.h, BUZZ_BACKLOG_*).
-local MIN_BACKLOG, MAX_BACKLOG = 65536, 2 ^ 48
-
 
 -- ------------------------------------------------------------ validation
+-- (lua/buzz/options.lua)
+local check_options, is_callable = options.check_options, options.is_callable
+local publish_options = options.publish_options
+local RANGE = options.RANGE
+local supervision = require("buzz.policy").subscription
+local SUBSCRIBE_OPTIONS = options.SUBSCRIBE_OPTIONS
+local check_number = util.check_number
+local check_subject_arg = util.check_subject_arg
+local check_subject_value = util.check_subject_value
 
-local function option_set(...)
-  local set, names = {}, { ... }
-  for i = 1, #names do set[names[i]] = true end
-  sort(names)
-  set[1] = concat(names, ", ")        -- for messages; never a real option
-  return set
-end
-
-local NEW_OPTIONS = option_set("store", "durability", "queue_limit",
-                               "on_error", "readonly", "max_payload",
-                               "dedup_window", "max_age", "max_events",
-                               "max_size", "max_backlog", "clock", "loop")
-local SUBSCRIBE_OPTIONS = option_set("once", "durable", "start", "name",
-                                     "retry", "ordered", "breaker",
-                                     "timeout", "concurrency", "filter")
-local DEAD_LETTER_OPTIONS = option_set("subscription", "types", "limit")
-local PUBLISH_OPTIONS = option_set("priority", "key", "delay", "at",
-                                   "correlation_id", "headers", "dedup",
-                                   "version")
-local QUERY_OPTIONS = option_set("types", "from", "to", "key", "limit")
-local STORE_INFO_OPTIONS = option_set("types", "events")
-local REPLAY_OPTIONS = option_set("types", "from", "to", "key", "limit",
-                                  "handler", "consumer")
-
--- Raises if opts is not nil or a table of known options.
-local function check_options(opts, allowed, what, level)
-  if opts == nil then return end
-  if type(opts) ~= "table" then
-    error(("bad options to %s: expected a table, got %s")
-          :format(what, type(opts)), level + 1)
-  end
-  for k in pairs(opts) do
-    if type(k) ~= "string" or not allowed[k] then
-      error(("unknown option %s to %s (known options: %s)")
-            :format(type(k) == "string" and ("%q"):format(k) or tostring(k),
-                    what, allowed[1]), level + 1)
-    end
-  end
-end
-
-local function is_callable(f)
-  if type(f) == "function" then return true end
-  local mt = getmetatable(f)
-  return type(mt) == "table" and rawget(mt, "__call") ~= nil
-end
-
--- An integer every Lua number holds exactly (and JSON carries): within
--- +-2^53. Larger ones (2^63, 1e300) are refused, never rounded or wrapped.
-local MAX_INT = util.MAX_INT
-local function is_integer(n)
-  return type(n) == "number" and n == floor(n) and n >= -MAX_INT
-         and n <= MAX_INT
-end
 
 -- Returns the core of a bus, raising if self is not an open bus (at
 -- level, 3 unless given: the method's caller).
@@ -123,173 +70,11 @@ local function check_bus(self, method, level)
   return c
 end
 
-local check_subject_arg = util.check_subject_arg
-local check_subject_value = util.check_subject_value
-local check_type_arg = util.check_type_arg
-local quote = util.quote
-
--- The ranges of the numeric options (util.check_number names the field
--- and the range in its message).
-local range, check_number = util.range, util.check_number
-local MAX_SECONDS = util.MAX_SECONDS
-local RANGE = {
-  count = range("a positive integer", 1, MAX_INT, true),
-  seconds = range("a positive number", 0, MAX_SECONDS, false, true,
-                  "seconds"),
-  -- a window below a millisecond would be none; above a year, memory
-  dedup_window = range("a positive number", 0.001, 365 * 86400, false,
-                       false, "seconds (a year)"),
-  max_age = range("a positive number", 0.001, MAX_SECONDS, false, false,
-                  "seconds"),
-  version = range("a positive integer", 1, 2 ^ 31 - 1, true),
-  key = range("a string or an integer", -MAX_INT, MAX_INT, true),
-  max = range("a non-negative integer", 0, MAX_INT, true),
-}
-
--- Raises unless v is nil or a number > 0 (an integer if is_int) within
--- its range (rng: RANGE.count or RANGE.seconds unless given).
-local function check_positive(v, name, is_int, level, rng)
-  if v == nil then return end
-  check_number(v, name, rng or (is_int and RANGE.count or RANGE.seconds),
-               level + 1)
-end
-
--- Raises unless key is nil, a string or an integer within +-2^53.
-local function check_key(key, level)
-  if key == nil or type(key) == "string" then return end
-  if type(key) ~= "number" then
-    error(("bad key: expected a string or an integer, got %s")
-          :format(type(key)), level + 1)
-  end
-  check_number(key, "key", RANGE.key, level + 1)
-end
-
--- The furthest ahead a delay or an at may be, in seconds: its due time in
--- milliseconds stays an exact integer.
-local MAX_DELAY = 1e11
-
--- Validates publish options; returns priority, key, correlation_id,
--- headers, dedup, version.
-local function publish_options(opts, level)
-  if type(opts) ~= "table" then
-    error(("bad options to publish: expected a table, got %s")
-          :format(type(opts)), level + 1)
-  end
-  -- One pass over what is there (publish is the hot path: a key alone
-  -- costs one step), then the checks of what was given, in a fixed order.
-  local p, key, corr, headers, delay, at, dedup, version
-  for k, v in next, opts do
-    if k == "key" then key = v
-    elseif k == "priority" then p = v
-    elseif k == "correlation_id" then corr = v
-    elseif k == "headers" then headers = v
-    elseif k == "delay" then delay = v
-    elseif k == "at" then at = v
-    elseif k == "dedup" then dedup = v
-    elseif k == "version" then version = v
-    else
-      error(("unknown option %s to publish (known options: %s)")
-            :format(type(k) == "string" and ("%q"):format(k) or tostring(k),
-                    PUBLISH_OPTIONS[1]), level + 1)
-    end
-  end
-  local prio = 2
-  if p ~= nil then
-    prio = PRIORITIES[p]
-    if not prio then
-      error(("bad priority %s: expected %s")
-            :format(type(p) == "string" and ("%q"):format(p) or tostring(p),
-                    PRIORITY_CHOICES), level + 1)
-    end
-  end
-  if key ~= nil and type(key) ~= "string"             -- a key in range:
-     and not (type(key) == "number" and key % 1 == 0  -- no call (hot path)
-              and key >= -MAX_INT and key <= MAX_INT) then
-    check_key(key, level + 1)
-  end
-  if corr ~= nil and type(corr) ~= "string" then
-    error(("bad correlation_id: expected a string, got %s")
-          :format(type(corr)), level + 1)
-  end
-  if headers ~= nil then
-    if type(headers) ~= "table" then
-      error(("bad headers: expected a table of strings, got %s")
-            :format(type(headers)), level + 1)
-    end
-    for k, v in pairs(headers) do
-      if type(k) ~= "string" or type(v) ~= "string" then
-        error(("bad headers: names and values must be strings (%s = %s)")
-              :format(tostring(k), tostring(v)), level + 1)
-      end
-    end
-  end
-  if delay ~= nil or at ~= nil then
-    if delay ~= nil and at ~= nil then
-      error("give delay (seconds from now) or at (epoch seconds), not both",
-            level + 1)
-    end
-    if delay ~= nil and (type(delay) ~= "number" or delay ~= delay
-                         or delay < 0 or delay == huge) then
-      error(("bad delay: expected seconds >= 0, got %s"):format(quote(delay)),
-            level + 1)
-    end
-    if at ~= nil and (type(at) ~= "number" or at ~= at or at < 0
-                      or at == huge) then
-      error(("bad at: expected epoch seconds, got %s"):format(quote(at)),
-            level + 1)
-    end
-    if (delay or 0) > MAX_DELAY or (at or 0) > MAX_DELAY then
-      error(("bad %s %s: more than %g seconds (about 3,000 years) ahead")
-            :format(delay and "delay" or "at", quote(delay or at),
-                    MAX_DELAY), level + 1)
-    end
-  end
-  if dedup ~= nil and (type(dedup) ~= "string" or dedup == "") then
-    error(("bad dedup: expected a non-empty string such as \"req-77\", "
-           .. "got %s"):format(quote(dedup)), level + 1)
-  end
-  if version ~= nil then
-    check_number(version, "version", RANGE.version, level + 1)
-  end
-  return prio, key, corr, headers, dedup, version, delay ~= nil or at ~= nil
-end
-
 
 -- ------------------------------------------------------------ delivery
 
-local function default_on_error(err, ev, sub, trace)
-  if not ev then                      -- the engine: err is "CODE: message"
-    stderr:write(("buzz: %s\n"):format(failure.readable(err)))
-    return
-  end
-  local what = ("%s #%s"):format(tostring(ev.type), tostring(ev.id))
-  if ev.batch then                    -- bus:batch's handler: its events
-    local first, last = ev.batch[1], ev.batch[#ev.batch]
-    what = ("a batch of %d (#%s..#%s)"):format(#ev.batch,
-                                               tostring(first and first.id),
-                                               tostring(last and last.id))
-  end
-  stderr:write(("buzz: handler for %q failed on %s: %s\n")
-               :format(sub and sub.pattern or "?", what,
-                       trace or failure.readable(err)))
-end
-
--- The core calls this for a failed delivery; on_error runs protected, and
--- an on_error that raises is reported on stderr, in words that cannot
--- raise in turn (an error whose __tostring raises), or failing that in
--- fixed ones: a report is never dropped silently.
-local function reporter(on_error)
-  return function(err, ev, sub, trace)
-    local ok, e2 = pcall(on_error, err, ev, sub, trace)
-    if not ok then
-      local fine, line = pcall(string.format,
-        "buzz: on_error raised while reporting %q: %s\n",
-        failure.readable(err), failure.readable(e2))
-      stderr:write(fine and line or "buzz: on_error raised while "
-                   .. "reporting an error, and neither can be shown\n")
-    end
-  end
-end
+-- The default on_error and the protected reporter (lua/buzz/errors.lua).
+local default_on_error, reporter = errors.default_on_error, errors.reporter
 
 -- Raises, for the driving method, when called from inside a handler
 -- (level 3: the method's caller).
@@ -332,69 +117,9 @@ end
 --- a store readonly, max_size and max_backlog (bytes), max_age, max_events
 ---@return table|nil bus, string|nil err, string|nil code
 function M.new(opts)
-  check_options(opts, NEW_OPTIONS, "buzz.new", 2)
+  local limit, on_error, durability, store, backlog, clock, loop =
+    options.new(opts, 2)
   opts = opts or {}
-  local limit = opts.queue_limit
-  if limit == nil then
-    limit = 100000
-  else
-    check_number(limit, "queue_limit", RANGE.count, 2)
-  end
-  local on_error = opts.on_error
-  if on_error ~= nil and not is_callable(on_error) then
-    error(("bad on_error: expected a function, got %s"):format(type(on_error)),
-          2)
-  end
-  local durability = opts.durability
-  if durability ~= nil and not DURABILITIES[durability] then
-    error(('bad durability %s: expected "batch", "sync" or "none"')
-          :format(quote(durability)), 2)
-  end
-  local store = opts.store
-  if store ~= nil and (type(store) ~= "string" or store == "") then
-    error(("bad store: expected the path of a SQLite file such as "
-           .. "\"events.db\", got %s"):format(quote(store)), 2)
-  end
-  if store and store:find("\0", 1, true) then
-    error(("bad store: the path %s contains a NUL byte; give a path "
-           .. "without one"):format(quote(store)), 2)
-  end
-  if store == ":memory:" then
-    error('bad store: ":memory:" cannot be shared by the store\'s writer '
-          .. "thread and its reader; omit store for an in-memory bus", 2)
-  end
-  if opts.readonly ~= nil and type(opts.readonly) ~= "boolean" then
-    error("bad readonly: expected a boolean", 2)
-  end
-  check_positive(opts.max_payload, "max_payload", true, 2)
-  check_positive(opts.dedup_window, "dedup_window", false, 2,
-                 RANGE.dedup_window)
-  check_positive(opts.max_age, "max_age", false, 2, RANGE.max_age)
-  check_positive(opts.max_events, "max_events", true, 2)
-  check_positive(opts.max_size, "max_size", true, 2)
-  local backlog = opts.max_backlog
-  if backlog ~= nil and (not is_integer(backlog) or backlog < MIN_BACKLOG
-                         or backlog > MAX_BACKLOG) then
-    error(("bad max_backlog: expected an integer number of bytes from "
-           .. "%d (64 KiB) to 2^48, got %s"):format(MIN_BACKLOG,
-                                                   quote(backlog)), 2)
-  end
-  local clock = opts.clock
-  if clock ~= nil and not timers.is_clock(clock) then
-    error(("bad clock: expected buzz.manual_clock(), got %s")
-          :format(quote(clock)), 2)
-  end
-  local loop = opts.loop
-  if loop ~= nil then driver.check(loop, 2) end   -- raises before anything
-  if not store then
-    for _, k in ipairs { "durability", "readonly", "max_age", "max_events",
-                         "max_size", "max_backlog" } do
-      if opts[k] ~= nil then
-        error(("%s applies to a store: give buzz.new{ store = "
-               .. "\"events.db\" } too, or drop %s"):format(k, k), 2)
-      end
-    end
-  end
   local copts = {
     max_payload = opts.max_payload,
     dedup_window_ms = opts.dedup_window and floor(opts.dedup_window * 1000),
@@ -455,44 +180,6 @@ function M.new(opts)
   return bus
 end
 
--- The failure-handling options of a subscription as a policy for the
--- supervisor, or nil when it has none (a plain subscription).
-local function supervision(opts, default_name, level)
-  local name = opts.name
-  if name ~= nil and (type(name) ~= "string" or name == "") then
-    error(("bad name: expected a string such as \"billing\", got %s")
-          :format(quote(name)), level + 1)
-  end
-  local retry, breaker = opts.retry, opts.breaker
-  local ordered, timeout, conc = opts.ordered, opts.timeout, opts.concurrency
-  if ordered ~= nil and type(ordered) ~= "boolean" then
-    error("bad ordered: expected a boolean", level + 1)
-  end
-  -- A durable consumer is at least once: a failed event must stay
-  -- inspectable, so without a policy it becomes a dead letter (retry = 1);
-  -- retry = false opts out (the error only goes to on_error).
-  if retry == false then
-    retry = nil
-  elseif retry == nil and opts.durable ~= nil then
-    retry = 1
-  end
-  if retry == nil and breaker == nil and not ordered and timeout == nil
-     and conc == nil then
-    return nil
-  end
-  check_positive(timeout, "timeout", false, level + 1)
-  check_positive(conc, "concurrency", true, level + 1)
-  return {
-    name = name or default_name,
-    retry = retry ~= nil and failure.retry_policy(retry, level + 1) or nil,
-    breaker = breaker ~= nil and failure.breaker_policy(breaker, level + 1)
-              or nil,
-    ordered = ordered or false,
-    timeout = timeout and floor(timeout * 1000 + 0.5),
-    concurrency = conc,
-    is_durable = opts.durable ~= nil,
-  }
-end
 
 -- The function the core calls for sub's deliveries: its filter, then its
 -- supervisor (if it has one), then the bus's middleware, then its handler.
@@ -531,43 +218,10 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
     error(("bad handler: expected a function, got %s"):format(type(handler)),
           level + 1)
   end
-  check_options(opts, SUBSCRIBE_OPTIONS, "subscribe", level + 1)
   local durable, start_new
-  if opts then
-    if opts.once ~= nil then
-      if type(opts.once) ~= "boolean" then
-        error("bad once: expected a boolean", level + 1)
-      end
-      is_once = is_once or opts.once
-    end
-    durable = opts.durable
-    if durable ~= nil then
-      if type(durable) ~= "string" or durable == "" then
-        error(("bad durable: expected a consumer name such as "
-               .. "\"billing\", got %s"):format(quote(durable)), level + 1)
-      end
-      if is_once then
-        error("a durable consumer cannot be once: it keeps a position "
-              .. "across restarts", level + 1)
-      end
-      if self._readonly then
-        error("durable consumers save their position, and this bus opened "
-              .. "its store read-only", level + 1)
-      end
-    end
-    local start = opts.start
-    if start ~= nil then
-      if start ~= "all" and start ~= "new" then
-        error(('bad start %s: expected "all" (the whole log) or "new" '
-               .. '(events after now)'):format(quote(start)), level + 1)
-      end
-      if durable == nil then
-        error("start applies to a durable consumer: give durable = "
-              .. "\"name\" too", level + 1)
-      end
-      start_new = start == "new"
-    end
-  end
+  is_once, durable, start_new = options.subscribe(opts, is_once,
+                                                  self._readonly,
+                                                  level + 1)
   local policy = opts and supervision(opts, durable or pattern, level + 1)
   local sub = setmetatable({
     pattern = pattern, handler = handler, bus = self,
@@ -670,43 +324,8 @@ end
 -- The shared front half of publish and publish_sync. Inside a handler the
 -- core inherits the correlation id and sets the causation id itself.
 
--- publish with delay or at: checks the type and the payload now (with a
--- store the payload must be JSON), then keeps the event until its time,
--- with the correlation and causation ids it would get now (inside a
--- handler, those of the handler's event). Returns true, "delayed"; the
--- event gets its id when it is published. f holds the checked options;
--- level 3 is the caller of the function that calls this one.
-local function publish_later(self, c, method, etype, payload, opts, f,
-                             level)
-  if method ~= "publish" then
-    error("publish_sync delivers at once: use bus:publish(type, payload, "
-          .. "{ delay = seconds }) for a delayed event", level)
-  end
-  check_type_arg(etype, "task.start", level)
-  local now = self._clock:now_ms()
-  local due = opts.at and floor(opts.at * 1000 + 0.5)
-              or now + floor(opts.delay * 1000 + 0.5)
-  if due <= now then
-    local id, err, code = c:publish(etype, payload, f.prio, f.key, f.corr,
-                                    nil, f.headers, f.dedup, f.version, nil,
-                                    self._manual and self._manual.ms or nil)
-    if not id then
-      local _, e, k = refused(err, code, level)  -- not a tail call: levels
-      return nil, e, k
-    end
-    return id, err
-  end
-  if self._store then
-    local text, err = core.json_encode(payload, self._max_payload)
-    if not text then error(("bad payload: %s"):format(err), level) end
-  end
-  local caus, corr = c:current()
-  self._sup:schedule_publish({
-    type = etype, payload = payload, priority = f.prio, key = f.key,
-    correlation_id = f.corr or corr, causation_id = caus,
-    headers = f.headers, dedup = f.dedup, version = f.version, due = due })
-  return true, "delayed"
-end
+-- publish with delay or at: lua/buzz/schedule.lua.
+local publish_later = schedule.publish_later
 
 -- Makes the core's path of Bus:publish and Bus:publish_sync, which
 -- differ only in the core method they call; made once, at load, not per
@@ -999,15 +618,6 @@ function Bus:close()
 end
 Bus.__close = Bus.close
 
--- The core's store_info with what only this layer knows.
-local function store_info(self, c, with_types, with_events)
-  local info, err, code = c:store_info(with_types, with_events)
-  if not info then return nil, err, code end
-  info.path = self._store
-  info.durability = self._durability
-  info.readonly = self._readonly
-  return info
-end
 
 --- Counters from the core: pending, subscriptions, last_id, cached_types,
 --- queue_limit, and with a store `store` (see store_info).
@@ -1021,7 +631,7 @@ function Bus:stats()
   st.dead_letters = #sup.dead
   st.delayed = sup.delays
   st.redriven = sup.redriven
-  if self._store then st.store = store_info(self, c, false) end
+  if self._store then st.store = store_api.info(self, c, false) end
   return st
 end
 
@@ -1057,397 +667,65 @@ function Bus:__tostring()
 end
 
 
+-- ------------------------------------------------------------ internal
+
+-- The bus's internal interface, for the modules of lua/buzz/ (batch,
+-- aggregate, schedule, failure's supervisor, store, dlq) instead of its
+-- private fields. Not part of the public API; names start with _.
+--   bus:_now()                    the bus's clock, in milliseconds
+--   bus:_at(due_ms, fn, ...)      a timer on the bus's timer heap: fn(...)
+--                                 at due_ms; returns it (:cancel())
+--   bus:_after(ms, fn, ...)       the same, ms from now
+--   bus:_report_error(err, ev, sub, trace)  to on_error, protected
+--   bus:_announce(etype, payload) publishes an engine event ($DLQ.*,
+--                                 $SYS.*); a refusal is reported
+--   bus:_has_store()              true when the bus has a store
+--   bus:_state_put/_state_get/_state_del/_state_list  the store's state
+--                                 rows (lua/buzz/store.lua)
+--   bus:_position(name)           a durable consumer's acked id (store.lua)
+--   bus:_subscribe(...)           subscribe, for modules that subscribe
+--                                 for the user (above)
+function Bus:_now()
+  return self._clock:now_ms()
+end
+
+function Bus:_at(due, fn, ...)
+  return self._timers:at(due, fn, ...)
+end
+
+function Bus:_after(ms, fn, ...)
+  return self._timers:after(ms, fn, ...)
+end
+
+function Bus:_report_error(err, ev, sub, trace)
+  return self._report(err, ev, sub, trace)
+end
+
+function Bus:_announce(etype, payload)
+  return self._sup:announce(etype, payload)
+end
+
+function Bus:_has_store()
+  return self._store ~= nil
+end
+
+
 -- ------------------------------------------------------------ the store
 
--- The core of a bus with a store, raising for a memory bus.
-local function check_store(self, method)
-  local c = check_bus(self, method)
-  if not self._store then
-    error(("bus:%s() reads the store, and this bus has none: create it "
-           .. "with buzz.new{ store = \"events.db\" }"):format(method), 3)
-  end
-  return c
-end
+-- events, replay, upcaster, flush, consumers, remove_consumer, store_info
+-- and the state rows (lua/buzz/store.lua).
+store_api.install(Bus, check_bus, refused)
 
--- One end of a range: an id, or { time = epoch seconds } / { id = n }.
-local function range_end(v, name, level)
-  if v == nil then return nil, nil end
-  if is_integer(v) and v >= 0 then return v, nil end
-  if type(v) == "table" then
-    if is_integer(v.id) and v.id >= 0 and v.time == nil then
-      return v.id, nil
-    end
-    if type(v.time) == "number" and v.time >= 0 and v.time <= MAX_SECONDS
-       and v.id == nil then
-      return nil, floor(v.time * 1000)
-    end
-  end
-  local n = type(v) == "table" and (v.time or v.id) or v
-  error(("bad %s: expected an event id or { time = epoch seconds }, got %s%s")
-        :format(name, type(v) ~= "table" and quote(v)
-                or v.time ~= nil and ("{ time = %s }"):format(quote(v.time))
-                or v.id ~= nil and ("{ id = %s }"):format(quote(v.id))
-                or quote(v),
-                type(n) == "number" and n == n and n > 0 and (" (allowed: "
-                .. "ids from 0 to 2^53, times from 0 to %g seconds)")
-                :format(MAX_SECONDS) or ""), level + 1)
-end
 
--- Turns events()/replay() filters into the core's query, the id to start
--- after and the most events to return.
-local function query_filters(f, allowed, what, level)
-  check_options(f, allowed, what, level + 1)
-  f = f or {}
-  local q = {}
-  if f.types ~= nil then
-    check_subject_value(f.types, "types", "order.*", true, level + 1)
-    q.pattern = f.types
-  end
-  local from_id, from_ts = range_end(f.from, "from", level + 1)
-  local to_id, to_ts = range_end(f.to, "to", level + 1)
-  q.from_ts, q.to_ts, q.to_id = from_ts, to_ts, to_id
-  if to_id == 0 then q.to_id = -1 end          -- nothing is at or below 0
-  local key = f.key
-  check_key(key, level + 1)
-  q.key = key
-  check_positive(f.limit, "limit", true, level + 1)
-  return q, from_id and from_id - 1 or 0, f.limit or huge
-end
-
--- Reads the next page or raises the store's failure.
-local function page_of(c, q, after, limit)
-  local page, err = c:query(q, after, limit < PAGE and limit or PAGE)
-  if not page then error(err, 3) end
-  return page
-end
-
--- The iterator of events() over the core c: pages of the query q after
--- the id after, at most limit events; nil, err, code if the first page
--- fails.
-local function stored_events(c, q, after, limit)
-  local page, err, code = c:query(q, after, limit < PAGE and limit or PAGE)
-  if not page then return nil, err, code end
-  local i, seen = 0, 0
-  return function()
-    if seen >= limit then return nil end
-    i = i + 1
-    local ev = page[i]
-    if ev == nil then
-      if #page < PAGE then return nil end
-      page, i = page_of(c, q, after, limit - seen), 1
-      ev = page[1]
-      if ev == nil then return nil end
-    end
-    after, seen = ev.id, seen + 1
-    return ev
-  end
-end
-
---- Stored events in id order, as an iterator: for ev in bus:events{...}.
---- Filters: types (a pattern), from and to (ids, or { time = seconds },
---- inclusive), key, limit. Old payloads come back upcast. A store that
---- fails while iterating raises; one that fails at once returns nil, err.
----@param filters table|nil
----@return function|nil iterator, string|nil err, string|nil code
-function Bus:events(filters)
-  local c = check_store(self, "events")
-  local q, after, limit = query_filters(filters, QUERY_OPTIONS, "events", 2)
-  local iter, err, code = stored_events(c, q, after, limit)
-  return iter, err, code
-end
-
---- Feeds stored events through a handler without appending them again:
---- the same filters as events(), plus handler = fn or consumer = "name"
---- (the handler of that durable consumer, subscribed on this bus). Events
---- carry is_replay = true. A handler's raise goes to on_error and the
---- replay goes on. Returns the number of events replayed; a store that
---- fails at once returns nil, err, code, later raises (as events() does).
----@param opts table
----@return integer|nil count, string|nil err, string|nil code
-function Bus:replay(opts)
-  local c = check_store(self, "replay")
-  if type(opts) ~= "table" then
-    error("bad options to replay: expected a table with handler = fn or "
-          .. "consumer = \"name\"", 2)
-  end
-  local q, after, limit = query_filters(opts, REPLAY_OPTIONS, "replay", 2)
-  local handler, sub = opts.handler, nil
-  if opts.consumer ~= nil then
-    if handler ~= nil then
-      error("give replay a handler or a consumer, not both", 2)
-    end
-    local subs = c:subs()
-    for i = 1, #subs do
-      if subs[i].durable == opts.consumer then sub = subs[i] end
-    end
-    if not sub then
-      error(("no durable consumer %s is subscribed on this bus")
-            :format(quote(opts.consumer)), 2)
-    end
-    handler = sub.handler
-  elseif not is_callable(handler) then
-    error(("bad handler: expected a function, got %s"):format(type(handler)),
-          2)
-  end
-  local report = self._report
-  local trace                 -- the failing handler's traceback
-  local function on_raise(e)
-    trace = traceback(type(e) == "string" and e
-                      or "(error object is not a string)", 2)
-    return e
-  end
-  local iter, err, code = stored_events(c, q, after, limit)
-  if not iter then return nil, err, code end
-  local n = 0
-  for ev in iter do
-    ev.is_replay = true
-    if ev.decode_error then           -- a corrupt row: on_error, not fn
-      report(ev.decode_error, ev, sub or { pattern = q.pattern or ">" })
-    else
-      local ok, e = xpcall(handler, on_raise, ev)
-      if not ok then
-        report(e, ev, sub or { pattern = q.pattern or ">" }, trace)
-      end
-      n = n + 1
-    end
-    if not self._core then break end   -- a handler closed the bus
-  end
-  return n
-end
-
--- Applies the upcaster chain of ev.type to a stored event, in place.
-local function upcaster_runner(chains)
-  return function(ev)
-    local chain = chains[ev.type]
-    if not chain then return end
-    local v = ev.version or 1
-    local f = chain[v]
-    while f do
-      ev.payload = f(ev.payload, ev)
-      v = v + 1
-      f = chain[v]
-    end
-    ev.version = v
-  end
-end
-
---- Registers fn to rewrite payloads of etype stored at from_version into
---- from_version + 1, on read (events, replay, durable consumers). Chains
---- across versions; the stored row is never modified.
----@param etype string
----@param from_version integer
----@param fn function fn(payload, ev) -> new payload
-function Bus:upcaster(etype, from_version, fn)
-  local c = check_bus(self, "upcaster")
-  check_subject_value(etype, "type", "order.created", false, 2)
-  check_number(from_version, "from_version", RANGE.version, 2)
-  if not is_callable(fn) then
-    error(("bad upcaster: expected a function, got %s"):format(type(fn)), 2)
-  end
-  local chains = self._upcasters
-  if not chains then
-    chains = {}
-    self._upcasters = chains
-    c:set_upcast(upcaster_runner(chains))
-  end
-  local chain = chains[etype] or {}
-  if chain[from_version] then
-    error(("an upcaster for %s version %d is already registered")
-          :format(etype, from_version), 2)
-  end
-  chain[from_version] = fn
-  chains[etype] = chain
-end
-
---- Commits everything published so far (batch durability commits in the
---- background); returns true, or nil, err, code if a commit failed.
----@return boolean|nil ok, string|nil err, string|nil code
-function Bus:flush()
-  local c = check_bus(self, "flush")
-  return c:flush()
-end
-
---- The durable consumers in the store: { name, pattern, acked, lag,
---- updated_ms }, by name.
----@return table|nil consumers, string|nil err, string|nil code
-function Bus:consumers()
-  return check_store(self, "consumers"):consumers()
-end
-
--- The position (acked id) of the durable consumer name once what is
--- queued is written, or nil when the store has no such consumer.
-function Bus:_position(name)
-  assert(self:flush())
-  for _, cons in ipairs(assert(self:consumers())) do
-    if cons.name == name then return cons.acked end
-  end
-  return nil
-end
-
---- Forgets a durable consumer (its position); retention stops holding
---- events back for it. Returns true if it existed.
----@param name string
----@return boolean|nil removed, string|nil err, string|nil code
-function Bus:remove_consumer(name)
-  local c = check_store(self, "remove_consumer")
-  if type(name) ~= "string" then
-    error(("bad name: expected a string, got %s"):format(type(name)), 2)
-  end
-  if self._readonly then
-    error("this bus opened its store read-only: it cannot remove consumers",
-          2)
-  end
-  local ok, err, code = c:remove_consumer(name)
-  if ok == nil then
-    local _, e, k = refused(err, code, 2)     -- not a tail call: levels
-    return nil, e, k
-  end
-  return ok
-end
-
---- What the store holds: events, first_id, last_id, size_bytes, the
---- writer's counters, held_back (events retention keeps for consumers),
---- and with types = true a count per type. events = false leaves the
---- count out (it is a pass over the log; the ids are not).
----@param opts table|nil types, events
----@return table|nil info, string|nil err, string|nil code
-function Bus:store_info(opts)
-  local c = check_store(self, "store_info")
-  check_options(opts, STORE_INFO_OPTIONS, "store_info", 2)
-  local with_events = opts == nil or opts.events
-  if with_events == nil then
-    with_events = true
-  elseif type(with_events) ~= "boolean" then
-    error(("bad events: expected a boolean (false leaves the count out), "
-           .. "got %s"):format(quote(with_events)), 2)
-  end
-  local info, err, code = store_info(self, c, opts and opts.types,
-                                     with_events)
-  return info, err, code
-end
 
 
 -- ------------------------------------------------------------ failures
 
--- A dead-letter selection: an id, or { subscription, types, limit }.
-local function dead_filter(f, method, level)
-  if is_integer(f) then return f end
-  if type(f) ~= "table" and f ~= nil then
-    error(("bad argument to %s: expected a dead letter id or a table of "
-           .. "filters, got %s"):format(method, quote(f)), level + 1)
-  end
-  check_options(f, DEAD_LETTER_OPTIONS, method, level + 1)
-  if f then
-    if f.subscription ~= nil and type(f.subscription) ~= "string" then
-      error(("bad subscription: expected a subscription's name, such as "
-             .. "\"billing\", got %s")
-            :format(quote(f.subscription)), level + 1)
-    end
-    if f.types ~= nil then
-      check_subject_value(f.types, "types", "order.*", true, level + 1)
-    end
-    check_positive(f.limit, "limit", true, level + 1)
-  end
-  return f
-end
+-- dead_letters, redrive, discard (lua/buzz/dlq.lua)
+dlq.install(Bus, check_bus)
 
-local copy = failure.copy  -- callers cannot change the bus's records
-
---- The dead letters, oldest first: each is { id, subscription, pattern,
---- reason ("exhausted" or "fatal"), error, attempts = { { attempt, error,
---- traceback, at } }, event, failed_at, redrives }.
----@param filter table|integer|nil an id, or { subscription, types, limit }
----@return table
-function Bus:dead_letters(filter)
-  check_bus(self, "dead_letters")
-  local recs = self._sup:select(dead_filter(filter, "dead_letters", 2))
-  for i, rec in ipairs(recs) do recs[i] = copy(rec) end
-  return recs
-end
-
--- The dead letters filter selects, for a method that changes them (not on
--- a read-only store); an id that is not there raises. The method has
--- checked the bus.
-local function dead_to_change(self, method, filter)
-  if self._readonly then
-    error(("this bus opened its store read-only: it cannot %s")
-          :format(method), 3)
-  end
-  local recs = self._sup:select(dead_filter(filter, method, 3))
-  if is_integer(filter) and #recs == 0 then
-    error(("no dead letter %d on this bus"):format(filter), 3)
-  end
-  return recs
-end
-
---- Delivers dead letters again, to the subscription each came from,
---- starting over at attempt 1 (ev.redrives counts the redrives). Letters
---- whose subscription is not subscribed on this bus stay. Returns how
---- many were redriven.
----@param filter table|integer|nil an id, or { subscription, types, limit }
----@return integer
-function Bus:redrive(filter)
-  check_bus(self, "redrive")
-  local recs = dead_to_change(self, "redrive", filter)
-  return self._sup:redrive(recs)
-end
-
---- Removes dead letters for good; returns how many.
----@param filter table|integer|nil an id, or { subscription, types, limit }
----@return integer
-function Bus:discard(filter)
-  check_bus(self, "discard")
-  local recs = dead_to_change(self, "discard", filter)
-  self._sup:remove(recs)
-  return #recs
-end
-
---- Publishes an event every seconds on the bus's clock, its payload from
---- payload_fn() (called each time; a value is used as is). Returns a
---- handle whose :cancel() stops it.
----@param seconds number
----@param etype string
----@param payload_fn function|any
----@return table handle
-function Bus:every(seconds, etype, payload_fn)
-  check_bus(self, "every")
-  check_positive(seconds, "seconds", false, 2)
-  check_type_arg(etype, "metrics.tick", 2)
-  local period = math_max(1, floor(seconds * 1000 + 0.5))
-  local handle = { is_active = true }
-  local tl, bus, clock = self._timers, self, self._clock
-  local function tick(due)
-    if not (handle.is_active and bus._core) then return end
-    -- The next period after now: after a stall, missed ticks are skipped,
-    -- not published in a burst.
-    local nxt, now = due + period, clock:now_ms()
-    if nxt <= now then nxt = now + period - (now - due) % period end
-    handle.timer = tl:at(nxt, tick, nxt)
-    local payload = payload_fn
-    if is_callable(payload_fn) then
-      local pok, v = pcall(payload_fn)
-      if not pok then
-        bus._report((errors.wrap("ECALLBACK", ("every(%s): payload function "
-                                              .. "raised"):format(etype), v)))
-        return
-      end
-      payload = v
-      if not bus._core then return end  -- it closed the bus
-    end
-    local pubok, id, err = pcall(bus.publish, bus, etype, payload)
-    if not (pubok and id) then
-      bus._report((errors.wrap("EINVAL", ("every(%s)"):format(etype),
-                               pubok and err or id)))
-    end
-  end
-  local first = self._clock:now_ms() + period
-  handle.timer = tl:at(first, tick, first)
-  function handle.cancel()
-    handle.is_active = false
-    return handle.timer:cancel()
-  end
-  return handle
-end
+-- every (lua/buzz/schedule.lua)
+schedule.install(Bus, check_bus, refused)
 
 --- The state of a subscription's failure handling: inflight, waiting,
 --- held, retrying, breaker ("closed", "open", "half_open" or nil).
