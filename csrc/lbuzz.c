@@ -1,7 +1,7 @@
 /*
 ** lbuzz.c: the Lua binding of the core, module "buzz.core": the module's
-** opening, the core object's lifecycle, publish and the core's own
-** dispatch. The other binding files (l*.c, sharing lcore.h) hold the rest.
+** opening, the core object's lifecycle and publish. The other binding
+** files (l*.c, sharing lcore.h) hold the rest.
 **
 ** A core object ("buzz.core" userdata) embeds the dispatcher and owns the
 ** libuv loop. Its user value is the ref table U: every Lua value the core
@@ -17,23 +17,18 @@
 ** held across a call that can raise: the core's allocations are owned by
 ** the core object, and strings are built in luaL_Buffer.
 **
-** Delivery: pump() and publish_sync() run each delivery in a Lua thread
-** from a pool (U.pool): the handler is resumed with lua_resume, so it may
-** yield; a handler that returns leaves its thread reusable with no yield
-** at all. A handler that yields is handed to the Lua layer's on_yield
-** function, which owns its thread from then on (buzz.sleep, supervised
-** retries). A raise, or a yield with no on_yield, goes to the
-** reporter function (U.report, from lua/buzz/init.lua) through lua_pcall.
-** While a handler runs, its event is on the "current" stack, from which
-** publish inherits the correlation id and takes the causation id.
-** resume() puts a table of the Lua layer's there while it resumes a
-** thread, so a handler continued later (after a sleep, a retry) publishes
-** as its delivery would have. next() hands deliveries out one by one
-** instead, for tests and drivers that run handlers themselves.
+** Delivery is pulled, and the core never calls a handler: core:take
+** (ldispatch.c) hands out what is due and lua/buzz/task.lua runs it;
+** publish_sync opens a sync level and returns id, level for the Lua layer
+** to take. While a handler runs, its event is current (U[cur_slot], which
+** task.lua, core:resume and core:sync set): publish inherits the
+** correlation id from it and takes its id as the causation id. The one
+** call into Lua left here is the reporter (U.report) for store failures
+** that belong to no delivery.
 **
-** The hot path of the Lua layer (lua/buzz/hot.lua) has calls of its own
-** in lhot.c (stamp, sync, deliver); lcore.h shares the core object and
-** the helpers they need.
+** The hot path of the Lua layer (lua/buzz/hot.lua) has a call of its own
+** in lhot.c (sync); lcore.h shares the core object and the helpers they
+** need.
 **
 ** Engine publishes (the engine flag) may use the reserved "$" types the
 ** Lua layer's dead letters and system events travel on. The store's
@@ -193,26 +188,6 @@ static void push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
 
 /* ----------------------------------------------------------- delivery */
 
-/*
-** Pushes a level on the current-event stack: publishes inherit from it
-** until the caller sets ncur back. Returns 0 (and pushes nothing) when
-** out of memory.
-*/
-static int cur_push(lcore *c, int64_t id, int table_ref) {
-  if (c->ncur == c->capcur) {
-    size_t ncap = c->capcur ? c->capcur * 2 : 8;
-    lcur *n = (lcur *)realloc(c->cur, ncap * sizeof *n);
-    size_t i;
-    if (n == NULL) return 0;
-    for (i = c->capcur; i < ncap; i++) n[i].slot = LUA_NOREF;
-    c->cur = n;
-    c->capcur = ncap;
-  }
-  c->cur[c->ncur].id = id;
-  c->cur[c->ncur].table_ref = table_ref;
-  c->ncur++;
-  return 1;
-}
 
 
 /* Gives an event record back: to the spare list, or to free() once the
@@ -527,6 +502,8 @@ static int lcore_new(lua_State *L) {
   lua_newtable(L);                     /* U */
   lua_pushvalue(L, 2);
   c->report_ref = luaL_ref(L, -2);
+  lua_pushboolean(L, 0);               /* U[cur_slot]: the current */
+  c->cur_slot = luaL_ref(L, -2);       /* event, false for none */
   buzz_setuv(L, -2);
   if ((rc = buzz__bus_init(&c->bus, (size_t)limit)) < 0)
     return push_fail(L, rc, NULL);
@@ -605,19 +582,10 @@ static int lcore_close(lua_State *L) {
   return 1;
 }
 
-/*
-** __gc and __close, one function: closes (idempotent, never raises), then
-** frees the current-event stack unless a delivery still uses it (a bus
-** closed from inside a handler): __gc, which runs later, frees it then.
-*/
+/* __gc and __close, one function: closes (idempotent, never raises). */
 static int lcore_gc(lua_State *L) {
-  lcore *c = (lcore *)luaL_checkudata(L, 1, CORE_MT);
+  luaL_checkudata(L, 1, CORE_MT);
   lcore_close(L);
-  if (c->ncur == 0) {
-    free(c->cur);
-    c->cur = NULL;
-    c->capcur = 0;
-  }
   return 0;
 }
 
@@ -902,38 +870,33 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
 }
 
 /*
-** Pushes the correlation_id (read raw) of the table U[ref], or nil when
-** it has none or is not a table. A method's upvalues are in reach.
+** Pushes the current event (U[cur_slot]: lua/buzz/task.lua, core:resume
+** and core:sync set it while a handler runs), or false when there is
+** none (never nil: luaL_ref would reuse the slot). Stack: U at u.
 */
-static void push_correlation(lua_State *L, int u, int ref) {
-  lua_rawgeti(L, u, ref);
-  if (lua_istable(L, -1)) {
-    lua_pushvalue(L, UV(UV_CORR));
-    lua_rawget(L, -2);
-    lua_remove(L, -2);
-  } else {
-    lua_pop(L, 1);
-    lua_pushnil(L);
-  }
+static void push_current(lua_State *L, lcore *c, int u) {
+  lua_rawgeti(L, u, c->cur_slot);
 }
 
-/*
-** The causation id a publish made at the current-event level cur takes:
-** its id, or (a level core:resume pushed) the integer id of its event
-** table, read raw now; 0 for none. A method's upvalues are in reach.
-*/
-static int64_t cur_id(lua_State *L, int u, const lcur *cur) {
+/* The integer id (read raw) of the event table at idx, or 0. */
+static int64_t event_id(lua_State *L, int idx) {
   int64_t id = 0;
-  if (cur->id != 0 || cur->table_ref == BUZZ_NOREF) return cur->id;
-  lua_rawgeti(L, u, cur->table_ref);
-  if (lua_istable(L, -1)) {
-    lua_pushvalue(L, UV(UV_ID));
-    lua_rawget(L, -2);
-    if (!buzz__to_int(L, -1, 0, INT64_MAX, &id)) id = 0;
-    lua_pop(L, 1);
-  }
+  if (!lua_istable(L, idx)) return 0;
+  lua_pushvalue(L, UV(UV_ID));
+  lua_rawget(L, idx < 0 ? idx - 1 : idx);
+  if (!buzz__to_int(L, -1, 0, INT64_MAX, &id)) id = 0;
   lua_pop(L, 1);
   return id;
+}
+
+/* Pushes the correlation_id (read raw) of the table at idx, or nil. */
+static void push_correlation(lua_State *L, int idx) {
+  if (!lua_istable(L, idx)) {
+    lua_pushnil(L);
+    return;
+  }
+  lua_pushvalue(L, UV(UV_CORR));
+  lua_rawget(L, idx < 0 ? idx - 1 : idx);
 }
 
 /* Pushes nil, "EDEPTH: ...", "EDEPTH": publish_sync nested too deep. */
@@ -981,14 +944,10 @@ static int do_publish(lua_State *L, int mode) {
   int64_t version = buzz__opt_int(L, 10, "version", 0, 0, INT_MAX);
   int is_engine = lua_toboolean(L, 11);
   int64_t ts = buzz__opt_int(L, 12, "ts", 0, 0, BUZZ_INT_EXACT);
-  lcur cur;            /* a copy: a nested publish may move the stack */
   buzz_event *ev;
   int64_t id, now = 0;
   lctx ctx;
   int rc;
-  cur.id = 0;
-  cur.table_ref = BUZZ_NOREF;
-  if (c->ncur > 0) cur = c->cur[c->ncur - 1];
   if (type == NULL) {
     lua_pushnil(L);
     lua_pushfstring(L, "bad type: expected a string such as "
@@ -1004,6 +963,7 @@ static int do_publish(lua_State *L, int mode) {
   ctx.L = L;
   ctx.c = c;
   ctx.u = push_refs(L);                /* slot 11 */
+  push_current(L, c, ctx.u);           /* slot 12: inherited from */
   if (dkey) now = ts > 0 ? ts : buzz__clock_ms();  /* the bus's clock */
   if (dkey && c->dedup &&
       (id = buzz__dedup_find(c->dedup, dkey, dlen, now)) != 0) {
@@ -1011,8 +971,8 @@ static int do_publish(lua_State *L, int mode) {
     lua_pushliteral(L, "duplicate");
     return 2;
   }
-  if (lua_isnil(L, 6) && cur.table_ref != BUZZ_NOREF) {
-    push_correlation(L, ctx.u, cur.table_ref);  /* inherit it */
+  if (lua_isnil(L, 6) && lua_istable(L, 12)) {
+    push_correlation(L, 12);           /* inherit it */
     lua_replace(L, 6);
   }
   if (c->store && mode == 0 && c->bus.queue.limit &&   /* before the */
@@ -1021,7 +981,7 @@ static int do_publish(lua_State *L, int mode) {
   if ((ev = buzz__event_new(&c->bus.queue)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   ev->priority = (unsigned char)prio;
-  ev->causation_id = caus == 0 ? cur_id(L, ctx.u, &cur) : (int64_t)caus;
+  ev->causation_id = caus == 0 ? event_id(L, 12) : (int64_t)caus;
   ev->version = (int)version;
   if (ts > 0) ev->ts = (int64_t)ts;    /* a manual clock's time */
   if (c->store &&
@@ -1110,19 +1070,13 @@ static int lcore_publish_cursor(lua_State *L) {
 */
 static int lcore_current(lua_State *L) {
   lcore *c = check_core(L);
-  lcur cur;
-  if (c->ncur == 0) return 0;
-  cur = c->cur[c->ncur - 1];
-  if (cur.id == 0 && cur.table_ref == BUZZ_NOREF) return 0;
-  {
-    int u = push_refs(L);
-    int64_t id = cur_id(L, u, &cur);
-    if (id != 0) lua_pushinteger(L, (lua_Integer)id);
-    else lua_pushnil(L);
-    if (cur.table_ref != BUZZ_NOREF) push_correlation(L, u, cur.table_ref);
-    else lua_pushnil(L);
-    lua_remove(L, u);
-  }
+  int64_t id;
+  push_current(L, c, push_refs(L));
+  if (!lua_istable(L, -1)) return 0;
+  id = event_id(L, -1);
+  if (id != 0) lua_pushinteger(L, (lua_Integer)id);
+  else lua_pushnil(L);
+  push_correlation(L, -2);
   return 2;
 }
 
@@ -1263,6 +1217,19 @@ static int lcore_audience(lua_State *L) {
   return 1;
 }
 
+/*
+** core:holder() -> U, slot: U[slot] is the current event (false: none).
+** lua/buzz/task.lua sets it while it runs a handler, as core:resume and
+** core:sync do while they resume; publish inherits from it. U is the
+** core's ref table: nothing else in it is for Lua to touch.
+*/
+static int lcore_holder(lua_State *L) {
+  lcore *c = check_core(L);
+  push_refs(L);
+  lua_pushinteger(L, c->cur_slot);
+  return 2;
+}
+
 static int lcore_stats(lua_State *L) {
   lcore *c = check_core(L);
   lua_createtable(L, 0, 6);
@@ -1302,18 +1269,19 @@ buzz_sub *buzz__lcore_find_durable(const lcore *c, const char *name) {
   return find_durable(c, name);
 }
 void buzz__lcore_unref(lua_State *L, int u, int *ref) { unref(L, u, ref); }
-int buzz__lcore_cur_push(lcore *c, int64_t id, int table_ref) {
-  return cur_push(c, id, table_ref);
+void buzz__lcore_current(lua_State *L, lcore *c, int u) {
+  push_current(L, c, u);
 }
-void buzz__lcore_correlation(lua_State *L, int u, int ref) {
-  push_correlation(L, u, ref);
+int64_t buzz__lcore_event_id(lua_State *L, int idx) {
+  return event_id(L, idx);
+}
+void buzz__lcore_correlation(lua_State *L, int idx) {
+  push_correlation(L, idx);
 }
 int buzz__lcore_too_deep(lua_State *L, lcore *c) {
   return push_too_deep(L, c);
 }
-int64_t buzz__lcore_cur_id(lua_State *L, int u, const lcur *cur) {
-  return cur_id(L, u, cur);
-}
+
 void buzz__lcore_push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
                             int from_args) {
   push_event(L, c, u, ev, from_args);
@@ -1345,6 +1313,7 @@ static const luaL_Reg core_methods[] = {
   { "sync", buzz__lhot_sync },
   { "set_handler", lcore_set_handler },
   { "current", lcore_current },
+  { "holder", lcore_holder },
   { "subs", lcore_subs },
   { "pending", lcore_pending },
   { "timeout", lcore_timeout },

@@ -18,22 +18,6 @@
 #pragma GCC visibility push(hidden)
 #endif
 
-/*
-** One level of the current-event stack, innermost last: what a publish
-** made there inherits. id is the causation id (0: the id of the table at
-** table_ref, read when a publish needs it, or none); table_ref, the
-** event table whose correlation_id is inherited (BUZZ_NOREF: none), is a
-** U ref borrowed from the event in dispatch(), owned by lcore_resume()
-** (which releases it when its resume returns), or the level's slot
-** (core:sync in lhot.c).
-*/
-typedef struct lcur {
-  int64_t id;
-  int table_ref;
-  int slot;            /* a U ref kept for this level (LUA_NOREF until
-                          first used) where core:sync() puts its event
-                          table; false while unused; released with U */
-} lcur;
 
 /*
 ** The core object.
@@ -55,8 +39,8 @@ typedef struct lcore {
                        /* no word with it needed (buzz__ids_take) */
   size_t ndurable;     /* live durable subs */
   int upcast_ref;      /* U ref: upcast(ev) from lua/buzz, or LUA_NOREF */
-  lcur *cur;           /* owns (freed by __gc): the current-event */
-  size_t ncur, capcur; /* stack, innermost last */
+  int cur_slot;        /* U ref: the current event, false for none
+                          (lcore_holder; released with U) */
   int report_ref;      /* U ref: the reporter of store failures that
                           belong to no delivery (released with U) */
   int ev_slot;         /* U ref kept for the table of the queued event
@@ -167,10 +151,10 @@ int buzz__lcore_store_flush(lua_State *L, lcore *c, int u, char *err);
 void buzz__lcore_catch_up(lua_State *L, lcore *c);
 buzz_sub *buzz__lcore_find_durable(const lcore *c, const char *name);
 void buzz__lcore_unref(lua_State *L, int u, int *ref);
-int buzz__lcore_cur_push(lcore *c, int64_t id, int table_ref);
-void buzz__lcore_correlation(lua_State *L, int u, int ref);
+void buzz__lcore_current(lua_State *L, lcore *c, int u);  /* U[cur_slot] */
+int64_t buzz__lcore_event_id(lua_State *L, int idx);
+void buzz__lcore_correlation(lua_State *L, int idx);
 int buzz__lcore_too_deep(lua_State *L, lcore *c);   /* EDEPTH */
-int64_t buzz__lcore_cur_id(lua_State *L, int u, const lcur *cur);
 void buzz__lcore_push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
                             int from_args);
 int buzz__lcore_save_position(lcore *c, buzz_sub *sub, char *err);

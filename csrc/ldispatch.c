@@ -56,7 +56,6 @@
 #define store_flush buzz__lcore_store_flush
 #define save_position buzz__lcore_save_position
 #define signal_work buzz__lcore_signal_work
-#define cur_push buzz__lcore_cur_push
 #define read_page buzz__lstore_read_page
 #define pf_holds buzz__pf_holds
 
@@ -414,9 +413,9 @@ static int is_callable(lua_State *L, int idx) {
 ** table ev is the current event: a publish inside co inherits
 ** ev.correlation_id and takes ev.id (an integer) as its causation id,
 ** both read raw when it publishes, as in a handler of ev; ev
-** nil means no current event, even inside a handler. Each level of the
-** current-event stack keeps a slot in U for its table (no luaL_ref per
-** resume). On Lua 5.4 the resume starts a fresh budget of C calls
+** nil means no current event, even inside a handler; the outer one is
+** current again when the resume returns. On Lua 5.4 the resume starts a
+** fresh budget of C calls
 ** (limit 200): nested publish_sync deliveries would otherwise share one
 ** and run out at 65 levels; SYNC_MAX bounds the nesting instead, as on
 ** LuaJIT, which does not count resumes. Never raises for co's sake.
@@ -433,7 +432,6 @@ static int lcore_resume(lua_State *L) {
   lua_State *co = lua_tothread(L, 2);
   const char *why;
   int nargs, u, rc, nres = 0, has_ev, is_start = 0;
-  size_t level;
   if (co == NULL) luaL_checktype(L, 2, LUA_TTHREAD);
   has_ev = !lua_isnoneornil(L, 3);
   luaL_argcheck(L, !has_ev || lua_istable(L, 3), 3,
@@ -454,30 +452,18 @@ static int lcore_resume(lua_State *L) {
   }
   lua_xmove(L, co, nargs);             /* the arguments */
   u = push_refs(L);                    /* slot 4 */
-  {
-    lcur *cur;
-    if (!cur_push(c, 0, BUZZ_NOREF)) { /* the id is read when needed */
-      lua_pop(co, nargs);
-      return luaL_error(L, "not enough memory");
-    }
-    level = c->ncur - 1;
-    cur = &c->cur[level];
-    if (has_ev) {                      /* nil hides an outer event */
-      lua_pushvalue(L, 3);
-      if (cur->slot == LUA_NOREF) cur->slot = luaL_ref(L, u);
-      else lua_rawseti(L, u, cur->slot);
-      cur->table_ref = cur->slot;
-    }
-  }
+  lua_rawgeti(L, u, c->cur_slot);      /* slot 5: the outer event */
+  if (has_ev) lua_pushvalue(L, 3);     /* ev is current while co runs; */
+  else lua_pushboolean(L, 0);          /* nil hides an outer event */
+  lua_rawseti(L, u, c->cur_slot);
 #if LUA_VERSION_NUM >= 504
   rc = lua_resume(co, NULL, nargs - is_start, &nres);
 #else
   rc = buzz_resume_n(co, L, nargs - is_start, &nres);
 #endif
-  c->ncur = level;                     /* nested levels are gone */
-  if (has_ev && c->is_open) {          /* else U went with close() */
-    lua_pushboolean(L, 0);             /* keep the slot a non-nil */
-    lua_rawseti(L, u, c->cur[level].slot);   /* value: see luaL_ref */
+  if (c->is_open) {                    /* else U went with close() */
+    lua_pushvalue(L, 5);
+    lua_rawseti(L, u, c->cur_slot);
   }
   if (!is_start || (rc != LUA_OK && rc != LUA_YIELD))
     return buzz__lcore_resumed(L, co, rc, nres);

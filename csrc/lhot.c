@@ -2,9 +2,10 @@
 ** lhot.c: the core's side of the hot path of a memory bus
 ** (lua/buzz/hot.lua). The Lua layer keeps each type's audience
 ** (core:audience) and builds the event table itself; the core still hands
-** out ids and keeps the current-event stack and the publish_sync depth,
-** so that publishes made on either path agree on all three. Nothing here
-** calls into Lua except the resume of the hot path's own thread.
+** out ids, sets the current event (inherited from by publishes) and
+** counts the publish_sync depth, so that publishes made on either path
+** agree on all three. Nothing here calls into Lua but the resume of a
+** thread of the bus's pool.
 */
 #include "lcore.h"
 #include "lcheck.h"
@@ -13,8 +14,6 @@
 #define push_refs buzz__lcore_refs
 #define push_fail buzz__lcore_fail
 #define unref buzz__lcore_unref
-#define cur_push buzz__lcore_cur_push
-#define push_correlation buzz__lcore_correlation
 #define push_too_deep buzz__lcore_too_deep
 
 /*
@@ -37,8 +36,6 @@ int buzz__lhot_sync(lua_State *L) {
   int64_t ts = lua_toboolean(L, 5)     /* false: no manual clock */
                ? buzz__opt_int(L, 5, "ts", 0, 0, BUZZ_INT_EXACT) : 0, id;
   int u, rc, nres = 0;
-  size_t level;
-  lcur *cur;
   lua_Debug ar;
   luaL_argcheck(L, co != NULL && co != L && lua_status(co) == LUA_OK &&
                 lua_gettop(co) == 0 && !lua_getstack(co, 0, &ar), 2,
@@ -61,36 +58,28 @@ int buzz__lhot_sync(lua_State *L) {
   lua_pushvalue(L, UV(UV_TS));
   lua_pushinteger(L, (lua_Integer)(ts > 0 ? ts : buzz__clock_ms()));
   lua_rawset(L, 3);
-  if (c->ncur > 0) {                   /* inside a handler: inherit */
-    lcur top = c->cur[c->ncur - 1];
-    int64_t caus = buzz__lcore_cur_id(L, u, &top);
+  buzz__lcore_current(L, c, u);        /* slot 9: inherited from */
+  if (lua_istable(L, 9)) {             /* inside a handler: inherit */
+    int64_t caus = buzz__lcore_event_id(L, 9);
     if (caus != 0) {
       lua_pushvalue(L, UV(UV_CAUS));
       lua_pushinteger(L, (lua_Integer)caus);
       lua_rawset(L, 3);
     }
-    if (top.table_ref != BUZZ_NOREF) {
+    lua_pushvalue(L, UV(UV_CORR));
+    lua_rawget(L, 3);
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
       lua_pushvalue(L, UV(UV_CORR));
-      lua_rawget(L, 3);
-      if (lua_isnil(L, -1)) {
-        lua_pop(L, 1);
-        lua_pushvalue(L, UV(UV_CORR));
-        push_correlation(L, u, top.table_ref);
-        lua_rawset(L, 3);
-      } else {
-        lua_pop(L, 1);
-      }
+      buzz__lcore_correlation(L, 9);
+      lua_rawset(L, 3);
+    } else {
+      lua_pop(L, 1);
     }
   }
-  if (!cur_push(c, id, BUZZ_NOREF))
-    return luaL_error(L, "not enough memory");
-  level = c->ncur - 1;
-  cur = &c->cur[level];
-  lua_pushvalue(L, 3);
-  if (cur->slot == LUA_NOREF) cur->slot = luaL_ref(L, u);
-  else lua_rawseti(L, u, cur->slot);
-  cur->table_ref = cur->slot;
-  lua_pushinteger(L, (lua_Integer)id); /* slot 9: the result */
+  lua_pushvalue(L, 3);                 /* ev is current while it runs */
+  lua_rawseti(L, u, c->cur_slot);
+  lua_pushinteger(L, (lua_Integer)id); /* slot 10: the result */
   lua_pushvalue(L, 6);                 /* fn(ev, aud, st) */
   lua_pushvalue(L, 3);
   lua_pushvalue(L, 4);
@@ -103,10 +92,9 @@ int buzz__lhot_sync(lua_State *L) {
   rc = buzz_resume_n(co, L, 3, &nres);
 #endif
   c->nsync--;
-  c->ncur = level;                     /* nested levels are gone */
   if (c->is_open) {                    /* else U went with close() */
-    lua_pushboolean(L, 0);             /* keep the slot a non-nil */
-    lua_rawseti(L, u, c->cur[level].slot);  /* value: see luaL_ref */
+    lua_pushvalue(L, 9);               /* the outer event is current */
+    lua_rawseti(L, u, c->cur_slot);
   }
   if (rc == LUA_OK) {                  /* fn returned: co is idle again */
     lua_settop(co, 0);

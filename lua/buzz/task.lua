@@ -20,7 +20,7 @@
 -- @module buzz.task
 local core = require "buzz.core"
 
-local rawget, type, pcall = rawget, type, pcall
+local rawget, type, pcall, setmetatable = rawget, type, pcall, setmetatable
 local co_lib = coroutine
 -- The raw coroutine functions: inside OpenResty coroutine.* serve the
 -- threads nginx schedules.
@@ -38,7 +38,7 @@ local POOL_MAX = 64     -- idle coroutines kept per bus
 ---@param bus table
 ---@return table
 function M.new(bus)
-  return {
+  local t = {
     bus = bus,
     pool = {}, npool = 0,   -- idle workers, pool[1..npool]
     depth = 0,              -- resumes under way (> 0: inside a handler)
@@ -48,8 +48,13 @@ function M.new(bus)
     subs = {}, evs = {},    -- the queue's batch: [pos..last] not run yet
     pos = 1, last = 0, is_durable = false,
     psubs = {}, pevs = {},  -- a preempting take's (one delivery)
+    extra = 0,              -- preempting deliveries a batch made
+    states = setmetatable({}, { __mode = "k" }),  -- thread -> run_batch's
+    hold = false, slot = 0,  -- hold[slot]: the current event (the core's)
     levels = {},            -- publish_sync level -> { subs, evs }
   }
+  t.hold, t.slot = bus._core:holder()
+  return t
 end
 
 -- An idle thread for the pool: run to its end, so core:resume can start
@@ -75,15 +80,16 @@ local function message(what)
 end
 
 -- The handler in co yielded (ok: it is the supervisor's now) or raised
--- (what).
-local function settle(t, co, sub, ev, ok, what, arg)
+-- (what); its traceback stops before stop (the function co started in,
+-- when that is not the handler).
+local function settle(t, co, sub, ev, ok, what, arg, stop)
   local bus = t.bus
   if ok then
     local fine, err = pcall(bus._sup.adopt, bus._sup, co, sub, ev, what, arg)
     if fine then return end
     what = err
   end
-  bus._report(what, ev, sub, traceback(co, message(what), 0))
+  bus._report(what, ev, sub, traceback(co, message(what), 0, stop))
   if close then close(co) end
 end
 
@@ -157,6 +163,54 @@ local function preempt(t, below, max)
   return n
 end
 
+-- Runs the batch's deliveries t.pos..upto in the thread drive started it
+-- in (an idle thread of the pool): each handler is called right here,
+-- its event current meanwhile (hold[slot], which publish inherits from),
+-- so a batch costs one resume, not one per delivery. t.pos moves past
+-- each delivery before its handler runs. Returns when done, on stop() or
+-- close(), or, in a thread the supervisor adopted because a handler
+-- yielded (st.adopted), as soon as that handler returns: drive runs the
+-- rest elsewhere. Events that preempt the rest (subs.preempt) run in
+-- their own threads (run) and count in t.extra.
+local function run_batch(t, upto, st)
+  local subs, evs, hold, slot, bus = t.subs, t.evs, t.hold, t.slot, t.bus
+  local is_durable, pos = t.is_durable, t.pos
+  while pos <= upto do
+    local sub, ev = subs[pos], evs[pos]
+    pos = pos + 1
+    t.pos = pos
+    if sub.is_active then
+      if sub._once then sub.is_active = false end   -- the core ended it
+      hold[slot] = ev
+      sub._fn(ev)
+      if st.adopted then return end
+    end
+    if is_durable then
+      local c, id = bus._core, sub._id  -- id nil: it ended meanwhile
+      if c and id then c:ack(id, sub, ev.id) end
+    end
+    if t.is_stopped then return end    -- stop(), or the bus closed
+    local p = subs.preempt             -- a handler queued a more urgent
+    if p and evs[pos] ~= ev then       -- event than the batch's last (it
+      subs.preempt = nil               -- comes after the current event)
+      local below = pos <= t.last and PRIO[evs[pos].priority]
+      if below and p < below and pos <= upto then
+        local m = preempt(t, below, upto - pos + 1)
+        upto, t.extra = upto - m, t.extra + m
+        if t.is_stopped then return end
+      end
+    end
+  end
+end
+
+-- The state of a thread running run_batch: adopted once the supervisor
+-- took it over (made on the thread's first batch).
+local function batch_state(t, co)
+  local st = { adopted = false }
+  t.states[co] = st
+  return st
+end
+
 --- Makes at most max deliveries from the queue (and durable consumers'
 --- pages), never waiting; returns how many. Stops early on stop() or
 --- when a handler closes the bus.
@@ -166,12 +220,7 @@ function M.drive(t, max)
   local bus, n = t.bus, 0
   local c = bus._core
   if not c or t.is_stopped then return 0 end
-  -- The batch loop keeps what it reads per delivery in locals: the core's
-  -- resume, one idle thread (a handler that returns leaves it idle for
-  -- the next one), and the depth (a handler runs all through the batch
-  -- but for the reporter, which may drive the bus).
-  local subs, evs, resume, d = t.subs, t.evs, c.resume, t.depth
-  local co = idle(t)
+  local subs, evs, states, d = t.subs, t.evs, t.states, t.depth
   while n < max and not t.is_stopped do
     local pos, last = t.pos, t.last
     if pos > last then
@@ -181,56 +230,40 @@ function M.drive(t, max)
       if errs then report_errs(bus, errs) end
       if m == 0 or t.is_stopped then break end
       pos, last = 1, m
-      t.last, t.is_durable = m, is_durable or false
+      t.pos, t.last, t.is_durable = 1, m, is_durable or false
     end
-    local is_durable = t.is_durable
-    t.depth = d + 1
-    while pos <= last and n < max do
-      local sub, ev = subs[pos], evs[pos]
-      pos = pos + 1
-      n = n + 1
-      if sub.is_active then
-        if sub._once then sub.is_active = false end  -- the core ended it
-        local ok, done, what, arg = resume(c, co, ev, sub._fn, ev)
-        if not (done and ok) then      -- it yielded or raised
-          t.depth = d
-          if ok then
-            settle(t, co, sub, ev, true, what, arg)
-          else
-            settle(t, co, sub, ev, false, done)
-          end
-          t.depth = d + 1
-          co = idle(t)
-        end
-      end
-      if is_durable and bus._core then
-        local id = sub._id             -- nil: it ended meanwhile
-        if id then c:ack(id, sub, ev.id) end
-      end
-      if t.is_stopped then break end   -- stop(), or the bus closed
-      local p = subs.preempt           -- a handler queued a more urgent
-      if p and evs[pos] ~= ev then     -- event than the batch's last (it
-        subs.preempt = nil             -- comes after the current event)
-        local below = pos <= last and PRIO[evs[pos].priority]
-        if below and p < below and n < max then
-          t.depth, t.pos = d, pos
-          local m = preempt(t, below, max - n)
-          n, t.runs = n + m, t.runs - m  -- run() counted them: drive adds n
-          t.depth = d + 1
-          if t.is_stopped then break end
-        end
-      end
-    end
+    local upto = pos + (max - n) - 1
+    if upto > last then upto = last end
+    local co = idle(t)
+    local st = states[co] or batch_state(t, co)
+    t.extra, t.depth = 0, d + 1       -- handlers run all through the batch
+    local ok, done, what, arg = c:resume(co, nil, run_batch, t, upto, st)
     t.depth = d
-    t.pos = pos
-    if pos > last then                 -- let the tables run go (GC)
-      for i = 1, last do subs[i], evs[i] = nil, nil end
-      t.last = 0
+    local made = t.pos - pos
+    n, t.runs = n + made + t.extra, t.runs + made
+    if done == true and ok then        -- the batch ran: co is idle again
+      local k = t.npool + 1
+      if k <= POOL_MAX then t.pool[k], t.npool = co, k end
+    else                               -- the delivery at t.pos - 1
+      states[co] = nil                 -- yielded or raised
+      local i = t.pos - 1
+      local sub, ev = subs[i], evs[i]
+      if ok then
+        st.adopted = true
+        settle(t, co, sub, ev, true, what, arg, run_batch)
+      else
+        settle(t, co, sub, ev, false, done, nil, run_batch)
+      end
+      local cc = bus._core
+      if t.is_durable and cc and sub._id then cc:ack(sub._id, sub, ev.id) end
+    end
+    c = bus._core
+    if not c then break end
+    if t.pos > t.last then             -- let the tables run go (GC)
+      for i = 1, t.last do subs[i], evs[i] = nil, nil end
+      t.pos, t.last = 1, 0
     end
   end
-  local k = t.npool + 1
-  if k <= POOL_MAX then t.pool[k], t.npool = co, k end
-  t.runs = t.runs + n
   return n
 end
 
@@ -276,7 +309,7 @@ end
 --- The bus closed: what a take handed out and nothing ran is dropped,
 --- and a drive under way stops.
 function M.close(t)
-  t.pos, t.last = 1, 0
+  t.last = t.pos - 1                   -- (a drive under way counts by pos)
   t.is_stopped = true
 end
 
