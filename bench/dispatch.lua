@@ -267,6 +267,7 @@ end
 local CASES = {
   sync = buzz_sync, sync_key = buzz_sync_key, sync_opts = buzz_sync_opts,
   queued = function(p) return buzz_batch_of(1000, p) end,
+  queued1 = function(p) return buzz_batch_of(1, p) end,  -- drain's own cost
   mediator = function(p) return mediator_literal(require "mediator", p) end,
   pcall = pcall_floor, event_table = event_table_floor,
 }

@@ -204,10 +204,16 @@ static int is_urgent(const lcore *c, int below) {
 
 static int lcore_take(lua_State *L) {
   lcore *c = check_core(L);
-  lua_Integer max = (lua_Integer)buzz__check_int(L, 2, "max", 0,
-                                                 BUZZ_INT_EXACT);
-  int64_t level = buzz__opt_int(L, 5, "level", 0, 0, INT_MAX);
-  int below = (int)buzz__opt_int(L, 6, "below", BUZZ_NPRIO, 0, BUZZ_NPRIO);
+  int is_int;                          /* the usual call: a small max, */
+  lua_Integer max = lua_tointegerx(L, 2, &is_int);    /* no level */
+  int64_t level = 0;
+  int below = BUZZ_NPRIO;
+  if (!is_int || max < 0 || max > BUZZ_INT_EXACT)
+    max = (lua_Integer)buzz__check_int(L, 2, "max", 0, BUZZ_INT_EXACT);
+  if (lua_gettop(L) >= 5) {
+    level = buzz__opt_int(L, 5, "level", 0, 0, INT_MAX);
+    below = (int)buzz__opt_int(L, 6, "below", BUZZ_NPRIO, 0, BUZZ_NPRIO);
+  }
   int n = 0, nerr = 0, is_durable = 0, prio = -1;
   lctx ctx;
   luaL_checktype(L, T_SUBS, LUA_TTABLE);

@@ -311,10 +311,10 @@ function Supervisor:flush()
     local job = shift(q)
     if job == nil then break end
     if self.is_held or task_spent(self.bus._task) then  -- back to the
-                                       -- head of the queue (step's budget)
-      q.first = q.first - 1
-      q[q.first] = job
-      break
+      q.first = q.first - 1            -- head of the queue (held by the
+      q[q.first] = job                 -- host, or step's budget is spent:
+      if not self.is_held then self.bus._task.deferred = true end  -- the
+      break                            -- next drive flushes)
     end
     if not job.runner.is_closed then job.runner:gate(job) end
   end

@@ -86,10 +86,20 @@ local function not_in_handler(self, method)
   end
 end
 
+-- Starts the supervisor's queued jobs that a step(max) left when its
+-- budget was spent (task.lua's deferred).
+local function flush_deferred(self, t)
+  if t.deferred then
+    t.deferred = false
+    self._sup:flush()
+  end
+end
+
 -- At most max deliveries, waiting for the commit of written events when
 -- nothing else is due (step and drain deliver what was published).
 local function pull(self, t, max)
   local n = drive(t, max)
+  if not self._store then return n end  -- a memory bus writes nothing
   while n < max and not t.is_stopped do
     local c = self._core
     if not c then break end
@@ -497,7 +507,7 @@ function Bus:step(max)
   local start = t.runs
   t.limit = start + max               -- every delivery counts, however
   fire_due(self)                      -- it started: timers (retries),
-  if self._core then self._sup:flush() end  -- the supervisor's queue
+  if self._core then flush_deferred(self, t) end  -- the supervisor's
   local n = t.runs - start
   if n < max and self._core then pull(self, t, max - n) end
   t.limit = false
@@ -514,11 +524,11 @@ function Bus:drain()
   t.is_stopped = false
   local total = 0
   repeat
-    self._sup:flush()                 -- what a step(max) left queued
-    local n = pull(self, t, HUGE)
-    local fired = self._core and fire_due(self) or 0
+    flush_deferred(self, t)
+    local n = pull(self, t, HUGE)     -- (pull ends when a take found
+    local fired = self._core and fire_due(self) or 0  -- nothing due)
     total = total + n
-  until not self._core or t.is_stopped or (n == 0 and fired == 0)
+  until not self._core or t.is_stopped or fired == 0
   return total
 end
 
@@ -549,7 +559,7 @@ function Bus:_turn(max)
   t.is_stopped = false
   fire_due(self)
   if not self._core then return 0 end
-  self._sup:flush()                   -- what a step(max) left queued
+  flush_deferred(self, t)
   return drive(t, max)
 end
 
@@ -570,7 +580,7 @@ function Bus:run()
   t.is_stopped = false
   local total, tl, clock, c = 0, self._timers, self._clock
   while true do
-    self._sup:flush()                 -- what a step(max) left queued
+    flush_deferred(self, t)
     local n = drive(t, RUN_BATCH)
     total = total + n
     c = self._core

@@ -45,6 +45,7 @@ function M.new(bus)
     is_stopped = false,
     runs = 0,               -- deliveries made, however they started
     limit = false,          -- step(max): runs at which work stops
+    deferred = false,       -- the supervisor kept jobs for the next drive
     subs = {}, evs = {},    -- the queue's batch: [pos..last] not run yet
     pos = 1, last = 0, is_durable = false,
     psubs = {}, pevs = {},  -- a preempting take's (one delivery)
