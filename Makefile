@@ -21,7 +21,7 @@ CC      ?= cc
 FLAVOURS = lua5.4 luajit
 JSON_SRCS = csrc/json.c csrc/jsonenc.c csrc/jsondec.c
 SRCS     = csrc/error.c csrc/map.c csrc/match.c csrc/queue.c csrc/bus.c \
-           csrc/loop.c $(JSON_SRCS) csrc/store.c csrc/storeread.c \
+           csrc/loop.c $(JSON_SRCS) csrc/store.c csrc/storeopen.c csrc/storeread.c \
            csrc/storelock.c csrc/storewal.c csrc/ids.c csrc/dedup.c \
            csrc/lbuzz.c csrc/lhot.c csrc/lstore.c \
            csrc/lprefilter.c csrc/lutil.c csrc/lcheck.c

@@ -49,6 +49,7 @@ build = {
         "csrc/jsonenc.c",
         "csrc/jsondec.c",
         "csrc/store.c",
+        "csrc/storeopen.c",
         "csrc/storeread.c",
         "csrc/storelock.c",
         "csrc/storewal.c",
