@@ -25,7 +25,7 @@ SRCS     = csrc/error.c csrc/map.c csrc/match.c csrc/queue.c csrc/bus.c \
            csrc/storelock.c csrc/storewal.c csrc/ids.c csrc/dedup.c \
            csrc/lbuzz.c csrc/lhot.c csrc/lstore.c \
            csrc/lprefilter.c csrc/lutil.c csrc/lcheck.c
-HDRS     = csrc/buzz.h csrc/compat.h csrc/json.h csrc/jsonint.h csrc/lcheck.h \
+HDRS     = csrc/buzz.h csrc/store.h csrc/compat.h csrc/json.h csrc/jsonint.h csrc/lcheck.h \
            csrc/lcore.h csrc/storeint.h
 
 WARN     = -std=c99 -Wall -Wextra -pedantic -Wshadow -Wmissing-prototypes \

@@ -28,7 +28,7 @@
 #include <string.h>
 
 #include "compat.h"
-#include "buzz.h"
+#include "store.h"
 #include "json.h"
 #include "lcheck.h"
 #include "lcore.h"

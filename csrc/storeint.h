@@ -10,7 +10,7 @@
 #include <sqlite3.h>
 #include <uv.h>
 
-#include "buzz.h"
+#include "store.h"
 
 #if defined(__GNUC__) && !defined(_WIN32)
 #pragma GCC visibility push(hidden)
