@@ -96,6 +96,7 @@ build = {
     ["buzz.ngx"] = "lua/buzz/ngx.lua",
     ["buzz.options"] = "lua/buzz/options.lua",
     ["buzz.policy"] = "lua/buzz/policy.lua",
+    ["buzz.reducers"] = "lua/buzz/reducers.lua",
     ["buzz.router"] = "lua/buzz/router.lua",
     ["buzz.schedule"] = "lua/buzz/schedule.lua",
     ["buzz.storable"] = "lua/buzz/storable.lua",

@@ -14,7 +14,6 @@ local EXCEPTIONS = {
                           .. "being rewritten)",
   ["lua/buzz/failure.lua"] = "being split: issue 14 (the runner is being "
                              .. "rewritten)",
-  ["lua/buzz/aggregate.lua"] = "older: windows and reducers",
 }
 
 local DIRS = { "csrc", "lua/buzz", "bin" }
