@@ -240,13 +240,16 @@ int buzz__store_dedup_load(buzz_store *s, int64_t since, buzz_dedup_cb cb,
                            void *data, char *err, size_t errlen);
 
 /*
-** Calls cb(data, name, value) for each state row of kind, in name order.
-** A store without a state table yet (written by an older buzz, opened
-** read-only) has no rows.
+** Calls cb(data, name, value) for each state row of kind, in name order;
+** with name.p set, for the one row (kind, name) if there is one (a
+** lookup by the table's key, not a walk of the kind). A store without a
+** state table yet (written by an older buzz, opened read-only) has no
+** rows.
 */
 typedef void (*buzz_state_cb)(void *data, buzz_str name, buzz_str value);
-int buzz__store_state(buzz_store *s, buzz_str kind, buzz_state_cb cb,
-                      void *data, char *err, size_t errlen);
+int buzz__store_state(buzz_store *s, buzz_str kind, buzz_str name,
+                      buzz_state_cb cb, void *data, char *err,
+                      size_t errlen);
 
 /* ---------------------------------------------------------------- ids.c */
 
