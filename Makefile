@@ -66,9 +66,18 @@ build/luajit/buzz/core.so: $(SRCS) $(HDRS)
 # programs that do not depend on busted's interpreter (the rocks of both,
 # nginx with the LuaJIT build): the first pass runs them, the second not.
 # Specs tagged #slow (many kill rounds, a full disk) run in make test-slow.
+# The two passes run side by side (a core each), each into its log under
+# build/, printed whole when both are done; either failing fails the run.
 test: deps all
-	$(BUSTED) --lua=$(LUA54) --exclude-tags=slow $(BUSTED_ARGS)
-	$(BUSTED) --lua=$(LUAJIT) --exclude-tags=once,slow $(BUSTED_ARGS)
+	@echo "busted: Lua 5.4 and LuaJIT side by side (build/test-*.log)"
+	@$(BUSTED) --lua=$(LUA54) --exclude-tags=slow $(BUSTED_ARGS) \
+	  > build/test-lua5.4.log 2>&1 & pid=$$!; \
+	$(BUSTED) --lua=$(LUAJIT) --exclude-tags=once,slow $(BUSTED_ARGS) \
+	  > build/test-luajit.log 2>&1; jit=$$?; \
+	wait $$pid; lua54=$$?; \
+	echo "== $(LUA54)"; cat build/test-lua5.4.log; \
+	echo "== $(LUAJIT)"; cat build/test-luajit.log; \
+	[ $$lua54 -eq 0 ] && [ $$jit -eq 0 ]
 
 test-slow: deps all
 	$(BUSTED) --lua=$(LUA54) --tags=slow $(BUSTED_ARGS)
