@@ -21,11 +21,11 @@ CC      ?= cc
 FLAVOURS = lua5.4 luajit
 JSON_SRCS = csrc/json.c csrc/jsonenc.c csrc/jsondec.c
 SRCS     = csrc/error.c csrc/map.c csrc/match.c csrc/queue.c csrc/bus.c \
-           csrc/loop.c $(JSON_SRCS) csrc/store.c csrc/storeread.c \
+           csrc/loop.c $(JSON_SRCS) csrc/store.c csrc/storeopen.c csrc/storeread.c \
            csrc/storelock.c csrc/storewal.c csrc/ids.c csrc/dedup.c \
            csrc/lbuzz.c csrc/ldispatch.c csrc/lhot.c csrc/lstore.c \
            csrc/lprefilter.c csrc/lutil.c csrc/lcheck.c
-HDRS     = csrc/buzz.h csrc/compat.h csrc/json.h csrc/jsonint.h csrc/lcheck.h \
+HDRS     = csrc/buzz.h csrc/store.h csrc/compat.h csrc/json.h csrc/jsonint.h csrc/lcheck.h \
            csrc/lcore.h csrc/storeint.h
 
 WARN     = -std=c99 -Wall -Wextra -pedantic -Wshadow -Wmissing-prototypes \
@@ -66,9 +66,18 @@ build/luajit/buzz/core.so: $(SRCS) $(HDRS)
 # programs that do not depend on busted's interpreter (the rocks of both,
 # nginx with the LuaJIT build): the first pass runs them, the second not.
 # Specs tagged #slow (many kill rounds, a full disk) run in make test-slow.
+# The two passes run side by side (a core each), each into its log under
+# build/, printed whole when both are done; either failing fails the run.
 test: deps all
-	$(BUSTED) --lua=$(LUA54) --exclude-tags=slow $(BUSTED_ARGS)
-	$(BUSTED) --lua=$(LUAJIT) --exclude-tags=once,slow $(BUSTED_ARGS)
+	@echo "busted: Lua 5.4 and LuaJIT side by side (build/test-*.log)"
+	@$(BUSTED) --lua=$(LUA54) --exclude-tags=slow $(BUSTED_ARGS) \
+	  > build/test-lua5.4.log 2>&1 & pid=$$!; \
+	$(BUSTED) --lua=$(LUAJIT) --exclude-tags=once,slow $(BUSTED_ARGS) \
+	  > build/test-luajit.log 2>&1; jit=$$?; \
+	wait $$pid; lua54=$$?; \
+	echo "== $(LUA54)"; cat build/test-lua5.4.log; \
+	echo "== $(LUAJIT)"; cat build/test-luajit.log; \
+	[ $$lua54 -eq 0 ] && [ $$jit -eq 0 ]
 
 test-slow: deps all
 	$(BUSTED) --lua=$(LUA54) --tags=slow $(BUSTED_ARGS)

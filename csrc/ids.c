@@ -34,7 +34,7 @@
 #include <sqlite3.h>
 #include <uv.h>
 
-#include "buzz.h"
+#include "store.h"
 
 #define IDS_MIN 1024                    /* ids per block, at least */
 #define IDS_MAX (1 << 20)               /* and at most */

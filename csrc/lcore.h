@@ -12,7 +12,7 @@
 #define BUZZ_LCORE_H
 
 #include "compat.h"
-#include "buzz.h"
+#include "store.h"
 
 #if defined(__GNUC__) && !defined(_WIN32)
 #pragma GCC visibility push(hidden)

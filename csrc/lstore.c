@@ -2,9 +2,10 @@
 ** lstore.c: the store's Lua API on the core object: one page of stored
 ** events (core:query), durable consumers (consumers, remove_consumer),
 ** what the store holds (store_info), the Lua layer's state rows
-** (state_put, state_del, state_list), and the conversion of a stored row
-** to the event table handlers and readers get (buzz__lstore_read_page,
-** which durable consumers' delivery in lbuzz.c reads its pages with). A
+** (state_put, state_del, state_list, which also looks one row up), and
+** the conversion of a stored row to the event table handlers and readers
+** get (buzz__lstore_read_page, which durable consumers' delivery in
+** lbuzz.c reads its pages with). A
 ** binding file: the methods are registered from buzz__lstore_methods by
 ** luaopen_buzz_core in lbuzz.c, with the same upvalues as the core's
 ** other methods (lcore.h), so the row conversion sets fields from the
@@ -28,7 +29,7 @@
 #include <string.h>
 
 #include "compat.h"
-#include "buzz.h"
+#include "store.h"
 #include "json.h"
 #include "lcheck.h"
 #include "lcore.h"
@@ -473,22 +474,24 @@ static void on_state(void *data, buzz_str name, buzz_str value) {
 }
 
 /*
-** core:state_list(kind) -> array of { name, value } | nil, err, code: the
-** state rows of kind, in name order. Sees the bus's own writes.
+** core:state_list(kind [, name]) -> array of { name, value } | nil, err,
+** code: the state rows of kind, in name order; with name, the row of that
+** name alone (looked up by key), if any. Sees the bus's own writes.
 */
 static int lcore_state_list(lua_State *L) {
   lcore *c = check_core(L);
-  buzz_str kind;
+  buzz_str kind, name;
   state_ctx x;
   char err[ERR_MAX];
   int rc;
   kind.p = luaL_checklstring(L, 2, &kind.n);
+  name.p = luaL_optlstring(L, 3, NULL, &name.n);
   if (!need_store(L, c, "state_list()")) return 3;
   lua_newtable(L);
   x.L = L;
   x.n = 0;
   err[0] = '\0';
-  if ((rc = buzz__store_state(c->store, kind, on_state, &x, err,
+  if ((rc = buzz__store_state(c->store, kind, name, on_state, &x, err,
                               sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   return 1;

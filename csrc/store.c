@@ -22,7 +22,8 @@
 ** Reading: a second, read-only connection, used only on the loop thread,
 ** serves queries, consumer positions and statistics (storeread.c). WAL
 ** lets it read while the writer writes, and it only ever sees committed
-** rows. The struct and the helpers both files use are in storeint.h.
+** rows. Opening and closing are in storeopen.c. The struct and the
+** helpers these files share are in storeint.h.
 **
 ** One writer per file: a writer holds an exclusive flock() on the database
 ** file itself for its lifetime, taken through storelock.c, which knows the
@@ -59,49 +60,10 @@
 #include "buzz.h"
 #include "storeint.h"
 
-#define APP_ID 0x62757a7a         /* "buzz", PRAGMA application_id */
-#define SCHEMA_VERSION 1          /* PRAGMA user_version */
 #define BACKLOG_ROWS 65536        /* rows queued before events are refused */
 #define RETAIN_EVERY_MS 1000      /* retention pass at most this often */
 #define RETAIN_CHUNK 5000         /* rows deleted per retention txn */
 
-static const char *const schema_sql =
-  "CREATE TABLE events ("
-  " id INTEGER PRIMARY KEY,"
-  " type TEXT NOT NULL,"
-  " ts INTEGER NOT NULL,"
-  " priority INTEGER NOT NULL,"
-  " key,"                                /* TEXT or INTEGER, or NULL */
-  " correlation_id TEXT,"
-  " causation_id INTEGER,"
-  " headers TEXT,"                       /* JSON object, or NULL */
-  " payload TEXT,"                       /* JSON */
-  " version INTEGER NOT NULL DEFAULT 1,"
-  " dedup TEXT);"
-  "CREATE INDEX events_dedup_ts ON events(ts, dedup) WHERE dedup IS NOT "
-  "NULL;"
-  "CREATE TABLE meta (key TEXT PRIMARY KEY, value);"
-  "CREATE TABLE consumers ("
-  " name TEXT PRIMARY KEY,"
-  " pattern TEXT NOT NULL,"
-  " acked INTEGER NOT NULL,"
-  " updated INTEGER NOT NULL);";
-
-/*
-** The index the dedup keys load from at open (buzz__store_dedup_load):
-** only events with a key, by time, so the keys of a window are one range
-** of it and the rows themselves are never read. A store made by an older
-** buzz has events_dedup (on dedup alone, which no query can use for a
-** time range) instead: the first writer to open it builds this one, once,
-** and drops that one (if it cannot, as on a full disk or at max_size,
-** the store opens all the same and the keys load by a walk of the log,
-** as before). An older buzz opening the store afterwards neither needs
-** nor misses either; SQLite keeps the index up to date for it.
-*/
-static const char *const dedup_index_sql =
-  "CREATE INDEX IF NOT EXISTS events_dedup_ts ON events(ts, dedup) WHERE "
-  "dedup IS NOT NULL;"
-  "DROP INDEX IF EXISTS events_dedup;";
 
 /* ------------------------------------------------------------ helpers */
 
@@ -158,7 +120,7 @@ buzz_row *buzz__row_new(const buzz_row *spec) {
   return r;
 }
 
-static int exec(sqlite3 *db, const char *sql) {
+int buzz__store_exec(sqlite3 *db, const char *sql) {
   return sqlite3_exec(db, sql, NULL, NULL, NULL);
 }
 
@@ -181,21 +143,6 @@ int64_t buzz__store_query_int(sqlite3 *db, const char *sql, int nargs,
   sqlite3_finalize(st);
   return v;
 }
-
-/* buzz_match(pattern, type): the subject grammar as a SQL function. */
-static void sql_match(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
-  const char *p = (const char *)sqlite3_value_text(argv[0]);
-  const char *t = (const char *)sqlite3_value_text(argv[1]);
-  (void)argc;
-  if (p == NULL || t == NULL) {
-    sqlite3_result_int(ctx, 0);
-    return;
-  }
-  sqlite3_result_int(ctx, buzz__subject_match(
-    p, (size_t)sqlite3_value_bytes(argv[0]),
-    t, (size_t)sqlite3_value_bytes(argv[1])));
-}
-
 
 /* ------------------------------------------------------------ writer */
 
@@ -352,7 +299,7 @@ static void free_rows(buzz_row *r) {
   }
 }
 
-static void writer_main(void *arg) {
+void buzz__store_writer_main(void *arg) {
   buzz_store *s = arg;
   uv_mutex_lock(&s->mu);
   for (;;) {
@@ -379,7 +326,7 @@ static void writer_main(void *arg) {
 
     for (r = batch; r; r = r->next) batch_bytes += row_bytes(r);
     is_full = room_for(s, batch_bytes) < 0;
-    rc = is_full ? SQLITE_FULL : exec(s->wdb, "BEGIN IMMEDIATE");
+    rc = is_full ? SQLITE_FULL : buzz__store_exec(s->wdb, "BEGIN IMMEDIATE");
     for (r = batch; r; r = r->next) {
       nrows++;
       nids += BUZZ_ROW_IS_IDS(r->kind);
@@ -389,7 +336,7 @@ static void writer_main(void *arg) {
       }
       if (rc == SQLITE_OK) rc = write_row(s, r);
     }
-    if (rc == SQLITE_OK) rc = exec(s->wdb, "COMMIT");
+    if (rc == SQLITE_OK) rc = buzz__store_exec(s->wdb, "COMMIT");
     free_rows(batch);                  /* before they leave the backlog */
     if (rc != SQLITE_OK) {
       failure *f = calloc(1, sizeof *f);
@@ -399,7 +346,7 @@ static void writer_main(void *arg) {
         f->hi = hi;
         if ((f->msg = malloc(strlen(m) + 1)) != NULL) strcpy(f->msg, m);
       }
-      if (!sqlite3_get_autocommit(s->wdb)) exec(s->wdb, "ROLLBACK");
+      if (!sqlite3_get_autocommit(s->wdb)) buzz__store_exec(s->wdb, "ROLLBACK");
       buzz__ids_done(s->ids, 0);       /* before waiters wake */
       uv_mutex_lock(&s->mu);
       if (f) {
@@ -425,292 +372,6 @@ static void writer_main(void *arg) {
     uv_mutex_lock(&s->mu);
   }
   uv_mutex_unlock(&s->mu);
-}
-
-
-/* ------------------------------------------------------------ open/close */
-
-/*
-** Claims the file (storelock.c): a writer takes the writer lock, or gets
-** BUZZ_ELOCKED; s->file becomes the canonical path SQLite is to open.
-*/
-static int claim_file(buzz_store *s, char *err, size_t errlen) {
-  return buzz__file_claim(s->path, !s->o.is_readonly, &s->fid, &s->file,
-                          err, errlen);
-}
-
-/* A store whose schema this buzz does not know is left alone. */
-static int check_version(const buzz_store *s, int64_t ver, char *err,
-                         size_t errlen) {
-  if (ver <= SCHEMA_VERSION) return BUZZ_OK;
-  buzz__set_err(err, errlen, "%s was written by a newer buzz (schema %lld, this "
-          "buzz knows %d); upgrade buzz to open it", s->path, (long long)ver,
-          SCHEMA_VERSION);
-  return BUZZ_ESTORE;
-}
-
-/*
-** Checks that the file is a buzz store (or empty, and then makes it one).
-** Runs on the writer connection before the writer thread starts.
-*/
-static int prepare_schema(buzz_store *s, char *err, size_t errlen) {
-  int rc;
-  int64_t app = buzz__store_query_int(s->wdb, "PRAGMA application_id", 0, 0, 0, &rc);
-  int64_t ver, n;
-  if (rc != SQLITE_OK) goto fail;
-  ver = buzz__store_query_int(s->wdb, "PRAGMA user_version", 0, 0, 0, &rc);
-  if (rc != SQLITE_OK) goto fail;
-  n = buzz__store_query_int(s->wdb, "SELECT count(*) FROM sqlite_schema", 0, 0, 0, &rc);
-  if (rc != SQLITE_OK) goto fail;
-  if (app != APP_ID) {
-    char b[64];
-    if (n > 0 || app != 0) {
-      buzz__set_err(err, errlen, "%s is an SQLite database but not a buzz store "
-              "(it has %lld other schema objects); give buzz a file of its "
-              "own", s->path, (long long)n);
-      return BUZZ_ESTORE;
-    }
-    if (s->o.is_readonly) {
-      buzz__set_err(err, errlen, "%s is not a buzz store yet (empty); open it "
-              "for writing once to create it", s->path);
-      return BUZZ_ESTORE;
-    }
-    if (exec(s->wdb, "BEGIN IMMEDIATE") != SQLITE_OK) goto fail;
-    snprintf(b, sizeof b, "PRAGMA application_id = %d", APP_ID);
-    if (exec(s->wdb, schema_sql) != SQLITE_OK || exec(s->wdb, b) != SQLITE_OK)
-      goto fail_txn;
-    snprintf(b, sizeof b, "PRAGMA user_version = %d", SCHEMA_VERSION);
-    if (exec(s->wdb, b) != SQLITE_OK || exec(s->wdb, "COMMIT") != SQLITE_OK)
-      goto fail_txn;
-  } else {
-    return check_version(s, ver, err, errlen);
-  }
-  return BUZZ_OK;
-fail_txn:
-  buzz__store_db_err(err, errlen, s, s->wdb);
-  exec(s->wdb, "ROLLBACK");
-  return BUZZ_ESTORE;
-fail:
-  buzz__store_db_err(err, errlen, s, s->wdb);
-  return BUZZ_ESTORE;
-}
-
-static int open_db(buzz_store *s, sqlite3 **db, int flags, char *err,
-                   size_t errlen) {
-  if (sqlite3_open_v2(s->file, db, flags | SQLITE_OPEN_NOMUTEX, NULL)
-      != SQLITE_OK) {
-    buzz__store_db_err(err, errlen, s, *db);
-    return BUZZ_ESTORE;
-  }
-  sqlite3_busy_timeout(*db, 5000);
-  sqlite3_extended_result_codes(*db, 0);
-  return BUZZ_OK;
-}
-
-/*
-** What can be said about the path before SQLite opens it: a directory, a
-** missing file for a reader, a file without write permission for a
-** writer (refused even for root, who could write it anyway).
-*/
-static int check_path(buzz_store *s, char *err, size_t errlen) {
-  struct stat sb;
-  if (stat(s->path, &sb) != 0) {
-    if (!s->o.is_readonly) return BUZZ_OK;        /* SQLite creates it */
-    buzz__set_err(err, errlen, "%s: %s (readonly = true opens an existing store)",
-            s->path, strerror(errno));
-    return BUZZ_ESTORE;
-  }
-  if (S_ISDIR(sb.st_mode)) {
-    buzz__set_err(err, errlen, "%s is a directory: give the path of a store file "
-            "in it, such as %s/events.db", s->path, s->path);
-    return BUZZ_ESTORE;
-  }
-  if (!s->o.is_readonly && (sb.st_mode & 0222) == 0) {
-    buzz__set_err(err, errlen, "%s is read-only (no write permission bits); open "
-            "it with readonly = true to read it", s->path);
-    return BUZZ_ESTORE;
-  }
-  return BUZZ_OK;
-}
-
-static int open_writer(buzz_store *s, char *err, size_t errlen) {
-  char b[96];
-  int rc;
-  if ((rc = claim_file(s, err, errlen)) < 0) return rc;
-  if ((rc = open_db(s, &s->wdb, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
-                    err, errlen)) < 0)
-    return rc;
-  if (sqlite3_db_readonly(s->wdb, "main") == 1) {
-    buzz__set_err(err, errlen, "%s cannot be written (read-only file or "
-            "directory); open it with readonly = true to read it", s->path);
-    return BUZZ_ESTORE;
-  }
-  (void)buzz__store_query_int(s->wdb, "PRAGMA journal_mode = WAL", 0, 0, 0, &rc);
-  if (rc != SQLITE_OK) {
-    buzz__store_db_err(err, errlen, s, s->wdb);
-    return BUZZ_ESTORE;
-  }
-  if ((rc = prepare_schema(s, err, errlen)) < 0) return rc;
-  if (exec(s->wdb, "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, "
-           "value)") != SQLITE_OK ||
-      exec(s->wdb, "CREATE TABLE IF NOT EXISTS state (kind TEXT NOT NULL, "
-           "name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (kind, "
-           "name)) WITHOUT ROWID") != SQLITE_OK)
-    goto fail;
-  snprintf(b, sizeof b, "PRAGMA synchronous = %s",
-           s->o.durability == BUZZ_DUR_SYNC ? "FULL" : "NORMAL");
-  if (exec(s->wdb, b) != SQLITE_OK) goto fail;
-  if (s->o.max_bytes > 0) {
-    int64_t page = buzz__store_query_int(s->wdb, "PRAGMA page_size", 0, 0, 0, &rc);
-    snprintf(b, sizeof b, "PRAGMA max_page_count = %lld",
-             (long long)(s->o.max_bytes / (page > 0 ? page : 4096)));
-    if (exec(s->wdb, b) != SQLITE_OK) goto fail;
-  }
-  /* Within max_size; if it cannot be built (a full disk), the store
-  ** opens all the same and the keys load by a walk of the log. */
-  (void)exec(s->wdb, dedup_index_sql);
-  if (sqlite3_prepare_v2(s->wdb, "INSERT INTO events (id, type, ts, "
-        "priority, key, correlation_id, causation_id, headers, payload, "
-        "version, dedup) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", -1,
-        &s->ins, NULL) != SQLITE_OK ||
-      sqlite3_prepare_v2(s->wdb, "INSERT INTO consumers (name, pattern, "
-        "acked, updated) VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE "
-        "SET pattern = excluded.pattern, acked = excluded.acked, "
-        "updated = excluded.updated", -1, &s->ack, NULL) != SQLITE_OK ||
-      sqlite3_prepare_v2(s->wdb, "DELETE FROM consumers WHERE name = ?", -1,
-        &s->drop, NULL) != SQLITE_OK ||
-      sqlite3_prepare_v2(s->wdb, "INSERT OR REPLACE INTO state (kind, name, "
-        "value) VALUES (?, ?, ?)", -1, &s->put, NULL) != SQLITE_OK ||
-      sqlite3_prepare_v2(s->wdb, "DELETE FROM state WHERE kind = ?1 AND "
-        "(?2 IS NULL OR name = ?2)", -1, &s->del, NULL) != SQLITE_OK)
-    goto fail;
-  if (buzz__ids_open(&s->ids, s->wdb, &s->last_id) != SQLITE_OK) goto fail;
-  return BUZZ_OK;
-fail:
-  buzz__store_db_err(err, errlen, s, s->wdb);
-  return BUZZ_ESTORE;
-}
-
-int buzz__store_open(buzz_store **out, const char *path,
-                     const buzz_store_opts *o, char *err, size_t errlen) {
-  buzz_store *s = calloc(1, sizeof *s);
-  int rc;
-  *out = NULL;
-  if (s == NULL) return BUZZ_ENOMEM;
-  s->o = *o;
-  if (s->o.max_backlog <= 0) s->o.max_backlog = BUZZ_BACKLOG_DEFAULT;
-  if ((s->path = malloc(strlen(path) + 1)) == NULL) {
-    free(s);
-    return BUZZ_ENOMEM;
-  }
-  strcpy(s->path, path);
-  if (uv_mutex_init(&s->mu) != 0) {
-    free(s->path);
-    free(s);
-    return BUZZ_ENOMEM;
-  }
-  uv_cond_init(&s->work);
-  uv_cond_init(&s->done);
-  if ((rc = check_path(s, err, errlen)) < 0) goto fail;
-  if (o->is_readonly && (rc = claim_file(s, err, errlen)) < 0) goto fail;
-  if (!o->is_readonly && (rc = open_writer(s, err, errlen)) < 0) goto fail;
-  if ((rc = open_db(s, &s->rdb, SQLITE_OPEN_READONLY, err, errlen)) < 0)
-    goto fail;
-  if (o->is_readonly) {
-    int64_t ver, app = buzz__store_query_int(s->rdb, "PRAGMA application_id", 0, 0, 0, &rc);
-    if (rc != SQLITE_OK) {
-      buzz__store_db_err(err, errlen, s, s->rdb);
-      rc = BUZZ_ESTORE;
-      goto fail;
-    }
-    if (app != APP_ID) {
-      buzz__set_err(err, errlen, "%s is not a buzz store (open it once without "
-              "readonly to create one, or check the path)", path);
-      rc = BUZZ_ESTORE;
-      goto fail;
-    }
-    ver = buzz__store_query_int(s->rdb, "PRAGMA user_version", 0, 0, 0, &rc);
-    if (rc != SQLITE_OK) {
-      buzz__store_db_err(err, errlen, s, s->rdb);
-      rc = BUZZ_ESTORE;
-      goto fail;
-    }
-    if ((rc = check_version(s, ver, err, errlen)) < 0) goto fail;
-    s->last_id = buzz__store_query_int(s->rdb, "SELECT max(id) FROM events", 0, 0, 0, &rc);
-  }
-  sqlite3_create_function(s->rdb, "buzz_match", 2,
-                          SQLITE_UTF8 | SQLITE_DETERMINISTIC, NULL,
-                          sql_match, NULL, NULL);
-  s->committed_id = s->last_id;
-  if (!o->is_readonly &&
-      buzz__wal_start(&s->wal, s->wdb, s->file) < 0) {
-    buzz__set_err(err, errlen, "%s: cannot start the checkpointer: %s", path,
-            sqlite3_errmsg(s->wdb));
-    rc = BUZZ_ESTORE;
-    goto fail;
-  }
-  if (!o->is_readonly) {
-    s->has_thread = 1;                 /* before the thread can read it */
-    if (uv_thread_create(&s->thread, writer_main, s) != 0) {
-      s->has_thread = 0;
-      buzz__set_err(err, errlen, "%s: cannot start the writer thread", path);
-      rc = BUZZ_ESTORE;
-      goto fail;
-    }
-  }
-  *out = s;
-  return BUZZ_OK;
-fail:
-  buzz__store_close(s);
-  return rc;
-}
-
-void buzz__store_close(buzz_store *s) {
-  failure *f;
-  int i;
-  if (s == NULL) return;
-  if (s->has_thread) {
-    uv_mutex_lock(&s->mu);
-    s->is_stopping = 1;
-    uv_cond_signal(&s->work);
-    uv_mutex_unlock(&s->mu);
-    uv_thread_join(&s->thread);        /* the writer commits what is left */
-  }
-  buzz__wal_stop(s->wal);              /* while the writer's db is open */
-  while (s->head) {                    /* rows of a writer never started */
-    buzz_row *r = s->head->next;
-    free(s->head);
-    s->head = r;
-  }
-  for (i = 0; i < Q_SHAPES; i++) sqlite3_finalize(s->q_stmts[i]);
-  sqlite3_finalize(s->ins);
-  sqlite3_finalize(s->ack);
-  sqlite3_finalize(s->drop);
-  sqlite3_finalize(s->put);
-  sqlite3_finalize(s->del);
-  buzz__ids_close(s->ids);
-  sqlite3_close(s->rdb);
-  sqlite3_close(s->wdb);
-  buzz__file_release(s->fid, !s->o.is_readonly);  /* after SQLite let go */
-  while ((f = s->fails) != NULL) {
-    s->fails = f->next;
-    free(f->msg);
-    free(f);
-  }
-  uv_cond_destroy(&s->work);
-  uv_cond_destroy(&s->done);
-  uv_mutex_destroy(&s->mu);
-  free(s->path);
-  free(s->file);
-  free(s);
-}
-
-int64_t buzz__store_last_id(const buzz_store *s) {
-  return s->last_id;
-}
-
-buzz_ids *buzz__store_ids(buzz_store *s) {
-  return s->has_thread ? s->ids : NULL;
 }
 
 

@@ -10,7 +10,7 @@
 #include <sqlite3.h>
 #include <uv.h>
 
-#include "buzz.h"
+#include "store.h"
 
 #if defined(__GNUC__) && !defined(_WIN32)
 #pragma GCC visibility push(hidden)
@@ -83,6 +83,12 @@ int64_t buzz__store_query_int(sqlite3 *db, const char *sql, int nargs,
 
 /* Binds v (NULL when v.p is) as text, without copying it. */
 int buzz__store_bind_str(sqlite3_stmt *st, int i, buzz_str v);
+
+/* sqlite3_exec(db, sql) without callback or message: the SQLite code. */
+int buzz__store_exec(sqlite3 *db, const char *sql);
+
+/* The writer thread's body (store.c); storeopen.c starts it with s. */
+void buzz__store_writer_main(void *arg);
 
 #if defined(__GNUC__) && !defined(_WIN32)
 #pragma GCC visibility pop

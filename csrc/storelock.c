@@ -56,7 +56,7 @@
 #define HOME_ATTR "user.buzz.path"
 #endif
 
-#include "buzz.h"
+#include "store.h"
 
 /*
 ** A database file some store of this process has open.

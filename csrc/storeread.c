@@ -223,13 +223,15 @@ int buzz__store_dedup_load(buzz_store *s, int64_t since, buzz_dedup_cb cb,
   return read_done(s, st, rc, 0, err, errlen);
 }
 
-int buzz__store_state(buzz_store *s, buzz_str kind, buzz_state_cb cb,
-                      void *data, char *err, size_t errlen) {
+int buzz__store_state(buzz_store *s, buzz_str kind, buzz_str name,
+                      buzz_state_cb cb, void *data, char *err,
+                      size_t errlen) {
   sqlite3_stmt *st;
   int rc;
-  if (sqlite3_prepare_v2(s->rdb, "SELECT name, value FROM state WHERE "
-                         "kind = ? ORDER BY name", -1, &st, NULL)
-      != SQLITE_OK) {
+  const char *sql = name.p != NULL ?
+    "SELECT name, value FROM state WHERE kind = ? AND name = ?" :
+    "SELECT name, value FROM state WHERE kind = ? ORDER BY name";
+  if (sqlite3_prepare_v2(s->rdb, sql, -1, &st, NULL) != SQLITE_OK) {
     int64_t has;
     buzz__store_db_err(err, errlen, s, s->rdb);    /* before another call resets it */
     has = buzz__store_query_int(s->rdb, "SELECT count(*) FROM sqlite_schema WHERE "
@@ -239,6 +241,7 @@ int buzz__store_state(buzz_store *s, buzz_str kind, buzz_state_cb cb,
     return BUZZ_OK;
   }
   buzz__store_bind_str(st, 1, kind);
+  if (name.p != NULL) buzz__store_bind_str(st, 2, name);
   while ((rc = sqlite3_step(st)) == SQLITE_ROW)
     cb(data, col_str(st, 0), col_str(st, 1));
   return read_done(s, st, rc, 0, err, errlen);

@@ -35,7 +35,7 @@
 #include <sqlite3.h>
 #include <uv.h>
 
-#include "buzz.h"
+#include "store.h"
 
 #define WAL_PAGES 1000          /* SQLite's own autocheckpoint default */
 #define REWIND_PAGES 4000       /* the writer's turn: rewind the WAL */

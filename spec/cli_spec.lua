@@ -765,3 +765,99 @@ end
     end)
   end)
 end)
+
+-- The tool's modules in this process (bin/buzz runs them in a child,
+-- which the specs above see only through its output).
+describe("buzz.cliargs and buzz.clitext", function()
+  local args = require "buzz.cliargs"
+  local text = require "buzz.clitext"
+
+  -- The table a usage error or failure raises.
+  local function raised(fn, ...)
+    local ok, e = pcall(fn, ...)
+    assert.is_false(ok)
+    assert.are.equal("table", type(e))
+    return e
+  end
+
+  it("parses a command, its options and words", function()
+    local name, opts = args.parse{ "--store", "x.db", "ls", "--types",
+                                   "order.*", "--from=2024-05-01",
+                                   "--limit", "3", "--json" }
+    assert.are.equal("ls", name)
+    assert.are.equal("x.db", opts.store)
+    assert.are.equal("order.*", opts.types)
+    assert.are.same({ time = 1714521600 }, opts.from)
+    assert.are.equal(3, opts.limit)
+    assert.is_true(opts.json)
+    name, opts = args.parse{ "tail", "-n5", "-f" }
+    assert.are.equal("tail", name)
+    assert.are.equal(5, opts.n)
+    assert.is_true(opts.f)
+    opts = select(2, args.parse{ "show", "42" })
+    assert.are.same({ "42" }, opts.words)
+    assert.are.equal("help", (args.parse{}))
+    assert.are.equal("help", (args.parse{ "ls", "-h" }))
+  end)
+
+  it("raises usage errors that name the option and the command", function()
+    local e = raised(args.parse, { "ls", "--frob" })
+    assert.are.same({ exit = 2, msg = "unknown option --frob", cmd = "ls" },
+                    e)
+    e = raised(args.parse, { "ls", "--limit", "0" })
+    assert.are.equal('bad --limit "0": expected a positive integer', e.msg)
+    e = raised(args.parse, { "ls", "--types", "a..b" })
+    assert.matches("^%-%-types: ", e.msg)
+    e = raised(args.parse, { "ls", "--from", "May" })
+    assert.matches("^bad %-%-from \"May\": expected an event id or a UTC "
+                   .. "time", e.msg)
+    e = raised(args.parse, { "frob" })
+    assert.are.equal('unknown command "frob"', e.msg)
+    e = raised(args.parse, { "stats", "--json=1" })
+    assert.are.equal("--json takes no value", e.msg)
+    assert.is_string(args.COMMANDS.replay.usage)
+    assert.matches("^usage: buzz", args.USAGE)
+  end)
+
+  it("reads and writes UTC times", function()
+    assert.are.equal(0, text.parse_time("1970-01-01"))
+    assert.are.equal(1714566600, text.parse_time("2024-05-01T12:30:00Z"))
+    assert.are.equal(1714566600.5, text.parse_time("2024-05-01 12:30:00.5"))
+    assert.is_nil(text.parse_time("2024-13-01"))
+    assert.is_nil(text.parse_time("2024-05-01T25:00"))
+    assert.are.equal("2024-05-01T12:30:00.250Z",
+                     text.iso_time(1714566600250))
+  end)
+
+  it("prints JSON with sorted keys and events in envelope order", function()
+    assert.are.equal('{"a":1,"b":[true,null],"c":{"d":"x"}}',
+                     text.encode{ c = { d = "x" }, b = { true, core.null },
+                                  a = 1 })
+    local t = {}
+    t.self = t
+    assert.matches("contains itself", raised(text.encode, t).msg)
+    local ev = { payload = { n = 1 }, type = "a.b", id = 7, ts = 0,
+                 key = "k 1", zeta = true }
+    assert.are.equal('{"id":7,"type":"a.b","ts":0,"key":"k 1",'
+                     .. '"payload":{"n":1},"zeta":true}', text.event_json(ev))
+    assert.are.equal('7 1970-01-01T00:00:00.000Z a.b key="k 1" {"n":1}',
+                     text.event_line(ev))
+    assert.are.equal("7", text.key_text(7))
+    assert.are.equal('"7"', text.key_text("7"))
+    assert.are.equal("cust-7", text.key_text("cust-7"))
+  end)
+
+  it("cuts lines by UTF-8 columns and prints sizes", function()
+    assert.are.equal("abc", text.cut("abc", 3))
+    assert.are.equal("ab…", text.cut("abcd", 3))
+    assert.are.equal("éé…", text.cut("éééé", 3))
+    assert.are.equal("512 bytes", text.human_size(512))
+    assert.are.equal("1.5 KiB (1536 bytes)", text.human_size(1536))
+  end)
+
+  it("fails with the API's message", function()
+    assert.are.equal(5, text.checked(5))
+    assert.are.same({ exit = 1, msg = "ESTORE: gone" },
+                    raised(text.checked, nil, "ESTORE: gone"))
+  end)
+end)

@@ -76,7 +76,8 @@ describe("a store after SIGKILL", function()
     local last_i, prev_pos = 0, 0
     local kill_points = { 0.25, 0.4, 0.55, 0.7, 0.9, 0.33 }
     for round, secs in ipairs(kill_points) do
-      local text = run_and_kill(t.script, t.store, last_i, secs, t.out)
+      local text = run_and_kill(t.script, t.store, last_i, secs, t.out,
+                                "^published ")
       local acked, handled, published = prev_pos, prev_pos, 0
       for line in text:gmatch("([^\n]*)\n") do
         local id, i = line:match("^published (%d+) (%d+)$")
@@ -170,7 +171,7 @@ describe("retries and dead letters after SIGKILL", function()
     local retried, buried = 0, 0
     for round, secs in ipairs { 0.3, 0.45, 0.6 } do
       local store = ("%s/events-%d.db"):format(t.dir, round)
-      local text = run_and_kill(t.script, store, 0, secs, t.out)
+      local text = run_and_kill(t.script, store, 0, secs, t.out, "^saw ")
       local saw = {}             -- id -> "ok" | "retry" | "fatal"
       for id, what in text:gmatch("saw (%d+) (%a+)\n") do
         saw[tonumber(id)] = what

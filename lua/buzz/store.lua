@@ -348,10 +348,8 @@ end
 function Store:_state_get(kind, name)
   local c = self._core
   if not (c and self._store) then return nil end
-  for _, row in ipairs(assert(c:state_list(kind))) do
-    if row.name == name then return json_decode(row.value) end
-  end
-  return nil
+  local row = assert(c:state_list(kind, name))[1]
+  return row and json_decode(row.value) or nil
 end
 
 -- Removes a state row (writable store only); a failure is reported.

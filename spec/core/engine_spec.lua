@@ -378,6 +378,20 @@ describe("the state table", function()
     assert.same({}, c:state_list("unknown"))
   end)
 
+  it("looks one row up by kind and name", function()
+    local c = open()
+    assert.is_true(c:state_put("retry", "a", "1"))
+    assert.is_true(c:state_put("retry", "ab", "2"))
+    assert.is_true(c:state_put("dlq", "a", "3"))
+    assert.same({ { name = "a", value = "1" } }, c:state_list("retry", "a"))
+    assert.same({ { name = "a", value = "3" } }, c:state_list("dlq", "a"))
+    assert.same({}, c:state_list("retry", "b"))
+    assert.same({ { name = "7", value = "4" } },
+                { c:state_put("retry", 7, "4") and
+                  c:state_list("retry", 7)[1] })       -- numbers as text
+    assert.has_error(function() c:state_list("retry", {}) end)
+  end)
+
   it("keeps rows across close and reopen, and deletes a whole kind",
      function()
     local c = open()
