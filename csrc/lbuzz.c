@@ -912,7 +912,7 @@ static int push_too_deep(lua_State *L, lcore *c) {
 }
 
 /*
-** Shared by publish, publish_sync and publish_cursor. Arguments: self,
+** Shared by publish and publish_sync. Arguments: self,
 ** type, payload, priority (0..3), key, correlation_id, causation_id,
 ** headers, dedup, version, engine, ts (ms; 0 or nil: the core's clock,
 ** else the time to stamp, as a manual clock gives it). Inside a handler
@@ -927,10 +927,9 @@ static int push_too_deep(lua_State *L, lcore *c) {
 ** are accepted: the Lua layer publishes its own events so.
 ** mode 0 queues and returns id (an event more urgent than the last one
 ** a take handed out sets preempt on that take's subs array: see take);
-** mode 1 (publish_sync, publish_cursor)
-** opens a sync cursor and returns id, level (level nil when nobody
-** listens): the caller takes its deliveries with core:take (ldispatch.c).
-** and returns id, level (level nil when nobody listens).
+** mode 1 (publish_sync) opens a sync cursor and returns id, level
+** (level nil when nobody listens): the caller takes its deliveries with
+** core:take (ldispatch.c), whose take finding none closes the level.
 */
 static int do_publish(lua_State *L, int mode) {
   lcore *c = check_core(L);
@@ -1059,9 +1058,6 @@ static int lcore_publish_sync(lua_State *L) {
   return do_publish(L, 1);
 }
 
-static int lcore_publish_cursor(lua_State *L) {
-  return do_publish(L, 1);
-}
 
 /*
 ** core:current() -> id, correlation_id of the innermost current event (the
@@ -1292,24 +1288,20 @@ int buzz__lcore_save_position(lcore *c, buzz_sub *sub, char *err) {
 void buzz__lcore_signal_work(lcore *c) { signal_work(c); }
 
 /*
-** Test-only entry points: next and publish_cursor (only
-** spec/core/bus_spec.lua calls them) and core.prefilter (lprefilter.c,
-** only spec/filter_spec.lua). They are deliberately not compiled out
-** without -DBUZZ_TESTING: `make` builds one core.so per interpreter that
-** is both the build README hands users and the one the suite (and make
-** asan, coverage, the Neovim and nginx host tests) loads, so gating them
-** would either ship them anyway or make the suite test a core other than
-** the shipped one. They cost three table entries and nothing per event.
-** next and publish_cursor go once core:take (issue 14's pull delivery)
-** can drive bus_spec.lua; prefilter once filter_spec.lua tests clauses
-** through subscribe{ where }.
+** One test-only entry point remains: core.prefilter (lprefilter.c, only
+** spec/filter_spec.lua). It is deliberately not compiled out without
+** -DBUZZ_TESTING: `make` builds one core.so per interpreter that is both
+** the build README hands users and the one the suite (and make asan,
+** coverage, the Neovim and nginx host tests) loads, so gating it would
+** either ship it anyway or make the suite test a core other than the
+** shipped one. It goes once filter_spec.lua tests clauses through
+** subscribe{ where }. (next and publish_cursor went with core:take.)
 */
 static const luaL_Reg core_methods[] = {
   { "subscribe", lcore_subscribe },
   { "unsubscribe", lcore_unsubscribe },
   { "publish", lcore_publish },
   { "publish_sync", lcore_publish_sync },
-  { "publish_cursor", lcore_publish_cursor },
   { "sync", buzz__lhot_sync },
   { "set_handler", lcore_set_handler },
   { "current", lcore_current },
