@@ -147,10 +147,11 @@ static void set_int(lua_State *L, int key, int64_t v) {
 ** in U (table_ref) until the event leaves the bus, so every subscription
 ** receives the same table. A queued event (not from_args) keeps it in the
 ** core's ev_slot instead of a ref of its own: only the event at the head
-** of the queue's cursor is delivered at a time (pump() is not reentrant,
-** EINHANDLER), on_event_free empties the slot when it leaves, and one
-** rawseti costs less than a luaL_ref and a luaL_unref per event. Only
-** called from methods (uses the upvalues).
+** of the queue's cursor is being handed out at a time (core:take moves
+** the cursor; the tables it handed out are the caller's), on_event_free
+** empties the slot when it leaves, and one rawseti costs less than a
+** luaL_ref and a luaL_unref per event. Only called from methods (uses
+** the upvalues).
 */
 static void push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
                        int from_args) {

@@ -17,8 +17,7 @@
 ** decode_error set; every write goes to the writer in order with the
 ** bus's other writes (the same group commit). A memory bus has no store:
 ** these methods return nil, err, "EINVAL" there. Rows are upcast by the
-** function core:set_upcast gives (lbuzz.c sets it, as it sets on_yield,
-** whose setter it shares).
+** function core:set_upcast gives (lbuzz.c sets it).
 **
 ** It does not own the store (lbuzz.c opens and closes it), does not take
 ** the writer's news by itself (store_sync and store_flush stay with the

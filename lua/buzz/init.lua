@@ -519,16 +519,16 @@ end
 ---@return integer
 function Bus:drain()
   check_bus(self, "drain")
-  not_in_handler(self, "drain")
   local t = self._task
+  if t.depth > 0 then not_in_handler(self, "drain") end
   t.is_stopped = false
-  local total = 0
+  local total, tl = 0, self._timers
   repeat
-    flush_deferred(self, t)
+    if t.deferred then flush_deferred(self, t) end
     local n = pull(self, t, HUGE)     -- (pull ends when a take found
-    local fired = self._core and fire_due(self) or 0  -- nothing due)
-    total = total + n
-  until not self._core or t.is_stopped or fired == 0
+    total = total + n                 -- nothing due)
+    if not self._core or tl.n == 0 then break end
+  until t.is_stopped or fire_due(self) == 0
   return total
 end
 

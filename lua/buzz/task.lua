@@ -235,7 +235,12 @@ function M.drive(t, max)
     end
     local upto = pos + (max - n) - 1
     if upto > last then upto = last end
-    local co = idle(t)
+    local k, co = t.npool
+    if k > 0 then
+      co, t.npool = t.pool[k], k - 1
+    else
+      co = new_thread()
+    end
     local st = states[co] or batch_state(t, co)
     t.extra, t.depth = 0, d + 1       -- handlers run all through the batch
     local ok, done, what, arg = c:resume(co, nil, run_batch, t, upto, st)
@@ -243,7 +248,7 @@ function M.drive(t, max)
     local made = t.pos - pos
     n, t.runs = n + made + t.extra, t.runs + made
     if done == true and ok then        -- the batch ran: co is idle again
-      local k = t.npool + 1
+      k = t.npool + 1
       if k <= POOL_MAX then t.pool[k], t.npool = co, k end
     else                               -- the delivery at t.pos - 1
       states[co] = nil                 -- yielded or raised
