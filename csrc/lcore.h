@@ -1,12 +1,14 @@
 /*
 ** lcore.h: the core object ("buzz.core" userdata) as the binding files
-** see it. lbuzz.c owns it (module, lifecycle, publish, the core's own
-** dispatch); lhot.c holds the calls of the Lua layer's hot path
-** (lua/buzz/hot.lua); lstore.c the store's queries, consumers and state
-** rows; lprefilter.c the where{} prefilter; lutil.c the module functions
-** that need no bus and the helpers they share with the binding. Only
-** binding files include this header (it needs the Lua headers, through
-** compat.h).
+** see it. lbuzz.c owns it (module, lifecycle, the small methods);
+** lpublish.c publishes; lsubscribe.c subscribes; ldurable.c is its store
+** side (opening, the writer's news, durable positions); ldispatch.c
+** hands out deliveries; lhot.c holds the calls of the Lua layer's hot
+** path (lua/buzz/hot.lua); lstore.c the store's queries, consumers and
+** state rows; lprefilter.c the where{} prefilter; lutil.c the module
+** functions that need no bus and the helpers they share with the
+** binding. Only binding files include this header (it needs the Lua
+** headers, through compat.h).
 */
 #ifndef BUZZ_LCORE_H
 #define BUZZ_LCORE_H
@@ -143,22 +145,41 @@ void buzz__ltraceback(lua_State *L, lua_State *L1, const char *msg,
                       int level, int stop);
 
 /* lbuzz.c: the helpers the other binding files share (contracts there). */
-lcore *buzz__lcore_check(lua_State *L);        /* check_core */
+lcore *buzz__lcore_check(lua_State *L);        /* check_core, out of line */
 int buzz__lcore_refs(lua_State *L);            /* pushes U, its index */
 int buzz__lcore_fail(lua_State *L, int rc, const char *detail);
+void buzz__lcore_unref(lua_State *L, int u, int *ref);
+void buzz__lcore_push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
+                            int from_args);
+void buzz__lcore_signal_work(lcore *c);
+
+/* ldurable.c: the store side of the core object (contracts there). */
+int buzz__lcore_store_fail(lua_State *L, int rc, const char *err);
+int buzz__lcore_store_sync_watch(lua_State *L, lcore *c, int u,
+                                 char *err, int64_t watch, int *is_lost);
 int buzz__lcore_store_sync(lua_State *L, lcore *c, int u, char *err);
 int buzz__lcore_store_flush(lua_State *L, lcore *c, int u, char *err);
-void buzz__lcore_catch_up(lua_State *L, lcore *c);
+int buzz__lcore_append_ack(lcore *c, const char *name,
+                           const char *pattern, int64_t acked, char *err);
+int buzz__lcore_save_position(lcore *c, buzz_sub *sub, char *err);
 buzz_sub *buzz__lcore_find_durable(const lcore *c, const char *name);
-void buzz__lcore_unref(lua_State *L, int u, int *ref);
+void buzz__lcore_report_store(lua_State *L, lcore *c, int u,
+                              const char *err);
+void buzz__lcore_catch_up(lua_State *L, lcore *c);
+void buzz__lcore_store_opts(lua_State *L, int t, buzz_store_opts *o);
+void buzz__lcore_check_store_opts(lua_State *L, int t);
+int buzz__lcore_open_store(lua_State *L, lcore *c, int t, int64_t now);
+
+/* lpublish.c: publish, publish_sync, current; and the current event's
+** helpers lhot.c shares (contracts there). */
+extern const luaL_Reg buzz__lpublish_methods[];
 void buzz__lcore_current(lua_State *L, lcore *c, int u);  /* U[cur_slot] */
 int64_t buzz__lcore_event_id(lua_State *L, int idx);
 void buzz__lcore_correlation(lua_State *L, int idx);
 int buzz__lcore_too_deep(lua_State *L, lcore *c);   /* EDEPTH */
-void buzz__lcore_push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
-                            int from_args);
-int buzz__lcore_save_position(lcore *c, buzz_sub *sub, char *err);
-void buzz__lcore_signal_work(lcore *c);
+
+/* lsubscribe.c: subscribe, unsubscribe, set_handler, subs, audience. */
+extern const luaL_Reg buzz__lsubscribe_methods[];
 
 /* ldispatch.c: take, ack, wait_commit, is_writing, resume; and the
 ** result of a resume as coroutine.resume gives it (lhot.c's too). */

@@ -1,0 +1,260 @@
+/*
+** ldurable.c: the store side of the core object: opening the store a
+** bus is created with (its options, the dedup keys it loads), the
+** writer's news (buzz__lcore_store_sync takes the committed id and the
+** groups that failed to commit, whose events leave the queue undelivered;
+** buzz__lcore_store_flush waits for every commit first), catching up
+** before a read, reporting a store failure that belongs to no delivery,
+** and durable consumers' positions (append_ack, save_position,
+** find_durable). A binding file: its functions are shared through
+** lcore.h with lbuzz.c (new, close), lpublish.c, lsubscribe.c,
+** ldispatch.c and lstore.c, and it registers no method.
+**
+** Invariants: a failed group's events are dropped from the queue and
+** their dedup keys forgotten (a retry must not be a duplicate), and the
+** first failure's message is the one reported; a durable consumer's
+** position goes to the writer only when it moved, in order with the
+** bus's other writes.
+**
+** It does not close the store (lcore_close in lbuzz.c does, after saving
+** positions), does not append events (lpublish.c does), and delivers
+** nothing.
+*/
+#include <stdio.h>
+#include <string.h>
+
+#include "compat.h"
+#include "buzz.h"
+#include "lcheck.h"
+#include "lcore.h"
+
+/* Helpers of the binding files (lcore.h), by their names in the bodies. */
+#define push_refs buzz__lcore_refs
+#define push_fail buzz__lcore_fail
+#define push_store_fail buzz__lcore_store_fail
+#define store_sync_watch buzz__lcore_store_sync_watch
+#define store_sync buzz__lcore_store_sync
+#define store_flush buzz__lcore_store_flush
+#define append_ack buzz__lcore_append_ack
+#define report_store buzz__lcore_report_store
+#define store_opts buzz__lcore_store_opts
+
+
+/* -------------------------------------------------- the writer's news */
+
+/* The writer thread calls this after each commit: wake a polling host. */
+static void on_commit(void *data) {
+  buzz__loop_wake((buzz_loop *)data);
+}
+
+int buzz__lcore_store_fail(lua_State *L, int rc, const char *err) {
+  return push_fail(L, rc, err[0] ? err : NULL);
+}
+
+typedef struct sync_ctx {
+  lcore *c;
+  lctx x;
+  char *err;
+  int n;
+  int64_t watch;       /* an event id the caller asks about, or 0 */
+  int is_lost;         /* set if watch was in a failed group */
+} sync_ctx;
+
+/* A group failed to commit: its events leave the queue, undelivered. */
+static void on_store_fail(void *data, const char *msg, int64_t lo,
+                          int64_t hi) {
+  sync_ctx *y = (sync_ctx *)data;
+  size_t dropped = lo > 0 ? buzz__bus_drop_range(&y->c->bus, lo, hi, &y->x)
+                   : 0;
+  if (lo > 0 && y->c->dedup)          /* a retry must not be a duplicate */
+    buzz__dedup_forget(y->c->dedup, lo, hi);
+  if (y->watch >= lo && y->watch <= hi && lo > 0) y->is_lost = 1;
+  if (y->n++ > 0) return;             /* the first failure tells the story */
+  if (lo > 0)
+    snprintf(y->err, ERR_MAX, "%s (events %lld to %lld were not stored%s)",
+             msg, (long long)lo, (long long)hi,
+             dropped ? " and will not be delivered" : "");
+  else
+    snprintf(y->err, ERR_MAX, "%s", msg);
+}
+
+/*
+** Takes the writer's news: the committed id, and failed groups, whose
+** events are dropped from the queue. Returns 0, or BUZZ_ESTORE with the
+** first failure's message in err. Stack: U at u.
+*/
+int buzz__lcore_store_sync_watch(lua_State *L, lcore *c, int u,
+                                 char *err, int64_t watch, int *is_lost) {
+  sync_ctx y;
+  y.c = c;
+  y.x.L = L;
+  y.x.c = c;
+  y.x.u = u;
+  y.err = err;
+  y.n = 0;
+  y.watch = watch;
+  y.is_lost = 0;
+  err[0] = '\0';
+  buzz__store_poll(c->store, &c->committed, on_store_fail, &y);
+  if (is_lost) *is_lost = y.is_lost;
+  return y.n > 0 ? BUZZ_ESTORE : 0;
+}
+
+int buzz__lcore_store_sync(lua_State *L, lcore *c, int u, char *err) {
+  return store_sync_watch(L, c, u, err, 0, NULL);
+}
+
+/* Waits for every commit, then takes the writer's news (store_sync). */
+int buzz__lcore_store_flush(lua_State *L, lcore *c, int u, char *err) {
+  buzz__store_flush(c->store);
+  return store_sync(L, c, u, err);
+}
+
+/* Appends a durable consumer's position for the writer. */
+int buzz__lcore_append_ack(lcore *c, const char *name,
+                           const char *pattern, int64_t acked, char *err) {
+  buzz_row spec;
+  buzz_row *row;
+  memset(&spec, 0, sizeof spec);
+  spec.kind = BUZZ_ROW_ACK;
+  spec.id = acked;
+  spec.ts = buzz__clock_ms();
+  spec.type.p = name;
+  spec.type.n = strlen(name);
+  spec.key.p = pattern;
+  spec.key.n = strlen(pattern);
+  if ((row = buzz__row_new(&spec)) == NULL) return BUZZ_ENOMEM;
+  if (buzz__store_append(c->store, row) < 0) {
+    snprintf(err, ERR_MAX, "the store was opened read-only");
+    return BUZZ_ESTORE;
+  }
+  return 0;
+}
+
+/* Gives the writer a durable sub's position if it moved since last time. */
+int buzz__lcore_save_position(lcore *c, buzz_sub *sub, char *err) {
+  int rc;
+  if (sub->acked == sub->saved) return 0;
+  if ((rc = append_ack(c, sub->durable, sub->pattern, sub->acked, err)) < 0)
+    return rc;
+  sub->saved = sub->acked;
+  return 1;
+}
+
+/* The live durable sub named name on this bus, or NULL. */
+buzz_sub *buzz__lcore_find_durable(const lcore *c, const char *name) {
+  size_t i;
+  for (i = 0; i < c->bus.nslots; i++) {
+    buzz_sub *s = c->bus.slots[i];
+    if (s && s->durable && strcmp(s->durable, name) == 0) return s;
+  }
+  return NULL;
+}
+
+/* Calls the reporter with a failure that belongs to no delivery. */
+void buzz__lcore_report_store(lua_State *L, lcore *c, int u,
+                              const char *err) {
+  lua_rawgeti(L, u, c->report_ref);
+  lua_pushfstring(L, "ESTORE: %s", err);
+  if (lua_pcall(L, 1, 0, 0) != 0) lua_pop(L, 1);
+}
+
+/*
+** Before a read: commits what is in flight, so the read sees the bus's own
+** writes. A failed group goes to on_error; an on_error that closed the
+** bus makes this raise.
+*/
+void buzz__lcore_catch_up(lua_State *L, lcore *c) {
+  char err[ERR_MAX];
+  int u;
+  if (buzz__store_is_idle(c->store)) return;
+  u = push_refs(L);
+  if (store_flush(L, c, u, err) < 0) report_store(L, c, u, err);
+  lua_pop(L, 1);
+  if (!c->is_open) luaL_error(L, "attempt to use a closed bus");
+}
+
+
+/* ---------------------------------------------------------- opening */
+
+static void dedup_loaded(void *data, buzz_str key, int64_t id, int64_t ts) {
+  buzz__dedup_put((buzz_dedup *)data, key.p, key.n, id, ts);
+}
+
+/* Ten years in milliseconds: the longest retention the core takes. */
+#define AGE_MAX_MS (INT64_C(100000000000) * 1000)
+
+/*
+** Reads the numbers of the store options table at t into o (the rest
+** zeroed); raises for one out of its range.
+*/
+void buzz__lcore_store_opts(lua_State *L, int t, buzz_store_opts *o) {
+  memset(o, 0, sizeof *o);
+  o->durability = (int)buzz__field_int(L, t, "durability", 0, 0, 2);
+  o->is_readonly = buzz__field_int(L, t, "readonly", 0, 0, 1) != 0;
+  o->max_bytes = buzz__field_int(L, t, "max_bytes", 0, 0, BUZZ_INT_EXACT);
+  o->max_backlog = buzz__field_int(L, t, "max_backlog", 0, BUZZ_BACKLOG_MIN,
+                                   BUZZ_BACKLOG_LIMIT);  /* 0: the default */
+  o->max_age_ms = buzz__field_int(L, t, "max_age_ms", 0, 0, AGE_MAX_MS);
+  o->max_events = buzz__field_int(L, t, "max_events", 0, 0,
+                                  BUZZ_INT_EXACT);
+}
+
+/*
+** Raises for store options (the table at t) a store cannot take: a path
+** with a NUL byte (C would cut it short there and open another file),
+** ":memory:" (SQLite's in-memory database is per connection, and the
+** writer thread and the reader each have one: see README). The Lua layer
+** raises first, at its caller's level; this guards the core's own
+** callers. store_opts() checks the numbers.
+*/
+void buzz__lcore_check_store_opts(lua_State *L, int t) {
+  size_t len;
+  const char *path;
+  lua_getfield(L, t, "path");
+  path = lua_tolstring(L, -1, &len);
+  if (path == NULL)
+    luaL_error(L, "bad store: expected the path of a SQLite file");
+  if (strlen(path) != len)
+    luaL_error(L, "bad store: the path contains a NUL byte");
+  if (strcmp(path, ":memory:") == 0)
+    luaL_error(L, "bad store: \":memory:\" cannot be shared by the "
+               "store's writer thread and its reader; omit store for an "
+               "in-memory bus");
+  lua_pop(L, 1);
+}
+
+/*
+** Opens the store described by the options table at t (path, durability,
+** readonly, max_bytes, max_age_ms, max_events) and, for a writer, loads
+** the dedup keys still in their window before now (ms): a reader never
+** publishes, so it loads none. Every query an open runs reads an index or
+** one end of the rowid order, never the log (see store.c). Returns 0, or
+** pushes nil, err, code; raises for an option out of range.
+*/
+int buzz__lcore_open_store(lua_State *L, lcore *c, int t, int64_t now) {
+  buzz_store_opts o;
+  char err[ERR_MAX];
+  const char *path;
+  int rc;
+  store_opts(L, t, &o);
+  lua_getfield(L, t, "path");
+  path = lua_tostring(L, -1);
+  o.notify = on_commit;
+  o.data = c->loop;
+  err[0] = '\0';
+  if ((rc = buzz__store_open(&c->store, path, &o, err, sizeof err)) < 0)
+    return push_store_fail(L, rc, err);
+  lua_pop(L, 1);
+  c->durability = o.durability;
+  c->bus.last_id = buzz__store_last_id(c->store);
+  c->committed = c->bus.last_id;
+  if ((rc = buzz__dedup_new(&c->dedup, c->dedup_window)) < 0)
+    return push_fail(L, rc, NULL);
+  if (o.is_readonly) return 0;         /* it never publishes: no keys */
+  if ((rc = buzz__store_dedup_load(c->store, now - c->dedup_window,
+                                   dedup_loaded, c->dedup, err,
+                                   sizeof err)) < 0)
+    return push_store_fail(L, rc, err);
+  return 0;
+}

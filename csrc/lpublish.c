@@ -1,0 +1,392 @@
+/*
+** lpublish.c: publishing on the core object: core:publish (queues the
+** event), core:publish_sync (opens a sync level the Lua layer takes with
+** core:take) and core:current (the event a publish made now inherits
+** from). With a store, an event is appended to the log before it is
+** queued (store_publish), with its id reserved first (take_id, ids.c).
+** A binding file: luaopen_buzz_core in lbuzz.c registers
+** buzz__lpublish_methods with the core's upvalues (lcore.h); lhot.c's
+** core:sync shares the current event's helpers (buzz__lcore_current,
+** buzz__lcore_event_id, buzz__lcore_correlation) and the EDEPTH message
+** (buzz__lcore_too_deep).
+**
+** Invariants: a publish inside a handler inherits the correlation id of
+** the current event (U[cur_slot]) and takes its id as the causation id;
+** an id appended to the store is used up even when the bus then refuses
+** the event; a dedup key is recorded only once its event is published.
+** Queued events keep their values in U until delivery (refs released by
+** on_event_free in lbuzz.c).
+**
+** It does not deliver (ldispatch.c and lhot.c do), does not take the
+** writer's news itself (ldurable.c's store_sync does), and builds an
+** event table only for publish_sync (lbuzz.c's push_event).
+*/
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "compat.h"
+#include "buzz.h"
+#include "json.h"
+#include "lcheck.h"
+#include "lcore.h"
+
+/* Helpers of the binding files (lcore.h), by their names in the bodies. */
+#define check_core buzz__lcore_check_fast
+#define push_refs buzz__lcore_refs
+#define push_fail buzz__lcore_fail
+#define push_store_fail buzz__lcore_store_fail
+#define store_sync buzz__lcore_store_sync
+#define store_sync_watch buzz__lcore_store_sync_watch
+#define report_store buzz__lcore_report_store
+#define push_event buzz__lcore_push_event
+#define subject_usage buzz__lsubject_usage
+#define push_current buzz__lcore_current
+#define event_id buzz__lcore_event_id
+#define push_correlation buzz__lcore_correlation
+#define push_too_deep buzz__lcore_too_deep
+
+static int ref_opt(lua_State *L, int u, int idx) {
+  if (lua_isnoneornil(L, idx)) return BUZZ_NOREF;
+  lua_pushvalue(L, idx);
+  return luaL_ref(L, u);
+}
+
+/* Gives an event record back: to the spare list, or to free() once the
+** bus is closed (its spare list is gone). */
+static void event_drop(lcore *c, buzz_event *ev) {
+  if (c->is_open && !c->bus.is_closed) buzz__event_free(&c->bus.queue, ev);
+  else free(ev);
+}
+
+/* Pushes nil, err, code for an event the store's append refused. */
+static int push_append_fail(lua_State *L, lcore *c, int rc) {
+  buzz_store_stats st;
+  char msg[ERR_MAX];
+  if (rc != BUZZ_EFULL)
+    return push_fail(L, rc, "the store was opened read-only");
+  buzz__store_stats(c->store, &st);
+  snprintf(msg, sizeof msg, "the store's writer is behind: %lld bytes "
+           "wait to be written (max_backlog = %lld); retry when it has "
+           "caught up (bus:flush() waits for that) or raise max_backlog",
+           (long long)st.backlog_bytes, (long long)st.backlog_limit);
+  return push_fail(L, rc, msg);
+}
+
+/*
+** With a store: makes sure the next id (bus.last_id + 1) is reserved
+** (ids.c), so that no crash can hand it out again. Returns 0, or BUZZ_ESTORE
+** (or BUZZ_ENOMEM) with the reason in err: the id is then not used. Callers
+** skip the call while NEED_ID() is false: the hot path is one comparison.
+** Stack: U at u.
+*/
+#define NEED_ID(c) ((c)->bus.last_id >= (c)->id_safe)
+
+static int take_id(lua_State *L, lcore *c, int u, char *err) {
+  char why[ERR_MAX];
+  int rc;
+  if ((rc = buzz__ids_take(c->store, c->bus.last_id + 1, &c->id_safe)) == 0)
+    return 0;
+  if (rc == BUZZ_ESTORE && store_sync(L, c, u, why) < 0)
+    snprintf(err, ERR_MAX, "cannot reserve ids, so nothing was published: "
+             "%.*s", ERR_MAX - 64, why);        /* room for the head */
+  else if (rc == BUZZ_ESTORE)
+    snprintf(err, ERR_MAX, "cannot reserve ids, so nothing was published "
+             "(the store is read-only, or its last reservation failed)");
+  else
+    snprintf(err, ERR_MAX, "%s", buzz__err_message(rc));
+  return rc;
+}
+
+/*
+** With a store: encodes the payload (slot 3) and headers (slot 8), appends
+** the row (id and ts preset in ev) and, for sync durability or a
+** publish_sync, waits for its commit. Returns 0, or pushes nil, err, code
+** (EINVAL/ETOOBIG for a payload JSON cannot hold, which the Lua layer
+** raises; ESTORE for the world) and returns 3. Stack: U at u.
+*/
+static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
+                         int is_sync, const char *type, size_t len,
+                         const char *dkey, size_t dlen) {
+  buzz_row spec, *row;
+  char err[ERR_MAX];
+  int rc, top = lua_gettop(L);
+  memset(&spec, 0, sizeof spec);
+  if ((rc = store_sync(L, c, u, err)) < 0)  /* an earlier group failed */
+    return push_store_fail(L, rc, err);
+  if (NEED_ID(c) && (rc = take_id(L, c, u, err)) < 0)
+    return push_store_fail(L, rc, err);
+  if ((rc = buzz__json_encode(L, 3, "payload", c->max_payload)) != 0) {
+    lua_pushnil(L);
+    lua_insert(L, -2);
+    lua_pushstring(L, buzz__err_name(rc));
+    return 3;
+  }
+  spec.payload.p = lua_tolstring(L, -1, &spec.payload.n);
+  if (!lua_isnil(L, 8)) {
+    if ((rc = buzz__json_encode(L, 8, "headers", 0)) != 0) {
+      lua_pushnil(L);
+      lua_insert(L, -2);
+      lua_pushstring(L, buzz__err_name(rc));
+      return 3;
+    }
+    spec.headers.p = lua_tolstring(L, -1, &spec.headers.n);
+  }
+  spec.kind = BUZZ_ROW_EVENT;
+  spec.id = ev->id = c->bus.last_id + 1;
+  if (ev->ts == 0) ev->ts = buzz__clock_ms();   /* or the caller's */
+  spec.ts = ev->ts;
+  spec.causation_id = ev->causation_id;
+  spec.priority = ev->priority;
+  spec.version = ev->version ? ev->version : 1;
+  spec.type.p = type;
+  spec.type.n = len;
+  if (lua_type(L, 5) == LUA_TNUMBER) {
+    spec.is_key_int = 1;
+    spec.key_int = (int64_t)lua_tointeger(L, 5);
+  } else if (lua_type(L, 5) == LUA_TSTRING) {
+    spec.key.p = lua_tolstring(L, 5, &spec.key.n);
+  }
+  if (lua_type(L, 6) == LUA_TSTRING)
+    spec.corr.p = lua_tolstring(L, 6, &spec.corr.n);
+  spec.dedup.p = dkey;
+  spec.dedup.n = dlen;
+  if ((row = buzz__row_new(&spec)) == NULL)
+    return push_fail(L, BUZZ_ENOMEM, NULL);
+  lua_settop(L, top);
+  if ((rc = buzz__store_append(c->store, row)) < 0)
+    return push_append_fail(L, c, rc);
+  c->appended_id = spec.id;
+  if ((is_sync && c->durability != BUZZ_DUR_NONE) ||
+      c->durability == BUZZ_DUR_SYNC) {
+    int is_lost;
+    buzz__store_flush(c->store);
+    if ((rc = store_sync_watch(L, c, u, err, ev->id, &is_lost)) < 0) {
+      if (is_lost) {                   /* this event: the caller is told */
+        if (c->bus.last_id < ev->id) c->bus.last_id = ev->id; /* used */
+        return push_store_fail(L, rc, err);
+      }
+      report_store(L, c, u, err);      /* another group's failure (an
+                                          on_error that closes the bus
+                                          gets ECLOSED from bus_publish) */
+    }
+  }
+  return 0;
+}
+
+/*
+** Pushes the current event (U[cur_slot]: lua/buzz/task.lua, core:resume
+** and core:sync set it while a handler runs), or false when there is
+** none (never nil: luaL_ref would reuse the slot). Stack: U at u.
+*/
+void buzz__lcore_current(lua_State *L, lcore *c, int u) {
+  lua_rawgeti(L, u, c->cur_slot);
+}
+
+/* The integer id (read raw) of the event table at idx, or 0. */
+int64_t buzz__lcore_event_id(lua_State *L, int idx) {
+  int64_t id = 0;
+  if (!lua_istable(L, idx)) return 0;
+  lua_pushvalue(L, UV(UV_ID));
+  lua_rawget(L, idx < 0 ? idx - 1 : idx);
+  if (!buzz__to_int(L, -1, 0, INT64_MAX, &id)) id = 0;
+  lua_pop(L, 1);
+  return id;
+}
+
+/* Pushes the correlation_id (read raw) of the table at idx, or nil. */
+void buzz__lcore_correlation(lua_State *L, int idx) {
+  if (!lua_istable(L, idx)) {
+    lua_pushnil(L);
+    return;
+  }
+  lua_pushvalue(L, UV(UV_CORR));
+  lua_rawget(L, idx < 0 ? idx - 1 : idx);
+}
+
+/* Pushes nil, "EDEPTH: ...", "EDEPTH": publish_sync nested too deep. */
+int buzz__lcore_too_deep(lua_State *L, lcore *c) {
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s: publish_sync nested %d deep: a handler run by "
+                  "publish_sync may publish_sync again at most %d levels "
+                  "deep; nothing was published (use publish to queue the "
+                  "event)", buzz__err_name(BUZZ_EDEPTH), c->nsync + 1,
+                  SYNC_MAX);
+  lua_pushstring(L, buzz__err_name(BUZZ_EDEPTH));
+  return 3;
+}
+
+/*
+** Shared by publish and publish_sync. Arguments: self,
+** type, payload, priority (0..3), key, correlation_id, causation_id,
+** headers, dedup, version, engine, ts (ms; 0 or nil: the core's clock,
+** else the time to stamp, as a manual clock gives it). Inside a handler
+** (or a thread run by resume() with an event), a nil correlation_id is
+** inherited from the
+** current event and a nil causation_id is the current event's id. A dedup
+** key seen within the window (by ts when given: a manual clock's windows
+** move with it) returns the first id and "duplicate", and publishes
+** nothing. Numbers out of their range (a key beyond +-2^53, a version
+** beyond INT_MAX, ...) raise. mode 1 nested SYNC_MAX deep returns nil,
+** "EDEPTH: ...", "EDEPTH" and publishes nothing. With engine true, reserved types ("$DLQ.x", "$SYS.x")
+** are accepted: the Lua layer publishes its own events so.
+** mode 0 queues and returns id (an event more urgent than the last one
+** a take handed out sets preempt on that take's subs array: see take);
+** mode 1 (publish_sync) opens a sync cursor and returns id, level
+** (level nil when nobody listens): the caller takes its deliveries with
+** core:take (ldispatch.c), whose take finding none closes the level.
+*/
+static int do_publish(lua_State *L, int mode) {
+  lcore *c = check_core(L);
+  size_t len, level = 0, dlen = 0;
+  const char *type = lua_type(L, 2) == LUA_TSTRING
+                     ? lua_tolstring(L, 2, &len) : NULL;
+  int64_t prio = buzz__opt_int(L, 4, "priority", BUZZ_PRIO_NORMAL, 0,
+                               BUZZ_NPRIO - 1);
+  int64_t caus = buzz__opt_int(L, 7, "causation_id", 0, 0, INT64_MAX);
+  const char *dkey = luaL_optlstring(L, 9, NULL, &dlen);
+  int64_t version = buzz__opt_int(L, 10, "version", 0, 0, INT_MAX);
+  int is_engine = lua_toboolean(L, 11);
+  int64_t ts = buzz__opt_int(L, 12, "ts", 0, 0, BUZZ_INT_EXACT);
+  buzz_event *ev;
+  int64_t id, now = 0;
+  lctx ctx;
+  int rc;
+  if (type == NULL) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "bad type: expected a string such as "
+                    "\"task.start\", got %s", luaL_typename(L, 2));
+    lua_pushliteral(L, "ESUBJECT");
+    return 3;
+  }
+  if (subject_usage(L, "type", type, len, 0, is_engine)) return 3;
+  if (lua_type(L, 5) == LUA_TNUMBER)   /* an integer key JSON holds */
+    buzz__check_int(L, 5, "key", -BUZZ_INT_EXACT, BUZZ_INT_EXACT);
+  if (mode == 1 && c->nsync >= SYNC_MAX) return push_too_deep(L, c);
+  lua_settop(L, 10);
+  ctx.L = L;
+  ctx.c = c;
+  ctx.u = push_refs(L);                /* slot 11 */
+  push_current(L, c, ctx.u);           /* slot 12: inherited from */
+  if (dkey) now = ts > 0 ? ts : buzz__clock_ms();  /* the bus's clock */
+  if (dkey && c->dedup &&
+      (id = buzz__dedup_find(c->dedup, dkey, dlen, now)) != 0) {
+    lua_pushinteger(L, (lua_Integer)id);
+    lua_pushliteral(L, "duplicate");
+    return 2;
+  }
+  if (lua_isnil(L, 6) && lua_istable(L, 12)) {
+    push_correlation(L, 12);           /* inherit it */
+    lua_replace(L, 6);
+  }
+  if (c->store && mode == 0 && c->bus.queue.limit &&   /* before the */
+      c->bus.queue.count >= c->bus.queue.limit)         /* append; the */
+    goto full;                         /* bus checks memory buses itself */
+  if ((ev = buzz__event_new(&c->bus.queue)) == NULL)
+    return push_fail(L, BUZZ_ENOMEM, NULL);
+  ev->priority = (unsigned char)prio;
+  ev->causation_id = caus == 0 ? event_id(L, 12) : (int64_t)caus;
+  ev->version = (int)version;
+  if (ts > 0) ev->ts = (int64_t)ts;    /* a manual clock's time */
+  if (c->store &&
+      store_publish(L, c, ctx.u, ev, mode == 1, type, len, dkey, dlen)) {
+    event_drop(c, ev);
+    return 3;
+  }
+  rc = buzz__bus_publish(&c->bus, ev, type, len, mode != 0, &level);
+  if (rc < 0) {
+    if (c->store && c->bus.last_id < ev->id)
+      c->bus.last_id = ev->id;         /* appended already: used up */
+    event_drop(c, ev);
+    if (rc == BUZZ_EFULL) goto full;
+    return push_fail(L, rc, NULL);
+  }
+  id = c->bus.last_id;
+  if (dkey) {
+    if (c->dedup == NULL &&
+        buzz__dedup_new(&c->dedup, c->dedup_window) < 0)
+      return push_fail(L, BUZZ_ENOMEM, NULL);
+    if (buzz__dedup_put(c->dedup, dkey, dlen, id, now) < 0)
+      return push_fail(L, BUZZ_ENOMEM, NULL);
+  }
+  if (rc == 0) {                       /* no audience: freed already */
+    lua_pushinteger(L, (lua_Integer)id);
+    return 1;
+  }
+  if (c->store && mode == 0 && c->durability != BUZZ_DUR_NONE)
+    c->gate_id = id;                   /* deliver only once committed */
+  if (mode != 1) {                     /* values wait in U until delivery */
+    ev->payload_ref = ref_opt(L, ctx.u, 3);
+    ev->key_ref = ref_opt(L, ctx.u, 5);
+    ev->headers_ref = ref_opt(L, ctx.u, 8);
+    ev->corr_ref = ref_opt(L, ctx.u, 6);
+  }
+  if (mode == 1) {                     /* build the table from the args */
+    push_event(L, c, ctx.u, ev, 1);
+    lua_pop(L, 1);
+  }
+  if (mode == 0) {
+    buzz__loop_signal(c->loop, 1);
+    if ((int)prio < c->batch_prio) {   /* it overtakes what a take handed */
+      lua_rawgeti(L, ctx.u, c->batch_ref);   /* out and did not run yet */
+      lua_pushinteger(L, (lua_Integer)prio);
+      lua_setfield(L, -2, "preempt");
+      lua_pop(L, 1);
+      c->batch_prio = (int)prio;
+    }
+  } else {                             /* the caller takes the level */
+    c->nsync++;                        /* take() closes it */
+    lua_pushinteger(L, (lua_Integer)id);
+    lua_pushinteger(L, (lua_Integer)level);
+    return 2;
+  }
+  lua_pushinteger(L, (lua_Integer)id);
+  return 1;
+full:
+  lua_pushnil(L);
+  {                                    /* a count: no (int) cut */
+    char num[24];
+    snprintf(num, sizeof num, "%zu", buzz__bus_pending(&c->bus));
+    lua_pushfstring(L, "%s: queue is full (%s pending events); drain "
+                    "the bus or raise queue_limit",
+                    buzz__err_name(BUZZ_EFULL), num);
+  }
+  lua_pushstring(L, buzz__err_name(BUZZ_EFULL));
+  return 3;
+}
+
+static int lcore_publish(lua_State *L) {
+  return do_publish(L, 0);
+}
+
+static int lcore_publish_sync(lua_State *L) {
+  return do_publish(L, 1);
+}
+
+
+/*
+** core:current() -> id, correlation_id of the innermost current event (the
+** one a publish made now would inherit from), or nothing outside every
+** handler. For the Lua layer's own later publishes (delayed events).
+*/
+static int lcore_current(lua_State *L) {
+  lcore *c = check_core(L);
+  int64_t id;
+  push_current(L, c, push_refs(L));
+  if (!lua_istable(L, -1)) return 0;
+  id = event_id(L, -1);
+  if (id != 0) lua_pushinteger(L, (lua_Integer)id);
+  else lua_pushnil(L);
+  push_correlation(L, -2);
+  return 2;
+}
+
+/* The methods of this file; luaopen_buzz_core (lbuzz.c) adds them to the
+** core's with the upvalues of lcore.h. */
+const luaL_Reg buzz__lpublish_methods[] = {
+  { "publish", lcore_publish },
+  { "publish_sync", lcore_publish_sync },
+  { "current", lcore_current },
+  { NULL, NULL }
+};
