@@ -1,9 +1,9 @@
 /*
 ** json.h: Lua values to JSON text and back, with cJSON.
 **
-** Only lbuzz.c and json.c include this header: its functions take a
-** lua_State, so json.c is the one file besides lbuzz.c that sees Lua
-** headers (its whole job is Lua values; STYLE.md names it so).
+** Only the binding files (l*.c) and json.c include this header: its
+** functions take a lua_State, so json.c is the one file besides them that
+** sees Lua headers (its whole job is Lua values; STYLE.md names it so).
 */
 #ifndef BUZZ_JSON_H
 #define BUZZ_JSON_H

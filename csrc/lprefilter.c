@@ -9,12 +9,12 @@
 ** test still decides for every event that gets through. Only raw reads
 ** and comparisons of two numbers or two strings, so it never raises.
 **
-** A binding file: lbuzz.c's dispatch asks buzz__pf_holds, bus.c asks
+** A binding file: ldispatch.c's delivery asks buzz__pf_holds, bus.c asks
 ** buzz__pf_accept (the bus's accept hook, which lbuzz.c sets), and
 ** buzz__pf_register puts the operator codes (core.prefilter_ops, which
 ** filter.lua compiles clauses with) and core.prefilter on the module
 ** table. No state: the clauses live in the core's ref table U, under the
-** subscription's filter_ref, which lbuzz.c owns and releases.
+** subscription's filter_ref, which the binding owns (lsubscribe.c sets it).
 */
 #include "compat.h"
 #include "buzz.h"

@@ -5,23 +5,23 @@
 ** (state_put, state_del, state_list, which also looks one row up), and
 ** the conversion of a stored row to the event table handlers and readers
 ** get (buzz__lstore_read_page, which durable consumers' delivery in
-** lbuzz.c reads its pages with). A
+** ldispatch.c reads its pages with). A
 ** binding file: the methods are registered from buzz__lstore_methods by
 ** luaopen_buzz_core in lbuzz.c, with the same upvalues as the core's
 ** other methods (lcore.h), so the row conversion sets fields from the
 ** interned key strings.
 **
 ** Invariants: every read sees the bus's own writes (need_store commits
-** what is in flight first, through lbuzz.c's catch_up); a stored row that
+** what is in flight first, through ldurable.c's catch_up); a stored row that
 ** does not decode is never rewritten here, it comes back with
 ** decode_error set; every write goes to the writer in order with the
 ** bus's other writes (the same group commit). A memory bus has no store:
 ** these methods return nil, err, "EINVAL" there. Rows are upcast by the
 ** function core:set_upcast gives (lbuzz.c sets it).
 **
-** It does not own the store (lbuzz.c opens and closes it), does not take
-** the writer's news by itself (store_sync and store_flush stay with the
-** commit gate in lbuzz.c), and delivers nothing.
+** It does not own the store (ldurable.c opens it, lbuzz.c closes it),
+** does not take the writer's news by itself (store_sync and store_flush
+** stay with the commit gate in ldurable.c), and delivers nothing.
 */
 #include <limits.h>
 #include <stdio.h>
