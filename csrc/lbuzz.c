@@ -3,10 +3,10 @@
 ** opening, the core object's lifecycle (new, close, __gc) and its small
 ** methods (pending, timeout, arm, fd, wait, flush, stats, holder,
 ** set_upcast), with the helpers every binding file shares (push_refs,
-** push_fail, unref, the event table push_event builds, signal_work). The
-** other binding files (l*.c, sharing lcore.h) hold the rest: publish in
-** lpublish.c, subscriptions in lsubscribe.c, the store side (opening,
-** the writer's news, durable positions) in ldurable.c, delivery in
+** push_fail, unref, the event table push_event builds). The other binding
+** files (l*.c, sharing lcore.h) hold the rest: publish in lpublish.c,
+** subscriptions in lsubscribe.c, the store side (opening, the writer's
+** news, durable positions, the work due) in ldurable.c, delivery in
 ** ldispatch.c.
 **
 ** A core object ("buzz.core" userdata) embeds the dispatcher and owns the
@@ -61,6 +61,7 @@
 #define unref buzz__lcore_unref
 #define push_event buzz__lcore_push_event
 #define signal_work buzz__lcore_signal_work
+#define has_work buzz__lcore_has_work
 #define set_i buzz__set_field_int
 #define accept_event buzz__pf_accept
 #define push_store_fail buzz__lcore_store_fail
@@ -191,50 +192,6 @@ void buzz__lcore_push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
     lua_rawseti(L, u, c->ev_slot);
     ev->table_ref = c->ev_slot;
   }
-}
-
-/* ---------------------------------------------------------- work due */
-
-/*
-** Is a durable subscription with no page out behind the committed log?
-** committed is a peek at the writer's (store_sync() takes its news).
-*/
-static int durables_behind(lcore *c, int64_t committed) {
-  size_t i;
-  if (c->ndurable == 0) return 0;
-  for (i = 0; i < c->bus.nslots; i++) {
-    buzz_sub *sub = c->bus.slots[i];
-    if (sub && sub->durable && sub->page_last == 0 && sub->acked < committed)
-      return 1;
-  }
-  return 0;
-}
-
-/*
-** Work that take() can hand out now: queued events (with a store, once
-** the queue's head is committed) or durable consumers behind. Writes in
-** flight are not work: their commit wakes the loop.
-*/
-static int has_work(lcore *c) {
-  int64_t committed;
-  if (c->store == NULL) return buzz__bus_pending(&c->bus) > 0;
-  committed = buzz__store_committed(c->store);
-  if (buzz__bus_pending(&c->bus) > 0) {
-    int p;
-    const buzz_queue *q = &c->bus.queue;
-    if (c->gate_id <= committed) return 1;
-    for (p = 0; p < BUZZ_NPRIO && !q->head[p]; p++) {}
-    if (p < BUZZ_NPRIO && q->head[p]->id <= committed) return 1;
-  }
-  return durables_behind(c, committed);
-}
-
-/* Keeps a polled descriptor readable exactly while work is due; with a
-** store, also consumes the writer's wake-ups once nothing is. */
-void buzz__lcore_signal_work(lcore *c) {
-  int is_due = has_work(c);
-  buzz__loop_signal(c->loop, is_due);
-  if (!is_due && c->store) buzz__loop_consume(c->loop);
 }
 
 /* -------------------------------------------------------------- core */

@@ -2,12 +2,12 @@
 ** lcore.h: the core object ("buzz.core" userdata) as the binding files
 ** see it. lbuzz.c owns it (module, lifecycle, the small methods);
 ** lpublish.c publishes; lsubscribe.c subscribes; ldurable.c is its store
-** side (opening, the writer's news, durable positions); ldispatch.c
-** hands out deliveries; lhot.c holds the calls of the Lua layer's hot
-** path (lua/buzz/hot.lua); lstore.c the store's queries, consumers and
-** state rows; lprefilter.c the where{} prefilter; lutil.c the module
-** functions that need no bus and the helpers they share with the
-** binding. Only binding files include this header (it needs the Lua
+** side (opening, the writer's news, durable positions, the work due);
+** ldispatch.c hands out deliveries; lhot.c holds the calls of the Lua
+** layer's hot path (lua/buzz/hot.lua); lstore.c the store's queries,
+** consumers and state rows; lprefilter.c the where{} prefilter; lutil.c
+** the module functions that need no bus and the helpers they share with
+** the binding. Only binding files include this header (it needs the Lua
 ** headers, through compat.h).
 */
 #ifndef BUZZ_LCORE_H
@@ -151,7 +151,6 @@ int buzz__lcore_fail(lua_State *L, int rc, const char *detail);
 void buzz__lcore_unref(lua_State *L, int u, int *ref);
 void buzz__lcore_push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
                             int from_args);
-void buzz__lcore_signal_work(lcore *c);
 
 /* ldurable.c: the store side of the core object (contracts there). */
 int buzz__lcore_store_fail(lua_State *L, int rc, const char *err);
@@ -169,6 +168,8 @@ void buzz__lcore_catch_up(lua_State *L, lcore *c);
 void buzz__lcore_store_opts(lua_State *L, int t, buzz_store_opts *o);
 void buzz__lcore_check_store_opts(lua_State *L, int t);
 int buzz__lcore_open_store(lua_State *L, lcore *c, int t, int64_t now);
+int buzz__lcore_has_work(lcore *c);
+void buzz__lcore_signal_work(lcore *c);
 
 /* lpublish.c: publish, publish_sync, current; and the current event's
 ** helpers lhot.c shares (contracts there). */

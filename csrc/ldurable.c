@@ -1,14 +1,16 @@
 /*
-** ldurable.c: the store side of the core object: opening the store a
-** bus is created with (its options, the dedup keys it loads), the
-** writer's news (buzz__lcore_store_sync takes the committed id and the
-** groups that failed to commit, whose events leave the queue undelivered;
+** ldurable.c: the store side of the core object: opening the store a bus
+** is created with (its options, the dedup keys it loads), the writer's
+** news (buzz__lcore_store_sync takes the committed id and the groups that
+** failed to commit, whose events leave the queue undelivered;
 ** buzz__lcore_store_flush waits for every commit first), catching up
 ** before a read, reporting a store failure that belongs to no delivery,
-** and durable consumers' positions (append_ack, save_position,
-** find_durable). A binding file: its functions are shared through
-** lcore.h with lbuzz.c (new, close), lpublish.c, lsubscribe.c,
-** ldispatch.c and lstore.c, and it registers no method.
+** durable consumers' positions (append_ack, save_position, find_durable),
+** and the work take() can hand out now (has_work: queued events once
+** committed, durable consumers behind; signal_work keeps a polled
+** descriptor readable while there is some). A binding file: its functions
+** are shared through lcore.h with lbuzz.c (new, close), lpublish.c,
+** lsubscribe.c, ldispatch.c and lstore.c, and it registers no method.
 **
 ** Invariants: a failed group's events are dropped from the queue and
 ** their dedup keys forgotten (a retry must not be a duplicate), and the
@@ -38,6 +40,7 @@
 #define append_ack buzz__lcore_append_ack
 #define report_store buzz__lcore_report_store
 #define store_opts buzz__lcore_store_opts
+#define has_work buzz__lcore_has_work
 
 
 /* -------------------------------------------------- the writer's news */
@@ -172,6 +175,51 @@ void buzz__lcore_catch_up(lua_State *L, lcore *c) {
   if (store_flush(L, c, u, err) < 0) report_store(L, c, u, err);
   lua_pop(L, 1);
   if (!c->is_open) luaL_error(L, "attempt to use a closed bus");
+}
+
+
+/* ---------------------------------------------------------- work due */
+
+/*
+** Is a durable subscription with no page out behind the committed log?
+** committed is a peek at the writer's (store_sync() takes its news).
+*/
+static int durables_behind(lcore *c, int64_t committed) {
+  size_t i;
+  if (c->ndurable == 0) return 0;
+  for (i = 0; i < c->bus.nslots; i++) {
+    buzz_sub *sub = c->bus.slots[i];
+    if (sub && sub->durable && sub->page_last == 0 && sub->acked < committed)
+      return 1;
+  }
+  return 0;
+}
+
+/*
+** Work that take() can hand out now: queued events (with a store, once
+** the queue's head is committed) or durable consumers behind. Writes in
+** flight are not work: their commit wakes the loop.
+*/
+int buzz__lcore_has_work(lcore *c) {
+  int64_t committed;
+  if (c->store == NULL) return buzz__bus_pending(&c->bus) > 0;
+  committed = buzz__store_committed(c->store);
+  if (buzz__bus_pending(&c->bus) > 0) {
+    int p;
+    const buzz_queue *q = &c->bus.queue;
+    if (c->gate_id <= committed) return 1;
+    for (p = 0; p < BUZZ_NPRIO && !q->head[p]; p++) {}
+    if (p < BUZZ_NPRIO && q->head[p]->id <= committed) return 1;
+  }
+  return durables_behind(c, committed);
+}
+
+/* Keeps a polled descriptor readable exactly while work is due; with a
+** store, also consumes the writer's wake-ups once nothing is. */
+void buzz__lcore_signal_work(lcore *c) {
+  int is_due = has_work(c);
+  buzz__loop_signal(c->loop, is_due);
+  if (!is_due && c->store) buzz__loop_consume(c->loop);
 }
 
 
