@@ -1,7 +1,10 @@
 --- buzz: an embeddable event-processing engine.
 -- The C core (`buzz.core`) owns subscriptions, matching, the queue and the
--- loop; this module validates input, runs each delivery in a coroutine and
--- reports failures. See DESIGN.md for the contract.
+-- loop. This module makes the bus (buzz.new), its subscriptions and its
+-- lifecycle (close, stats, the loop contract), and puts on the bus class
+-- the methods of the modules that own them: publish.lua (publish,
+-- publish_sync), drive.lua (step, drain, run), store.lua, dlq.lua,
+-- schedule.lua. See DESIGN.md for the contract.
 -- @module buzz
 local core = require "buzz.core"
 local util = require "buzz.util"
@@ -18,9 +21,11 @@ local task = require "buzz.task"
 local schedule = require "buzz.schedule"
 local dlq = require "buzz.dlq"
 local store_api = require "buzz.store"
+local publish = require "buzz.publish"
+local drive = require "buzz.drive"
 
-local type, error, pairs, ipairs, pcall, next =
-      type, error, pairs, ipairs, pcall, next
+local type, error, pairs, ipairs, pcall =
+      type, error, pairs, ipairs, pcall
 local setmetatable, getmetatable = setmetatable, getmetatable
 local floor, math_max = math.floor, math.max
 local sort = table.sort
@@ -33,27 +38,17 @@ local Sub = { __name = "buzz.sub" }
 Sub.__index = Sub
 
 -- Open memory buses without middleware -> their hot path's state
--- (lua/buzz/hot.lua): publish_sync finds it in one lookup, which also
--- tells a bus from anything else.
-local HOT = setmetatable({}, { __mode = "k" })
+-- (lua/buzz/publish.lua's HOT: publish_sync looks buses up there).
+local HOT = publish.HOT
 
 local options = require "buzz.options"
 local DURABILITIES = options.DURABILITIES
 
--- Deliveries run() makes between checks of the loop.
-local RUN_BATCH = 256
-local HUGE = 2 ^ 53     -- no limit: drain's
-local drive, run_level = task.drive, task.run_level
-
-
 -- ------------------------------------------------------------ validation
 -- (lua/buzz/options.lua)
 local check_options, is_callable = options.check_options, options.is_callable
-local publish_options = options.publish_options
-local RANGE = options.RANGE
 local supervision = require("buzz.policy").subscription
 local SUBSCRIBE_OPTIONS = options.SUBSCRIBE_OPTIONS
-local check_number = util.check_number
 local check_subject_arg = util.check_subject_arg
 local check_subject_value = util.check_subject_value
 
@@ -71,45 +66,11 @@ local function check_bus(self, method, level)
 end
 
 
--- ------------------------------------------------------------ delivery
+-- ------------------------------------------------------------ errors
 
 -- The default on_error and the protected reporter (lua/buzz/errors.lua).
 local default_on_error, reporter = errors.default_on_error, errors.reporter
 
--- Raises, for the driving method, when called from inside a handler
--- (level 3: the method's caller).
-local function not_in_handler(self, method)
-  if self._task.depth > 0 then
-    error(("bus:%s() called from inside a handler; use "
-           .. "bus:publish_sync(...) to deliver an event at once")
-          :format(method), 3)
-  end
-end
-
--- Starts the supervisor's queued jobs that a step(max) left when its
--- budget was spent (task.lua's deferred).
-local function flush_deferred(self, t)
-  if t.deferred then
-    t.deferred = false
-    self._sup:flush()
-  end
-end
-
--- At most max deliveries, waiting for the commit of written events when
--- nothing else is due (step and drain deliver what was published).
-local function pull(self, t, max)
-  local n = drive(t, max)
-  if not self._store then return n end  -- a memory bus writes nothing
-  while n < max and not t.is_stopped do
-    local c = self._core
-    if not c then break end
-    local waited, err = c:wait_commit()
-    if err then self._report(err) end
-    if not waited then break end
-    n = n + drive(t, max - n)
-  end
-  return n
-end
 -- The core refused a call: its misuse (a bad subject, a payload JSON cannot
 -- hold, a durable consumer without a store) is raised at the caller's
 -- level; failures of the world are returned.
@@ -331,282 +292,6 @@ function Bus:unsubscribe_handler(fn)
   return n
 end
 
--- The shared front half of publish and publish_sync. Inside a handler the
--- core inherits the correlation id and sets the causation id itself.
-
--- publish with delay or at: lua/buzz/schedule.lua.
-local publish_later = schedule.publish_later
-
--- Makes the core's path of Bus:publish and Bus:publish_sync, which
--- differ only in the core method they call; made once, at load, not per
--- bus. The methods call it (one frame): misuse is raised at level 3, the
--- method's caller.
-local function publisher(method)
-  return function(self, etype, payload, opts)
-    local c = check_bus(self, method, 4)
-    if self._readonly then
-      error("this bus opened its store read-only (readonly = true): it "
-            .. "cannot publish", 3)
-    end
-    local prio, key, corr, headers, dedup, version, is_later = 2
-    if opts ~= nil then                -- else the core checks the types
-      prio, key, corr, headers, dedup, version, is_later =
-        publish_options(opts, 3)
-    end
-    if self._mw.n > 0 and not (headers and headers.traceparent) then
-      local tp = middleware.traceparent(self._mw)
-      if tp then
-        local h = { traceparent = tp }
-        if headers then for k, v in pairs(headers) do h[k] = v end end
-        headers = h
-      end
-    end
-    if is_later then
-      local id, e, k = publish_later(self, c, method, etype, payload, opts, {
-        prio = prio, key = key, corr = corr, headers = headers,
-        dedup = dedup, version = version }, 4)
-      return id, e, k
-    end
-    local id, err, code
-    local manual = self._manual
-    if manual then                 -- stamp the event with the clock's time
-      id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
-                                headers, dedup, version, nil, manual.ms)
-    else
-      id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
-                                headers, dedup, version)
-    end
-    if not id then
-      local _, e, k = refused(err, code, 3)   -- not a tail call: levels
-      return nil, e, k
-    end
-    if type(err) == "number" then    -- publish_sync's level: run it now
-      run_level(self._task, c, err)
-      return id
-    end
-    if err then return id, err end   -- "duplicate": a repeated dedup key
-    return id
-  end
-end
-
-local PRIORITY_NAMES = { [0] = "critical", "high", "normal", "low" }
-
-local publish_sync_core = publisher("publish_sync")
-local hot_sync, hot_audience = hot_path.publish_sync, hot_path.audience
-local hot_finish, hot_state, run_audience = hot_path.finish,
-                                           hot_path.state,
-                                           hot_path.run_audience
-local task_idle = task.idle
-
---- Delivers an event to its handlers before returning, even in a handler.
---- An open memory bus without middleware takes the hot path
---- (lua/buzz/hot.lua; HOT holds it) for a type somebody listens to,
---- unless a dedup key or a delay is given; the core's own path does the
---- rest, and says what is wrong with a bad call.
----@param etype string
----@param payload any
----@param opts table|nil as for publish
----@return integer|nil id, string|nil err, string|nil code
-function Bus:publish_sync(etype, payload, opts)
-  local h = HOT[self]                  -- nil unless self is such a bus
-  if h then
-    local aud = h.memo[etype]
-    if aud == nil then aud = hot_audience(h, etype) end
-    if aud and opts == nil then
-      -- hot.publish_sync inlined: this is the hottest call of all
-      local ev = { id = 0, type = etype, payload = payload, ts = 0,
-                   priority = "normal", attempt = 1 }
-      local t = h.task                 -- an idle thread of the bus's pool
-      local k, co = t.npool
-      if k > 0 then
-        co, t.npool = t.pool[k], k - 1
-      else
-        co = task_idle(t)
-      end
-      local st = h.states[co] or hot_state(h, co)
-      st.i = 1
-      local m, d = h.manual, t.depth
-      t.depth = d + 1                  -- a handler runs (task.lua)
-      local id, ok, done, what, arg = h.sync(h.c, co, ev, aud, m and m.ms,
-                                             run_audience, st)
-      t.depth = d
-      if done == true and ok then      -- (EDEPTH: nil, message, code)
-        k = t.npool + 1
-        t.pool[k], t.npool = co, k
-        return id
-      end
-      return hot_finish(h, co, ev, aud, id, ok, done, what, arg)
-    elseif aud then
-      local k1, v1 = next(opts)        -- { key = "..." } alone: the most
-      if k1 == "key" and type(v1) == "string"  -- common options, checked
-         and next(opts, k1) == nil then        -- here without a loop
-        local id, err, code = hot_sync(h, aud, etype, payload, "normal", v1)
-        return id, err, code
-      end
-      local prio, key, corr, headers, dedup, version, is_later =
-        publish_options(opts, 2)
-      if dedup == nil and not is_later then
-        local id, err, code = hot_sync(h, aud, etype, payload,
-                                       PRIORITY_NAMES[prio], key, corr,
-                                       headers, version)
-        return id, err, code
-      end
-    end
-  end
-  local id, err, code = publish_sync_core(self, etype, payload, opts)
-  return id, err, code        -- not a tail call: error levels count frames
-end
-
-local publish_core = publisher("publish")
-
---- Queues an event; handlers run when the bus is driven.
---- Without options, an open memory bus without middleware (HOT) goes
---- straight to the core: nothing here to check or to add.
----@param etype string a concrete subject, "task.start"
----@param payload any
----@param opts table|nil priority, key, correlation_id, headers, dedup,
----  version
----@return integer|nil id, string|nil err, string|nil code
-function Bus:publish(etype, payload, opts)
-  local h = HOT[self]
-  if h and opts == nil then
-    local m = h.manual
-    local id, err, code = h.publish(h.c, etype, payload, 2, nil, nil, nil,
-                                    nil, nil, nil, nil, m and m.ms or nil)
-    if id then return id end
-    local _, e, k = refused(err, code, 2)   -- not a tail call: levels
-    return nil, e, k
-  end
-  local id, err, code = publish_core(self, etype, payload, opts)
-  return id, err, code        -- not a tail call: error levels count frames
-end
-
-
--- Fires the timers due by the bus's clock (while step's budget lasts);
--- returns how many fired.
-local function fire_due(self)
-  local tl = self._timers
-  if tl.n == 0 then return 0 end
-  return tl:fire(self._clock:now_ms(), task.is_spent, self._task)
-end
-
---- Makes at most max deliveries (default 1); returns how many it made.
---- Timers that are due (delayed events, retries) fire first.
----@param max integer|nil
----@return integer
-function Bus:step(max)
-  check_bus(self, "step")
-  if max == nil then
-    max = 1
-  else
-    check_number(max, "max", RANGE.max, 2)
-  end
-  not_in_handler(self, "step")
-  local t = self._task
-  t.is_stopped = false
-  local start = t.runs
-  t.limit = start + max               -- every delivery counts, however
-  fire_due(self)                      -- it started: timers (retries),
-  if self._core then flush_deferred(self, t) end  -- the supervisor's
-  local n = t.runs - start
-  if n < max and self._core then pull(self, t, max - n) end
-  t.limit = false
-  return t.runs - start
-end
-
---- Delivers until nothing is due; returns the number of deliveries.
---- Timers due by the clock fire on the way; later ones wait.
----@return integer
-function Bus:drain()
-  check_bus(self, "drain")
-  local t = self._task
-  if t.depth > 0 then not_in_handler(self, "drain") end
-  t.is_stopped = false
-  local total, tl = 0, self._timers
-  repeat
-    if t.deferred then flush_deferred(self, t) end
-    local n = pull(self, t, HUGE)     -- (pull ends when a take found
-    total = total + n                 -- nothing due)
-    if not self._core or tl.n == 0 then break end
-  until t.is_stopped or fire_due(self) == 0
-  return total
-end
-
--- For a manual clock: the earliest timer of this bus, and a turn of the
--- bus at the clock's new time.
-function Bus:_next_due()
-  if not self._core then return nil end
-  return self._timers:next_due()
-end
-
--- True while one of the bus's handlers runs.
-function Bus:_is_in_handler()
-  return self._core and self._task.depth > 0 or false
-end
-
-function Bus:_tick()
-  if self._core and not self:_is_in_handler() then self:drain() end
-end
-
--- A host driver's turn (lua/buzz/luv.lua): the timers that are due, then
--- at most max deliveries, as step(max) but never waiting for a commit
--- (the commit wakes the host's poll); nothing on a closed bus, or while
--- a handler runs, or after a timer's callback closed the bus. Returns the
--- deliveries made.
-function Bus:_turn(max)
-  local t = self._task
-  if not self._core or t.depth > 0 then return 0 end
-  t.is_stopped = false
-  fire_due(self)
-  if not self._core then return 0 end
-  flush_deferred(self, t)
-  return drive(t, max)
-end
-
---- Drives the bus on its own loop until stop(), or until nothing is
---- pending and no timer is armed (housekeeping timers, which Timer:unref
---- marks, do not count). Returns the number of deliveries. It never
---- waits for the store's writer: a commit wakes the loop.
----@return integer
-function Bus:run()
-  check_bus(self, "run")
-  if self._driver then
-    error("bus:run() would block the host loop that drives this bus "
-          .. "(buzz.new{ loop = ... }): let the host's loop run it (uv.run(), "
-          .. "Neovim's own), or use bus:drain()", 2)
-  end
-  not_in_handler(self, "run")
-  local t = self._task
-  t.is_stopped = false
-  local total, tl, clock, c = 0, self._timers, self._clock
-  while true do
-    flush_deferred(self, t)
-    local n = drive(t, RUN_BATCH)
-    total = total + n
-    c = self._core
-    if not c or t.is_stopped then break end
-    local fired = fire_due(self)
-    c = self._core
-    if not c then break end
-    if n == 0 and fired == 0 then
-      -- Housekeeping timers (a durable window's checkpoints) fire while
-      -- run() waits for something else, but do not keep it going.
-      local due = not clock.is_manual and tl:has_ref() and tl:next_due()
-      c:arm(due and math_max(0, due - clock:now_ms()) or -1)
-      if not c:wait() then break end
-    end
-  end
-  if c then c:arm(-1) end
-  return total
-end
-
---- Makes run() (or a drain/step in progress) return after the current
---- delivery.
-function Bus:stop()
-  check_bus(self, "stop")
-  self._task.is_stopped = true
-end
-
 --- Closes the bus: nothing more is delivered. Returns the number of pending
 --- events discarded (call drain() first to deliver them). Idempotent.
 ---@return integer
@@ -721,6 +406,11 @@ end
 
 
 -- ------------------------------------------------------------ the store
+
+-- publish and publish_sync (lua/buzz/publish.lua); step, drain, run,
+-- stop and the host drivers' turns (lua/buzz/drive.lua).
+publish.install(Bus, check_bus, refused)
+drive.install(Bus, check_bus)
 
 -- events, replay, upcaster, flush, consumers, remove_consumer, store_info
 -- and the state rows (lua/buzz/store.lua).

@@ -1,0 +1,188 @@
+--- buzz.publish: Bus:publish and Bus:publish_sync. An open memory bus
+-- without middleware (HOT) takes the hot path (lua/buzz/hot.lua) for a
+-- type somebody listens to; everything else goes through the core's path
+-- (publisher): options checked (options.lua), a traceparent stamped by
+-- middleware, delay/at handed to schedule.lua, then one core call, and
+-- for publish_sync the level it queued run at once (task.lua).
+-- @module buzz.publish
+local hot_path = require "buzz.hot"
+local middleware = require "buzz.middleware"
+local options = require "buzz.options"
+local schedule = require "buzz.schedule"
+local task = require "buzz.task"
+
+local type, error, pairs, next, setmetatable =
+      type, error, pairs, next, setmetatable
+local publish_options = options.publish_options
+local run_level = task.run_level
+
+local M = {}
+local Pub = {}             -- the bus's methods (M.install)
+
+--- Open memory buses without middleware -> their hot path's state
+--- (lua/buzz/hot.lua): publish_sync finds it in one lookup, which also
+--- tells a bus from anything else. init.lua sets and clears entries.
+local HOT = setmetatable({}, { __mode = "k" })
+M.HOT = HOT
+
+-- init.lua's check_bus and refused (install sets them).
+local check_bus, refused
+
+-- The shared front half of publish and publish_sync. Inside a handler the
+-- core inherits the correlation id and sets the causation id itself.
+
+-- publish with delay or at: lua/buzz/schedule.lua.
+local publish_later = schedule.publish_later
+
+-- Makes the core's path of Bus:publish and Bus:publish_sync, which
+-- differ only in the core method they call; made once, at load, not per
+-- bus. The methods call it (one frame): misuse is raised at level 3, the
+-- method's caller.
+local function publisher(method)
+  return function(self, etype, payload, opts)
+    local c = check_bus(self, method, 4)
+    if self._readonly then
+      error("this bus opened its store read-only (readonly = true): it "
+            .. "cannot publish", 3)
+    end
+    local prio, key, corr, headers, dedup, version, is_later = 2
+    if opts ~= nil then                -- else the core checks the types
+      prio, key, corr, headers, dedup, version, is_later =
+        publish_options(opts, 3)
+    end
+    if self._mw.n > 0 and not (headers and headers.traceparent) then
+      local tp = middleware.traceparent(self._mw)
+      if tp then
+        local h = { traceparent = tp }
+        if headers then for k, v in pairs(headers) do h[k] = v end end
+        headers = h
+      end
+    end
+    if is_later then
+      local id, e, k = publish_later(self, c, method, etype, payload, opts, {
+        prio = prio, key = key, corr = corr, headers = headers,
+        dedup = dedup, version = version }, 4)
+      return id, e, k
+    end
+    local id, err, code
+    local manual = self._manual
+    if manual then                 -- stamp the event with the clock's time
+      id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
+                                headers, dedup, version, nil, manual.ms)
+    else
+      id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
+                                headers, dedup, version)
+    end
+    if not id then
+      local _, e, k = refused(err, code, 3)   -- not a tail call: levels
+      return nil, e, k
+    end
+    if type(err) == "number" then    -- publish_sync's level: run it now
+      run_level(self._task, c, err)
+      return id
+    end
+    if err then return id, err end   -- "duplicate": a repeated dedup key
+    return id
+  end
+end
+
+local PRIORITY_NAMES = { [0] = "critical", "high", "normal", "low" }
+
+local publish_sync_core = publisher("publish_sync")
+local hot_sync, hot_audience = hot_path.publish_sync, hot_path.audience
+local hot_finish, hot_state, run_audience = hot_path.finish,
+                                           hot_path.state,
+                                           hot_path.run_audience
+local task_idle = task.idle
+
+--- Delivers an event to its handlers before returning, even in a handler.
+--- An open memory bus without middleware takes the hot path
+--- (lua/buzz/hot.lua; HOT holds it) for a type somebody listens to,
+--- unless a dedup key or a delay is given; the core's own path does the
+--- rest, and says what is wrong with a bad call.
+---@param etype string
+---@param payload any
+---@param opts table|nil as for publish
+---@return integer|nil id, string|nil err, string|nil code
+function Pub:publish_sync(etype, payload, opts)
+  local h = HOT[self]                  -- nil unless self is such a bus
+  if h then
+    local aud = h.memo[etype]
+    if aud == nil then aud = hot_audience(h, etype) end
+    if aud and opts == nil then
+      -- hot.publish_sync inlined: this is the hottest call of all
+      local ev = { id = 0, type = etype, payload = payload, ts = 0,
+                   priority = "normal", attempt = 1 }
+      local t = h.task                 -- an idle thread of the bus's pool
+      local k, co = t.npool
+      if k > 0 then
+        co, t.npool = t.pool[k], k - 1
+      else
+        co = task_idle(t)
+      end
+      local st = h.states[co] or hot_state(h, co)
+      st.i = 1
+      local m, d = h.manual, t.depth
+      t.depth = d + 1                  -- a handler runs (task.lua)
+      local id, ok, done, what, arg = h.sync(h.c, co, ev, aud, m and m.ms,
+                                             run_audience, st)
+      t.depth = d
+      if done == true and ok then      -- (EDEPTH: nil, message, code)
+        k = t.npool + 1
+        t.pool[k], t.npool = co, k
+        return id
+      end
+      return hot_finish(h, co, ev, aud, id, ok, done, what, arg)
+    elseif aud then
+      local k1, v1 = next(opts)        -- { key = "..." } alone: the most
+      if k1 == "key" and type(v1) == "string"  -- common options, checked
+         and next(opts, k1) == nil then        -- here without a loop
+        local id, err, code = hot_sync(h, aud, etype, payload, "normal", v1)
+        return id, err, code
+      end
+      local prio, key, corr, headers, dedup, version, is_later =
+        publish_options(opts, 2)
+      if dedup == nil and not is_later then
+        local id, err, code = hot_sync(h, aud, etype, payload,
+                                       PRIORITY_NAMES[prio], key, corr,
+                                       headers, version)
+        return id, err, code
+      end
+    end
+  end
+  local id, err, code = publish_sync_core(self, etype, payload, opts)
+  return id, err, code        -- not a tail call: error levels count frames
+end
+
+local publish_core = publisher("publish")
+
+--- Queues an event; handlers run when the bus is driven.
+--- Without options, an open memory bus without middleware (HOT) goes
+--- straight to the core: nothing here to check or to add.
+---@param etype string a concrete subject, "task.start"
+---@param payload any
+---@param opts table|nil priority, key, correlation_id, headers, dedup,
+---  version
+---@return integer|nil id, string|nil err, string|nil code
+function Pub:publish(etype, payload, opts)
+  local h = HOT[self]
+  if h and opts == nil then
+    local m = h.manual
+    local id, err, code = h.publish(h.c, etype, payload, 2, nil, nil, nil,
+                                    nil, nil, nil, nil, m and m.ms or nil)
+    if id then return id end
+    local _, e, k = refused(err, code, 2)   -- not a tail call: levels
+    return nil, e, k
+  end
+  local id, err, code = publish_core(self, etype, payload, opts)
+  return id, err, code        -- not a tail call: error levels count frames
+end
+
+--- Puts publish and publish_sync on the bus class; check_bus and refused
+--- are init.lua's.
+function M.install(Bus, check_bus_fn, refused_fn)
+  check_bus, refused = check_bus_fn, refused_fn
+  for k, f in pairs(Pub) do Bus[k] = f end
+end
+
+return M
