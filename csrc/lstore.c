@@ -40,11 +40,8 @@
 #define store_flush buzz__lcore_store_flush
 #define catch_up buzz__lcore_catch_up
 #define find_durable buzz__lcore_find_durable
+#define push_store_fail buzz__lcore_store_fail
 #define set_i buzz__set_field_int
-
-static int push_store_fail(lua_State *L, int rc, const char *err) {
-  return push_fail(L, rc, err[0] ? err : NULL);
-}
 
 
 /* ------------------------------------------------- stored rows to Lua */
