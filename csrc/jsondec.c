@@ -225,13 +225,31 @@ static int fast_word(fast_reader *r, const char *w, size_t n) {
 static int fast_value(lua_State *L, fast_reader *r, int depth, int is_item);
 
 /*
+** After an item of a container that close ends: skips a ',' and the space
+** after it (returns 1: an item follows), or close (returns 0); else -1.
+*/
+static int fast_after(fast_reader *r, char close) {
+  fast_skip_space(r);
+  if (r->p < r->end && *r->p == ',') {
+    r->p++;
+    fast_skip_space(r);
+    return 1;
+  }
+  if (r->p < r->end && *r->p == close) {
+    r->p++;
+    return 0;
+  }
+  return -1;
+}
+
+/*
 ** The members of an object after its '{', pushed as key/value pairs
 ** above base, then copied into a table made at its final size in text
 ** order: a later duplicate wins, and a null member (nil) leaves its key
 ** out, or takes out an earlier one, as cJSON's tree does.
 */
 static int fast_object(lua_State *L, fast_reader *r, int depth) {
-  int base = lua_gettop(L), n = 0, i;
+  int base = lua_gettop(L), n = 0, i, more;
   fast_skip_space(r);
   if (r->p < r->end && *r->p == '}') {
     r->p++;
@@ -248,14 +266,8 @@ static int fast_object(lua_State *L, fast_reader *r, int depth) {
     fast_skip_space(r);
     if (fast_value(L, r, depth, 0) != 0) break;  /* a null is nil here */
     n++;
-    fast_skip_space(r);
-    if (r->p < r->end && *r->p == ',') {
-      r->p++;
-      fast_skip_space(r);
-      continue;
-    }
-    if (r->p < r->end && *r->p == '}') {
-      r->p++;
+    if ((more = fast_after(r, '}')) > 0) continue;
+    if (more == 0) {
       lua_createtable(L, 0, n);
       for (i = 0; i < n; i++) {
         lua_pushvalue(L, base + 2 * i + 1);
@@ -274,7 +286,7 @@ static int fast_object(lua_State *L, fast_reader *r, int depth) {
 
 /* The items of an array after its '[', pushed above base, then moved. */
 static int fast_array(lua_State *L, fast_reader *r, int depth) {
-  int base = lua_gettop(L), n = 0;
+  int base = lua_gettop(L), n = 0, more;
   fast_skip_space(r);
   if (r->p < r->end && *r->p == ']') {
     r->p++;
@@ -284,14 +296,8 @@ static int fast_array(lua_State *L, fast_reader *r, int depth) {
   for (;;) {
     if (!lua_checkstack(L, 3) || fast_value(L, r, depth, 1) != 0) break;
     n++;
-    fast_skip_space(r);
-    if (r->p < r->end && *r->p == ',') {
-      r->p++;
-      fast_skip_space(r);
-      continue;
-    }
-    if (r->p < r->end && *r->p == ']') {
-      r->p++;
+    if ((more = fast_after(r, ']')) > 0) continue;
+    if (more == 0) {
       lua_createtable(L, n, 0);
       lua_insert(L, base + 1);
       for (; n > 0; n--) lua_rawseti(L, base + 1, n);
