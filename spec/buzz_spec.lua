@@ -23,8 +23,11 @@ describe("a bus", function()
       assert.equal(id, got.id)
       assert.equal("task.start", got.type)
       assert.same({ task_id = "1735560000" }, got.payload)
-      assert.is_true(got.ts >= before - 1000
-                     and got.ts <= os.time() * 1000 + 1000)
+      local after = os.time() * 1000
+      assert(got.ts >= before - 1000 and got.ts <= after + 1000,
+             ("ts %s is not between %d and %d"):format(tostring(got.ts),
+                                                       before - 1000,
+                                                       after + 1000))
       assert.equal("high", got.priority)
       assert.equal("task-1", got.key)
       assert.equal(1, got.attempt)
@@ -423,6 +426,37 @@ describe("a bus", function()
       assert.equal(1, bus:step(10))
       assert.equal(0, bus:step(10))
       assert.equal(0, bus:step(0))
+    end)
+
+    it("step(max) counts a handler's publish_sync deliveries as part of it",
+       function()
+      local inner = 0
+      for _ = 1, 3 do
+        bus:subscribe("inner", function() inner = inner + 1 end)
+      end
+      bus:subscribe("outer", function() bus:publish_sync("inner", {}) end)
+      bus:publish("outer")
+      bus:publish("outer")
+      assert.equal(1, bus:step(1))             -- not 4: the three inner ran
+      assert.equal(3, inner)                   -- inside that one delivery
+      assert.equal(1, bus:step(3))
+      assert.equal(6, inner)
+    end)
+
+    it("step(max) counts the same with a store (the core's publish_sync)",
+       function()
+      local path = os.tmpname()
+      finally(function() os.remove(path); os.remove(path .. "-wal")
+                         os.remove(path .. "-shm") end)
+      local sbus = H.bus{ store = path }
+      local inner = 0
+      for _ = 1, 3 do
+        sbus:subscribe("inner", function() inner = inner + 1 end)
+      end
+      sbus:subscribe("outer", function() sbus:publish_sync("inner", {}) end)
+      sbus:publish("outer")
+      assert.equal(1, sbus:step(1))
+      assert.equal(3, inner)
     end)
 
     it("drain() delivers until nothing is due, including follow-ups",

@@ -94,13 +94,14 @@ local function settle(t, co, sub, ev, ok, what, arg, stop)
   if close then close(co) end
 end
 
---- Runs sub's handler with ev, unless sub ended since the take.
+--- Runs sub's handler with ev, unless sub ended since the take. It does
+--- not count toward step(max): a preempting delivery is counted by its
+--- caller, and a publish_sync's are part of the delivery that made them.
 ---@return nil
 local function run(t, c, sub, ev)
   if not sub.is_active then return end
   if sub._once then sub.is_active = false end   -- the core ended it
   local co = idle(t)
-  t.runs = t.runs + 1
   t.depth = t.depth + 1
   local ok, done, what, arg = c:resume(co, ev, sub._fn, ev)
   t.depth = t.depth - 1
@@ -158,7 +159,7 @@ local function preempt(t, below, max)
     if m == 0 then break end
     local sub, ev = subs[1], evs[1]
     subs[1], evs[1] = nil, nil
-    n = n + 1
+    n, t.runs = n + 1, t.runs + 1      -- step's, as the batch's are
     run(t, c, sub, ev)
   end
   return n
