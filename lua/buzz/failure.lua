@@ -48,12 +48,10 @@ local sort = table.sort
 local util = require "buzz.util"
 local errors = require "buzz.errors"
 local task = require "buzz.task"
-local policies = require "buzz.policy"
 local dlq = require "buzz.dlq"
 local schedule = require "buzz.schedule"
 local runner = require "buzz.runner"
 local event_of = dlq.event_of
-local backoff = policies.backoff
 local task_spent = task.is_spent
 local quote = util.quote
 
@@ -69,17 +67,6 @@ local M = {}
 
 local Supervisor = {}
 Supervisor.__index = Supervisor
-
-M.readable = runner.readable
-M.copy = dlq.copy
-
--- ------------------------------------------------------------ policies
--- (lua/buzz/policy.lua)
-
-M.retry_policy = policies.retry
-M.breaker_policy = policies.breaker
-M.backoff = backoff
-
 
 -- ------------------------------------------------------------ the API
 
@@ -194,10 +181,6 @@ end
 -- store, a failure reported, never raised.
 function Supervisor:put(kind, name, value)
   self.bus:_state_put(kind, name, value)
-end
-
-function Supervisor:get(kind, name)
-  return self.bus:_state_get(kind, name)
 end
 
 function Supervisor:del(kind, name)
@@ -399,6 +382,5 @@ function Supervisor:forget(sub)
   if r then r:close() end
 end
 
-M.SLEEP = SLEEP
 
 return M
