@@ -54,23 +54,6 @@
 
 #define CORE_MT "buzz.core"
 
-/* Helpers of the binding files (lcore.h), by their names in the bodies:
-** those defined here are shared with the other binding files. */
-#define push_refs buzz__lcore_refs
-#define push_fail buzz__lcore_fail
-#define unref buzz__lcore_unref
-#define push_event buzz__lcore_push_event
-#define signal_work buzz__lcore_signal_work
-#define has_work buzz__lcore_has_work
-#define set_i buzz__set_field_int
-#define accept_event buzz__pf_accept
-#define push_store_fail buzz__lcore_store_fail
-#define store_flush buzz__lcore_store_flush
-#define save_position buzz__lcore_save_position
-#define store_opts buzz__lcore_store_opts
-#define check_store_opts buzz__lcore_check_store_opts
-#define open_store buzz__lcore_open_store
-
 #if BUZZ_NOREF != LUA_NOREF
 #error "BUZZ_NOREF must equal LUA_NOREF"
 #endif
@@ -84,7 +67,7 @@ static const char *const uv_strings[] = {
 
 /* ------------------------------------------------------------ helpers */
 
-#define check_core buzz__lcore_check_fast
+#define check_core buzz__lcore_check_fast   /* see lcore.h's short names */
 
 /* Pushes U and returns its absolute index. */
 int buzz__lcore_refs(lua_State *L) {

@@ -190,6 +190,41 @@ int buzz__lcore_resumed(lua_State *L, lua_State *co, int rc, int nres);
 /* lhot.c: core:sync. */
 int buzz__lhot_sync(lua_State *L);
 
+/*
+** Short names: the binding files call the shared functions above (and
+** the prefilter's, lstore.c's page reader and the subject usage text) by
+** the names they had as statics of lbuzz.c, so bodies moved between the
+** files read the same. Each file picks its own check_core (the full
+** check, buzz__lcore_check, or the inline one).
+*/
+#define accept_event buzz__pf_accept
+#define append_ack buzz__lcore_append_ack
+#define catch_up buzz__lcore_catch_up
+#define check_store_opts buzz__lcore_check_store_opts
+#define event_id buzz__lcore_event_id
+#define find_durable buzz__lcore_find_durable
+#define has_work buzz__lcore_has_work
+#define open_store buzz__lcore_open_store
+#define pf_holds buzz__pf_holds
+#define push_correlation buzz__lcore_correlation
+#define push_current buzz__lcore_current
+#define push_event buzz__lcore_push_event
+#define push_fail buzz__lcore_fail
+#define push_refs buzz__lcore_refs
+#define push_store_fail buzz__lcore_store_fail
+#define push_too_deep buzz__lcore_too_deep
+#define read_page buzz__lstore_read_page
+#define report_store buzz__lcore_report_store
+#define save_position buzz__lcore_save_position
+#define set_i buzz__set_field_int
+#define signal_work buzz__lcore_signal_work
+#define store_flush buzz__lcore_store_flush
+#define store_opts buzz__lcore_store_opts
+#define store_sync buzz__lcore_store_sync
+#define store_sync_watch buzz__lcore_store_sync_watch
+#define subject_usage buzz__lsubject_usage
+#define unref buzz__lcore_unref
+
 #if defined(__GNUC__) && !defined(_WIN32)
 #pragma GCC visibility pop
 #endif

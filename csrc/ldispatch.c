@@ -47,17 +47,7 @@
 #include "lcheck.h"
 #include "lcore.h"
 
-#define check_core buzz__lcore_check_fast
-#define push_refs buzz__lcore_refs
-#define push_fail buzz__lcore_fail
-#define push_event buzz__lcore_push_event
-#define unref buzz__lcore_unref
-#define store_sync buzz__lcore_store_sync
-#define store_flush buzz__lcore_store_flush
-#define save_position buzz__lcore_save_position
-#define signal_work buzz__lcore_signal_work
-#define read_page buzz__lstore_read_page
-#define pf_holds buzz__pf_holds
+#define check_core buzz__lcore_check_fast   /* see lcore.h's short names */
 
 /* Slots of take(): self, max, subs, evs, level, U, errs. */
 enum { T_SUBS = 3, T_EVS = 4, T_U = 6, T_ERRS = 7 };

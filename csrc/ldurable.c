@@ -30,18 +30,6 @@
 #include "lcheck.h"
 #include "lcore.h"
 
-/* Helpers of the binding files (lcore.h), by their names in the bodies. */
-#define push_refs buzz__lcore_refs
-#define push_fail buzz__lcore_fail
-#define push_store_fail buzz__lcore_store_fail
-#define store_sync_watch buzz__lcore_store_sync_watch
-#define store_sync buzz__lcore_store_sync
-#define store_flush buzz__lcore_store_flush
-#define append_ack buzz__lcore_append_ack
-#define report_store buzz__lcore_report_store
-#define store_opts buzz__lcore_store_opts
-#define has_work buzz__lcore_has_work
-
 
 /* -------------------------------------------------- the writer's news */
 

@@ -10,11 +10,7 @@
 #include "lcore.h"
 #include "lcheck.h"
 
-#define check_core buzz__lcore_check
-#define push_refs buzz__lcore_refs
-#define push_fail buzz__lcore_fail
-#define unref buzz__lcore_unref
-#define push_too_deep buzz__lcore_too_deep
+#define check_core buzz__lcore_check   /* see lcore.h's short names */
 
 /*
 ** core:sync(co, ev, aud, ts, fn, st) -> id, ok, done, ... | nil,

@@ -32,20 +32,7 @@
 #include "lcheck.h"
 #include "lcore.h"
 
-/* Helpers of the binding files (lcore.h), by their names in the bodies. */
-#define check_core buzz__lcore_check_fast
-#define push_refs buzz__lcore_refs
-#define push_fail buzz__lcore_fail
-#define push_store_fail buzz__lcore_store_fail
-#define store_sync buzz__lcore_store_sync
-#define store_sync_watch buzz__lcore_store_sync_watch
-#define report_store buzz__lcore_report_store
-#define push_event buzz__lcore_push_event
-#define subject_usage buzz__lsubject_usage
-#define push_current buzz__lcore_current
-#define event_id buzz__lcore_event_id
-#define push_correlation buzz__lcore_correlation
-#define push_too_deep buzz__lcore_too_deep
+#define check_core buzz__lcore_check_fast   /* see lcore.h's short names */
 
 static int ref_opt(lua_State *L, int u, int idx) {
   if (lua_isnoneornil(L, idx)) return BUZZ_NOREF;

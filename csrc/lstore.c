@@ -33,15 +33,7 @@
 #include "lcheck.h"
 #include "lcore.h"
 
-#define check_core buzz__lcore_check
-#define push_refs buzz__lcore_refs
-#define push_fail buzz__lcore_fail
-#define store_sync buzz__lcore_store_sync
-#define store_flush buzz__lcore_store_flush
-#define catch_up buzz__lcore_catch_up
-#define find_durable buzz__lcore_find_durable
-#define push_store_fail buzz__lcore_store_fail
-#define set_i buzz__set_field_int
+#define check_core buzz__lcore_check   /* see lcore.h's short names */
 
 
 /* ------------------------------------------------- stored rows to Lua */

@@ -25,17 +25,7 @@
 #include "lcheck.h"
 #include "lcore.h"
 
-/* Helpers of the binding files (lcore.h), by their names in the bodies. */
-#define check_core buzz__lcore_check_fast
-#define push_refs buzz__lcore_refs
-#define push_fail buzz__lcore_fail
-#define push_store_fail buzz__lcore_store_fail
-#define unref buzz__lcore_unref
-#define subject_usage buzz__lsubject_usage
-#define find_durable buzz__lcore_find_durable
-#define catch_up buzz__lcore_catch_up
-#define append_ack buzz__lcore_append_ack
-#define save_position buzz__lcore_save_position
+#define check_core buzz__lcore_check_fast   /* see lcore.h's short names */
 
 /*
 ** Checks a durable consumer name for subscribe and finds where it starts:
