@@ -27,13 +27,13 @@
 ** (ldispatch.c) hands out what is due and lua/buzz/task.lua runs it;
 ** publish_sync (lpublish.c) opens a sync level and returns id, level for
 ** the Lua layer to take. While a handler runs, its event is current
-** (U[cur_slot], which task.lua, core:resume and core:sync set): publish
+** (U[cur_slot], which task.lua, hot.lua and core:resume set): publish
 ** inherits the correlation id from it and takes its id as the causation
 ** id. The one call into Lua left in the binding is the reporter
 ** (U.report, ldurable.c) for store failures that belong to no delivery.
 **
 ** The hot path of the Lua layer (lua/buzz/hot.lua) has a call of its own
-** in lhot.c (sync); lcore.h shares the core object and the helpers they
+** in lhot.c (sync_id); lcore.h shares the core object and the helpers they
 ** need.
 **
 ** It publishes nothing and subscribes nothing itself. The store's
@@ -226,6 +226,8 @@ static int lcore_new(lua_State *L) {
   c->report_ref = luaL_ref(L, -2);
   lua_pushboolean(L, 0);               /* U[cur_slot]: the current */
   c->cur_slot = luaL_ref(L, -2);       /* event, false for none */
+  lua_pushinteger(L, 0);               /* U[depth_slot]: the hot path's */
+  c->depth_slot = luaL_ref(L, -2);     /* publish_sync levels */
   buzz_setuv(L, -2);
   if ((rc = buzz__bus_init(&c->bus, (size_t)limit)) < 0)
     return push_fail(L, rc, NULL);
@@ -408,16 +410,20 @@ static int lcore_set_upcast(lua_State *L) {
 }
 
 /*
-** core:holder() -> U, slot: U[slot] is the current event (false: none).
-** lua/buzz/task.lua sets it while it runs a handler, as core:resume and
-** core:sync do while they resume; publish inherits from it. U is the
-** core's ref table: nothing else in it is for Lua to touch.
+** core:holder() -> U, slot, dslot: U[slot] is the current event (false:
+** none). lua/buzz/task.lua and lua/buzz/hot.lua set it while they run a
+** handler, as core:resume does while it resumes; publish inherits from
+** it. U[dslot] is the number of publish_sync levels the hot path has
+** open, which hot.lua keeps: with the core's own (nsync) they make the
+** depth EDEPTH bounds. U is the core's ref table: nothing else in it is
+** for Lua to touch.
 */
 static int lcore_holder(lua_State *L) {
   lcore *c = check_core(L);
   push_refs(L);
   lua_pushinteger(L, c->cur_slot);
-  return 2;
+  lua_pushinteger(L, c->depth_slot);
+  return 3;
 }
 
 static int lcore_stats(lua_State *L) {
@@ -456,7 +462,7 @@ lcore *buzz__lcore_check(lua_State *L) { return check_core(L); }
 ** subscribe{ where }. (next and publish_cursor went with core:take.)
 */
 static const luaL_Reg core_methods[] = {
-  { "sync", buzz__lhot_sync },
+  { "sync_id", buzz__lhot_sync_id },
   { "holder", lcore_holder },
   { "pending", lcore_pending },
   { "timeout", lcore_timeout },

@@ -43,6 +43,9 @@ typedef struct lcore {
   int upcast_ref;      /* U ref: upcast(ev) from lua/buzz, or LUA_NOREF */
   int cur_slot;        /* U ref: the current event, false for none
                           (lcore_holder; released with U) */
+  int depth_slot;      /* U ref: the publish_sync levels the hot path
+                          (lua/buzz/hot.lua) has open, an integer it
+                          keeps (lcore_holder; released with U) */
   int report_ref;      /* U ref: the reporter of store failures that
                           belong to no delivery (released with U) */
   int ev_slot;         /* U ref kept for the table of the queued event
@@ -171,24 +174,22 @@ int buzz__lcore_open_store(lua_State *L, lcore *c, int t, int64_t now);
 int buzz__lcore_has_work(lcore *c);
 void buzz__lcore_signal_work(lcore *c);
 
-/* lpublish.c: publish, publish_sync, current; and the current event's
-** helpers lhot.c shares (contracts there). */
+/* lpublish.c: publish, publish_sync, current; and the EDEPTH helpers
+** lhot.c shares (contracts there). */
 extern const luaL_Reg buzz__lpublish_methods[];
-void buzz__lcore_current(lua_State *L, lcore *c, int u);  /* U[cur_slot] */
-int64_t buzz__lcore_event_id(lua_State *L, int idx);
-void buzz__lcore_correlation(lua_State *L, int idx);
-int buzz__lcore_too_deep(lua_State *L, lcore *c);   /* EDEPTH */
+int buzz__lcore_too_deep(lua_State *L, int levels);  /* EDEPTH */
+int buzz__lcore_sync_levels(lua_State *L, lcore *c);
 
 /* lsubscribe.c: subscribe, unsubscribe, set_handler, subs, audience. */
 extern const luaL_Reg buzz__lsubscribe_methods[];
 
 /* ldispatch.c: take, ack, wait_commit, is_writing, resume; and the
-** result of a resume as coroutine.resume gives it (lhot.c's too). */
+** result of a resume as coroutine.resume gives it. */
 extern const luaL_Reg buzz__ldispatch_methods[];
 int buzz__lcore_resumed(lua_State *L, lua_State *co, int rc, int nres);
 
-/* lhot.c: core:sync. */
-int buzz__lhot_sync(lua_State *L);
+/* lhot.c: core:sync_id. */
+int buzz__lhot_sync_id(lua_State *L);
 
 /*
 ** Short names: the binding files call the shared functions above (and
@@ -201,18 +202,16 @@ int buzz__lhot_sync(lua_State *L);
 #define append_ack buzz__lcore_append_ack
 #define catch_up buzz__lcore_catch_up
 #define check_store_opts buzz__lcore_check_store_opts
-#define event_id buzz__lcore_event_id
 #define find_durable buzz__lcore_find_durable
 #define has_work buzz__lcore_has_work
 #define open_store buzz__lcore_open_store
 #define pf_holds buzz__pf_holds
-#define push_correlation buzz__lcore_correlation
-#define push_current buzz__lcore_current
 #define push_event buzz__lcore_push_event
 #define push_fail buzz__lcore_fail
 #define push_refs buzz__lcore_refs
 #define push_store_fail buzz__lcore_store_fail
 #define push_too_deep buzz__lcore_too_deep
+#define sync_levels buzz__lcore_sync_levels
 #define read_page buzz__lstore_read_page
 #define report_store buzz__lcore_report_store
 #define save_position buzz__lcore_save_position

@@ -6,9 +6,8 @@
 ** queued (store_publish), with its id reserved first (take_id, ids.c).
 ** A binding file: luaopen_buzz_core in lbuzz.c registers
 ** buzz__lpublish_methods with the core's upvalues (lcore.h); lhot.c's
-** core:sync shares the current event's helpers (buzz__lcore_current,
-** buzz__lcore_event_id, buzz__lcore_correlation) and the EDEPTH message
-** (buzz__lcore_too_deep).
+** core:sync_id shares the count of publish_sync levels
+** (buzz__lcore_sync_levels) and the EDEPTH message (buzz__lcore_too_deep).
 **
 ** Invariants: a publish inside a handler inherits the correlation id of
 ** the current event (U[cur_slot]) and takes its id as the causation id;
@@ -17,7 +16,7 @@
 ** Queued events keep their values in U until delivery (refs released by
 ** on_event_free in lbuzz.c).
 **
-** It does not deliver (ldispatch.c and lhot.c do), does not take the
+** It does not deliver (ldispatch.c and the Lua layer do), does not take the
 ** writer's news itself (ldurable.c's store_sync does), and builds an
 ** event table only for publish_sync (lbuzz.c's push_event).
 */
@@ -163,16 +162,16 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
 }
 
 /*
-** Pushes the current event (U[cur_slot]: lua/buzz/task.lua, core:resume
-** and core:sync set it while a handler runs), or false when there is
+** Pushes the current event (U[cur_slot]: lua/buzz/task.lua, hot.lua
+** and core:resume set it while a handler runs), or false when there is
 ** none (never nil: luaL_ref would reuse the slot). Stack: U at u.
 */
-void buzz__lcore_current(lua_State *L, lcore *c, int u) {
+static void push_current(lua_State *L, lcore *c, int u) {
   lua_rawgeti(L, u, c->cur_slot);
 }
 
 /* The integer id (read raw) of the event table at idx, or 0. */
-int64_t buzz__lcore_event_id(lua_State *L, int idx) {
+static int64_t event_id(lua_State *L, int idx) {
   int64_t id = 0;
   if (!lua_istable(L, idx)) return 0;
   lua_pushvalue(L, UV(UV_ID));
@@ -183,7 +182,7 @@ int64_t buzz__lcore_event_id(lua_State *L, int idx) {
 }
 
 /* Pushes the correlation_id (read raw) of the table at idx, or nil. */
-void buzz__lcore_correlation(lua_State *L, int idx) {
+static void push_correlation(lua_State *L, int idx) {
   if (!lua_istable(L, idx)) {
     lua_pushnil(L);
     return;
@@ -192,13 +191,25 @@ void buzz__lcore_correlation(lua_State *L, int idx) {
   lua_rawget(L, idx < 0 ? idx - 1 : idx);
 }
 
-/* Pushes nil, "EDEPTH: ...", "EDEPTH": publish_sync nested too deep. */
-int buzz__lcore_too_deep(lua_State *L, lcore *c) {
+/* The publish_sync levels open: the core's and the hot path's. */
+int buzz__lcore_sync_levels(lua_State *L, lcore *c) {
+  int u = push_refs(L);
+  lua_Integer hot;
+  lua_rawgeti(L, u, c->depth_slot);
+  hot = lua_tointeger(L, -1);
+  lua_pop(L, 2);
+  if (hot < 0 || hot > SYNC_MAX) hot = SYNC_MAX;
+  return c->nsync + (int)hot;
+}
+
+/* Pushes nil, "EDEPTH: ...", "EDEPTH": publish_sync nested too deep, with
+** levels open. */
+int buzz__lcore_too_deep(lua_State *L, int levels) {
   lua_pushnil(L);
   lua_pushfstring(L, "%s: publish_sync nested %d deep: a handler run by "
                   "publish_sync may publish_sync again at most %d levels "
                   "deep; nothing was published (use publish to queue the "
-                  "event)", buzz__err_name(BUZZ_EDEPTH), c->nsync + 1,
+                  "event)", buzz__err_name(BUZZ_EDEPTH), levels + 1,
                   SYNC_MAX);
   lua_pushstring(L, buzz__err_name(BUZZ_EDEPTH));
   return 3;
@@ -234,7 +245,7 @@ static int do_publish(lua_State *L, int mode) {
   int64_t caus = buzz__opt_int(L, 7, "causation_id", 0, 0, INT64_MAX);
   const char *dkey = luaL_optlstring(L, 9, NULL, &dlen);
   int64_t version = buzz__opt_int(L, 10, "version", 0, 0, INT_MAX);
-  int is_engine = lua_toboolean(L, 11);
+  int is_engine = lua_toboolean(L, 11), levels;
   int64_t ts = buzz__opt_int(L, 12, "ts", 0, 0, BUZZ_INT_EXACT);
   buzz_event *ev;
   int64_t id, now = 0;
@@ -250,7 +261,8 @@ static int do_publish(lua_State *L, int mode) {
   if (subject_usage(L, "type", type, len, 0, is_engine)) return 3;
   if (lua_type(L, 5) == LUA_TNUMBER)   /* an integer key JSON holds */
     buzz__check_int(L, 5, "key", -BUZZ_INT_EXACT, BUZZ_INT_EXACT);
-  if (mode == 1 && c->nsync >= SYNC_MAX) return push_too_deep(L, c);
+  if (mode == 1 && (levels = sync_levels(L, c)) >= SYNC_MAX)
+    return push_too_deep(L, levels);
   lua_settop(L, 10);
   ctx.L = L;
   ctx.c = c;

@@ -226,7 +226,11 @@ describe("one writer per store file", function()
     local b, _, code = buzz.new{ store = t.path }
     assert.is_nil(b)
     assert.equal("ELOCKED", code)
-    assert.equal(held, posix_locks(t.path))
+    -- closing any descriptor of the file would drop them all (POSIX
+    -- locks are the process's); the reader may take one more meanwhile
+    local after = posix_locks(t.path)
+    assert.is_true(after >= held, ("locks held: %d before, %d after")
+                                  :format(held, after))
   end)
 
   it("frees the file for the next writer when the first closes",

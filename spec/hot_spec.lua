@@ -1,5 +1,6 @@
 -- lua/buzz/hot.lua: publish_sync's hot path on a memory bus (audiences
--- memoized in Lua, one core:sync per event, handlers in pooled threads).
+-- memoized in Lua, one core:sync_id per event, handlers in pooled
+-- workers).
 -- Each case holds for the core's own path too; here it is checked where
 -- the hot path could break it.
 local buzz = require "buzz"
@@ -93,6 +94,60 @@ describe("publish_sync's hot path", function()
     local id2 = b:publish_sync("job.done")   -- the pool still works
     assert.equal(("sleeper %d b %d"):format(id2, id2),
                  table.concat(seen, " ", 4))
+  end)
+
+  it("runs 100 nested levels from deep in the caller's C stack, the "
+     .. "deepest one asleep, and wakes it", function()
+    -- past 16 levels the hot path resumes through the core (a fresh C
+    -- budget on Lua 5.4): the nesting must end in EDEPTH, not in "C stack
+    -- overflow", however deep the caller already is
+    local clock = buzz.manual_clock(1000)
+    local b = H.bus{ clock = clock, on_error = function(err)
+      errors[#errors + 1] = { err = err }
+    end }
+    local depth, woke, returned = 0, nil, 0
+    b:subscribe("deep", function(ev)
+      depth = depth + 1
+      if depth < 100 then
+        assert(b:publish_sync("deep", ev.payload + 1))
+      else
+        buzz.sleep(5)
+        woke = ev.payload
+      end
+      returned = returned + 1
+    end)
+    local function nest(n)             -- 150 C calls deep (pcall's)
+      if n == 0 then return b:publish_sync("deep", 1) end
+      local ok, id = pcall(nest, n - 1)
+      assert(ok, id)
+      return id
+    end
+    assert.is_number(nest(150))
+    assert.equal(100, depth)
+    assert.equal(99, returned)         -- all but the sleeper returned
+    assert.is_nil(woke)
+    clock:advance(5)
+    assert.equal(100, woke)
+    assert.equal(100, returned)
+    assert.same({}, errors)
+    b:subscribe("again", H.counter(3))  -- the workers still serve
+    for _ = 1, 3 do b:publish_sync("again") end
+  end)
+
+  it("counts as inside a handler while a nested level runs, not after",
+     function()
+    local inside = {}
+    bus:subscribe("outer", function()
+      inside[#inside + 1] = bus:_is_in_handler()
+      bus:publish_sync("inner")
+      inside[#inside + 1] = bus:_is_in_handler()
+    end)
+    bus:subscribe("inner", function()
+      inside[#inside + 1] = bus:_is_in_handler()
+    end)
+    bus:publish_sync("outer")
+    inside[#inside + 1] = bus:_is_in_handler()
+    assert.same({ true, true, true, false }, inside)
   end)
 
   it("gives events ids that rise with the queued ones, and inherits the "

@@ -13,7 +13,7 @@ local options = require "buzz.options"
 
 local error, pairs = error, pairs
 local math_max = math.max
-local drive = task.drive
+local drive, in_handler = task.drive, task.in_handler
 local check_number = util.check_number
 local RANGE = options.RANGE
 
@@ -30,7 +30,7 @@ local check_bus
 -- Raises, for the driving method, when called from inside a handler
 -- (level 3: the method's caller).
 local function not_in_handler(self, method)
-  if self._task.depth > 0 then
+  if in_handler(self._task) then
     error(("bus:%s() called from inside a handler; use "
            .. "bus:publish_sync(...) to deliver an event at once")
           :format(method), 3)
@@ -100,7 +100,7 @@ end
 function Drive:drain()
   check_bus(self, "drain")
   local t = self._task
-  if t.depth > 0 then not_in_handler(self, "drain") end
+  if in_handler(t) then not_in_handler(self, "drain") end
   t.is_stopped = false
   local total, tl = 0, self._timers
   repeat
@@ -121,7 +121,7 @@ end
 
 -- True while one of the bus's handlers runs.
 function Drive:_is_in_handler()
-  return self._core and self._task.depth > 0 or false
+  return self._core and in_handler(self._task) or false
 end
 
 function Drive:_tick()
@@ -135,7 +135,7 @@ end
 -- deliveries made.
 function Drive:_turn(max)
   local t = self._task
-  if not self._core or t.depth > 0 then return 0 end
+  if not self._core or in_handler(t) then return 0 end
   t.is_stopped = false
   fire_due(self)
   if not self._core then return 0 end

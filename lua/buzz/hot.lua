@@ -1,17 +1,19 @@
---- The hot path of a memory bus: publish_sync in one call into the core.
+--- The hot path of a memory bus: publish_sync without a trip through the
+-- core's dispatch.
 --
 -- The core decides, Lua memoizes: the core keeps the trie and the
 -- authoritative subscriptions and answers core:audience(type) with the
 -- live subscriptions a publish_sync would reach, in subscription order.
 -- This module keeps those arrays per type until the subscriptions change
 -- (every subscribe and unsubscribe made through the bus starts a new
--- memo), builds the event table with one constructor, and runs the
--- handlers in a pooled thread of its own: one resume per event however
--- many handlers it has. One call, core:sync, hands out the id, stamps the
--- time, sets what the event inherits from the current one (correlation
--- and causation), and resumes the thread while the event is current and
--- counts as a publish_sync level (EDEPTH), so that events published
--- through either path agree on ids, inheritance and depth.
+-- memo), builds the event table with one constructor, makes it the
+-- current event (what publishes inside inherit from: task.lua's holder)
+-- and runs the handlers in a worker: a thread of its own that loops, one
+-- resume per event however many handlers it has, and yields DONE when the
+-- event's handlers are through. The core is asked for the id and the
+-- time only (core:sync_id), and counts the publish_sync levels open here
+-- (U[dslot], kept here) with its own, so that events published through
+-- either path agree on ids, inheritance and depth (EDEPTH).
 --
 -- What the C dispatcher guarantees holds here too: an audience array is
 -- never changed once made (the audience is fixed at publish), a
@@ -20,9 +22,10 @@
 -- subscription ends as it is handed its event, a handler that raises goes
 -- to the reporter and the others still run, and one that yields
 -- (buzz.sleep, a host's I/O) is handed to the supervisor
--- (Supervisor:adopt), which owns its thread from then on. Prefilters are
--- not consulted: they only ever reject what the subscription's own
--- where{} test rejects too.
+-- (Supervisor:adopt), which owns its thread from then on: the worker then
+-- ends when that handler returns, as any thread the supervisor resumes.
+-- Prefilters are not consulted: they only ever reject what the
+-- subscription's own where{} test rejects too.
 --
 -- Why a thread per event and not a plain call: a handler may yield (to
 -- sleep, to await I/O), and only a thread can be handed over when it
@@ -32,33 +35,58 @@
 --
 -- Not here: stores (ids come from a durable reservation and events are
 -- appended first), dedup keys, delays, middleware (it stamps headers);
--- lua/buzz/init.lua sends those through core:publish_sync.
+-- lua/buzz/publish.lua sends those through core:publish_sync.
 -- @module buzz.hot
 local core = require "buzz.core"
 local task = require "buzz.task"
 
-local type, pcall, setmetatable = type, pcall, setmetatable
-local close = coroutine.close          -- nil before Lua 5.4
+local type, pcall, setmetatable, rawget = type, pcall, setmetatable, rawget
+local co_lib = coroutine
+-- The raw coroutine functions: inside OpenResty coroutine.* serve the
+-- threads nginx schedules.
+local create = rawget(co_lib, "_create") or co_lib.create
+local co_resume = rawget(co_lib, "_resume") or co_lib.resume
+local yield = rawget(co_lib, "_yield") or co_lib.yield
+local close = co_lib.close             -- nil before Lua 5.4
 local traceback = core.traceback
 
-local M = {}
+local M = { co_resume = co_resume }
 
 -- Memoized audiences: at most MEMO_MAX types per memo; a full memo is
 -- started afresh (a miss costs one core:audience, the lookup the core's
 -- own path makes for every event).
 local MEMO_MAX = 4096
 
---- The hot path's state for one bus: its core (c), core.sync and
---- core.publish (the methods, looked up once), its task state (task.lua:
---- the pool of idle threads), its manual clock (or false), memo (type ->
---- audience, false for none), nmemo, and the states of the threads it
---- ran an audience in (thread -> st; weak).
+local WORKERS_MAX = 64  -- idle workers kept per bus
+M.WORKERS_MAX = WORKERS_MAX
+
+-- Nested publish_sync levels resumed with coroutine.resume, below this
+-- many open. On Lua 5.4 that resume carries its caller's budget of C
+-- calls (200, about 3 a level) over; deeper levels go through
+-- core:resume, which starts a fresh budget, so that EDEPTH (SYNC_MAX, 100
+-- levels) is what bounds the nesting, as on LuaJIT.
+local FRESH_AT = 16
+M.FRESH_AT = FRESH_AT
+
+--- What a worker yields when its event's handlers are through.
+local DONE = setmetatable({}, { __tostring = function() return "done" end })
+M.DONE = DONE
+
+--- The hot path's state for one bus: its core (c), core.sync_id and
+--- core.publish (the methods, looked up once), its task state (task.lua)
+--- and the holder of the current event it shares (hold[slot]; hold[dslot]
+--- the publish_sync levels open here), its manual clock (or false), memo
+--- (type -> audience, false for none), nmemo, its idle workers
+--- (workers[1..nworkers]) and the states of the threads it ran an
+--- audience in (thread -> st; weak).
 ---@param bus table
 ---@return table
 function M.new(bus)
-  local c = bus._core
-  return { bus = bus, c = c, sync = c.sync, publish = c.publish,
-           task = bus._task, manual = bus._manual, memo = {}, nmemo = 0,
+  local c, t = bus._core, bus._task
+  return { bus = bus, c = c, sync_id = c.sync_id, publish = c.publish,
+           task = t, hold = t.hold, slot = t.slot, dslot = t.dslot,
+           manual = bus._manual, memo = {}, nmemo = 0,
+           workers = {}, nworkers = 0,
            states = setmetatable({}, { __mode = "k" }) }
 end
 
@@ -94,12 +122,13 @@ local function end_once(bus, sub)
 end
 
 -- Runs the live handlers of ev's audience aud from st.i on, in a thread
--- of the bus's pool that core:sync (or core:resume) started: st is the
--- thread's state, st.i the index of the subscription whose handler runs.
--- A handler that yields leaves the thread to the supervisor, which
--- resumes it until the handler returns: st.adopted then ends the run
--- instead of going on with the others. Tracebacks of the thread stop
--- here, so they show the handler's frames only.
+-- of task.lua's pool that settle started for the rest of an audience
+-- (a worker runs the same loop inlined): st is the thread's state, st.i
+-- the index of the subscription whose handler runs. A handler that
+-- yields leaves the thread to the supervisor, which resumes it until the
+-- handler returns: st.adopted then ends the run instead of going on with
+-- the others. Tracebacks of the thread stop here (a worker's at its
+-- body, st.stop), so they show the handler's frames only.
 local function run_audience(ev, aud, st)
   for i = st.i, #aud do
     local sub = aud[i]
@@ -113,7 +142,9 @@ local function run_audience(ev, aud, st)
 end
 M.run_audience = run_audience
 
---- The state of thread co for run_audience, made on its first use.
+--- The state of thread co for run_audience, made on its first use (a
+--- thread of task.lua's pool, for the rest of an audience; a worker's
+--- comes with it).
 function M.state(h, co)
   local st = { i = 1, adopted = false, bus = h.bus }
   h.states[co] = st
@@ -121,14 +152,43 @@ function M.state(h, co)
 end
 local state = M.state
 
--- The run in co stopped short of its event's end: the handler of
--- aud[st.i] yielded (ok) or raised. Hands the thread to the supervisor or
--- reports the error, then runs the rest of the audience in other threads.
+--- A new worker: a thread that runs an event's audience each time it is
+--- resumed with (ev, aud) and yields DONE when through. A run the
+--- supervisor adopted (a handler yielded) ends the thread instead when
+--- that handler returns.
+function M.worker(h)
+  local st = { i = 1, adopted = false, bus = h.bus }
+  local bus = h.bus
+  local function body(ev, aud)
+    while true do
+      for i = 1, #aud do               -- run_audience, inlined
+        local sub = aud[i]
+        if sub.is_active then
+          st.i = i
+          if sub._once then end_once(bus, sub) end
+          sub._fn(ev)
+          if st.adopted then return end
+        end
+      end
+      ev, aud = yield(DONE)
+    end
+  end
+  st.stop = body                       -- where its tracebacks stop
+  local co = create(body)
+  h.states[co] = st
+  return co
+end
+local new_worker = M.worker
+
+--- The run in co stopped short of its event's end: the handler of
+--- aud[st.i] yielded (ok) or raised. Hands the thread to the supervisor
+--- or reports the error, then runs the rest of the audience in threads of
+--- the task pool.
 local function settle(h, co, ev, aud, ok, what, arg)
   local bus, states, t = h.bus, h.states, h.task
   while true do
     local st = states[co]
-    states[co] = nil                   -- it is not the pool's any more
+    states[co] = nil                   -- it is not ours any more
     local i = st.i
     local sub = aud[i]
     if ok then                         -- it yielded: the supervisor's now
@@ -138,13 +198,13 @@ local function settle(h, co, ev, aud, ok, what, arg)
       if not fine then
         bus._report(err, ev, sub, traceback(co, type(err) == "string"
                     and err or "(error object is not a string)", 0,
-                    run_audience))
+                    st.stop or run_audience))
         if close then close(co) end
       end
     else                               -- it raised: report, go on
       bus._report(what, ev, sub, traceback(co, type(what) == "string"
                   and what or "(error object is not a string)", 0,
-                  run_audience))
+                  st.stop or run_audience))
       if close then close(co) end
     end
     local c = bus._core
@@ -159,52 +219,68 @@ local function settle(h, co, ev, aud, ok, what, arg)
     if not ok then what = done end
   end
 end
+M.settle = settle
+
+--- ev is published inside a handler of cur (the current event): it takes
+--- cur's id as its causation id, and its correlation id unless it has
+--- one (as the core's publish does).
+local function inherit(ev, cur)
+  local cid = cur.id
+  if type(cid) == "number" and cid > 0 then ev.causation_id = cid end
+  if ev.correlation_id == nil then ev.correlation_id = cur.correlation_id end
+end
+M.inherit = inherit
+
+--- Runs ev's audience aud in a worker while ev is the current event, as
+--- publish_sync level hd + 1 (hd: hold[dslot] when the id was taken).
+--- Returns when the handlers are through, the ones that yielded handed to
+--- the supervisor and the errors reported. lua/buzz/publish.lua inlines
+--- it for publish_sync without options.
+function M.run(h, ev, aud, hd)
+  local hold, slot, dslot = h.hold, h.slot, h.dslot
+  local cur = hold[slot]
+  if cur then inherit(ev, cur) end     -- inside a handler
+  local k, co = h.nworkers
+  if k > 0 then
+    co, h.nworkers = h.workers[k], k - 1
+  else
+    co = new_worker(h)
+  end
+  hold[slot], hold[dslot] = ev, hd + 1  -- a handler runs (task.in_handler)
+  local ok, what, arg
+  if hd < FRESH_AT then
+    ok, what, arg = co_resume(co, ev, aud)
+  else
+    ok, what, arg = h.c:resume(co, ev, ev, aud)
+  end
+  hold[slot], hold[dslot] = cur, hd
+  if what == DONE and ok then
+    k = h.nworkers + 1
+    if k <= WORKERS_MAX then h.workers[k], h.nworkers = co, k end
+    return
+  end
+  settle(h, co, ev, aud, ok, what, arg)
+end
+local run = M.run
 
 --- publish_sync on the hot path, for an audience aud from the memo:
 --- returns the id, or nil, err, code (EDEPTH). prio is the priority's
---- name, or nil when no options were given. lua/buzz/init.lua inlines
---- the case without options (Bus:publish_sync), which M.finish ends.
+--- name, or nil when no options were given.
 function M.publish_sync(h, aud, etype, payload, prio, key, corr, headers,
                         version)
-  -- One constructor (one NEWTABLE); core:sync sets id and ts, and
-  -- correlation_id and causation_id when ev inherits them (6 or 7 fields
-  -- take 8 slots, so that mostly fits without a rehash).
-  -- A field set to nil in a constructor costs a slow store, so the
-  -- options name only the fields they have.
-  local ev = { id = 0, type = etype, payload = payload, ts = 0,
+  local hd = h.hold[h.dslot]
+  local id, ts, code = h.sync_id(h.c, hd)
+  if not id then return nil, ts, code end     -- EDEPTH: nothing published
+  local m = h.manual
+  if m then ts = m.ms end
+  -- One constructor (one NEWTABLE). A field set to nil in a constructor
+  -- costs a slow store, so the options name only the fields they have.
+  local ev = { id = id, type = etype, payload = payload, ts = ts,
                priority = prio or "normal", attempt = 1, key = key }
   if corr ~= nil then ev.correlation_id = corr end
   if headers ~= nil then ev.headers = headers end
   if version ~= nil then ev.version = version end
-  local t, m = h.task, h.manual
-  local co = task.idle(t)
-  local st = h.states[co] or state(h, co)
-  st.i = 1
-  local d = t.depth
-  t.depth = d + 1                      -- a handler runs (task.lua)
-  local id, ok, done, what, arg = h.sync(h.c, co, ev, aud, m and m.ms,
-                                         run_audience, st)
-  t.depth = d
-  if done == true and ok then          -- (EDEPTH: nil, message, code)
-    task.give(t, co)
-    return id
-  end
-  return M.finish(h, co, ev, aud, id, ok, done, what, arg)
-end
-
---- The end of a hot publish_sync whose run in co (an idle thread of the
---- pool) did not return: EDEPTH (id nil), or a handler that yielded or
---- raised. Returns what publish_sync returns.
-function M.finish(h, co, ev, aud, id, ok, done, what, arg)
-  if not id then                       -- EDEPTH: nothing was published
-    task.give(h.task, co)
-    return nil, ok, done
-  end
-  if ok then
-    settle(h, co, ev, aud, true, what, arg)
-  else
-    settle(h, co, ev, aud, false, done)
-  end
+  run(h, ev, aud, hd)
   return id
 end
 

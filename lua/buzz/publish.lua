@@ -90,10 +90,11 @@ local PRIORITY_NAMES = { [0] = "critical", "high", "normal", "low" }
 
 local publish_sync_core = publisher("publish_sync")
 local hot_sync, hot_audience = hot_path.publish_sync, hot_path.audience
-local hot_finish, hot_state, run_audience = hot_path.finish,
-                                           hot_path.state,
-                                           hot_path.run_audience
-local task_idle = task.idle
+local hot_inherit, hot_worker, hot_settle = hot_path.inherit,
+                                           hot_path.worker, hot_path.settle
+local DONE, FRESH_AT, WORKERS_MAX = hot_path.DONE, hot_path.FRESH_AT,
+                                    hot_path.WORKERS_MAX
+local co_resume = hot_path.co_resume
 
 --- Delivers an event to its handlers before returning, even in a handler.
 --- An open memory bus without middleware takes the hot path
@@ -110,29 +111,38 @@ function Pub:publish_sync(etype, payload, opts)
     local aud = h.memo[etype]
     if aud == nil then aud = hot_audience(h, etype) end
     if aud and opts == nil then
-      -- hot.publish_sync inlined: this is the hottest call of all
-      local ev = { id = 0, type = etype, payload = payload, ts = 0,
+      -- hot.publish_sync and hot.run inlined: the hottest call of all
+      local hold, slot, dslot = h.hold, h.slot, h.dslot
+      local hd = hold[dslot]
+      local id, ts, code = h.sync_id(h.c, hd)
+      if not id then return nil, ts, code end   -- EDEPTH
+      local m = h.manual
+      if m then ts = m.ms end
+      local ev = { id = id, type = etype, payload = payload, ts = ts,
                    priority = "normal", attempt = 1 }
-      local t = h.task                 -- an idle thread of the bus's pool
-      local k, co = t.npool
+      local cur = hold[slot]
+      if cur then hot_inherit(ev, cur) end      -- inside a handler
+      local k, co = h.nworkers
       if k > 0 then
-        co, t.npool = t.pool[k], k - 1
+        co, h.nworkers = h.workers[k], k - 1
       else
-        co = task_idle(t)
+        co = hot_worker(h)
       end
-      local st = h.states[co] or hot_state(h, co)
-      st.i = 1
-      local m, d = h.manual, t.depth
-      t.depth = d + 1                  -- a handler runs (task.lua)
-      local id, ok, done, what, arg = h.sync(h.c, co, ev, aud, m and m.ms,
-                                             run_audience, st)
-      t.depth = d
-      if done == true and ok then      -- (EDEPTH: nil, message, code)
-        k = t.npool + 1
-        t.pool[k], t.npool = co, k
+      hold[slot], hold[dslot] = ev, hd + 1   -- (task.in_handler)
+      local ok, what, arg
+      if hd < FRESH_AT then
+        ok, what, arg = co_resume(co, ev, aud)
+      else
+        ok, what, arg = h.c:resume(co, ev, ev, aud)
+      end
+      hold[slot], hold[dslot] = cur, hd
+      if what == DONE and ok then
+        k = h.nworkers + 1
+        if k <= WORKERS_MAX then h.workers[k], h.nworkers = co, k end
         return id
       end
-      return hot_finish(h, co, ev, aud, id, ok, done, what, arg)
+      hot_settle(h, co, ev, aud, ok, what, arg)
+      return id
     elseif aud then
       local k1, v1 = next(opts)        -- { key = "..." } alone: the most
       if k1 == "key" and type(v1) == "string"  -- common options, checked

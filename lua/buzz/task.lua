@@ -11,8 +11,9 @@
 -- coroutine from then on; one that raises goes to the reporter, and the
 -- other deliveries go on. The core never calls a handler.
 --
--- Also here: "is a handler running?" (depth, counted by every resume made
--- here, the supervisor's included), stop(), and what a take handed out
+-- Also here: "is a handler running?" (in_handler: depth, counted by every
+-- resume made here, the supervisor's included, and hot.lua's publish_sync
+-- levels), stop(), and what a take handed out
 -- but a stop() left unrun (run first by the next drive).
 --
 -- Not here: failure policy (lua/buzz/failure.lua), timers, the hot path of
@@ -41,7 +42,7 @@ function M.new(bus)
   local t = {
     bus = bus,
     pool = {}, npool = 0,   -- idle workers, pool[1..npool]
-    depth = 0,              -- resumes under way (> 0: inside a handler)
+    depth = 0,              -- resumes under way here (in_handler)
     is_stopped = false,
     runs = 0,               -- deliveries made, however they started
     limit = false,          -- step(max): runs at which work stops
@@ -51,10 +52,11 @@ function M.new(bus)
     psubs = {}, pevs = {},  -- a preempting take's (one delivery)
     extra = 0,              -- preempting deliveries a batch made
     states = setmetatable({}, { __mode = "k" }),  -- thread -> run_batch's
-    hold = false, slot = 0,  -- hold[slot]: the current event (the core's)
+    hold = false, slot = 0,  -- hold[slot]: the current event (the core's);
+    dslot = 0,              -- hold[dslot]: hot.lua's publish_sync levels
     levels = {},            -- publish_sync level -> { subs, evs }
   }
-  t.hold, t.slot = bus._core:holder()
+  t.hold, t.slot, t.dslot = bus._core:holder()
   return t
 end
 
@@ -294,6 +296,12 @@ function M.run_level(t, c, level)
     end
     c = bus._core
   end
+end
+
+--- Is one of the bus's handlers running? A resume made here is under
+--- way (depth), or a publish_sync level of hot.lua's (hold[dslot]).
+function M.in_handler(t)
+  return t.depth > 0 or t.hold[t.dslot] > 0
 end
 
 --- Deliveries a take handed out that have not run (a stop() came).
