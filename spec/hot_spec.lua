@@ -268,6 +268,74 @@ end)
 -- delivery in one reused slot of the core (lbuzz.c, push_event): these
 -- check that each event still gets its own table, shared by its
 -- subscriptions, and lets go of it once delivered.
+describe("core.publish_options, publish's fast reading of its options",
+         function()
+  local core = require "buzz.core"
+  local options = require "buzz.options"
+  local pack = table.pack or function(...)
+    return { n = select("#", ...), ... }
+  end
+  local values = {
+    key = { "k", 5, 5.0, -7, 2 ^ 53, -2 ^ 53, 2 ^ 53 + 2, 0.5, 0 / 0, true,
+            "" },
+    priority = { "critical", "high", "normal", "low", "HIGH", 1, "" },
+    correlation_id = { "req-1", "", 5, {} },
+    headers = { {}, { a = "b" }, { a = "b", c = "d" }, { a = 1 }, { "x" },
+                "x", setmetatable({}, { __pairs = function()
+                  return next, { a = 1 } end }) },
+    dedup = { "d", "", 5 },
+    version = { 1, 2 ^ 31 - 1, 2 ^ 31, 0, 1.5, 3.0, "1" },
+    delay = { 1 }, at = { 5 }, bogus = { 1 },
+  }
+  local names = {}
+  for k in pairs(values) do names[#names + 1] = k end
+  table.sort(names)
+
+  -- What the Lua validator makes of opts: its results, or its message.
+  local function validated(opts)
+    local r = pack(pcall(options.check_publish_options, opts, 1))
+    if not r[1] then return "raises" end
+    return { r[2], r[3], r[4], r[5], r[6], r[7], n = 6 }, r[8]
+  end
+
+  it("returns what the validator returns, or nothing, for 3,000 tables "
+     .. "of valid and invalid options", function()
+    local seed = os.time()
+    math.randomseed(seed)
+    local taken = 0
+    for round = 1, 3000 do
+      local opts = {}
+      for _, k in ipairs(names) do
+        if math.random() < 0.3 then
+          local vs = values[k]
+          opts[k] = vs[math.random(#vs)]
+        end
+      end
+      if round % 100 == 0 then opts[1] = "x" end
+      local fast = pack(core.publish_options(opts))
+      local want, is_later = validated(opts)
+      if fast.n > 0 then
+        taken = taken + 1
+        assert.are_not.equal("raises", want, "seed " .. seed)
+        assert.is_false(is_later)
+        assert.same(want, fast, "seed " .. seed)
+      end
+    end
+    assert.is_true(taken > 100)        -- it takes the common cases
+  end)
+
+  it("leaves not-a-table, delay, at and anything unknown to the validator",
+     function()
+    for _, opts in ipairs { {delay = 1}, {at = 5}, {bogus = 1}, {[1] = 2},
+                            {key = "k", delay = 0} } do
+      assert.equal(0, select("#", core.publish_options(opts)))
+    end
+    assert.equal(0, select("#", core.publish_options("x")))
+    assert.equal(0, select("#", core.publish_options(nil)))
+    assert.same({ 2, n = 6 }, pack(core.publish_options({})))
+  end)
+end)
+
 describe("drain's event tables", function()
   local bus
   before_each(function() bus = H.bus() end)

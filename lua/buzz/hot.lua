@@ -15,6 +15,10 @@
 -- (U[dslot], kept here) with its own, so that events published through
 -- either path agree on ids, inheritance and depth (EDEPTH).
 --
+-- The run itself (id, event table, worker, resume) is inlined in
+-- Bus:publish_sync (lua/buzz/publish.lua), the hottest call of all; this
+-- module holds what it calls: the memo, the workers, inherit and settle.
+--
 -- What the C dispatcher guarantees holds here too: an audience array is
 -- never changed once made (the audience is fixed at publish), a
 -- subscription is tested for is_active right before its handler runs (an
@@ -230,58 +234,5 @@ local function inherit(ev, cur)
   if ev.correlation_id == nil then ev.correlation_id = cur.correlation_id end
 end
 M.inherit = inherit
-
---- Runs ev's audience aud in a worker while ev is the current event, as
---- publish_sync level hd + 1 (hd: hold[dslot] when the id was taken).
---- Returns when the handlers are through, the ones that yielded handed to
---- the supervisor and the errors reported. lua/buzz/publish.lua inlines
---- it for publish_sync without options.
-function M.run(h, ev, aud, hd)
-  local hold, slot, dslot = h.hold, h.slot, h.dslot
-  local cur = hold[slot]
-  if cur then inherit(ev, cur) end     -- inside a handler
-  local k, co = h.nworkers
-  if k > 0 then
-    co, h.nworkers = h.workers[k], k - 1
-  else
-    co = new_worker(h)
-  end
-  hold[slot], hold[dslot] = ev, hd + 1  -- a handler runs (task.in_handler)
-  local ok, what, arg
-  if hd < FRESH_AT then
-    ok, what, arg = co_resume(co, ev, aud)
-  else
-    ok, what, arg = h.c:resume(co, ev, ev, aud)
-  end
-  hold[slot], hold[dslot] = cur, hd
-  if what == DONE and ok then
-    k = h.nworkers + 1
-    if k <= WORKERS_MAX then h.workers[k], h.nworkers = co, k end
-    return
-  end
-  settle(h, co, ev, aud, ok, what, arg)
-end
-local run = M.run
-
---- publish_sync on the hot path, for an audience aud from the memo:
---- returns the id, or nil, err, code (EDEPTH). prio is the priority's
---- name, or nil when no options were given.
-function M.publish_sync(h, aud, etype, payload, prio, key, corr, headers,
-                        version)
-  local hd = h.hold[h.dslot]
-  local id, ts, code = h.sync_id(h.c, hd)
-  if not id then return nil, ts, code end     -- EDEPTH: nothing published
-  local m = h.manual
-  if m then ts = m.ms end
-  -- One constructor (one NEWTABLE). A field set to nil in a constructor
-  -- costs a slow store, so the options name only the fields they have.
-  local ev = { id = id, type = etype, payload = payload, ts = ts,
-               priority = prio or "normal", attempt = 1, key = key }
-  if corr ~= nil then ev.correlation_id = corr end
-  if headers ~= nil then ev.headers = headers end
-  if version ~= nil then ev.version = version end
-  run(h, ev, aud, hd)
-  return id
-end
 
 return M

@@ -3,6 +3,7 @@
 -- options, which is on the hot path. Each function raises at level
 -- counted from its caller, as the code it came from in init.lua did.
 -- @module buzz.options
+local core = require "buzz.core"
 local util = require "buzz.util"
 local timers = require "buzz.timers"
 local driver = require "buzz.driver"
@@ -125,9 +126,9 @@ end
 -- milliseconds stays an exact integer.
 local MAX_DELAY = 1e11
 
--- Validates publish options; returns priority, key, correlation_id,
--- headers, dedup, version.
-local function publish_options(opts, level)
+-- The validator of publish options, for what core.publish_options (one
+-- pass in C: the common options, valid) does not take.
+local function check_publish_options(opts, level)
   if type(opts) ~= "table" then
     error(("bad options to publish: expected a table, got %s")
           :format(type(opts)), level + 1)
@@ -209,6 +210,25 @@ local function publish_options(opts, level)
     check_number(version, "version", RANGE.version, level + 1)
   end
   return prio, key, corr, headers, dedup, version, delay ~= nil or at ~= nil
+end
+
+-- On LuaJIT the validator is compiled, and a call of C is not: it is the
+-- faster there.
+local scan_publish_options = not rawget(_G, "jit") and core.publish_options
+
+--- Validates publish options; returns priority (0..3), key,
+--- correlation_id, headers, dedup, version, and whether delay or at was
+--- given.
+local function publish_options(opts, level)
+  local prio, key, corr, headers, dedup, version
+  if scan_publish_options then
+    prio, key, corr, headers, dedup, version = scan_publish_options(opts)
+    if prio then return prio, key, corr, headers, dedup, version, false end
+  end
+  local is_later
+  prio, key, corr, headers, dedup, version, is_later =
+    check_publish_options(opts, level + 1)    -- not a tail call: levels
+  return prio, key, corr, headers, dedup, version, is_later
 end
 
 -- Validates the options of buzz.new (nil or a table); returns
@@ -337,6 +357,8 @@ M.is_integer = is_integer
 M.check_positive = check_positive
 M.check_key = check_key
 M.publish_options = publish_options
+M.scan_publish_options = scan_publish_options   -- (false on LuaJIT)
+M.check_publish_options = check_publish_options   -- (its spec's)
 M.SUBSCRIBE_OPTIONS = SUBSCRIBE_OPTIONS
 M.QUERY_OPTIONS = QUERY_OPTIONS
 M.STORE_INFO_OPTIONS = STORE_INFO_OPTIONS

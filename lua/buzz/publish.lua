@@ -14,6 +14,7 @@ local task = require "buzz.task"
 local type, error, pairs, next, setmetatable =
       type, error, pairs, next, setmetatable
 local publish_options = options.publish_options
+local scan_options = options.scan_publish_options
 local run_level = task.run_level
 
 local M = {}
@@ -89,7 +90,7 @@ end
 local PRIORITY_NAMES = { [0] = "critical", "high", "normal", "low" }
 
 local publish_sync_core = publisher("publish_sync")
-local hot_sync, hot_audience = hot_path.publish_sync, hot_path.audience
+local hot_audience = hot_path.audience
 local hot_inherit, hot_worker, hot_settle = hot_path.inherit,
                                            hot_path.worker, hot_path.settle
 local DONE, FRESH_AT, WORKERS_MAX = hot_path.DONE, hot_path.FRESH_AT,
@@ -110,16 +111,37 @@ function Pub:publish_sync(etype, payload, opts)
   if h then
     local aud = h.memo[etype]
     if aud == nil then aud = hot_audience(h, etype) end
-    if aud and opts == nil then
-      -- hot.publish_sync and hot.run inlined: the hottest call of all
+    local prio, key, corr, headers, dedup, version, is_later
+    if aud and opts ~= nil then
+      if scan_options then             -- Lua 5.4: C's reading first
+        prio, key, corr, headers, dedup, version = scan_options(opts)
+      end
+      if not prio then
+        prio, key, corr, headers, dedup, version, is_later =
+          publish_options(opts, 2)
+      end
+      if dedup ~= nil or is_later then aud = false end  -- the core's
+    end
+    if aud then
+      -- the hot path (lua/buzz/hot.lua): the hottest call of all
       local hold, slot, dslot = h.hold, h.slot, h.dslot
       local hd = hold[dslot]
       local id, ts, code = h.sync_id(h.c, hd)
       if not id then return nil, ts, code end   -- EDEPTH
       local m = h.manual
       if m then ts = m.ms end
-      local ev = { id = id, type = etype, payload = payload, ts = ts,
-                   priority = "normal", attempt = 1 }
+      local ev
+      if opts == nil then              -- one constructor (one NEWTABLE)
+        ev = { id = id, type = etype, payload = payload, ts = ts,
+               priority = "normal", attempt = 1 }
+      else
+        ev = { id = id, type = etype, payload = payload, ts = ts,
+               priority = PRIORITY_NAMES[prio], attempt = 1, key = key }
+        -- (a nil in a constructor costs a slow store: only what is given)
+        if corr ~= nil then ev.correlation_id = corr end
+        if headers ~= nil then ev.headers = headers end
+        if version ~= nil then ev.version = version end
+      end
       local cur = hold[slot]
       if cur then hot_inherit(ev, cur) end      -- inside a handler
       local k, co = h.nworkers
@@ -143,21 +165,6 @@ function Pub:publish_sync(etype, payload, opts)
       end
       hot_settle(h, co, ev, aud, ok, what, arg)
       return id
-    elseif aud then
-      local k1, v1 = next(opts)        -- { key = "..." } alone: the most
-      if k1 == "key" and type(v1) == "string"  -- common options, checked
-         and next(opts, k1) == nil then        -- here without a loop
-        local id, err, code = hot_sync(h, aud, etype, payload, "normal", v1)
-        return id, err, code
-      end
-      local prio, key, corr, headers, dedup, version, is_later =
-        publish_options(opts, 2)
-      if dedup == nil and not is_later then
-        local id, err, code = hot_sync(h, aud, etype, payload,
-                                       PRIORITY_NAMES[prio], key, corr,
-                                       headers, version)
-        return id, err, code
-      end
     end
   end
   local id, err, code = publish_sync_core(self, etype, payload, opts)
