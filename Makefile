@@ -24,7 +24,7 @@ SRCS     = csrc/error.c csrc/map.c csrc/match.c csrc/queue.c csrc/bus.c \
            csrc/loop.c $(JSON_SRCS) csrc/store.c csrc/storeopen.c csrc/storeread.c \
            csrc/storelock.c csrc/storewal.c csrc/ids.c csrc/dedup.c \
            csrc/lbuzz.c csrc/lpublish.c csrc/lsubscribe.c csrc/ldurable.c \
-           csrc/ldispatch.c csrc/lhot.c csrc/lstore.c \
+           csrc/ldispatch.c csrc/lhot.c csrc/lmetrics.c csrc/lstore.c \
            csrc/lprefilter.c csrc/lutil.c csrc/lcheck.c
 HDRS     = csrc/buzz.h csrc/store.h csrc/compat.h csrc/json.h csrc/jsonint.h csrc/lcheck.h \
            csrc/lcore.h csrc/storeint.h

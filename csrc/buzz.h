@@ -225,6 +225,7 @@ typedef struct buzz_queue {
   buzz_event *head[BUZZ_NPRIO];   /* owns the events */
   buzz_event *tail[BUZZ_NPRIO];
   size_t count;
+  size_t nprio[BUZZ_NPRIO];       /* count, by priority */
   size_t limit;                   /* 0 = unlimited */
   buzz_event *spare;              /* owns; freed records kept for reuse */
   size_t nspare;

@@ -463,6 +463,7 @@ lcore *buzz__lcore_check(lua_State *L) { return check_core(L); }
 */
 static const luaL_Reg core_methods[] = {
   { "sync_id", buzz__lhot_sync_id },
+  { "metrics", buzz__lmetrics },
   { "holder", lcore_holder },
   { "pending", lcore_pending },
   { "timeout", lcore_timeout },
@@ -527,6 +528,7 @@ int luaopen_buzz_core(lua_State *L) {
   luaL_setfuncs(L, buzz__lutil_funcs, 0);
   buzz__json_register(L);
   buzz__pf_register(L);
+  buzz__lmetrics_register(L);
   {                                    /* the error map: code -> meaning */
     size_t i;
     int code;

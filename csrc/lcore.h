@@ -4,7 +4,7 @@
 ** lpublish.c publishes; lsubscribe.c subscribes; ldurable.c is its store
 ** side (opening, the writer's news, durable positions, the work due);
 ** ldispatch.c hands out deliveries; lhot.c holds the calls of the Lua
-** layer's hot path (lua/buzz/hot.lua); lstore.c the store's queries,
+** layer's hot path (lua/buzz/hot.lua); lmetrics.c reports the counters; lstore.c the store's queries,
 ** consumers and state rows; lprefilter.c the where{} prefilter; lutil.c
 ** the module functions that need no bus and the helpers they share with
 ** the binding. Only binding files include this header (it needs the Lua
@@ -58,6 +58,9 @@ typedef struct lcore {
                           out: a publish more urgent preempts (-1: none) */
   int is_open;
   int nsync;           /* publish_sync levels open (take() closes them) */
+  int64_t published[BUZZ_NPRIO];  /* events published, by priority (the
+                          hot path's included: core:sync_id) */
+  int64_t refused_full;  /* publishes refused with EFULL (queue full) */
 } lcore;
 
 #define SYNC_MAX 100   /* nested publish_sync deliveries; one more is
@@ -190,6 +193,10 @@ int buzz__lcore_resumed(lua_State *L, lua_State *co, int rc, int nres);
 
 /* lhot.c: core:sync_id. */
 int buzz__lhot_sync_id(lua_State *L);
+
+/* lmetrics.c: core:metrics; core.histogram (registered on the module). */
+int buzz__lmetrics(lua_State *L);
+void buzz__lmetrics_register(lua_State *L);
 
 /*
 ** Short names: the binding files call the shared functions above (and

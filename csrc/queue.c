@@ -5,9 +5,9 @@
 ** non-empty list, so events leave by priority and, within a priority, in
 ** publish order. Push and pop are O(1).
 **
-** Invariants: count is the number of events on the lists; when limit is
-** not 0, push never makes count exceed it (BUZZ_EFULL, and the event stays
-** the caller's). The queue owns the events on its lists; a popped event
+** Invariants: count is the number of events on the lists (nprio[p] on
+** list p); when limit is not 0, push never makes count exceed it
+** (BUZZ_EFULL, and the event stays the caller's). The queue owns the events on its lists; a popped event
 ** belongs to the caller.
 **
 ** It does not know about subscriptions or Lua values; an event's refs are
@@ -64,7 +64,10 @@ void buzz__queue_free(buzz_queue *q) {
 
 void buzz__queue_init(buzz_queue *q, size_t limit) {
   int p;
-  for (p = 0; p < BUZZ_NPRIO; p++) q->head[p] = q->tail[p] = NULL;
+  for (p = 0; p < BUZZ_NPRIO; p++) {
+    q->head[p] = q->tail[p] = NULL;
+    q->nprio[p] = 0;
+  }
   q->count = 0;
   q->limit = limit;
   q->spare = NULL;
@@ -79,6 +82,7 @@ int buzz__queue_push(buzz_queue *q, buzz_event *ev) {
   else q->head[p] = ev;
   q->tail[p] = ev;
   q->count++;
+  q->nprio[p]++;
   return BUZZ_OK;
 }
 
@@ -92,6 +96,7 @@ buzz_event *buzz__queue_pop(buzz_queue *q) {
     if (q->head[p] == NULL) q->tail[p] = NULL;
     ev->next = NULL;
     q->count--;
+    q->nprio[p]--;
     return ev;
   }
   return NULL;

@@ -299,12 +299,22 @@ static void free_rows(buzz_row *r) {
   }
 }
 
+/* A commit of events took us microseconds: into the histogram. */
+static void count_commit(buzz_store_stats *st, uint64_t us) {
+  static const int64_t bounds[BUZZ_COMMIT_BUCKETS] = BUZZ_COMMIT_BOUNDS_US;
+  int b = 0;
+  while (b < BUZZ_COMMIT_BUCKETS && (int64_t)us > bounds[b]) b++;
+  st->commit_le[b]++;
+  st->commit_us += (int64_t)us;
+}
+
 void buzz__store_writer_main(void *arg) {
   buzz_store *s = arg;
   uv_mutex_lock(&s->mu);
   for (;;) {
     buzz_row *batch, *r;
     int64_t nrows = 0, nids = 0, lo = 0, hi = 0, batch_bytes = 0;
+    uint64_t began;
     int rc, is_full;
     while (s->head == NULL && !s->is_stopping) {
       if (s->o.max_age_ms || s->o.max_events) {
@@ -325,6 +335,7 @@ void buzz__store_writer_main(void *arg) {
     uv_mutex_unlock(&s->mu);
 
     for (r = batch; r; r = r->next) batch_bytes += row_bytes(r);
+    began = uv_hrtime();
     is_full = room_for(s, batch_bytes) < 0;
     rc = is_full ? SQLITE_FULL : buzz__store_exec(s->wdb, "BEGIN IMMEDIATE");
     for (r = batch; r; r = r->next) {
@@ -361,6 +372,7 @@ void buzz__store_writer_main(void *arg) {
       if (hi > s->committed_id) s->committed_id = hi;
       s->st.committed += nrows - nids;
       s->st.commits += nrows > nids;
+      if (nrows > nids) count_commit(&s->st, (uv_hrtime() - began) / 1000);
     }
     s->done_seq += nrows;
     s->qbytes -= batch_bytes;

@@ -156,6 +156,13 @@ typedef struct buzz_query {
   int64_t limit;           /* rows in this page, > 0 */
 } buzz_query;
 
+/* The upper bounds (microseconds) of the commit latency histogram's
+** buckets; one more bucket counts the rest (+Inf). */
+#define BUZZ_COMMIT_BUCKETS 13
+#define BUZZ_COMMIT_BOUNDS_US { 100, 250, 500, 1000, 2500, 5000, 10000, \
+                                25000, 50000, 100000, 250000, 500000, \
+                                1000000 }
+
 typedef struct buzz_store_stats {
   int64_t appended, committed, commits, failed, pending;
   int64_t committed_id, held_back, deleted;
@@ -164,6 +171,9 @@ typedef struct buzz_store_stats {
   int64_t backlog_limit;   /* max_backlog */
   int64_t refused;         /* events refused with BUZZ_EFULL */
   int64_t checkpoints;     /* WAL checkpoints run off the writer */
+  int64_t commit_le[BUZZ_COMMIT_BUCKETS + 1];  /* commits by latency (not
+                              cumulative; the last: beyond every bound) */
+  int64_t commit_us;       /* the sum of their latencies, microseconds */
 } buzz_store_stats;
 
 /*

@@ -13,6 +13,7 @@ PACKAGES="
   luarocks cppcheck valgrind neovim
   nginx libnginx-mod-http-lua libnginx-mod-http-ndk lua-resty-core curl
   clang libclang-rt-14-dev lcov
+  prometheus
 "
 
 missing=""

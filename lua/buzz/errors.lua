@@ -97,6 +97,8 @@ end
 -- fixed ones: a report is never dropped silently.
 function M.reporter(on_error)
   return function(err, ev, sub, trace)
+    local m = type(sub) == "table" and sub._m
+    if m then m[2] = m[2] + 1 end      -- a failed attempt (buzz.metrics)
     local ok, e2 = pcall(on_error, err, ev, sub, trace)
     if not ok then
       local fine, line = pcall(format,

@@ -43,6 +43,7 @@
 -- @module buzz.hot
 local core = require "buzz.core"
 local task = require "buzz.task"
+local metrics = require "buzz.metrics"
 
 local type, pcall, setmetatable, rawget = type, pcall, setmetatable, rawget
 local co_lib = coroutine
@@ -53,6 +54,8 @@ local co_resume = rawget(co_lib, "_resume") or co_lib.resume
 local yield = rawget(co_lib, "_yield") or co_lib.yield
 local close = co_lib.close             -- nil before Lua 5.4
 local traceback = core.traceback
+local SAMPLE, metrics_start, metrics_stop = metrics.SAMPLE, metrics.start,
+                                            metrics.stop
 
 local M = { co_resume = co_resume }
 
@@ -139,7 +142,16 @@ local function run_audience(ev, aud, st)
     if sub.is_active then
       st.i = i
       if sub._once then end_once(st.bus, sub) end
-      sub._fn(ev)
+      local m = sub._m                 -- counted (lua/buzz/metrics.lua)
+      local n = m[1] + 1
+      m[1] = n
+      if n % SAMPLE ~= 0 then
+        sub._fn(ev)
+      else                             -- timed
+        local t0 = metrics_start(sub, ev)
+        sub._fn(ev)
+        if not st.adopted then metrics_stop(sub, t0) end
+      end
       if st.adopted then return end
     end
   end
@@ -170,7 +182,16 @@ function M.worker(h)
         if sub.is_active then
           st.i = i
           if sub._once then end_once(bus, sub) end
-          sub._fn(ev)
+          local m = sub._m
+          local n = m[1] + 1
+          m[1] = n
+          if n % SAMPLE ~= 0 then
+            sub._fn(ev)
+          else
+            local t0 = metrics_start(sub, ev)
+            sub._fn(ev)
+            if not st.adopted then metrics_stop(sub, t0) end
+          end
           if st.adopted then return end
         end
       end

@@ -23,6 +23,7 @@ local dlq = require "buzz.dlq"
 local store_api = require "buzz.store"
 local publish = require "buzz.publish"
 local drive = require "buzz.drive"
+local metrics = require "buzz.metrics"
 
 local type, error, pairs, ipairs, pcall =
       type, error, pairs, ipairs, pcall
@@ -125,6 +126,7 @@ function M.new(opts)
     _mw = middleware.new(),   -- bus:use
     _subs = setmetatable({}, { __mode = "k" }),  -- live subscriptions
     _max_payload = opts.max_payload,
+    _metrics = metrics.new(),  -- counters by subscription name
   }, Bus)
   local sup = failure.new(bus, tl)
   bus._sup = sup
@@ -199,6 +201,7 @@ local function subscribe(self, c, pattern, handler, opts, is_once, level)
     is_once = is_once or false, is_active = true, durable = durable,
     name = policy and policy.name or (opts and opts.name) or durable,
   }, Sub)
+  metrics.attach(self._metrics, sub)     -- sub._name, sub._m
   sub._test = opts and opts.filter ~= nil
               and conditions.predicate(opts.filter, level + 2) or nil
   if policy then
@@ -328,6 +331,15 @@ function Bus:stats()
   st.redriven = sup.redriven
   if self._store then st.store = store_api.info(self, c, false) end
   return st
+end
+
+--- What the bus has counted (README, "Seeing inside"): events published
+--- and queued by priority, per subscription name deliveries, failures,
+--- retries, dead letters, gauges and handler durations, and with a store
+--- the writer's figures.
+---@return table
+function Bus:metrics()
+  return metrics.collect(self, check_bus(self, "metrics"))
 end
 
 --- True once close() has been called.
@@ -485,6 +497,7 @@ M.enrich = transform.enrich
 M.pluck = transform.pluck
 M.rename = transform.rename
 M.agg = require("buzz.aggregate").agg  -- reducers for route:window()
+M.metrics = metrics                   -- buzz.metrics.prometheus(bus)
 
 --- Adds a middleware, run around every delivery of every subscription of
 --- the bus (those made before too), after the ones added before it:

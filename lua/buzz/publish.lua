@@ -126,7 +126,7 @@ function Pub:publish_sync(etype, payload, opts)
       -- the hot path (lua/buzz/hot.lua): the hottest call of all
       local hold, slot, dslot = h.hold, h.slot, h.dslot
       local hd = hold[dslot]
-      local id, ts, code = h.sync_id(h.c, hd)
+      local id, ts, code = h.sync_id(h.c, hd, prio or 2)
       if not id then return nil, ts, code end   -- EDEPTH
       local m = h.manual
       if m then ts = m.ms end

@@ -467,6 +467,8 @@ function Runner:fail(job, err, trace)
   job.attempt = job.attempt + 1
   local due = sup:now() + delay
   self.retrying = self.retrying + 1
+  local m = self.sub and self.sub._m   -- a retry (buzz.metrics)
+  if m then m[3] = m[3] + 1 end
   job.retry_timer = sup.timers:at(due, Runner.retry_due, job)
   if sup.bus._store and not job.ev.batch then self:store(job, due) end
 end
@@ -522,6 +524,8 @@ function Runner:bury(job, reason)
     }
     sup.next_dead = rec.id + 1
     sup.dead[#sup.dead + 1] = rec
+    local m = self.sub and self.sub._m -- a dead letter (buzz.metrics)
+    if m then m[4] = m[4] + 1 end
     sup:put("dead", ("%012d"):format(rec.id), rec)
     recs[i] = rec
   end
@@ -549,9 +553,13 @@ function Runner:close()
 end
 
 function Runner:stats()
+  local in_lanes = 0                   -- behind another job of their key
+  for _, lane in pairs(self.lanes) do
+    if lane ~= true then in_lanes = in_lanes + size(lane) end
+  end
   return { inflight = self.inflight, waiting = size(self.waiting),
-           held = size(self.held), retrying = self.retrying,
-           breaker = self:breaker_state() }
+           in_lanes = in_lanes, held = size(self.held),
+           retrying = self.retrying, breaker = self:breaker_state() }
 end
 
 

@@ -20,6 +20,7 @@
 -- publish_sync on a memory bus (lua/buzz/hot.lua).
 -- @module buzz.task
 local core = require "buzz.core"
+local metrics = require "buzz.metrics"
 
 local rawget, type, pcall, setmetatable = rawget, type, pcall, setmetatable
 local co_lib = coroutine
@@ -29,6 +30,8 @@ local create = rawget(co_lib, "_create") or co_lib.create
 local co_resume = rawget(co_lib, "_resume") or co_lib.resume
 local close = co_lib.close             -- nil before Lua 5.4
 local traceback = core.traceback
+local SAMPLE, metrics_start, metrics_stop = metrics.SAMPLE, metrics.start,
+                                            metrics.stop
 
 local M = {}
 
@@ -104,10 +107,15 @@ local function run(t, c, sub, ev)
   if not sub.is_active then return end
   if sub._once then sub.is_active = false end   -- the core ended it
   local co = idle(t)
+  local m = sub._m                     -- counted (lua/buzz/metrics.lua)
+  local n = m[1] + 1
+  m[1] = n
+  local t0 = n % SAMPLE == 0 and metrics_start(sub, ev)
   t.depth = t.depth + 1
   local ok, done, what, arg = c:resume(co, ev, sub._fn, ev)
   t.depth = t.depth - 1
   if done and ok then                  -- it returned: co is idle again
+    if t0 then metrics_stop(sub, t0) end
     local k = t.npool + 1
     if k <= POOL_MAX then t.pool[k], t.npool = co, k end
     return
@@ -186,7 +194,16 @@ local function run_batch(t, upto, st)
     if sub.is_active then
       if sub._once then sub.is_active = false end   -- the core ended it
       hold[slot] = ev
-      sub._fn(ev)
+      local m = sub._m                 -- counted (lua/buzz/metrics.lua)
+      local n = m[1] + 1
+      m[1] = n
+      if n % SAMPLE ~= 0 then
+        sub._fn(ev)
+      else                             -- timed
+        local t0 = metrics_start(sub, ev)
+        sub._fn(ev)
+        if not st.adopted then metrics_stop(sub, t0) end
+      end
       if st.adopted then return end
     end
     if is_durable then

@@ -1,0 +1,377 @@
+--- buzz.metrics: what a bus counts, as one table (bus:metrics()) and as
+-- Prometheus text (M.prometheus).
+--
+-- Always on and cheap. The core counts what it sees (events published
+-- and queued by priority, the full queue's refusals, the store writer's
+-- commits, backlog and commit latency: csrc/lmetrics.c); this module
+-- counts what happens where handlers run, in Lua: per subscription name,
+-- the events delivered, the attempts that failed, the retries and the
+-- dead letters. Each delivery costs a counter in a small array
+-- (stats[1]); one delivery in SAMPLE per subscription name is also timed
+-- (handler duration, and publish -> handler latency by the bus's clock),
+-- so the histograms hold a sample, and their _count says how big.
+-- Gauges (in flight, waiting in lanes, held by a breaker, timers, dead
+-- letters, consumer lag) are read when asked, not kept.
+--
+-- Where the counting happens: lua/buzz/hot.lua (publish_sync's workers),
+-- lua/buzz/task.lua (queued deliveries), lua/buzz/errors.lua's reporter
+-- (failures), lua/buzz/runner.lua (retries, dead letters). They call
+-- start and stop below around a sampled delivery.
+-- @module buzz.metrics
+local core = require "buzz.core"
+
+local pairs, ipairs, type, tostring, tonumber, error, next =
+      pairs, ipairs, type, tostring, tonumber, error, next
+local floor, huge, format, concat, sort =
+      math.floor, math.huge, string.format, table.concat, table.sort
+
+local M = {}
+
+--- One delivery in SAMPLE per subscription name is timed.
+local SAMPLE = 16
+M.SAMPLE = SAMPLE
+
+--- Names kept at most per bus; deliveries of later names count under
+--- "(other)" (patterns made per request must not grow memory forever).
+local NAMES_MAX = 10000
+M.NAMES_MAX = NAMES_MAX
+
+-- Histogram bounds, in seconds: handler durations (most are well under a
+-- millisecond), and publish -> handler latency (the bus's clock counts
+-- milliseconds).
+local DURATION_BOUNDS = { 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                          0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10 }
+local LATENCY_BOUNDS = { 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                         0.25, 0.5, 1, 2.5, 5, 10, 30, 60 }
+
+-- Histograms are the core's (fixed buckets in C: core.histogram).
+local histogram = core.histogram
+
+--- A bus's metrics state (bus._metrics).
+function M.new()
+  return { names = {}, nnames = 0, latency = histogram(LATENCY_BOUNDS) }
+end
+
+--- The name sub counts under and its counters (made on first use):
+--- { delivered, failed, retried, dead_lettered, duration = histogram }.
+--- Subscriptions of one name (its name, durable name or pattern) share
+--- them. Sets sub._name and sub._m.
+function M.attach(state, sub)
+  local name = sub.name or sub.durable or sub.pattern
+  if not state.names[name] and state.nnames >= NAMES_MAX then
+    name = "(other)"
+  end
+  local st = state.names[name]
+  if not st then
+    st = { 0, 0, 0, 0, duration = histogram(DURATION_BOUNDS) }
+    state.names[name] = st
+    state.nnames = state.nnames + 1
+  end
+  sub._name, sub._m = name, st
+end
+
+--- Before a sampled delivery of ev to sub: observes the latency since
+--- publish by the bus's clock; returns the start time for stop.
+function M.start(sub, ev)
+  local bus = sub.bus
+  local mc = bus._manual               -- the bus's clock, if not the core's
+  return bus._metrics.latency:age(type(ev) == "table" and ev.ts or nil,
+                                  mc and mc.ms or nil)
+end
+
+--- After a sampled delivery that ran to its end in one go (a handler
+--- that raised or yielded is not timed).
+function M.stop(sub, t0)
+  sub._m.duration:since(t0)
+end
+
+local BREAKER_STATES = { "closed", "open", "half_open" }
+
+--- bus:metrics(): see README, "Seeing inside".
+function M.collect(bus, c)
+  local m = c:metrics()
+  local sup, state = bus._sup, bus._metrics
+  m.timers = bus._timers:count()
+  m.dead_letters = #sup.dead
+  m.delayed = sup.delays
+  m.latency = state.latency:read()
+  local subs = {}
+  for name, st in pairs(state.names) do
+    subs[name] = { delivered = st[1], failed = st[2], retried = st[3],
+                   dead_lettered = st[4], in_flight = 0, waiting = 0,
+                   held = 0, retrying = 0,
+                   duration = st.duration:read() }
+  end
+  local retrying = 0
+  for sub in pairs(bus._subs) do    -- the gauges of the live ones
+    local s = subs[sub._name]
+    local r = sub._runner or sup.plain[sub]
+    if s and r then
+      local rs = r:stats()
+      s.in_flight = s.in_flight + rs.inflight
+      s.waiting = s.waiting + rs.waiting + rs.in_lanes
+      s.held = s.held + rs.held
+      s.retrying = s.retrying + rs.retrying
+      retrying = retrying + rs.retrying
+      if rs.breaker then s.breaker = rs.breaker end
+    end
+  end
+  m.retrying = retrying
+  m.subscriptions = subs
+  if m.store then
+    local lags = {}
+    local list = bus:consumers()
+    for _, cons in ipairs(list or {}) do lags[cons.name] = cons.lag end
+    m.store.consumers = lags
+  end
+  return m
+end
+
+-- ------------------------------------------------------------ Prometheus
+
+-- A label value as the text format writes it: \, " and newline escaped.
+local function escape_label(v)
+  return (tostring(v):gsub('[\\"\n]', { ["\\"] = "\\\\", ['"'] = '\\"',
+                                         ["\n"] = "\\n" }))
+end
+
+local function number(v)
+  if v == huge then return "+Inf" end
+  if v == -huge then return "-Inf" end
+  if v ~= v then return "NaN" end
+  if v == floor(v) and v > -2 ^ 53 and v < 2 ^ 53 then
+    return format("%d", v)
+  end
+  local s = format("%.15g", v)         -- the shortest that reads back
+  return tonumber(s) == v and s or format("%.17g", v)
+end
+
+-- The text of labels (a list of name, value pairs), constant ones first.
+local function label_text(base, extra)
+  local parts = {}
+  for i = 1, #base, 2 do
+    parts[#parts + 1] = base[i] .. '="' .. escape_label(base[i + 1]) .. '"'
+  end
+  if extra then
+    for i = 1, #extra, 2 do
+      parts[#parts + 1] = extra[i] .. '="' .. escape_label(extra[i + 1])
+                          .. '"'
+    end
+  end
+  if #parts == 0 then return "" end
+  return "{" .. concat(parts, ",") .. "}"
+end
+
+local function family(out, name, kind, help)
+  out[#out + 1] = format("# HELP %s %s", name, help)
+  out[#out + 1] = format("# TYPE %s %s", name, kind)
+end
+
+local function sample(out, name, base, extra, v)
+  out[#out + 1] = name .. label_text(base, extra) .. " " .. number(v)
+end
+
+-- A histogram's series: cumulative buckets (le last among the labels),
+-- the +Inf bucket, _sum and _count.
+local function hist(out, name, base, extra, h)
+  local le = {}
+  for i, v in ipairs(extra or {}) do le[i] = v end
+  local n = #le
+  le[n + 1] = "le"
+  for i, bound in ipairs(h.bounds) do
+    le[n + 2] = number(bound)
+    sample(out, name .. "_bucket", base, le, h.counts[i])
+  end
+  le[n + 2] = "+Inf"
+  sample(out, name .. "_bucket", base, le, h.counts[#h.counts])
+  sample(out, name .. "_sum", base, extra, h.sum)
+  sample(out, name .. "_count", base, extra, h.count)
+end
+
+local PRIOS = { "critical", "high", "normal", "low" }
+
+-- Checks labels (nil or a table of label name = string value) and makes
+-- the pairs list, sorted by name.
+local function base_labels(labels)
+  if labels == nil then return {} end
+  if type(labels) ~= "table" then
+    error(("bad labels: expected a table of names and values, got %s")
+          :format(type(labels)), 3)
+  end
+  local names = {}
+  for k, v in pairs(labels) do
+    if type(k) ~= "string" or not k:match("^[%a_][%w_]*$")
+       or k:sub(1, 2) == "__" then
+      error(("bad label name %s: expected a name such as \"instance\"")
+            :format(tostring(k)), 3)
+    end
+    if type(v) ~= "string" and type(v) ~= "number" then
+      error(("bad label %s: expected a string value, got %s")
+            :format(k, type(v)), 3)
+    end
+    names[#names + 1] = k
+  end
+  sort(names)
+  local base = {}
+  for _, k in ipairs(names) do
+    base[#base + 1] = k
+    base[#base + 1] = tostring(labels[k])
+  end
+  return base
+end
+
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  sort(keys)
+  return keys
+end
+
+--- The bus's metrics in the Prometheus text format (version 0.0.4), every
+--- series with the constant labels given (a table of name = value).
+---@param bus table
+---@param labels table|nil
+---@return string
+function M.prometheus(bus, labels)
+  local base = base_labels(labels)
+  local m = bus:metrics()
+  local out = {}
+  family(out, "buzz_events_published_total", "counter",
+         "Events published, by priority.")
+  for _, p in ipairs(PRIOS) do
+    sample(out, "buzz_events_published_total", base, { "priority", p },
+           m.published[p])
+  end
+  family(out, "buzz_events_queued", "gauge",
+         "Events queued for delivery now, by priority.")
+  for _, p in ipairs(PRIOS) do
+    sample(out, "buzz_events_queued", base, { "priority", p }, m.queued[p])
+  end
+  family(out, "buzz_queue_full_refusals_total", "counter",
+         "Publishes refused because the queue was full (EFULL).")
+  sample(out, "buzz_queue_full_refusals_total", base, nil, m.refused_full)
+  family(out, "buzz_timers_armed", "gauge",
+         "Timers armed: delays, retries, windows, breakers.")
+  sample(out, "buzz_timers_armed", base, nil, m.timers)
+  family(out, "buzz_dead_letters", "gauge", "Dead letters kept now.")
+  sample(out, "buzz_dead_letters", base, nil, m.dead_letters)
+  family(out, "buzz_delayed_events", "gauge",
+         "Events published with a delay, not yet due.")
+  sample(out, "buzz_delayed_events", base, nil, m.delayed)
+  family(out, "buzz_retries_pending", "gauge",
+         "Deliveries waiting for a retry.")
+  sample(out, "buzz_retries_pending", base, nil, m.retrying)
+  family(out, "buzz_publish_to_handler_seconds", "histogram",
+         "Time from publish to the handler's start, by the bus's clock "
+         .. "(one delivery in " .. SAMPLE .. " per subscription).")
+  hist(out, "buzz_publish_to_handler_seconds", base, nil, m.latency)
+  local names = sorted_keys(m.subscriptions)
+  local counters = {
+    { "buzz_deliveries_total", "delivered",
+      "Events delivered to a subscription's handler." },
+    { "buzz_delivery_failures_total", "failed",
+      "Delivery attempts whose handler raised or timed out." },
+    { "buzz_delivery_retries_total", "retried",
+      "Retries scheduled after a failed attempt." },
+    { "buzz_dead_lettered_total", "dead_lettered",
+      "Deliveries given up and kept as dead letters." },
+  }
+  for _, ctr in ipairs(counters) do
+    family(out, ctr[1], "counter", ctr[3])
+    for _, name in ipairs(names) do
+      sample(out, ctr[1], base, { "subscription", name },
+             m.subscriptions[name][ctr[2]])
+    end
+  end
+  local gauges = {
+    { "buzz_deliveries_in_flight", "in_flight",
+      "Supervised deliveries started and not finished (asleep included)." },
+    { "buzz_deliveries_waiting", "waiting",
+      "Deliveries waiting for their key lane or a concurrency slot." },
+    { "buzz_deliveries_held", "held",
+      "Deliveries held back by an open circuit breaker." },
+  }
+  for _, g in ipairs(gauges) do
+    family(out, g[1], "gauge", g[3])
+    for _, name in ipairs(names) do
+      sample(out, g[1], base, { "subscription", name },
+             m.subscriptions[name][g[2]])
+    end
+  end
+  local with_breaker = {}
+  for _, name in ipairs(names) do
+    if m.subscriptions[name].breaker then
+      with_breaker[#with_breaker + 1] = name
+    end
+  end
+  if next(with_breaker) then
+    family(out, "buzz_breaker_state", "gauge",
+           "1 for the state a subscription's circuit breaker is in.")
+    for _, name in ipairs(with_breaker) do
+      for _, s in ipairs(BREAKER_STATES) do
+        sample(out, "buzz_breaker_state", base,
+               { "subscription", name, "state", s },
+               m.subscriptions[name].breaker == s and 1 or 0)
+      end
+    end
+  end
+  family(out, "buzz_handler_duration_seconds", "histogram",
+         "Handler run time of deliveries that returned without yielding "
+         .. "(one in " .. SAMPLE .. " per subscription).")
+  for _, name in ipairs(names) do
+    hist(out, "buzz_handler_duration_seconds", base,
+         { "subscription", name }, m.subscriptions[name].duration)
+  end
+  local st = m.store
+  if st then
+    local store_counters = {
+      { "buzz_store_commits_total", "commits",
+        "Transactions the store's writer committed with events." },
+      { "buzz_store_events_committed_total", "committed",
+        "Rows the store's writer committed." },
+      { "buzz_store_events_failed_total", "failed",
+        "Rows whose commit failed." },
+      { "buzz_store_refused_total", "refused",
+        "Appends refused because the writer's backlog was full." },
+      { "buzz_store_checkpoints_total", "checkpoints",
+        "WAL checkpoints run off the writer." },
+    }
+    for _, ctr in ipairs(store_counters) do
+      family(out, ctr[1], "counter", ctr[3])
+      sample(out, ctr[1], base, nil, st[ctr[2]])
+    end
+    local store_gauges = {
+      { "buzz_store_backlog_rows", "backlog_rows",
+        "Rows handed to the writer and not yet committed." },
+      { "buzz_store_backlog_bytes", "backlog_bytes",
+        "Bytes of those rows." },
+      { "buzz_store_wal_bytes", "wal_bytes",
+        "Size of the store's write-ahead log." },
+    }
+    for _, g in ipairs(store_gauges) do
+      if st[g[2]] then
+        family(out, g[1], "gauge", g[3])
+        sample(out, g[1], base, nil, st[g[2]])
+      end
+    end
+    family(out, "buzz_store_commit_seconds", "histogram",
+           "Time the writer took per commit.")
+    hist(out, "buzz_store_commit_seconds", base, nil, st.commit_latency)
+    local consumers = sorted_keys(st.consumers)
+    if #consumers > 0 then
+      family(out, "buzz_consumer_lag_events", "gauge",
+             "Events a durable consumer has not acknowledged yet.")
+      for _, name in ipairs(consumers) do
+        sample(out, "buzz_consumer_lag_events", base,
+               { "consumer", name }, st.consumers[name])
+      end
+    end
+  end
+  out[#out + 1] = ""
+  return concat(out, "\n")
+end
+
+--- The content type of M.prometheus's text, for an HTTP response.
+M.CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+return M
