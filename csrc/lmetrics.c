@@ -221,7 +221,8 @@ static int l_read(lua_State *L) {
   return 1;
 }
 
-/* Puts core.histogram on the module table at the top of the stack. */
+/* Puts core.histogram (and core.hist_age, core.hist_since: h:age and
+** h:since) on the module table at the top of the stack. */
 void buzz__lmetrics_register(lua_State *L) {
   static const luaL_Reg methods[] = {
     { "observe", l_observe }, { "since", l_since }, { "age", l_age },
@@ -237,4 +238,8 @@ void buzz__lmetrics_register(lua_State *L) {
   lua_pop(L, 1);
   lua_pushcfunction(L, l_histogram);
   lua_setfield(L, -2, "histogram");
+  lua_pushcfunction(L, l_age);         /* the methods as plain functions: */
+  lua_setfield(L, -2, "hist_age");     /* a sampled delivery calls them */
+  lua_pushcfunction(L, l_since);       /* without a method lookup */
+  lua_setfield(L, -2, "hist_since");
 }

@@ -54,8 +54,8 @@ local co_resume = rawget(co_lib, "_resume") or co_lib.resume
 local yield = rawget(co_lib, "_yield") or co_lib.yield
 local close = co_lib.close             -- nil before Lua 5.4
 local traceback = core.traceback
-local SAMPLE, metrics_start, metrics_stop = metrics.SAMPLE, metrics.start,
-                                            metrics.stop
+local SAMPLE, hist_age, hist_since = metrics.SAMPLE, metrics.hist_age,
+                                     metrics.hist_since
 
 local M = { co_resume = co_resume }
 
@@ -145,12 +145,13 @@ local function run_audience(ev, aud, st)
       local m = sub._m                 -- counted (lua/buzz/metrics.lua)
       local n = m[1] + 1
       m[1] = n
-      if n % SAMPLE ~= 0 then
+      if n % SAMPLE ~= 1 then
         sub._fn(ev)
       else                             -- timed
-        local t0 = metrics_start(sub, ev)
+        local mc = st.bus._manual
+        local t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
         sub._fn(ev)
-        if not st.adopted then metrics_stop(sub, t0) end
+        if not st.adopted then hist_since(m.duration, t0) end
       end
       if st.adopted then return end
     end
@@ -185,12 +186,13 @@ function M.worker(h)
           local m = sub._m
           local n = m[1] + 1
           m[1] = n
-          if n % SAMPLE ~= 0 then
+          if n % SAMPLE ~= 1 then
             sub._fn(ev)
           else
-            local t0 = metrics_start(sub, ev)
+            local mc = bus._manual
+            local t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
             sub._fn(ev)
-            if not st.adopted then metrics_stop(sub, t0) end
+            if not st.adopted then hist_since(m.duration, t0) end
           end
           if st.adopted then return end
         end

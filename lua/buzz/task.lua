@@ -30,8 +30,8 @@ local create = rawget(co_lib, "_create") or co_lib.create
 local co_resume = rawget(co_lib, "_resume") or co_lib.resume
 local close = co_lib.close             -- nil before Lua 5.4
 local traceback = core.traceback
-local SAMPLE, metrics_start, metrics_stop = metrics.SAMPLE, metrics.start,
-                                            metrics.stop
+local SAMPLE, hist_age, hist_since = metrics.SAMPLE, metrics.hist_age,
+                                     metrics.hist_since
 
 local M = {}
 
@@ -110,12 +110,16 @@ local function run(t, c, sub, ev)
   local m = sub._m                     -- counted (lua/buzz/metrics.lua)
   local n = m[1] + 1
   m[1] = n
-  local t0 = n % SAMPLE == 0 and metrics_start(sub, ev)
+  local t0
+  if n % SAMPLE == 1 then              -- timed
+    local mc = t.bus._manual
+    t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
+  end
   t.depth = t.depth + 1
   local ok, done, what, arg = c:resume(co, ev, sub._fn, ev)
   t.depth = t.depth - 1
   if done and ok then                  -- it returned: co is idle again
-    if t0 then metrics_stop(sub, t0) end
+    if t0 then hist_since(m.duration, t0) end
     local k = t.npool + 1
     if k <= POOL_MAX then t.pool[k], t.npool = co, k end
     return
@@ -197,12 +201,13 @@ local function run_batch(t, upto, st)
       local m = sub._m                 -- counted (lua/buzz/metrics.lua)
       local n = m[1] + 1
       m[1] = n
-      if n % SAMPLE ~= 0 then
+      if n % SAMPLE ~= 1 then
         sub._fn(ev)
       else                             -- timed
-        local t0 = metrics_start(sub, ev)
+        local mc = bus._manual
+        local t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
         sub._fn(ev)
-        if not st.adopted then metrics_stop(sub, t0) end
+        if not st.adopted then hist_since(m.duration, t0) end
       end
       if st.adopted then return end
     end
