@@ -87,6 +87,7 @@ build = {
     -- copies all of lua/ into the tree, but the list is the record.)
     ["buzz"] = "lua/buzz/init.lua",
     ["buzz.aggregate"] = "lua/buzz/aggregate.lua",
+    ["buzz.alert"] = "lua/buzz/alert.lua",
     ["buzz.batch"] = "lua/buzz/batch.lua",
     ["buzz.breaker"] = "lua/buzz/breaker.lua",
     ["buzz.cliargs"] = "lua/buzz/cliargs.lua",

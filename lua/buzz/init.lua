@@ -24,6 +24,7 @@ local store_api = require "buzz.store"
 local publish = require "buzz.publish"
 local drive = require "buzz.drive"
 local metrics = require "buzz.metrics"
+local alert = require "buzz.alert"
 
 local type, error, pairs, ipairs, pcall =
       type, error, pairs, ipairs, pcall
@@ -342,6 +343,16 @@ function Bus:metrics()
   return metrics.collect(self, check_bus(self, "metrics"))
 end
 
+--- Watches a metric (README, "Seeing inside"): $SYS.alert events when it
+--- stays past a threshold, and when it comes back. Returns the alert
+--- (:cancel(), :is_firing()).
+---@param opts table metric, above or below, for, every, name
+---@return table
+function Bus:alert(opts)
+  check_bus(self, "alert")
+  return alert.new(self, opts, 2)
+end
+
 --- True once close() has been called.
 ---@return boolean
 function Bus:is_closed()
@@ -498,6 +509,7 @@ M.pluck = transform.pluck
 M.rename = transform.rename
 M.agg = require("buzz.aggregate").agg  -- reducers for route:window()
 M.metrics = metrics                   -- buzz.metrics.prometheus(bus)
+M.alert = alert                       -- buzz.alert.failure_rate(name)...
 
 --- Adds a middleware, run around every delivery of every subscription of
 --- the bus (those made before too), after the ones added before it:
