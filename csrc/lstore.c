@@ -485,6 +485,33 @@ static int lcore_state_list(lua_State *L) {
   return 1;
 }
 
+static void on_state_count(void *data, buzz_str name, buzz_str value) {
+  (void)name;
+  (void)value;
+  (*(int64_t *)data)++;
+}
+
+/*
+** core:state_count(kind) -> the number of state rows of kind (retries,
+** dead letters, delayed events: lua/buzz/store.lua) | nil, err, code,
+** without decoding them.
+*/
+static int lcore_state_count(lua_State *L) {
+  lcore *c = check_core(L);
+  buzz_str kind, none = { NULL, 0 };
+  int64_t n = 0;
+  char err[ERR_MAX];
+  int rc;
+  kind.p = luaL_checklstring(L, 2, &kind.n);
+  if (!need_store(L, c, "state_count()")) return 3;
+  err[0] = '\0';
+  if ((rc = buzz__store_state(c->store, kind, none, on_state_count, &n, err,
+                              sizeof err)) < 0)
+    return push_store_fail(L, rc, err);
+  lua_pushinteger(L, (lua_Integer)n);
+  return 1;
+}
+
 /* The methods of this file; lbuzz.c's luaopen_buzz_core adds them to the
 ** core's method table. */
 const luaL_Reg buzz__lstore_methods[] = {
@@ -495,5 +522,6 @@ const luaL_Reg buzz__lstore_methods[] = {
   { "state_put", lcore_state_put },
   { "state_del", lcore_state_del },
   { "state_list", lcore_state_list },
+  { "state_count", lcore_state_count },
   { NULL, NULL }
 };

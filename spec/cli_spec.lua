@@ -483,6 +483,37 @@ describe("bin/buzz", function()
       assert.are.same({ "billing", "order.*", 3, 2 },
                       { c.name, c.pattern, c.acked, c.lag })
       assert.is_number(c.updated_ms)
+      assert.are.same({ 0, 0, 0 }, { st.retries, st.dead_letters,
+                                     st.delayed })
+    end)
+
+    it("counts pending retries, dead letters and delayed events",
+       function()
+      local dir = H.mktemp_dir()
+      finally(function() H.remove_dir(dir) end)
+      local path = dir .. "/events.db"
+      local clock = buzz.manual_clock(1000)
+      local bus = assert(buzz.new{ store = path, clock = clock,
+                                   on_error = function() end })
+      bus:subscribe("a", function() error("x") end, { retry = { max = 1 } })
+      bus:subscribe("b", function(ev)
+        if ev.payload == 1 then error("later") end
+      end, { retry = { max = 3, base = 60 } })
+      for i = 1, 3 do bus:publish("a", i) end
+      bus:publish("b", 1)
+      bus:publish("b", 2, { delay = 100 })
+      bus:drain()
+      bus:close()
+      local status, out, err = run({ path = path, dir = dir }, "stats")
+      assert.are.equal(0, status, err)
+      assert.matches("\nretries +1 pending\n", out)
+      assert.matches("\ndead +3 dead letters %(buzz dlq%)\n", out)
+      assert.matches("\ndelayed +1 events not yet due\n", out)
+      status, out, err = run({ path = path, dir = dir }, "stats --json")
+      assert.are.equal(0, status, err)
+      local st = assert(json_decode(out))
+      assert.are.same({ 1, 3, 1 }, { st.retries, st.dead_letters,
+                                     st.delayed })
     end)
   end)
 

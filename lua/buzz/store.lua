@@ -10,8 +10,8 @@ local errors = require "buzz.errors"
 local storable = require "buzz.storable"
 local core = require "buzz.core"
 
-local type, error, ipairs, tostring, xpcall, assert =
-      type, error, ipairs, tostring, xpcall, assert
+local type, error, ipairs, pairs, tostring, xpcall, assert =
+      type, error, ipairs, pairs, tostring, xpcall, assert
 local traceback = debug.traceback
 local floor, huge = math.floor, math.huge
 local json_encode, json_decode = core.json_encode, core.json_decode
@@ -36,12 +36,23 @@ local PAGE = 256
 local check_bus, refused
 
 -- The core's store_info with what only this layer knows.
+-- store_info's counts of state rows: field -> kind.
+local STATE_COUNTS = { retries = "retry", dead_letters = "dead",
+                       delayed = "delay" }
+
 local function store_info(self, c, with_types, with_events)
   local info, err, code = c:store_info(with_types, with_events)
   if not info then return nil, err, code end
   info.path = self._store
   info.durability = self._durability
   info.readonly = self._readonly
+  -- what failure handling keeps in the store's state rows
+  for field, kind in pairs(STATE_COUNTS) do
+    local n
+    n, err, code = c:state_count(kind)
+    if not n then return nil, err, code end
+    info[field] = n
+  end
   return info
 end
 
