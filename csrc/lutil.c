@@ -1,6 +1,7 @@
 /*
 ** lutil.c: the module functions of buzz.core that need no bus
-** (check_subject, match, traceback, now_ms, hrtime, publish_options),
+** (check_subject, match, traceback, now_ms, hrtime, pid,
+** publish_options),
 ** registered from buzz__lutil_funcs by luaopen_buzz_core, and the two
 ** helpers they share
 ** with the rest of the binding: the usage message for a bad subject
@@ -15,6 +16,7 @@
 */
 #include <limits.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "compat.h"
 #include "buzz.h"
@@ -235,6 +237,13 @@ static int l_now_ms(lua_State *L) {
   return 1;
 }
 
+/* core.pid() -> this process's id (a bus's name among the metrics that
+** buses write to a shared store) */
+static int l_pid(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)getpid());
+  return 1;
+}
+
 /* core.hrtime() -> nanoseconds from an arbitrary point (uv_hrtime), for
 ** latency measurements */
 static int l_hrtime(lua_State *L) {
@@ -357,6 +366,7 @@ const luaL_Reg buzz__lutil_funcs[] = {
   { "traceback", l_traceback },
   { "match", l_match },
   { "hrtime", l_hrtime },
+  { "pid", l_pid },
   { "publish_options", l_publish_options },
   { NULL, NULL }
 };

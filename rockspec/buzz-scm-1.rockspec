@@ -91,6 +91,7 @@ build = {
     ["buzz.batch"] = "lua/buzz/batch.lua",
     ["buzz.breaker"] = "lua/buzz/breaker.lua",
     ["buzz.cliargs"] = "lua/buzz/cliargs.lua",
+    ["buzz.clitop"] = "lua/buzz/clitop.lua",
     ["buzz.clitext"] = "lua/buzz/clitext.lua",
     ["buzz.dlq"] = "lua/buzz/dlq.lua",
     ["buzz.drive"] = "lua/buzz/drive.lua",

@@ -16,35 +16,11 @@ local function lines(s)
   return out
 end
 
--- The checkout (busted runs from it) and the build, as absolute paths, so
--- that a command can run from another directory.
-local ROOT = (function()
-  local p = assert(io.popen("pwd"))
-  local dir = p:read("*l")
-  p:close()
-  return dir
-end)()
-local BUILD = H.build:sub(1, 1) == "/" and H.build or ROOT .. "/" .. H.build
-
--- The environment that runs bin/buzz with this checkout's modules; no
--- $BUZZ_STORE or $COLUMNS from the caller.
--- Under make asan the sanitizer runtime is preloaded into every child,
--- and system tools (script, sleep) then fail on their own leaks: TOOL
--- (H.tool) runs them without it, and command() gives it back to bin/buzz.
+-- Under make asan system tools run without the sanitizer (H.tool).
 local TOOL = H.tool
-local PRELOAD = os.getenv("LD_PRELOAD")
 
--- The shell command that runs bin/buzz with args; env is more
--- VAR=value words, set after the caller's BUZZ_STORE and COLUMNS are
--- dropped.
-local LPATH = ROOT .. "/lua/?.lua;" .. ROOT .. "/lua/?/init.lua;;"
-local function command(args, env)
-  return ("env -u BUZZ_STORE -u COLUMNS %s %s LUA_PATH=%s LUA_CPATH=%s "
-          .. "%s %s %s")
-         :format(PRELOAD and "LD_PRELOAD=" .. quote(PRELOAD) or "",
-                 env or "", quote(LPATH), quote(BUILD .. "/?.so;;"), H.lua,
-                 quote(ROOT .. "/bin/buzz"), args)
-end
+-- The shell command that runs bin/buzz with args (spec/helper.lua).
+local command = H.cli
 
 local function has_script()
   return (sh("command -v script >/dev/null"))

@@ -24,6 +24,10 @@
 --   H.damage_middle_of_log(path)
 --                      overwrites a leaf page from the middle of a store's
 --                      log, so that any pass over the log fails
+--   H.ROOT             the checkout, as an absolute path
+--   H.cli(args, env)   the shell command that runs bin/buzz with args and
+--                      this checkout's modules (env: more VAR=value words,
+--                      set after the caller's BUZZ_STORE and COLUMNS go)
 -- make coverage: BUZZ_COVERAGE names a directory for Lua line counts.
 if os.getenv("BUZZ_COVERAGE") then dofile("spec/coverage.lua") end
 
@@ -211,6 +215,31 @@ function H.run(code, env)
                            :format(env or "", build, H.lua, path))
   os.remove(path)
   return status == 0, out, status
+end
+
+-- ------------------------------------------------------------ bin/buzz
+
+H.ROOT = (function()
+  local p = assert(io.popen("pwd"))
+  local dir = p:read("*l")
+  p:close()
+  return dir
+end)()
+
+-- Under make asan the sanitizer runtime is preloaded into every child,
+-- and system tools (script, sleep) then fail on their own leaks: H.tool
+-- runs them without it, and H.cli gives it back to bin/buzz.
+local PRELOAD = os.getenv("LD_PRELOAD")
+
+function H.cli(args, env)
+  local root = H.ROOT
+  local build = H.build:sub(1, 1) == "/" and H.build or root .. "/" .. H.build
+  local lpath = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;;"
+  return ("env -u BUZZ_STORE -u COLUMNS %s %s LUA_PATH=%s LUA_CPATH=%s "
+          .. "%s %s %s")
+         :format(PRELOAD and "LD_PRELOAD=" .. H.quote(PRELOAD) or "",
+                 env or "", H.quote(lpath), H.quote(build .. "/?.so;;"), H.lua,
+                 H.quote(root .. "/bin/buzz"), args)
 end
 
 _G.H = H

@@ -27,11 +27,17 @@ commands:
   show    ID [--json]
           the full envelope of one event
   stats   [--json]
-          events, ids, size, counts per type, durable consumers and lag
+          events, ids, size, counts per type, durable consumers and lag,
+          pending retries, dead letters, delayed events
   replay  [--types PAT] [--from ID] [--to ID] [--key K] [--limit N]
           --handler FILE.lua [--json]
           feeds every matching event to the function FILE.lua returns;
           appends nothing; exits 1 if the handler raised
+  top     [--interval S] [--once] [--json]
+          a live view: events/s by type, deliveries and failures/s by
+          subscription (from buses opened with metrics_every), consumers'
+          lag, dead letters, retries, delayed; q quits; --once prints one
+          frame, over one interval (--json: as one JSON object)
   dlq     [ID] [--subscription NAME] [--types PAT] [--limit N] [--json]
           dead letters, one a line: id, time failed (UTC), subscription,
           reason, event, last error; with ID one in full, with every
@@ -90,6 +96,10 @@ M.COMMANDS = {
                 json = "flag" },
     words = 1,
   },
+  top = {
+    usage = "buzz top [--interval S] [--once] [--json]",
+    options = { interval = "seconds", once = "flag", json = "flag" },
+  },
   help = { usage = "buzz help", options = {}, words = 1 },
 }
 
@@ -112,6 +122,14 @@ local function read_value(kind, name, v, cmd)
       usage_error(("%s: %s"):format(flag, why), cmd)
     end
     return v
+  end
+  if kind == "seconds" then
+    local secs = v:match("^%d*%.?%d+$") and tonumber(v)
+    if not secs or secs <= 0 or secs > 3600 then
+      usage_error(("bad %s %s: expected seconds, more than 0 and at most "
+                   .. "3600"):format(flag, encode(v)), cmd)
+    end
+    return secs
   end
   local n = #v <= 15 and v:match("^%d+$") and tonumber(v)
   if kind == "count" or kind == "count0" then

@@ -134,6 +134,9 @@ function M.new(opts)
   bus._task = task.new(bus)  -- runs every delivery
   if not store then bus._hot = hot_path.new(bus) end  -- publish_sync's
   HOT[bus] = bus._hot                                   -- hot path
+  if opts.metrics_every then             -- checked above
+    metrics.start_snapshots(bus, opts.metrics_every)
+  end
   if store then
     local ok, e = pcall(sup.load, sup)
     if not ok then
@@ -305,6 +308,7 @@ function Bus:close()
   end
   local c = self._core
   if not c then return 0 end
+  metrics.stop_snapshots(self)  -- (while the store is open)
   self._core = false
   HOT[self] = nil
   local d = self._driver

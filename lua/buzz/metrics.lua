@@ -21,8 +21,8 @@
 -- @module buzz.metrics
 local core = require "buzz.core"
 
-local pairs, ipairs, type, tostring, tonumber, error, next =
-      pairs, ipairs, type, tostring, tonumber, error, next
+local pairs, ipairs, type, tostring, tonumber, error, next, pcall =
+      pairs, ipairs, type, tostring, tonumber, error, next, pcall
 local floor, huge, format, concat, sort =
       math.floor, math.huge, string.format, table.concat, table.sort
 
@@ -87,6 +87,13 @@ M.hist_age, M.hist_since = core.hist_age, core.hist_since
 
 local BREAKER_STATES = { "closed", "open", "half_open" }
 
+local function sorted_names(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  sort(keys)
+  return keys
+end
+
 --- bus:metrics(): see README, "Seeing inside".
 function M.collect(bus, c)
   local m = c:metrics()
@@ -125,6 +132,89 @@ function M.collect(bus, c)
     m.store.consumers = lags
   end
   return m
+end
+
+-- ------------------------------------------------------------ snapshots
+
+-- A bus with a writable store and metrics_every = seconds writes its
+-- counters into the store (state rows of kind "metrics", one per bus:
+-- "<pid>.<n>"), at most once every that many seconds and only when they
+-- changed (or every HEARTBEAT, so that a reader can tell a live bus from
+-- one that died): what `buzz top` reads, in another process. Close
+-- removes the row.
+local HEARTBEAT = 30000
+local nbuses = 0
+
+-- The counters of m worth a reader's while: no histograms.
+local function snapshot(m, now)
+  local subs = {}
+  for name, s in pairs(m.subscriptions) do
+    subs[name] = { delivered = s.delivered, failed = s.failed,
+                   retried = s.retried, dead_lettered = s.dead_lettered,
+                   in_flight = s.in_flight, waiting = s.waiting,
+                   held = s.held, breaker = s.breaker }
+  end
+  return { at = now, pid = core.pid(), published = m.published,
+           queued = m.queued, dead_letters = m.dead_letters,
+           delayed = m.delayed, retrying = m.retrying,
+           subscriptions = subs }
+end
+
+-- What must change for a snapshot to be written again.
+local function signature(snap)
+  local parts = {}
+  for _, p in ipairs { "critical", "high", "normal", "low" } do
+    parts[#parts + 1] = snap.published[p]
+    parts[#parts + 1] = snap.queued[p]
+  end
+  parts[#parts + 1] = snap.dead_letters
+  parts[#parts + 1] = snap.delayed
+  for _, name in ipairs(sorted_names(snap.subscriptions)) do
+    local s = snap.subscriptions[name]
+    parts[#parts + 1] = name
+    parts[#parts + 1] = concat({ s.delivered, s.failed, s.retried,
+                                 s.dead_lettered, s.in_flight, s.waiting,
+                                 s.held, s.breaker or "" }, ",")
+  end
+  return concat(parts, ";")
+end
+
+local function write_snapshot(bus)
+  local state = bus._metrics
+  state.timer = nil
+  if bus:is_closed() then return end
+  local now = bus:_now()
+  local ok, m = pcall(M.collect, bus, bus._core)
+  if ok then
+    local snap = snapshot(m, now)
+    local sig = signature(snap)
+    if sig ~= state.signature or now - state.written >= HEARTBEAT then
+      bus:_state_put("metrics", state.instance, snap)
+      state.signature, state.written = sig, now
+    end
+  end
+  state.timer = bus:_after(state.every_ms, write_snapshot, bus)
+  state.timer:unref()
+end
+
+--- Starts a bus's snapshots, every seconds (buzz.new's metrics_every,
+--- checked there: a writable store).
+function M.start_snapshots(bus, every)
+  local state = bus._metrics
+  nbuses = nbuses + 1
+  state.instance = ("%d.%d"):format(core.pid(), nbuses)
+  state.written, state.every_ms = -HEARTBEAT, every * 1000
+  state.timer = bus:_after(0, write_snapshot, bus)
+  state.timer:unref()
+end
+
+--- The bus closes: its snapshot row goes.
+function M.stop_snapshots(bus)
+  local state = bus._metrics
+  if not state.instance then return end
+  if state.timer then state.timer:cancel() end
+  state.timer = nil
+  bus:_state_del("metrics", state.instance)
 end
 
 -- ------------------------------------------------------------ Prometheus
@@ -220,12 +310,7 @@ local function base_labels(labels)
   return base
 end
 
-local function sorted_keys(t)
-  local keys = {}
-  for k in pairs(t) do keys[#keys + 1] = k end
-  sort(keys)
-  return keys
-end
+local sorted_keys = sorted_names
 
 --- The bus's metrics in the Prometheus text format (version 0.0.4), every
 --- series with the constant labels given (a table of name = value).

@@ -41,7 +41,8 @@ end
 local NEW_OPTIONS = option_set("store", "durability", "queue_limit",
                                "on_error", "readonly", "max_payload",
                                "dedup_window", "max_age", "max_events",
-                               "max_size", "max_backlog", "clock", "loop")
+                               "max_size", "max_backlog", "clock", "loop",
+                               "metrics_every")
 local SUBSCRIBE_OPTIONS = option_set("once", "durable", "start", "name",
                                      "retry", "ordered", "breaker",
                                      "timeout", "concurrency", "filter")
@@ -102,6 +103,8 @@ local RANGE = {
   version = range("a positive integer", 1, 2 ^ 31 - 1, true),
   key = range("a string or an integer", -MAX_INT, MAX_INT, true),
   max = range("a non-negative integer", 0, MAX_INT, true),
+  snapshot = range("a positive number", 0.01, 3600, false, false,
+                   "seconds (an hour)"),
 }
 
 -- Raises unless v is nil or a number > 0 (an integer if is_int) within
@@ -290,9 +293,17 @@ function M.new(opts, level)
   end
   local loop = opts.loop
   if loop ~= nil then driver.check(loop, level + 1) end  -- raises first
+  if opts.metrics_every ~= nil then
+    check_number(opts.metrics_every, "metrics_every", RANGE.snapshot,
+                 level + 1)
+    if store and opts.readonly then
+      error("metrics_every writes the bus's metrics into its store, and "
+            .. "this bus opens it read-only", level + 1)
+    end
+  end
   if not store then
     for _, k in ipairs { "durability", "readonly", "max_age", "max_events",
-                         "max_size", "max_backlog" } do
+                         "max_size", "max_backlog", "metrics_every" } do
       if opts[k] ~= nil then
         error(("%s applies to a store: give buzz.new{ store = "
                .. "\"events.db\" } too, or drop %s"):format(k, k), level + 1)
