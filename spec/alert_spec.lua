@@ -100,7 +100,8 @@ describe("bus:alert", function()
     end, above = 5 }
     advance(1)
     assert.equal(1, #errors)
-    assert.matches("^ECALLBACK: the metric of alert \"flaky\" raised", errors[1])
+    assert.matches('^ECALLBACK: the metric of alert "flaky" raised',
+                   errors[1])
     advance(1)
     assert.equal("firing", alerts[1].state)
   end)

@@ -233,12 +233,12 @@ local PRELOAD = os.getenv("LD_PRELOAD")
 
 function H.cli(args, env)
   local root = H.ROOT
-  local build = H.build:sub(1, 1) == "/" and H.build or root .. "/" .. H.build
+  local dir = H.build:sub(1, 1) == "/" and H.build or root .. "/" .. H.build
   local lpath = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;;"
   return ("env -u BUZZ_STORE -u COLUMNS %s %s LUA_PATH=%s LUA_CPATH=%s "
           .. "%s %s %s")
          :format(PRELOAD and "LD_PRELOAD=" .. H.quote(PRELOAD) or "",
-                 env or "", H.quote(lpath), H.quote(build .. "/?.so;;"), H.lua,
+                 env or "", H.quote(lpath), H.quote(dir .. "/?.so;;"), H.lua,
                  H.quote(root .. "/bin/buzz"), args)
 end
 

@@ -120,7 +120,7 @@ describe("buzz top", function()
   end)
 
   it("refuses --json without --once, and a bad interval", function()
-    local status, _, err
+    local status, err
     local errf = dir .. "/err"
     status = sh(H.cli(("--store %s top --json 2>%s"):format(quote(path),
                                                             quote(errf))))

@@ -205,7 +205,6 @@ function M.worker(h)
   h.states[co] = st
   return co
 end
-local new_worker = M.worker
 
 --- The run in co stopped short of its event's end: the handler of
 --- aud[st.i] yielded (ok) or raised. Hands the thread to the supervisor

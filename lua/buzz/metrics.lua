@@ -348,39 +348,32 @@ function M.prometheus(bus, labels)
   sample(out, "buzz_retries_pending", base, nil, m.retrying)
   family(out, "buzz_publish_to_handler_seconds", "histogram",
          "Time from publish to the handler's start, by the bus's clock "
-         .. "(one delivery in " .. SAMPLE .. " per subscription).")
+         .. "(sampled: the first delivery and one in " .. SAMPLE
+         .. " per subscription).")
   hist(out, "buzz_publish_to_handler_seconds", base, nil, m.latency)
   local names = sorted_keys(m.subscriptions)
-  local counters = {
-    { "buzz_deliveries_total", "delivered",
+  -- per subscription name: { name, field, kind, help }
+  local per_sub = {
+    { "buzz_deliveries_total", "delivered", "counter",
       "Events delivered to a subscription's handler." },
-    { "buzz_delivery_failures_total", "failed",
+    { "buzz_delivery_failures_total", "failed", "counter",
       "Delivery attempts whose handler raised or timed out." },
-    { "buzz_delivery_retries_total", "retried",
+    { "buzz_delivery_retries_total", "retried", "counter",
       "Retries scheduled after a failed attempt." },
-    { "buzz_dead_lettered_total", "dead_lettered",
+    { "buzz_dead_lettered_total", "dead_lettered", "counter",
       "Deliveries given up and kept as dead letters." },
-  }
-  for _, ctr in ipairs(counters) do
-    family(out, ctr[1], "counter", ctr[3])
-    for _, name in ipairs(names) do
-      sample(out, ctr[1], base, { "subscription", name },
-             m.subscriptions[name][ctr[2]])
-    end
-  end
-  local gauges = {
-    { "buzz_deliveries_in_flight", "in_flight",
+    { "buzz_deliveries_in_flight", "in_flight", "gauge",
       "Supervised deliveries started and not finished (asleep included)." },
-    { "buzz_deliveries_waiting", "waiting",
+    { "buzz_deliveries_waiting", "waiting", "gauge",
       "Deliveries waiting for their key lane or a concurrency slot." },
-    { "buzz_deliveries_held", "held",
+    { "buzz_deliveries_held", "held", "gauge",
       "Deliveries held back by an open circuit breaker." },
   }
-  for _, g in ipairs(gauges) do
-    family(out, g[1], "gauge", g[3])
+  for _, f in ipairs(per_sub) do
+    family(out, f[1], f[3], f[4])
     for _, name in ipairs(names) do
-      sample(out, g[1], base, { "subscription", name },
-             m.subscriptions[name][g[2]])
+      sample(out, f[1], base, { "subscription", name },
+             m.subscriptions[name][f[2]])
     end
   end
   local with_breaker = {}
@@ -402,41 +395,36 @@ function M.prometheus(bus, labels)
   end
   family(out, "buzz_handler_duration_seconds", "histogram",
          "Handler run time of deliveries that returned without yielding "
-         .. "(one in " .. SAMPLE .. " per subscription).")
+         .. "(sampled: the first and one in " .. SAMPLE
+         .. " per subscription).")
   for _, name in ipairs(names) do
     hist(out, "buzz_handler_duration_seconds", base,
          { "subscription", name }, m.subscriptions[name].duration)
   end
   local st = m.store
   if st then
-    local store_counters = {
-      { "buzz_store_commits_total", "commits",
+    local store_fields = {       -- { name, field, kind, help }
+      { "buzz_store_commits_total", "commits", "counter",
         "Transactions the store's writer committed with events." },
-      { "buzz_store_events_committed_total", "committed",
+      { "buzz_store_events_committed_total", "committed", "counter",
         "Rows the store's writer committed." },
-      { "buzz_store_events_failed_total", "failed",
+      { "buzz_store_events_failed_total", "failed", "counter",
         "Rows whose commit failed." },
-      { "buzz_store_refused_total", "refused",
+      { "buzz_store_refused_total", "refused", "counter",
         "Appends refused because the writer's backlog was full." },
-      { "buzz_store_checkpoints_total", "checkpoints",
+      { "buzz_store_checkpoints_total", "checkpoints", "counter",
         "WAL checkpoints run off the writer." },
-    }
-    for _, ctr in ipairs(store_counters) do
-      family(out, ctr[1], "counter", ctr[3])
-      sample(out, ctr[1], base, nil, st[ctr[2]])
-    end
-    local store_gauges = {
-      { "buzz_store_backlog_rows", "backlog_rows",
+      { "buzz_store_backlog_rows", "backlog_rows", "gauge",
         "Rows handed to the writer and not yet committed." },
-      { "buzz_store_backlog_bytes", "backlog_bytes",
+      { "buzz_store_backlog_bytes", "backlog_bytes", "gauge",
         "Bytes of those rows." },
-      { "buzz_store_wal_bytes", "wal_bytes",
+      { "buzz_store_wal_bytes", "wal_bytes", "gauge",
         "Size of the store's write-ahead log." },
     }
-    for _, g in ipairs(store_gauges) do
-      if st[g[2]] then
-        family(out, g[1], "gauge", g[3])
-        sample(out, g[1], base, nil, st[g[2]])
+    for _, f in ipairs(store_fields) do
+      if st[f[2]] then                 -- (wal_bytes: when it could be read)
+        family(out, f[1], f[3], f[4])
+        sample(out, f[1], base, nil, st[f[2]])
       end
     end
     family(out, "buzz_store_commit_seconds", "histogram",

@@ -11,8 +11,8 @@ local options = require "buzz.options"
 local schedule = require "buzz.schedule"
 local task = require "buzz.task"
 
-local type, error, pairs, next, setmetatable =
-      type, error, pairs, next, setmetatable
+local type, error, pairs, setmetatable =
+      type, error, pairs, setmetatable
 local publish_options = options.publish_options
 local scan_options = options.scan_publish_options
 local run_level = task.run_level
