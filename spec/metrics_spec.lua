@@ -249,6 +249,53 @@ describe("buzz.metrics.prometheus", function()
                             'subscription="odd \\"name\\"\\\\x"'))
   end)
 
+  it("sums the buses that share a dict: counters add, histograms add "
+     .. "bucket by bucket, the worse breaker state stays", function()
+    local dict = { data = {} }         -- what ngx.shared.DICT offers
+    function dict:set(k, v) self.data[k] = v end
+    function dict:get(k) return self.data[k] end
+    function dict:delete(k) self.data[k] = nil end
+    function dict:get_keys()
+      local keys = {}
+      for k in pairs(self.data) do keys[#keys + 1] = k end
+      return keys
+    end
+    local clock = buzz.manual_clock(1000)
+    local a = H.bus{ clock = clock, on_error = function() end }
+    local b = H.bus{ clock = clock, on_error = function() end }
+    for i, bus in ipairs { a, b } do
+      bus:subscribe("job", function() end, { name = "jobs" })
+      bus:subscribe("pay", function() error("down") end, {
+        name = "payments", retry = false,
+        breaker = { failures = i, within = 10, cool_down = 30 } })
+      for _ = 1, 10 * i do bus:publish("job") end
+      bus:publish("pay")
+      bus:drain()
+    end
+    local ha = buzz.metrics.share(a, dict, 1)
+    local hb = buzz.metrics.share(b, dict, 1)
+    clock:advance(1)
+    local text = buzz.metrics.shared_prometheus(dict, { job = "w" })
+    assert.equal(30, series(text, "buzz_deliveries_total",
+                            'job="w",subscription="jobs"'))
+    assert.equal(2, series(text, "buzz_delivery_failures_total",
+                           'job="w",subscription="payments"'))
+    assert.equal(1, series(text, "buzz_breaker_state",     -- a: open
+                           'job="w",subscription="payments",state="open"'))
+    assert.equal(2, series(text, "buzz_handler_duration_seconds_count",
+                           'job="w",subscription="jobs"'))  -- a first each
+    assert.equal(2, series(text, "buzz_handler_duration_seconds_bucket",
+                           'job="w",subscription="jobs",le="+Inf"'))
+    local ok, out = promtool(text)
+    assert.is_true(ok, out)
+    ha:cancel()
+    hb:cancel()
+    assert.is_nil(next(dict.data))
+    text = buzz.metrics.shared_prometheus(dict)
+    assert.equal(0, series(text, "buzz_events_published_total",
+                           'priority="normal"'))
+  end)
+
   it("refuses labels that are not names and values", function()
     local bus = H.bus()
     assert.has_error(function() buzz.metrics.prometheus(bus, "x") end,

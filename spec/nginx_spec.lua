@@ -153,6 +153,35 @@ describe("OpenResty (nginx with the lua module) #once", function()
     assert.are.equal("wake", seen("greet_cause:ann"))
   end)
 
+  it("sums the workers' metrics into one Prometheus text at /metrics",
+     function()
+    local function greeted()
+      local n = get("/metrics"):match('\nbuzz_deliveries_total{job="app",'
+                                      .. 'subscription="greet%.%*"} (%d+)\n')
+      return tonumber(n)
+    end
+    -- what earlier greetings left, once the workers' shares (every 0.2 s)
+    -- have settled: two reads half a second apart agree
+    local before = H.eventually(function()
+      local a = greeted()
+      sh("sleep 0.5")
+      return a and a == greeted() and a
+    end, 10, "the greet handler's counter to settle")
+    local said = curl { "/greet?name=m[1-20]" }  -- a connection each
+    assert.matches("in worker 0", said, 1, true)  -- both workers took some
+    assert.matches("in worker 1", said, 1, true)
+    H.eventually(function() return greeted() == before + 20 end, 10,
+                 "20 more greetings counted, from both workers")
+    local text = get("/metrics")
+    local path = prefix .. "/metrics.txt"
+    H.spit(path, text)
+    local status, out = H.sh("promtool check metrics < " .. H.quote(path)
+                             .. " 2>&1")
+    assert.are.equal(0, status, out)
+    assert.matches("# TYPE buzz_handler_duration_seconds histogram", text,
+                   1, true)
+  end)
+
   it("lets a handler sleep and use a cosocket while others go on",
      function()
     -- One connection, so one worker: the fetch handler sleeps 0.5 s, and

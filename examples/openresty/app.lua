@@ -27,6 +27,9 @@
 --                             consumer "audit" appends "7 <id>" to
 --                             audit.log in the prefix
 --   /seen?key=greet:ann       what the handlers recorded
+--   /metrics                  the workers' metrics summed, as Prometheus
+--                             text (each worker shares its bus's through
+--                             the buzz_metrics dict)
 local buzz = require "buzz"
 local bngx = require "buzz.ngx"
 
@@ -125,6 +128,8 @@ function M.init_worker()
       status, now() - t0))
   end)
 
+  buzz.metrics.share(bus, ngx.shared.buzz_metrics, 0.2)
+
   log = bngx.shared{
     dict = "buzz",
     store = ngx.config.prefix() .. "events.db",
@@ -204,6 +209,12 @@ end
 function M.seen()
   local v = seen:get(ngx.var.arg_key)
   ngx.say(v == nil and "-" or tostring(v))
+end
+
+function M.metrics()
+  ngx.header.content_type = buzz.metrics.CONTENT_TYPE
+  ngx.print(buzz.metrics.shared_prometheus(ngx.shared.buzz_metrics,
+                                           { job = "app" }))
 end
 
 return M

@@ -312,6 +312,8 @@ end
 
 local sorted_keys = sorted_names
 
+local render   -- below
+
 --- The bus's metrics in the Prometheus text format (version 0.0.4), every
 --- series with the constant labels given (a table of name = value).
 ---@param bus table
@@ -319,7 +321,12 @@ local sorted_keys = sorted_names
 ---@return string
 function M.prometheus(bus, labels)
   local base = base_labels(labels)
-  local m = bus:metrics()
+  return render(bus:metrics(), base)
+end
+
+-- The text of metrics table m (bus:metrics()'s shape), every series with
+-- the constant labels base (a sorted pairs list).
+render = function(m, base)
   local out = {}
   family(out, "buzz_events_published_total", "counter",
          "Events published, by priority.")
@@ -442,6 +449,100 @@ function M.prometheus(bus, labels)
   end
   out[#out + 1] = ""
   return concat(out, "\n")
+end
+
+-- ------------------------------------------------------------ workers
+
+-- Several processes with a bus each (OpenResty's workers) share their
+-- metrics through a shared dict: each writes its bus:metrics() there as
+-- JSON under "buzz:metrics:<pid>.<n>", with an expiry, so that a worker
+-- that died drops out; M.shared_prometheus sums what is there into one
+-- text.
+local PREFIX = "buzz:metrics:"
+
+--- Writes bus:metrics() into dict (an ngx.shared dict, or anything with
+--- its set(key, value, exptime)) every `every` seconds (default 1), on
+--- the bus's timers (they do not keep run() busy). Returns a handle with
+--- :cancel(), which also removes the entry.
+function M.share(bus, dict, every)
+  if type(dict) ~= "table" and type(dict) ~= "userdata" then
+    error(("bad dict: expected a shared dict such as ngx.shared.metrics, "
+           .. "got %s"):format(type(dict)), 2)
+  end
+  every = every or 1
+  if type(every) ~= "number" or every <= 0 or every > 3600 then
+    error(("bad every: expected seconds, more than 0 and at most 3600, "
+           .. "got %s"):format(tostring(every)), 2)
+  end
+  nbuses = nbuses + 1
+  local key = ("%s%d.%d"):format(PREFIX, core.pid(), nbuses)
+  local handle = { timer = nil, is_cancelled = false }
+  local function write()
+    handle.timer = nil
+    if handle.is_cancelled or bus:is_closed() then return end
+    local ok, m = pcall(bus.metrics, bus)
+    local text = ok and core.json_encode(m)
+    if text then dict:set(key, text, every * 3 + 1) end
+    handle.timer = bus:_after(every * 1000, write)
+    handle.timer:unref()
+  end
+  function handle.cancel()
+    handle.is_cancelled = true
+    if handle.timer then handle.timer:cancel() end
+    dict:delete(key)
+  end
+  handle.timer = bus:_after(0, write)
+  handle.timer:unref()
+  return handle
+end
+
+local SEVERITY = { closed = 1, half_open = 2, open = 3 }
+
+-- Adds metrics table b into a: numbers add up, tables merge, histogram
+-- bounds are kept, and of two breaker states the worse one stays.
+local function add(a, b)
+  for k, v in pairs(b) do
+    local have = a[k]
+    if k == "bounds" then
+      if have == nil then a[k] = v end
+    elseif type(v) == "number" then
+      a[k] = (type(have) == "number" and have or 0) + v
+    elseif type(v) == "table" then
+      if type(have) ~= "table" then have = {}; a[k] = have end
+      add(have, v)
+    elseif type(v) == "string" then
+      if have == nil or (SEVERITY[v] or 0) > (SEVERITY[have] or 0) then
+        a[k] = v
+      end
+    end
+  end
+  return a
+end
+
+--- The sum of the metrics the buses sharing dict wrote (M.share), as
+--- Prometheus text, every series with the constant labels given.
+function M.shared_prometheus(dict, labels)
+  local base = base_labels(labels)
+  local sum = { published = {}, queued = {}, subscriptions = {},
+                refused_full = 0, timers = 0, dead_letters = 0,
+                delayed = 0, retrying = 0 }
+  local keys = dict:get_keys(0)
+  sort(keys)
+  for _, key in ipairs(keys) do
+    if key:sub(1, #PREFIX) == PREFIX then
+      local text = dict:get(key)
+      local m = text and core.json_decode(text)
+      if type(m) == "table" then add(sum, m) end
+    end
+  end
+  for _, p in ipairs(PRIOS) do
+    sum.published[p] = sum.published[p] or 0
+    sum.queued[p] = sum.queued[p] or 0
+  end
+  if not sum.latency then           -- nobody wrote: an empty histogram
+    sum.latency = histogram(LATENCY_BOUNDS):read()
+  end
+  return render(sum, base)
 end
 
 --- The content type of M.prometheus's text, for an HTTP response.
