@@ -76,6 +76,25 @@ describe("the luv driver", function()
     assert.are.same({ "task.done 3", "task.start 1", "task.step 2" }, seen)
   end)
 
+  it("counts what it delivers on the loop, as on any host", function()
+    local bus = H.bus{ loop = uv }
+    local m
+    bus:subscribe("task.*", function()
+      local d = bus:metrics().subscriptions["task.*"].delivered
+      if d == 3 then
+        m = bus:metrics()
+        bus:close()
+      end
+    end)
+    bus:publish("task.start", { n = 1 })
+    bus:publish("task.step", { n = 2 })
+    bus:publish("task.done", { n = 3 }, { priority = "high" })
+    assert.is_true(run_loop(), "uv.run() did not return")
+    assert.are.equal(3, m.subscriptions["task.*"].delivered)
+    assert.are.same({ critical = 0, high = 1, normal = 2, low = 0 },
+                    m.published)
+  end)
+
   it("fires a delayed event and retries with backoff on the loop",
      function()
     local bus = H.bus{ loop = uv, on_error = quiet }

@@ -62,6 +62,7 @@ describe("Neovim", function()
       "handler: editor.written fast=false",
       "handler: editor.user fast=false",
       "handler: editor.reminder fast=false",
+      "metrics: delivered 3",
       "status: ok",
     }, lines)
     assert.are.equal("one\ntwo\nthree\n", H.read(dir .. "/notes.txt"))

@@ -6,7 +6,9 @@
 -- for a reminder (a delayed event), and once the reminder's handlers have
 -- run writes what it saw to $BUZZ_DIR/out.txt and quits: "log: " lines
 -- (the plugin's log buffer), "handler: " lines (type, and whether it ran
--- in a fast callback), "error: " lines (on_error), and a last "status: ".
+-- in a fast callback), a "metrics: " line (what bus:metrics() counted for
+-- the ">" subscription), "error: " lines (on_error), and a last
+-- "status: ".
 -- luacheck: read globals vim
 local root, build, dir = os.getenv("BUZZ_ROOT"), os.getenv("BUZZ_BUILD"),
                          os.getenv("BUZZ_DIR")
@@ -24,6 +26,10 @@ local function finish(status, why)
     end
   end
   for _, l in ipairs(seen) do out:write("handler: ", l, "\n") end
+  if demo and not demo.bus:is_closed() then   -- counted on the editor's loop
+    out:write("metrics: delivered ",
+              demo.bus:metrics().subscriptions[">"].delivered, "\n")
+  end
   for _, l in ipairs(errors) do out:write("error: ", l, "\n") end
   out:write("status: ", why or "ok", "\n")
   out:close()
