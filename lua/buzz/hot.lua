@@ -157,17 +157,15 @@ local function run_audience(ev, aud, st)
     end
   end
 end
-M.run_audience = run_audience
 
---- The state of thread co for run_audience, made on its first use (a
---- thread of task.lua's pool, for the rest of an audience; a worker's
---- comes with it).
-function M.state(h, co)
+-- The state of thread co for run_audience, made on its first use (a
+-- thread of task.lua's pool, for the rest of an audience; a worker's
+-- comes with it).
+local function state(h, co)
   local st = { i = 1, adopted = false, bus = h.bus }
   h.states[co] = st
   return st
 end
-local state = M.state
 
 --- A new worker: a thread that runs an event's audience each time it is
 --- resumed with (ev, aud) and yields DONE when through. A run the
