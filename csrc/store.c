@@ -206,6 +206,41 @@ static int write_row(buzz_store *s, buzz_row *r) {
 }
 
 /* Deletes expired events in small transactions. Writer thread. */
+/*
+** The traces of the events retention dropped go too (every pass: a trace
+** row may come after its event was dropped): the state rows that
+** lua/buzz/trace.lua keeps by event id ("trace", "trace_child": names are
+** zero-padded ids) below the oldest event kept, and the correlations
+** whose events are all gone ("trace_corr": a JSON list of ids). Best
+** effort: a failure leaves rows for the next pass. Writer thread.
+*/
+static void prune_traces(buzz_store *s) {
+  char below[32];
+  sqlite3_stmt *st;
+  int rc;
+  int64_t oldest = buzz__store_query_int(s->wdb, "SELECT min(id) FROM "
+                                         "events", 0, 0, 0, &rc);
+  if (rc != SQLITE_OK || oldest <= 1) return;
+  snprintf(below, sizeof below, "%016lld", (long long)oldest);
+  if (sqlite3_prepare_v2(s->wdb, "DELETE FROM state WHERE kind IN "
+                         "('trace', 'trace_child') AND name < ?1", -1, &st,
+                         NULL) == SQLITE_OK) {
+    sqlite3_bind_text(st, 1, below, -1, SQLITE_TRANSIENT);
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE || sqlite3_changes(s->wdb) == 0)
+      return;                          /* nothing went: no pass over */
+  }                                    /* the correlations */
+  if (sqlite3_prepare_v2(s->wdb, "DELETE FROM state WHERE kind = "
+                         "'trace_corr' AND (SELECT max(value) FROM "
+                         "json_each(state.value)) <= ?1", -1, &st,
+                         NULL) == SQLITE_OK) {
+    sqlite3_bind_int64(st, 1, oldest - 1);
+    sqlite3_step(st);
+    sqlite3_finalize(st);
+  }
+}
+
 static void retain(buzz_store *s) {
   int64_t now = buzz__clock_ms(), cut = 0, max_id, floor_id, held = 0;
   int rc;
@@ -213,6 +248,7 @@ static void retain(buzz_store *s) {
   if (!s->o.max_age_ms && !s->o.max_events) return;
   if (now - s->last_retain < RETAIN_EVERY_MS) return;
   s->last_retain = now;
+  prune_traces(s);                         /* what earlier passes dropped */
   if (s->o.max_events > 0)                 /* older than the newest n */
     cut = buzz__store_query_int(s->wdb, "SELECT id FROM events ORDER BY id DESC LIMIT 1 "
                     "OFFSET ?", 1, s->o.max_events, 0, &rc);

@@ -115,6 +115,7 @@ build = {
     ["buzz.storable"] = "lua/buzz/storable.lua",
     ["buzz.store"] = "lua/buzz/store.lua",
     ["buzz.timers"] = "lua/buzz/timers.lua",
+    ["buzz.trace"] = "lua/buzz/trace.lua",
     ["buzz.transform"] = "lua/buzz/transform.lua",
     ["buzz.util"] = "lua/buzz/util.lua",
   },

@@ -33,6 +33,10 @@ commands:
           --handler FILE.lua [--json]
           feeds every matching event to the function FILE.lua returns;
           appends nothing; exits 1 if the handler raised
+  trace   ID|CORRELATION [--json] [--mermaid]
+          the events an event caused (or a correlation id's), as a tree,
+          each with its deliveries: subscription, attempt, outcome, time
+          (from a bus opened with trace = true)
   top     [--interval S] [--once] [--json]
           a live view: events/s by type, deliveries and failures/s by
           subscription (from buses opened with metrics_every), consumers'
@@ -94,6 +98,11 @@ M.COMMANDS = {
             .. "[--json]",
     options = { subscription = "string", types = "pattern", limit = "count",
                 json = "flag" },
+    words = 1,
+  },
+  trace = {
+    usage = "buzz trace ID|CORRELATION [--json] [--mermaid]",
+    options = { json = "flag", mermaid = "flag" },
     words = 1,
   },
   top = {

@@ -95,10 +95,16 @@ end
 -- an on_error that raises is reported on stderr, in words that cannot
 -- raise in turn (an error whose __tostring raises), or failing that in
 -- fixed ones: a report is never dropped silently.
+local trace_failed = require("buzz.trace").failed
+
 function M.reporter(on_error)
   return function(err, ev, sub, trace)
     local m = type(sub) == "table" and sub._m
-    if m then m[2] = m[2] + 1 end      -- a failed attempt (buzz.metrics)
+    if m then                          -- a failed attempt (buzz.metrics)
+      m[2] = m[2] + 1
+      local tr = sub.bus and sub.bus._trace
+      if tr then trace_failed(tr, ev, sub, err) end  -- (buzz.trace)
+    end
     local ok, e2 = pcall(on_error, err, ev, sub, trace)
     if not ok then
       local fine, line = pcall(format,

@@ -25,6 +25,7 @@ local publish = require "buzz.publish"
 local drive = require "buzz.drive"
 local metrics = require "buzz.metrics"
 local alert = require "buzz.alert"
+local tracing = require "buzz.trace"
 
 local type, error, pairs, ipairs, pcall =
       type, error, pairs, ipairs, pcall
@@ -128,7 +129,11 @@ function M.new(opts)
     _subs = setmetatable({}, { __mode = "k" }),  -- live subscriptions
     _max_payload = opts.max_payload,
     _metrics = metrics.new(),  -- counters by subscription name
+    _trace = false,            -- event-chain tracing (lua/buzz/trace.lua)
   }, Bus)
+  if opts.trace then
+    bus._trace = tracing.new(bus, opts.trace == true and 1 or opts.trace)
+  end
   local sup = failure.new(bus, tl)
   bus._sup = sup
   bus._task = task.new(bus)  -- runs every delivery
@@ -163,6 +168,7 @@ end
 -- Made again when middleware is added.
 local function bind(self, sub)
   local inner = middleware.wrap(self._mw, sub, sub.handler)
+  if self._trace then inner = tracing.wrap(self._trace, sub, inner) end
   sub._inner = inner
   local test, runner = sub._test, sub._runner
   local deliver = inner
@@ -355,6 +361,23 @@ end
 function Bus:alert(opts)
   check_bus(self, "alert")
   return alert.new(self, opts, 2)
+end
+
+--- The causal tree under a traced event (by id), or the trees of a
+--- correlation id (a list): each event with its deliveries' spans and the
+--- events it caused (README, "Seeing inside"). From the bus's memory, or
+--- its store's records (a store another bus traced into).
+---@param what integer|string an event id, or a correlation id
+---@return table|nil
+function Bus:trace(what)
+  check_bus(self, "trace")
+  if not (type(what) == "string" or (type(what) == "number"
+                                     and what >= 1 and what % 1 == 0)) then
+    error(("bad event: expected an event id or a correlation id, got %s")
+          :format(type(what) == "number" and tostring(what)
+                  or "a " .. type(what)), 2)
+  end
+  return tracing.tree(self, what)
 end
 
 --- True once close() has been called.

@@ -42,7 +42,7 @@ local NEW_OPTIONS = option_set("store", "durability", "queue_limit",
                                "on_error", "readonly", "max_payload",
                                "dedup_window", "max_age", "max_events",
                                "max_size", "max_backlog", "clock", "loop",
-                               "metrics_every")
+                               "metrics_every", "trace")
 local SUBSCRIBE_OPTIONS = option_set("once", "durable", "start", "name",
                                      "retry", "ordered", "breaker",
                                      "timeout", "concurrency", "filter")
@@ -293,6 +293,12 @@ function M.new(opts, level)
   end
   local loop = opts.loop
   if loop ~= nil then driver.check(loop, level + 1) end  -- raises first
+  local tr = opts.trace
+  if tr ~= nil and tr ~= true and tr ~= false
+     and not (type(tr) == "number" and tr > 0 and tr <= 1) then
+    error(("bad trace %s: expected true, or the share of chains to trace "
+           .. "(a number above 0, at most 1)"):format(quote(tr)), level + 1)
+  end
   if opts.metrics_every ~= nil then
     check_number(opts.metrics_every, "metrics_every", RANGE.snapshot,
                  level + 1)

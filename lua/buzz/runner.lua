@@ -20,6 +20,7 @@ local errors = require "buzz.errors"
 local task = require "buzz.task"
 local storable = require "buzz.storable"
 local policies = require "buzz.policy"
+local tracing = require "buzz.trace"
 
 local pairs, tostring, setmetatable = pairs, tostring, setmetatable
 local xpcall, select = xpcall, select
@@ -526,6 +527,8 @@ function Runner:bury(job, reason)
     sup.dead[#sup.dead + 1] = rec
     local m = self.sub and self.sub._m -- a dead letter (buzz.metrics)
     if m then m[4] = m[4] + 1 end
+    local tr = sup.bus._trace          -- (buzz.trace)
+    if tr then tracing.buried(tr, ev, self.sub) end
     sup:put("dead", ("%012d"):format(rec.id), rec)
     recs[i] = rec
   end
