@@ -96,6 +96,17 @@ describe("publish_sync's hot path", function()
                  table.concat(seen, " ", 4))
   end)
 
+  it("reports the right subscription when a lone handler raises in a "
+     .. "worker that last ran a larger audience", function()
+    for _ = 1, 3 do bus:subscribe("many", function() end) end
+    bus:subscribe("one", function() error("lone") end, { name = "lone" })
+    bus:publish_sync("many")           -- the worker's last index: 3
+    bus:publish_sync("one")
+    assert.equal(1, #errors)
+    assert.equal("lone", errors[1].sub.name)
+    assert.matches("lone", errors[1].err)
+  end)
+
   it("runs 100 nested levels from deep in the caller's C stack, the "
      .. "deepest one asleep, and wakes it", function()
     -- past 16 levels the hot path resumes through the core (a fresh C

@@ -176,10 +176,10 @@ function M.worker(h)
   local bus = h.bus
   local function body(ev, aud)
     while true do
-      for i = 1, #aud do               -- run_audience, inlined
-        local sub = aud[i]
+      local last = #aud
+      if last == 1 then                -- the usual audience: no loop, and
+        local sub = aud[1]             -- no st.i (settle knows it is 1)
         if sub.is_active then
-          st.i = i
           if sub._once then end_once(bus, sub) end
           local m = sub._m
           local n = m[1] + 1
@@ -193,6 +193,26 @@ function M.worker(h)
             if not st.adopted then hist_since(m.duration, t0) end
           end
           if st.adopted then return end
+        end
+      else
+        for i = 1, last do             -- run_audience, inlined
+          local sub = aud[i]
+          if sub.is_active then
+            st.i = i
+            if sub._once then end_once(bus, sub) end
+            local m = sub._m
+            local n = m[1] + 1
+            m[1] = n
+            if n % SAMPLE ~= 1 then
+              sub._fn(ev)
+            else
+              local mc = bus._manual
+              local t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
+              sub._fn(ev)
+              if not st.adopted then hist_since(m.duration, t0) end
+            end
+            if st.adopted then return end
+          end
         end
       end
       ev, aud = yield(DONE)
@@ -213,7 +233,7 @@ local function settle(h, co, ev, aud, ok, what, arg)
   while true do
     local st = states[co]
     states[co] = nil                   -- it is not ours any more
-    local i = st.i
+    local i = #aud == 1 and 1 or st.i  -- (a worker sets st.i for more)
     local sub = aud[i]
     if ok then                         -- it yielded: the supervisor's now
       st.adopted = true
