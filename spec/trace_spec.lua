@@ -110,18 +110,25 @@ describe("tracing", function()
     math.randomseed(7)
     local bus = H.bus{ trace = 0.5 }
     bus:subscribe("root", function() bus:publish_sync("child") end)
-    bus:subscribe("child", function() end)
+    bus:subscribe("child", function() bus:publish("grandchild") end)
+    bus:subscribe("grandchild", function() end)
+    bus:subscribe("grandchild", function() end, { name = "second" })
     local traced, untraced = 0, 0
     for _ = 1, 40 do
       local id = bus:publish_sync("root")
+      bus:drain()
       local t = bus:trace(id)
       if t then
         traced = traced + 1
-        assert.equal(1, #t.children)   -- its child came along
-        assert.equal("child", t.children[1].type)
+        assert.equal(1, #t.children)   -- its descendants came along
+        local child = t.children[1]
+        assert.equal("child", child.type)
+        assert.equal(1, #child.children)
+        assert.equal(2, #child.children[1].spans)  -- both deliveries
       else
         untraced = untraced + 1
         assert.is_nil(bus:trace(id + 1))  -- and not without it
+        assert.is_nil(bus:trace(id + 2))
       end
     end
     assert.is_true(traced > 0 and untraced > 0, traced .. "/" .. untraced)

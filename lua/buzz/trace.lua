@@ -50,22 +50,39 @@ function M.new(bus, ratio)
     bus = bus, ratio = ratio,
     events = {}, order = {}, head = 1, n = 0,   -- id -> record; a ring
     children = {}, corr = {},                   -- id/corr -> { ids }
-    chosen = {},                                -- id -> traced? (roots)
+    chosen = {}, dorder = {}, dhead = 1, dn = 0,  -- id -> traced? (ratio)
     open = setmetatable({}, { __mode = "k" }),  -- ev -> sub -> span
     writes = bus._store ~= nil and not bus._readonly,
   }
 end
 
+-- Remembers whether event id is traced (the last MAX * 4 decisions).
+local function decide(tr, id, pick)
+  tr.chosen[id] = pick
+  tr.dorder[tr.dhead + tr.dn] = id
+  tr.dn = tr.dn + 1
+  if tr.dn > MAX * 4 then
+    local old = tr.dorder[tr.dhead]
+    tr.dorder[tr.dhead] = nil
+    tr.dhead, tr.dn = tr.dhead + 1, tr.dn - 1
+    tr.chosen[old] = nil
+  end
+end
+
 -- Is ev traced? A root (no cause) by the ratio; others as their cause.
+-- Decided once per event id: every delivery and attempt agrees.
 local function is_traced(tr, ev)
   if tr.ratio >= 1 then return true end
+  local id = ev.id
+  local pick = tr.chosen[id]
+  if pick ~= nil then return pick end
   local cause = ev.causation_id
-  if cause ~= nil then return tr.chosen[cause] == true end
-  local pick = tr.chosen[ev.id]
-  if pick == nil then
+  if cause ~= nil then
+    pick = tr.chosen[cause] == true
+  else
     pick = random() < tr.ratio
-    tr.chosen[ev.id] = pick
   end
+  decide(tr, id, pick)
   return pick
 end
 
@@ -93,7 +110,7 @@ local function evict(tr)
   tr.head = tr.head + 1
   tr.n = tr.n - 1
   local rec = tr.events[id]
-  tr.events[id], tr.chosen[id] = nil, nil
+  tr.events[id] = nil
   if rec then tr.children[id] = nil end
 end
 
