@@ -296,6 +296,20 @@ describe("buzz.metrics.prometheus", function()
                            'priority="normal"'))
   end)
 
+  it("refuses to share into what is not a dict, or at a bad interval",
+     function()
+    local bus = H.bus()
+    assert.has_error(function() buzz.metrics.share(bus, "metrics") end,
+      "bad dict: expected a shared dict such as ngx.shared.metrics, got "
+      .. "string")
+    local dict = { set = function() end, delete = function() end }
+    assert.has_error(function() buzz.metrics.share(bus, dict, 0) end,
+      "bad every: expected seconds, more than 0 and at most 3600, got 0")
+    local ok, err = pcall(buzz.metrics.share, bus, dict, "1")
+    assert.is_false(ok)
+    assert.matches("bad every: .* got 1$", err)
+  end)
+
   it("refuses labels that are not names and values", function()
     local bus = H.bus()
     assert.has_error(function() buzz.metrics.prometheus(bus, "x") end,

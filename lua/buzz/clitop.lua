@@ -17,8 +17,7 @@ local text = require "buzz.clitext"
 
 local pairs, ipairs, type, tonumber, pcall, error =
       pairs, ipairs, type, tonumber, pcall, error
-local format, concat, sort, floor =
-      string.format, table.concat, table.sort, math.floor
+local format, concat, floor = string.format, table.concat, math.floor
 local stdout = io.stdout
 local checked, print_table, iso_time, encode = text.checked,
                                                text.print_table,
@@ -29,12 +28,7 @@ local M = {}
 -- A metrics row older than this is a bus that stopped without closing.
 local STALE_MS = 60000
 
-local function sorted(t)
-  local keys = {}
-  for k in pairs(t) do keys[#keys + 1] = k end
-  sort(keys)
-  return keys
-end
+local sorted = require("buzz.util").sorted_keys
 
 -- One sample of the store: what is stored, and the buses' counters
 -- summed by subscription name (prev: the sample before, whose last id

@@ -45,19 +45,15 @@ local core = require "buzz.core"
 local task = require "buzz.task"
 local metrics = require "buzz.metrics"
 
-local type, pcall, setmetatable, rawget = type, pcall, setmetatable, rawget
-local co_lib = coroutine
--- The raw coroutine functions: inside OpenResty coroutine.* serve the
--- threads nginx schedules.
-local create = rawget(co_lib, "_create") or co_lib.create
-local co_resume = rawget(co_lib, "_resume") or co_lib.resume
-local yield = rawget(co_lib, "_yield") or co_lib.yield
-local close = co_lib.close             -- nil before Lua 5.4
+local type, pcall, setmetatable = type, pcall, setmetatable
+-- The raw coroutine functions (task.lua's: OpenResty's are for nginx).
+local create, yield = task.create, task.co_yield
+local close = coroutine.close          -- nil before Lua 5.4
 local traceback = core.traceback
 local SAMPLE, hist_age, hist_since = metrics.SAMPLE, metrics.hist_age,
                                      metrics.hist_since
 
-local M = { co_resume = co_resume }
+local M = {}
 
 -- Memoized audiences: at most MEMO_MAX types per memo; a full memo is
 -- started afresh (a miss costs one core:audience, the lookup the core's

@@ -20,11 +20,14 @@
 -- start and stop below around a sampled delivery.
 -- @module buzz.metrics
 local core = require "buzz.core"
+local util = require "buzz.util"
 
 local pairs, ipairs, type, tostring, tonumber, error, next, pcall =
       pairs, ipairs, type, tostring, tonumber, error, next, pcall
 local floor, huge, format, concat, sort =
       math.floor, math.huge, string.format, table.concat, table.sort
+
+local sorted_keys = util.sorted_keys
 
 local M = {}
 
@@ -87,12 +90,6 @@ M.hist_age, M.hist_since = core.hist_age, core.hist_since
 
 local BREAKER_STATES = { "closed", "open", "half_open" }
 
-local function sorted_names(t)
-  local keys = {}
-  for k in pairs(t) do keys[#keys + 1] = k end
-  sort(keys)
-  return keys
-end
 
 --- bus:metrics(): see README, "Seeing inside".
 function M.collect(bus, c)
@@ -169,7 +166,7 @@ local function signature(snap)
   end
   parts[#parts + 1] = snap.dead_letters
   parts[#parts + 1] = snap.delayed
-  for _, name in ipairs(sorted_names(snap.subscriptions)) do
+  for _, name in ipairs(sorted_keys(snap.subscriptions)) do
     local s = snap.subscriptions[name]
     parts[#parts + 1] = name
     parts[#parts + 1] = concat({ s.delivered, s.failed, s.retried,
@@ -310,7 +307,6 @@ local function base_labels(labels)
   return base
 end
 
-local sorted_keys = sorted_names
 
 local render   -- below
 
@@ -339,20 +335,21 @@ render = function(m, base)
   for _, p in ipairs(PRIOS) do
     sample(out, "buzz_events_queued", base, { "priority", p }, m.queued[p])
   end
-  family(out, "buzz_queue_full_refusals_total", "counter",
-         "Publishes refused because the queue was full (EFULL).")
-  sample(out, "buzz_queue_full_refusals_total", base, nil, m.refused_full)
-  family(out, "buzz_timers_armed", "gauge",
-         "Timers armed: delays, retries, windows, breakers.")
-  sample(out, "buzz_timers_armed", base, nil, m.timers)
-  family(out, "buzz_dead_letters", "gauge", "Dead letters kept now.")
-  sample(out, "buzz_dead_letters", base, nil, m.dead_letters)
-  family(out, "buzz_delayed_events", "gauge",
-         "Events published with a delay, not yet due.")
-  sample(out, "buzz_delayed_events", base, nil, m.delayed)
-  family(out, "buzz_retries_pending", "gauge",
-         "Deliveries waiting for a retry.")
-  sample(out, "buzz_retries_pending", base, nil, m.retrying)
+  local per_bus = {           -- { name, field, kind, help }
+    { "buzz_queue_full_refusals_total", "refused_full", "counter",
+      "Publishes refused because the queue was full (EFULL)." },
+    { "buzz_timers_armed", "timers", "gauge",
+      "Timers armed: delays, retries, windows, breakers." },
+    { "buzz_dead_letters", "dead_letters", "gauge", "Dead letters kept now." },
+    { "buzz_delayed_events", "delayed", "gauge",
+      "Events published with a delay, not yet due." },
+    { "buzz_retries_pending", "retrying", "gauge",
+      "Deliveries waiting for a retry." },
+  }
+  for _, f in ipairs(per_bus) do
+    family(out, f[1], f[3], f[4])
+    sample(out, f[1], base, nil, m[f[2]])
+  end
   family(out, "buzz_publish_to_handler_seconds", "histogram",
          "Time from publish to the handler's start, by the bus's clock "
          .. "(sampled: the first delivery and one in " .. SAMPLE

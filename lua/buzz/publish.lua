@@ -15,6 +15,7 @@ local type, error, pairs, setmetatable =
       type, error, pairs, setmetatable
 local publish_options = options.publish_options
 local scan_options = options.scan_publish_options
+local check_options = options.check_publish_options
 local run_level = task.run_level
 
 local M = {}
@@ -95,7 +96,7 @@ local hot_inherit, hot_worker, hot_settle = hot_path.inherit,
                                            hot_path.worker, hot_path.settle
 local DONE, FRESH_AT, WORKERS_MAX = hot_path.DONE, hot_path.FRESH_AT,
                                     hot_path.WORKERS_MAX
-local co_resume = hot_path.co_resume
+local co_resume = task.co_resume
 
 --- Delivers an event to its handlers before returning, even in a handler.
 --- An open memory bus without middleware takes the hot path
@@ -116,9 +117,9 @@ function Pub:publish_sync(etype, payload, opts)
       if scan_options then             -- Lua 5.4: C's reading first
         prio, key, corr, headers, dedup, version = scan_options(opts)
       end
-      if not prio then
+      if not prio then                 -- (not the scan again)
         prio, key, corr, headers, dedup, version, is_later =
-          publish_options(opts, 2)
+          check_options(opts, 2)
       end
       if dedup ~= nil or is_later then aud = false end  -- the core's
     end

@@ -28,12 +28,16 @@ local co_lib = coroutine
 -- threads nginx schedules.
 local create = rawget(co_lib, "_create") or co_lib.create
 local co_resume = rawget(co_lib, "_resume") or co_lib.resume
+local co_yield = rawget(co_lib, "_yield") or co_lib.yield
 local close = co_lib.close             -- nil before Lua 5.4
 local traceback = core.traceback
 local SAMPLE, hist_age, hist_since = metrics.SAMPLE, metrics.hist_age,
                                      metrics.hist_since
 
 local M = {}
+
+--- The raw coroutine functions, for hot.lua's workers too.
+M.create, M.co_resume, M.co_yield = create, co_resume, co_yield
 
 local BATCH = 64        -- deliveries one take hands out at most
 local POOL_MAX = 64     -- idle coroutines kept per bus

@@ -29,6 +29,14 @@ end
 
 --- The largest integer every Lua number holds exactly, and JSON carries
 --- without loss: counts, sizes, ids and integer keys stay within it.
+--- The keys of t, sorted.
+function M.sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys)
+  return keys
+end
+
 M.MAX_INT = 2 ^ 53
 
 --- The longest duration or furthest epoch time an option takes, in
