@@ -21,8 +21,11 @@ hits="$(pwd)/$COV/hits"
 failed=0
 
 echo "== coverage: the suite on Lua 5.4"
+out="$COV/busted.log"
 BUZZ_BUILD=$COV/lua5.4 BUZZ_COVERAGE=$hits \
-  $BUSTED --lua=lua5.4 --exclude-tags=slow,rock ${BUSTED_ARGS:-} || failed=1
+  $BUSTED --lua=lua5.4 --exclude-tags=slow,rock ${BUSTED_ARGS:-} >"$out" 2>&1 \
+  || failed=1
+cat "$out"
 if [ "${COVERAGE_LUAJIT:-0}" != 0 ]; then
   echo "== coverage: the suite on LuaJIT"
   # A 16 MiB stack: on LuaJIT json.c's encoder takes about 8.4 KiB of C
@@ -31,7 +34,8 @@ if [ "${COVERAGE_LUAJIT:-0}" != 0 ]; then
   ( ulimit -s 16384
     BUZZ_BUILD=$COV/luajit \
       $BUSTED --lua=luajit --exclude-tags=once,slow,rock ${BUSTED_ARGS:-} ) \
-    || failed=1
+    >>"$out" 2>&1 || failed=1
+  tail -n 40 "$out"
 fi
 
 echo "== coverage: report"
@@ -44,6 +48,8 @@ lua5.4 tools/coverage.lua "$COV/c.info" "$COV/hits" "$COV" \
 status=$?
 echo "(report: $COV/report.txt; uncovered lines: $COV/uncovered.txt)"
 if [ "$failed" != 0 ]; then
+  # CI shows the end of the log: repeat what failed there.
+  grep -E -A 12 '^(Failure|Error) ' "$out" | head -n 120 >&2
   echo "coverage: a spec failed under the coverage build" >&2
   exit 1
 fi
