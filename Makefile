@@ -25,17 +25,18 @@ SRCS     = csrc/error.c csrc/map.c csrc/match.c csrc/queue.c csrc/bus.c \
            csrc/storelock.c csrc/storewal.c csrc/ids.c csrc/dedup.c \
            csrc/lbuzz.c csrc/lpublish.c csrc/lsubscribe.c csrc/ldurable.c \
            csrc/ldispatch.c csrc/lhot.c csrc/lmetrics.c csrc/lstore.c \
-           csrc/lprefilter.c csrc/lutil.c csrc/lcheck.c
+           csrc/lprefilter.c csrc/lutil.c csrc/lcheck.c \
+           csrc/http.c csrc/lhttp.c
 HDRS     = csrc/buzz.h csrc/store.h csrc/compat.h csrc/json.h csrc/jsonint.h csrc/lcheck.h \
-           csrc/lcore.h csrc/storeint.h
+           csrc/lcore.h csrc/storeint.h csrc/http.h
 
 WARN     = -std=c99 -Wall -Wextra -pedantic -Wshadow -Wmissing-prototypes \
            -Werror=implicit-function-declaration
 OPT     ?= -O2 -g
 CFLAGS_COMMON = $(WARN) $(OPT) -fPIC -fvisibility=hidden -D_POSIX_C_SOURCE=200809L
-DEP_CFLAGS := $(shell pkg-config --cflags libuv libcjson sqlite3 2>/dev/null)
-DEP_LIBS   := $(shell pkg-config --libs libuv libcjson sqlite3 2>/dev/null \
-                || echo -luv -lcjson -lsqlite3 -lpthread)
+DEP_CFLAGS := $(shell pkg-config --cflags libuv libcjson sqlite3 libcrypto 2>/dev/null)
+DEP_LIBS   := $(shell pkg-config --libs libuv libcjson sqlite3 libcrypto 2>/dev/null \
+                || echo -luv -lcjson -lsqlite3 -lcrypto -lpthread) -lhttp_parser
 LDFLAGS_SO = -shared
 
 lua_cflags = $(shell pkg-config --cflags $(1) 2>/dev/null)

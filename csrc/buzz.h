@@ -353,6 +353,13 @@ int buzz__loop_arm(buzz_loop *l, int64_t ms);
 int buzz__loop_timeout(buzz_loop *l);    /* ms, -1 = no timer armed */
 /* Waits for one round of loop activity; returns 0 if nothing can arrive. */
 int buzz__loop_wait(buzz_loop *l, int is_writing);
+/* One non-blocking pass of the loop (a server's I/O: http.c). */
+void buzz__loop_poll(buzz_loop *l);
+/* Servers on the loop (http.c): +1 when one starts, -1 when it closes;
+** while there are, timeout also counts their timers. */
+void buzz__loop_io(buzz_loop *l, int delta);
+/* The libuv loop (a uv_loop_t), for http.c. */
+struct uv_loop_s *buzz__loop_uv(buzz_loop *l);
 
 /* ---------------------------------------------------------------- dedup.c */
 

@@ -298,6 +298,7 @@ static int lcore_close(lua_State *L) {
   c->store = NULL;
   buzz__dedup_free(c->dedup);
   c->dedup = NULL;
+  buzz__lhttp_close_all(c);            /* their handles close with it */
   buzz__loop_close(c->loop);
   c->loop = NULL;
   lua_newtable(L);
@@ -514,6 +515,8 @@ int luaopen_buzz_core(lua_State *L) {
     luaL_setfuncs(L, buzz__lpublish_methods, UV_COUNT);
     push_upvalues(L, -2);
     luaL_setfuncs(L, buzz__lsubscribe_methods, UV_COUNT);
+    push_upvalues(L, -2);
+    luaL_setfuncs(L, buzz__lhttp_methods, UV_COUNT);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, lcore_gc);
     lua_setfield(L, -2, "__gc");
@@ -529,6 +532,8 @@ int luaopen_buzz_core(lua_State *L) {
   buzz__json_register(L);
   buzz__pf_register(L);
   buzz__lmetrics_register(L);
+  buzz__lhttp_register(L);
+  luaL_setfuncs(L, buzz__lhttp_funcs, 0);
   {                                    /* the error map: code -> meaning */
     size_t i;
     int code;

@@ -61,6 +61,8 @@ typedef struct lcore {
   int64_t published[BUZZ_NPRIO];  /* events published, by priority (the
                           hot path's included: core:sync_id) */
   int64_t refused_full;  /* publishes refused with EFULL (queue full) */
+  struct lhttp *servers; /* bus:serve's servers on the loop (lhttp.c);
+                          closed before the loop */
 } lcore;
 
 #define SYNC_MAX 100   /* nested publish_sync deliveries; one more is
@@ -190,6 +192,13 @@ extern const luaL_Reg buzz__lsubscribe_methods[];
 ** result of a resume as coroutine.resume gives it. */
 extern const luaL_Reg buzz__ldispatch_methods[];
 int buzz__lcore_resumed(lua_State *L, lua_State *co, int rc, int nres);
+
+/* lhttp.c: core:serve, the "buzz.http" server it makes, and the
+** module's hmac_sha256, sha256 and equal_secret. */
+extern const luaL_Reg buzz__lhttp_methods[];
+extern const luaL_Reg buzz__lhttp_funcs[];
+void buzz__lhttp_register(lua_State *L);
+void buzz__lhttp_close_all(lcore *c);
 
 /* lhot.c: core:sync_id. */
 int buzz__lhot_sync_id(lua_State *L);

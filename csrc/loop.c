@@ -38,6 +38,7 @@ struct buzz_loop {
   uv_async_t *wake;        /* owns; freed in on_close() */
   uv_timer_t *timer;       /* owns; freed in on_close() */
   uint64_t due;            /* uv_now() the timer is due at, while armed */
+  int io;                  /* servers on the loop (buzz__loop_io) */
   unsigned is_polled : 1;  /* a host asked for the descriptor */
   unsigned is_signalled : 1;
 };
@@ -118,6 +119,18 @@ static void loop_poll_once(buzz_loop *l) {
   }
 }
 
+void buzz__loop_poll(buzz_loop *l) {
+  loop_poll_once(l);
+}
+
+struct uv_loop_s *buzz__loop_uv(buzz_loop *l) {
+  return l->loop;
+}
+
+void buzz__loop_io(buzz_loop *l, int delta) {
+  l->io += delta;
+}
+
 int buzz__loop_fd(buzz_loop *l) {
   if (!l->is_polled) {
     l->is_polled = 1;
@@ -171,6 +184,10 @@ int buzz__loop_timeout(buzz_loop *l) {
   uv_update_time(l->loop);                 /* counts down between runs */
   now = uv_now(l->loop);
   left = l->due > now ? l->due - now : 0;
+  if (l->io > 0) {                         /* a server's timers too */
+    int io = uv_backend_timeout(l->loop);
+    if (io >= 0 && (uint64_t)io < left) left = (uint64_t)io;
+  }
   return left > INT_MAX ? INT_MAX : (int)left;
 }
 

@@ -31,6 +31,8 @@ external_dependencies = {
   LIBUV = { header = "uv.h", library = "uv" },
   SQLITE = { header = "sqlite3.h", library = "sqlite3" },
   CJSON = { header = "cjson/cJSON.h", library = "cjson" },
+  HTTP_PARSER = { header = "http_parser.h", library = "http_parser" },
+  OPENSSL = { header = "openssl/hmac.h", library = "crypto" },
 }
 
 build = {
@@ -66,6 +68,8 @@ build = {
         "csrc/lprefilter.c",
         "csrc/lutil.c",
         "csrc/lcheck.c",
+        "csrc/http.c",
+        "csrc/lhttp.c",
       },
       defines = { "_POSIX_C_SOURCE=200809L" },
       incdirs = {
@@ -73,13 +77,17 @@ build = {
         "$(LIBUV_INCDIR)",
         "$(SQLITE_INCDIR)",
         "$(CJSON_INCDIR)",
+        "$(HTTP_PARSER_INCDIR)",
+        "$(OPENSSL_INCDIR)",
       },
       libdirs = {
         "$(LIBUV_LIBDIR)",
         "$(SQLITE_LIBDIR)",
         "$(CJSON_LIBDIR)",
+        "$(HTTP_PARSER_LIBDIR)",
+        "$(OPENSSL_LIBDIR)",
       },
-      libraries = { "uv", "sqlite3", "cjson" },
+      libraries = { "uv", "sqlite3", "cjson", "http_parser", "crypto" },
     },
 
     -- The Lua layer: one line per file under lua/, such as
@@ -106,12 +114,15 @@ build = {
     ["buzz.middleware"] = "lua/buzz/middleware.lua",
     ["buzz.ngx"] = "lua/buzz/ngx.lua",
     ["buzz.options"] = "lua/buzz/options.lua",
+    ["buzz.page"] = "lua/buzz/page.lua",
     ["buzz.policy"] = "lua/buzz/policy.lua",
     ["buzz.publish"] = "lua/buzz/publish.lua",
     ["buzz.reducers"] = "lua/buzz/reducers.lua",
     ["buzz.router"] = "lua/buzz/router.lua",
     ["buzz.runner"] = "lua/buzz/runner.lua",
     ["buzz.schedule"] = "lua/buzz/schedule.lua",
+    ["buzz.serve"] = "lua/buzz/serve.lua",
+    ["buzz.sse"] = "lua/buzz/sse.lua",
     ["buzz.storable"] = "lua/buzz/storable.lua",
     ["buzz.store"] = "lua/buzz/store.lua",
     ["buzz.timers"] = "lua/buzz/timers.lua",

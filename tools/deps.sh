@@ -8,7 +8,7 @@ PACKAGES="
   build-essential pkg-config
   lua5.4 liblua5.4-dev
   luajit2 libluajit2-5.1-dev
-  libuv1-dev libcjson-dev libsqlite3-dev sqlite3
+  libuv1-dev libcjson-dev libsqlite3-dev sqlite3 libhttp-parser-dev libssl-dev
   lua-busted lua-mediator lua-luv lua-check
   luarocks cppcheck valgrind neovim
   nginx libnginx-mod-http-lua libnginx-mod-http-ndk lua-resty-core curl

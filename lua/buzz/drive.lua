@@ -46,6 +46,12 @@ local function flush_deferred(self, t)
   end
 end
 
+-- Answers what bus:serve's servers have queued (lua/buzz/serve.lua).
+local function serve_io(self)
+  local list = self._servers
+  if list and list[1] then require("buzz.serve").pump(self) end
+end
+
 -- At most max deliveries, waiting for the commit of written events when
 -- nothing else is due (step and drain deliver what was published).
 local function pull(self, t, max)
@@ -84,6 +90,7 @@ function Drive:step(max)
   not_in_handler(self, "step")
   local t = self._task
   t.is_stopped = false
+  serve_io(self)
   local start = t.runs
   t.limit = start + max               -- every delivery counts, however
   fire_due(self)                      -- it started: timers (retries),
@@ -103,6 +110,7 @@ function Drive:drain()
   if in_handler(t) then not_in_handler(self, "drain") end
   t.is_stopped = false
   local total, tl = 0, self._timers
+  serve_io(self)
   repeat
     if t.deferred then flush_deferred(self, t) end
     local n = pull(self, t, HUGE)     -- (pull ends when a take found
@@ -137,6 +145,8 @@ function Drive:_turn(max)
   local t = self._task
   if not self._core or in_handler(t) then return 0 end
   t.is_stopped = false
+  serve_io(self)
+  if not self._core then return 0 end
   fire_due(self)
   if not self._core then return 0 end
   flush_deferred(self, t)
@@ -160,6 +170,8 @@ function Drive:run()
   t.is_stopped = false
   local total, tl, clock, c = 0, self._timers, self._clock
   while true do
+    serve_io(self)
+    if not self._core then break end
     flush_deferred(self, t)
     local n = drive(t, RUN_BATCH)
     total = total + n

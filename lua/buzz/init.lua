@@ -315,6 +315,7 @@ function Bus:close()
   local c = self._core
   if not c then return 0 end
   metrics.stop_snapshots(self)  -- (while the store is open)
+  if self._servers then require("buzz.serve").close_all(self) end
   self._core = false
   HOT[self] = nil
   local d = self._driver
@@ -476,6 +477,7 @@ dlq.install(Bus, check_bus)
 
 -- every (lua/buzz/schedule.lua)
 schedule.install(Bus, check_bus, refused)
+require("buzz.serve").install(Bus, check_bus)
 
 --- The state of a subscription's failure handling: inflight, waiting,
 --- held, retrying, breaker ("closed", "open", "half_open" or nil).

@@ -157,6 +157,8 @@ local function snapshot(m, now)
            subscriptions = subs }
 end
 
+M.snapshot = snapshot
+
 -- What must change for a snapshot to be written again.
 local function signature(snap)
   local parts = {}
