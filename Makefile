@@ -72,9 +72,9 @@ build/luajit/buzz/core.so: $(SRCS) $(HDRS)
 # build/, printed whole when both are done; either failing fails the run.
 test: deps all
 	@echo "busted: Lua 5.4 and LuaJIT side by side (build/test-*.log)"
-	@$(BUSTED) --lua=$(LUA54) --exclude-tags=slow $(BUSTED_ARGS) \
+	@$(BUSTED) --lua=$(LUA54) --exclude-tags=slow,browser $(BUSTED_ARGS) \
 	  > build/test-lua5.4.log 2>&1 & pid=$$!; \
-	$(BUSTED) --lua=$(LUAJIT) --exclude-tags=once,slow $(BUSTED_ARGS) \
+	$(BUSTED) --lua=$(LUAJIT) --exclude-tags=once,slow,browser $(BUSTED_ARGS) \
 	  > build/test-luajit.log 2>&1; jit=$$?; \
 	wait $$pid; lua54=$$?; \
 	echo "== $(LUA54)"; cat build/test-lua5.4.log; \
@@ -84,6 +84,12 @@ test: deps all
 test-slow: deps all
 	$(BUSTED) --lua=$(LUA54) --tags=slow $(BUSTED_ARGS)
 	$(BUSTED) --lua=$(LUAJIT) --tags=slow $(BUSTED_ARGS)
+
+# The dashboard in Debian's chromium, driven by playwright-core from npm
+# (tools/browser): installs both first, then runs the #browser spec.
+test-browser: deps all
+	sh tools/browser/deps.sh
+	$(BUSTED) --lua=$(LUA54) --tags=browser $(BUSTED_ARGS)
 
 check: deps
 	$(MAKE) -B all EXTRA_CFLAGS=-Werror
@@ -107,7 +113,7 @@ asan: deps
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 \
 	LSAN_OPTIONS=suppressions=$(CURDIR)/tools/lsan.supp:print_suppressions=0 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  $(BUSTED) --lua=$(LUA54) --exclude-tags=rock,once,slow $(BUSTED_ARGS)
+	  $(BUSTED) --lua=$(LUA54) --exclude-tags=rock,once,slow,browser $(BUSTED_ARGS)
 
 # Fuzzing (fuzz/README of sorts: the harnesses' head comments). The two
 # libFuzzer harnesses are built by clang with ASan + UBSan; what they find

@@ -12,8 +12,13 @@ local function list_examples()
   return files
 end
 
+-- examples/live.lua serves until LIVE_SECONDS have passed, on a port
+-- the system picks, with its store in a temporary file.
+local LIVE_STORE = H.tmp_store()
+
 local function run_example(file)
-  return H.run(("dofile(%q)"):format(file))
+  return H.run(("dofile(%q)"):format(file),
+               "LIVE_SECONDS=1 PORT=0 LIVE_STORE=" .. LIVE_STORE)
 end
 
 -- Expected lines of examples/demo.lua, in order; each is matched whole.
@@ -123,6 +128,17 @@ describe("examples/", function()
       assert.is_nil(out:find("buzz: ", 1, true), "reported on stderr: " .. out)
     end)
   end
+
+  it("serves examples/live.lua's page and stream while it runs",
+     function()
+    local ok, out = run_example("examples/live.lua")
+    H.remove_store(LIVE_STORE)
+    assert.is_true(ok, out)
+    assert.matches("open http://127%.0%.0%.1:%d+/%?token=change%-this%-token",
+                   out)
+    local pushes = tonumber(out:match("(%d+) pushes published"))
+    assert.is_true(pushes >= 1 and pushes <= 3, out)
+  end)
 
   it("prints the demo's trace in order", function()
     local ok, out = run_example("examples/demo.lua")

@@ -23,7 +23,7 @@ failed=0
 echo "== coverage: the suite on Lua 5.4"
 out="$COV/busted.log"
 BUZZ_BUILD=$COV/lua5.4 BUZZ_COVERAGE=$hits \
-  $BUSTED --lua=lua5.4 --exclude-tags=slow,rock ${BUSTED_ARGS:-} >"$out" 2>&1 \
+  $BUSTED --lua=lua5.4 --exclude-tags=slow,rock,browser ${BUSTED_ARGS:-} >"$out" 2>&1 \
   || failed=1
 cat "$out"
 if [ "${COVERAGE_LUAJIT:-0}" != 0 ]; then
@@ -33,7 +33,7 @@ if [ "${COVERAGE_LUAJIT:-0}" != 0 ]; then
   # 1000 levels json_spec encodes overflow the usual 8 MiB at -O0.
   ( ulimit -s 16384
     BUZZ_BUILD=$COV/luajit \
-      $BUSTED --lua=luajit --exclude-tags=once,slow,rock ${BUSTED_ARGS:-} ) \
+      $BUSTED --lua=luajit --exclude-tags=once,slow,rock,browser ${BUSTED_ARGS:-} ) \
     >>"$out" 2>&1 || failed=1
   tail -n 40 "$out"
 fi
