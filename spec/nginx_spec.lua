@@ -352,6 +352,117 @@ describe("OpenResty (nginx with the lua module) #once", function()
     assert.is_true(after[before + 1] > last, "ids go on after a restart")
   end)
 
+  -- The gateway under nginx: buzz.ngx.sse over the shared log,
+  -- buzz.ngx.ingest for GitHub and POST /events.
+  local TOKEN, SECRET = "example-token", "It's a Secret to Everybody"
+
+  -- curl with headers and an optional body; its status and output.
+  local function request(method, path, headers, body, max_time)
+    local args = { "curl -sS -i -N -m " .. (max_time or 10), "-X", method }
+    for k, v in pairs(headers or {}) do
+      args[#args + 1] = "-H " .. H.quote(k .. ": " .. v)
+    end
+    if body then args[#args + 1] = "--data-binary " .. H.quote(body) end
+    args[#args + 1] = H.quote(base .. path)
+    return sh(table.concat(args, " ") .. " 2>/dev/null")
+  end
+
+  local function status_of(out)
+    return tonumber(out:match("^HTTP/1%.1 (%d+)"))
+  end
+
+  local function sse_ids(out, etype)
+    local ids = {}
+    for id, t in out:gmatch("id: (%d+)\nevent: ([^\n]+)\n") do
+      if not etype or t == etype then ids[#ids + 1] = tonumber(id) end
+    end
+    return ids
+  end
+
+  it("streams the shared log over SSE: resume after Last-Event-ID, then "
+     .. "live, heartbeats, auth", function()
+    local auth = { Authorization = "Bearer " .. TOKEN }
+    local _, out = request("GET", "/repos/42/events", {}, nil, 2)
+    assert.equal(401, status_of(out))
+    for i = 1, 3 do
+      local _, r = request("POST", "/events", auth,
+                           '{"type":"repo.42.push","payload":{"i":' .. i
+                           .. '}}')
+      assert.equal(202, status_of(r), r)
+    end
+    request("POST", "/events", auth, '{"type":"repo.7.push"}')
+    -- from the start of the log: the three, in id order
+    local got = H.eventually(function()
+      local _, o = request("GET", "/repos/42/events",
+                           { Authorization = auth.Authorization,
+                             ["Last-Event-ID"] = "0" }, nil, 2.5)
+      return #sse_ids(o, "repo.42.push") >= 3 and o
+    end, 15, "the stream to replay three events")
+    assert.matches("Content%-Type: text/event%-stream", got)
+    assert.matches("X%-Accel%-Buffering: no", got)
+    assert.matches(": connected\n\nretry: 3000\n\n", got)
+    assert.matches(": heartbeat\n\n", got, 1, true)
+    assert.is_nil(got:find("repo.7.push", 1, true))
+    local ids = sse_ids(got, "repo.42.push")
+    assert.equal(3, #ids)
+    for i = 2, #ids do assert.is_true(ids[i] > ids[i - 1]) end
+    -- after the second: only the third, then a live one
+    local file = prefix .. "/stream.out"
+    H.sh(("(curl -sS -N -m 3 -H %s -H 'Last-Event-ID: %d' %s > %s 2>&1 &)")
+       :format(H.quote("Authorization: Bearer " .. TOKEN), ids[2],
+               H.quote(base .. "/repos/42/events"), H.quote(file)))
+    H.eventually(function()
+      return #sse_ids(H.slurp(file) or "", "repo.42.push") == 1
+    end, 10, "the stream to resume with the third event")
+    local _, r = request("POST", "/events", auth,
+                         '{"type":"repo.42.merge","payload":{}}')
+    assert.equal(202, status_of(r), r)
+    local live = H.eventually(function()
+      local o = H.slurp(file) or ""
+      return #sse_ids(o) == 2 and o
+    end, 10, "the live event on the resumed stream")
+    assert.same({ ids[3] }, sse_ids(live, "repo.42.push"))
+    assert.is_true(sse_ids(live, "repo.42.merge")[1] > ids[3])
+    -- an id the log has not reached: reset
+    local _, o4 = request("GET", "/repos/42/events",
+                          { Authorization = auth.Authorization,
+                            ["Last-Event-ID"] = "99999999" }, nil, 1)
+    assert.matches("event: reset\ndata: {\"last_event_id\":99999999}", o4)
+  end)
+
+  it("takes GitHub webhooks: signature checked, one event per delivery",
+     function()
+    local body = '{"ref":"refs/heads/main","n":77}'
+    local function hook(sig, delivery)
+      return request("POST", "/webhook/github", {
+        ["X-GitHub-Event"] = "push", ["X-GitHub-Delivery"] = delivery,
+        ["Content-Type"] = "application/json",
+        ["X-Hub-Signature-256"] = sig }, body)
+    end
+    local good = "sha256=" .. require("buzz.core").hmac_sha256(SECRET, body)
+    local _, bad = hook("sha256=" .. ("0"):rep(64), "nginx-d-1")
+    assert.equal(401, status_of(bad))
+    for _ = 1, 3 do
+      local _, ok = hook(good, "nginx-d-1")
+      assert.equal(202, status_of(ok), ok)
+    end
+    local _, get405 = request("GET", "/webhook/github")
+    assert.equal(405, status_of(get405))
+    local buzz = require "buzz"
+    local n = H.eventually(function()
+      local log = assert(buzz.new{ store = prefix .. "/events.db",
+                                   readonly = true })
+      local count = 0
+      for ev in log:events{ types = "github.push" } do
+        if ev.payload.n == 77 then count = count + 1 end
+      end
+      log:close()
+      return count > 0 and count
+    end, 15, "the webhook's event in the log")
+    os.execute(H.tool .. "sleep 0.3")
+    assert.equal(1, n)
+  end)
+
   -- The failures the tests above cause on purpose, which on_error logs.
   local MEANT = { "buzz: %S+: the payment service hung up",
                   "buzz: ETIMEOUT: handler did not finish within 0.1 s" }

@@ -17,6 +17,15 @@ describe("README.md", function()
     assert.matches("tour ok", out, 1, true)
   end)
 
+  it("shows examples/live.lua's program as it is", function()
+    local shown = readme:match("```lua examples/live%.lua\n(.-)```")
+    assert.is_not_nil(shown, "README lost the live page's program")
+    local example = read("examples/live.lua")
+    local program = example:match("%-%- the program the README shows\n"
+                                  .. "(.-)%-%- end of the program")
+    assert.equal(program, shown)
+  end)
+
   it("starts a newcomer with make demo and make test", function()
     local cmds = readme:match("```sh\n(.-)```")
     assert.matches("make demo", cmds, 1, true)

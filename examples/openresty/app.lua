@@ -30,6 +30,13 @@
 --   /metrics                  the workers' metrics summed, as Prometheus
 --                             text (each worker shares its bus's through
 --                             the buzz_metrics dict)
+--   /repos/ID/events          an SSE stream of repo.ID.> from the shared
+--                             log (buzz.ngx.sse; resumes after
+--                             Last-Event-ID); needs the token
+--   /webhook/github           GitHub webhooks, checked against SECRET and
+--                             published on the shared log once per
+--                             X-GitHub-Delivery (buzz.ngx.ingest)
+--   /events                   POST {"type":..,"payload":..} with the token
 local buzz = require "buzz"
 local bngx = require "buzz.ngx"
 
@@ -204,6 +211,25 @@ function M.order()
   local id, how = log:publish("order.created", {
     n = tonumber(ngx.var.arg_n), worker = ngx.worker.id() })
   ngx.say("worker ", ngx.worker.id(), " ", tostring(id), " ", tostring(how))
+end
+
+-- The gateway (buzz.ngx.sse, buzz.ngx.ingest): nginx serves, buzz
+-- decides as bus:serve would.
+M.TOKEN = "example-token"
+M.SECRET = "It's a Secret to Everybody"
+
+function M.stream()
+  bngx.sse(bus, { subject = "repo.:id.>", token = M.TOKEN, heartbeat = 1,
+                  store = ngx.config.prefix() .. "events.db", poll = 0.05 })
+end
+
+function M.webhook()
+  bngx.ingest(log, { type_header = "X-GitHub-Event", prefix = "github",
+                     secret = M.SECRET, dedup_header = "X-GitHub-Delivery" })
+end
+
+function M.events()
+  bngx.ingest(log, { events = true, token = M.TOKEN })
 end
 
 function M.seen()

@@ -561,5 +561,14 @@ function Shared:publish(etype, payload, opts)
   return true, "forwarded"
 end
 
+-- The gateway under nginx (lua/buzz/ngxgate.lua): content_by_lua*
+-- handlers for an SSE stream, a webhook or POST /events, and /metrics.
+function M.sse(bus, opts) return require("buzz.ngxgate").sse(bus, opts) end
+function M.ingest(publisher, opts)
+  return require("buzz.ngxgate").ingest(publisher, opts)
+end
+function M.metrics(bus, opts)
+  return require("buzz.ngxgate").metrics(bus, opts)
+end
 
 return M

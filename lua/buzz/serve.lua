@@ -25,13 +25,13 @@ local options = require "buzz.options"
 local util = require "buzz.util"
 local sse = require "buzz.sse"
 local metrics = require "buzz.metrics"
+local gateway = require "buzz.gateway"
 
-local type, pairs, ipairs, tostring, tonumber, pcall, error, setmetatable,
-      next = type, pairs, ipairs, tostring, tonumber, pcall, error,
-      setmetatable, next
+local type, pairs, ipairs, tostring, tonumber, pcall, error, setmetatable =
+      type, pairs, ipairs, tostring, tonumber, pcall, error, setmetatable
 local concat = table.concat
 local floor = math.floor
-local json_encode, json_decode = core.json_encode, core.json_decode
+local json_encode = core.json_encode
 local check_options, is_callable = options.check_options,
                                    options.is_callable
 local quote = util.quote
@@ -50,16 +50,9 @@ end
 SERVE_OPTIONS[1] = "authorize, heartbeat, host, ingest, max_buffer, "
   .. "max_conns, max_payload, page, port, post_events, public, retry, "
   .. "ring, streams, subjects, timeout, token"
-local INGEST_OPTIONS = { type = true, type_header = true, prefix = true,
-                         secret = true, dedup_header = true,
-                         key_header = true,
-  "dedup_header, key_header, prefix, secret, type, type_header" }
+local INGEST_OPTIONS = gateway.INGEST_OPTIONS
 
-local REASONS = { [200] = "OK", [202] = "Accepted", [204] = "No Content",
-  [400] = "Bad Request", [401] = "Unauthorized", [403] = "Forbidden",
-  [404] = "Not Found", [405] = "Method Not Allowed",
-  [413] = "Payload Too Large", [429] = "Too Many Requests",
-  [500] = "Internal Server Error", [503] = "Service Unavailable" }
+local REASONS = gateway.REASONS
 
 -- Requests answered per pump, so deliveries are not starved.
 local PUMP_MAX = 64
@@ -85,32 +78,6 @@ local function fail(self, req, status, message, extra)
   respond(self, req, status, json_encode{ error = message }, nil, extra)
 end
 
--- --------------------------------------------------------------- parsing
-
-local function unescape(s)
-  s = s:gsub("+", " ")
-  return (s:gsub("%%(%x%x)", function(h)
-    return string.char(tonumber(h, 16))
-  end))
-end
-
-local function parse_query(q)
-  local t = {}
-  for pair in q:gmatch("[^&]+") do
-    local k, v = pair:match("^([^=]*)=?(.*)$")
-    t[unescape(k)] = unescape(v)
-  end
-  return t
-end
-
-local function cookie(header, name)
-  if not header then return nil end
-  for k, v in header:gmatch("([^=;%s]+)=([^;]*)") do
-    if k == name then return v end
-  end
-  return nil
-end
-
 -- A path template ("/repos/:id/events") as a Lua pattern and its names.
 local function template(path)
   local names = {}
@@ -122,134 +89,21 @@ local function template(path)
   return "^" .. pat .. "$", names
 end
 
--- A parameter is a subject token: no dot, no wildcard, no space.
-local function is_token(s)
-  return s ~= "" and not s:find("[%.%*>%s]")
+-- Answers req with what a gateway function decided.
+local function answer(self, req, status, body, extra)
+  if status == 202 then self.ingested = self.ingested + 1 end
+  respond(self, req, status, json_encode(body), nil, extra)
 end
 
--- ------------------------------------------------------------------ auth
-
--- nil when req may go on, else the status (401, 403) and a message.
 local function refuse(self, req)
-  local token = self.token
-  if token then
-    local got
-    local auth = req.headers.authorization
-    if auth then got = auth:match("^[Bb]earer%s+(.+)$") end
-    got = got or req.query.token or cookie(req.headers.cookie, "buzz_token")
-    if not got or not core.equal_secret(got, token) then
-      return 401, "a token is needed: Authorization: Bearer <token>, "
-                  .. "?token= or the buzz_token cookie"
-    end
-  end
-  local authorize = self.authorize
-  if authorize then
-    local ok, yes = pcall(authorize, req)
-    if not ok then
-      self.bus:_report_error("ECALLBACK: bus:serve's authorize raised: "
-                             .. tostring(yes))
-      return 403, "not allowed"
-    end
-    if not yes then return 403, "not allowed" end
-  end
-  return nil
-end
-
--- --------------------------------------------------------------- ingest
-
--- Publishes for an ingest route or POST /events; answers req.
-local function publish(self, req, etype, payload, opts)
-  if self.is_closing then return fail(self, req, 503, "closing") end
-  local ok, id, err, code = pcall(self.bus.publish, self.bus, etype,
-                                  payload, opts)
-  if not ok then return fail(self, req, 400, tostring(id)) end
-  if id then
-    self.ingested = self.ingested + 1
-    return respond(self, req, 202, json_encode{ id = id })
-  end
-  if code == "EFULL" then
-    return fail(self, req, 429, err, "Retry-After: 1\r\n")
-  elseif code == "ETOOBIG" then
-    return fail(self, req, 413, err)
-  elseif code == "ECLOSED" then
-    return fail(self, req, 503, err)
-  end
-  return fail(self, req, 500, err)
-end
-
-local function decode(self, req)
-  local ok, v, err = pcall(json_decode, req.body)
-  if not ok or (v == nil and err ~= nil) then
-    fail(self, req, 400, "the body is not JSON: " .. tostring(err or v))
-    return nil, false
-  end
-  return v, true
-end
-
-local function ingest(self, req, spec)
-  if spec.secret then
-    local sig = req.headers["x-hub-signature-256"] or ""
-    local want = "sha256=" .. core.hmac_sha256(spec.secret, req.body)
-    if not core.equal_secret(sig, want) then
-      return fail(self, req, 401, "bad or missing X-Hub-Signature-256")
-    end
-  else
-    local status, why = refuse(self, req)
-    if status then return fail(self, req, status, why) end
-  end
-  local etype = spec.type
-  if spec.type_header then
-    local v = req.headers[spec.type_header:lower()]
-    if not v or not is_token(v) then
-      return fail(self, req, 400, "missing or bad " .. spec.type_header)
-    end
-    etype = spec.prefix and spec.prefix .. "." .. v or v
-  end
-  local payload, ok = decode(self, req)
-  if not ok then return end
-  local opts = {}
-  if spec.dedup_header then
-    local d = req.headers[spec.dedup_header:lower()]
-    if d and d ~= "" then opts.dedup = d end
-  end
-  if spec.key_header then
-    local k = req.headers[spec.key_header:lower()]
-    if k and k ~= "" then opts.key = k end
-  end
-  return publish(self, req, etype, payload, next(opts) and opts or nil)
-end
-
-local function post_events(self, req)
-  local status, why = refuse(self, req)
-  if status then return fail(self, req, status, why) end
-  local body, ok = decode(self, req)
-  if not ok then return end
-  if type(body) ~= "table" or type(body.type) ~= "string" then
-    return fail(self, req, 400, "expected {\"type\": \"...\", "
-                .. "\"payload\": ...}")
-  end
-  local opts = {}
-  for _, k in ipairs{ "key", "correlation_id", "dedup", "priority" } do
-    if body[k] ~= nil then opts[k] = body[k] end
-  end
-  return publish(self, req, body.type, body.payload,
-                 next(opts) and opts or nil)
-end
-
--- --------------------------------------------------------------- streams
-
-local function last_event_id(req)
-  local v = req.headers["last-event-id"] or req.query.last_event_id
-  v = v and tonumber(v)
-  if v and v >= 0 and v % 1 == 0 then return floor(v) end
-  return nil
+  return gateway.refuse(self, req)
 end
 
 local function stream(self, req, pattern, cond, plain)
   local status, why = refuse(self, req)
   if status then return fail(self, req, status, why) end
   if self.is_closing then return fail(self, req, 503, "closing") end
-  sse.open(self, req.conn, pattern, cond, last_event_id(req), plain)
+  sse.open(self, req.conn, pattern, cond, gateway.last_event_id(req), plain)
 end
 
 -- ------------------------------------------------------------ the router
@@ -311,14 +165,14 @@ local function route(self, req)
     if method ~= "POST" then
       return fail(self, req, 405, "POST only", "Allow: POST\r\n")
     end
-    return ingest(self, req, spec)
+    return answer(self, req, gateway.ingest(self, self.bus, req, spec))
   end
   if path == "/api/events" and self.page and is_get then
     return stream(self, req, ">", nil, true)   -- the dashboard's
   end
   if path == "/events" then
     if method == "POST" and self.post_events then
-      return post_events(self, req)
+      return answer(self, req, gateway.post_events(self, self.bus, req))
     end
     if is_get and self.subjects then
       local s = req.query.subject
@@ -338,8 +192,8 @@ local function route(self, req)
       local subject = r.subject
       req.params = {}
       for i, name in ipairs(r.names) do
-        local v = unescape(caps[i])
-        if not is_token(v) then
+        local v = gateway.unescape(caps[i])
+        if not gateway.is_token(v) then
           return fail(self, req, 400, ("bad %s: %s"):format(name, quote(v)))
         end
         req.params[name] = v
@@ -370,7 +224,7 @@ function Server:pump()
     else
       local path, q = url:match("^([^?#]*)%??([^#]*)")
       local req = { conn = conn, method = method, url = url, path = path,
-                    query = parse_query(q or ""), headers = headers,
+                    query = gateway.parse_query(q or ""), headers = headers,
                     body = body, keep_alive = keep, peer = peer }
       local ok, err = pcall(route, self, req)
       if not ok then
@@ -518,6 +372,7 @@ function M.serve(bus, opts, level)
     subjects = opts.subjects == true, post_events = opts.post_events ~= false,
     page = opts.page ~= false, retry_ms = opts.retry or 3000,
     heartbeat_ms = floor((opts.heartbeat or 15) * 1000),
+    report = function(e) bus:_report_error(e) end,
     streams = {}, nstreams = 0, overflows = 0, ingested = 0,
   }, Server)
   if (#routes > 0 or self.subjects or self.page) and not bus:_has_store() then
