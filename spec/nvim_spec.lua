@@ -15,13 +15,14 @@ end
 
 -- Runs spec/nvim/script.lua in nvim; returns its exit status and the
 -- lines of its report (out.txt), or nil and everything nvim printed.
-local function run_editor(dir)
+local function run_editor(dir, script)
   local top = root()
   local cmd = ("%sBUZZ_ROOT=%s BUZZ_BUILD=%s BUZZ_DIR=%s timeout 20 "
                .. "nvim --headless --clean -n +%s 2>&1")
               :format(H.tool, H.quote(top), H.quote(top .. "/build/luajit"),
                       H.quote(dir),
-                      H.quote("luafile " .. top .. "/spec/nvim/script.lua"))
+                      H.quote("luafile " .. top .. "/spec/nvim/"
+                              .. (script or "script.lua")))
   local status, out = H.sh(cmd)
   local report = H.slurp(dir .. "/out.txt")
   if not report then return status, nil, out end
@@ -66,5 +67,17 @@ describe("Neovim", function()
       "status: ok",
     }, lines)
     assert.are.equal("one\ntwo\nthree\n", H.read(dir .. "/notes.txt"))
+  end)
+
+  it("serves HTTP on the editor's loop: a stream gets an event, /metrics "
+     .. "answers", function()
+    local dir = H.mktemp_dir()
+    finally(function() H.remove_dir(dir) end)
+    local status, lines, out = run_editor(dir, "serve.lua")
+    assert.is_truthy(lines, "nvim wrote no report (status "
+                            .. tostring(status) .. "):\n" .. out)
+    assert.are.same({ "stream: editor.saved nvim", "metrics: 200",
+                      "status: ok" }, lines)
+    assert.are.equal(0, status, out)
   end)
 end)

@@ -542,6 +542,36 @@ describe("bus:serve", function()
       assert.is_nil(h2["set-cookie"])
     end)
 
+    it("serves on a luv host's loop: the loop wakes for the sockets",
+       function()
+      bus = H.bus{ loop = uv }
+      srv = assert(bus:serve{ port = 0, token = TOKEN,
+                              streams = { ["/s"] = "a.>" } })
+      port = srv.port
+      local c = connect(port, request("GET", "/s", AUTH))
+      local deadline = uv.hrtime() + 5e9
+      local function run_until(pred)
+        while not pred() do
+          assert(uv.hrtime() < deadline, "timed out")
+          uv.run("once")
+        end
+      end
+      run_until(function() return c.data:find("retry", 1, true) end)
+      local timer = uv.new_timer()          -- a publish from the host's
+      timer:start(10, 0, function()          -- own callback
+        bus:publish("a.b", { from = "luv" })
+        timer:close()
+      end)
+      run_until(function() return #events_in(c.data) == 1 end)
+      assert.equal("luv", core.json_decode(events_in(c.data)[1].data)
+                            .payload.from)
+      local f = connect(port, request("GET", "/metrics", AUTH))
+      run_until(function() return response(f.data) end)
+      assert.equal(200, (response(f.data)))
+      f.close()
+      c.close()
+    end)
+
     it("stops serving when the bus closes", function()
       serve{ streams = { ["/s"] = "a.>" } }
       local c = connect(port, request("GET", "/s", AUTH))
