@@ -45,7 +45,7 @@ LUA54   = lua5.4
 LUAJIT  = luajit
 BUSTED  = busted
 
-.PHONY: all deps test test-slow check asan bench bench-ic demo \
+.PHONY: all deps test test-slow check asan bench bench-ic bench-serve test-browser demo \
         clean rock fuzz coverage
 
 all: build/lua5.4/buzz/core.so build/luajit/buzz/core.so
@@ -182,6 +182,10 @@ coverage: deps $(COV)/lua5.4/buzz/core.so $(COV)/luajit/buzz/core.so
 bench: deps all
 	$(LUA54) bench/run.lua
 	$(LUAJIT) bench/run.lua
+
+bench-serve: deps all
+	$(LUA54) bench/serve.lua
+	$(LUAJIT) bench/serve.lua
 
 bench-ic: deps all
 	sh bench/instructions.sh $(LUA54)

@@ -26,6 +26,7 @@
 ** connection have closed (refs); buzz__http_close starts that. A
 ** connection frees itself when both its handles (tcp, timer) closed.
 */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -490,6 +491,23 @@ static conn *conn_find(buzz_http *s, uint64_t id) {
 
 /* ------------------------------------------------------------- the API */
 
+/*
+** A write to a client that has gone raises SIGPIPE, whose default action
+** ends the process (libuv writes with write(2), not send(MSG_NOSIGNAL)).
+** A server must outlive its clients, as nginx and Node do: SIGPIPE is
+** ignored, unless the host has a handler of its own, which stays. The
+** write then fails with EPIPE and the connection closes.
+*/
+static void ignore_sigpipe(void) {
+  struct sigaction sa;
+  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) {
+    sa.sa_handler = SIG_IGN;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;
+    sigaction(SIGPIPE, &sa, NULL);
+  }
+}
+
 static void on_listener_closed(uv_handle_t *h) {
   server_unref(h->data);
 }
@@ -506,6 +524,7 @@ int buzz__http_listen(buzz_loop *bl, const char *host, int port,
     return BUZZ_EINVAL;
   }
   if ((s = calloc(1, sizeof *s)) == NULL) return BUZZ_ENOMEM;
+  ignore_sigpipe();
   settings.on_message_begin = on_message_begin;
   settings.on_url = on_url;
   settings.on_header_field = on_header_field;

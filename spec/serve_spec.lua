@@ -572,6 +572,21 @@ describe("bus:serve", function()
       c.close()
     end)
 
+    it("outlives a client that leaves mid-write: SIGPIPE is ignored "
+       .. "once it serves", function()
+      local ok, out = H.run([[
+        local buzz = require "buzz"
+        local core = require "buzz.core"
+        local bus = assert(buzz.new())
+        assert(bus:serve{ port = 0, public = true })
+        os.execute("kill -PIPE " .. core.pid())
+        print("alive")
+        bus:close()
+      ]])
+      assert.is_true(ok, out)
+      assert.matches("alive", out, 1, true)
+    end)
+
     it("stops serving when the bus closes", function()
       serve{ streams = { ["/s"] = "a.>" } }
       local c = connect(port, request("GET", "/s", AUTH))
