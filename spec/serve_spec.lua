@@ -359,6 +359,26 @@ describe("bus:serve", function()
       assert.equal(before, #bus._core:subs())
     end)
 
+    it("filters a stream with where{}, in the resume too", function()
+      local path = H.tmp_store()
+      stores[#stores + 1] = path
+      serve({ streams = { ["/big"] = { subject = "order.>",
+                                       where = { ["payload.total"] =
+                                                 { gte = 100 } } } } },
+            { store = path })
+      bus:publish("order.placed", { total = 5 })           -- 1
+      bus:publish("order.placed", { total = 500 })         -- 2
+      bus:drain()
+      local c = connect(port, request("GET", "/big",
+                                      { Authorization = AUTH.Authorization,
+                                        ["Last-Event-ID"] = "0" }))
+      pump(bus, function() return #ids(c.data) == 1 end)
+      bus:publish("order.placed", { total = 7 })           -- 3
+      bus:publish("order.placed", { total = 700 })         -- 4
+      pump(bus, function() return #ids(c.data) == 2 end)
+      assert.same({ 2, 4 }, ids(c.data))
+    end)
+
     it("takes ad-hoc subjects only with subjects = true", function()
       serve{ subjects = true }
       local c = connect(port, request("GET", "/events?subject=repo.%2A.push",
@@ -585,6 +605,33 @@ describe("bus:serve", function()
       ]])
       assert.is_true(ok, out)
       assert.matches("alive", out, 1, true)
+    end)
+
+    it("answers the dashboard's /api/stats and /api/trace/ID",
+       function()
+      serve({}, { trace = true, on_error = function() end })
+      bus:subscribe("job.start", function(ev)
+        if ev.payload.bad then error("no") end
+        bus:publish("job.done", {})
+      end, { name = "worker" })
+      bus:subscribe("job.done", function() end, { name = "worker" })
+      local id = bus:publish("job.start", {})
+      bus:publish("job.start", { bad = true })
+      bus:drain()
+      local status, _, body = fetch(bus, port, "GET", "/api/stats", AUTH)
+      assert.equal(200, status, body)
+      local st = core.json_decode(body)
+      assert.equal(3, st.subscriptions.worker.delivered)
+      assert.equal(1, st.subscriptions.worker.failed)
+      assert.equal(3, st.last_id)
+      assert.equal(401, (fetch(bus, port, "GET", "/api/stats")))
+      local status2, _, tbody = fetch(bus, port, "GET", "/api/trace/" .. id,
+                                      AUTH)
+      assert.equal(200, status2, tbody)
+      local tree = core.json_decode(tbody)
+      assert.equal(id, tree.id)
+      assert.equal("job.done", tree.children[1].type)
+      assert.equal(404, (fetch(bus, port, "GET", "/api/trace/999", AUTH)))
     end)
 
     it("stops serving when the bus closes", function()
