@@ -93,8 +93,6 @@ typedef struct wreq {
 
 static http_parser_settings settings;
 
-/* ------------------------------------------------------------ buffers */
-
 /* Appends n bytes to *buf (length *len, capacity *cap), keeping a NUL
 ** after them. 0 or -1 (no memory). */
 static int append(char **buf, size_t *len, size_t *cap, const char *p,
@@ -131,8 +129,6 @@ static int head_end(http_parser *p) {
   return head_add(p, "", 1);             /* the NUL that ends a piece */
 }
 
-/* ----------------------------------------------------- parser callbacks */
-
 static int on_message_begin(http_parser *p) {
   conn *c = p->data;
   c->nhead = c->nbody = 0;
@@ -148,10 +144,8 @@ static int on_url(http_parser *p, const char *at, size_t n) {
 
 static int on_header_field(http_parser *p, const char *at, size_t n) {
   conn *c = p->data;
-  if (c->was_value || c->nfields == 0) {   /* a new field */
-    if (c->nfields == 0 || c->was_value) {
-      if (head_end(p) != 0) return -1;     /* ends the url or the value */
-    }
+  if (c->was_value || c->nfields == 0) {   /* a new field: the end of */
+    if (head_end(p) != 0) return -1;       /* the url or the last value */
     c->was_value = 0;
     c->nfields++;
   }
@@ -169,11 +163,8 @@ static int on_header_value(http_parser *p, const char *at, size_t n) {
 
 static int on_headers_complete(http_parser *p) {
   conn *c = p->data;
-  if (c->nfields == 0 || c->was_value) {
-    if (head_end(p) != 0) return -1;
-  } else {
-    if (head_end(p) != 0 || head_end(p) != 0) return -1;  /* no value */
-  }
+  if (head_end(p) != 0) return -1;       /* ends the url or the value */
+  if (c->nfields > 0 && !c->was_value && head_end(p) != 0) return -1;
   if (p->upgrade) {                        /* WebSocket, CONNECT */
     c->reject = 501;
     return -1;
@@ -239,8 +230,6 @@ static int on_message_complete(http_parser *p) {
   return 0;
 }
 
-/* ------------------------------------------------------------- writing */
-
 static void on_written(uv_write_t *w, int status) {
   wreq *wr = (wreq *)w;
   conn *c = wr->c;
@@ -291,8 +280,6 @@ static void conn_refuse(conn *c, int status) {
   if (conn_send(c, msg, (size_t)n) != BUZZ_OK || c->queued == 0)
     conn_close(c);
 }
-
-/* ------------------------------------------------------------- reading */
 
 static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b) {
   (void)h;
@@ -352,8 +339,6 @@ static void conn_read(conn *c) {
     free(rest);
   }
 }
-
-/* ------------------------------------------------------ the connections */
 
 static void server_unref(buzz_http *s) {
   buzz_http_req *r, *next;
@@ -488,8 +473,6 @@ static conn *conn_find(buzz_http *s, uint64_t id) {
   if (slot >= s->nslots || (c = s->slots[slot]) == NULL) return NULL;
   return c->id == id ? c : NULL;
 }
-
-/* ------------------------------------------------------------- the API */
 
 /*
 ** A write to a client that has gone raises SIGPIPE, whose default action

@@ -530,6 +530,24 @@ describe("bus:serve", function()
       assert.is_false(c.closed)
     end)
 
+    it("hands authorize the headers by lower-case name: empty values "
+       .. "kept, repeated ones joined", function()
+      local seen
+      serve{ public = true, authorize = function(req)
+        seen = req.headers
+        return true
+      end }
+      local c = connect(port, "GET /metrics?x=1 HTTP/1.1\r\nHost: t\r\n"
+                              .. "X-Empty:\r\nX-A: 1\r\nx-a: 2\r\n"
+                              .. "X-Last: z\r\n\r\n")
+      pump(bus, function() return response(c.data) end)
+      assert.equal(200, (response(c.data)))
+      assert.equal("", seen["x-empty"])
+      assert.equal("1, 2", seen["x-a"])
+      assert.equal("z", seen["x-last"])
+      assert.equal("t", seen.host)
+    end)
+
     it("refuses oversized headers (431), slow requests (408) and "
        .. "upgrades (501)", function()
       serve{ timeout = 0.2 }
