@@ -567,6 +567,36 @@ describe("bus:serve", function()
       assert.equal(400, (response(bad.data)))
     end)
 
+    it("survives garbage and requests cut at random points, then serves "
+       .. "a good one", function()
+      serve{ streams = { ["/s"] = "a.>" }, max_payload = 4096, timeout = 0.3 }
+      math.randomseed(7)
+      local pieces = { "GET ", "POST ", "/s", "/events", " HTTP/1.1\r\n",
+        "Host: x\r\n", "Content-Length: 5\r\n", "Content-Length: 99999\r\n",
+        "Transfer-Encoding: chunked\r\n", "\r\n", "5\r\nhello\r\n",
+        "0\r\n\r\n", "Authorization: Bearer " .. TOKEN .. "\r\n", "\0",
+        "\255\254", ("A"):rep(3000), "%zz", "?token=" .. TOKEN, ":", " " }
+      local conns = {}
+      for i = 1, 60 do
+        local t = {}
+        for k = 1, math.random(1, 12) do
+          t[k] = pieces[math.random(#pieces)]
+        end
+        conns[i] = connect(port, table.concat(t))
+      end
+      pump(bus, function()
+        for _, c in ipairs(conns) do
+          if not (c.closed or c.data ~= "") then return false end
+        end
+        return true
+      end)
+      for _, c in ipairs(conns) do
+        if c.data ~= "" then assert.matches("^HTTP/1%.1 %d%d%d ", c.data) end
+        c.close()
+      end
+      assert.equal(200, (fetch(bus, port, "GET", "/metrics", AUTH)))
+    end)
+
     it("serves the page at / and sets the token cookie from ?token=",
        function()
       serve{}
