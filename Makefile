@@ -45,7 +45,7 @@ LUA54   = lua5.4
 LUAJIT  = luajit
 BUSTED  = busted
 
-.PHONY: all deps test test-slow check asan bench bench-ic bench-serve test-browser demo \
+.PHONY: all deps test test-slow check asan bench bench-ic bench-serve bench-metrics test-browser demo \
         clean rock fuzz coverage
 
 all: build/lua5.4/buzz/core.so build/luajit/buzz/core.so
@@ -186,6 +186,18 @@ bench: deps all
 bench-serve: deps all
 	$(LUA54) bench/serve.lua
 	$(LUAJIT) bench/serve.lua
+
+# The core with its metrics compiled out, beside the real one, for
+# bench/metrics_cost.sh.
+build/nometrics/%/buzz/core.so: $(SRCS) $(HDRS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_COMMON) -DBUZZ_NO_METRICS $(call lua_cflags,$*) \
+	  $(DEP_CFLAGS) $(SRCS) -o $@ $(LDFLAGS_SO) $(DEP_LIBS)
+
+bench-metrics: deps all build/nometrics/lua5.4/buzz/core.so \
+               build/nometrics/luajit/buzz/core.so
+	sh bench/metrics_cost.sh $(LUA54)
+	sh bench/metrics_cost.sh $(LUAJIT)
 
 bench-ic: deps all
 	sh bench/instructions.sh $(LUA54)

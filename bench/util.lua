@@ -24,8 +24,9 @@ M.is_jit = type(jit) == "table"
 M.root = (arg and arg[0] or ""):match("^(.-)bench/[%w_]+%.lua$") or ""
 
 --- For a benchmark run on its own (`lua5.4 bench/NAME.lua`):
---- true, with the checkout's Lua layer and build put first on the
---- package paths; false when it is loaded by bench/run.lua.
+--- true, with the checkout's Lua layer and build (build/<flavour>, or
+--- $BUZZ_BUILD: bench/metrics_cost.sh's build without metrics) put first
+--- on the package paths; false when it is loaded by bench/run.lua.
 ---@param name string the benchmark's file name, without .lua
 ---@return boolean
 function M.standalone(name)
@@ -34,7 +35,8 @@ function M.standalone(name)
   local root, flavour = M.root, M.is_jit and "luajit" or "lua5.4"
   package.path = root .. "lua/?.lua;" .. root .. "lua/?/init.lua;"
                  .. root .. "?.lua;" .. package.path
-  package.cpath = root .. "build/" .. flavour .. "/?.so;" .. package.cpath
+  local build = os.getenv("BUZZ_BUILD") or (root .. "build/" .. flavour)
+  package.cpath = build .. "/?.so;" .. package.cpath
   return true
 end
 

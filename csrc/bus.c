@@ -249,7 +249,7 @@ size_t buzz__bus_drop_range(buzz_bus *b, int64_t lo, int64_t hi, void *ctx) {
         *link = ev->next;
         if (b->queue.tail[p] == ev) b->queue.tail[p] = prev;
         b->queue.count--;
-        b->queue.nprio[p]--;
+        BUZZ_METRIC(b->queue.nprio[p]--);
         if (b->on_event_free) b->on_event_free(ctx, ev);
         buzz__event_free(&b->queue, ev);
         n++;

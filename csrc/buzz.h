@@ -56,6 +56,17 @@ typedef enum {
   BUZZ__EMIN
 } buzz_errno;
 
+/*
+** BUZZ_METRIC(stmt): a metrics counter's update, compiled out with
+** -DBUZZ_NO_METRICS (bench/metrics_cost.sh builds that core to measure
+** what the always-on metrics cost; core.metrics_built says which).
+*/
+#ifdef BUZZ_NO_METRICS
+#define BUZZ_METRIC(stmt) ((void)sizeof(stmt))   /* not evaluated */
+#else
+#define BUZZ_METRIC(stmt) (stmt)
+#endif
+
 /* "No Lua value": equals LUA_NOREF (lbuzz.c checks at compile time). */
 #define BUZZ_NOREF (-2)
 

@@ -33,7 +33,8 @@ int buzz__lhot_sync_id(lua_State *L) {
   if (levels >= SYNC_MAX) return push_too_deep(L, levels);
   if (c->bus.last_id >= BUZZ_INT_EXACT)
     return push_fail(L, BUZZ_EINVAL, "no ids left");
-  c->published[prio >= 0 && prio < BUZZ_NPRIO ? prio : BUZZ_PRIO_NORMAL]++;
+  BUZZ_METRIC(c->published[prio >= 0 && prio < BUZZ_NPRIO
+                           ? prio : BUZZ_PRIO_NORMAL]++);
   lua_pushinteger(L, (lua_Integer)++c->bus.last_id);
   lua_pushinteger(L, (lua_Integer)buzz__clock_ms());
   return 2;

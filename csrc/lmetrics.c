@@ -242,4 +242,10 @@ void buzz__lmetrics_register(lua_State *L) {
   lua_setfield(L, -2, "hist_age");     /* a sampled delivery calls them */
   lua_pushcfunction(L, l_since);       /* without a method lookup */
   lua_setfield(L, -2, "hist_since");
+#ifdef BUZZ_NO_METRICS
+  lua_pushboolean(L, 0);               /* bench/metrics_cost.sh's core */
+#else
+  lua_pushboolean(L, 1);
+#endif
+  lua_setfield(L, -2, "metrics_built");
 }

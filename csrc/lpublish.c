@@ -302,7 +302,7 @@ static int do_publish(lua_State *L, int mode) {
     return push_fail(L, rc, NULL);
   }
   id = c->bus.last_id;
-  c->published[prio]++;
+  BUZZ_METRIC(c->published[prio]++);
   if (dkey) {
     if (c->dedup == NULL &&
         buzz__dedup_new(&c->dedup, c->dedup_window) < 0)
@@ -344,7 +344,7 @@ static int do_publish(lua_State *L, int mode) {
   lua_pushinteger(L, (lua_Integer)id);
   return 1;
 full:
-  c->refused_full++;
+  BUZZ_METRIC(c->refused_full++);
   lua_pushnil(L);
   {                                    /* a count: no (int) cut */
     char num[24];

@@ -82,7 +82,7 @@ int buzz__queue_push(buzz_queue *q, buzz_event *ev) {
   else q->head[p] = ev;
   q->tail[p] = ev;
   q->count++;
-  q->nprio[p]++;
+  BUZZ_METRIC(q->nprio[p]++);
   return BUZZ_OK;
 }
 
@@ -96,7 +96,7 @@ buzz_event *buzz__queue_pop(buzz_queue *q) {
     if (q->head[p] == NULL) q->tail[p] = NULL;
     ev->next = NULL;
     q->count--;
-    q->nprio[p]--;
+    BUZZ_METRIC(q->nprio[p]--);
     return ev;
   }
   return NULL;

@@ -337,11 +337,16 @@ static void free_rows(buzz_row *r) {
 
 /* A commit of events took us microseconds: into the histogram. */
 static void count_commit(buzz_store_stats *st, uint64_t us) {
+#ifndef BUZZ_NO_METRICS
   static const int64_t bounds[BUZZ_COMMIT_BUCKETS] = BUZZ_COMMIT_BOUNDS_US;
   int b = 0;
   while (b < BUZZ_COMMIT_BUCKETS && (int64_t)us > bounds[b]) b++;
   st->commit_le[b]++;
   st->commit_us += (int64_t)us;
+#else
+  (void)st;
+  (void)us;
+#endif
 }
 
 void buzz__store_writer_main(void *arg) {

@@ -99,9 +99,9 @@ local trace_failed = require("buzz.trace").failed
 
 function M.reporter(on_error)
   return function(err, ev, sub, trace)
-    local m = type(sub) == "table" and sub._m
-    if m then                          -- a failed attempt (buzz.metrics)
-      m[2] = m[2] + 1
+    if type(sub) == "table" then       -- a failed attempt
+      local m = sub._m
+      if m then m[2] = m[2] + 1 end    -- (buzz.metrics)
       local tr = sub.bus and sub.bus._trace
       if tr then trace_failed(tr, ev, sub, err) end  -- (buzz.trace)
     end

@@ -139,15 +139,19 @@ local function run_audience(ev, aud, st)
       st.i = i
       if sub._once then end_once(st.bus, sub) end
       local m = sub._m                 -- counted (lua/buzz/metrics.lua)
-      local n = m[1] + 1
-      m[1] = n
-      if n % SAMPLE ~= 1 then
+      if not m then                    -- (a core without metrics)
         sub._fn(ev)
-      else                             -- timed
-        local mc = st.bus._manual
-        local t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
-        sub._fn(ev)
-        if not st.adopted then hist_since(m.duration, t0) end
+      else
+        local n = m[1] + 1
+        m[1] = n
+        if n % SAMPLE ~= 1 then
+          sub._fn(ev)
+        else                             -- timed
+          local mc = st.bus._manual
+          local t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
+          sub._fn(ev)
+          if not st.adopted then hist_since(m.duration, t0) end
+        end
       end
       if st.adopted then return end
     end
@@ -178,15 +182,19 @@ function M.worker(h)
         if sub.is_active then
           if sub._once then end_once(bus, sub) end
           local m = sub._m
-          local n = m[1] + 1
-          m[1] = n
-          if n % SAMPLE ~= 1 then
+          if not m then                    -- (a core without metrics)
             sub._fn(ev)
           else
-            local mc = bus._manual
-            local t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
-            sub._fn(ev)
-            if not st.adopted then hist_since(m.duration, t0) end
+            local n = m[1] + 1
+            m[1] = n
+            if n % SAMPLE ~= 1 then
+              sub._fn(ev)
+            else
+              local mc = bus._manual
+              local t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
+              sub._fn(ev)
+              if not st.adopted then hist_since(m.duration, t0) end
+            end
           end
           if st.adopted then return end
         end
@@ -197,15 +205,19 @@ function M.worker(h)
             st.i = i
             if sub._once then end_once(bus, sub) end
             local m = sub._m
-            local n = m[1] + 1
-            m[1] = n
-            if n % SAMPLE ~= 1 then
+            if not m then                    -- (a core without metrics)
               sub._fn(ev)
             else
-              local mc = bus._manual
-              local t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
-              sub._fn(ev)
-              if not st.adopted then hist_since(m.duration, t0) end
+              local n = m[1] + 1
+              m[1] = n
+              if n % SAMPLE ~= 1 then
+                sub._fn(ev)
+              else
+                local mc = bus._manual
+                local t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
+                sub._fn(ev)
+                if not st.adopted then hist_since(m.duration, t0) end
+              end
             end
             if st.adopted then return end
           end

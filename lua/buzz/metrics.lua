@@ -37,6 +37,11 @@ local M = {}
 local SAMPLE = 64
 M.SAMPLE = SAMPLE
 
+--- False in a core built with -DBUZZ_NO_METRICS (bench/metrics_cost.sh):
+--- the hot paths then count nothing, so the two builds side by side show
+--- what counting costs.
+M.COUNTED = core.metrics_built ~= false
+
 --- Names kept at most per bus; deliveries of later names count under
 --- "(other)" (patterns made per request must not grow memory forever).
 local NAMES_MAX = 10000
@@ -75,7 +80,8 @@ function M.attach(state, sub)
     state.names[name] = st
     state.nnames = state.nnames + 1
   end
-  sub._name, sub._m = name, st
+  sub._name = name
+  if M.COUNTED then sub._m = st end      -- nil: the hot paths count nothing
 end
 
 --- A sampled delivery of ev to a subscription whose counters are m

@@ -112,12 +112,14 @@ local function run(t, c, sub, ev)
   if sub._once then sub.is_active = false end   -- the core ended it
   local co = idle(t)
   local m = sub._m                     -- counted (lua/buzz/metrics.lua)
-  local n = m[1] + 1
-  m[1] = n
   local t0
-  if n % SAMPLE == 1 then              -- timed
-    local mc = t.bus._manual
-    t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
+  if m then
+    local n = m[1] + 1
+    m[1] = n
+    if n % SAMPLE == 1 then            -- timed
+      local mc = t.bus._manual
+      t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
+    end
   end
   t.depth = t.depth + 1
   local ok, done, what, arg = c:resume(co, ev, sub._fn, ev)
@@ -203,15 +205,19 @@ local function run_batch(t, upto, st)
       if sub._once then sub.is_active = false end   -- the core ended it
       hold[slot] = ev
       local m = sub._m                 -- counted (lua/buzz/metrics.lua)
-      local n = m[1] + 1
-      m[1] = n
-      if n % SAMPLE ~= 1 then
+      if not m then                    -- (a core without metrics)
         sub._fn(ev)
-      else                             -- timed
-        local mc = bus._manual
-        local t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
-        sub._fn(ev)
-        if not st.adopted then hist_since(m.duration, t0) end
+      else
+        local n = m[1] + 1
+        m[1] = n
+        if n % SAMPLE ~= 1 then
+          sub._fn(ev)
+        else                             -- timed
+          local mc = bus._manual
+          local t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
+          sub._fn(ev)
+          if not st.adopted then hist_since(m.duration, t0) end
+        end
       end
       if st.adopted then return end
     end
