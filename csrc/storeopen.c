@@ -63,6 +63,32 @@ static const char *const dedup_index_sql =
   "dedup IS NOT NULL;"
   "DROP INDEX IF EXISTS events_dedup;";
 
+/*
+** The spans of event-chain tracing (lua/buzz/trace.lua) as one relation:
+** trace.lua keeps each traced event with its spans in a state row of
+** kind "trace", written by the writer like every row and pruned with the
+** events (store.c: prune_traces); this view gives them one row per span,
+** for SQL and the sqlite3 shell.
+*/
+static const char *const spans_view_sql =
+  "CREATE VIEW IF NOT EXISTS spans AS SELECT"
+  " CAST(state.name AS INTEGER) AS event_id,"
+  " json_extract(state.value, '$.type') AS type,"
+  " json_extract(state.value, '$.correlation_id') AS correlation_id,"
+  " json_extract(state.value, '$.causation_id') AS causation_id,"
+  " json_extract(s.value, '$.span_id') AS span_id,"
+  " json_extract(s.value, '$.subscription') AS subscription,"
+  " json_extract(s.value, '$.attempt') AS attempt,"
+  " json_extract(s.value, '$.start') AS start_ms,"
+  " json_extract(s.value, '$.duration_us') AS duration_us,"
+  " json_extract(s.value, '$.outcome') AS outcome,"
+  " json_extract(s.value, '$.error') AS error,"
+  " json_extract(s.value, '$.fate') AS fate,"
+  " json_extract(s.value, '$.trace_id') AS trace_id,"
+  " json_extract(s.value, '$.parent_span_id') AS parent_span_id"
+  " FROM state, json_each(state.value, '$.spans') AS s"
+  " WHERE state.kind = 'trace';";
+
 /* buzz_match(pattern, type): the subject grammar as a SQL function. */
 static void sql_match(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
   const char *p = (const char *)sqlite3_value_text(argv[0]);
@@ -219,6 +245,8 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
   /* Within max_size; if it cannot be built (a full disk), the store
   ** opens all the same and the keys load by a walk of the log. */
   (void)buzz__store_exec(s->wdb, dedup_index_sql);
+  (void)buzz__store_exec(s->wdb, spans_view_sql);   /* as the index: a */
+                                                    /* store opens without */
   if (sqlite3_prepare_v2(s->wdb, "INSERT INTO events (id, type, ts, "
         "priority, key, correlation_id, causation_id, headers, payload, "
         "version, dedup) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", -1,

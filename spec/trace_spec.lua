@@ -199,6 +199,21 @@ describe("tracing with a store, and buzz trace", function()
     assert.same(want, shape(roots[1]))
   end)
 
+  it("shows the spans to SQL as one table, spans, one row per delivery",
+     function()
+    chain{ store = path }:close()
+    local out = H.sqlite(path, "SELECT event_id, type, subscription, "
+                         .. "attempt, outcome, coalesce(error, '-') "
+                         .. "LIKE '%card declined%', length(span_id), "
+                         .. "correlation_id FROM spans ORDER BY event_id, "
+                         .. "attempt")
+    assert.equal(table.concat({
+      "1|order.placed|checkout|1|ok|0|16|req-1",
+      "2|order.paid|billing|1|failed|1|16|req-1",
+      "2|order.paid|billing|2|ok|0|16|req-1",
+      "3|order.shipped|shipping|1|ok|0|16|req-1", "" }, "\n"), out)
+  end)
+
   it("drops the traces of the events retention drops", function()
     local bus = H.bus{ store = path, trace = true, max_events = 3 }
     bus:subscribe("e", function() end)
