@@ -205,8 +205,26 @@ bench-ic: deps all
 demo: deps all
 	$(LUA54) examples/demo.lua
 
+# The release as a source rock: git archive of HEAD packed with
+# rockspec/buzz-$(VERSION)-1.rockspec (its source pointed at that archive)
+# into build/rock/buzz-$(VERSION)-1.src.rock, which is then installed into
+# a scratch tree and loaded from there, away from the checkout.
+VERSION = $(shell sed -n 's/^local M = { _VERSION = "\(.*\)" }/\1/p' lua/buzz/init.lua)
+ROCK = build/rock
 rock: deps
-	luarocks --lua-version=5.4 make --local rockspec/buzz-scm-1.rockspec
+	rm -rf $(ROCK) && mkdir -p $(ROCK)
+	git archive --prefix=buzz-$(VERSION)/ -o $(ROCK)/buzz-$(VERSION).tar.gz HEAD
+	sed 's|url = "buzz-$(VERSION).tar.gz"|url = "file://$(CURDIR)/$(ROCK)/buzz-$(VERSION).tar.gz"|' \
+	  rockspec/buzz-$(VERSION)-1.rockspec > $(ROCK)/buzz-$(VERSION)-1.rockspec
+	cd $(ROCK) && luarocks --lua-version=5.4 pack buzz-$(VERSION)-1.rockspec
+	luarocks --lua-version=5.4 --tree $(ROCK)/tree install --deps-mode=none \
+	  $(ROCK)/buzz-$(VERSION)-1.src.rock
+	cd /tmp && eval "$$(luarocks --lua-version=5.4 --tree $(CURDIR)/$(ROCK)/tree path)" && \
+	  lua5.4 -e 'local b = require("buzz"); assert(b._VERSION == "$(VERSION)"); \
+	    local bus = b.new(); local n = 0; bus:subscribe("a.*", function() n = n + 1 end); \
+	    bus:publish("a.b", {}); bus:drain(); assert(n == 1); \
+	    print("buzz " .. b._VERSION .. " from " .. package.searchpath("buzz.core", package.cpath))' && \
+	  $(CURDIR)/$(ROCK)/tree/bin/buzz --version
 
 clean:
 	rm -rf build buzz luacov.* csrc/*.o

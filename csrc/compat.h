@@ -10,6 +10,19 @@
 #include <lua.h>
 #include <lauxlib.h>
 
+/* What buzz supports: Lua 5.4 and LuaJIT 2.1 (whose API is 5.1's). Other
+** headers stop the build here, saying so (rockspec/ can only ask for
+** "lua >= 5.1, < 5.5": LuaRocks calls LuaJIT 5.1). */
+#if LUA_VERSION_NUM == 501
+#if defined(__has_include)
+#if !__has_include(<luajit.h>)
+#error "buzz builds for Lua 5.4 and LuaJIT 2.1 only: these are PUC Lua 5.1's headers"
+#endif
+#endif
+#elif LUA_VERSION_NUM != 504
+#error "buzz builds for Lua 5.4 and LuaJIT 2.1 only: these are Lua 5.2's or 5.3's headers"
+#endif
+
 /* Resumes co with nargs arguments from its stack; returns the status. */
 #if LUA_VERSION_NUM >= 504
 static inline int buzz_resume(lua_State *co, lua_State *from, int nargs) {

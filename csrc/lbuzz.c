@@ -544,7 +544,7 @@ int luaopen_buzz_core(lua_State *L) {
     }
     lua_setfield(L, -2, "errors");
   }
-  lua_pushliteral(L, "0.1.0");
+  lua_pushliteral(L, "0.2.0");   /* lua/buzz/init.lua: _VERSION */
   lua_setfield(L, -2, "version");
   return 1;
 }

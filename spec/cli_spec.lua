@@ -93,6 +93,17 @@ local TIME = "%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ"
 
 
 describe("bin/buzz", function()
+  it("prints its version with --version or version, as buzz._VERSION",
+     function()
+    for _, args in ipairs{ "--version", "version", "ls --version" } do
+      local status, out = H.sh(H.cli(args) .. " 2>&1")
+      assert.equal(0, status, out)
+      assert.equal("buzz " .. buzz._VERSION .. "\n", out)
+    end
+    assert.equal("0.2.0", buzz._VERSION)
+    assert.equal(buzz._VERSION, require("buzz.core").version)
+  end)
+
   describe("ls", function()
     it("prints one line per event: id, UTC time, type, key and payload",
        function()

@@ -224,3 +224,44 @@ describe("rockspec/buzz-scm-1.rockspec's module list", function()
     assert.same({}, listed)
   end)
 end)
+
+describe("the release", function()
+  it("has a versioned rockspec that differs from scm-1 only in its "
+     .. "version and source", function()
+    local scm = H.read(ROCKSPEC)
+    local rel = H.read("rockspec/buzz-" .. require("buzz")._VERSION
+                       .. "-1.rockspec")
+    local function body(s)      -- from the description on: the same
+      return s:match("\ndescription = {.*$")
+    end
+    assert.equal(body(scm), body(rel))
+    assert.matches('\nversion = "' .. require("buzz")._VERSION:gsub("%.",
+                                                                   "%%.")
+                   .. '%-1"\n', rel)
+    assert.matches('\nsource = {\n  url = "buzz%-[%d.]+%.tar%.gz",', rel)
+  end)
+
+  it("has a LICENSE (MIT, as the rockspec says) and a CHANGELOG entry "
+     .. "for this version", function()
+    assert.matches("^MIT License\n", H.read("LICENSE"))
+    assert.matches('license = "MIT"', H.read(ROCKSPEC), 1, true)
+    local log = H.read("CHANGELOG.md")
+    assert.matches("\n## %[Unreleased%]\n", log)
+    assert.matches("\n## %[" .. require("buzz")._VERSION:gsub("%.", "%%.")
+                   .. "%] %- %d%d%d%d%-%d%d%-%d%d\n", log)
+  end)
+
+  it("says so when the core was built for the other interpreter",
+     function()
+    local other = H.flavour == "luajit" and "build/lua5.4" or "build/luajit"
+    if not H.slurp(other .. "/buzz/core.so") then
+      error(other .. "/buzz/core.so is missing: run make")
+    end
+    local ok, out = H.run(("package.cpath = %q .. package.cpath\n"
+                           .. "require 'buzz'"):format(other .. "/?.so;"))
+    assert.is_false(ok)
+    assert.matches("undefined symbol", out, 1, true)
+    assert.matches("this buzz/core.so was built for another Lua than this "
+                   .. (jit and "LuaJIT" or "Lua 5.4"), out, 1, true)
+  end)
+end)

@@ -46,6 +46,7 @@ commands:
           dead letters, one a line: id, time failed (UTC), subscription,
           reason, event, last error; with ID one in full, with every
           attempt's error and traceback (redrive them with bus:redrive)
+  version the version of buzz (also --version)
   help    this text
 
 PAT is a subject pattern (order.*, order.>). --from and --to are inclusive
@@ -110,10 +111,12 @@ M.COMMANDS = {
     options = { interval = "seconds", once = "flag", json = "flag" },
   },
   help = { usage = "buzz help", options = {}, words = 1 },
+  version = { usage = "buzz version", options = {} },
 }
 
 -- Options every command takes.
-local GLOBAL = { store = "string", help = "flag", h = "flag" }
+local GLOBAL = { store = "string", help = "flag", h = "flag",
+                 version = "flag" }
 
 
 -- ------------------------------------------------------------ arguments
@@ -222,6 +225,7 @@ function M.parse(argv)
       i = i + 1
     end
   end
+  if opts.version then return "version", opts end
   if opts.h or opts.help or not name then return "help", opts end
   if #words > (cmd.words or 0) then
     usage_error(("unexpected argument %s"):format(encode(words[#words])),

@@ -6,7 +6,18 @@
 -- publish_sync), drive.lua (step, drain, run), store.lua, dlq.lua,
 -- schedule.lua. See DESIGN.md for the contract.
 -- @module buzz
-local core = require "buzz.core"
+local ok_core, core = pcall(require, "buzz.core")
+if not ok_core then              -- a core built for the other interpreter
+  local why = tostring(core)     -- fails to link: say so, and what to do
+  if why:find("undefined symbol", 1, true) then
+    why = why .. "\n(buzz: this buzz/core.so was built for another Lua "
+          .. "than this " .. (jit and jit.version or _VERSION) .. ": build "
+          .. "it for this one (make, or luarocks --lua-version="
+          .. (jit and "5.1" or "5.4") .. " make) or put its build first "
+          .. "on package.cpath)"
+  end
+  error(why, 0)
+end
 local util = require "buzz.util"
 local timers = require "buzz.timers"
 local failure = require "buzz.failure"
@@ -33,7 +44,7 @@ local setmetatable, getmetatable = setmetatable, getmetatable
 local floor, math_max = math.floor, math.max
 local sort = table.sort
 
-local M = { _VERSION = "0.1.0" }
+local M = { _VERSION = "0.2.0" }
 
 local Bus = { __name = "buzz.bus" }
 Bus.__index = Bus
