@@ -5,9 +5,9 @@
 --
 -- Both rocks are built under either busted flavour: the test shells out to
 -- luarocks, lua5.4 and luajit, so it does not depend on the interpreter
--- running busted. luarocks compiles in its working directory (csrc/*.o,
--- buzz/core.so), so it runs in a scratch copy of the checkout: nothing is
--- left in the working tree, and the two busted flavours may run at once.
+-- running busted. luarocks runs the Makefile in its working directory
+-- (which builds under build/rock-core/), so it runs in a scratch copy of
+-- the checkout: the two busted flavours may run at once.
 -- Each rock is built once per run (lazy_setup) and shared by its tests.
 --
 -- LuaJIT is LuaRocks's Lua 5.1 told two things, as README says: run
@@ -139,6 +139,17 @@ for _, f in ipairs(FLAVOURS) do
         assert.matches(" -I" .. f.config["variables.LUA_INCDIR"] .. " ", out,
                        1, true)
       end
+    end)
+
+    it("leaves nothing loadable in the source tree: the build is under "
+       .. "build/", function()
+      assert.are.equal(0, status, out)
+      local st, found = sh(("cd %s/src && find . -path ./build -prune -o "
+                            .. "\\( -name '*.so' -o -name '*.o' \\) -print")
+                           :format(quote(home)))
+      assert.are.equal(0, st, found)
+      assert.are.equal("", found)
+      assert.is_truthy(H.slurp(home .. "/src/build/rock-core/buzz/core.so"))
     end)
 
     it("loads from a clean shell with the luarocks path environment",
