@@ -6,8 +6,23 @@
 -- the client's socket. Nothing calls bus:run(): uv.run() drives it all,
 -- and returns once the server, the clients and the bus are closed.
 --
---   lua5.4 examples/luv_tcp.lua   (or luajit; LUA_PATH/LUA_CPATH as in
---                                  the README, and lua-luv installed)
+--   lua5.4 examples/luv_tcp.lua   (or luajit; lua-luv installed)
+
+-- Run from a checkout, prefer its build (build/<flavour>, or $BUZZ_BUILD);
+-- otherwise fall through to an installed buzz (luarocks).
+do
+  local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+  local build = os.getenv("BUZZ_BUILD")
+                or (dir .. "../build/" .. (jit and "luajit" or "lua5.4"))
+  local so = io.open(build .. "/buzz/core.so")
+  if so then
+    so:close()
+    package.path = ("%s../lua/?.lua;%s../lua/?/init.lua;%s")
+                   :format(dir, dir, package.path)
+    package.cpath = build .. "/?.so;" .. package.cpath
+  end
+end
+
 local uv = require "luv"
 local buzz = require "buzz"
 

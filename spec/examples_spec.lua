@@ -140,6 +140,18 @@ describe("examples/", function()
     assert.is_true(pushes >= 1 and pushes <= 3, out)
   end)
 
+  it("runs each example from the checkout as the README says, with no "
+     .. "LUA_PATH or LUA_CPATH", function()
+    for _, file in ipairs(files) do
+      local status, out = H.sh(("env -u LUA_PATH -u LUA_CPATH -u LUA_INIT "
+                                .. "LIVE_SECONDS=1 PORT=0 LIVE_STORE=%s %s %s "
+                                .. "2>&1"):format(H.quote(LIVE_STORE),
+                                                  H.lua, file))
+      H.remove_store(LIVE_STORE)
+      assert.are.equal(0, status, file .. ": " .. out)
+    end
+  end)
+
   it("prints the demo's trace in order", function()
     local ok, out = run_example("examples/demo.lua")
     assert.is_true(ok, out)
