@@ -107,18 +107,41 @@ describe("retries", function()
     for i, a in ipairs(d.attempts) do
       assert.equal(i, a.attempt)
       assert.equal("boom " .. i, a.error)
-      assert.equal(1000 + 2 * (i - 1), a.at)
+      assert.equal((1000 + 2 * (i - 1)) * 1000, a.at)   -- ms
       assert.matches("boom " .. i, a.traceback, 1, true)
       assert.matches("stack traceback", a.traceback, 1, true)
       -- The handler's frames, down to it, and none of buzz's own.
       assert.matches("failure_spec.lua:%d+: in function", a.traceback)
       assert.not_matches("buzz/failure.lua", a.traceback, 1, true)
     end
-    assert.equal(1004, d.failed_at)
+    assert.equal(1004000, d.failed_at)
     assert.equal(1, #dlq)
     assert.equal(d.id, dlq[1].id)
     assert.equal("exhausted", dlq[1].reason)
     assert.equal(1, bus:stats().dead_letters)
+  end)
+
+  it("read the seconds a store from before 0.2.0 holds as milliseconds",
+     function()
+    local path = H.tmp_store()
+    finally(function() H.remove_store(path) end)
+    local clock = buzz.manual_clock(1000)
+    local bus = buzz.new{ store = path, clock = clock,
+                          on_error = function() end }
+    bus:subscribe("a", function() error("no") end,
+                  { name = "n", retry = 1 })
+    bus:publish("a", {})
+    bus:drain()
+    assert.equal(1000000, bus:dead_letters()[1].failed_at)
+    bus:close()
+    -- as 0.1.0 wrote it: seconds
+    H.sqlite(path, "UPDATE state SET value = json_set(value, '$.failed_at', "
+                   .. "1000, '$.attempts[0].at', 1000) WHERE kind = 'dead'")
+    local again = buzz.new{ store = path, clock = clock }
+    local d = again:dead_letters()[1]
+    assert.equal(1000000, d.failed_at)
+    assert.equal(1000000, d.attempts[1].at)
+    again:close()
   end)
 
   it("skip the remaining attempts on buzz.fatal", function()

@@ -180,7 +180,7 @@ end
 
 --- The dead letters, oldest first: each is { id, subscription, pattern,
 --- reason ("exhausted" or "fatal"), error, attempts = { { attempt, error,
---- traceback, at } }, event, failed_at, redrives }.
+--- traceback, at } }, event, failed_at, redrives } (times in ms).
 ---@param filter table|integer|nil an id, or { subscription, types, limit }
 ---@return table
 function Dead:dead_letters(filter)

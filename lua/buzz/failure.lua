@@ -330,12 +330,24 @@ function Supervisor:adopt_plain_orphans(sub)
   end
 end
 
+-- A time a store written by buzz before 0.2.0 holds in seconds (dead
+-- letters' failed_at and attempts' at), in ms as every time now is.
+local function ms(t)
+  if type(t) == "number" and t < 1e11 then return t * 1000 end
+  return t
+end
+
 --- Loads stored dead letters, retries and delayed events (bus opening).
 function Supervisor:load()
   local bus = self.bus
   for _, row in ipairs(bus:_state_list("dead")) do
     local rec = row.value
     if type(rec) == "table" and rec.id then
+      rec.failed_at = ms(rec.failed_at)
+      for _, a in ipairs(type(rec.attempts) == "table" and rec.attempts
+                         or {}) do
+        if type(a) == "table" then a.at = ms(a.at) end
+      end
       self.dead[#self.dead + 1] = rec
       if rec.id >= self.next_dead then self.next_dead = rec.id + 1 end
     end

@@ -455,7 +455,7 @@ function Runner:fail(job, err, trace)
   local h = job.history or {}
   job.history = h
   h[#h + 1] = { attempt = job.attempt, error = msg, traceback = trace,
-                at = sup:now() / 1000 }
+                at = sup:now() }        -- ms, as every time returned
   sup.bus._report(err, job.evt, self.sub, trace)
   if self.is_closed then return end
   self:breaker_failed(job)
@@ -521,7 +521,7 @@ function Runner:bury(job, reason)
       id = sup.next_dead, subscription = self.name,
       pattern = self.sub.pattern, reason = reason,
       error = last and last.error, attempts = h, event = plain(ev),
-      failed_at = sup:now() / 1000, redrives = ev.redrives or job.redrives,
+      failed_at = sup:now(), redrives = ev.redrives or job.redrives,
     }
     sup.next_dead = rec.id + 1
     sup.dead[#sup.dead + 1] = rec

@@ -128,7 +128,8 @@ local function api(self, req)
       out.dead = {}
       for i, d in ipairs(dead) do
         out.dead[i] = { id = d.id, type = d.type, reason = d.reason,
-                        subscription = d.subscription, at = d.at,
+                        subscription = d.subscription,
+                        failed_at = d.failed_at,
                         error = d.error }
       end
     end
