@@ -1113,3 +1113,12 @@ describe("step(max) with retries due", function()
     bus:close()
   end)
 end)
+
+describe("the handlers' API outside a handler", function()
+  it("buzz.retry_after says it is for inside a handler", function()
+    local ok, err = pcall(buzz.retry_after, 1)
+    assert.is_false(ok)
+    assert.matches("buzz.retry_after() is for inside a handler", err, 1,
+                   true)
+  end)
+end)

@@ -86,3 +86,18 @@ describe("bus:route", function()
     end
   end)
 end)
+
+describe("an aggregation asked of a route too early", function()
+  it("says :group_by and :reduce come after :window", function()
+    local bus = H.bus()
+    for _, name in ipairs{ "group_by", "reduce" } do
+      local ok, err = pcall(function()
+        return bus:route("cpu.*")[name](bus:route("cpu.*"), "payload.host")
+      end)
+      assert.is_false(ok)
+      assert.matches("route:" .. name .. "() comes after :window{...}", err,
+                     1, true)
+    end
+    H.done()
+  end)
+end)

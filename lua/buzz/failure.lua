@@ -96,6 +96,11 @@ end
 ---@param err any|nil
 function M.retry_after(seconds, err)
   local ms = to_ms(seconds, 2)
+  local co, is_main = coroutine.running()   -- handlers run in threads
+  if co == nil or is_main then
+    error("buzz.retry_after() is for inside a handler: it fails the "
+          .. "delivery's attempt and asks for the next one", 2)
+  end
   error(setmetatable({ ms = ms,
                        err = err or ("retry after %g s"):format(seconds) },
                      RetryAfter), 2)

@@ -494,9 +494,10 @@ require("buzz.serve").install(Bus, check_bus)
 --- held, retrying, breaker ("closed", "open", "half_open" or nil).
 ---@return table|nil
 function Sub:stats()
-  if self._runner then return self._runner:stats() end
   local e = self._engine
-  return e and e.stats and e:stats() or nil
+  local st = self._runner and self._runner:stats()
+             or e and e.stats and e:stats() or {}
+  return metrics.sub_stats(self, st)
 end
 
 

@@ -84,6 +84,19 @@ function M.attach(state, sub)
   if M.COUNTED then sub._m = st end      -- nil: the hot paths count nothing
 end
 
+--- sub:stats(): what its engine says (a runner's in-flight, lanes and
+--- breaker; a batch's buffer), and for every subscription what its name
+--- counted: delivered, failed, retried, dead_lettered (0 in a core
+--- built without metrics).
+function M.sub_stats(sub, st)
+  local m = sub._m
+  st.delivered = m and m[1] or 0
+  st.failed = m and m[2] or 0
+  st.retried = m and m[3] or 0
+  st.dead_lettered = m and m[4] or 0
+  return st
+end
+
 --- A sampled delivery of ev to a subscription whose counters are m
 --- (task.lua and hot.lua write it out, to spare a call):
 ---   local mc = bus._manual                  -- the bus's clock, if manual

@@ -49,6 +49,16 @@ local function with(self, stage)
                         stages = stages }, Route)
 end
 
+-- What an aggregation does, asked of a route before :window or :batch:
+-- say where it goes.
+for _, name in ipairs{ "group_by", "reduce" } do
+  Route[name] = function()
+    error(("route:%s() comes after :window{...}: bus:route(pattern)"
+           .. ":window{ size = 60 }:%s(...):reduce(...):publish(type)")
+          :format(name, name), 2)
+  end
+end
+
 --- Keeps the events a where-table holds for (see buzz.where).
 function Route:where(spec)
   check_self(self, "where")
