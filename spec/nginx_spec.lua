@@ -501,3 +501,61 @@ describe('buzz.new{ loop = "ngx" } outside OpenResty', function()
     H.done()
   end)
 end)
+
+-- As root, nginx's workers run as nobody: a store in a directory only
+-- root may write cannot be opened by the shared store's owner. It must
+-- say so once, with what to do, and not once a poll.
+describe("a shared store the workers cannot write #once", function()
+  it("is logged once with a hint, not at every poll", function()
+    local _, uid = H.sh(H.tool .. "id -u")
+    if not uid:match("^0%s") then
+      pending("needs root: as another user nginx's workers are that user")
+      return
+    end
+    local prefix = H.mktemp_dir()          -- 0700, root's
+    finally(function()
+      H.sh(H.tool .. ("kill -QUIT $(cat %s/logs/nginx.pid) 2>/dev/null")
+                     :format(H.quote(prefix)))
+      os.execute(H.tool .. "sleep 0.5")
+      H.remove_dir(prefix)
+    end)
+    local here = H.ROOT
+    assert(H.sh(H.tool .. ("mkdir %s/conf %s/logs %s/temp && chmod 755 %s")
+                 :format(H.quote(prefix), H.quote(prefix), H.quote(prefix),
+                         H.quote(prefix))) == 0)
+    local port = math.random(20000, 60000)
+    H.spit(prefix .. "/conf/nginx.conf", ([[
+load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
+worker_processes 1;
+error_log logs/error.log notice;
+pid logs/nginx.pid;
+events { worker_connections 64; }
+http {
+  access_log off;
+  client_body_temp_path temp/body;
+  proxy_temp_path temp/proxy;
+  fastcgi_temp_path temp/fastcgi;
+  uwsgi_temp_path temp/uwsgi;
+  scgi_temp_path temp/scgi;
+  lua_package_path "%s/lua/?.lua;%s/lua/?/init.lua;;";
+  lua_package_cpath "%s/build/luajit/?.so;;";
+  lua_shared_dict buzz 1m;
+  init_worker_by_lua_block {
+    require("buzz.ngx").shared{ dict = "buzz",
+                                store = ngx.config.prefix() .. "events.db" }
+  }
+  server { listen 127.0.0.1:%d; location = /ping { return 200 "pong"; } }
+}
+]]):format(here, here, here, port))
+    local status, out = H.sh(H.tool .. ("nginx -p %s -c conf/nginx.conf 2>&1")
+                             :format(H.quote(prefix .. "/")))
+    assert.equal(0, status, out)
+    os.execute(H.tool .. "sleep 1.5")      -- 30 polls
+    local log = H.slurp(prefix .. "/logs/error.log") or ""
+    local _, n = log:gsub("the shared store is not open yet", "")
+    assert.equal(1, n, log)
+    assert.matches("Permission denied", log, 1, true)
+    assert.matches("give nginx's workers a user that can", log, 1, true)
+  end)
+end)

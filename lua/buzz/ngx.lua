@@ -439,6 +439,7 @@ function M.shared(opts)
     is_owner_worker = ngx.worker.id() == owner,
     bus = nil,               -- the owner's bus, once it has the store
     is_closed = false,
+    tries = 0, last_err = nil, said_at = 0,  -- opens that failed (open)
     on_error = opts.on_error,
   }, Shared)
   if self.is_owner_worker then
@@ -460,16 +461,30 @@ function Shared:report(msg)
   log_err("buzz: ", msg)
 end
 
--- The owner opens the store; a store still locked (a reload's old
--- owner) is tried again on the next poll.
+-- The owner opens the store; one that will not open (still locked by a
+-- reload's old owner, or not writable) is tried again on the next poll.
+-- Its failure is logged once, then at most every REPEAT seconds while it
+-- lasts (each poll would log 20 lines a second).
+local REPEAT = 60
 function Shared:open()
-  local bus, err, code = require("buzz").new(self.new_opts)
+  local bus, err = require("buzz").new(self.new_opts)
   if not bus then
-    if code ~= "ELOCKED" or not self.said_locked then
-      self:report((errors.wrap("ESTORE", "the shared store is not open yet",
-                               err)))
+    local now = ngx.now()
+    self.tries = self.tries + 1
+    if err ~= self.last_err or now - self.said_at >= REPEAT then
+      local msg = errors.wrap("ESTORE", "the shared store is not open yet",
+                              err)
+      if tostring(err):find("Permission denied", 1, true) then
+        msg = msg .. " (this worker cannot write there: give nginx's "
+              .. "workers a user that can, the user directive, or the "
+              .. "store a directory they can write)"
+      end
+      if self.tries > 1 then
+        msg = ("%s (still failing after %d tries)"):format(msg, self.tries)
+      end
+      self:report(msg)
+      self.last_err, self.said_at = err, now
     end
-    self.said_locked = code == "ELOCKED"
     return
   end
   self.bus = bus
