@@ -62,6 +62,7 @@ build = {
   --   ["buzz.failure"] = "lua/buzz/failure.lua"
   --   ["buzz.filter"] = "lua/buzz/filter.lua"
   --   ["buzz.gateway"] = "lua/buzz/gateway.lua"
+  --   ["buzz.group"] = "lua/buzz/group.lua"
   --   ["buzz.hot"] = "lua/buzz/hot.lua"
   --   ["buzz.task"] = "lua/buzz/task.lua"
   --   ["buzz.luv"] = "lua/buzz/luv.lua"

@@ -69,14 +69,17 @@ describe("Neovim", function()
     assert.are.equal("one\ntwo\nthree\n", H.read(dir .. "/notes.txt"))
   end)
 
-  it("serves HTTP on the editor's loop: a stream gets an event, /metrics "
-     .. "answers", function()
+  it("serves HTTP on the editor's loop (a stream gets an event, /metrics "
+     .. "answers), and a failure without on_error goes to vim.notify",
+     function()
     local dir = H.mktemp_dir()
     finally(function() H.remove_dir(dir) end)
     local status, lines, out = run_editor(dir, "serve.lua")
     assert.is_truthy(lines, "nvim wrote no report (status "
                             .. tostring(status) .. "):\n" .. out)
     assert.are.same({ "stream: editor.saved nvim", "metrics: 200",
+                      'notify ERROR: buzz: handler for "editor.broken" '
+                      .. "failed on editor.broken #2: oops",
                       "status: ok" }, lines)
     assert.are.equal(0, status, out)
   end)

@@ -69,14 +69,29 @@ end
 
 -- ------------------------------------------------------------ reporting
 
---- The on_error of a bus given none: one line on stderr. An engine
---- failure (no event) is "buzz: CODE: message"; a handler's names the
---- subscription and the event (or batch) and gives the traceback.
+-- Where the default on_error writes: stderr, or inside Neovim (whose
+-- screen stderr would scribble on) vim.notify, at the editor's next turn.
+local function say(line)
+  local vim = rawget(_G, "vim")
+  if type(vim) == "table" and type(vim.notify) == "function"
+     and type(vim.schedule) == "function" then
+    vim.schedule(function()
+      vim.notify(line, vim.log and vim.log.levels.ERROR or 4)
+    end)
+  else
+    stderr:write(line, "\n")
+  end
+end
+
+--- The on_error of a bus given none: one line on stderr (in Neovim,
+--- vim.notify). An engine failure (no event) is "buzz: CODE: message";
+--- a handler's names the subscription and the event (or batch) and gives
+--- the traceback.
 function M.default_on_error(err, ev, sub, trace)
   if not ev then                      -- the engine: err is "CODE: message"
     local text = readable(err)        -- never "buzz: buzz: ..."
     if text:sub(1, 6) == "buzz: " then text = text:sub(7) end
-    stderr:write(("buzz: %s\n"):format(text))
+    say(("buzz: %s"):format(text))
     return
   end
   local what = ("%s #%s"):format(tostring(ev.type), tostring(ev.id))
@@ -86,9 +101,8 @@ function M.default_on_error(err, ev, sub, trace)
                                                tostring(first and first.id),
                                                tostring(last and last.id))
   end
-  stderr:write(("buzz: handler for %q failed on %s: %s\n")
-               :format(sub and sub.pattern or "?", what,
-                       trace or readable(err)))
+  say(("buzz: handler for %q failed on %s: %s")
+      :format(sub and sub.pattern or "?", what, trace or readable(err)))
 end
 
 -- The core calls this for a failed delivery; on_error runs protected, and

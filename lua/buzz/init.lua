@@ -479,8 +479,6 @@ drive.install(Bus, check_bus)
 store_api.install(Bus, check_bus, refused)
 
 
-
-
 -- ------------------------------------------------------------ failures
 
 -- dead_letters, redrive, discard (lua/buzz/dlq.lua)
@@ -489,6 +487,7 @@ dlq.install(Bus, check_bus)
 -- every (lua/buzz/schedule.lua)
 schedule.install(Bus, check_bus, refused)
 require("buzz.serve").install(Bus, check_bus)
+require("buzz.group").install(Bus, check_bus)
 
 --- The state of a subscription's failure handling: inflight, waiting,
 --- held, retrying, breaker ("closed", "open", "half_open" or nil).

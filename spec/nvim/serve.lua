@@ -1,8 +1,10 @@
 -- Run by spec/nvim_spec.lua inside a real, headless Neovim: bus:serve on
 -- a bus the editor's loop drives. A client on vim.loop opens a stream, a
 -- deferred callback publishes, and the event must arrive over the socket;
--- then GET /metrics. Writes "stream: <type> <payload.from>", "metrics:
--- <status>" and "status: ok" (or why not) to $BUZZ_DIR/out.txt and quits.
+-- then GET /metrics, then a handler fails on a bus without on_error.
+-- Writes "stream: <type> <payload.from>", "metrics: <status>", "notify
+-- <level>: <first line>" and "status: ok" (or why not) to
+-- $BUZZ_DIR/out.txt and quits.
 -- luacheck: read globals vim
 local root, build, dir = os.getenv("BUZZ_ROOT"), os.getenv("BUZZ_BUILD"),
                          os.getenv("BUZZ_DIR")
@@ -66,7 +68,18 @@ get("/s", vim.schedule_wrap(function(data, tcp)
         t2:close()
         vim.schedule(function()
           lines[#lines + 1] = "metrics: " .. status
-          finish()
+          -- a bus without on_error says a failure with vim.notify, not
+          -- on stderr, which would scribble on the editor's screen
+          local notified = vim.notify
+          vim.notify = function(msg, level)
+            vim.notify = notified
+            lines[#lines + 1] = ("notify %s: %s"):format(
+              level == vim.log.levels.ERROR and "ERROR" or tostring(level),
+              msg:match("^[^\n]*"))
+            finish()
+          end
+          bus:subscribe("editor.broken", function() error("oops", 0) end)
+          bus:publish("editor.broken", {})
         end)
       end
     end)
