@@ -5,7 +5,7 @@
 -- Writes "stream: <type> <payload.from>", "metrics: <status>", "notify
 -- <level>: <first line>" and "status: ok" (or why not) to
 -- $BUZZ_DIR/out.txt and quits.
--- luacheck: read globals vim
+-- luacheck: globals vim
 local root, build, dir = os.getenv("BUZZ_ROOT"), os.getenv("BUZZ_BUILD"),
                          os.getenv("BUZZ_DIR")
 package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;"
