@@ -54,6 +54,7 @@ build = {
   --   ["buzz.breaker"] = "lua/buzz/breaker.lua"
   --   ["buzz.cliargs"] = "lua/buzz/cliargs.lua"
   --   ["buzz.clitop"] = "lua/buzz/clitop.lua"
+  --   ["buzz.cliwrite"] = "lua/buzz/cliwrite.lua"
   --   ["buzz.clitext"] = "lua/buzz/clitext.lua"
   --   ["buzz.dlq"] = "lua/buzz/dlq.lua"
   --   ["buzz.drive"] = "lua/buzz/drive.lua"

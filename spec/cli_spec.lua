@@ -697,6 +697,79 @@ end
     end)
   end)
 
+  describe("redrive, discard and remove-consumer", function()
+    local function dead_store()
+      local s = new_store()
+      local w = assert(buzz.new{ store = s.path, on_error = function() end })
+      w:subscribe("order.paid", function() error("card declined") end,
+                  { name = "billing2", retry = 1 })
+      w:subscribe("invoice.sent", function() error("no address") end,
+                  { name = "invoices", retry = 1 })
+      s.paid = w:publish("order.paid", { n = 6 })
+      s.sent = w:publish("invoice.sent", { n = 7 })
+      w:drain()
+      assert(w:flush())
+      w:close()
+      return s
+    end
+
+    it("redrive makes dead letters retries the application runs when it "
+       .. "opens the store", function()
+      local s = dead_store()
+      finally(s.remove)
+      local status, out, err = run(s, "redrive --subscription billing2")
+      assert.are.equal(0, status, err)
+      assert.matches("^1 dead letter to be delivered again", out)
+      local app = assert(buzz.new{ store = s.path })
+      assert.equal(1, #app:dead_letters())      -- invoices' stays
+      local got
+      app:subscribe("order.paid", function(ev) got = ev end,
+                    { name = "billing2", retry = 1 })
+      app:drain()
+      assert.is_not_nil(got, "the redriven letter was not delivered")
+      assert.equal(s.paid, got.id)
+      assert.equal(1, got.attempt)
+      assert.equal(1, got.redrives)
+      app:close()
+    end)
+
+    it("discard removes dead letters; remove-consumer a position",
+       function()
+      local s = dead_store()
+      finally(s.remove)
+      local status, out, err = run(s, "discard --all")
+      assert.are.equal(0, status, err)
+      assert.are.equal("2 dead letters discarded\n", out)
+      status, out, err = run(s, "remove-consumer billing")
+      assert.are.equal(0, status, err)
+      assert.are.equal("consumer billing removed\n", out)
+      status, _, err = run(s, "remove-consumer nobody")
+      assert.are.equal(1, status)
+      assert.matches("no durable consumer nobody", err, 1, true)
+      local r = assert(buzz.new{ store = s.path, readonly = true })
+      assert.equal(0, #r:dead_letters())
+      assert.equal(0, #r:consumers())
+      r:close()
+      status, _, err = run(s, "discard")
+      assert.are.equal(2, status)
+      assert.matches("name the dead letters", err, 1, true)
+    end)
+
+    it("are refused while another process is the writer, naming it",
+       function()
+      local s = dead_store()
+      finally(s.remove)
+      local writer = assert(buzz.new{ store = s.path })
+      finally(function() writer:close() end)
+      local status, out, err = run(s, "discard --all")
+      assert.are.equal(1, status)
+      assert.are.equal("", out)
+      assert.matches("cannot discard: .*locked by another writer %(pid "
+                     .. require("buzz.core").pid() .. "%)", err)
+      assert.matches("call bus:discard from inside it", err, 1, true)
+    end)
+  end)
+
   describe("usage", function()
     it("prints the usage for help, --help and no command", function()
       for _, args in ipairs { "help", "--help", "", "ls -h" } do

@@ -16,7 +16,8 @@ local M = {}
 M.USAGE = [[
 usage: buzz [--store FILE] COMMAND [options]
 
-Reads a buzz store, read-only: FILE, else $BUZZ_STORE, else ./events.db.
+Reads a buzz store, read-only (but redrive, discard and remove-consumer):
+FILE, else $BUZZ_STORE, else ./events.db.
 
 commands:
   ls      [--types PAT] [--from ID] [--to ID] [--key K] [--limit N] [--json]
@@ -46,6 +47,14 @@ commands:
           dead letters, one a line: id, time failed (UTC), subscription,
           reason, event, last error; with ID one in full, with every
           attempt's error and traceback (redrive them with bus:redrive)
+  redrive ID | --subscription NAME [--types PAT] [--limit N]
+          makes dead letters retries of their subscription, from attempt
+          1, due now: the application runs them when it next opens the
+          store (writes: refused while another process is the writer)
+  discard ID | --subscription NAME [--types PAT] [--limit N] | --all
+          removes dead letters for good (writes)
+  remove-consumer NAME
+          forgets a durable consumer's position (writes)
   version the version of buzz (also --version)
   help    this text
 
@@ -112,6 +121,22 @@ M.COMMANDS = {
   },
   help = { usage = "buzz help", options = {}, words = 1 },
   version = { usage = "buzz version", options = {} },
+  redrive = {
+    usage = "buzz redrive ID | --subscription NAME [--types PAT] "
+            .. "[--limit N]",
+    options = { subscription = "string", types = "pattern",
+                limit = "count" },
+    words = 1,
+  },
+  discard = {
+    usage = "buzz discard ID | --subscription NAME [--types PAT] "
+            .. "[--limit N] | --all",
+    options = { subscription = "string", types = "pattern",
+                limit = "count", all = "flag" },
+    words = 1,
+  },
+  ["remove-consumer"] = { usage = "buzz remove-consumer NAME",
+                          options = {}, words = 1 },
 }
 
 -- Options every command takes.
