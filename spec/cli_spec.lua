@@ -745,6 +745,7 @@ end
       assert.are.equal("consumer billing removed\n", out)
       status, out, err = run(s, "remove-consumer nobody")
       assert.are.equal(1, status)
+      assert.are.equal("", out)
       assert.matches("no durable consumer nobody", err, 1, true)
       local r = assert(buzz.new{ store = s.path, readonly = true })
       assert.equal(0, #r:dead_letters())
@@ -752,6 +753,7 @@ end
       r:close()
       status, out, err = run(s, "discard")
       assert.are.equal(2, status)
+      assert.are.equal("", out)
       assert.matches("name the dead letters", err, 1, true)
     end)
 
