@@ -158,6 +158,30 @@ describe("bus:serve", function()
       b:close()
     end)
 
+    it("returns EINVAL for a host that is not an IP address", function()
+      local b = H.bus()
+      local s, err, code = b:serve{ host = "localhost", port = 0,
+                                    public = true }
+      assert.is_nil(s)
+      assert.equal("EINVAL", code)
+      assert.equal("EINVAL: bus:serve: not an IP address: localhost", err)
+    end)
+
+    it("decides a resume by what the log still holds", function()
+      local can = require("buzz.gateway").can_resume
+      -- first, high, last -> resumable?
+      for _, c in ipairs{
+        { 1, 10, 0, true }, { 1, 10, 10, true }, { 1, 10, 5, true },
+        { 5, 10, 4, true }, { 5, 10, 3, false },     -- 4 was pruned
+        { 1, 10, 11, false },                         -- never given
+        { nil, 10, 10, true }, { nil, 10, 9, false },  -- all pruned
+      } do
+        assert.equal(c[4], can(c[1], c[2], c[3]),
+                     ("first %s, high %d, last %d"):format(tostring(c[1]),
+                                                          c[2], c[3]))
+      end
+    end)
+
     it("returns ELOOP when the port is taken", function()
       serve()
       local b = H.bus()

@@ -82,6 +82,16 @@ function M.refuse(conf, req)
   return nil
 end
 
+--- Whether a client that last saw event `last` can resume from a log
+--- whose events are first..high (first nil: the log is empty): true,
+--- false (send reset: those events are gone, or it names an id the log
+--- never held).
+function M.can_resume(first, high, last)
+  if last > high then return false end          -- an id it never gave
+  if last == high then return true end          -- nothing missed
+  return first ~= nil and first <= last + 1     -- else pruned
+end
+
 --- The Last-Event-ID of req (the header, or ?last_event_id=), or nil.
 function M.last_event_id(req)
   local v = req.headers["last-event-id"] or req.query.last_event_id

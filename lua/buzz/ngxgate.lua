@@ -130,13 +130,11 @@ local function tail(opts, pattern, test, last, is_gone)
   local info = log:store_info{ events = false }
   local pos = info.last_id or 0
   if last then
-    local first = info.first_id
-    if last > pos or (first and first > last + 1)
-       or (not first and last < pos) then
-      if not put("event: reset\ndata: {\"last_event_id\":" .. last
-                 .. "}\n\n") then return end
-    else
+    if gateway.can_resume(info.first_id, pos, last) then
       pos = last
+    elseif not put("event: reset\ndata: {\"last_event_id\":" .. last
+                   .. "}\n\n") then
+      return
     end
   end
   local poll = opts.poll or 0.1

@@ -95,12 +95,8 @@ local function answer(self, req, status, body, extra)
   respond(self, req, status, json_encode(body), nil, extra)
 end
 
-local function refuse(self, req)
-  return gateway.refuse(self, req)
-end
-
 local function stream(self, req, pattern, cond, plain)
-  local status, why = refuse(self, req)
+  local status, why = gateway.refuse(self, req)
   if status then return fail(self, req, status, why) end
   if self.is_closing then return fail(self, req, 503, "closing") end
   sse.open(self, req.conn, pattern, cond, gateway.last_event_id(req), plain)
@@ -109,7 +105,7 @@ end
 -- ------------------------------------------------------------ the router
 
 local function api(self, req)
-  local status, why = refuse(self, req)
+  local status, why = gateway.refuse(self, req)
   if status then return fail(self, req, status, why) end
   local path = req.path
   if path == "/metrics" then

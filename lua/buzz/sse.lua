@@ -22,6 +22,7 @@
 -- @module buzz.sse
 local core = require "buzz.core"
 local filter = require "buzz.filter"
+local can_resume = require("buzz.gateway").can_resume
 
 local json_encode = core.json_encode
 local match = core.match
@@ -121,8 +122,8 @@ end
 
 -- Replays the ring to cl after id last; false when it cannot (reset).
 local function resume_ring(self, cl, last)
-  local r = self.ring
-  if last < r.floor or last > r.high then return false end
+  local r = self.ring                   -- it holds what came after floor
+  if not can_resume(r.floor + 1, r.high, last) then return false end
   local n = r.size
   for k = 0, n - 1 do
     local e = r[(r.next - 1 + k) % n + 1]
@@ -139,12 +140,10 @@ end
 local function resume_store(self, cl, last)
   local bus = self.bus
   bus:flush()                           -- every event so far is stored
-  local high = bus:stats().last_id
-  if last > high then return false end  -- an id this bus never gave
+  local info = bus:store_info{ events = false }
+  local high = info.last_id or 0
+  if not can_resume(info.first_id, high, last) then return false end
   cl.seen = high
-  if last == high then return true end
-  local first = bus:events{ limit = 1 }()
-  if not first or first.id > last + 1 then return false end  -- pruned
   for ev in bus:events{ types = cl.pattern, from = last + 1, to = high } do
     if not cl.test or cl.test(ev) then
       if not send(self, cl, message(ev, cl.plain)) then return true end
