@@ -45,7 +45,7 @@ LUA54   = lua5.4
 LUAJIT  = luajit
 BUSTED  = busted
 
-.PHONY: all deps test test-slow check asan bench bench-ic bench-serve bench-metrics test-browser rock-core rock-install demo \
+.PHONY: all deps test test-slow check asan bench bench-ic bench-serve bench-metrics test-browser rock-core rock-install demo doc \
         clean rock fuzz coverage
 
 all: build/lua5.4/buzz/core.so build/luajit/buzz/core.so
@@ -239,6 +239,15 @@ rock: deps
 	cd /tmp && eval "$$(luarocks --lua-version=5.4 --tree $(CURDIR)/$(ROCK)/tree path)" && \
 	  lua5.4 $(CURDIR)/tools/rock_check.lua $(VERSION) && \
 	  $(CURDIR)/$(ROCK)/tree/bin/buzz --version
+
+# The reference: LDoc (Debian's lua-ldoc) over the public modules that
+# config.ld lists, from their doc comments, into doc/, which is checked in
+# (README links to it). The "Last updated" line is dropped so that the
+# output only changes when the code does: CI regenerates it and fails on
+# any difference.
+doc: deps
+	rm -rf doc && ldoc -q -d doc . >/dev/null
+	sed -i 's/Last updated [0-9-]* [0-9:]* //' doc/index.html doc/modules/*.html
 
 clean:
 	rm -rf build buzz luacov.* csrc/*.o

@@ -133,7 +133,6 @@ local function window_spec(spec, level)
   return w
 end
 
-
 -- ------------------------------------------------------------ the engine
 
 -- The state of one aggregation on a bus: open windows by start, each with
@@ -254,6 +253,7 @@ function Engine:arm_count(group, c)
 end
 
 --- Takes one event of the route.
+-- @local
 function Engine:add(ev)
   local id = ev.id
   if self.row and id then
@@ -331,6 +331,7 @@ function Engine:add(ev)
 end
 
 --- Drops every open window: the subscription ended.
+-- @local
 function Engine:stop()
   self.is_active = false
   for _, s in pairs(self.sessions) do
@@ -342,7 +343,6 @@ function Engine:stop()
   if self.tick then self.tick:cancel() end
   self.windows, self.sessions, self.counts = {}, {}, {}
 end
-
 
 -- ------------------------------------------------------------ checkpoints
 
@@ -441,6 +441,7 @@ end
 --- A durable aggregation starts: its checkpoint (if any) comes back, the
 --- log is replayed from it through feed (the route's stages, then add),
 --- and checkpoints begin.
+-- @local
 function Engine:resume(name, feed)
   local bus = self.bus
   self.row = name
@@ -500,18 +501,23 @@ local function with(self, k, v)
 end
 
 --- A new aggregation over route's events (route:window calls this).
+-- @local
 function M.new(route, spec, level)
   return setmetatable({ route = route, w = window_spec(spec, level + 1) },
                       Agg)
 end
 
 --- Groups by the value at path (or fn(ev)); results carry it as group.
+---@param path string|function "payload.host" or fn(ev) -> group
+---@return table aggregation
 function Agg:group_by(path)
   check_self(self, "group_by")
   return with(self, "group_of", getter(path, "group_by", 3))
 end
 
 --- What each window computes: a reducer or a table of named reducers.
+---@param r table a reducer (buzz.agg.count()...) or { name = r, ... }
+---@return table aggregation
 function Agg:reduce(r)
   check_self(self, "reduce")
   return with(self, "red", as_reducer(r, 3))
@@ -551,6 +557,9 @@ end
 
 --- Publishes each result as an event of type etype (payload: the result)
 --- and returns the subscription that feeds the windows.
+---@param etype string the results' event type
+---@param opts table|nil subscribe's options (name, durable, ...)
+---@return table|nil subscription, string|nil err, string|nil code
 function Agg:publish(etype, opts)
   check_self(self, "publish")
   local bus = self.route.bus
@@ -568,6 +577,9 @@ end
 
 --- Calls fn(result) for each result (a raise goes to on_error) and
 --- returns the subscription that feeds the windows.
+---@param fn function fn(result)
+---@param opts table|nil subscribe's options (name, durable, ...)
+---@return table|nil subscription, string|nil err, string|nil code
 function Agg:handle(fn, opts)
   check_self(self, "handle")
   if type(fn) ~= "function" then

@@ -184,6 +184,7 @@ function Batcher:mark()
 end
 
 --- Takes one event into the batch being collected.
+-- @local
 function Batcher:add(ev)
   local bytes = 0
   if self.max_bytes then
@@ -207,6 +208,7 @@ end
 --- Closes the collected events into a batch (no-op when empty) and hands
 --- the closed batches over in order, unless the batch is recovering (then
 --- the first turn after bus:batch() returns does).
+-- @local
 function Batcher:flush()
   if self.n > 0 then
     if self.timer then self.timer:cancel() end
@@ -264,6 +266,7 @@ end
 
 --- Flushes what is collected; the batches not started are dropped (with
 --- durable, the next run takes them up again).
+-- @local
 function Batcher:stop()
   if self.is_stopped then return end
   self:flush()
@@ -317,6 +320,14 @@ end
 --- With route, the route's stages (where, map...) run before the batch,
 --- which collects the events they pass on. The decorator's level, when
 --- given, is where its misuse is raised (default 2, its caller).
+---@param bus table
+---@param pattern string
+---@param opts table|nil size, interval, max_bytes, adaptive, and
+--- subscribe's failure options
+---@param level integer|nil
+---@param route table|nil
+---@return function decorator(fn) -> subscription | nil, err, code
+-- @local
 function M.decorator(bus, pattern, opts, level, route)
   -- (util and failure count levels from their caller, this file from
   -- itself: the same level reaches the same frame)

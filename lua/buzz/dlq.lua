@@ -74,6 +74,7 @@ end
 --- until it fits: tracebacks go and errors are cut to 1 KiB, then only
 --- the last attempt stays, then the event's payload is left out. The
 --- dead letter itself keeps everything.
+-- @local
 function Sup:dlq_payload(rec)
   local copy = deep_copy(rec)
   local bus = self.bus
@@ -134,6 +135,7 @@ end
 --- Delivers dead letters again to their subscriptions, from attempt 1;
 --- a letter whose subscription is not subscribed stays. Returns how many
 --- were redriven.
+-- @local
 function Sup:redrive(recs)
   local moved, jobs = {}, {}
   for _, rec in ipairs(recs) do
@@ -183,6 +185,7 @@ end
 --- traceback, at } }, event, failed_at, redrives } (times in ms).
 ---@param filter table|integer|nil an id, or { subscription, types, limit }
 ---@return table
+-- @function Bus:dead_letters
 function Dead:dead_letters(filter)
   check_bus(self, "dead_letters")
   local recs = self._sup:select(dead_filter(filter, "dead_letters", 2))
@@ -211,6 +214,7 @@ end
 --- many were redriven.
 ---@param filter table|integer|nil an id, or { subscription, types, limit }
 ---@return integer
+-- @function Bus:redrive
 function Dead:redrive(filter)
   check_bus(self, "redrive")
   local recs = dead_to_change(self, "redrive", filter)
@@ -220,6 +224,7 @@ end
 --- Removes dead letters for good; returns how many.
 ---@param filter table|integer|nil an id, or { subscription, types, limit }
 ---@return integer
+-- @function Bus:discard
 function Dead:discard(filter)
   check_bus(self, "discard")
   local recs = dead_to_change(self, "discard", filter)
@@ -231,11 +236,13 @@ M.copy = deep_copy
 M.event_of = event_of
 
 --- Puts select, remove, redrive and dlq_payload on the supervisor class.
+-- @local
 function M.supervisor(Supervisor)
   for k, f in pairs(Sup) do Supervisor[k] = f end
 end
 
 --- Puts dead_letters, redrive and discard on the bus class.
+-- @local
 function M.install(Bus, check_bus_fn)
   check_bus = check_bus_fn
   for k, f in pairs(Dead) do Bus[k] = f end

@@ -80,6 +80,7 @@ end
 --- Timers that are due (delayed events, retries) fire first.
 ---@param max integer|nil
 ---@return integer
+-- @function Bus:step
 function Drive:step(max)
   check_bus(self, "step")
   if max == nil then
@@ -104,6 +105,7 @@ end
 --- Delivers until nothing is due; returns the number of deliveries.
 --- Timers due by the clock fire on the way; later ones wait.
 ---@return integer
+-- @function Bus:drain
 function Drive:drain()
   check_bus(self, "drain")
   local t = self._task
@@ -158,6 +160,7 @@ end
 --- marks, do not count). Returns the number of deliveries. It never
 --- waits for the store's writer: a commit wakes the loop.
 ---@return integer
+-- @function Bus:run
 function Drive:run()
   check_bus(self, "run")
   if self._driver then
@@ -194,12 +197,14 @@ end
 
 --- Makes run() (or a drain/step in progress) return after the current
 --- delivery.
+-- @function Bus:stop
 function Drive:stop()
   check_bus(self, "stop")
   self._task.is_stopped = true
 end
 
 --- Puts the driving methods on the bus class; check_bus is init.lua's.
+-- @local
 function M.install(Bus, check_bus_fn)
   check_bus = check_bus_fn
   for k, f in pairs(Drive) do Bus[k] = f end

@@ -146,6 +146,7 @@ end
 --- The failure machinery of one bus.
 ---@param bus table the bus (for publishing engine events and reporting)
 ---@param timers table the bus's timer list
+-- @local
 function M.new(bus, timers)
   return setmetatable({
     bus = bus, timers = timers, clock = timers.clock,
@@ -232,6 +233,7 @@ end
 
 --- A runner for a supervised subscription. policy: retry, breaker (both
 --- validated), ordered, timeout (ms), concurrency, name.
+-- @local
 function Supervisor:runner(sub, handler, policy, level)
   local r = setmetatable({
     sup = self, sub = sub, handler = handler, name = policy.name,
@@ -292,6 +294,7 @@ end
 --- ev the event it is handling). A supervised job running inline there
 --- goes to sleep in it; a plain handler's delivery becomes a job that
 --- takes the thread over.
+-- @local
 function Supervisor:adopt(co, sub, ev, what, arg)
   local by = self.by_thread
   local job = by[co]
@@ -316,6 +319,7 @@ end
 
 --- The runner that takes over a plain subscription's deliveries when they
 --- outlive their call (a sleep), made the first time one does.
+-- @local
 function Supervisor:plain_runner(sub)
   local r = self.plain[sub]
   if r == nil then
@@ -329,6 +333,7 @@ end
 
 --- A plain durable subscription starts: what an earlier run kept of its
 --- deliveries (asleep when it stopped) runs again now.
+-- @local
 function Supervisor:adopt_plain_orphans(sub)
   if self.orphans[sub.durable] then
     self:adopt_orphans(self:plain_runner(sub))
@@ -343,6 +348,7 @@ local function ms(t)
 end
 
 --- Loads stored dead letters, retries and delayed events (bus opening).
+-- @local
 function Supervisor:load()
   local bus = self.bus
   for _, row in ipairs(bus:_state_list("dead")) do
@@ -394,6 +400,7 @@ end
 
 --- The subscription sub ended: the runner adopted for its plain handler's
 --- sleeps, if any, ends too.
+-- @local
 function Supervisor:forget(sub)
   local r = self.plain[sub]
   if r then r:close() end

@@ -421,6 +421,7 @@ end
 
 --- Decorates handler: it is called only for events the condition holds
 --- for, and returns what the handler returns.
+-- @local
 function Cond:__call(handler)
   if type(handler) ~= "function" then
     fail(2, "a condition decorates a handler: buzz.where{...}(function(ev) "

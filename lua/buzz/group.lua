@@ -73,7 +73,17 @@ function Group:clear()
   return n
 end
 
+--- The group name of the bus: subscriptions and periodic publishes that
+--- end together. With { clear = true } what the group held ends first.
+---@tparam string name
+---@tparam[opt] table opts { clear = true }
+---@return the group (subscribe, on, every, clear)
+-- @function Bus:group
+local function bus_group_doc() end   -- (for the reference: the method
+local _ = bus_group_doc              -- is made by install, below)
+
 --- Puts bus:group on the bus class; check_bus is init.lua's.
+-- @local
 function M.install(Bus, check_bus)
   function Bus:group(name, opts)
     check_bus(self, "group")

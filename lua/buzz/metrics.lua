@@ -97,14 +97,14 @@ function M.sub_stats(sub, st)
   return st
 end
 
---- A sampled delivery of ev to a subscription whose counters are m
---- (task.lua and hot.lua write it out, to spare a call):
----   local mc = bus._manual                  -- the bus's clock, if manual
----   local t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
----   sub._fn(ev)
----   if it returned without yielding then hist_since(m.duration, t0) end
---- hist_age observes the latency since publish and returns the time;
---- a handler that raised or yielded is not timed.
+-- A sampled delivery of ev to a subscription whose counters are m
+-- (task.lua and hot.lua write it out, to spare a call):
+--   local mc = bus._manual                  -- the bus's clock, if manual
+--   local t0 = hist_age(m.latency, ev.ts, mc and mc.ms)
+--   sub._fn(ev)
+--   if it returned without yielding then hist_since(m.duration, t0) end
+-- hist_age observes the latency since publish and returns the time;
+-- a handler that raised or yielded is not timed.
 M.hist_age, M.hist_since = core.hist_age, core.hist_since
 
 local BREAKER_STATES = { "closed", "open", "half_open" }

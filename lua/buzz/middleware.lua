@@ -24,6 +24,8 @@ local random = math.random
 local M = {}
 
 --- The traceparent parts of headers: trace id and parent (span) id, or nil.
+---@param headers table|nil an event's headers
+---@return string|nil trace_id, string|nil parent_id
 function M.parse_traceparent(headers)
   local tp = type(headers) == "table" and headers.traceparent
   if type(tp) ~= "string" then return nil end
@@ -36,6 +38,7 @@ function M.parse_traceparent(headers)
 end
 
 --- A new span id: 16 hex digits, never all zero.
+---@return string span_id
 function M.span_id()
   return format("%08x%08x", random(0, 0x7fffffff), random(1, 0x7fffffff))
 end
@@ -43,12 +46,14 @@ end
 --- The middleware state of a bus: its list and the contexts of the
 --- deliveries running, by thread (weak: a thread that is dropped takes
 --- its context along).
+-- @local
 function M.new()
   return { list = {}, n = 0,
            by_thread = setmetatable({}, { __mode = "k" }) }
 end
 
 --- Adds fn, raising for what is not a function.
+-- @local
 function M.add(state, fn, level)
   if type(fn) ~= "function" then
     error(("bad middleware: expected a function(ev, next, ctx), got %s")
@@ -66,6 +71,7 @@ end
 
 --- handler with the middleware of state around it, for sub; the same
 --- handler when there is none.
+-- @local
 function M.wrap(state, sub, handler)
   if state.n == 0 then return handler end
   local by = state.by_thread
@@ -89,6 +95,7 @@ end
 
 --- The traceparent a publish made now should carry, or nil: one with the
 --- running delivery's trace id and a new span.
+-- @local
 function M.traceparent(state)
   local ctx = state.by_thread[running()]
   local trace = ctx and ctx.trace_id

@@ -107,6 +107,7 @@ local co_resume = task.co_resume
 ---@param payload any
 ---@param opts table|nil as for publish
 ---@return integer|nil id, string|nil err, string|nil code
+-- @function Bus:publish_sync
 function Pub:publish_sync(etype, payload, opts)
   local h = HOT[self]                  -- nil unless self is such a bus
   if h then
@@ -182,6 +183,7 @@ local publish_core = publisher("publish")
 ---@param opts table|nil priority, key, correlation_id, headers, dedup,
 ---  version
 ---@return integer|nil id, string|nil err, string|nil code
+-- @function Bus:publish
 function Pub:publish(etype, payload, opts)
   local h = HOT[self]
   if h and opts == nil then
@@ -198,6 +200,7 @@ end
 
 --- Puts publish and publish_sync on the bus class; check_bus and refused
 --- are init.lua's.
+-- @local
 function M.install(Bus, check_bus_fn, refused_fn)
   check_bus, refused = check_bus_fn, refused_fn
   for k, f in pairs(Pub) do Bus[k] = f end

@@ -84,6 +84,7 @@ end
 --- Keeps rec = { type, payload, priority (0..3), key, correlation_id,
 --- causation_id, headers, dedup, version, due } until due, in the store
 --- too (stored names the row when it comes from there: due/sequence).
+-- @local
 function Sup:schedule_publish(rec, stored)
   if stored == nil and self.bus:_has_store() then
     self.seq = self.seq + 1
@@ -105,6 +106,7 @@ end
 ---@param etype string
 ---@param payload_fn function|any
 ---@return table handle
+-- @function Bus:every
 function Sched:every(seconds, etype, payload_fn)
   check_bus(self, "every")
   check_positive(seconds, "seconds", false, 2)
@@ -146,11 +148,13 @@ function Sched:every(seconds, etype, payload_fn)
 end
 
 --- Puts schedule_publish on the supervisor class.
+-- @local
 function M.supervisor(Supervisor)
   for k, f in pairs(Sup) do Supervisor[k] = f end
 end
 
 --- Puts every on the bus class.
+-- @local
 function M.install(Bus, check_bus_fn, refused_fn)
   check_bus, refused = check_bus_fn, refused_fn
   for k, f in pairs(Sched) do Bus[k] = f end

@@ -208,6 +208,7 @@ end
 -- ------------------------------------------------------------ the server
 
 --- Answers what the server has queued (the bus calls it when driven).
+-- @local
 function Server:pump()
   local srv = self.srv
   if not srv then return 0 end
@@ -352,6 +353,7 @@ local function check(opts, level)
 end
 
 --- bus:serve{ host, port, token, ... } -> server | nil, err, code.
+-- @local
 function M.serve(bus, opts, level)
   opts = opts or {}
   local routes = check(opts, level + 1)
@@ -383,6 +385,7 @@ function M.serve(bus, opts, level)
 end
 
 --- Answers every server of bus (drive.lua calls it on each turn).
+-- @local
 function M.pump(bus)
   local list = bus._servers
   local n = 0
@@ -394,6 +397,7 @@ function M.pump(bus)
 end
 
 --- Closes every server of bus (bus:close()).
+-- @local
 function M.close_all(bus)
   local list = bus._servers
   if not list then return end
@@ -402,7 +406,20 @@ function M.close_all(bus)
   end
 end
 
+--- Starts an HTTP/1.1 gateway on the bus's loop: SSE streams, webhook
+--- ingress, POST /events, /metrics and the dashboard (README, "Serving").
+--- Options: host ("127.0.0.1"), port (8080; 0: any), token, authorize,
+--- public, streams, subjects, ingest, post_events, page, heartbeat (15 s),
+--- retry (3000 ms), ring (1000), max_buffer, max_payload, timeout (10 s),
+--- max_conns.
+---@tparam table opts
+---@return a server (url, stats, count, close) | nil, err, code
+-- @function Bus:serve
+local function bus_serve_doc() end   -- (for the reference: the method
+local _ = bus_serve_doc               -- is made by install, below)
+
 --- Puts serve on the bus class; check_bus is init.lua's.
+-- @local
 function M.install(Bus, check_bus)
   function Bus:serve(opts)
     check_bus(self, "serve")

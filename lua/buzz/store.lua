@@ -146,6 +146,7 @@ end
 --- fails while iterating raises; one that fails at once returns nil, err.
 ---@param filters table|nil
 ---@return function|nil iterator, string|nil err, string|nil code
+-- @function Bus:events
 function Store:events(filters)
   local c = check_store(self, "events")
   local q, after, limit = query_filters(filters, QUERY_OPTIONS, "events", 2)
@@ -161,6 +162,7 @@ end
 --- fails at once returns nil, err, code, later raises (as events() does).
 ---@param opts table
 ---@return integer|nil count, string|nil err, string|nil code
+-- @function Bus:replay
 function Store:replay(opts)
   local c = check_store(self, "replay")
   if type(opts) ~= "table" then
@@ -234,6 +236,7 @@ end
 ---@param etype string
 ---@param from_version integer
 ---@param fn function fn(payload, ev) -> new payload
+-- @function Bus:upcaster
 function Store:upcaster(etype, from_version, fn)
   local c = check_bus(self, "upcaster")
   check_subject_value(etype, "type", "order.created", false, 2)
@@ -259,6 +262,7 @@ end
 --- Commits everything published so far (batch durability commits in the
 --- background); returns true, or nil, err, code if a commit failed.
 ---@return boolean|nil ok, string|nil err, string|nil code
+-- @function Bus:flush
 function Store:flush()
   local c = check_bus(self, "flush")
   return c:flush()
@@ -267,6 +271,7 @@ end
 --- The durable consumers in the store: { name, pattern, acked, lag,
 --- updated_ms }, by name.
 ---@return table|nil consumers, string|nil err, string|nil code
+-- @function Bus:consumers
 function Store:consumers()
   return check_store(self, "consumers"):consumers()
 end
@@ -285,6 +290,7 @@ end
 --- events back for it. Returns true if it existed.
 ---@param name string
 ---@return boolean|nil removed, string|nil err, string|nil code
+-- @function Bus:remove_consumer
 function Store:remove_consumer(name)
   local c = check_store(self, "remove_consumer")
   if type(name) ~= "string" then
@@ -308,6 +314,7 @@ end
 --- count out (it is a pass over the log; the ids are not).
 ---@param opts table|nil types, events
 ---@return table|nil info, string|nil err, string|nil code
+-- @function Bus:store_info
 function Store:store_info(opts)
   local c = check_store(self, "store_info")
   check_options(opts, STORE_INFO_OPTIONS, "store_info", 2)
@@ -387,6 +394,7 @@ M.info = store_info
 
 --- Puts the store methods on the bus class; check_bus and refused are
 --- init.lua's.
+-- @local
 function M.install(Bus, check_bus_fn, refused_fn)
   check_bus, refused = check_bus_fn, refused_fn
   for k, f in pairs(Store) do Bus[k] = f end

@@ -33,6 +33,7 @@ Timer.__index = Timer
 --- A new, empty timer list reading the time from clock.
 ---@param clock table a clock (see real_clock, manual_clock)
 ---@return table
+-- @local
 function M.new(clock)
   -- is_held: a host driver's thread is taken (lua/buzz/ngx.lua); fire()
   -- stops, and what is due waits for its next call.
@@ -94,6 +95,7 @@ end
 
 --- Calls fn(a, b) once the clock reaches due (milliseconds on the clock).
 ---@return table timer with :cancel()
+-- @local
 function Timers:at(due, fn, a, b)
   local seq = self.seq + 1
   self.seq = seq
@@ -108,11 +110,13 @@ function Timers:at(due, fn, a, b)
 end
 
 --- Calls fn(a, b) after ms milliseconds.
+-- @local
 function Timers:after(ms, fn, a, b)
   return self:at(self.clock:now_ms() + ms, fn, a, b)
 end
 
 --- Stops the timer from firing; true if it was still due. Idempotent.
+-- @local
 function Timer:cancel()
   if self.fn == nil then return false end
   self.fn, self.a, self.b = nil, nil, nil
@@ -125,6 +129,7 @@ end
 --- Makes the timer housekeeping: it still fires when due while the bus
 --- is driven, but does not keep bus:run() going. Returns the timer.
 ---@return table timer
+-- @local
 function Timer:unref()
   if self.fn ~= nil and not self.is_unref then
     self.is_unref = true
@@ -136,11 +141,13 @@ end
 --- True while a live timer is not housekeeping: one that bus:run() waits
 --- for.
 ---@return boolean
+-- @local
 function Timers:has_ref()
   return self.live > self.unrefs
 end
 
 --- The due time of the earliest live timer, or nil.
+-- @local
 function Timers:next_due()
   local h = self.heap
   while self.n > 0 and h[1].fn == nil do pop(self) end
@@ -151,6 +158,7 @@ end
 --- Fires every timer due by now, in (due, seq) order, including those a
 --- callback sets for a time already reached, until one sets is_held.
 --- Returns how many fired.
+-- @local
 function Timers:fire(now, is_spent, arg)
   local fired, h = 0, self.heap
   while self.n > 0 and not self.is_held do
@@ -171,11 +179,13 @@ function Timers:fire(now, is_spent, arg)
 end
 
 --- Live timers.
+-- @local
 function Timers:count()
   return self.live
 end
 
 --- Cancels every timer.
+-- @local
 function Timers:clear()
   for i = 1, self.n do
     local t = self.heap[i]
@@ -196,6 +206,7 @@ function RealClock.now_ms()
 end
 
 --- Seconds since the epoch, with milliseconds.
+-- @local
 function RealClock:now()
   return self:now_ms() / 1000
 end
@@ -203,6 +214,7 @@ end
 local real = setmetatable({}, RealClock)
 
 --- The wall clock (one shared, stateless instance).
+-- @local
 function M.real_clock()
   return real
 end
@@ -246,6 +258,7 @@ end
 
 --- A bus starts using the clock (buzz.new); buses are ticked in the order
 --- they joined.
+-- @local
 function ManualClock:join(bus)
   self.nbuses = self.nbuses + 1
   self.buses[bus] = self.nbuses

@@ -40,6 +40,7 @@ end
 
 --- Decorates handler: it gets the transformed event, or is not called
 --- when the transformer drops it.
+-- @local
 function Stage:__call(handler)
   if type(handler) ~= "function" then
     error(("a transformer decorates a handler: buzz.map(fn)(function(ev) "
@@ -60,6 +61,8 @@ local function check_fn(fn, what, example, level)
 end
 
 --- payload = fn(ev); nil drops the event.
+---@param fn function fn(ev) -> new payload | nil
+---@return table transformer: transformer(handler) -> handler
 function M.map(fn)
   check_fn(fn, "map", "a function(ev) returning the new payload", 2)
   return stage(function(ev)
@@ -82,6 +85,8 @@ end
 
 --- Adds fields to the payload: those of the table t, or of fn(ev) (nil
 --- drops the event). An event whose payload is not a table is dropped.
+---@param t table|function fields to add, or fn(ev) -> fields | nil
+---@return table transformer
 function M.enrich(t)
   if type(t) ~= "table" and type(t) ~= "function" then
     error(("bad argument to buzz.enrich: expected a table of fields or a "
@@ -107,6 +112,8 @@ end
 
 --- payload = the value at path, a dot-separated path into the event
 --- ("payload.cpu.user"); a missing value drops the event.
+---@param path string a dot path into the event
+---@return table transformer
 function M.pluck(path)
   local steps = util.steps(path)
   if steps == nil then
@@ -123,6 +130,8 @@ end
 
 --- Renames payload fields: { old = "new", ... }. A field that is absent
 --- stays absent; an event whose payload is not a table is dropped.
+---@param map table { old = "new", ... }
+---@return table transformer
 function M.rename(map)
   if type(map) ~= "table" or next(map) == nil then
     error(("bad argument to buzz.rename: expected a table such as "
