@@ -46,7 +46,8 @@
   X(INHANDLER, 12, "called from inside a handler")               \
   X(TIMEOUT, 13, "a handler did not finish in time")             \
   X(YIELD,  14, "a handler yielded what buzz cannot resume")     \
-  X(CALLBACK, 15, "a function given to buzz raised")
+  X(CALLBACK, 15, "a function given to buzz raised")             \
+  X(FROZEN, 16, "a handler changed an event it was given")
 
 typedef enum {
   BUZZ_OK = 0,

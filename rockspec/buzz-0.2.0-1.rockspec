@@ -62,6 +62,7 @@ build = {
   --   ["buzz.errors"] = "lua/buzz/errors.lua"
   --   ["buzz.failure"] = "lua/buzz/failure.lua"
   --   ["buzz.filter"] = "lua/buzz/filter.lua"
+  --   ["buzz.freeze"] = "lua/buzz/freeze.lua"
   --   ["buzz.gateway"] = "lua/buzz/gateway.lua"
   --   ["buzz.group"] = "lua/buzz/group.lua"
   --   ["buzz.hot"] = "lua/buzz/hot.lua"

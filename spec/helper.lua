@@ -1,7 +1,8 @@
 --- Test helper, loaded by busted before every spec file (.busted).
 -- Points package.cpath at the build for the running interpreter and gives
 -- specs a small harness in the global H (after luv's test harness):
---   H.bus(opts)        a bus that H.done() will check and close
+--   H.bus(opts)        a bus that H.done() will check and close, made
+--                      with freeze = true unless opts says otherwise
 --   H.counter(n)       a function that must be called exactly n times
 --   H.done()           asserts every counter met its count, closes buses
 --   H.flavour          "lua5.4" or "luajit"; H.lua the interpreter command
@@ -48,6 +49,14 @@ local buses, counters = {}, {}
 
 function H.bus(opts)
   local buzz = require "buzz"
+  -- The suite's buses are frozen (lua/buzz/freeze.lua) unless a spec says
+  -- freeze = false: a handler, stage or buzz's own code that changes an
+  -- event it was given fails the delivery with EFROZEN.
+  if opts == nil or opts.freeze == nil then
+    local o = { freeze = true }
+    for k, v in pairs(opts or {}) do o[k] = v end
+    opts = o
+  end
   local bus = assert(buzz.new(opts))
   buses[#buses + 1] = bus
   return bus

@@ -33,6 +33,7 @@ local policies = require "buzz.policy"
 local util = require "buzz.util"
 local errors = require "buzz.errors"
 local core = require "buzz.core"
+local middleware = require "buzz.middleware"
 
 local type, pairs, setmetatable, ipairs = type, pairs, setmetatable, ipairs
 local floor, ceil, min, max = math.floor, math.ceil, math.min, math.max
@@ -338,6 +339,9 @@ function M.decorator(bus, pattern, opts, level, route)
     if type(fn) ~= "function" then
       fail(lvl, "bad handler: expected a function(events), got %s",
            quote(fn))
+    end
+    if bus._mw.freeze then        -- buzz.new{ freeze = true }
+      fn = middleware.frozen(bus, fn, opts and opts.name or pattern)
     end
     local self = setmetatable({
       bus = bus, fn = fn, pattern = pattern, size = spec.size,

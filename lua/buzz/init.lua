@@ -98,8 +98,9 @@ end
 -- ------------------------------------------------------------ the bus
 
 --- Creates a bus.
----@param opts table|nil store, durability, queue_limit, on_error, and for
---- a store readonly, max_size and max_backlog (bytes), max_age, max_events
+---@param opts table|nil store, durability, queue_limit, on_error,
+--- max_payload, dedup_window, clock, loop, trace, metrics_every, freeze;
+--- for a store readonly, max_size, max_backlog, max_age, max_events
 ---@return table|nil bus, string|nil err, string|nil code
 function M.new(opts)
   local limit, on_error, durability, store, backlog, clock, loop =
@@ -136,7 +137,7 @@ function M.new(opts)
     _clock = clock,
     _manual = clock.is_manual and clock,  -- stamps events, or false
     _timers = tl,             -- delays, retries, timeouts, sleeps
-    _mw = middleware.new(),   -- bus:use
+    _mw = middleware.new(opts.freeze),  -- bus:use; freeze (freeze.lua)
     _subs = setmetatable({}, { __mode = "k" }),  -- live subscriptions
     _max_payload = opts.max_payload,
     _metrics = metrics.new(),  -- counters by subscription name

@@ -47,8 +47,8 @@ end
 --- deliveries running, by thread (weak: a thread that is dropped takes
 --- its context along).
 -- @local
-function M.new()
-  return { list = {}, n = 0,
+function M.new(freeze)
+  return { list = {}, n = 0, freeze = freeze or false,
            by_thread = setmetatable({}, { __mode = "k" }) }
 end
 
@@ -73,6 +73,7 @@ end
 --- handler when there is none.
 -- @local
 function M.wrap(state, sub, handler)
+  if state.freeze then handler = M.frozen(sub.bus, handler, sub.name) end
   if state.n == 0 then return handler end
   local by = state.by_thread
   local function ctx_of() return by[running()] end
@@ -91,6 +92,15 @@ function M.wrap(state, sub, handler)
     by[co] = outer
     return a, b
   end
+end
+
+--- handler, failing with EFROZEN when it changes the event it is given
+--- (buzz.new{ freeze = true }, lua/buzz/freeze.lua).
+-- @local
+function M.frozen(bus, handler, name)
+  return require("buzz.freeze").wrap(handler, name, function(err)
+    bus:_report_error(err)
+  end)
 end
 
 --- The traceparent a publish made now should carry, or nil: one with the

@@ -42,7 +42,7 @@ local NEW_OPTIONS = option_set("store", "durability", "queue_limit",
                                "on_error", "readonly", "max_payload",
                                "dedup_window", "max_age", "max_events",
                                "max_size", "max_backlog", "clock", "loop",
-                               "metrics_every", "trace")
+                               "metrics_every", "trace", "freeze")
 local SUBSCRIBE_OPTIONS = option_set("once", "durable", "start", "name",
                                      "retry", "ordered", "breaker",
                                      "timeout", "concurrency", "filter")
@@ -270,8 +270,11 @@ function M.new(opts, level)
           .. "thread and its reader; omit store for an in-memory bus",
           level + 1)
   end
-  if opts.readonly ~= nil and type(opts.readonly) ~= "boolean" then
-    error("bad readonly: expected a boolean", level + 1)
+  for _, k in ipairs { "readonly", "freeze" } do
+    if opts[k] ~= nil and type(opts[k]) ~= "boolean" then
+      error(("bad %s: expected a boolean, got %s"):format(k, quote(opts[k])),
+            level + 1)
+    end
   end
   check_positive(opts.max_payload, "max_payload", true, level + 1)
   check_positive(opts.dedup_window, "dedup_window", false, level + 1,
