@@ -697,6 +697,79 @@ end
     end)
   end)
 
+  describe("replay --publish", function()
+    it("appends each matching event again as a new event of the type, "
+       .. "keeping its payload, key, priority, correlation and headers",
+       function()
+      local s = new_store()
+      finally(s.remove)
+      local status, out, err = run(s, "replay --types 'order.*' --to 2 "
+                                      .. "--publish order.replayed")
+      assert.are.equal(0, status, err)
+      assert.are.equal("published 2 events as order.replayed, #6 to #7\n",
+                       out)
+      local evs = stored(s)
+      assert.equal(7, #evs)
+      local a, b = evs[6], evs[7]
+      assert.equal("order.replayed", a.type)
+      assert.same({ n = 1 }, a.payload)
+      assert.equal("k1", a.key)
+      assert.equal("req-1", a.correlation_id)
+      assert.same({ traceparent = "00-abc-01", tenant = "acme",
+                    replay_of = "1" }, a.headers)
+      assert.same({ n = 2 }, b.payload)
+      assert.equal(7, b.key)
+      assert.equal("high", b.priority)
+      assert.equal("2", b.headers.replay_of)
+      -- the application's subscribers to the type get them
+      local app = assert(buzz.new{ store = s.path })
+      local got = {}
+      app:subscribe("order.replayed", function(ev)
+        got[#got + 1] = ev.payload.n
+      end, { durable = "again", start = "all" })
+      app:drain()
+      app:close()
+      assert.same({ 1, 2 }, got)
+    end)
+
+    it("never feeds itself: a type its filter matches stops at the last "
+       .. "event stored when it began", function()
+      local s = new_store()
+      finally(s.remove)
+      local status, out, err = run(s, "replay --types 'order.>' "
+                                      .. "--publish order.again --json")
+      assert.are.equal(0, status, err)
+      assert.are.equal('{"count":4,"first":6,"last":9}\n', out)
+      assert.equal(9, #stored(s))
+    end)
+
+    it("refuses a bad type, --handler with it, and a locked store",
+       function()
+      local s = new_store()
+      finally(s.remove)
+      local status, out, err = run(s, "replay --publish 'a..b'")
+      assert.are.equal(2, status)
+      assert.are.equal("", out)
+      assert.matches('bad type "a..b": has an empty token', err, 1, true)
+      status, out, err = run(s, "replay --publish '$SYS.x'")
+      assert.are.equal(2, status)
+      assert.are.equal("", out)
+      assert.matches("reserved for the engine", err, 1, true)
+      status, out, err = run(s, "replay --publish a.b --handler h.lua")
+      assert.are.equal(2, status)
+      assert.are.equal("", out)
+      assert.matches("give --handler or --publish, not both", err, 1, true)
+      local writer = assert(buzz.new{ store = s.path })
+      finally(function() writer:close() end)
+      status, out, err = run(s, "replay --publish a.b")
+      assert.are.equal(1, status)
+      assert.are.equal("", out)
+      assert.matches("cannot replay: .*locked by another writer %(pid "
+                     .. require("buzz.core").pid() .. "%)", err)
+      assert.equal(5, #stored(s))
+    end)
+  end)
+
   describe("redrive, discard and remove-consumer", function()
     local function dead_store()
       local s = new_store()

@@ -31,9 +31,13 @@ commands:
           events, ids, size, counts per type, durable consumers and lag,
           pending retries, dead letters, delayed events
   replay  [--types PAT] [--from ID] [--to ID] [--key K] [--limit N]
-          --handler FILE.lua [--json]
-          feeds every matching event to the function FILE.lua returns;
-          appends nothing; exits 1 if the handler raised
+          --handler FILE.lua | --publish TYPE [--json]
+          feeds every matching event to the function FILE.lua returns
+          (appends nothing; exits 1 if the handler raised), or with
+          --publish appends each again as a new event of type TYPE (its
+          payload, key, priority, correlation id and headers, with
+          headers.replay_of its id), for the application's subscribers
+          to TYPE (writes)
   trace   ID|CORRELATION [--json] [--mermaid]
           the events an event caused (or a correlation id's), as a tree,
           each with its deliveries: subscription, attempt, outcome, time
@@ -100,8 +104,9 @@ M.COMMANDS = {
   },
   replay = {
     usage = "buzz replay [--types PAT] [--from ID] [--to ID] [--key K] "
-            .. "[--limit N] --handler FILE.lua [--json]",
-    options = with_filters { handler = "string", json = "flag" },
+            .. "[--limit N] --handler FILE.lua | --publish TYPE [--json]",
+    options = with_filters { handler = "string", publish = "string",
+                             json = "flag" },
   },
   dlq = {
     usage = "buzz dlq [ID] [--subscription NAME] [--types PAT] [--limit N] "

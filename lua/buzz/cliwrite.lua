@@ -3,6 +3,7 @@
 --   buzz redrive ID | --subscription NAME [--types PAT] [--limit N]
 --   buzz discard ID | --subscription NAME [--types PAT] [--limit N] | --all
 --   buzz remove-consumer NAME
+--   buzz replay [filters] --publish TYPE    (bin/buzz hands it here)
 --
 -- They open the store as its writer, so they are refused while another
 -- process is the writer (the message names its pid: stop it, or make the
@@ -15,9 +16,10 @@
 -- @module buzz.cliwrite
 local buzz = require "buzz"
 local text = require "buzz.clitext"
+local util = require "buzz.util"
 
-local type, tostring, tonumber, ipairs, assert =
-      type, tostring, tonumber, ipairs, assert
+local type, tostring, tonumber, ipairs, pairs, assert =
+      type, tostring, tonumber, ipairs, pairs, assert
 local format = string.format
 local usage_error, fail = text.usage_error, text.fail
 
@@ -33,9 +35,11 @@ local function open_writer(ctx, opts, cmd)
   local bus, err, code = buzz.new{ store = path }
   if not bus then
     if code == "ELOCKED" then
+      local hint = cmd == "remove-consumer" and "call bus:remove_consumer"
+                   or cmd == "replay" and "publish them again"
+                   or "call bus:" .. cmd
       fail(("cannot %s: %s; stop that process, or %s from inside it")
-           :format(cmd, tostring(err), cmd == "remove-consumer"
-                   and "call bus:remove_consumer" or "call bus:" .. cmd))
+           :format(cmd, tostring(err), hint))
     end
     fail(("cannot open the store to write it: %s"):format(tostring(err)))
   end
@@ -119,5 +123,54 @@ M["remove-consumer"] = function(opts, ctx)
   io.stdout:write(("consumer %s removed\n"):format(name))
   return 0
 end
+
+--- buzz replay [filters] --publish TYPE: appends each matching event again
+--- as a new event of type TYPE (payload, key, priority, correlation id,
+--- version and headers, plus headers.replay_of = its id), up to the last
+--- id stored when it started (so that TYPE matching the filter cannot
+--- feed itself). matching is bin/buzz's M.matching (keys "7" and 7).
+function M.replay(opts, ctx, matching)
+  local etype = opts.publish
+  if opts.handler then
+    usage_error("give --handler or --publish, not both", "replay")
+  end
+  local ok, e = pcall(util.check_type_arg, etype, "order.replayed", 1)
+  if not ok then usage_error(tostring(e), "replay") end
+  local bus = open_writer(ctx, opts, "replay")
+  local f = { types = opts.types, from = opts.from, to = opts.to,
+              key = opts.key, limit = opts.limit }
+  local last = bus:stats().last_id
+  if not f.to or f.to > last then f.to = last end
+  local n, first, final = 0, nil, nil
+  for ev in matching(bus, f) do
+    local headers = {}
+    for k, v in pairs(ev.headers or {}) do headers[k] = v end
+    headers.replay_of = tostring(ev.id)
+    local id, err = bus:publish(etype, ev.payload, {
+      key = ev.key, priority = ev.priority, version = ev.version,
+      correlation_id = ev.correlation_id, headers = headers })
+    if not id then
+      if n > 0 then assert(bus:flush()) end
+      fail(("cannot publish %s: %s (%d published before it)")
+           :format(text.encode(etype), tostring(err), n))
+    end
+    n, first, final = n + 1, first or id, id
+  end
+  assert(bus:flush())
+  if opts.json then
+    io.stdout:write(format('{"count":%d,"first":%s,"last":%s}\n', n,
+                           tostring(first or "null"),
+                           tostring(final or "null")))
+  elseif n == 0 then
+    io.stdout:write("no matching events: nothing published\n")
+  else
+    io.stdout:write(("published %d event%s as %s, #%d to #%d\n")
+                    :format(n, n == 1 and "" or "s", etype, first, final))
+  end
+  return 0
+end
+
+M.commands = { redrive = M.redrive, discard = M.discard,
+               ["remove-consumer"] = M["remove-consumer"] }
 
 return M
