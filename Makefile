@@ -241,12 +241,12 @@ rock: deps
 	  $(CURDIR)/$(ROCK)/tree/bin/buzz --version
 
 # The reference: LDoc (Debian's lua-ldoc) over the public modules that
-# config.ld lists, from their doc comments, into doc/, which is checked in
+# tools/ldoc.ld lists, from their doc comments, into doc/, which is checked in
 # (README links to it). The "Last updated" line is dropped so that the
 # output only changes when the code does: CI regenerates it and fails on
 # any difference.
 doc: deps
-	rm -rf doc && ldoc -q -d doc . >/dev/null
+	rm -rf doc && ldoc -q -c tools/ldoc.ld . >/dev/null
 	sed -i 's/Last updated [0-9-]* [0-9:]* //' doc/index.html doc/modules/*.html
 
 clean:

@@ -49,7 +49,8 @@ describe("the reference (doc/)", function()
   before_each(function() bus = buzz.new() end)
   after_each(function() bus:close() end)
 
-  it("has the pages LDoc writes, for the modules config.ld lists", function()
+  it("has the pages LDoc writes, for the modules tools/ldoc.ld lists",
+     function()
     assert.truthy(read("doc/index.html"):find("buzz reference", 1, true))
     assert.truthy(names["new"])
     assert.truthy(names["Bus:publish"])
