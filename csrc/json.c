@@ -173,6 +173,15 @@ static int ljson_encode(lua_State *L) {
   return rc == 0 ? 1 : push_fail(L, rc);
 }
 
+/* core.json_canonical(value) -> text with sorted keys | nil, message,
+** code */
+static int ljson_canonical(lua_State *L) {
+  int rc;
+  luaL_checkany(L, 1);
+  rc = buzz__json_canonical(L, 1, "value");
+  return rc == 0 ? 1 : push_fail(L, rc);
+}
+
 /*
 ** Bytes of the UTF-8 character at s (n > 0 bytes left, s[0] >= 0x80), or
 ** 0 when they are not one (RFC 3629: no overlong forms, no surrogates,
@@ -264,6 +273,8 @@ static int ljson_decode(lua_State *L) {
 void buzz__json_register(lua_State *L) {
   lua_pushcfunction(L, ljson_encode);
   lua_setfield(L, -2, "json_encode");
+  lua_pushcfunction(L, ljson_canonical);
+  lua_setfield(L, -2, "json_canonical");
   lua_pushcfunction(L, ljson_decode);
   lua_setfield(L, -2, "json_decode");
   lua_pushcfunction(L, ljson_text);

@@ -29,6 +29,14 @@
 int buzz__json_encode(lua_State *L, int idx, const char *root, size_t max);
 
 /*
+** The same, in canonical form: the members of every object in bytewise
+** key order, no limit. Equal Lua values (whatever their tables' insertion
+** history, and on Lua 5.4 or LuaJIT alike) give equal text: what a state's
+** version hash is taken over (lua/buzz/projection.lua).
+*/
+int buzz__json_canonical(lua_State *L, int idx, const char *root);
+
+/*
 ** Decodes the len bytes at s (need not end with NUL). On success pushes
 ** the value and returns 0: nil for a top-level null, the null sentinel
 ** for one in an array; null members of objects are left out. On failure

@@ -495,7 +495,42 @@ static int encode_value(encoder *e, int idx, cJSON *parent, frame *f) {
   return attach(e, parent, f, item, bytes);
 }
 
-int buzz__json_encode(lua_State *L, int idx, const char *root, size_t max) {
+/* Orders two object members by key, bytewise (strcmp: keys hold no NUL). */
+static int member_cmp(const void *a, const void *b) {
+  const cJSON *x = *(const cJSON *const *)a, *y = *(const cJSON *const *)b;
+  return strcmp(x->string, y->string);
+}
+
+/*
+** Puts the members of every object under node in key order, relinking
+** cJSON's child list (each child's prev is its predecessor, the first
+** one's the last child). Keys are unique (they come from one Lua table),
+** so the order is total. Returns 0, or BUZZ_ENOMEM with the tree intact.
+*/
+static int sort_tree(cJSON *node) {
+  cJSON *c, **v;
+  size_t n = 0, i;
+  int rc;
+  for (c = node->child; c != NULL; c = c->next) {
+    n++;
+    if ((c->type & (cJSON_Object | cJSON_Array)) && (rc = sort_tree(c)) != 0)
+      return rc;
+  }
+  if (!(node->type & cJSON_Object) || n < 2) return 0;
+  if ((v = malloc(n * sizeof *v)) == NULL) return BUZZ_ENOMEM;
+  for (i = 0, c = node->child; c != NULL; c = c->next) v[i++] = c;
+  qsort(v, n, sizeof *v, member_cmp);
+  for (i = 0; i < n; i++) {
+    v[i]->prev = i == 0 ? v[n - 1] : v[i - 1];
+    v[i]->next = i + 1 < n ? v[i + 1] : NULL;
+  }
+  node->child = v[0];
+  free(v);
+  return 0;
+}
+
+static int encode(lua_State *L, int idx, const char *root, size_t max,
+                  int is_sorted) {
   int top = lua_gettop(L), rc;
   encoder e;
   frame f;
@@ -509,6 +544,9 @@ int buzz__json_encode(lua_State *L, int idx, const char *root, size_t max) {
   f.up = NULL; f.table = NULL; f.key = NULL; f.klen = 0; f.index = 0;
   f.depth = 0;
   rc = encode_value(&e, idx, NULL, &f);
+  if (rc == 0 && is_sorted && e.box->tree != NULL &&
+      sort_tree(e.box->tree) != 0)
+    rc = fail_nomem(&e);
   if (rc == 0 && e.size > (size_t)INT_MAX - 5) {
     buzz__json_box_drop(e.box);                      /* cJSON prints up to INT_MAX */
     lua_pushfstring(L, "%s is above the %d bytes cJSON can print", root,
@@ -539,4 +577,10 @@ int buzz__json_encode(lua_State *L, int idx, const char *root, size_t max) {
   return rc;
 }
 
+int buzz__json_encode(lua_State *L, int idx, const char *root, size_t max) {
+  return encode(L, idx, root, max, 0);
+}
 
+int buzz__json_canonical(lua_State *L, int idx, const char *root) {
+  return encode(L, idx, root, 0, 1);
+}

@@ -63,6 +63,7 @@ build = {
   --   ["buzz.gateway"] = "lua/buzz/gateway.lua"
   --   ["buzz.group"] = "lua/buzz/group.lua"
   --   ["buzz.hot"] = "lua/buzz/hot.lua"
+  --   ["buzz.projection"] = "lua/buzz/projection.lua"
   --   ["buzz.task"] = "lua/buzz/task.lua"
   --   ["buzz.luv"] = "lua/buzz/luv.lua"
   --   ["buzz.metrics"] = "lua/buzz/metrics.lua"

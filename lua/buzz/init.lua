@@ -328,6 +328,7 @@ function Bus:close()
   if not c then return 0 end
   metrics.stop_snapshots(self)  -- (while the store is open)
   if self._servers then require("buzz.serve").close_all(self) end
+  if self._projections then require("buzz.projection").close_all(self) end
   self._core = false
   HOT[self] = nil
   local d = self._driver
@@ -435,14 +436,12 @@ end
 --                                 at due_ms; returns it (:cancel())
 --   bus:_after(ms, fn, ...)       the same, ms from now
 --   bus:_report_error(err, ev, sub, trace)  to on_error, protected
---   bus:_announce(etype, payload) publishes an engine event ($DLQ.*,
---                                 $SYS.*); a refusal is reported
+--   bus:_announce(etype, payload) publishes $DLQ.*, $SYS.*; reports refusal
 --   bus:_has_store()              true when the bus has a store
 --   bus:_state_put/_state_get/_state_del/_state_list  the store's state
 --                                 rows (lua/buzz/store.lua)
 --   bus:_position(name)           a durable consumer's acked id (store.lua)
---   bus:_subscribe(...)           subscribe, for modules that subscribe
---                                 for the user (above)
+--   bus:_subscribe(...)           subscribe for the user (above)
 function Bus:_now()
   return self._clock:now_ms()
 end
@@ -487,8 +486,9 @@ dlq.install(Bus, check_bus)
 
 -- every (lua/buzz/schedule.lua)
 schedule.install(Bus, check_bus, refused)
-require("buzz.serve").install(Bus, check_bus)
-require("buzz.group").install(Bus, check_bus)
+for _, m in ipairs { "serve", "group", "projection" } do
+  require("buzz." .. m).install(Bus, check_bus)
+end
 
 --- The state of a subscription's failure handling: inflight, waiting,
 --- held, retrying, breaker ("closed", "open", "half_open" or nil).
