@@ -15,6 +15,9 @@
 **   cursor moves on, so events published meanwhile come after it.
 ** - With has_gate, level 0 takes no event with an id above gate from the
 **   queue (a store's committed id): it returns 0 and sets is_gated.
+** - With has_below, level 0 takes from the queue only events more urgent
+**   than below (a take that preempts the rest of a batch): a delivery a
+**   filter skips never lets it go on to a less urgent event.
 ** - A sub's memory lives while any match vector lists it, so a sub handed
 **   out for delivery stays valid until its cursor moves on, even if it was
 **   unsubscribed in between.
@@ -284,6 +287,11 @@ int buzz__bus_next(buzz_bus *b, size_t level, buzz_sub **sub,
           b->is_gated = 1;
           return 0;
         }
+      }
+      if (b->has_below) {
+        int p;
+        for (p = 0; p < BUZZ_NPRIO && !b->queue.head[p]; p++) {}
+        if (p >= b->below) return 0;
       }
       if ((next = buzz__queue_pop(&b->queue)) == NULL) return 0;
       c->ev = next;

@@ -289,6 +289,8 @@ typedef struct buzz_bus {
   int64_t gate;           /* with has_gate, queued events above this id */
   unsigned has_gate : 1;  /* are not handed out (not committed yet) */
   unsigned is_gated : 1;  /* set when buzz__bus_next() stopped at the gate */
+  unsigned has_below : 1; /* with it, level 0 pops no event of priority */
+  int below;              /* below or less urgent from the queue */
   /* private */
   buzz_trie *trie;        /* owns */
   buzz_sub **slots;       /* owns a reference on each live sub */

@@ -225,6 +225,8 @@ static int lcore_take(lua_State *L) {
       c->bus.has_gate = c->gate_id > c->committed;  /* never deliver */
       c->bus.gate = c->committed;                   /* uncommitted */
       c->bus.is_gated = 0;
+      c->bus.has_below = below < BUZZ_NPRIO;        /* nor, preempting, */
+      c->bus.below = below;                         /* a less urgent one */
     }
     rc = buzz__bus_next(&c->bus, (size_t)level, &sub, &ev, &ctx);
     if (rc == 0 && level == 0 && c->bus.is_gated) {
@@ -259,6 +261,7 @@ static int lcore_take(lua_State *L) {
     c->batch_prio = prio;
   }
   c->bus.has_gate = 0;
+  c->bus.has_below = 0;
   if (n == 0 && level == 0 && max > 0 && c->is_open && c->store &&
       c->ndurable > 0) {
     n = take_durables(L, c, max, &nerr);

@@ -153,6 +153,27 @@ describe("the filter option of subscribe", function()
     assert.same({ 1, 2 }, retried)
   end)
 
+  it("skipping a more urgent event never lets a less urgent one ahead",
+     function()
+    -- a handler publishes x (normal), then c (critical): c preempts the
+    -- rest of the batch, and the filter that skips it must not let that
+    -- preempting take go on to x, ahead of e2 (found by fuzz/api.lua)
+    local bus = H.bus()
+    local seen = {}
+    bus:subscribe(">", function(ev)
+      seen[#seen + 1] = ev.type
+      if ev.type == "e1" then
+        bus:publish("x", { n = 0 })
+        bus:publish("c", { n = 0 }, { priority = "critical" })
+      end
+    end)
+    bus:subscribe("c", function() end,         -- skips c, after the first
+                  { filter = { ["payload.n"] = { gt = 5 } } })
+    for i = 1, 4 do bus:publish("e" .. i, { n = 0 }) end
+    bus:drain()
+    assert.same({ "e1", "c", "e2", "e3", "e4", "x" }, seen)
+  end)
+
   it("raises for a bad condition when subscribing", function()
     local bus = H.bus()
     assert.has_error(function()
