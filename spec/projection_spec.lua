@@ -130,6 +130,19 @@ describe("bus:projection", function()
     assert.is_true((p:check()))
   end)
 
+  it("with snapshot_every = false writes no snapshot, not even at close",
+     function()
+    local bus = H.bus{ store = path }
+    local p = bus:projection("orders", totals{ snapshot_every = false })
+    bus:publish("order.paid", { cents = 1 }, { key = "k" })
+    bus:drain()
+    bus:close()
+    bus = H.bus{ store = path }
+    p = bus:projection("orders", totals())
+    assert.is_false(p:stats().loaded)
+    assert.same({ n = 1, total = 1 }, p:get("k"))
+  end)
+
   it("rebuilds from the log when its version changes", function()
     local bus = H.bus{ store = path }
     bus:projection("orders", totals{ version = "v1" })

@@ -555,14 +555,16 @@ function Proj:snapshot()
   return snapshot(self)
 end
 
---- Stops folding: unsubscribes and, with a store, writes a snapshot of
---- what changed since the last. Idempotent; bus:close() closes them.
+--- Stops folding: unsubscribes and, with a store (and snapshot_every not
+--- false), writes a snapshot of what changed since the last. Idempotent;
+--- bus:close() closes them.
 function Proj:close()
   check_self(self, "close")
   if self.closed then return end
   self.closed = true
   self.sub:unsubscribe()
-  if self.is_writable and self.since > 0 and self.bus._core then
+  if self.is_writable and self.every and self.since > 0 and self.bus._core
+  then
     snapshot(self)
   end
   local list = self.bus._projections
