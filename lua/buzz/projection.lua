@@ -1,16 +1,6 @@
 --- buzz.projection: bus:projection(name, opts), state folded from the
 -- events of the log, with versioned snapshots (README, "State from
--- events").
---
---   local orders = bus:projection("orders", {
---     types = "order.>", by = "key",
---     init = function(key) return { total = 0 } end,
---     apply = function(state, ev)
---       state.total = state.total + ev.payload.cents
---     end,
---     version = "v1", snapshot_every = 1000,
---   })
---   orders:get("cust-7").total   orders:version("cust-7") --> "3f9a01c2"
+-- events", shows one).
 --
 -- With a store the fold follows the log in id order: the projection reads
 -- what the log holds when it is made, then, each time a matching event is
@@ -22,9 +12,7 @@
 -- the code version. A restart loads them and folds only the events after
 -- the position (a key whose row is newer, when a crash cut a snapshot
 -- short, skips the events its row already holds); a changed version, or a
--- row whose state does not match its hash, rebuilds from the log. Without
--- a store the projection folds the events delivered while it exists, in
--- delivery order.
+-- row that fails its hash, rebuilds. A memory bus folds deliveries.
 --
 -- A state's version is the first 8 hex digits of the SHA-256 of its
 -- canonical JSON (keys sorted, in C: core.json_canonical), the same on
