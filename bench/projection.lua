@@ -2,7 +2,8 @@
 -- the fold rate of a projection made over the whole log against a plain
 -- replay of it (target: at least 50%), the cost of a snapshot of 1,000
 -- keys, and the time a restarting projection takes with a snapshot (it
--- reads only the tail) and without one (it folds the whole log).
+-- reads only the tail) and without one (it folds the whole log); then
+-- publish with stream and expect against a plain publish.
 -- `lua5.4 bench/projection.lua [N]` (default 200000); `make bench-state`.
 -- CPU time (os.clock), best of 3.
 -- @module bench.projection
@@ -110,4 +111,37 @@ io.write(format("  restart with a snapshot       %10.2f ms (reads the "
                 .. "tail only)\n", t_with * 1000))
 io.write(format("  restart without one           %10.2f ms (folds all %d "
                 .. "events)\n", t_without * 1000, N + TAIL))
+remove_store()
+
+-- publish with stream + expect (1,000 streams) against a plain publish,
+-- on a store (batch durability) and in memory
+local function appends(with_store, is_checked)
+  return best_of(3, function()
+    remove_store()
+    local versions = {}
+    local b = assert(buzz.new{ store = with_store and path or nil,
+                               queue_limit = N + 1 })
+    for i = 1, N do
+      local s = "order-" .. i % KEYS
+      if is_checked then
+        local v = versions[s] or 0
+        assert(b:publish("order.paid", { cents = 1 },
+                         { key = s, stream = s, expect = v }))
+        versions[s] = v + 1
+      else
+        assert(b:publish("order.paid", { cents = 1 }, { key = s }))
+      end
+    end
+    if with_store then assert(b:flush()) end
+    b:close()
+  end)
+end
+for _, with_store in ipairs { true, false } do
+  local plain = appends(with_store, false)
+  local checked = appends(with_store, true)
+  io.write(format("  publish with stream + expect  %10.0f events/s  %.2fx "
+                  .. "plain publish (%.0f/s, %s)\n", N / checked,
+                  plain / checked, N / plain,
+                  with_store and "a store" or "in memory"))
+end
 remove_store()

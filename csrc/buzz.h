@@ -47,7 +47,8 @@
   X(TIMEOUT, 13, "a handler did not finish in time")             \
   X(YIELD,  14, "a handler yielded what buzz cannot resume")     \
   X(CALLBACK, 15, "a function given to buzz raised")             \
-  X(FROZEN, 16, "a handler changed an event it was given")
+  X(FROZEN, 16, "a handler changed an event it was given")       \
+  X(CONFLICT, 17, "a stream is not at the version expected")
 
 typedef enum {
   BUZZ_OK = 0,
@@ -230,6 +231,8 @@ typedef struct buzz_event {
   int headers_ref;
   int table_ref;            /* the event table, once built */
   int version;              /* schema version given at publish, or 0 */
+  int stream_ref;           /* Lua ref of its stream's name, or NOREF */
+  int64_t stream_version;   /* its version in that stream; 0: none */
   unsigned char priority;
 } buzz_event;
 

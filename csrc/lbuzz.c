@@ -61,7 +61,7 @@
 static const char *const uv_strings[] = {
   "id", "type", "payload", "ts", "priority", "attempt", "key",
   "correlation_id", "causation_id", "headers", "is_active", "version",
-  "critical", "high", "normal", "low"
+  "stream", "stream_version", "critical", "high", "normal", "low"
 };
 
 
@@ -99,6 +99,7 @@ static void on_event_free(void *ctx, buzz_event *ev) {
   unref(x->L, x->u, &ev->key_ref);
   unref(x->L, x->u, &ev->corr_ref);
   unref(x->L, x->u, &ev->headers_ref);
+  unref(x->L, x->u, &ev->stream_ref);
   if (ev->table_ref != BUZZ_NOREF && ev->table_ref == x->c->ev_slot) {
     lua_pushboolean(x->L, 0);          /* the slot stays the core's; its */
     lua_rawseti(x->L, x->u, ev->table_ref);  /* table may be collected */
@@ -133,8 +134,9 @@ static void set_int(lua_State *L, int key, int64_t v) {
 /*
 ** Pushes the event table of ev, building it on its first delivery. Its
 ** payload, key and headers come from the refs, or with from_args from the
-** publish call's own arguments (slots 3, 5, 8; publish_sync needs no refs
-** for them); the correlation id from slot 6 or its ref. The table is kept
+** publish call's own arguments (slots 3, 5, 8, and 13 the stream;
+** publish_sync needs no refs for them); the correlation id from slot 6 or
+** its ref. The table is kept
 ** in U (table_ref) until the event leaves the bus, so every subscription
 ** receives the same table. A queued event (not from_args) keeps it in the
 ** core's ev_slot instead of a ref of its own: only the event at the head
@@ -167,6 +169,10 @@ void buzz__lcore_push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
   if (ev->causation_id != 0) set_int(L, UV_CAUS, ev->causation_id);
   set_field(L, u, &ev->headers_ref, from_args ? 8 : 0, UV_HEADERS);
   if (ev->version != 0) set_int(L, UV_VERSION, ev->version);
+  if (ev->stream_version != 0) {
+    set_field(L, u, &ev->stream_ref, from_args ? 13 : 0, UV_STREAM);
+    set_int(L, UV_SVERSION, ev->stream_version);
+  }
   lua_pushvalue(L, -1);
   if (from_args || c->ev_slot == LUA_NOREF) {
     ev->table_ref = luaL_ref(L, u);    /* on_event_free releases it */

@@ -32,6 +32,7 @@
 #include "lcore.h"
 
 #define check_core buzz__lcore_check_fast   /* see lcore.h's short names */
+#define S_CUR 16           /* do_publish's slot of the current event */
 
 static int ref_opt(lua_State *L, int u, int idx) {
   if (lua_isnoneornil(L, idx)) return BUZZ_NOREF;
@@ -138,6 +139,10 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
     spec.corr.p = lua_tolstring(L, 6, &spec.corr.n);
   spec.dedup.p = dkey;
   spec.dedup.n = dlen;
+  if (ev->stream_version != 0) {
+    spec.stream.p = lua_tolstring(L, 13, &spec.stream.n);
+    spec.stream_version = ev->stream_version;
+  }
   if ((row = buzz__row_new(&spec)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   lua_settop(L, top);
@@ -219,7 +224,9 @@ int buzz__lcore_too_deep(lua_State *L, int levels) {
 ** Shared by publish and publish_sync. Arguments: self,
 ** type, payload, priority (0..3), key, correlation_id, causation_id,
 ** headers, dedup, version, engine, ts (ms; 0 or nil: the core's clock,
-** else the time to stamp, as a manual clock gives it). Inside a handler
+** else the time to stamp, as a manual clock gives it), stream and
+** stream_version (both or neither: the Lua layer checked the stream's
+** expected version and gives the next one; stream.lua). Inside a handler
 ** (or a thread run by resume() with an event), a nil correlation_id is
 ** inherited from the
 ** current event and a nil causation_id is the current event's id. A dedup
@@ -247,6 +254,8 @@ static int do_publish(lua_State *L, int mode) {
   int64_t version = buzz__opt_int(L, 10, "version", 0, 0, INT_MAX);
   int is_engine = lua_toboolean(L, 11), levels;
   int64_t ts = buzz__opt_int(L, 12, "ts", 0, 0, BUZZ_INT_EXACT);
+  int has_stream = !lua_isnoneornil(L, 13);
+  int64_t sversion = 0;
   buzz_event *ev;
   int64_t id, now = 0;
   lctx ctx;
@@ -261,13 +270,17 @@ static int do_publish(lua_State *L, int mode) {
   if (subject_usage(L, "type", type, len, 0, is_engine)) return 3;
   if (lua_type(L, 5) == LUA_TNUMBER)   /* an integer key JSON holds */
     buzz__check_int(L, 5, "key", -BUZZ_INT_EXACT, BUZZ_INT_EXACT);
+  if (has_stream) {                    /* the Lua layer checked expect */
+    luaL_checktype(L, 13, LUA_TSTRING);
+    sversion = buzz__check_int(L, 14, "stream_version", 1, BUZZ_INT_EXACT);
+  }
   if (mode == 1 && (levels = sync_levels(L, c)) >= SYNC_MAX)
     return push_too_deep(L, levels);
-  lua_settop(L, 10);
+  lua_settop(L, 14);
   ctx.L = L;
   ctx.c = c;
-  ctx.u = push_refs(L);                /* slot 11 */
-  push_current(L, c, ctx.u);           /* slot 12: inherited from */
+  ctx.u = push_refs(L);                /* slot 15 */
+  push_current(L, c, ctx.u);           /* S_CUR: inherited from */
   if (dkey) now = ts > 0 ? ts : buzz__clock_ms();  /* the bus's clock */
   if (dkey && c->dedup &&
       (id = buzz__dedup_find(c->dedup, dkey, dlen, now)) != 0) {
@@ -275,8 +288,8 @@ static int do_publish(lua_State *L, int mode) {
     lua_pushliteral(L, "duplicate");
     return 2;
   }
-  if (lua_isnil(L, 6) && lua_istable(L, 12)) {
-    push_correlation(L, 12);           /* inherit it */
+  if (lua_isnil(L, 6) && lua_istable(L, S_CUR)) {
+    push_correlation(L, S_CUR);        /* inherit it */
     lua_replace(L, 6);
   }
   if (c->store && mode == 0 && c->bus.queue.limit &&   /* before the */
@@ -285,8 +298,9 @@ static int do_publish(lua_State *L, int mode) {
   if ((ev = buzz__event_new(&c->bus.queue)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   ev->priority = (unsigned char)prio;
-  ev->causation_id = caus == 0 ? event_id(L, 12) : (int64_t)caus;
+  ev->causation_id = caus == 0 ? event_id(L, S_CUR) : (int64_t)caus;
   ev->version = (int)version;
+  ev->stream_version = sversion;
   if (ts > 0) ev->ts = (int64_t)ts;    /* a manual clock's time */
   if (c->store &&
       store_publish(L, c, ctx.u, ev, mode == 1, type, len, dkey, dlen)) {
@@ -321,6 +335,7 @@ static int do_publish(lua_State *L, int mode) {
     ev->key_ref = ref_opt(L, ctx.u, 5);
     ev->headers_ref = ref_opt(L, ctx.u, 8);
     ev->corr_ref = ref_opt(L, ctx.u, 6);
+    if (has_stream) ev->stream_ref = ref_opt(L, ctx.u, 13);
   }
   if (mode == 1) {                     /* build the table from the args */
     push_event(L, c, ctx.u, ev, 1);

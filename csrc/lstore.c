@@ -107,6 +107,10 @@ static int push_stored(lua_State *L, lcore *c, int u, const buzz_stored *r) {
   if (r->causation_id) set_int(L, UV_CAUS, r->causation_id);
   if (rc == 0) rc = set_json(L, UV_HEADERS, r->headers, r->id, "headers");
   set_int(L, UV_VERSION, r->version);
+  if (r->stream.p != NULL) {
+    set_str(L, UV_STREAM, r->stream);
+    set_int(L, UV_SVERSION, r->stream_version);
+  }
   if (rc != 0) return rc;              /* nothing to upcast */
   if (c->upcast_ref != LUA_NOREF) {
     lua_rawgeti(L, u, c->upcast_ref);
@@ -289,6 +293,28 @@ static int lcore_consumers(lua_State *L) {
   if ((rc = buzz__store_consumers(c->store, on_consumer, &x, err,
                                   sizeof err)) < 0)
     return push_store_fail(L, rc, err);
+  return 1;
+}
+
+/*
+** core:stream_version(stream) -> the stream's version in the store (the
+** highest stream_version of its committed events; 0: none) | nil, err,
+** code. The Lua layer asks once per stream and counts on from there
+** (lua/buzz/stream.lua): this bus is the store's one writer.
+*/
+static int lcore_stream_version(lua_State *L) {
+  lcore *c = check_core(L);
+  buzz_str stream;
+  char err[ERR_MAX];
+  int64_t v;
+  int rc;
+  stream.p = luaL_checklstring(L, 2, &stream.n);
+  if (!need_store(L, c, "stream_version()")) return 3;
+  err[0] = '\0';
+  if ((rc = buzz__store_stream_version(c->store, stream, &v, err,
+                                       sizeof err)) < 0)
+    return push_store_fail(L, rc, err);
+  lua_pushinteger(L, (lua_Integer)v);
   return 1;
 }
 
@@ -523,5 +549,6 @@ const luaL_Reg buzz__lstore_methods[] = {
   { "state_del", lcore_state_del },
   { "state_list", lcore_state_list },
   { "state_count", lcore_state_count },
+  { "stream_version", lcore_stream_version },
   { NULL, NULL }
 };

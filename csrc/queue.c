@@ -37,6 +37,8 @@ buzz_event *buzz__event_new(buzz_queue *q) {
   ev->corr_ref = ev->headers_ref = BUZZ_NOREF;
   ev->table_ref = BUZZ_NOREF;
   ev->version = 0;
+  ev->stream_ref = BUZZ_NOREF;
+  ev->stream_version = 0;
   ev->priority = BUZZ_PRIO_NORMAL;
   return ev;
 }

@@ -101,7 +101,8 @@ static int64_t row_bytes(const buzz_row *r) {
 
 buzz_row *buzz__row_new(const buzz_row *spec) {
   size_t n = sizeof *spec + spec->type.n + spec->key.n + spec->corr.n +
-             spec->headers.n + spec->payload.n + spec->dedup.n + 6;
+             spec->headers.n + spec->payload.n + spec->dedup.n +
+             spec->stream.n + 7;
   buzz_row *r = malloc(n);
   char *p;
   if (r == NULL) return NULL;
@@ -116,6 +117,7 @@ buzz_row *buzz__row_new(const buzz_row *spec) {
     p += spec->f.n + 1;                          \
   }
   COPY(type) COPY(key) COPY(corr) COPY(headers) COPY(payload) COPY(dedup)
+  COPY(stream)
 #undef COPY
   return r;
 }
@@ -170,6 +172,9 @@ static int write_row(buzz_store *s, buzz_row *r) {
     buzz__store_bind_str(st, 9, r->payload);
     sqlite3_bind_int(st, 10, r->version);
     buzz__store_bind_str(st, 11, r->dedup);
+    buzz__store_bind_str(st, 12, r->stream);
+    if (r->stream_version > 0) sqlite3_bind_int64(st, 13, r->stream_version);
+    else sqlite3_bind_null(st, 13);
     break;
   case BUZZ_ROW_ACK:
     st = s->ack;

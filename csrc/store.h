@@ -109,6 +109,8 @@ typedef struct buzz_row {
   int priority, version;
   unsigned is_key_int : 1; /* key is the integer key_int, not a string */
   buzz_str type, key, corr, headers, payload, dedup;
+  buzz_str stream;         /* an event's stream, with stream_version > 0 */
+  int64_t stream_version;
 } buzz_row;
 
 /* Copies spec's strings into one block with the record. NULL: no memory. */
@@ -141,6 +143,8 @@ typedef struct buzz_stored {
   int priority, version;
   int key_kind;            /* 0 none, 1 string, 2 integer */
   buzz_str type, key, corr, headers, payload;
+  buzz_str stream;         /* p NULL: the event is in no stream */
+  int64_t stream_version;
 } buzz_stored;
 
 /* A query over stored events; zero fields are unset. Rows come in id
@@ -232,6 +236,10 @@ int buzz__store_consumers(buzz_store *s, buzz_consumer_cb cb, void *data,
 typedef void (*buzz_count_cb)(void *data, buzz_str type, int64_t n);
 int buzz__store_types(buzz_store *s, buzz_count_cb cb, void *data,
                       char *err, size_t errlen);
+/* The highest stream_version stored for stream (0: none): an index
+** lookup (events_stream). Committed events only. */
+int buzz__store_stream_version(buzz_store *s, buzz_str stream, int64_t *v,
+                               char *err, size_t errlen);
 /* Counts events after id whose type matches pattern (NULL: any). */
 int buzz__store_count(buzz_store *s, int64_t after, buzz_str pattern,
                       int64_t *n, char *err, size_t errlen);

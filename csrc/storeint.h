@@ -45,6 +45,8 @@ struct buzz_store {
   sqlite3 *rdb;              /* owns; read-only connection */
   sqlite3_stmt *q_stmts[Q_SHAPES];  /* owns; one per shape of filters */
   sqlite3_stmt *q_stmt;      /* borrows one of them: the current page */
+  int has_streams;           /* events has the stream columns (a store
+                                an older buzz made, read-only, has not) */
   int64_t appended_seq;      /* rows handed to the writer */
   /* writer thread only */
   sqlite3 *wdb;              /* owns; read-write connection */

@@ -37,7 +37,9 @@ static const char *const schema_sql =
   " headers TEXT,"                       /* JSON object, or NULL */
   " payload TEXT,"                       /* JSON */
   " version INTEGER NOT NULL DEFAULT 1,"
-  " dedup TEXT);"
+  " dedup TEXT,"
+  " stream TEXT,"                        /* optimistic concurrency: the */
+  " stream_version INTEGER);"            /* stream and the event's place */
   "CREATE INDEX events_dedup_ts ON events(ts, dedup) WHERE dedup IS NOT "
   "NULL;"
   "CREATE TABLE meta (key TEXT PRIMARY KEY, value);"
@@ -88,6 +90,44 @@ static const char *const spans_view_sql =
   " json_extract(s.value, '$.parent_span_id') AS parent_span_id"
   " FROM state, json_each(state.value, '$.spans') AS s"
   " WHERE state.kind = 'trace';";
+
+/*
+** Streams (optimistic concurrency, lua/buzz/stream.lua): the columns
+** stream and stream_version, which a store made by an older buzz lacks
+** (added once, in one transaction; ADD COLUMN rewrites no row), and the
+** unique index on them, which makes two events at one place of a stream
+** impossible and a stream's version one lookup. An older buzz opening the
+** store afterwards leaves both columns NULL.
+*/
+static const char *const streams_sql =
+  "CREATE UNIQUE INDEX IF NOT EXISTS events_stream ON events(stream, "
+  "stream_version) WHERE stream IS NOT NULL;";
+
+static int64_t has_stream_column(sqlite3 *db, int *rc) {
+  return buzz__store_query_int(db, "SELECT count(*) FROM "
+                               "pragma_table_info('events') WHERE name = "
+                               "'stream'", 0, 0, 0, rc);
+}
+
+static int add_streams(buzz_store *s, char *err, size_t errlen) {
+  int rc;
+  int64_t has = has_stream_column(s->wdb, &rc);
+  if (rc == SQLITE_OK && has == 0 &&
+      (rc = buzz__store_exec(s->wdb, "BEGIN IMMEDIATE; ALTER TABLE events "
+                             "ADD COLUMN stream TEXT; ALTER TABLE events ADD "
+                             "COLUMN stream_version INTEGER; COMMIT"))
+      != SQLITE_OK) {
+    buzz__store_db_err(err, errlen, s, s->wdb);
+    buzz__store_exec(s->wdb, "ROLLBACK");
+    return BUZZ_ESTORE;
+  }
+  if (rc == SQLITE_OK) rc = buzz__store_exec(s->wdb, streams_sql);
+  if (rc != SQLITE_OK) {
+    buzz__store_db_err(err, errlen, s, s->wdb);
+    return BUZZ_ESTORE;
+  }
+  return BUZZ_OK;
+}
 
 /* buzz_match(pattern, type): the subject grammar as a SQL function. */
 static void sql_match(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
@@ -227,6 +267,7 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
     return BUZZ_ESTORE;
   }
   if ((rc = prepare_schema(s, err, errlen)) < 0) return rc;
+  if ((rc = add_streams(s, err, errlen)) < 0) return rc;
   if (buzz__store_exec(s->wdb, "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, "
            "value)") != SQLITE_OK ||
       buzz__store_exec(s->wdb, "CREATE TABLE IF NOT EXISTS state (kind TEXT NOT NULL, "
@@ -249,7 +290,8 @@ static int open_writer(buzz_store *s, char *err, size_t errlen) {
                                                     /* store opens without */
   if (sqlite3_prepare_v2(s->wdb, "INSERT INTO events (id, type, ts, "
         "priority, key, correlation_id, causation_id, headers, payload, "
-        "version, dedup) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", -1,
+        "version, dedup, stream, stream_version) VALUES (?, ?, ?, ?, ?, ?, "
+        "?, ?, ?, ?, ?, ?, ?)", -1,
         &s->ins, NULL) != SQLITE_OK ||
       sqlite3_prepare_v2(s->wdb, "INSERT INTO consumers (name, pattern, "
         "acked, updated) VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE "
@@ -316,6 +358,7 @@ int buzz__store_open(buzz_store **out, const char *path,
     if ((rc = check_version(s, ver, err, errlen)) < 0) goto fail;
     s->last_id = buzz__store_query_int(s->rdb, "SELECT max(id) FROM events", 0, 0, 0, &rc);
   }
+  s->has_streams = has_stream_column(s->rdb, &rc) > 0;  /* an old store */
   sqlite3_create_function(s->rdb, "buzz_match", 2,
                           SQLITE_UTF8 | SQLITE_DETERMINISTIC, NULL,
                           sql_match, NULL, NULL);

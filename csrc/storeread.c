@@ -23,8 +23,9 @@ static int query_prepare(buzz_store *s, int shape, sqlite3_stmt **st) {
   char sql[512];
   size_t n;
   n = (size_t)snprintf(sql, sizeof sql, "SELECT id, type, ts, priority, "
-    "key, correlation_id, causation_id, headers, payload, version FROM "
-    "events WHERE id > ?1");
+    "key, correlation_id, causation_id, headers, payload, version, %s FROM "
+    "events WHERE id > ?1", s->has_streams ? "stream, stream_version"
+                                           : "NULL, NULL");
 #define WHERE(bit, cond)                                            \
   if ((shape & (bit)) && n < sizeof sql)                            \
     n += (size_t)snprintf(sql + n, sizeof sql - n, " AND %s", cond);
@@ -110,6 +111,8 @@ int buzz__store_next(buzz_store *s, buzz_stored *row, char *err,
   row->headers = col_str(st, 7);
   row->payload = col_str(st, 8);
   row->version = sqlite3_column_int(st, 9);
+  row->stream = col_str(st, 10);
+  row->stream_version = sqlite3_column_int64(st, 11);
   return 1;
 }
 
@@ -168,6 +171,21 @@ int buzz__store_types(buzz_store *s, buzz_count_cb cb, void *data,
   while ((rc = sqlite3_step(st)) == SQLITE_ROW)
     cb(data, col_str(st, 0), sqlite3_column_int64(st, 1));
   return read_done(s, st, rc, 0, err, errlen);
+}
+
+int buzz__store_stream_version(buzz_store *s, buzz_str stream, int64_t *v,
+                               char *err, size_t errlen) {
+  sqlite3_stmt *st;
+  int rc;
+  *v = 0;
+  if (!s->has_streams) return BUZZ_OK;    /* an older store: no streams */
+  if (read_prepare(s, "SELECT max(stream_version) FROM events WHERE "
+                   "stream = ?1", &st, err, errlen) < 0)
+    return BUZZ_ESTORE;
+  buzz__store_bind_str(st, 1, stream);
+  rc = sqlite3_step(st);
+  if (rc == SQLITE_ROW) *v = sqlite3_column_int64(st, 0);
+  return read_done(s, st, rc, 1, err, errlen);
 }
 
 int buzz__store_count(buzz_store *s, int64_t after, buzz_str pattern,

@@ -67,6 +67,7 @@ build = {
   --   ["buzz.group"] = "lua/buzz/group.lua"
   --   ["buzz.hot"] = "lua/buzz/hot.lua"
   --   ["buzz.projection"] = "lua/buzz/projection.lua"
+  --   ["buzz.stream"] = "lua/buzz/stream.lua"
   --   ["buzz.task"] = "lua/buzz/task.lua"
   --   ["buzz.luv"] = "lua/buzz/luv.lua"
   --   ["buzz.metrics"] = "lua/buzz/metrics.lua"

@@ -136,6 +136,7 @@ describe("bus:projection", function()
     local p = bus:projection("orders", totals{ snapshot_every = false })
     bus:publish("order.paid", { cents = 1 }, { key = "k" })
     bus:drain()
+    assert.same({ n = 1, total = 1 }, p:get("k"))
     bus:close()
     bus = H.bus{ store = path }
     p = bus:projection("orders", totals())
@@ -374,8 +375,8 @@ describe("bus:projection", function()
       "projection needs apply = function(state, ev) (returns the new state, "
       .. "or nil when it changed state in place)")
     assert.has_error(function() bus:projection("p", totals{ by = "id" }) end,
-      'bad by to projection: expected "key" or a function(ev) returning '
-      .. "the key")
+      'bad by to projection: expected "key", "stream" or a function(ev) '
+      .. "returning the key")
     assert.has_error(function()
       bus:projection("p", totals{ snapshot_every = 0 })
     end, "bad snapshot_every to projection: expected a positive integer "

@@ -130,8 +130,8 @@ end
 
 -- Envelope fields in the order --json and show print them.
 local ENVELOPE = { "id", "type", "ts", "priority", "key", "correlation_id",
-                   "causation_id", "version", "attempt", "headers",
-                   "payload" }
+                   "causation_id", "version", "stream", "stream_version",
+                   "attempt", "headers", "payload" }
 local IN_ENVELOPE = {}
 for _, k in ipairs(ENVELOPE) do IN_ENVELOPE[k] = true end
 

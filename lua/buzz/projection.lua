@@ -88,8 +88,8 @@ local function event_tag(self, ev)
   local by = self.by
   if not by then return "" end
   local key
-  if by == "key" then
-    key = ev.key
+  if by == "key" or by == "stream" then
+    key = ev[by]
   else
     local ok, k = pcall(by, ev)
     if not ok then
@@ -273,8 +273,9 @@ function M.new(bus, name, opts, level)
           .. "initial state", level + 1)
   end
   local by = opts.by
-  if by ~= nil and by ~= "key" and not is_callable(by) then
-    error('bad by to projection: expected "key" or a function(ev) '
+  if by ~= nil and by ~= "key" and by ~= "stream" and not is_callable(by)
+  then
+    error('bad by to projection: expected "key", "stream" or a function(ev) '
           .. "returning the key", level + 1)
   end
   local version = opts.version == nil and "1" or opts.version
@@ -573,8 +574,8 @@ end
 --- State folded from the events of the log (README, "State from
 --- events"): opts types (a pattern, default ">"), apply = function(state,
 --- ev) (returns the new state, or nil having changed it in place), init =
---- function(key) (the initial state, default {}), by ("key" or a
---- function(ev) giving the key; without it one state), version (of the
+--- function(key) (the initial state, default {}), by ("key", "stream" or
+--- a function(ev) giving the key; without it one state), version (of the
 --- code: a change rebuilds from the log), snapshot_every (events, default
 --- 1000; false: never). Returns the projection (get, version, position,
 --- hash, keys, at, on_change, check, stats, snapshot, close); nil, err,

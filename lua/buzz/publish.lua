@@ -9,6 +9,7 @@ local hot_path = require "buzz.hot"
 local middleware = require "buzz.middleware"
 local options = require "buzz.options"
 local schedule = require "buzz.schedule"
+local streams = require "buzz.stream"
 local task = require "buzz.task"
 
 local type, error, pairs, setmetatable =
@@ -48,7 +49,11 @@ local function publisher(method)
             .. "cannot publish", 3)
     end
     local prio, key, corr, headers, dedup, version, is_later = 2
+    local stream, expect, sver
     if opts ~= nil then                -- else the core checks the types
+      if opts.stream ~= nil or opts.expect ~= nil then  -- (stream.lua)
+        opts, stream, expect = streams.split(opts, 3)
+      end
       prio, key, corr, headers, dedup, version, is_later =
         publish_options(opts, 3)
     end
@@ -60,6 +65,10 @@ local function publisher(method)
         headers = h
       end
     end
+    if is_later and stream then
+      error("stream cannot be combined with delay or at: its version is "
+            .. "checked and taken when publish is called", 3)
+    end
     if is_later then
       local id, e, k = publish_later(self, c, method, etype, payload, opts, {
         prio = prio, key = key, corr = corr, headers = headers,
@@ -68,7 +77,16 @@ local function publisher(method)
     end
     local id, err, code
     local manual = self._manual
-    if manual then                 -- stamp the event with the clock's time
+    if stream then                 -- the expected version (stream.lua)
+      sver, err, code = streams.next_version(self, c, stream, expect)
+      if not sver then return nil, err, code end
+      id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
+                                headers, dedup, version, nil,
+                                manual and manual.ms or nil, stream, sver)
+      if id and err ~= "duplicate" then
+        streams.appended(self, stream, sver)
+      end
+    elseif manual then             -- stamp the event with the clock's time
       id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
                                 headers, dedup, version, nil, manual.ms)
     else
@@ -114,6 +132,10 @@ function Pub:publish_sync(etype, payload, opts)
     local aud = h.memo[etype]
     if aud == nil then aud = hot_audience(h, etype) end
     local prio, key, corr, headers, dedup, version, is_later
+    if aud and opts ~= nil and (opts.stream ~= nil or opts.expect ~= nil)
+    then
+      aud = false                      -- a stream's check: the core's path
+    end
     if aud and opts ~= nil then
       if scan_options then             -- Lua 5.4: C's reading first
         prio, key, corr, headers, dedup, version = scan_options(opts)
