@@ -65,6 +65,7 @@ build = {
   --   ["buzz.hot"] = "lua/buzz/hot.lua"
   --   ["buzz.projection"] = "lua/buzz/projection.lua"
   --   ["buzz.stream"] = "lua/buzz/stream.lua"
+  --   ["buzz.saga"] = "lua/buzz/saga.lua"
   --   ["buzz.task"] = "lua/buzz/task.lua"
   --   ["buzz.luv"] = "lua/buzz/luv.lua"
   --   ["buzz.metrics"] = "lua/buzz/metrics.lua"

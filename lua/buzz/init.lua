@@ -486,7 +486,7 @@ dlq.install(Bus, check_bus)
 
 -- every (lua/buzz/schedule.lua)
 schedule.install(Bus, check_bus, refused)
-for _, m in ipairs { "serve", "group", "projection", "stream" } do
+for _, m in ipairs { "serve", "group", "projection", "stream", "saga" } do
   require("buzz." .. m).install(Bus, check_bus)
 end
 
