@@ -59,6 +59,12 @@ commands:
           removes dead letters for good (writes)
   remove-consumer NAME
           forgets a durable consumer's position (writes)
+  state   NAME [KEY] [--json]
+          a projection's last snapshot (bus:projection): its version and
+          position, then each key's hash and state (KEY: one, in full)
+  sagas   [NAME] [--failed | --status S] [--json]
+          sagas (bus:saga), one a line: name, id, status, last update
+          (UTC), the step, and the error of one that failed
   version the version of buzz (also --version)
   help    this text
 
@@ -142,6 +148,11 @@ M.COMMANDS = {
   },
   ["remove-consumer"] = { usage = "buzz remove-consumer NAME",
                           options = {}, words = 1 },
+  state = { usage = "buzz state NAME [KEY] [--json]",
+            options = { json = "flag" }, words = 2 },
+  sagas = { usage = "buzz sagas [NAME] [--failed | --status S] [--json]",
+            options = { failed = "flag", status = "string", json = "flag" },
+            words = 1 },
 }
 
 -- Options every command takes.

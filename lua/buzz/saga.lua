@@ -2,8 +2,9 @@
 -- event, whose completed steps are compensated in reverse order when a
 -- later one fails for good (README, "Sagas").
 --
--- A saga instance is a record in the store's state rows (kind
--- "saga:NAME", one row per saga id): its status, the next step, the data
+-- A saga instance is a record in the store's state rows (kind "saga",
+-- named "NAME:ID", so that buzz sagas lists every saga's): its status,
+-- the next step, the data
 -- its steps keep (ctx.data, JSON) and the event that started it. The
 -- record is written when the saga starts, after each step and each undo,
 -- and when it ends, so a crash resumes it where it was: the step that
@@ -119,7 +120,7 @@ end
 local function save(self, rec)
   local bus = self.bus
   rec.updated = bus:_now()
-  bus:_state_put(self.kind, rec.id, rec)
+  bus:_state_put("saga", self.prefix .. rec.id, rec)
   if ACTIVE[rec.status] or not bus:_has_store() then
     self.live[rec.id] = rec
   else
@@ -212,12 +213,12 @@ local function on_start(self, ev)
     id = v
   end
   id = tostring(id)
-  if self.live[id] or self.bus:_state_get(self.kind, id) then
+  if self.live[id] or self.bus:_state_get("saga", self.prefix .. id) then
     self.duplicates = self.duplicates + 1
     return                             -- one saga per id
   end
   local rec = {
-    id = id, status = "running", step = 1, data = {},
+    saga = self.name, id = id, status = "running", step = 1, data = {},
     event = { id = ev.id, type = ev.type, payload = ev.payload,
               key = ev.key, correlation_id = ev.correlation_id },
     started = self.bus:_now(),
@@ -227,6 +228,21 @@ local function on_start(self, ev)
 end
 
 -- ------------------------------------------------------------ the saga
+
+--- The stored records of the sagas named name (every saga's when name
+--- is nil), in name then id order (buzz sagas reads them so).
+-- @local
+function M.records(bus, name)
+  local out = {}
+  for _, row in ipairs(bus:_state_list("saga")) do
+    local rec = row.value
+    if type(rec) == "table" and type(rec.id) == "string"
+       and (name == nil or rec.saga == name) then
+      out[#out + 1] = rec
+    end
+  end
+  return out
+end
 
 --- Makes a saga (bus:saga). Raises on misuse.
 -- @local
@@ -271,7 +287,7 @@ function M.new(bus, name, opts, level)
     error(("saga %q exists already on this bus"):format(name), level + 1)
   end
   local self = setmetatable({
-    bus = bus, name = name, kind = "saga:" .. name, steps = steps,
+    bus = bus, name = name, prefix = name .. ":", steps = steps,
     id_of = opts.id, live = {}, duplicates = 0, closed = false,
     retry = policy.retry(opts.retry == nil and 1 or opts.retry, level + 1),
     timeout = opts.timeout or DEFAULT_TIMEOUT,
@@ -290,9 +306,8 @@ function M.new(bus, name, opts, level)
   list[name] = self
   bus._sagas = list
   if bus:_has_store() then
-    for _, row in ipairs(bus:_state_list(self.kind)) do
-      local rec = row.value
-      if type(rec) == "table" and ACTIVE[rec.status] then
+    for _, rec in ipairs(self:list()) do
+      if ACTIVE[rec.status] then
         self.live[rec.id] = rec
         bus:_announce("$SYS.saga_resume." .. name, { id = rec.id })
       end
@@ -309,7 +324,7 @@ end
 function Saga:get(id)
   check_self(self, "get")
   id = tostring(id)
-  return self.live[id] or self.bus:_state_get(self.kind, id)
+  return self.live[id] or self.bus:_state_get("saga", self.prefix .. id)
 end
 
 --- The records, by id; with { status = "failed" } only those.
@@ -320,8 +335,8 @@ function Saga:list(opts)
   check_options(opts, options.option_set("status"), "saga:list", 2)
   local byid = {}
   if self.bus:_has_store() then
-    for _, row in ipairs(self.bus:_state_list(self.kind)) do
-      if type(row.value) == "table" then byid[row.name] = row.value end
+    for _, rec in ipairs(M.records(self.bus, self.name)) do
+      byid[rec.id] = rec
     end
   end
   for id, rec in pairs(self.live) do byid[id] = rec end
