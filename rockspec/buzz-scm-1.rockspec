@@ -66,6 +66,7 @@ build = {
   --   ["buzz.projection"] = "lua/buzz/projection.lua"
   --   ["buzz.stream"] = "lua/buzz/stream.lua"
   --   ["buzz.saga"] = "lua/buzz/saga.lua"
+  --   ["buzz.state"] = "lua/buzz/state.lua"
   --   ["buzz.clistate"] = "lua/buzz/clistate.lua"
   --   ["buzz.task"] = "lua/buzz/task.lua"
   --   ["buzz.luv"] = "lua/buzz/luv.lua"

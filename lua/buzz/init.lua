@@ -481,12 +481,11 @@ store_api.install(Bus, check_bus, refused)
 
 -- ------------------------------------------------------------ failures
 
--- dead_letters, redrive, discard (lua/buzz/dlq.lua)
+-- dead_letters, redrive, discard (dlq.lua); every (schedule.lua)
 dlq.install(Bus, check_bus)
-
--- every (lua/buzz/schedule.lua)
 schedule.install(Bus, check_bus, refused)
-for _, m in ipairs { "serve", "group", "projection", "stream", "saga" } do
+for _, m in ipairs { "serve", "group", "projection", "stream", "saga",
+                     "state" } do
   require("buzz." .. m).install(Bus, check_bus)
 end
 
