@@ -254,7 +254,9 @@ static int l_hrtime(lua_State *L) {
 /* ---------------------------------------------------- publish options */
 
 enum { PO_KEY = 1, PO_PRIORITY, PO_CORR, PO_HEADERS, PO_DEDUP, PO_VERSION,
-       PO_N = PO_VERSION };
+       PO_N = PO_VERSION,
+       PO_STREAM              /* stream, expect: lua/buzz/stream.lua's */
+};
 
 /* Which publish option the string key at idx names (PO_*), or 0: the
 ** later ones (delay, at) and unknown keys alike, which the Lua layer's
@@ -265,6 +267,8 @@ static int po_name(lua_State *L, int idx) {
   switch (n) {
   case 3: return memcmp(k, "key", 3) == 0 ? PO_KEY : 0;
   case 5: return memcmp(k, "dedup", 5) == 0 ? PO_DEDUP : 0;
+  case 6: return memcmp(k, "stream", 6) == 0 || memcmp(k, "expect", 6) == 0
+               ? PO_STREAM : 0;
   case 7: return memcmp(k, "headers", 7) == 0 ? PO_HEADERS
                : memcmp(k, "version", 7) == 0 ? PO_VERSION : 0;
   case 8: return memcmp(k, "priority", 8) == 0 ? PO_PRIORITY : 0;
@@ -323,7 +327,8 @@ static int po_priority(lua_State *L, int idx) {
 
 /*
 ** core.publish_options(opts) -> priority (0..3), key, correlation_id,
-** headers, dedup, version (each as given, or nil) | nothing. The fast
+** headers, dedup, version (each as given, or nil) | nothing; stream and
+** expect are passed over (the caller checked them). The fast
 ** reading of publish's options: one pass in C over a table of valid
 ** options, where lua/buzz/options.lua's pass costs a call per key. It
 ** returns nothing for whatever it does not take as it is (not a table,
@@ -339,7 +344,10 @@ static int l_publish_options(lua_State *L) {
   lua_pushnil(L);
   while (lua_next(L, 1)) {
     o = lua_type(L, -2) == LUA_TSTRING ? po_name(L, -2) : 0;
-    if (o == PO_PRIORITY) {
+    if (o == PO_STREAM) {              /* checked before (stream.lua) */
+      lua_pop(L, 1);
+      continue;
+    } else if (o == PO_PRIORITY) {
       if ((prio = po_priority(L, -1)) < 0) return 0;
     } else if (o == 0 || !po_valid(L, o, lua_gettop(L))) {
       return 0;

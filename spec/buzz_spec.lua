@@ -677,7 +677,8 @@ describe("bad input", function()
 
   it("rejects unknown option names, naming the known ones", function()
     raises('unknown option "prio" to publish (known options: at, '
-           .. "correlation_id, dedup, delay, headers, key, priority, version)",
+           .. "correlation_id, dedup, delay, expect, headers, key, priority, "
+           .. "stream, version)",
            function() bus:publish("e", nil, { prio = "high" }) end)
     raises('unknown option "onec" to subscribe',
            function() bus:subscribe("e", print, { onec = true }) end)

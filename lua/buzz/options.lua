@@ -49,7 +49,7 @@ local SUBSCRIBE_OPTIONS = option_set("once", "durable", "start", "name",
 local DEAD_LETTER_OPTIONS = option_set("subscription", "types", "limit")
 local PUBLISH_OPTIONS = option_set("priority", "key", "delay", "at",
                                    "correlation_id", "headers", "dedup",
-                                   "version")
+                                   "version", "stream", "expect")
 local QUERY_OPTIONS = option_set("types", "from", "to", "key", "limit")
 local STORE_INFO_OPTIONS = option_set("types", "events")
 local REPLAY_OPTIONS = option_set("types", "from", "to", "key", "limit",
@@ -148,6 +148,7 @@ local function check_publish_options(opts, level)
     elseif k == "at" then at = v
     elseif k == "dedup" then dedup = v
     elseif k == "version" then version = v
+    elseif k == "stream" or k == "expect" then   -- lua/buzz/stream.lua's
     else
       error(("unknown option %s to publish (known options: %s)")
             :format(type(k) == "string" and ("%q"):format(k) or tostring(k),

@@ -19,17 +19,17 @@
 -- @module buzz.stream
 local errors = require "buzz.errors"
 
-local type, error, next, format = type, error, next, string.format
+local type, error, format = type, error, string.format
 local floor = math.floor
 
 local M = {}
 
 local MAX_INT = 2 ^ 53
 
---- Reads stream and expect out of publish options: returns the options
---- without them (a copy; opts itself when it has neither), the stream
---- and the expected version (an integer >= 0, 0 for "none"; nil for
---- "any"). Raises on misuse at level.
+--- Checks stream and expect in publish options: returns the options (as
+--- they are: the options' readers pass over stream and expect), the
+--- stream and the expected version (an integer >= 0, 0 for "none"; nil
+--- for "any"). Raises on misuse at level.
 -- @local
 function M.split(opts, level)
   local stream, expect = opts.stream, opts.expect
@@ -52,11 +52,7 @@ function M.split(opts, level)
                  .. '"none" or "any", got %s', type(expect) == "string"
                  and format("%q", expect) or type(expect)), level + 1)
   end
-  local rest = {}
-  for k, v in next, opts do
-    if k ~= "stream" and k ~= "expect" then rest[k] = v end
-  end
-  return rest, stream, expect
+  return opts, stream, expect
 end
 
 -- The stream's version now (0: no event yet), or nil, err, code.
