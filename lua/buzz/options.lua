@@ -148,8 +148,7 @@ local function check_publish_options(opts, level)
     elseif k == "at" then at = v
     elseif k == "dedup" then dedup = v
     elseif k == "version" then version = v
-    elseif k == "stream" or k == "expect" then   -- lua/buzz/stream.lua's
-    else
+    elseif k ~= "stream" and k ~= "expect" then  -- (stream.lua's)
       error(("unknown option %s to publish (known options: %s)")
             :format(type(k) == "string" and ("%q"):format(k) or tostring(k),
                     PUBLISH_OPTIONS[1]), level + 1)
