@@ -146,6 +146,8 @@ build/fuzz/asan/buzz/core.so: $(SRCS) $(HDRS)
 fuzz: deps build/fuzz/subject build/fuzz/json build/fuzz/asan/buzz/core.so
 	sh fuzz/run.sh subject $(FUZZ_SECONDS) -dict=fuzz/subject.dict
 	sh fuzz/run.sh json $(FUZZ_SECONDS)
+	# (timeout: a run that never ends fails, rather than CI's whole budget)
+	timeout $$(( $(FUZZ_SECONDS) * 6 + 120 )) env \
 	LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='build/fuzz/asan/?.so;;' \
 	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 \

@@ -2,8 +2,9 @@
 -- the fold rate of a projection made over the whole log against a plain
 -- replay of it (target: at least 50%), the cost of a snapshot of 1,000
 -- keys, and the time a restarting projection takes with a snapshot (it
--- reads only the tail) and without one (it folds the whole log); then
--- publish with stream and expect against a plain publish.
+-- reads only the tail) and without one (it folds the whole log); the
+-- live fold against a plain subscriber; then publish with stream and
+-- expect against a plain publish.
 -- `lua5.4 bench/projection.lua [N]` (default 200000); `make bench-state`.
 -- CPU time (os.clock), best of 3.
 -- @module bench.projection
@@ -112,6 +113,37 @@ io.write(format("  restart with a snapshot       %10.2f ms (reads the "
 io.write(format("  restart without one           %10.2f ms (folds all %d "
                 .. "events)\n", t_without * 1000, N + TAIL))
 remove_store()
+
+-- live: events published and drained in batches of 1,000, folded as they
+-- are delivered, against a plain subscriber that does nothing
+local function live(with_projection)
+  return best_of(3, function()
+    remove_store()
+    local b = assert(buzz.new{ store = path })
+    if with_projection then
+      assert(b:projection("live", opts{ snapshot_every = false }))
+    else
+      b:subscribe("order.*", function() end)
+    end
+    for i = 1, N do
+      local _, _, code = b:publish("order.paid", { cents = 1 },
+                                   { key = "cust-" .. i % KEYS })
+      if code == "EFULL" then
+        assert(b:flush())
+        assert(b:publish("order.paid", { cents = 1 },
+                         { key = "cust-" .. i % KEYS }))
+      end
+      if i % 1000 == 0 then b:drain() end
+    end
+    assert(b:flush())
+    b:drain()
+    b:close()
+  end)
+end
+local t_plain, t_live = live(false), live(true)
+io.write(format("  live fold as delivered        %10.0f events/s  %.2fx "
+                .. "a plain subscriber (%.0f/s)\n", N / t_live,
+                t_plain / t_live, N / t_plain))
 
 -- publish with stream + expect (1,000 streams) against a plain publish,
 -- on a store (batch durability) and in memory

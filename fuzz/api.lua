@@ -132,6 +132,11 @@ end
 
 local act                            -- forward: one random call
 
+-- Calls handlers make per bus at most: a handler's call may publish to
+-- handlers that call again, and some seeds grow a session without bound
+-- (seed 1796591430 reached 1,600 subscriptions and never ended).
+local MAX_ACTS = 1000
+
 local function handler_for(m)
   return function(ev)
     local e = S.events[ev.id]
@@ -169,7 +174,9 @@ local function handler_for(m)
     local b = m.behaviour
     if b == "raise" then
       error("handler failure on purpose")
-    elseif b == "act" and S.depth < 6 then     -- past 4 cursor levels
+    elseif b == "act" and S.depth < 6          -- past 4 cursor levels
+           and S.acts < MAX_ACTS then
+      S.acts = S.acts + 1
       S.depth = S.depth + 1
       act(true)
       S.depth = S.depth - 1
@@ -428,7 +435,8 @@ local function session()
   max_done = 0
   for _ = 1, path and random(1, 3) or 1 do   -- reopen: ids go on rising
     S = { bus = open_bus(path, durability, limit), subs = {}, events = {},
-          pending = {}, ids = {}, nsubs = 0, depth = 0, store = path }
+          pending = {}, ids = {}, nsubs = 0, depth = 0, acts = 0,
+          store = path }
     note(fmt("new{ store = %s, durability = %s, queue_limit = %s }",
              tostring(path), durability, tostring(limit)))
     for _ = 1, random(20, 200) do
