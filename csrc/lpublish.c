@@ -32,7 +32,7 @@
 #include "lcore.h"
 
 #define check_core buzz__lcore_check_fast   /* see lcore.h's short names */
-#define S_CUR 16           /* do_publish's slot of the current event */
+#define S_CUR 17           /* do_publish's slot of the current event */
 
 static int ref_opt(lua_State *L, int u, int idx) {
   if (lua_isnoneornil(L, idx)) return BUZZ_NOREF;
@@ -226,7 +226,10 @@ int buzz__lcore_too_deep(lua_State *L, int levels) {
 ** headers, dedup, version, engine, ts (ms; 0 or nil: the core's clock,
 ** else the time to stamp, as a manual clock gives it), stream and
 ** stream_version (both or neither: the Lua layer checked the stream's
-** expected version and gives the next one; stream.lua). Inside a handler
+** expected version and gives the next one; stream.lua), and conflict:
+** the ECONFLICT message when the check failed and a dedup key was given,
+** returned unless the key makes the publish a duplicate (a retried
+** publish whose first try got in). Inside a handler
 ** (or a thread run by resume() with an event), a nil correlation_id is
 ** inherited from the
 ** current event and a nil causation_id is the current event's id. A dedup
@@ -276,10 +279,10 @@ static int do_publish(lua_State *L, int mode) {
   }
   if (mode == 1 && (levels = sync_levels(L, c)) >= SYNC_MAX)
     return push_too_deep(L, levels);
-  lua_settop(L, 14);
+  lua_settop(L, 15);
   ctx.L = L;
   ctx.c = c;
-  ctx.u = push_refs(L);                /* slot 15 */
+  ctx.u = push_refs(L);                /* slot 16 */
   push_current(L, c, ctx.u);           /* S_CUR: inherited from */
   if (dkey) now = ts > 0 ? ts : buzz__clock_ms();  /* the bus's clock */
   if (dkey && c->dedup &&
@@ -287,6 +290,12 @@ static int do_publish(lua_State *L, int mode) {
     lua_pushinteger(L, (lua_Integer)id);
     lua_pushliteral(L, "duplicate");
     return 2;
+  }
+  if (lua_type(L, 15) == LUA_TSTRING) {   /* not a repeat: the conflict */
+    lua_pushnil(L);
+    lua_pushvalue(L, 15);
+    lua_pushstring(L, buzz__err_name(BUZZ_ECONFLICT));
+    return 3;
   }
   if (lua_isnil(L, 6) && lua_istable(L, S_CUR)) {
     push_correlation(L, S_CUR);        /* inherit it */

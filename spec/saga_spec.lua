@@ -155,6 +155,24 @@ describe("bus:saga", function()
     assert.same({ "silent" }, undone)
   end)
 
+  it("fails the step when its request cannot be published", function()
+    local bus = H.bus{ queue_limit = 1, on_error = function() end }
+    bus:subscribe("filler", function() end)        -- (queued: they have
+    bus:subscribe("work", function() end)          -- an audience)
+    local saga = bus:saga("s", {
+      on = "go",
+      steps = { { name = "ask", run = function(ctx)
+        assert(bus:publish("filler", {}))           -- the queue is full now
+        ctx:request("work", {}, { reply = "done" })
+      end } } })
+    bus:publish("go", {})
+    bus:drain()
+    local rec = saga:list()[1]
+    assert.equal("compensated", rec.status)
+    assert.matches("^EFULL: saga s 1: step ask %(attempt 1 of 1%): queue is "
+                   .. "full", rec.error)
+  end)
+
   it("resumes a saga SIGKILLed between steps, and completes it", function()
     local marks = os.tmpname()
     local child = ([[

@@ -133,6 +133,24 @@ describe("publish with stream and expect", function()
     assert.equal(1, bus:stream_version("p"))
   end)
 
+  it("answers a retried publish whose first try got in with its id, not "
+     .. "a conflict", function()
+    local bus = H.bus{ store = path }
+    local o = { stream = "pay-1", expect = "none", dedup = "req-9" }
+    local a = assert(bus:publish("pay", {}, o))
+    local again, dup = bus:publish("pay", {}, o)     -- the same request
+    assert.equal(a, again)
+    assert.equal("duplicate", dup)
+    local id, err, code = bus:publish("pay", {}, { stream = "pay-1",
+                                                   expect = "none",
+                                                   dedup = "req-10" })
+    assert.is_nil(id)                                -- a new request
+    assert.equal("ECONFLICT: pay-1 is at 1, expected none (a new stream)",
+                 err)
+    assert.equal("ECONFLICT", code)
+    assert.equal(a + 1, assert(bus:publish("pay", {}, { stream = "pay-1" })))
+  end)
+
   it("refuses two events at one place of a stream in the log itself",
      function()
     local bus = H.bus{ store = path }

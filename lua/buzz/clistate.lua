@@ -31,7 +31,8 @@ local function snapshot(bus, name)
   return meta, keys
 end
 
-local function key_text(k)
+-- A key as the command line names it (KEY), to find it.
+local function raw_key(k)
   return type(k) == "string" and k or format("%d", k)
 end
 
@@ -50,9 +51,9 @@ function M.state(opts, ctx)
   end
   if key then
     for _, r in ipairs(rows) do
-      if r.key ~= nil and key_text(r.key) == key then rows = { r } break end
+      if r.key ~= nil and raw_key(r.key) == key then rows = { r } break end
     end
-    if #rows ~= 1 or key_text(rows[1].key or "") ~= key then
+    if #rows ~= 1 or raw_key(rows[1].key or "") ~= key then
       fail(format("projection %s has no key %s in its snapshot",
                   encode(name), encode(key)))
     end
@@ -70,7 +71,7 @@ function M.state(opts, ctx)
   stdout:write(format("projection %s, version %s, snapshot at event #%d\n",
                       name, tostring(meta.version), meta.position or 0))
   for _, r in ipairs(rows) do
-    local head = r.key ~= nil and key_text(r.key) .. "  " or ""
+    local head = r.key ~= nil and text.key_text(r.key) .. "  " or ""
     if key then
       stdout:write(head, r.hash, "\n", encode(r.state, "  "), "\n")
     else

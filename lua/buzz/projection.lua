@@ -13,7 +13,6 @@
 -- the position (a key whose row is newer, when a crash cut a snapshot
 -- short, skips the events its row already holds); a changed version, or a
 -- row that fails its hash, rebuilds. A memory bus folds deliveries.
---
 -- A state's version is the first 8 hex digits of the SHA-256 of its
 -- canonical JSON (keys sorted, in C: core.json_canonical), the same on
 -- Lua 5.4 and LuaJIT and on every replica that folded the same events.
@@ -37,6 +36,7 @@ Proj.__index = Proj
 
 local OPTIONS = options.option_set("types", "init", "apply", "by",
                                    "version", "snapshot_every")
+local CHECK_OPTIONS = options.option_set("repair")
 local SNAPSHOT_EVERY = 1000    -- events between snapshots, by default
 local META = "@"               -- the row that holds the position
 
@@ -481,7 +481,7 @@ end
 ---@return boolean ok, table report
 function Proj:check(opts)
   check_self(self, "check")
-  check_options(opts, options.option_set("repair"), "proj:check", 2)
+  check_options(opts, CHECK_OPTIONS, "proj:check", 2)
   need_store(self, "check")
   if not self.by then self:get() end
   self.hashes = {}            -- hashed again: a state changed by hand too

@@ -52,7 +52,7 @@ local function publisher(method)
     local stream, expect, sver
     if opts ~= nil then                -- else the core checks the types
       if opts.stream ~= nil or opts.expect ~= nil then  -- (stream.lua)
-        opts, stream, expect = streams.split(opts, 3)
+        stream, expect = streams.check(opts, 3)
       end
       prio, key, corr, headers, dedup, version, is_later =
         publish_options(opts, 3)
@@ -78,11 +78,18 @@ local function publisher(method)
     local id, err, code
     local manual = self._manual
     if stream then                 -- the expected version (stream.lua)
+      local conflict
       sver, err, code = streams.next_version(self, c, stream, expect)
-      if not sver then return nil, err, code end
+      if not sver then             -- a conflict; with a dedup key the core
+        if code ~= "ECONFLICT" or dedup == nil then  -- says "duplicate"
+          return nil, err, code    -- first if the event got in before
+        end
+        conflict, sver = err, 1
+      end
       id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
                                 headers, dedup, version, nil,
-                                manual and manual.ms or nil, stream, sver)
+                                manual and manual.ms or nil, stream, sver,
+                                conflict)
       if id and err ~= "duplicate" then
         streams.appended(self, stream, sver)
       end

@@ -41,6 +41,7 @@ local STEP_OPTIONS = options.option_set("name", "run", "undo", "retry",
                                         "timeout")
 local REQUEST_OPTIONS = options.option_set("reply", "timeout", "where",
                                            "priority", "key", "headers")
+local LIST_OPTIONS = options.option_set("status")
 local DEFAULT_TIMEOUT = 30     -- seconds a request waits for its reply
 local ACTIVE = { running = true, compensating = true }
 
@@ -332,7 +333,7 @@ end
 ---@return table
 function Saga:list(opts)
   check_self(self, "list")
-  check_options(opts, options.option_set("status"), "saga:list", 2)
+  check_options(opts, LIST_OPTIONS, "saga:list", 2)
   local byid = {}
   if self.bus:_has_store() then
     for _, rec in ipairs(M.records(self.bus, self.name)) do

@@ -18,22 +18,18 @@
 -- gap (as ids do), never a repeat.
 -- @module buzz.stream
 local errors = require "buzz.errors"
+local is_integer = require("buzz.options").is_integer
 
 local type, error, format = type, error, string.format
-local floor = math.floor
 
 local M = {}
 
-local MAX_INT = 2 ^ 53
-
---- Checks stream and expect in publish options: returns the options (as
---- they are: the options' readers pass over stream and expect), the
---- stream and the expected version (an integer >= 0, 0 for "none"; nil
---- for "any"). Raises on misuse at level.
+--- Checks stream and expect in publish options (the options' readers
+--- pass over both): returns the stream and the expected version (an
+--- integer >= 0, 0 for "none"; nil for "any"). Raises on misuse at level.
 -- @local
-function M.split(opts, level)
+function M.check(opts, level)
   local stream, expect = opts.stream, opts.expect
-  if stream == nil and expect == nil then return opts end
   if type(stream) ~= "string" or stream == "" then
     error(stream == nil
           and "bad expect: give the stream it is about (stream = \"order-17\")"
@@ -45,14 +41,12 @@ function M.split(opts, level)
     expect = 0
   elseif expect == "any" then
     expect = nil
-  elseif expect ~= nil and not (type(expect) == "number"
-                                and expect == floor(expect) and expect >= 0
-                                and expect < MAX_INT) then
+  elseif expect ~= nil and not (is_integer(expect) and expect >= 0) then
     error(format('bad expect: expected a version (an integer >= 0), '
                  .. '"none" or "any", got %s', type(expect) == "string"
                  and format("%q", expect) or type(expect)), level + 1)
   end
-  return opts, stream, expect
+  return stream, expect
 end
 
 -- The stream's version now (0: no event yet), or nil, err, code.
