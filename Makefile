@@ -26,9 +26,9 @@ SRCS     = csrc/error.c csrc/map.c csrc/match.c csrc/queue.c csrc/bus.c \
            csrc/lbuzz.c csrc/lpublish.c csrc/lsubscribe.c csrc/ldurable.c \
            csrc/ldispatch.c csrc/lhot.c csrc/lmetrics.c csrc/lstore.c \
            csrc/lprefilter.c csrc/lutil.c csrc/lcheck.c \
-           csrc/http.c csrc/lhttp.c
+           csrc/http.c csrc/lhttp.c csrc/redis.c csrc/lredis.c
 HDRS     = csrc/buzz.h csrc/store.h csrc/compat.h csrc/json.h csrc/jsonint.h csrc/lcheck.h \
-           csrc/lcore.h csrc/storeint.h csrc/http.h
+           csrc/lcore.h csrc/storeint.h csrc/http.h csrc/redis.h
 
 WARN     = -std=c99 -Wall -Wextra -pedantic -Wshadow -Wmissing-prototypes \
            -Werror=implicit-function-declaration
@@ -36,7 +36,7 @@ OPT     ?= -O2 -g
 CFLAGS_COMMON = $(WARN) $(OPT) -fPIC -fvisibility=hidden -D_POSIX_C_SOURCE=200809L
 DEP_CFLAGS := $(shell pkg-config --cflags libuv libcjson sqlite3 libcrypto 2>/dev/null)
 DEP_LIBS   := $(shell pkg-config --libs libuv libcjson sqlite3 libcrypto 2>/dev/null \
-                || echo -luv -lcjson -lsqlite3 -lcrypto -lpthread) -lhttp_parser
+                || echo -luv -lcjson -lsqlite3 -lcrypto -lpthread) -lhttp_parser -lhiredis
 LDFLAGS_SO = -shared
 
 lua_cflags = $(shell pkg-config --cflags $(1) 2>/dev/null)
@@ -220,7 +220,7 @@ rock-core:
 	@mkdir -p $(dir $(ROCK_CORE))
 	$(CC) $(WARN) $(CFLAGS) -fPIC -fvisibility=hidden -D_POSIX_C_SOURCE=200809L \
 	  -I$(LUA_INCDIR) $(ROCK_INCDIRS) $(SRCS) -o $(ROCK_CORE) $(LIBFLAG) \
-	  $(ROCK_LIBDIRS) -luv -lsqlite3 -lcjson -lhttp_parser -lcrypto -lpthread
+	  $(ROCK_LIBDIRS) -luv -lsqlite3 -lcjson -lhttp_parser -lhiredis -lcrypto -lpthread
 
 rock-install:
 	install -d $(LIBDIR)/buzz $(LUADIR)/buzz $(BINDIR)

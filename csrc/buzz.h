@@ -48,7 +48,8 @@
   X(YIELD,  14, "a handler yielded what buzz cannot resume")     \
   X(CALLBACK, 15, "a function given to buzz raised")             \
   X(FROZEN, 16, "a handler changed an event it was given")       \
-  X(CONFLICT, 17, "a stream is not at the version expected")
+  X(CONFLICT, 17, "a stream is not at the version expected")     \
+  X(UNAVAILABLE, 18, "a remote service is not reachable")
 
 typedef enum {
   BUZZ_OK = 0,

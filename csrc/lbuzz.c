@@ -305,6 +305,7 @@ static int lcore_close(lua_State *L) {
   buzz__dedup_free(c->dedup);
   c->dedup = NULL;
   buzz__lhttp_close_all(c);            /* their handles close with it */
+  buzz__lredis_close_all(c);
   buzz__loop_close(c->loop);
   c->loop = NULL;
   lua_newtable(L);
@@ -523,6 +524,8 @@ int luaopen_buzz_core(lua_State *L) {
     luaL_setfuncs(L, buzz__lsubscribe_methods, UV_COUNT);
     push_upvalues(L, -2);
     luaL_setfuncs(L, buzz__lhttp_methods, UV_COUNT);
+    push_upvalues(L, -2);
+    luaL_setfuncs(L, buzz__lredis_methods, UV_COUNT);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, lcore_gc);
     lua_setfield(L, -2, "__gc");
@@ -539,6 +542,7 @@ int luaopen_buzz_core(lua_State *L) {
   buzz__pf_register(L);
   buzz__lmetrics_register(L);
   buzz__lhttp_register(L);
+  buzz__lredis_register(L);
   luaL_setfuncs(L, buzz__lhttp_funcs, 0);
   {                                    /* the error map: code -> meaning */
     size_t i;

@@ -63,6 +63,8 @@ typedef struct lcore {
   int64_t refused_full;  /* publishes refused with EFULL (queue full) */
   struct lhttp *servers; /* bus:serve's servers on the loop (lhttp.c);
                           closed before the loop */
+  struct lredis *redis;  /* bus:redis's connections on the loop
+                          (lredis.c); closed before the loop */
 } lcore;
 
 #define SYNC_MAX 100   /* nested publish_sync deliveries; one more is
@@ -200,6 +202,11 @@ extern const luaL_Reg buzz__lhttp_methods[];
 extern const luaL_Reg buzz__lhttp_funcs[];
 void buzz__lhttp_register(lua_State *L);
 void buzz__lhttp_close_all(lcore *c);
+
+/* lredis.c: core:redis and the "buzz.redis" connection it makes. */
+extern const luaL_Reg buzz__lredis_methods[];
+void buzz__lredis_register(lua_State *L);
+void buzz__lredis_close_all(lcore *c);
 
 /* lhot.c: core:sync_id. */
 int buzz__lhot_sync_id(lua_State *L);

@@ -5,7 +5,7 @@
 -- (`make rock` packs a source rock of the release from its versioned
 -- copy and installs that into a scratch tree). It builds offline: the C
 -- core needs only Debian's libuv1-dev, libsqlite3-dev, libcjson-dev,
--- libhttp-parser-dev and libssl-dev, found as external dependencies, and
+-- libhttp-parser-dev, libssl-dev and libhiredis-dev, found as external dependencies, and
 -- the rock depends on nothing but Lua itself: Lua 5.4, or LuaJIT 2.1
 -- (which LuaRocks calls 5.1; the core's headers refuse PUC Lua 5.1, 5.2
 -- and 5.3 by name).
@@ -36,6 +36,7 @@ external_dependencies = {
   SQLITE = { header = "sqlite3.h", library = "sqlite3" },
   CJSON = { header = "cjson/cJSON.h", library = "cjson" },
   HTTP_PARSER = { header = "http_parser.h", library = "http_parser" },
+  HIREDIS = { header = "hiredis/hiredis.h", library = "hiredis" },
   OPENSSL = { header = "openssl/hmac.h", library = "crypto" },
 }
 
@@ -78,6 +79,7 @@ build = {
   --   ["buzz.page"] = "lua/buzz/page.lua"
   --   ["buzz.policy"] = "lua/buzz/policy.lua"
   --   ["buzz.publish"] = "lua/buzz/publish.lua"
+  --   ["buzz.redis"] = "lua/buzz/redis.lua"
   --   ["buzz.reducers"] = "lua/buzz/reducers.lua"
   --   ["buzz.router"] = "lua/buzz/router.lua"
   --   ["buzz.runner"] = "lua/buzz/runner.lua"

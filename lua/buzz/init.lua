@@ -485,7 +485,7 @@ store_api.install(Bus, check_bus, refused)
 dlq.install(Bus, check_bus)
 schedule.install(Bus, check_bus, refused)
 for _, m in ipairs { "serve", "group", "projection", "stream", "saga",
-                     "state" } do
+                     "state", "redis" } do
   require("buzz." .. m).install(Bus, check_bus)
 end
 

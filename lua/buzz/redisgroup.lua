@@ -1,0 +1,289 @@
+--- buzz.redisgroup: a subscription in a Redis consumer group
+-- (r:subscribe(pattern, fn, { group = "billing" }), lua/buzz/redis.lua).
+--
+-- Each group has its own connection for blocking reads. At each
+-- (re)connect it creates the group (XGROUP CREATE ... MKSTREAM; BUSYGROUP
+-- is success), reads this consumer's own pending entries (XREADGROUP
+-- ... 0) and then new ones (">", BLOCK at most 5 s). An entry is published
+-- on the bus under "$G.<group>.<type>", which only the group's local
+-- subscription matches; its handler gets a copy of the event with the
+-- real type, and the entry is acked (XACK) once the handler returned.
+-- A handler that raises leaves the entry pending: every claim_every, the
+-- group takes over entries idle for min_idle (XAUTOCLAIM, to cursor 0-0;
+-- its own failures and those of consumers that died), and delivers them
+-- again with ev.attempt = Redis's delivery count. Past max_deliveries an
+-- entry goes to the dead-letter stream and is acked. Entries deleted
+-- while pending are acked and counted as lost. Consumers with nothing
+-- pending and idle for 10 min_idle are removed from the group.
+-- @module buzz.redisgroup
+local options = require "buzz.options"
+local filter = require "buzz.filter"
+local util = require "buzz.util"
+local redis = require "buzz.redis"
+
+local type, pairs, ipairs, setmetatable, error =
+      type, pairs, ipairs, setmetatable, error
+local unpack = table.unpack or unpack   -- luacheck: ignore 143
+local fail, quote = util.fail, util.quote
+
+local M = {}
+local Group = {}
+Group.__index = Group
+
+-- Subscription options a group refuses, and why.
+local REFUSED = {
+  retry = "Redis redelivers what fails: give bus:redis{ max_deliveries = "
+          .. "... } (and min_idle) instead",
+  once = "a group subscription lasts until unsubscribe",
+  durable = "the group is the durable consumer: its position is in Redis",
+  start = "where a new group starts is bus:redis{ start = ... }",
+}
+
+function Group:report(what)
+  self.link:report(("redis group %s: %s"):format(self.name, what))
+end
+
+function Group:ack(rid)
+  local link = self.link
+  link.cmdc:cmd(function(ok, v)
+    if ok then link.counts.acked = link.counts.acked + v end
+  end, "XACK", link.stream, self.name, rid)
+end
+
+-- To the dead-letter stream with why, then acked.
+function Group:dead(rid, fields, deliveries, why)
+  local link = self.link
+  local args = { "XADD", link.dlq, "*" }
+  for i = 1, #fields do args[#args + 1] = fields[i] end
+  for _, v in ipairs { "redis_id", rid, "group", self.name, "deliveries",
+                       deliveries, "error", why } do
+    args[#args + 1] = v
+  end
+  link.cmdc:cmd(function(ok, v, is_lost)
+    if ok then
+      link.counts.dead = link.counts.dead + 1
+      self:ack(rid)
+    elseif not is_lost then
+      self:report(("cannot dead-letter %s: %s"):format(rid, v))
+    end
+  end, unpack(args))
+end
+
+-- Delivers entry rid (fields false: deleted while pending) for the
+-- attempt-th time.
+function Group:deliver(rid, fields, attempt)
+  local link = self.link
+  if not fields then
+    link.counts.lost = link.counts.lost + 1
+    return self:ack(rid)
+  end
+  if self.inflight[rid] then return end      -- ours, still queued here
+  if attempt > link.max_deliveries then
+    return self:dead(rid, fields, attempt - 1,
+                     ("not handled in %d deliveries"):format(attempt - 1))
+  end
+  local lid, err, is_bad = link:inject(rid, fields, self.prefix)
+  if not lid then
+    if is_bad then return self:dead(rid, fields, attempt, err) end
+    return self:report(("%s stays pending: %s"):format(rid, err))
+  end
+  self.inflight[rid] = lid
+  self.by_lid[lid] = { rid = rid, attempt = attempt }
+end
+
+-- Delivers entries this consumer was given again, with Redis's delivery
+-- count of each (XPENDING over their range).
+function Group:deliver_counted(entries)
+  local link = self.link
+  local first, last = entries[1][1], entries[#entries][1]
+  link.cmdc:cmd(function(ok, v)
+    if not ok or self.is_closed then return end   -- they stay pending
+    local counts = {}
+    for _, p in ipairs(v) do counts[p[1]] = p[4] end
+    for _, e in ipairs(entries) do
+      self:deliver(e[1], e[2], counts[e[1]] or 1)
+    end
+  end, "XPENDING", link.stream, self.name, first, last,
+  #entries * 4 + 100, link.consumer)
+end
+
+local function create(conn, start)
+  local g = conn.owner
+  conn:cmd(function(ok, v, is_lost)
+    if not ok and not is_lost and not v:match("^BUSYGROUP") then
+      g:report(v)
+    end
+  end, "XGROUP", "CREATE", g.link.stream, g.name, start, "MKSTREAM")
+end
+
+local function read(conn)
+  local g = conn.owner
+  local link = g.link
+  local from = g.from
+  local function got(ok, v, is_lost)
+    if is_lost or g.is_closed then return end
+    if not ok then
+      -- NOGROUP: the stream was deleted, or Redis restarted empty; a
+      -- deleted stream also unblocks its readers with an error
+      g:report(v)
+      g.from = "0"
+      create(conn, "0")
+      return redis.later(conn, 100, read)
+    end
+    local entries = type(v) == "table" and v[1] and v[1][2] or {}
+    if from ~= ">" then                -- this consumer's pending entries
+      if #entries == 0 then
+        g.from = ">"
+      else
+        g.from = entries[#entries][1]
+        g:deliver_counted(entries)
+      end
+    else
+      for _, e in ipairs(entries) do g:deliver(e[1], e[2], 1) end
+    end
+    if link:is_full() then return redis.later(conn, 50, read) end
+    read(conn)
+  end
+  if from == ">" then
+    conn:cmd(got, "XREADGROUP", "GROUP", g.name, link.consumer, "COUNT",
+             link.count, "BLOCK", link.block, "STREAMS", link.stream, ">")
+  else
+    conn:cmd(got, "XREADGROUP", "GROUP", g.name, link.consumer, "COUNT",
+             link.count, "STREAMS", link.stream, from)
+  end
+end
+
+local function start(conn)
+  local g = conn.owner
+  create(conn, g.link.start_id)
+  g.from = "0"
+  read(conn)
+end
+
+-- Takes over entries idle for min_idle, from cursor on.
+function Group:claim(cursor)
+  local link = self.link
+  link.cmdc:cmd(function(ok, v, is_lost)
+    if self.is_closed then return end
+    if not ok then
+      if not is_lost and not v:match("^NOGROUP") then self:report(v) end
+      return
+    end
+    local entries, deleted = v[2] or {}, v[3] or {}
+    link.counts.lost = link.counts.lost + #deleted
+    local fresh = {}
+    for _, e in ipairs(entries) do
+      if not e[2] then
+        link.counts.lost = link.counts.lost + 1
+        self:ack(e[1])
+      elseif not self.inflight[e[1]] then
+        fresh[#fresh + 1] = e
+      end
+    end
+    link.counts.claimed = link.counts.claimed + #fresh
+    if fresh[1] then self:deliver_counted(fresh) end
+    if v[1] ~= "0-0" then self:claim(v[1]) end
+  end, "XAUTOCLAIM", link.stream, self.name, link.consumer, link.min_idle,
+  cursor, "COUNT", link.count)
+end
+
+-- Removes consumers that left: nothing pending, idle 10 min_idle.
+function Group:sweep()
+  local link = self.link
+  link.cmdc:cmd(function(ok, v)
+    if not ok or self.is_closed then return end
+    for _, info in ipairs(v) do
+      local f = {}
+      for i = 1, #info - 1, 2 do f[info[i]] = info[i + 1] end
+      if f.name ~= link.consumer and f.pending == 0
+         and f.idle > 10 * link.min_idle then
+        link.cmdc:cmd(false, "XGROUP", "DELCONSUMER", link.stream, self.name,
+                      f.name)
+      end
+    end
+  end, "XINFO", "CONSUMERS", link.stream, self.name)
+end
+
+local function tick(self)
+  self.timer = nil
+  if self.is_closed then return end
+  self:claim("0-0")
+  self:sweep()
+  self.timer = self.link.bus:_after(self.link.claim_every, tick, self)
+                 :unref()
+end
+
+-- What the local subscription calls: a copy of the event with the real
+-- type, the handler, then the ack.
+local function wrap(self, handler, test)
+  local plen = #self.prefix
+  return function(ev)
+    local info = self.by_lid[ev.id]
+    if info then
+      self.by_lid[ev.id] = nil
+      self.inflight[info.rid] = nil
+    end
+    local e = { id = ev.id, type = ev.type:sub(plen + 1),
+      payload = ev.payload, ts = ev.ts, priority = ev.priority,
+      key = ev.key, attempt = info and info.attempt or 1,
+      correlation_id = ev.correlation_id, causation_id = ev.causation_id,
+      headers = ev.headers, group = self.name }
+    if not test or test(e) then handler(e) end
+    if info and not self.is_closed then self:ack(info.rid) end
+  end
+end
+
+--- Ends the subscription: this process reads no more of the group
+--- (what it holds pending is claimed by the others). Idempotent.
+function Group:unsubscribe()
+  if self.is_closed then return end
+  self.is_closed = true
+  if self.timer then self.timer:cancel() end
+  self.conn:close()
+  for i, conn in ipairs(self.link.conns) do
+    if conn == self.conn then table.remove(self.link.conns, i) break end
+  end
+  self.link.groups[self.name] = nil
+  self.sub:unsubscribe()
+end
+Group.close = Group.unsubscribe
+Group.__close = Group.unsubscribe
+
+--- r:subscribe(pattern, handler, opts) with opts.group.
+-- @local
+function M.subscribe(link, pattern, handler, opts, level)
+  local name = opts.group
+  if type(name) ~= "string" or not name:match("^[%w_%-]+$") then
+    fail(level, "bad group: expected a name of letters, digits, _ and -, "
+         .. "got %s", quote(name))
+  end
+  if link.groups[name] then
+    fail(level, "this link already has a subscription in group %q: a "
+         .. "group is one handler per process", name)
+  end
+  local lopts = {}
+  for k, v in pairs(opts) do
+    if REFUSED[k] then
+      fail(level, "option %s does not go with group: %s", k, REFUSED[k])
+    end
+    if k ~= "group" and k ~= "filter" then lopts[k] = v end
+  end
+  local test = opts.filter ~= nil and filter.predicate(opts.filter, level + 1)
+  if not options.is_callable(handler) then
+    fail(level, "bad handler: expected a function, got %s", type(handler))
+  end
+  local self = setmetatable({ link = link, name = name, pattern = pattern,
+    prefix = "$G." .. name .. ".", inflight = {}, by_lid = {} }, Group)
+  util.check_subject_arg(pattern, "pattern", "order.*", level + 1)
+  self.sub = link.bus:_subscribe(self.prefix .. pattern,
+                                 wrap(self, handler, test), lopts, level + 1)
+  if not self.sub then error("bus:redis: cannot subscribe", level + 1) end
+  link.groups[name] = self
+  self.conn = redis.conn_new(link, "group " .. name, start,
+                             link.block + 5000, self)
+  link.conns[#link.conns + 1] = self.conn
+  self.timer = link.bus:_after(link.claim_every, tick, self):unref()
+  return self
+end
+
+return M

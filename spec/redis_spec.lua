@@ -1,0 +1,342 @@
+-- bus:redis against a real redis-server (spec/redis/server.lua starts one
+-- on a free port): the connection, the fanout, consumer groups with
+-- acks, redelivery, dead letters, entries lost while pending, a deleted
+-- stream, a restarted server, a server that is down, and bad input.
+local buzz = require "buzz"
+local S = require "spec.redis.server"
+
+local srv
+setup(function() srv = S.start() end)
+teardown(function() if srv then srv:remove() end end)
+
+local n = 0
+local function fresh_stream()
+  n = n + 1
+  return ("s%d_%d"):format(n, os.time())
+end
+
+-- Runs bus until every group of r reads new entries.
+local function ready(bus, r)
+  S.until_(bus, function()
+    for _, g in pairs(r:stats().groups) do
+      if not g.reading then return false end
+    end
+    return true
+  end)
+end
+
+-- Runs bus for about seconds.
+local function spin(bus, seconds)
+  local t = bus:_now() + seconds * 1000
+  S.until_(bus, function() return bus:_now() >= t end)
+end
+
+-- A bus whose on_error keeps what it is given.
+local function new_bus(errs)
+  return buzz.new{ on_error = function(e) errs[#errs + 1] = e end }
+end
+
+describe("the connection (core:redis)", function()
+  it("sends commands and pulls their replies in order", function()
+    local bus = buzz.new()
+    local c = assert(bus._core:redis("127.0.0.1", srv.port, 1000))
+    assert.equal("connecting", (c:state()))
+    assert.is_true(c:send("SET", "k", 42))
+    assert.is_true(c:send("GET", "k"))
+    assert.is_true(c:send("GET", "missing"))
+    assert.is_true(c:send("RPUSH", "l", "a", "b\0c"))
+    assert.is_true(c:send("LRANGE", "l", 0, -1))
+    assert.is_true(c:send("NOSUCHCOMMAND"))
+    assert.is_true(c:send("INCRBY", "n", 2 ^ 40))
+    local got = {}
+    S.until_(bus, function()
+      local ok, v = c:next()
+      if ok ~= nil then got[#got + 1] = { ok, v } end
+      return #got == 7
+    end)
+    assert.same({ true, "OK" }, got[1])
+    assert.same({ true, "42" }, got[2])
+    assert.same({ true, false }, got[3])
+    assert.same({ true, 2 }, got[4])
+    assert.same({ true, { "a", "b\0c" } }, got[5])
+    assert.is_false(got[6][1])
+    assert.matches("^ERR unknown command", got[6][2])
+    assert.same({ true, 2 ^ 40 }, got[7])
+    assert.equal(0, c:waiting())
+    assert.equal("ready", (c:state()))
+    c:close()
+    c:close()                                   -- idempotent
+    assert.error_matches(function() c:send("PING") end, "closed connection")
+    bus:close()
+  end)
+
+  it("reports a refused connection in its state", function()
+    local bus = buzz.new()
+    local c = assert(bus._core:redis("127.0.0.1", 1, 1000))
+    S.until_(bus, function() c:next() return c:state() == "closed" end)
+    local _, why = c:state()
+    assert.equal("cannot connect: connection refused", why)
+    local ok, err, code = c:send("PING")
+    assert.is_nil(ok)
+    assert.equal("ECLOSED", code)
+    assert.matches("^ECLOSED", err)
+    bus:close()
+  end)
+
+  it("refuses a host that does not resolve", function()
+    local bus = buzz.new()
+    local c, err, code = bus._core:redis("no-such-host.invalid", 6379, 1000)
+    assert.is_nil(c)
+    assert.equal("EINVAL", code)
+    assert.matches("cannot resolve no%-such%-host%.invalid", err)
+    bus:close()
+  end)
+
+  it("bus:close() closes its connections", function()
+    local bus = buzz.new()
+    local r = bus:redis{ url = srv.url, stream = fresh_stream() }
+    S.until_(bus, function()
+      return r:stats().connections.commands == "ready"
+    end)
+    bus:close()
+    assert.equal("down", r:stats().connections.commands)
+    assert.error_matches(function() r:publish("a.b", 1) end, "closed")
+  end)
+end)
+
+describe("bus:redis", function()
+  it("delivers every published event to every bus (fanout)", function()
+    local stream = fresh_stream()
+    local a, b = buzz.new(), buzz.new()
+    local ra = a:redis{ url = srv.url, stream = stream, block = 0.1 }
+    local rb = b:redis{ url = srv.url, stream = stream, block = 0.1 }
+    local seen_a, seen_b = {}, {}
+    a:subscribe("order.*", function(ev) seen_a[#seen_a + 1] = ev end)
+    b:subscribe("order.>", function(ev) seen_b[#seen_b + 1] = ev end)
+    -- both have read where the stream ends before anything is published
+    S.until_(a, function() return a:_now() > 0 and ra.fan_last end)
+    S.until_(b, function() return rb.fan_last end)
+    assert(ra:publish("order.placed", { n = 1, items = { "x" } },
+      { key = "cust-1", priority = "high", correlation_id = "req-1",
+        headers = { tenant = "t1" } }))
+    assert(ra:publish("order.paid", { n = 2 }, { key = 7 }))
+    S.until_(a, function() return #seen_a == 2 and ra:pending() == 0 end)
+    S.until_(b, function() return #seen_b == 2 end)
+    for _, seen in ipairs { seen_a, seen_b } do
+      local e = seen[1]
+      assert.equal("order.placed", e.type)
+      assert.same({ n = 1, items = { "x" } }, e.payload)
+      assert.equal("cust-1", e.key)
+      assert.equal("high", e.priority)
+      assert.equal("req-1", e.correlation_id)
+      assert.equal("t1", e.headers.tenant)
+      assert.matches("^%d+%-%d+$", e.headers["redis-id"])
+      assert.equal(7, seen[2].key)
+    end
+    assert.equal(2, ra:stats().published)
+    assert.equal("2", srv:cli("XLEN", stream))
+    a:close()
+    b:close()
+  end)
+
+  it("shares a group's events between buses, and acks what succeeded",
+     function()
+    local stream = fresh_stream()
+    local a, b = buzz.new(), buzz.new()
+    local opts = { url = srv.url, stream = stream, block = 0.1,
+                   fanout = false, start = "all" }
+    local ra = a:redis(opts)
+    local rb = b:redis(opts)
+    local got = {}
+    local function handler(who)
+      return function(ev)
+        assert.equal("job.run", ev.type)
+        assert.equal("workers", ev.group)
+        got[ev.payload] = (got[ev.payload] or "") .. who
+      end
+    end
+    ra:subscribe("job.*", handler("a"), { group = "workers" })
+    rb:subscribe("job.*", handler("b"), { group = "workers" })
+    ready(a, ra)
+    ready(b, rb)
+    for i = 1, 40 do assert(ra:publish("job.run", i)) end
+    local function all() local k = 0 for _ in pairs(got) do k = k + 1 end
+                          return k == 40 end
+    for _ = 1, 100 do
+      if all() then break end
+      spin(a, 0.03)
+      spin(b, 0.03)
+    end
+    assert.is_true(all())
+    local by = { a = 0, b = 0 }
+    for i = 1, 40 do
+      assert.is_true(got[i] == "a" or got[i] == "b")   -- once, not twice
+      by[got[i]] = by[got[i]] + 1
+    end
+    assert.is_true(by.a > 0 and by.b > 0)
+    S.until_(a, function() return ra:stats().acked + rb:stats().acked == 40 end)
+    assert.matches("^0", srv:cli("XPENDING", stream, "workers"))
+    a:close()
+    b:close()
+  end)
+
+  it("redelivers what failed, counts attempts, and dead-letters after "
+     .. "max_deliveries", function()
+    local stream = fresh_stream()
+    local errs = {}
+    local bus = new_bus(errs)
+    local r = bus:redis{ url = srv.url, stream = stream, block = 0.1,
+      fanout = false, min_idle = 0.1, claim_every = 0.05,
+      max_deliveries = 3 }
+    local attempts = {}
+    r:subscribe("task.*", function(ev)
+      attempts[#attempts + 1] = ev.payload .. "#" .. ev.attempt
+      if ev.payload == "bad" then error("cannot do it") end
+      if ev.payload == "flaky" and ev.attempt < 2 then error("not yet") end
+    end, { group = "g" })
+    ready(bus, r)
+    assert(r:publish("task.do", "bad"))
+    assert(r:publish("task.do", "flaky"))
+    S.until_(bus, function() return r:stats().dead == 1 and
+                                    r:stats().acked == 2 end)
+    table.sort(attempts)
+    assert.same({ "bad#1", "bad#2", "bad#3", "flaky#1", "flaky#2" }, attempts)
+    local dlq = srv:cli("XRANGE", stream .. ":dlq", "-", "+")
+    assert.matches("task%.do", dlq)
+    assert.matches("not handled in 3 deliveries", dlq)
+    assert.matches("^0", srv:cli("XPENDING", stream, "g"))
+    assert.matches("cannot do it", errs[1])
+    bus:close()
+  end)
+
+  it("dead-letters an entry that is not a buzz event, and counts entries "
+     .. "deleted while pending as lost", function()
+    local stream = fresh_stream()
+    local errs = {}
+    local bus = new_bus(errs)
+    local r = bus:redis{ url = srv.url, stream = stream, block = 0.1,
+      fanout = false, min_idle = 0.1, claim_every = 0.05 }
+    local seen = 0
+    r:subscribe("x.*", function(ev)
+      seen = seen + 1
+      if ev.payload == "fail" then error("keep it pending") end
+    end, { group = "g" })
+    ready(bus, r)
+    srv:cli("XADD", stream, "*", "hello", "world")          -- no type
+    srv:cli("XADD", stream, "*", "type", "x.y", "payload", "{nope")
+    S.until_(bus, function() return r:stats().dead == 2 end)
+    assert.equal(0, seen)
+    local id = srv:cli("XADD", stream, "*", "type", "x.y", "payload",
+                       '"fail"')
+    S.until_(bus, function() return seen == 1 end)
+    srv:cli("XDEL", stream, id)                 -- deleted while pending
+    S.until_(bus, function() return r:stats().lost == 1 end)
+    assert.matches("^0", srv:cli("XPENDING", stream, "g"))
+    assert.equal(1, seen)
+    bus:close()
+  end)
+
+  it("recovers when the stream is deleted under a blocked read", function()
+    local stream = fresh_stream()
+    local errs = {}
+    local bus = new_bus(errs)
+    local r = bus:redis{ url = srv.url, stream = stream, block = 0.5,
+                         fanout = false }
+    local got = {}
+    r:subscribe("e.*", function(ev) got[#got + 1] = ev.payload end,
+                { group = "g" })
+    ready(bus, r)
+    assert(r:publish("e.one", 1))
+    S.until_(bus, function() return #got == 1 end)
+    srv:cli("DEL", stream)
+    S.until_(bus, function() return errs[1] end)
+    assert.matches("the stream key no longer exists", errs[1])
+    assert(r:publish("e.two", 2))
+    S.until_(bus, function() return #got == 2 end)
+    assert.same({ 1, 2 }, got)
+    bus:close()
+  end)
+
+  it("keeps going across a restart of Redis, refusing publishes while it "
+     .. "is down", function()
+    local stream = fresh_stream()
+    local errs = {}
+    local bus = new_bus(errs)
+    local r = bus:redis{ url = srv.url, stream = stream, block = 0.2,
+                         fanout = false, start = "all" }
+    local got = {}
+    r:subscribe("e.*", function(ev) got[#got + 1] = ev.payload end,
+                { group = "g" })
+    assert(r:publish("e.x", 1))
+    S.until_(bus, function() return #got == 1 end)
+    srv:stop()
+    local ok, err, code
+    S.until_(bus, function()
+      ok, err, code = r:publish("e.x", 99)
+      return ok == nil
+    end)
+    assert.equal("EUNAVAILABLE", code)
+    assert.matches("^EUNAVAILABLE: redis 127%.0%.0%.1:%d+: ", err)
+    assert.matches("EUNAVAILABLE", errs[1])
+    bus:drain()                         -- the bus works locally meanwhile
+    srv:restart()
+    S.until_(bus, function() return r:publish("e.x", 2) end, 15)
+    S.until_(bus, function() return #got == 2 end, 15)
+    assert.same({ 1, 2 }, got)          -- 1 is not handled twice: acked
+    bus:close()
+  end)
+
+  it("waits for Redis when it is down at startup", function()
+    local errs = {}
+    local bus = new_bus(errs)
+    local r = bus:redis{ url = "redis://127.0.0.1:1/0", stream = "s" }
+    assert.is_true(r:publish("e.x", 1))   -- before the first connect
+    S.until_(bus, function() return r:stats().failed == 1 end)
+    local ok, err, code = r:publish("e.x", 2)
+    assert.is_nil(ok)
+    assert.equal("EUNAVAILABLE", code)
+    assert.matches("connection refused", err)
+    assert.matches("^EUNAVAILABLE: redis 127%.0%.0%.1:1: cannot connect",
+                   errs[1])
+    bus:close()
+  end)
+
+  it("raises on bad input", function()
+    local bus = buzz.new()
+    assert.error_matches(function() bus:redis{ url = "http://x" } end,
+                         'bad url: expected "redis://host:port/db"')
+    assert.error_matches(function() bus:redis{ nope = 1 } end,
+                         'unknown option "nope" to bus:redis')
+    assert.error_matches(function() bus:redis{ block = 10 } end,
+                         "at most 5 seconds")
+    assert.error_matches(function() bus:redis{ start = "middle" } end,
+                         'bad start')
+    local r = bus:redis{ url = srv.url, stream = fresh_stream() }
+    assert.error_matches(function() r:publish("a.*", 1) end, "a%.%*")
+    assert.error_matches(function() r:publish("$SYS.x", 1) end, "reserved")
+    assert.error_matches(function() r:publish("a.b", print) end,
+                         "bad payload")
+    assert.error_matches(function() r:publish("a.b", 0 / 0) end,
+                         "bad payload")
+    assert.error_matches(function() r:publish("a.b", 1, { ttl = 1 }) end,
+                         'unknown option "ttl"')
+    assert.error_matches(function() r:publish("a.b", 1, { key = {} }) end,
+                         "bad key")
+    assert.error_matches(function() r.publish("a.b", 1) end,
+                         "use r:publish")
+    local fn = function() end
+    assert.error_matches(function()
+      r:subscribe("a.*", fn, { group = "bad name" }) end, "bad group")
+    assert.error_matches(function()
+      r:subscribe("a.*", fn, { group = "g", retry = { attempts = 3 } })
+    end, "max_deliveries")
+    assert.error_matches(function()
+      r:subscribe("a..b", fn, { group = "g" }) end, "a%.%.b")
+    r:subscribe("a.*", fn, { group = "g" })
+    assert.error_matches(function()
+      r:subscribe("b.*", fn, { group = "g" }) end, "already")
+    r:close()
+    assert.error_matches(function() r:publish("a.b", 1) end, "closed")
+    bus:close()
+  end)
+end)
