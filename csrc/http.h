@@ -76,6 +76,8 @@ int buzz__http_write(buzz_http *s, uint64_t conn, const char *data,
                      size_t len, int flags);
 /* Bytes queued and unsent on conn (0 when it is gone). */
 size_t buzz__http_queued(buzz_http *s, uint64_t conn);
+/* True while requests wait to be popped. */
+int buzz__http_has_queued(const buzz_http *s);
 /* Open connections. */
 int buzz__http_count(const buzz_http *s);
 /* Stops listening, closes every connection, frees s once libuv has

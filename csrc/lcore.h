@@ -180,6 +180,10 @@ void buzz__lcore_store_opts(lua_State *L, int t, buzz_store_opts *o);
 void buzz__lcore_check_store_opts(lua_State *L, int t);
 int buzz__lcore_open_store(lua_State *L, lcore *c, int t, int64_t now);
 int buzz__lcore_has_work(lcore *c);
+/* lhttp.c, lredis.c: requests or replies queued for the Lua layer (a
+** pass of the loop made for one of them may have read the others'). */
+int buzz__lhttp_has_queued(const lcore *c);
+int buzz__lredis_has_replies(const lcore *c);
 void buzz__lcore_signal_work(lcore *c);
 
 /* lpublish.c: publish, publish_sync, current; and the EDEPTH helpers

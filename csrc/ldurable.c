@@ -190,6 +190,9 @@ static int durables_behind(lcore *c, int64_t committed) {
 */
 int buzz__lcore_has_work(lcore *c) {
   int64_t committed;
+  if ((c->servers != NULL && buzz__lhttp_has_queued(c)) ||
+      (c->redis != NULL && buzz__lredis_has_replies(c)))
+    return 1;
   if (c->store == NULL) return buzz__bus_pending(&c->bus) > 0;
   committed = buzz__store_committed(c->store);
   if (buzz__bus_pending(&c->bus) > 0) {

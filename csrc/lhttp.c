@@ -196,6 +196,13 @@ static int lhttp_close(lua_State *L) {
   return 0;
 }
 
+int buzz__lhttp_has_queued(const lcore *c) {
+  const struct lhttp *h;
+  for (h = c->servers; h != NULL; h = h->next)
+    if (h->s != NULL && buzz__http_has_queued(h->s)) return 1;
+  return 0;
+}
+
 /* Closes the servers of c (lcore_close, before the loop closes). */
 void buzz__lhttp_close_all(lcore *c) {
   struct lhttp *h = c->servers, *next;

@@ -194,6 +194,13 @@ static int lredis_close(lua_State *L) {
   return 0;
 }
 
+int buzz__lredis_has_replies(const lcore *c) {
+  const struct lredis *h;
+  for (h = c->redis; h != NULL; h = h->next)
+    if (h->r != NULL && buzz__redis_has_replies(h->r)) return 1;
+  return 0;
+}
+
 /* Closes the connections of c (lcore_close, before the loop closes). */
 void buzz__lredis_close_all(lcore *c) {
   struct lredis *h = c->redis, *next;

@@ -301,6 +301,10 @@ redisReply *buzz__redis_next(buzz_redis *r) {
   return reply;
 }
 
+int buzz__redis_has_replies(const buzz_redis *r) {
+  return r->head != NULL;
+}
+
 int buzz__redis_state(const buzz_redis *r, const char **why) {
   if (why) *why = r->why;
   return r->state;

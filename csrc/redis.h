@@ -41,6 +41,8 @@ int buzz__redis_send(buzz_redis *r, int argc, const char **argv,
 /* Runs the loop's pending I/O once without blocking, then pops the oldest
 ** reply (the caller frees it: freeReplyObject); NULL when none. */
 struct redisReply *buzz__redis_next(buzz_redis *r);
+/* True while replies wait to be popped. */
+int buzz__redis_has_replies(const buzz_redis *r);
 /* BUZZ_REDIS_*; when closed, *why says why ("connection refused", ...). */
 int buzz__redis_state(const buzz_redis *r, const char **why);
 /* Commands sent whose replies have not been popped yet. */
