@@ -7,6 +7,8 @@
 #   make bench   benchmarks, both interpreters
 #   make bench-ic instructions per event of the failure-handling, filter
 #                and window cases (callgrind: repeatable on a noisy machine)
+#   make test-redis  the Redis specs alone (tagged #redis; make test runs
+#                them too): a redis-server of their own on 127.0.0.1
 #   make test-slow  the long fault specs (tagged #slow: many kill rounds,
 #                a full disk), both interpreters; CI runs them
 #   make fuzz    the libFuzzer harnesses (subjects, JSON) and the random
@@ -45,7 +47,7 @@ LUA54   = lua5.4
 LUAJIT  = luajit
 BUSTED  = busted
 
-.PHONY: all deps test test-slow check asan bench bench-ic bench-serve bench-state bench-metrics test-browser rock-core rock-install demo doc \
+.PHONY: all deps test test-redis test-slow check asan bench bench-ic bench-serve bench-state bench-metrics test-browser rock-core rock-install demo doc \
         clean rock fuzz coverage
 
 all: build/lua5.4/buzz/core.so build/luajit/buzz/core.so
@@ -80,6 +82,10 @@ test: deps all
 	echo "== $(LUA54)"; cat build/test-lua5.4.log; \
 	echo "== $(LUAJIT)"; cat build/test-luajit.log; \
 	[ $$lua54 -eq 0 ] && [ $$jit -eq 0 ]
+
+test-redis: deps all
+	$(BUSTED) --lua=$(LUA54) --tags=redis $(BUSTED_ARGS)
+	$(BUSTED) --lua=$(LUAJIT) --tags=redis $(BUSTED_ARGS)
 
 test-slow: deps all
 	$(BUSTED) --lua=$(LUA54) --tags=slow $(BUSTED_ARGS)

@@ -542,10 +542,7 @@ int buzz__http_port(const buzz_http *s) {
   return s->port;
 }
 
-int buzz__http_has_queued(const buzz_http *s) {
-  return s->head != NULL;
-}
-
+int buzz__http_has_queued(const buzz_http *s) { return s->head != NULL; }
 int buzz__http_count(const buzz_http *s) {
   return s->nconns;
 }

@@ -80,6 +80,7 @@ build = {
   --   ["buzz.policy"] = "lua/buzz/policy.lua"
   --   ["buzz.publish"] = "lua/buzz/publish.lua"
   --   ["buzz.redis"] = "lua/buzz/redis.lua"
+  --   ["buzz.redisgroup"] = "lua/buzz/redisgroup.lua"
   --   ["buzz.reducers"] = "lua/buzz/reducers.lua"
   --   ["buzz.router"] = "lua/buzz/router.lua"
   --   ["buzz.runner"] = "lua/buzz/runner.lua"

@@ -36,7 +36,7 @@ local function new_bus(errs)
   return buzz.new{ on_error = function(e) errs[#errs + 1] = e end }
 end
 
-describe("the connection (core:redis)", function()
+describe("the connection (core:redis) #redis", function()
   it("sends commands and pulls their replies in order", function()
     local bus = buzz.new()
     local c = assert(bus._core:redis("127.0.0.1", srv.port, 1000))
@@ -104,7 +104,7 @@ describe("the connection (core:redis)", function()
   end)
 end)
 
-describe("bus:redis", function()
+describe("bus:redis #redis", function()
   it("delivers every published event to every bus (fanout)", function()
     local stream = fresh_stream()
     local a, b = buzz.new(), buzz.new()
@@ -298,6 +298,77 @@ describe("bus:redis", function()
     assert.matches("connection refused", err)
     assert.matches("^EUNAVAILABLE: redis 127%.0%.0%.1:1: cannot connect",
                    errs[1])
+    bus:close()
+  end)
+
+  it("acks a group's entries its pattern does not match, unhandled",
+     function()
+    local stream = fresh_stream()
+    local bus = buzz.new()
+    local r = bus:redis{ url = srv.url, stream = stream, block = 0.1,
+                         fanout = false }
+    local got = {}
+    r:subscribe("a.*", function(ev) got[#got + 1] = ev.type end,
+                { group = "g" })
+    ready(bus, r)
+    assert(r:publish("b.x", 1))
+    assert(r:publish("a.x", 2))
+    S.until_(bus, function() return r:stats().acked == 2 end)
+    assert.same({ "a.x" }, got)
+    assert.equal(1, r:stats().skipped)
+    assert.matches("^0", srv:cli("XPENDING", stream, "g"))
+    bus:close()
+  end)
+
+  it("runs the README's two-terminal example", function()
+    srv:cli("DEL", "orders")
+    local env = ("REDIS_URL=%s LUA_PATH='lua/?.lua;lua/?/init.lua;;' "
+                 .. "LUA_CPATH='%s/?.so;;'"):format(srv.url, H.build)
+    local dir = H.mktemp_dir()
+    local _, pid = H.sh(("%s %s examples/redis/worker.lua w1 > %s/w1 2>&1 "
+                         .. "& echo $!"):format(env, H.lua, dir))
+    H.eventually(function()
+      return srv:cli("XINFO", "CONSUMERS", "orders", "billing"):find("w1")
+    end, 10, "the worker to join its group")
+    local status, out = H.sh(("%s %s examples/redis/publish.lua 5 2>&1")
+                             :format(env, H.lua))
+    assert.equal(0, status, out)
+    assert.equal("published 5 orders\n", out)
+    local shown = H.eventually(function()
+      local text = H.slurp(dir .. "/w1") or ""
+      local _, k = text:gsub("\n", "")
+      return k == 5 and text
+    end, 10, "five orders handled")
+    H.sh(H.tool .. "kill " .. pid:match("%d+"))
+    H.remove_dir(dir)
+    assert.matches("^w1: order%.placed #1 for cust%-1 %(attempt 1%)\n",
+                   shown)
+    assert.matches("w1: order%.placed #3 for cust%-0 %(attempt 1%)\n",
+                   shown)
+    local readme = H.read("README.md")
+    local block = readme:match("```lua examples/redis/worker%.lua\n(.-)```")
+    assert.is_truthy(block, "README lost the worker's program")
+    assert.is_truthy(H.read("examples/redis/worker.lua"):find(block, 1, true),
+                     "README shows the worker as it is not")
+  end)
+
+  it("flush waits for Redis to confirm, and times out when it cannot",
+     function()
+    local bus = buzz.new{ on_error = function() end }
+    local r = bus:redis{ url = srv.url, stream = fresh_stream(),
+                         fanout = false }
+    for i = 1, 100 do assert(r:publish("f.x", i)) end
+    assert.is_true(r:pending() > 0)
+    assert.is_true(r:flush(5))
+    assert.equal(0, r:pending())
+    assert.equal(100, r:stats().published)
+    srv:cli("CLIENT", "PAUSE", 1000, "WRITE")    -- XADD waits a second
+    assert(r:publish("f.x", 101))
+    local ok, err, code = r:flush(0.2)
+    assert.is_nil(ok)
+    assert.equal("ETIMEOUT", code)
+    assert.matches("1 publishes not confirmed in 0.2 s", err)
+    assert.is_true(r:flush(5))
     bus:close()
   end)
 

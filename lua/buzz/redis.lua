@@ -5,7 +5,8 @@
 --   r:publish(type, payload [, opts])  -- XADD: every process sees it
 --   r:subscribe(pattern, fn, { group = "billing" })  -- one process of
 --                                       -- the group handles each event
---   r:on(pattern, opts)(fn), r:stats(), r:pending(), r:close()
+--   r:on(pattern, opts)(fn), r:flush(seconds), r:pending(), r:stats(),
+--   r:close()
 --
 -- The connections are C (csrc/redis.c: hiredis formats commands and parses
 -- replies, the socket is buzz's, on the bus's loop); this module keeps a
@@ -390,6 +391,31 @@ function Link:pending()
   return self.counts.sending
 end
 
+--- Runs the bus (bus:run(), so not from a handler nor on a bus a host's
+--- loop drives) until Redis has confirmed every publish, or seconds
+--- (10) have passed: true, or nil, "ETIMEOUT: ...", "ETIMEOUT".
+---@param seconds number|nil
+function Link:flush(seconds)
+  check(self, "flush")
+  options.check_positive(seconds, "seconds", false, 2)
+  local bus, counts = self.bus, self.counts
+  local deadline = bus:_now() + floor((seconds or 10) * 1000)
+  local function poll()
+    if counts.sending == 0 or bus:_now() >= deadline then
+      return bus:stop()
+    end
+    bus:_after(5, poll)
+  end
+  if counts.sending > 0 then
+    bus:_after(0, poll)
+    bus:run()
+  end
+  if counts.sending == 0 then return true end
+  return nil, errors.text("ETIMEOUT", ("redis: %d publishes not confirmed "
+                          .. "in %g s"):format(counts.sending, seconds or 10)),
+         "ETIMEOUT"
+end
+
 
 --- Subscribes handler: with opts.group, to that consumer group (one
 --- process of the group handles each event, acked once it returns);
@@ -414,7 +440,8 @@ end
 --- Counts: published, failed (publishes Redis refused), received,
 --- acked, dead (to the dead-letter stream), lost (entries deleted while
 --- pending), claimed (taken over after min_idle), dropped (fanout
---- entries the bus refused), pending (publishes not confirmed yet); per
+--- entries the bus refused), skipped (a group's entries its pattern does
+--- not match), pending (publishes not confirmed yet); per
 --- group { reading (its own pending entries are done), inflight }; and
 --- the state of each connection.
 function Link:stats()
@@ -518,7 +545,8 @@ function M.new(bus, opts, level)
     queue_limit = bus._core:stats().queue_limit,
     groups = {}, conns = {},
     counts = { published = 0, failed = 0, received = 0, acked = 0,
-               dead = 0, lost = 0, claimed = 0, dropped = 0, sending = 0 },
+               dead = 0, lost = 0, claimed = 0, dropped = 0, skipped = 0,
+               sending = 0 },
   }, Link)
   self.cmdc = conn_new(self, "commands", nil, COMMAND_LIMIT)
   self.conns[1] = self.cmdc
@@ -540,7 +568,7 @@ end
 --- claim_every (min_idle / 2), max_deliveries (5), count (100), dlq
 --- (stream .. ":dlq"), maxlen, connect_timeout (2 s).
 ---@tparam table opts
----@return a link (publish, subscribe, on, stats, pending, close)
+---@return a link (publish, subscribe, on, flush, pending, stats, close)
 -- @function Bus:redis
 local function bus_redis_doc() end   -- (for the reference: the method
 local _ = bus_redis_doc               -- is made by install, below)

@@ -16,6 +16,7 @@
 -- while pending are acked and counted as lost. Consumers with nothing
 -- pending and idle for 10 min_idle are removed from the group.
 -- @module buzz.redisgroup
+local core = require "buzz.core"
 local options = require "buzz.options"
 local filter = require "buzz.filter"
 local util = require "buzz.util"
@@ -78,6 +79,15 @@ function Group:deliver(rid, fields, attempt)
     return self:ack(rid)
   end
   if self.inflight[rid] then return end      -- ours, still queued here
+  local etype
+  for i = 1, #fields - 1, 2 do
+    if fields[i] == "type" then etype = fields[i + 1] break end
+  end
+  if etype and core.check_subject(etype)
+     and not core.match(self.pattern, etype) then
+    link.counts.skipped = link.counts.skipped + 1
+    return self:ack(rid)                     -- not for this group
+  end
   if attempt > link.max_deliveries then
     return self:dead(rid, fields, attempt - 1,
                      ("not handled in %d deliveries"):format(attempt - 1))
