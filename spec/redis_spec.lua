@@ -320,6 +320,25 @@ describe("bus:redis #redis", function()
     bus:close()
   end)
 
+  it("reads no further ahead than count entries waiting for handlers",
+     function()
+    local stream = fresh_stream()
+    local bus = buzz.new()
+    local r = bus:redis{ url = srv.url, stream = stream, block = 0.1,
+                         fanout = false, count = 5 }
+    local most, done = 0, 0
+    r:subscribe("w.*", function()
+      most = math.max(most, r:stats().groups.g.inflight)
+      buzz.sleep(0.01)
+      done = done + 1
+    end, { group = "g", concurrency = 1 })
+    ready(bus, r)
+    for i = 1, 60 do assert(r:publish("w.x", i)) end
+    S.until_(bus, function() return done == 60 end)
+    assert.is_true(most >= 1 and most <= 9, "inflight reached " .. most)
+    bus:close()
+  end)
+
   it("runs the README's two-terminal example", function()
     srv:cli("DEL", "orders")
     local env = ("REDIS_URL=%s LUA_PATH='lua/?.lua;lua/?/init.lua;;' "

@@ -451,9 +451,7 @@ function Link:stats()
   s.sending = nil
   s.groups = {}
   for name, g in pairs(self.groups) do
-    local k = 0
-    for _ in pairs(g.inflight) do k = k + 1 end
-    s.groups[name] = { reading = g.from == ">", inflight = k }
+    s.groups[name] = { reading = g.from == ">", inflight = g.ninflight }
   end
   s.connections = {}
   for _, conn in ipairs(self.conns) do

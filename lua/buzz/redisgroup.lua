@@ -4,7 +4,10 @@
 -- Each group has its own connection for blocking reads. At each
 -- (re)connect it creates the group (XGROUP CREATE ... MKSTREAM; BUSYGROUP
 -- is success), reads this consumer's own pending entries (XREADGROUP
--- ... 0) and then new ones (">", BLOCK at most 5 s). An entry is published
+-- ... 0) and then new ones (">", BLOCK at most 5 s). It reads no more
+-- while `count` entries it read wait for their handlers (they would sit
+-- idle here, and be claimed by another consumer after min_idle); the
+-- handlers resume the reads when half of them are done. An entry is published
 -- on the bus under "$G.<group>.<type>", which only the group's local
 -- subscription matches; its handler gets a copy of the event with the
 -- real type, and the entry is acked (XACK) once the handler returned.
@@ -98,6 +101,7 @@ function Group:deliver(rid, fields, attempt)
     return self:report(("%s stays pending: %s"):format(rid, err))
   end
   self.inflight[rid] = lid
+  self.ninflight = self.ninflight + 1
   self.by_lid[lid] = { rid = rid, attempt = attempt }
 end
 
@@ -131,6 +135,7 @@ local function read(conn)
   local link = g.link
   local from = g.from
   local function got(ok, v, is_lost)
+    g.reads_out = g.reads_out - 1
     if is_lost or g.is_closed then return end
     if not ok then
       -- NOGROUP: the stream was deleted, or Redis restarted empty; a
@@ -152,21 +157,28 @@ local function read(conn)
       for _, e in ipairs(entries) do g:deliver(e[1], e[2], 1) end
     end
     if link:is_full() then return redis.later(conn, 50, read) end
+    if g.ninflight >= link.count then
+      g.is_parked = true               -- the handlers resume the reads
+      return
+    end
     read(conn)
   end
+  local ok
   if from == ">" then
-    conn:cmd(got, "XREADGROUP", "GROUP", g.name, link.consumer, "COUNT",
-             link.count, "BLOCK", link.block, "STREAMS", link.stream, ">")
+    ok = conn:cmd(got, "XREADGROUP", "GROUP", g.name, link.consumer,
+                  "COUNT", link.count, "BLOCK", link.block, "STREAMS",
+                  link.stream, ">")
   else
-    conn:cmd(got, "XREADGROUP", "GROUP", g.name, link.consumer, "COUNT",
-             link.count, "STREAMS", link.stream, from)
+    ok = conn:cmd(got, "XREADGROUP", "GROUP", g.name, link.consumer,
+                  "COUNT", link.count, "STREAMS", link.stream, from)
   end
-end
+  if ok then g.reads_out = g.reads_out + 1 end   -- (down: the reconnect
+end                                              -- reads again)
 
 local function start(conn)
   local g = conn.owner
   create(conn, g.link.start_id)
-  g.from = "0"
+  g.from, g.is_parked = "0", false
   read(conn)
 end
 
@@ -232,6 +244,13 @@ local function wrap(self, handler, test)
     if info then
       self.by_lid[ev.id] = nil
       self.inflight[info.rid] = nil
+      local k = self.ninflight - 1
+      self.ninflight = k
+      if self.is_parked and k * 2 <= self.link.count
+         and self.reads_out == 0 then
+        self.is_parked = false
+        read(self.conn)
+      end
     end
     local e = { id = ev.id, type = ev.type:sub(plen + 1),
       payload = ev.payload, ts = ev.ts, priority = ev.priority,
@@ -283,7 +302,8 @@ function M.subscribe(link, pattern, handler, opts, level)
     fail(level, "bad handler: expected a function, got %s", type(handler))
   end
   local self = setmetatable({ link = link, name = name, pattern = pattern,
-    prefix = "$G." .. name .. ".", inflight = {}, by_lid = {} }, Group)
+    prefix = "$G." .. name .. ".", inflight = {}, by_lid = {},
+    ninflight = 0, is_parked = false, reads_out = 0 }, Group)
   util.check_subject_arg(pattern, "pattern", "order.*", level + 1)
   self.sub = link.bus:_subscribe(self.prefix .. pattern,
                                  wrap(self, handler, test), lopts, level + 1)
