@@ -74,17 +74,33 @@ static void on_handle_closed(uv_handle_t *h) {
   if (--r->open_handles == 0 && r->is_released) free_block(r);
 }
 
-/* Closes the handles (once), with why as the reason. */
-static void fail(buzz_redis *r, const char *why) {
-  if (r->state == BUZZ_REDIS_CLOSED) return;
+/* Marks the connection closed, with why as the reason. */
+static void mark_closed(buzz_redis *r, const char *why) {
   r->state = BUZZ_REDIS_CLOSED;
   snprintf(r->why, sizeof r->why, "%s", why);
   if (r->is_io) {
     r->is_io = 0;
     buzz__loop_io(r->bl, -1);
   }
+}
+
+static void close_handles(buzz_redis *r) {
   uv_close((uv_handle_t *)&r->tcp, on_handle_closed);
   uv_close((uv_handle_t *)&r->timer, on_handle_closed);
+}
+
+/* Closes the handles (once), with why as the reason. */
+static void fail(buzz_redis *r, const char *why) {
+  if (r->state == BUZZ_REDIS_CLOSED) return;
+  mark_closed(r, why);
+  close_handles(r);
+}
+
+static void on_shutdown(uv_shutdown_t *req, int status) {
+  buzz_redis *r = (buzz_redis *)req->data;
+  (void)status;
+  free(req);
+  close_handles(r);
 }
 
 static void flush(buzz_redis *r);
@@ -314,9 +330,29 @@ size_t buzz__redis_waiting(const buzz_redis *r) {
   return r->waiting;
 }
 
+/*
+** What was sent still goes out: the last bytes are handed to libuv, and
+** the handles close once the socket is shut down after them (an ack or a
+** lease's release sent just before closing is not lost).
+*/
 void buzz__redis_close(buzz_redis *r) {
   if (r == NULL) return;
-  fail(r, "closed");
   r->is_released = 1;
+  if (r->state == BUZZ_REDIS_READY && (r->is_writing || r->nout > 0)) {
+    uv_shutdown_t *req = malloc(sizeof *req);
+    int is_writing = r->is_writing;
+    r->is_writing = 0;                 /* flush: one more write at once */
+    flush(r);
+    if (req != NULL && (r->is_writing || is_writing)) {
+      req->data = r;
+      if (uv_shutdown(req, (uv_stream_t *)&r->tcp, on_shutdown) == 0) {
+        uv_read_stop((uv_stream_t *)&r->tcp);
+        mark_closed(r, "closed");
+        return;
+      }
+    }
+    free(req);
+  }
+  fail(r, "closed");
   if (r->open_handles == 0) free_block(r);
 }

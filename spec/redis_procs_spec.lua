@@ -26,6 +26,16 @@ local function spawn(stream, group, out, name, slow, min_idle)
   return assert(tonumber(pid:match("%d+")), pid)
 end
 
+local function spawn_leader(stream, out, name, lease)
+  local _, pid = H.sh(("%s LUA_PATH='lua/?.lua;lua/?/init.lua;;' "
+    .. "LUA_CPATH='%s/?.so;;' %s spec/redis/leader.lua %s %s %s %s %s "
+    .. "> %s/%s.log 2>&1 & echo $!")
+    :format(os.getenv("LD_PRELOAD") and ("LD_PRELOAD=" .. H.quote(
+              os.getenv("LD_PRELOAD"))) or "",
+            H.build, H.lua, srv.url, stream, out, name, lease, dir, name))
+  return assert(tonumber(pid:match("%d+")), pid)
+end
+
 local function kill(pid, sig)
   H.sh(("%skill -%s %d 2>/dev/null"):format(H.tool, sig or "TERM", pid))
 end
@@ -126,5 +136,45 @@ describe("a consumer group across processes #redis", function()
     end
     -- handled but not yet acked when it died: at most its concurrency
     assert.is_true(dups <= 8, dups .. " handled twice")
+  end)
+
+  it("a leader killed: another takes over within the lease, never two "
+     .. "at once", function()
+    local out = dir .. "/leaders"
+    local pids = {}
+    for i = 1, 3 do pids["l" .. i] = spawn_leader("lead", out, "l" .. i, 1) end
+    local function lines()
+      local t = {}
+      for line in (H.slurp(out) or ""):gmatch("[^\n]+") do
+        local who, ms = line:match("^(%S+) (%d+)$")
+        t[#t + 1] = { who = who, ms = tonumber(ms) }
+      end
+      return t
+    end
+    local first = H.eventually(function()
+      local t = lines()
+      return #t >= 10 and t[1].who
+    end, 20, "a leader")
+    kill(pids[first], "KILL")
+    local killed_ms = lines()[#lines()].ms
+    local second = H.eventually(function()
+      local t = lines()
+      return t[#t].who ~= first and #t > 0 and t[#t].who
+    end, 20, "a new leader")
+    os.execute(H.tool .. "sleep 0.5")
+    for who, pid in pairs(pids) do if who ~= first then kill(pid) end end
+    local t = lines()
+    -- one leader at a time: once the second leads, the first never
+    -- writes again, and no third one writes in between
+    local last_first, first_second = 0, math.huge
+    for _, l in ipairs(t) do
+      assert.is_true(l.who == first or l.who == second, l.who)
+      if l.who == first then last_first = math.max(last_first, l.ms) end
+      if l.who == second then first_second = math.min(first_second, l.ms) end
+    end
+    assert.is_true(last_first < first_second)
+    -- within the lease (1 s) and a renewal period (1/3 s), plus margin
+    assert.is_true(first_second - killed_ms <= 2500,
+                   "took over after " .. (first_second - killed_ms) .. " ms")
   end)
 end)

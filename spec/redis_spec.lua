@@ -391,6 +391,49 @@ describe("bus:redis #redis", function()
     bus:close()
   end)
 
+  it("elects one leader among links, hands the lease over on close, "
+     .. "and lists the members", function()
+    local stream = fresh_stream()
+    local bus = buzz.new()
+    local function link(name)
+      return bus:redis{ url = srv.url, stream = stream, consumer = name,
+                        fanout = name == "a" }
+    end
+    local a, b = link("a"), link("b")
+    local elected = {}
+    local la = a:leader("boss", function(l)
+      elected[#elected + 1] = "a"
+      assert.is_true(l:is_leader())
+    end, { lease = 0.3 })
+    local lb = b:leader("boss", function() elected[#elected + 1] = "b" end,
+                        { lease = 0.3 })
+    S.until_(bus, function() return #elected == 1 end)
+    spin(bus, 0.5)                      -- renewals keep it where it is
+    assert.equal(1, #elected)
+    local was, other = elected[1], elected[1] == "a" and lb or la
+    assert.is_false(other:is_leader());
+    (was == "a" and la or lb):close()   -- gives the lease up
+    S.until_(bus, function() return #elected == 2 end)
+    assert.are_not.equal(was, elected[2])
+    assert.is_true(other:is_leader())
+    S.until_(bus, function() return #a:members() == 2 end)
+    local m = a:members()
+    table.sort(m)
+    assert.same({ "a", "b" }, m)
+    -- every: one publish per period, whichever link leads "every:tick.x"
+    local ticks = {}
+    bus:subscribe("tick.x", function(ev) ticks[#ticks + 1] = ev.payload end)
+    a:every(0.1, "tick.x", function() return "t" end)
+    b:every(0.1, "tick.x", function() return "t" end)
+    local t0 = bus:_now()
+    S.until_(bus, function() return #ticks >= 5 end)
+    local per = (bus:_now() - t0) / #ticks
+    assert.is_true(per > 60, "published every " .. per .. " ms: twice?")
+    b:close()
+    S.until_(bus, function() return #a:members() == 1 end)
+    bus:close()
+  end)
+
   it("raises on bad input", function()
     local bus = buzz.new()
     assert.error_matches(function() bus:redis{ url = "http://x" } end,
@@ -422,6 +465,12 @@ describe("bus:redis #redis", function()
     end, "max_deliveries")
     assert.error_matches(function()
       r:subscribe("a..b", fn, { group = "g" }) end, "a%.%.b")
+    assert.error_matches(function() r:leader("a b", fn) end, "bad name")
+    assert.error_matches(function() r:leader("x", 1) end, "bad fn")
+    assert.error_matches(function() r:leader("x", fn, { lease = -1 }) end,
+                         "lease")
+    assert.error_matches(function() r:every(0, "t.x") end, "seconds")
+    assert.error_matches(function() r:every(1, "t.*") end, "t%.%*")
     r:subscribe("a.*", fn, { group = "g" })
     assert.error_matches(function()
       r:subscribe("b.*", fn, { group = "g" }) end, "already")

@@ -6,12 +6,13 @@
 --   r:subscribe(pattern, fn, { group = "billing" })  -- one process of
 --                                       -- the group handles each event
 --   r:on(pattern, opts)(fn), r:flush(seconds), r:pending(), r:stats(),
---   r:close()
+--   r:leader(name, fn), r:every(seconds, type, fn), r:members() (in
+--   redislead.lua), r:close()
 --
 -- The connections are C (csrc/redis.c: hiredis formats commands and parses
--- replies, the socket is buzz's, on the bus's loop); this module keeps a
--- queue of reply callbacks per connection (Redis answers in order),
--- reconnects with backoff, and runs a watchdog over silent connections.
+-- replies, the socket is buzz's, on the bus's loop); redisconn.lua keeps
+-- a queue of reply callbacks per connection (Redis answers in order) and
+-- reconnects with backoff; this module runs a watchdog over silent ones.
 -- Entries read without a group (fanout) are published on the bus under
 -- their own type, so every subscription, route and window sees them; a
 -- group's entries go to that group's one subscription (redisgroup.lua).
@@ -21,18 +22,17 @@ local core = require "buzz.core"
 local options = require "buzz.options"
 local util = require "buzz.util"
 local errors = require "buzz.errors"
+local redisconn = require "buzz.redisconn"
 
 local type, tostring, tonumber, setmetatable, pairs, ipairs, pcall, error =
       type, tostring, tonumber, setmetatable, pairs, ipairs, pcall, error
-local floor, min = math.floor, math.min
+local floor = math.floor
 local unpack = table.unpack or unpack   -- luacheck: ignore 143
 local fail, quote = util.fail, util.quote
 local json_encode, json_decode = core.json_encode, core.json_decode
 local PRIORITIES = options.PRIORITIES
 
 local M = {}
-local Conn = {}
-Conn.__index = Conn
 local Link = {}
 Link.__index = Link
 M.Link = Link
@@ -43,7 +43,6 @@ local LINK_OPTIONS = options.option_set("url", "stream", "consumer",
 local PUBLISH_OPTIONS = options.option_set("key", "priority",
   "correlation_id", "causation_id", "headers")
 
-local BACKOFF_MIN, BACKOFF_MAX = 100, 5000   -- ms between reconnects
 local COMMAND_LIMIT = 10000                  -- ms a command may take
 
 -- ------------------------------------------------------------ the url
@@ -74,42 +73,7 @@ local function parse_url(url, level)
 end
 M.parse_url = parse_url
 
--- ------------------------------------------------------ a connection
-
--- A connection that reconnects: cmd(cb, ...) sends a command and calls
--- cb(ok, value, is_lost) with its reply (ok false: an error reply, or
--- the connection was lost before it came, is_lost true); on_ready(conn)
--- runs at each (re)connect, before anything else is sent on it.
-local function conn_new(link, name, on_ready, limit, owner)
-  local self = setmetatable({ link = link, name = name, on_ready = on_ready,
-    limit = limit, owner = owner, cbs = {}, head = 1, tail = 0,
-    backoff = BACKOFF_MIN,
-    is_down = false, is_closed = false }, Conn)
-  self:open()
-  return self
-end
-M.conn_new = conn_new
-
-function Conn:open()
-  local link = self.link
-  local c = link.bus._core
-  if self.is_closed or not c then return end
-  local h, err = c:redis(link.host, link.port, link.connect_timeout)
-  if not h then
-    self:lost(err:gsub("^%u+: bus:redis: ", ""))
-    return
-  end
-  self.h = h
-  if link.password then
-    if link.user then
-      self:cmd(false, "AUTH", link.user, link.password)
-    else
-      self:cmd(false, "AUTH", link.password)
-    end
-  end
-  if link.db ~= 0 then self:cmd(false, "SELECT", link.db) end
-  if self.on_ready then self.on_ready(self) end
-end
+-- ------------------------------------------------------------- the link
 
 -- The text of an outage: "EUNAVAILABLE: redis 127.0.0.1:6379: why".
 function Link:unavailable(why)
@@ -117,88 +81,6 @@ function Link:unavailable(why)
                      :format(self.host, self.port, why or "not connected"))
 end
 
-function Conn:cmd(cb, ...)
-  local h = self.h
-  if not h then return nil, self.link:unavailable(self.why), "EUNAVAILABLE" end
-  local ok = h:send(...)
-  if not ok then return nil, self.link:unavailable(self.why), "EUNAVAILABLE" end
-  local t = self.tail + 1
-  self.tail = t
-  self.cbs[t] = cb or false
-  if not self.since then self.since = self.link.bus:_now() end
-  return true
-end
-
--- Commands sent and not answered yet.
-function Conn:waiting()
-  return self.tail - self.head + 1
-end
-
-function Conn:pump()
-  local h = self.h
-  if not h then return 0 end
-  local n, cbs = 0, self.cbs
-  while true do
-    local ok, v = h:next()
-    if ok == nil then break end
-    local i = self.head
-    local cb = cbs[i]
-    cbs[i] = nil
-    self.head = i + 1
-    self.since = self.head <= self.tail and self.link.bus:_now() or nil
-    self.backoff, self.is_down = BACKOFF_MIN, false
-    n = n + 1
-    if cb then
-      cb(ok, v, false)
-    elseif not ok then
-      self.link:report(("redis %s: %s"):format(self.name, v))
-    end
-    if self.h ~= h then return n end   -- a callback closed or reopened it
-  end
-  local st, why = h:state()
-  if st == "ready" then
-    self.is_down = false
-  elseif st == "closed" then
-    self:lost(why)
-  end
-  return n
-end
-
--- The connection is gone: every callback waiting learns it, and a new
--- connection is tried after a backoff.
-function Conn:lost(why)
-  local h = self.h
-  self.h, self.why, self.since = nil, why, nil
-  if h then h:close() end
-  local was_down = self.is_down
-  self.is_down = true
-  local cbs, i, j = self.cbs, self.head, self.tail
-  self.cbs, self.head, self.tail = {}, 1, 0
-  local err = self.link:unavailable(why)
-  for k = i, j do
-    local cb = cbs[k]
-    if cb then cb(false, err, true) end
-  end
-  if self.is_closed then return end
-  if not was_down then self.link:report(err) end
-  if not self.timer then
-    local d = self.backoff
-    self.backoff = min(d * 2, BACKOFF_MAX)
-    self.timer = self.link.bus:_after(d, function()
-      self.timer = nil
-      if not self.h then self:open() end
-    end)
-  end
-end
-
-function Conn:close()
-  self.is_closed = true
-  if self.timer then self.timer:cancel() end
-  self.timer = nil
-  if self.h then self:lost("closed") end
-end
-
--- ------------------------------------------------------------- the link
 
 function Link:report(err)
   self.bus:_report_error(err:match("^%u+: ") and err
@@ -262,13 +144,6 @@ local function fan_start(conn)
   end, "XREVRANGE", link.stream, "+", "-", "COUNT", 1)
 end
 
--- Reads again after ms (a refused read; a full queue).
-local function later(conn, ms, fn)
-  conn.link.bus:_after(ms, function()
-    if conn.h and not conn.is_closed then fn(conn) end
-  end)
-end
-M.later = later
 
 fan_read = function(conn)
   local link = conn.link
@@ -276,7 +151,7 @@ fan_read = function(conn)
     if is_lost then return end
     if not ok then
       link:report(("redis fanout: %s"):format(v))
-      return later(conn, 1000, fan_read)
+      return redisconn.later(conn, 1000, fan_read)
     end
     for _, st in ipairs(v or {}) do
       for _, e in ipairs(st[2]) do
@@ -288,7 +163,7 @@ fan_read = function(conn)
         end
       end
     end
-    if link:is_full() then return later(conn, 50, fan_read) end
+    if link:is_full() then return redisconn.later(conn, 50, fan_read) end
     fan_read(conn)
   end, "XREAD", "COUNT", link.count, "BLOCK", link.block, "STREAMS",
   link.stream, link.fan_last)
@@ -429,6 +304,28 @@ function Link:subscribe(pattern, handler, opts)
                                               2)
 end
 
+--- Runs fn(l) on the one process that holds the lease name, each time
+--- it becomes the leader (README, "More than one process"); opts: lease
+--- (10 s), on_lost(l). Returns l: l:is_leader(), l:close().
+function Link:leader(name, fn, opts)
+  check(self, "leader")
+  return require("buzz.redislead").leader(self, name, fn, opts, 2)
+end
+
+--- Publishes type to the stream every seconds, from one process only
+--- (the leader of "every:" .. type); returns its leader handle.
+function Link:every(seconds, etype, payload_fn)
+  check(self, "every")
+  return require("buzz.redislead").every(self, seconds, etype, payload_fn,
+                                         2)
+end
+
+--- The consumers whose links were alive in the last 5 s, as last read.
+function Link:members()
+  check(self, "members")
+  return require("buzz.redislead").members(self)
+end
+
 --- The decorator form of subscribe.
 function Link:on(pattern, opts)
   check(self, "on")
@@ -476,6 +373,7 @@ end
 --- (bus:close() closes it too).
 function Link:close()
   if self.is_closed then return end
+  require("buzz.redislead").close(self)
   self.is_closed = true
   if self.dog then self.dog:cancel() end
   for _, g in pairs(self.groups) do g:close() end
@@ -541,18 +439,19 @@ function M.new(bus, opts, level)
     connect_timeout = check_seconds(opts, "connect_timeout", 2000, level),
     start_id = opts.start == "all" and "0" or "$",
     queue_limit = bus._core:stats().queue_limit,
-    groups = {}, conns = {},
+    groups = {}, conns = {}, leaders = {},
     counts = { published = 0, failed = 0, received = 0, acked = 0,
                dead = 0, lost = 0, claimed = 0, dropped = 0, skipped = 0,
                sending = 0 },
   }, Link)
-  self.cmdc = conn_new(self, "commands", nil, COMMAND_LIMIT)
+  self.cmdc = redisconn.new(self, "commands", nil, COMMAND_LIMIT)
   self.conns[1] = self.cmdc
   if opts.fanout ~= false then
-    self.fanc = conn_new(self, "fanout", fan_start, block + 5000)
+    self.fanc = redisconn.new(self, "fanout", fan_start, block + 5000)
     self.conns[2] = self.fanc
   end
   self.dog = bus:_after(1000, watchdog, self):unref()
+  require("buzz.redislead").members_tick(self)
   local list = bus._servers or {}
   bus._servers = list
   list[#list + 1] = self
@@ -566,7 +465,8 @@ end
 --- claim_every (min_idle / 2), max_deliveries (5), count (100), dlq
 --- (stream .. ":dlq"), maxlen, connect_timeout (2 s).
 ---@tparam table opts
----@return a link (publish, subscribe, on, flush, pending, stats, close)
+---@return a link (publish, subscribe, on, flush, pending, leader, every,
+--- members, stats, close)
 -- @function Bus:redis
 local function bus_redis_doc() end   -- (for the reference: the method
 local _ = bus_redis_doc               -- is made by install, below)

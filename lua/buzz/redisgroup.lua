@@ -23,7 +23,7 @@ local core = require "buzz.core"
 local options = require "buzz.options"
 local filter = require "buzz.filter"
 local util = require "buzz.util"
-local redis = require "buzz.redis"
+local redisconn = require "buzz.redisconn"
 
 local type, pairs, ipairs, setmetatable, error =
       type, pairs, ipairs, setmetatable, error
@@ -143,7 +143,7 @@ local function read(conn)
       g:report(v)
       g.from = "0"
       create(conn, "0")
-      return redis.later(conn, 100, read)
+      return redisconn.later(conn, 100, read)
     end
     local entries = type(v) == "table" and v[1] and v[1][2] or {}
     if from ~= ">" then                -- this consumer's pending entries
@@ -156,7 +156,7 @@ local function read(conn)
     else
       for _, e in ipairs(entries) do g:deliver(e[1], e[2], 1) end
     end
-    if link:is_full() then return redis.later(conn, 50, read) end
+    if link:is_full() then return redisconn.later(conn, 50, read) end
     if g.ninflight >= link.count then
       g.is_parked = true               -- the handlers resume the reads
       return
@@ -309,7 +309,7 @@ function M.subscribe(link, pattern, handler, opts, level)
                                  wrap(self, handler, test), lopts, level + 1)
   if not self.sub then error("bus:redis: cannot subscribe", level + 1) end
   link.groups[name] = self
-  self.conn = redis.conn_new(link, "group " .. name, start,
+  self.conn = redisconn.new(link, "group " .. name, start,
                              link.block + 5000, self)
   link.conns[#link.conns + 1] = self.conn
   self.timer = link.bus:_after(link.claim_every, tick, self):unref()
