@@ -47,7 +47,7 @@ LUA54   = lua5.4
 LUAJIT  = luajit
 BUSTED  = busted
 
-.PHONY: all deps test test-redis test-slow check asan bench bench-ic bench-serve bench-state bench-metrics test-browser rock-core rock-install demo doc \
+.PHONY: all deps test test-redis test-slow check asan bench bench-ic bench-serve bench-redis bench-state bench-metrics test-browser rock-core rock-install demo doc \
         clean rock fuzz coverage
 
 all: build/lua5.4/buzz/core.so build/luajit/buzz/core.so
@@ -201,6 +201,10 @@ build/nometrics/%/buzz/core.so: $(SRCS) $(HDRS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_COMMON) -DBUZZ_NO_METRICS $(call lua_cflags,$*) \
 	  $(DEP_CFLAGS) $(SRCS) -o $@ $(LDFLAGS_SO) $(DEP_LIBS)
+
+bench-redis: deps all
+	$(LUA54) bench/redis.lua
+	$(LUAJIT) bench/redis.lua
 
 bench-state: deps all
 	$(LUA54) bench/projection.lua

@@ -188,6 +188,45 @@ local function watchdog(self)
   self.dog = self.bus:_after(1000, watchdog, self):unref()
 end
 
+-- The fields of publish's options after args[n]; returns the new n.
+local function envelope(opts, args, n, level)
+  local key, prio = opts.key, opts.priority
+  options.check_key(key, level + 1)
+  if key ~= nil then
+    args[n + 1] = type(key) == "string" and "key" or "key_number"
+    args[n + 2] = key
+    n = n + 2
+  end
+  if prio ~= nil then
+    if not PRIORITIES[prio] then
+      fail(level, 'bad priority %s: expected "critical", "high", '
+           .. '"normal" or "low"', quote(prio))
+    end
+    args[n + 1], args[n + 2] = "priority", prio
+    n = n + 2
+  end
+  for _, k in ipairs { "correlation_id", "causation_id" } do
+    local v = opts[k]
+    if v ~= nil then
+      if type(v) ~= "string" and type(v) ~= "number" then
+        fail(level, "bad %s: expected a string, got %s", k, type(v))
+      end
+      args[n + 1], args[n + 2] = k, tostring(v)
+      n = n + 2
+    end
+  end
+  if opts.headers ~= nil then
+    local h, e = json_encode(opts.headers)
+    if type(opts.headers) ~= "table" or not h then
+      fail(level, "bad headers: expected a table of strings%s",
+           e and (": " .. e) or "")
+    end
+    args[n + 1], args[n + 2] = "headers", h
+    n = n + 2
+  end
+  return n
+end
+
 --- Appends an event to the stream (XADD): every process's fanout and
 --- every group sees it. Returns true once it is queued on the
 --- connection (r:pending() counts those Redis has not confirmed), or
@@ -199,64 +238,25 @@ end
 function Link:publish(etype, payload, opts)
   check(self, "publish")
   util.check_type_arg(etype, "order.placed", 2)
-  options.check_options(opts, PUBLISH_OPTIONS, "redis:publish", 2)
-  opts = opts or {}
-  options.check_key(opts.key, 2)
-  if opts.priority ~= nil and not PRIORITIES[opts.priority] then
-    fail(2, 'bad priority %s: expected "critical", "high", "normal" or '
-         .. '"low"', quote(opts.priority))
-  end
   local text, err = json_encode(payload)
   if not text then fail(2, "bad payload: %s", err) end
-  local args = { "XADD", self.stream }
-  if self.maxlen then
-    args[3], args[4], args[5] = "MAXLEN", "~", self.maxlen
-  end
-  local n = #args
-  local function add(k, v)
-    args[n + 1], args[n + 2] = k, v
-    n = n + 2
-  end
-  args[n + 1] = "*"
-  n = n + 1
-  add("type", etype)
-  add("payload", text)
-  add("ts", self.bus:_now())
-  if type(opts.key) == "string" then add("key", opts.key)
-  elseif opts.key ~= nil then add("key_number", opts.key) end
-  if opts.priority then add("priority", opts.priority) end
-  for _, k in ipairs { "correlation_id", "causation_id" } do
-    local v = opts[k]
-    if v ~= nil then
-      if type(v) ~= "string" and type(v) ~= "number" then
-        fail(2, "bad %s: expected a string, got %s", k, type(v))
-      end
-      add(k, tostring(v))
-    end
-  end
-  if opts.headers ~= nil then
-    local h, e = json_encode(opts.headers)
-    if type(opts.headers) ~= "table" or not h then
-      fail(2, "bad headers: expected a table of strings%s",
-           e and (": " .. e) or "")
-    end
-    add("headers", h)
+  local args, n = self.args, self.nhead       -- "XADD", stream [, MAXLEN]
+  args[n + 1], args[n + 2], args[n + 3] = "*", "type", etype
+  args[n + 4], args[n + 5], args[n + 6] = "payload", text, "ts"
+  args[n + 7] = self.bus:_now()
+  n = n + 7
+  if opts ~= nil then
+    options.check_options(opts, PUBLISH_OPTIONS, "redis:publish", 2)
+    n = envelope(opts, args, n, 2)
   end
   local cmdc = self.cmdc
   if cmdc.is_down then
     return nil, self:unavailable(cmdc.why), "EUNAVAILABLE"
   end
-  local counts = self.counts
-  local ok, e, code = cmdc:cmd(function(is_ok, v)
-    counts.sending = counts.sending - 1
-    if is_ok then
-      counts.published = counts.published + 1
-    else
-      counts.failed = counts.failed + 1
-      self:report(("redis publish of %s: %s"):format(etype, v))
-    end
-  end, unpack(args, 1, n))
+  local ok, e, code = cmdc:cmd_data(self.on_added, etype,
+                                    unpack(args, 1, n))
   if not ok then return nil, e, code end
+  local counts = self.counts
   counts.sending = counts.sending + 1
   return true
 end
@@ -444,6 +444,21 @@ function M.new(bus, opts, level)
                dead = 0, lost = 0, claimed = 0, dropped = 0, skipped = 0,
                sending = 0 },
   }, Link)
+  self.args = { "XADD", stream }    -- publish's, reused: send copies them
+  if self.maxlen then
+    self.args[3], self.args[4], self.args[5] = "MAXLEN", "~", self.maxlen
+  end
+  self.nhead = #self.args
+  local counts = self.counts
+  function self.on_added(is_ok, v, _, etype)     -- an XADD's reply
+    counts.sending = counts.sending - 1
+    if is_ok then
+      counts.published = counts.published + 1
+    else
+      counts.failed = counts.failed + 1
+      self:report(("redis publish of %s: %s"):format(etype, v))
+    end
+  end
   self.cmdc = redisconn.new(self, "commands", nil, COMMAND_LIMIT)
   self.conns[1] = self.cmdc
   if opts.fanout ~= false then

@@ -23,7 +23,7 @@ local BACKOFF_MIN, BACKOFF_MAX = 100, 5000   -- ms between reconnects
 -- runs at each (re)connect, before anything else is sent on it.
 local function conn_new(link, name, on_ready, limit, owner)
   local self = setmetatable({ link = link, name = name, on_ready = on_ready,
-    limit = limit, owner = owner, cbs = {}, head = 1, tail = 0,
+    limit = limit, owner = owner, cbs = {}, data = {}, head = 1, tail = 0,
     backoff = BACKOFF_MIN,
     is_down = false, is_closed = false }, Conn)
   self:open()
@@ -52,16 +52,23 @@ function Conn:open()
   if self.on_ready then self.on_ready(self) end
 end
 
-function Conn:cmd(cb, ...)
+-- As cmd, with data given to cb as its fourth argument (a callback
+-- shared by many commands, not a closure each: publish's).
+function Conn:cmd_data(cb, data, ...)
   local h = self.h
-  if not h then return nil, self.link:unavailable(self.why), "EUNAVAILABLE" end
-  local ok = h:send(...)
-  if not ok then return nil, self.link:unavailable(self.why), "EUNAVAILABLE" end
+  if not h or not h:send(...) then
+    return nil, self.link:unavailable(self.why), "EUNAVAILABLE"
+  end
   local t = self.tail + 1
   self.tail = t
   self.cbs[t] = cb or false
+  if data ~= nil then self.data[t] = data end
   if not self.since then self.since = self.link.bus:_now() end
   return true
+end
+
+function Conn:cmd(cb, ...)
+  return self:cmd_data(cb, nil, ...)
 end
 
 -- Commands sent and not answered yet.
@@ -77,14 +84,15 @@ function Conn:pump()
     local ok, v = h:next()
     if ok == nil then break end
     local i = self.head
-    local cb = cbs[i]
+    local cb, data = cbs[i], self.data[i]
     cbs[i] = nil
+    if data ~= nil then self.data[i] = nil end
     self.head = i + 1
     self.since = self.head <= self.tail and self.link.bus:_now() or nil
     self.backoff, self.is_down = BACKOFF_MIN, false
     n = n + 1
     if cb then
-      cb(ok, v, false)
+      cb(ok, v, false, data)
     elseif not ok then
       self.link:report(("redis %s: %s"):format(self.name, v))
     end
@@ -107,12 +115,12 @@ function Conn:lost(why)
   if h then h:close() end
   local was_down = self.is_down
   self.is_down = true
-  local cbs, i, j = self.cbs, self.head, self.tail
-  self.cbs, self.head, self.tail = {}, 1, 0
+  local cbs, data, i, j = self.cbs, self.data, self.head, self.tail
+  self.cbs, self.data, self.head, self.tail = {}, {}, 1, 0
   local err = self.link:unavailable(why)
   for k = i, j do
     local cb = cbs[k]
-    if cb then cb(false, err, true) end
+    if cb then cb(false, err, true, data[k]) end
   end
   if self.is_closed then return end
   if not was_down then self.link:report(err) end
