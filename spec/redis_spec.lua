@@ -434,6 +434,40 @@ describe("bus:redis #redis", function()
     bus:close()
   end)
 
+  it("trims to retain, but never a pending entry nor an unread one",
+     function()
+    local stream = fresh_stream()
+    local bus = buzz.new{ on_error = function() end }
+    local r = bus:redis{ url = srv.url, stream = stream, block = 0.1,
+                         fanout = false, min_idle = 60 }
+    local seen = 0
+    r:subscribe("t.*", function(ev)
+      seen = seen + 1
+      if ev.payload == 2 then error("stays pending") end
+    end, { group = "g" })
+    ready(bus, r)
+    for i = 1, 4 do assert(r:publish("t.x", i)) end
+    S.until_(bus, function() return seen == 4 end)
+    -- a second group that has read nothing keeps everything: trim nothing
+    srv:cli("XGROUP", "CREATE", stream, "idle", "0")
+    local t = bus:redis{ url = srv.url, stream = stream, fanout = false,
+                         retain = 0.001 }
+    spin(bus, 0.2)
+    assert.equal(0, t:stats().trimmed)
+    assert.equal("4", srv:cli("XLEN", stream))
+    t:close()
+    srv:cli("XGROUP", "DESTROY", stream, "idle")
+    -- now only g's pending entry 2 holds: 1 goes, 2, 3 and 4 stay
+    t = bus:redis{ url = srv.url, stream = stream, fanout = false,
+                   retain = 0.001 }
+    S.until_(bus, function() return t:stats().trimmed == 1 end)
+    assert.equal("3", srv:cli("XLEN", stream))
+    local left = srv:cli("XRANGE", stream, "-", "+")
+    assert.matches("\n2\n", left)
+    assert.not_matches("\n1\n", left)
+    bus:close()
+  end)
+
   it("raises on bad input", function()
     local bus = buzz.new()
     assert.error_matches(function() bus:redis{ url = "http://x" } end,

@@ -26,7 +26,7 @@ local redisconn = require "buzz.redisconn"
 
 local type, tostring, tonumber, setmetatable, pairs, ipairs, pcall, error =
       type, tostring, tonumber, setmetatable, pairs, ipairs, pcall, error
-local floor = math.floor
+local floor, min = math.floor, math.min
 local unpack = table.unpack or unpack   -- luacheck: ignore 143
 local fail, quote = util.fail, util.quote
 local json_encode, json_decode = core.json_encode, core.json_decode
@@ -39,7 +39,7 @@ M.Link = Link
 
 local LINK_OPTIONS = options.option_set("url", "stream", "consumer",
   "block", "min_idle", "claim_every", "max_deliveries", "count",
-  "connect_timeout", "dlq", "start", "fanout", "maxlen")
+  "connect_timeout", "dlq", "start", "fanout", "retain")
 local PUBLISH_OPTIONS = options.option_set("key", "priority",
   "correlation_id", "causation_id", "headers")
 
@@ -174,6 +174,64 @@ end
 function Link:is_full()
   local c = self.bus._core
   return c ~= nil and c:pending() * 2 > self.queue_limit
+end
+
+-- Stream ids ("ms-seq"): their order, and the one after id.
+local function id_parts(id)
+  local a, b = id:match("^(%d+)%-(%d+)$")
+  return tonumber(a) or 0, tonumber(b) or 0
+end
+local function id_less(x, y)
+  local a1, b1 = id_parts(x)
+  local a2, b2 = id_parts(y)
+  return a1 < a2 or (a1 == a2 and b1 < b2)
+end
+local function id_next(id)
+  local a, b = id_parts(id)
+  return ("%d-%d"):format(a, b + 1)
+end
+
+-- Trims the stream to retain (XTRIM MINID), never past what a group
+-- still needs: its oldest pending entry, and what it has not read yet
+-- (MAXLEN ~ would delete pending entries). Again every retain / 2 (at
+-- most a minute).
+function M.trim(self)
+  self.trimmer = nil
+  if self.is_closed then return end
+  local c, stream = self.cmdc, self.stream
+  local limit = ("%d-0"):format(self.bus:_now() - self.retain)
+  local function lower(id)                   -- keep id and what follows
+    if id and id_less(id, limit) then
+      limit = id
+    end
+  end
+  c:cmd(function(ok, groups)
+    if not ok or self.is_closed then return end
+    local waiting = 1
+    local function done()
+      waiting = waiting - 1
+      if waiting > 0 then return end
+      c:cmd(function(is_ok, v)
+        if is_ok then self.counts.trimmed = self.counts.trimmed + v end
+      end, "XTRIM", stream, "MINID", limit)
+    end
+    for _, g in ipairs(groups) do
+      local f = {}
+      for i = 1, #g - 1, 2 do f[g[i]] = g[i + 1] end
+      lower(f["last-delivered-id"] and
+            id_next(f["last-delivered-id"]))
+      if f.pending and f.pending > 0 then
+        waiting = waiting + 1
+        c:cmd(function(is_ok, v)
+          if is_ok and type(v) == "table" then lower(v[2]) end
+          done()
+        end, "XPENDING", stream, f.name)
+      end
+    end
+    done()
+  end, "XINFO", "GROUPS", stream)
+  self.trimmer = self.bus:_after(min(floor(self.retain / 2), 60000),
+                                 M.trim, self):unref()
 end
 
 local function watchdog(self)
@@ -376,6 +434,7 @@ function Link:close()
   require("buzz.redislead").close(self)
   self.is_closed = true
   if self.dog then self.dog:cancel() end
+  if self.trimmer then self.trimmer:cancel() end
   for _, g in pairs(self.groups) do g:close() end
   for _, conn in ipairs(self.conns) do conn:close() end
   local list = self.bus._servers or {}
@@ -435,20 +494,17 @@ function M.new(bus, opts, level)
                                 floor(min_idle / 2), level),
     max_deliveries = check_count(opts, "max_deliveries", 5, level),
     count = check_count(opts, "count", 100, level),
-    maxlen = opts.maxlen and check_count(opts, "maxlen", nil, level),
+    retain = opts.retain and check_seconds(opts, "retain", nil, level),
     connect_timeout = check_seconds(opts, "connect_timeout", 2000, level),
     start_id = opts.start == "all" and "0" or "$",
     queue_limit = bus._core:stats().queue_limit,
     groups = {}, conns = {}, leaders = {},
     counts = { published = 0, failed = 0, received = 0, acked = 0,
                dead = 0, lost = 0, claimed = 0, dropped = 0, skipped = 0,
-               sending = 0 },
+               trimmed = 0, sending = 0 },
   }, Link)
   self.args = { "XADD", stream }    -- publish's, reused: send copies them
-  if self.maxlen then
-    self.args[3], self.args[4], self.args[5] = "MAXLEN", "~", self.maxlen
-  end
-  self.nhead = #self.args
+  self.nhead = 2
   local counts = self.counts
   function self.on_added(is_ok, v, _, etype)     -- an XADD's reply
     counts.sending = counts.sending - 1
@@ -466,6 +522,9 @@ function M.new(bus, opts, level)
     self.conns[2] = self.fanc
   end
   self.dog = bus:_after(1000, watchdog, self):unref()
+  if self.retain then
+    self.trimmer = bus:_after(0, M.trim, self)
+  end
   require("buzz.redislead").members_tick(self)
   local list = bus._servers or {}
   bus._servers = list
@@ -478,7 +537,8 @@ end
 --- (this process's name in its groups), fanout (true), start ("new" |
 --- "all", where a new group starts), block (2 s), min_idle (30 s),
 --- claim_every (min_idle / 2), max_deliveries (5), count (100), dlq
---- (stream .. ":dlq"), maxlen, connect_timeout (2 s).
+--- (stream .. ":dlq"), retain (seconds entries are kept; nil: all),
+--- connect_timeout (2 s).
 ---@tparam table opts
 ---@return a link (publish, subscribe, on, flush, pending, leader, every,
 --- members, stats, close)
