@@ -468,6 +468,52 @@ describe("bus:redis #redis", function()
     bus:close()
   end)
 
+  it("with a store, takes a group's entries into the store once (the "
+     .. "inbox): a crash before the handlers ran does not run them twice",
+     function()
+    local stream = fresh_stream()
+    local path = H.tmp_store()
+    local runs = {}
+    local function handler(ev) runs[#runs + 1] = ev.payload end
+    local bus = buzz.new{ store = path }
+    local r = bus:redis{ url = srv.url, stream = stream, consumer = "c1",
+                         fanout = false, block = 0.1 }
+    r:subscribe("i.*", handler, { group = "g" })
+    H.eventually(function() r:pump() return r:stats().groups.g.reading end)
+    local pub = buzz.new()
+    local rp = pub:redis{ url = srv.url, stream = stream, fanout = false }
+    for i = 1, 3 do assert(rp:publish("i.x", i)) end
+    assert(rp:flush(5))
+    pub:close()
+    -- the entries reach the store, and the process dies before any
+    -- handler ran (close discards what is queued in memory)
+    H.eventually(function() r:pump() return r:stats().received == 3 end)
+    assert(bus:flush())
+    bus:close()
+    assert.same({}, runs)
+    assert.matches("^3", srv:cli("XPENDING", stream, "g"))
+    -- it comes back: the store's durable consumer delivers them, and
+    -- Redis's redelivery of the same entries is a duplicate, acked
+    bus = buzz.new{ store = path }
+    r = bus:redis{ url = srv.url, stream = stream, consumer = "c1",
+                   fanout = false, block = 0.1 }
+    r:subscribe("i.*", handler, { group = "g", retry = 2 })
+    H.eventually(function()                  -- (not driven: no handler)
+      r:pump()
+      return r:stats().duplicates == 3
+    end, 5, "Redis's redeliveries")
+    assert.same({}, runs)
+    S.until_(bus, function() return #runs == 3 end)
+    spin(bus, 0.3)
+    table.sort(runs)
+    assert.same({ 1, 2, 3 }, runs)
+    H.eventually(function()
+      return srv:cli("XPENDING", stream, "g"):match("^0")
+    end, 5, "every entry acked")
+    bus:close()
+    H.remove_store(path)
+  end)
+
   it("raises on bad input", function()
     local bus = buzz.new()
     assert.error_matches(function() bus:redis{ url = "http://x" } end,
@@ -497,6 +543,8 @@ describe("bus:redis #redis", function()
     assert.error_matches(function()
       r:subscribe("a.*", fn, { group = "g", retry = { attempts = 3 } })
     end, "max_deliveries")
+    assert.error_matches(function()
+      r:subscribe("a.*", fn, { group = "g", inbox = 1 }) end, "bad inbox")
     assert.error_matches(function()
       r:subscribe("a..b", fn, { group = "g" }) end, "a%.%.b")
     assert.error_matches(function() r:leader("a b", fn) end, "bad name")

@@ -100,8 +100,10 @@ Link.check = check
 -- The bus's publish of an event read from the stream: under its own type
 -- (fanout), or the group's subject (prefix). Returns the local id, or nil
 -- and the error (a full queue), or nil, the error and true (an entry that
--- is not a buzz event, or whose payload does not decode).
-function Link:inject(id, fields, prefix)
+-- is not a buzz event, or whose payload does not decode). With dedup (a
+-- key: the inbox), an entry the bus already has returns its first id and
+-- "duplicate".
+function Link:inject(id, fields, prefix, dedup)
   local env = {}
   for i = 1, #fields - 1, 2 do env[fields[i]] = fields[i + 1] end
   local etype = env.type
@@ -123,9 +125,10 @@ function Link:inject(id, fields, prefix)
   if not c then return nil, "the bus is closed" end
   local ok, lid, e = pcall(c.publish, c, (prefix or "") .. etype, payload,
     PRIORITIES[env.priority] or 2, key, env.correlation_id,
-    env.causation_id, headers, nil, nil, prefix ~= nil,
+    env.causation_id, headers, dedup, nil, prefix ~= nil,
     tonumber(env.ts) or bus._clock.ms)
   if not ok or not lid then return nil, ok and e or lid end
+  if e == "duplicate" then return lid, e end
   self.counts.received = self.counts.received + 1
   return lid
 end
@@ -394,7 +397,8 @@ end
 
 --- Counts: published, failed (publishes Redis refused), received,
 --- acked, dead (to the dead-letter stream), lost (entries deleted while
---- pending), claimed (taken over after min_idle), dropped (fanout
+--- pending), claimed (taken over after min_idle), duplicates (entries
+--- a group's inbox already held), trimmed, dropped (fanout
 --- entries the bus refused), skipped (a group's entries its pattern does
 --- not match), pending (publishes not confirmed yet); per
 --- group { reading (its own pending entries are done), inflight }; and
@@ -501,7 +505,7 @@ function M.new(bus, opts, level)
     groups = {}, conns = {}, leaders = {},
     counts = { published = 0, failed = 0, received = 0, acked = 0,
                dead = 0, lost = 0, claimed = 0, dropped = 0, skipped = 0,
-               trimmed = 0, sending = 0 },
+               trimmed = 0, duplicates = 0, sending = 0 },
   }, Link)
   self.args = { "XADD", stream }    -- publish's, reused: send copies them
   self.nhead = 2

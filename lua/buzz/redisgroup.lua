@@ -18,6 +18,12 @@
 -- entry goes to the dead-letter stream and is acked. Entries deleted
 -- while pending are acked and counted as lost. Consumers with nothing
 -- pending and idle for 10 min_idle are removed from the group.
+-- On a bus with a store (the inbox, unless inbox = false) each entry is
+-- published with the dedup key redis:STREAM:GROUP:ID and the local
+-- subscription is the durable consumer redis.GROUP: the entry is acked
+-- when its first delivery starts (committed by then), the store owns it
+-- from there, and a redelivery of an entry the store holds is a
+-- duplicate, only acked.
 -- @module buzz.redisgroup
 local core = require "buzz.core"
 local options = require "buzz.options"
@@ -95,10 +101,16 @@ function Group:deliver(rid, fields, attempt)
     return self:dead(rid, fields, attempt - 1,
                      ("not handled in %d deliveries"):format(attempt - 1))
   end
-  local lid, err, is_bad = link:inject(rid, fields, self.prefix)
+  local lid, err, is_bad = link:inject(rid, fields, self.prefix,
+    self.inbox and ("redis:%s:%s:%s"):format(link.stream, self.name, rid)
+    or nil)
   if not lid then
     if is_bad then return self:dead(rid, fields, attempt, err) end
     return self:report(("%s stays pending: %s"):format(rid, err))
+  end
+  if err == "duplicate" then                 -- in the inbox already
+    link.counts.duplicates = link.counts.duplicates + 1
+    return self:ack(rid)
   end
   self.inflight[rid] = lid
   self.ninflight = self.ninflight + 1
@@ -241,6 +253,10 @@ local function wrap(self, handler, test)
   local plen = #self.prefix
   return function(ev)
     local info = self.by_lid[ev.id]
+    local rid = info and info.rid or (ev.headers or {})["redis-id"]
+    if self.inbox and rid and not self.is_closed then
+      self:ack(rid)             -- committed to the store: the inbox has it
+    end
     if info then
       self.by_lid[ev.id] = nil
       self.inflight[info.rid] = nil
@@ -254,11 +270,12 @@ local function wrap(self, handler, test)
     end
     local e = { id = ev.id, type = ev.type:sub(plen + 1),
       payload = ev.payload, ts = ev.ts, priority = ev.priority,
-      key = ev.key, attempt = info and info.attempt or 1,
+      key = ev.key, attempt = info and not self.inbox and info.attempt
+                                or ev.attempt,
       correlation_id = ev.correlation_id, causation_id = ev.causation_id,
       headers = ev.headers, group = self.name }
     if not test or test(e) then handler(e) end
-    if info and not self.is_closed then self:ack(info.rid) end
+    if rid and not self.inbox and not self.is_closed then self:ack(rid) end
   end
 end
 
@@ -290,18 +307,24 @@ function M.subscribe(link, pattern, handler, opts, level)
     fail(level, "this link already has a subscription in group %q: a "
          .. "group is one handler per process", name)
   end
+  local inbox = link.bus:_has_store() and opts.inbox ~= false
+  if opts.inbox ~= nil and type(opts.inbox) ~= "boolean" then
+    fail(level, "bad inbox: expected a boolean, got %s", quote(opts.inbox))
+  end
   local lopts = {}
   for k, v in pairs(opts) do
-    if REFUSED[k] then
+    if REFUSED[k] and not (inbox and k == "retry") then
       fail(level, "option %s does not go with group: %s", k, REFUSED[k])
     end
-    if k ~= "group" and k ~= "filter" then lopts[k] = v end
+    if k ~= "group" and k ~= "filter" and k ~= "inbox" then lopts[k] = v end
   end
+  if inbox then lopts.durable = "redis." .. name end
   local test = opts.filter ~= nil and filter.predicate(opts.filter, level + 1)
   if not options.is_callable(handler) then
     fail(level, "bad handler: expected a function, got %s", type(handler))
   end
   local self = setmetatable({ link = link, name = name, pattern = pattern,
+    inbox = inbox,
     prefix = "$G." .. name .. ".", inflight = {}, by_lid = {},
     ninflight = 0, is_parked = false, reads_out = 0 }, Group)
   util.check_subject_arg(pattern, "pattern", "order.*", level + 1)
