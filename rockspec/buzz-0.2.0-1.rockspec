@@ -72,6 +72,7 @@ build = {
   --   ["buzz.saga"] = "lua/buzz/saga.lua"
   --   ["buzz.state"] = "lua/buzz/state.lua"
   --   ["buzz.clistate"] = "lua/buzz/clistate.lua"
+  --   ["buzz.cliredis"] = "lua/buzz/cliredis.lua"
   --   ["buzz.task"] = "lua/buzz/task.lua"
   --   ["buzz.luv"] = "lua/buzz/luv.lua"
   --   ["buzz.metrics"] = "lua/buzz/metrics.lua"

@@ -514,6 +514,54 @@ describe("bus:redis #redis", function()
     H.remove_store(path)
   end)
 
+  it("buzz redis shows streams, groups, pending entries and dead letters",
+     function()
+    local stream = fresh_stream()
+    local bus = buzz.new{ on_error = function() end }
+    local r = bus:redis{ url = srv.url, stream = stream, block = 0.1,
+      fanout = false, min_idle = 0.05, claim_every = 0.05,
+      max_deliveries = 1 }
+    local failing = true
+    r:subscribe("c.*", function(ev)
+      if ev.payload == "poison" or failing then error("no") end
+    end, { group = "billing" })
+    ready(bus, r)
+    assert(r:publish("c.x", "poison"))
+    S.until_(bus, function() return r:stats().dead == 1 end)
+    failing = true
+    assert(r:publish("c.x", "later"))
+    S.until_(bus, function() return r:stats().received >= 2 end)
+    bus:close()                                -- "later" stays pending
+    local function cli(a)
+      local status, out = H.sh(H.cli("redis --url " .. srv.url .. " " .. a
+                                     .. " 2>&1"))
+      return status, out
+    end
+    local st, out = cli("streams")
+    assert.equal(0, st, out)
+    assert.matches(stream .. "  2 entries  1 groups", out, 1, true)
+    assert.matches(stream .. ":dlq  1 entries  0 groups", out, 1, true)
+    st, out = cli("groups " .. stream)
+    assert.equal(0, st, out)
+    assert.matches("^billing  1 consumers  1 pending  last %d+%-%d+", out)
+    st, out = cli("pending " .. stream .. " billing --json")
+    assert.equal(0, st, out)
+    local row = require("buzz.core").json_decode(out)
+    assert.equal(1, row.deliveries)
+    assert.matches("%-%d+$", row.consumer)
+    st, out = cli("dlq " .. stream)
+    assert.equal(0, st, out)
+    assert.matches("c%.x  group billing  1 deliveries  not handled in 1 "
+                   .. 'deliveries  "poison"', out)
+    st, out = cli("nonsense")
+    assert.equal(2, st)
+    assert.matches("say what", out)
+    st, out = H.sh(H.cli("redis --url redis://127.0.0.1:1/0 streams 2>&1"))
+    assert.equal(1, st)
+    assert.matches("cannot reach Redis at redis://127%.0%.0%.1:1/0: cannot "
+                   .. "connect: connection refused", out)
+  end)
+
   it("raises on bad input", function()
     local bus = buzz.new()
     assert.error_matches(function() bus:redis{ url = "http://x" } end,

@@ -65,6 +65,12 @@ commands:
   sagas   [NAME] [--failed | --status S] [--json]
           sagas (bus:saga), one a line: name, id, status, last update
           (UTC), the step, and the error of one that failed
+  redis   streams | groups STREAM | pending STREAM GROUP | dlq STREAM
+          [--url URL] [--limit N] [--json]
+          Redis Streams (bus:redis): streams with their length; a
+          stream's groups, pending and lag; a group's pending entries
+          (consumer, idle, deliveries); the dead-letter stream. URL:
+          else $BUZZ_REDIS, else redis://127.0.0.1:6379/0
   version the version of buzz (also --version)
   help    this text
 
@@ -153,6 +159,10 @@ M.COMMANDS = {
   sagas = { usage = "buzz sagas [NAME] [--failed | --status S] [--json]",
             options = { failed = "flag", status = "string", json = "flag" },
             words = 1 },
+  redis = { usage = "buzz redis streams | groups STREAM | pending STREAM "
+                    .. "GROUP | dlq STREAM [--url URL] [--limit N] [--json]",
+            options = { url = "string", limit = "count", json = "flag" },
+            words = 3 },
 }
 
 -- Options every command takes.
