@@ -371,6 +371,8 @@ int buzz__loop_arm(buzz_loop *l, int64_t ms);
 int buzz__loop_timeout(buzz_loop *l);    /* ms, -1 = no timer armed */
 /* Waits for one round of loop activity; returns 0 if nothing can arrive. */
 int buzz__loop_wait(buzz_loop *l, int is_writing);
+/* SIGPIPE ignored unless the host handles it (http.c, redis.c). */
+void buzz__ignore_sigpipe(void);
 /* One non-blocking pass of the loop (a server's I/O: http.c). */
 void buzz__loop_poll(buzz_loop *l);
 /* Servers on the loop (http.c): +1 when one starts, -1 when it closes;

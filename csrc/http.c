@@ -474,23 +474,6 @@ static conn *conn_find(buzz_http *s, uint64_t id) {
   return c->id == id ? c : NULL;
 }
 
-/*
-** A write to a client that has gone raises SIGPIPE, whose default action
-** ends the process (libuv writes with write(2), not send(MSG_NOSIGNAL)).
-** A server must outlive its clients, as nginx and Node do: SIGPIPE is
-** ignored, unless the host has a handler of its own, which stays. The
-** write then fails with EPIPE and the connection closes.
-*/
-static void ignore_sigpipe(void) {
-  struct sigaction sa;
-  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) {
-    sa.sa_handler = SIG_IGN;
-    sigemptyset(&sa.sa_mask);
-    sa.sa_flags = 0;
-    sigaction(SIGPIPE, &sa, NULL);
-  }
-}
-
 static void on_listener_closed(uv_handle_t *h) {
   server_unref(h->data);
 }
@@ -507,7 +490,7 @@ int buzz__http_listen(buzz_loop *bl, const char *host, int port,
     return BUZZ_EINVAL;
   }
   if ((s = calloc(1, sizeof *s)) == NULL) return BUZZ_ENOMEM;
-  ignore_sigpipe();
+  buzz__ignore_sigpipe();
   settings.on_message_begin = on_message_begin;
   settings.on_url = on_url;
   settings.on_header_field = on_header_field;

@@ -27,6 +27,7 @@
 ** It does not touch Lua, and no callback here runs Lua code.
 */
 #include <limits.h>
+#include <signal.h>
 #include <stdlib.h>
 
 #include <uv.h>
@@ -207,4 +208,22 @@ int buzz__loop_wait(buzz_loop *l, int is_writing) {
 
 uint64_t buzz__hrtime(void) {
   return uv_hrtime();
+}
+
+/*
+** A write to a peer that has gone (an HTTP client, a Redis server)
+** raises SIGPIPE, whose default action ends the process (libuv writes
+** with write(2), not send(MSG_NOSIGNAL)). A server must outlive its
+** clients, and a client its server, as nginx and Node do: SIGPIPE is
+** ignored, unless the host has a handler of its own, which stays. The
+** write then fails with EPIPE and the connection closes.
+*/
+void buzz__ignore_sigpipe(void) {
+  struct sigaction sa;
+  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) {
+    sa.sa_handler = SIG_IGN;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;
+    sigaction(SIGPIPE, &sa, NULL);
+  }
 }

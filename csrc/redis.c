@@ -251,6 +251,7 @@ int buzz__redis_connect(buzz_loop *bl, const char *host, int port,
   }
   memset(&ss, 0, sizeof ss);
   if (resolve(loop, host, port, &ss, err, errlen) != 0) return BUZZ_EINVAL;
+  buzz__ignore_sigpipe();
   if ((r = calloc(1, sizeof *r)) == NULL) return BUZZ_ENOMEM;
   if ((r->reader = redisReaderCreate()) == NULL) {
     free(r);

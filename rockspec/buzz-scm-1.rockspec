@@ -84,6 +84,7 @@ build = {
   --   ["buzz.redisconn"] = "lua/buzz/redisconn.lua"
   --   ["buzz.redisgroup"] = "lua/buzz/redisgroup.lua"
   --   ["buzz.redislead"] = "lua/buzz/redislead.lua"
+  --   ["buzz.redisout"] = "lua/buzz/redisout.lua"
   --   ["buzz.reducers"] = "lua/buzz/reducers.lua"
   --   ["buzz.router"] = "lua/buzz/router.lua"
   --   ["buzz.runner"] = "lua/buzz/runner.lua"

@@ -562,6 +562,45 @@ describe("bus:redis #redis", function()
                    .. "connect: connection refused", out)
   end)
 
+  it("with a store, a handler's publishes go through the outbox: kept "
+     .. "while Redis is down, sent once", function()
+    local stream = fresh_stream()
+    local path = H.tmp_store()
+    local function open()
+      local bus = buzz.new{ store = path, on_error = function() end }
+      local r = bus:redis{ url = srv.url, stream = stream, consumer = "c1",
+                           fanout = false }
+      bus:subscribe("local.x", function(ev)
+        assert.is_true(r:publish("echo.x", ev.payload))
+      end)
+      return bus, r
+    end
+    local bus, r = open()
+    srv:stop()
+    for i = 1, 3 do bus:publish("local.x", i) end
+    S.until_(bus, function() return r:stats().outboxed == 3 end)
+    spin(bus, 0.3)                     -- its sends fail, and are retried
+    assert.equal(3, r:pending())
+    bus:close()
+    srv:restart()
+    bus, r = open()
+    S.until_(bus, function() return r:stats().published == 3 end, 15)
+    assert.equal("3", srv:cli("XLEN", stream))
+    local entries = srv:cli("XRANGE", stream, "-", "+")
+    assert.matches("echo%.x.-\n1\n.-echo%.x.-\n2\n.-echo%.x.-\n3\n",
+                   entries)
+    -- sent again from the start (the consumer's position forgotten):
+    -- Redis knows each, and adds none twice
+    r:close()                          -- (its outbox consumer with it)
+    assert(bus:remove_consumer("redis.outbox:" .. stream))
+    bus:close()
+    bus, r = open()
+    S.until_(bus, function() return r:stats().resent == 3 end)
+    assert.equal("3", srv:cli("XLEN", stream))
+    bus:close()
+    H.remove_store(path)
+  end)
+
   it("raises on bad input", function()
     local bus = buzz.new()
     assert.error_matches(function() bus:redis{ url = "http://x" } end,
@@ -572,6 +611,8 @@ describe("bus:redis #redis", function()
                          "at most 5 seconds")
     assert.error_matches(function() bus:redis{ start = "middle" } end,
                          'bad start')
+    assert.error_matches(function() bus:redis{ outbox = "yes" } end,
+                         'bad outbox')
     local r = bus:redis{ url = srv.url, stream = fresh_stream() }
     assert.error_matches(function() r:publish("a.*", 1) end, "a%.%*")
     assert.error_matches(function() r:publish("$SYS.x", 1) end, "reserved")

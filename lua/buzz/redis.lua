@@ -23,6 +23,7 @@ local options = require "buzz.options"
 local util = require "buzz.util"
 local errors = require "buzz.errors"
 local redisconn = require "buzz.redisconn"
+local redisout = require "buzz.redisout"
 
 local type, tostring, tonumber, setmetatable, pairs, ipairs, pcall, error =
       type, tostring, tonumber, setmetatable, pairs, ipairs, pcall, error
@@ -39,7 +40,7 @@ M.Link = Link
 
 local LINK_OPTIONS = options.option_set("url", "stream", "consumer",
   "block", "min_idle", "claim_every", "max_deliveries", "count",
-  "connect_timeout", "dlq", "start", "fanout", "retain")
+  "connect_timeout", "dlq", "start", "fanout", "retain", "outbox")
 local PUBLISH_OPTIONS = options.option_set("key", "priority",
   "correlation_id", "causation_id", "headers")
 
@@ -310,6 +311,10 @@ function Link:publish(etype, payload, opts)
     options.check_options(opts, PUBLISH_OPTIONS, "redis:publish", 2)
     n = envelope(opts, args, n, 2)
   end
+  if self.outbox_sub and self.bus:_is_in_handler() then
+    local ok, e, code = redisout.put(self, args, self.nhead + 2, n)
+    return ok, e, code
+  end
   local cmdc = self.cmdc
   if cmdc.is_down then
     return nil, self:unavailable(cmdc.why), "EUNAVAILABLE"
@@ -439,6 +444,7 @@ function Link:close()
   self.is_closed = true
   if self.dog then self.dog:cancel() end
   if self.trimmer then self.trimmer:cancel() end
+  if self.outbox_sub then self.outbox_sub:unsubscribe() end
   for _, g in pairs(self.groups) do g:close() end
   for _, conn in ipairs(self.conns) do conn:close() end
   local list = self.bus._servers or {}
@@ -482,6 +488,9 @@ function M.new(bus, opts, level)
     fail(level, "bad consumer: expected a non-empty string, got %s",
          quote(consumer))
   end
+  if opts.outbox ~= nil and type(opts.outbox) ~= "boolean" then
+    fail(level, "bad outbox: expected a boolean, got %s", quote(opts.outbox))
+  end
   if opts.start ~= nil and opts.start ~= "new" and opts.start ~= "all" then
     fail(level, 'bad start: expected "new" or "all", got %s',
          quote(opts.start))
@@ -505,7 +514,8 @@ function M.new(bus, opts, level)
     groups = {}, conns = {}, leaders = {},
     counts = { published = 0, failed = 0, received = 0, acked = 0,
                dead = 0, lost = 0, claimed = 0, dropped = 0, skipped = 0,
-               trimmed = 0, duplicates = 0, sending = 0 },
+               trimmed = 0, duplicates = 0, outboxed = 0, resent = 0,
+               sending = 0 },
   }, Link)
   self.args = { "XADD", stream }    -- publish's, reused: send copies them
   self.nhead = 2
@@ -529,6 +539,9 @@ function M.new(bus, opts, level)
   if self.retain then
     self.trimmer = bus:_after(0, M.trim, self)
   end
+  if opts.outbox ~= false and bus:_has_store() and not bus._readonly then
+    redisout.start(self)
+  end
   require("buzz.redislead").members_tick(self)
   local list = bus._servers or {}
   bus._servers = list
@@ -542,6 +555,7 @@ end
 --- "all", where a new group starts), block (2 s), min_idle (30 s),
 --- claim_every (min_idle / 2), max_deliveries (5), count (100), dlq
 --- (stream .. ":dlq"), retain (seconds entries are kept; nil: all),
+--- outbox (true: on a store, publishes from handlers go through it),
 --- connect_timeout (2 s).
 ---@tparam table opts
 ---@return a link (publish, subscribe, on, flush, pending, leader, every,
