@@ -4,8 +4,9 @@
 -- event $OUT.redis, in the writer's order with the handler's other
 -- effects, and returns true. A durable consumer of the store
 -- ("redis.outbox:STREAM", ordered on the key STREAM: one at a time, in
--- order, each retried with backoff until Redis takes it) sends each one with a script that adds the entry
--- only if the key STREAM:out:CONSUMER:ID is new (SET NX, kept a day):
+-- order, each retried with backoff until Redis takes it) sends each
+-- one with a script that adds the entry only if the key
+-- STREAM:out:CONSUMER:ID is new (SET NX, kept a day):
 -- a crash after the send and before the consumer's position moved sends
 -- it again, and Redis adds it once. So a handler's publishes are neither
 -- lost (they are in the store before they are sent) nor doubled, given a
