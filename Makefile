@@ -7,8 +7,9 @@
 #   make bench   benchmarks, both interpreters
 #   make bench-ic instructions per event of the failure-handling, filter
 #                and window cases (callgrind: repeatable on a noisy machine)
-#   make test-redis  the Redis specs alone (tagged #redis; make test runs
-#                them too): a redis-server of their own on 127.0.0.1
+#   make test-redis  the Redis specs (tagged #redis; make test runs them
+#                but the #cluster ones, worker processes in a group):
+#                each with a redis-server of its own on 127.0.0.1
 #   make test-slow  the long fault specs (tagged #slow: many kill rounds,
 #                a full disk), both interpreters; CI runs them
 #   make fuzz    the libFuzzer harnesses (subjects, JSON) and the random
@@ -74,9 +75,9 @@ build/luajit/buzz/core.so: $(SRCS) $(HDRS)
 # build/, printed whole when both are done; either failing fails the run.
 test: deps all
 	@echo "busted: Lua 5.4 and LuaJIT side by side (build/test-*.log)"
-	@$(BUSTED) --lua=$(LUA54) --exclude-tags=slow,browser $(BUSTED_ARGS) \
+	@$(BUSTED) --lua=$(LUA54) --exclude-tags=slow,browser,cluster $(BUSTED_ARGS) \
 	  > build/test-lua5.4.log 2>&1 & pid=$$!; \
-	$(BUSTED) --lua=$(LUAJIT) --exclude-tags=once,slow,browser $(BUSTED_ARGS) \
+	$(BUSTED) --lua=$(LUAJIT) --exclude-tags=once,slow,browser,cluster $(BUSTED_ARGS) \
 	  > build/test-luajit.log 2>&1; jit=$$?; \
 	wait $$pid; lua54=$$?; \
 	echo "== $(LUA54)"; cat build/test-lua5.4.log; \

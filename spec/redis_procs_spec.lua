@@ -1,4 +1,5 @@
--- bus:redis across real processes (make test-redis; CI runs it): three
+-- bus:redis across real processes (tagged #cluster: make test-redis, which
+-- CI runs, not make test): three
 -- worker processes in one consumer group (spec/redis/worker.lua) share
 -- 10,000 events, each handled once; a worker killed with SIGKILL
 -- mid-handler has its pending events claimed by the others.
@@ -77,7 +78,7 @@ local function publish_all(stream, n)
   bus:close()
 end
 
-describe("a consumer group across processes #redis", function()
+describe("a consumer group across processes #redis #cluster", function()
   it("three workers handle 10,000 events, each once", function()
     local stream, out = "procs1", dir .. "/out1"
     srv:cli("XGROUP", "CREATE", stream, "workers", "$", "MKSTREAM")

@@ -120,8 +120,15 @@ describe("bus:redis #redis", function()
       { key = "cust-1", priority = "high", correlation_id = "req-1",
         headers = { tenant = "t1" } }))
     assert(ra:publish("order.paid", { n = 2 }, { key = 7 }))
-    S.until_(a, function() return #seen_a == 2 and ra:pending() == 0 end)
-    S.until_(b, function() return #seen_b == 2 end)
+    local inherited                     -- inside a handler: the
+    a:subscribe("local.go", function()  -- correlation id is inherited
+      inherited = ra:publish("order.sent", 3)
+    end)
+    a:publish("local.go", nil, { correlation_id = "req-9" })
+    a:drain()
+    assert.is_true(inherited)
+    S.until_(a, function() return #seen_a == 3 and ra:pending() == 0 end)
+    S.until_(b, function() return #seen_b == 3 end)
     for _, seen in ipairs { seen_a, seen_b } do
       local e = seen[1]
       assert.equal("order.placed", e.type)
@@ -132,9 +139,10 @@ describe("bus:redis #redis", function()
       assert.equal("t1", e.headers.tenant)
       assert.matches("^%d+%-%d+$", e.headers["redis-id"])
       assert.equal(7, seen[2].key)
+      assert.equal("req-9", seen[3].correlation_id)
     end
-    assert.equal(2, ra:stats().published)
-    assert.equal("2", srv:cli("XLEN", stream))
+    assert.equal(3, ra:stats().published)
+    assert.equal("3", srv:cli("XLEN", stream))
     a:close()
     b:close()
   end)
@@ -620,6 +628,8 @@ describe("bus:redis #redis", function()
                          "bad payload")
     assert.error_matches(function() r:publish("a.b", 0 / 0) end,
                          "bad payload")
+    assert.error_matches(function()
+      r:publish("a.b", ("x"):rep(1048577)) end, "bad payload.*1048576")
     assert.error_matches(function() r:publish("a.b", 1, { ttl = 1 }) end,
                          'unknown option "ttl"')
     assert.error_matches(function() r:publish("a.b", 1, { key = {} }) end,

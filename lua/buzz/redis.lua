@@ -45,6 +45,7 @@ local PUBLISH_OPTIONS = options.option_set("key", "priority",
   "correlation_id", "causation_id", "headers")
 
 local COMMAND_LIMIT = 10000                  -- ms a command may take
+local MAX_PAYLOAD = 1048576                  -- the bus's default
 
 -- ------------------------------------------------------------ the url
 
@@ -300,9 +301,10 @@ end
 function Link:publish(etype, payload, opts)
   check(self, "publish")
   util.check_type_arg(etype, "order.placed", 2)
-  local text, err = json_encode(payload)
+  local bus = self.bus
+  local text, err = json_encode(payload, bus._max_payload or MAX_PAYLOAD)
   if not text then fail(2, "bad payload: %s", err) end
-  local args, n = self.args, self.nhead       -- "XADD", stream [, MAXLEN]
+  local args, n = self.args, self.nhead       -- "XADD", stream
   args[n + 1], args[n + 2], args[n + 3] = "*", "type", etype
   args[n + 4], args[n + 5], args[n + 6] = "payload", text, "ts"
   args[n + 7] = self.bus:_now()
@@ -310,6 +312,13 @@ function Link:publish(etype, payload, opts)
   if opts ~= nil then
     options.check_options(opts, PUBLISH_OPTIONS, "redis:publish", 2)
     n = envelope(opts, args, n, 2)
+  end
+  if opts == nil or opts.correlation_id == nil then
+    local _, corr = bus._core:current()       -- inside a handler
+    if corr ~= nil then
+      args[n + 1], args[n + 2] = "correlation_id", tostring(corr)
+      n = n + 2
+    end
   end
   if self.outbox_sub and self.bus:_is_in_handler() then
     local ok, e, code = redisout.put(self, args, self.nhead + 2, n)
