@@ -16,12 +16,12 @@ teardown(function()
   if dir then H.remove_dir(dir) end
 end)
 
-local function spawn(stream, group, out, name, slow, min_idle)
-  local _, pid = H.sh(("%s LUA_PATH='lua/?.lua;lua/?/init.lua;;' "
+local function spawn(stream, group, out, name, slow, min_idle, env)
+  local _, pid = H.sh(("%s %s LUA_PATH='lua/?.lua;lua/?/init.lua;;' "
     .. "LUA_CPATH='%s/?.so;;' %s spec/redis/worker.lua %s %s %s %s %s %d %s "
     .. "> %s/%s.log 2>&1 & echo $!")
     :format(os.getenv("LD_PRELOAD") and ("LD_PRELOAD=" .. H.quote(
-              os.getenv("LD_PRELOAD"))) or "",
+              os.getenv("LD_PRELOAD"))) or "", env or "",
             H.build, H.lua, srv.url, stream, group, out, name, slow or 0,
             min_idle or 1, dir, name))
   return assert(tonumber(pid:match("%d+")), pid)
@@ -177,5 +177,64 @@ describe("a consumer group across processes #redis #cluster", function()
     -- within the lease (1 s) and a renewal period (1/3 s), plus margin
     assert.is_true(first_second - killed_ms <= 2500,
                    "took over after " .. (first_second - killed_ms) .. " ms")
+  end)
+
+  it("partitions: per-key order across three workers, one killed and "
+     .. "its partitions moved", function()
+    local stream, out = "procs3", dir .. "/out3"
+    local pids = {}
+    for i = 1, 3 do
+      pids[i] = spawn(stream, "workers", out, "p" .. i, 10, 1,
+                      "PARTITIONS=4")
+    end
+    -- every partition owned (their groups exist) before publishing
+    H.eventually(function()
+      for i = 0, 3 do
+        if not srv:cli("GET", stream .. ":" .. i .. ":owner:workers")
+               :match("^p%d") then return false end
+      end
+      return true
+    end, 20, "the partitions to be owned")
+    local bus = buzz.new()
+    local r = bus:redis{ url = srv.url, stream = stream, fanout = false,
+                         partitions = 4 }
+    local N, KEYS = 1200, 12
+    for s = 1, N do
+      local k = s % KEYS
+      assert(r:publish("job.run", ("k%d:%d"):format(k, s), { key = "k" .. k }))
+    end
+    assert(r:flush(10))
+    bus:close()
+    H.eventually(function() return count_lines(out) >= 150 end, 30,
+                 "some events handled")
+    kill(pids[1], "KILL")
+    local function seen()
+      local per, total, moved = {}, {}, false
+      local by = {}
+      for line in (H.slurp(out) or ""):gmatch("[^\n]+") do
+        local k, s, who = line:match("^k(%d+):(%d+) (%S+)")
+        k, s = tonumber(k), tonumber(s)
+        per[k] = per[k] or {}
+        per[k][#per[k] + 1] = s
+        total[s] = true
+        if by[k] == "p1" and who ~= "p1" then moved = true end
+        by[k] = who
+      end
+      return per, total, moved
+    end
+    H.eventually(function()
+      local _, total = seen()
+      for s = 1, N do if not total[s] then return false end end
+      return true
+    end, 60, "every event handled")
+    for i = 2, 3 do kill(pids[i]) end
+    local per, _, moved = seen()
+    assert.is_true(moved, "no key of p1's moved to another worker")
+    for k, list in pairs(per) do
+      for j = 2, #list do        -- in order; a repeat only at the kill
+        assert.is_true(list[j] >= list[j - 1], ("key k%d: %d after %d")
+                       :format(k, list[j], list[j - 1]))
+      end
+    end
   end)
 end)

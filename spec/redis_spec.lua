@@ -114,8 +114,8 @@ describe("bus:redis #redis", function()
     a:subscribe("order.*", function(ev) seen_a[#seen_a + 1] = ev end)
     b:subscribe("order.>", function(ev) seen_b[#seen_b + 1] = ev end)
     -- both have read where the stream ends before anything is published
-    S.until_(a, function() return a:_now() > 0 and ra.fan_last end)
-    S.until_(b, function() return rb.fan_last end)
+    S.until_(a, function() return ra.fan_last[stream] end)
+    S.until_(b, function() return rb.fan_last[stream] end)
     assert(ra:publish("order.placed", { n = 1, items = { "x" } },
       { key = "cust-1", priority = "high", correlation_id = "req-1",
         headers = { tenant = "t1" } }))
@@ -609,6 +609,60 @@ describe("bus:redis #redis", function()
     H.remove_store(path)
   end)
 
+  it("partitions: a key's events go to one partition stream, the "
+     .. "fanout reads them all, and two links share the partitions",
+     function()
+    local stream = fresh_stream()
+    local bus = buzz.new{ on_error = function() end }
+    local function link(name)
+      return bus:redis{ url = srv.url, stream = stream, consumer = name,
+                        partitions = 4, lease = 0.6, block = 0.1,
+                        fanout = name == "a" }
+    end
+    local a, b = link("a"), link("b")
+    local fan, got = {}, {}
+    bus:subscribe("p.*", function(ev) fan[#fan + 1] = ev.payload end)
+    for _, r in ipairs { a, b } do
+      r:subscribe("p.*", function(ev)
+        got[ev.key] = (got[ev.key] or "") .. ev.payload .. ","
+        if ev.payload == 5 and ev.attempt == 1 then error("again") end
+      end, { group = "g" })
+    end
+    -- both members known, every partition read by one of them
+    S.until_(bus, function()
+      local pa, pb = a:stats().groups.g.partitions,
+                     b:stats().groups.g.partitions
+      return #a:members() == 2 and #pa + #pb == 4 and #pa > 0 and #pb > 0
+        and a:stats().groups.g.reading and b:stats().groups.g.reading
+    end)
+    S.until_(bus, function() return a.fan_last[stream .. ":3"] end)
+    for s = 1, 12 do
+      assert(a:publish("p.x", s, { key = "k" .. s % 3 }))
+    end
+    local ok = pcall(S.until_, bus, function() return #fan == 12 end)
+    assert(ok, #fan .. " " .. require("buzz.core").json_encode(got))
+    S.until_(bus, function()
+      for k = 0, 2 do
+        local _, n = (got["k" .. k] or ""):gsub(",", "")
+        if n < (k == 2 and 5 or 4) then return false end
+      end
+      return true
+    end)
+    assert.equal("3,6,9,12,", got.k0)  -- in order, once each
+    assert.equal("1,4,7,10,", got.k1)
+    assert.equal("2,5,5,8,11,", got.k2)  -- 5 failed once: 8 waited for it
+    local total, used = 0, 0
+    for i = 0, 3 do
+      local n = tonumber(srv:cli("XLEN", stream .. ":" .. i))
+      total = total + n
+      if n > 0 then used = used + 1 end
+    end
+    assert.equal(12, total)
+    assert.is_true(used <= 3)           -- three keys: three partitions
+    assert.equal("0", srv:cli("XLEN", stream))
+    bus:close()
+  end)
+
   it("raises on bad input", function()
     local bus = buzz.new()
     assert.error_matches(function() bus:redis{ url = "http://x" } end,
@@ -621,6 +675,10 @@ describe("bus:redis #redis", function()
                          'bad start')
     assert.error_matches(function() bus:redis{ outbox = "yes" } end,
                          'bad outbox')
+    assert.error_matches(function() bus:redis{ partitions = 0 } end,
+                         'partitions')
+    assert.error_matches(function() bus:redis{ partitions = 1.5 } end,
+                         'partitions')
     local r = bus:redis{ url = srv.url, stream = fresh_stream() }
     assert.error_matches(function() r:publish("a.*", 1) end, "a%.%*")
     assert.error_matches(function() r:publish("$SYS.x", 1) end, "reserved")

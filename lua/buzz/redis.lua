@@ -24,10 +24,12 @@ local util = require "buzz.util"
 local errors = require "buzz.errors"
 local redisconn = require "buzz.redisconn"
 local redisout = require "buzz.redisout"
+local redispart = require "buzz.redispart"
+local redistrim = require "buzz.redistrim"
 
 local type, tostring, tonumber, setmetatable, pairs, ipairs, pcall, error =
       type, tostring, tonumber, setmetatable, pairs, ipairs, pcall, error
-local floor, min = math.floor, math.min
+local floor = math.floor
 local unpack = table.unpack or unpack   -- luacheck: ignore 143
 local fail, quote = util.fail, util.quote
 local json_encode, json_decode = core.json_encode, core.json_decode
@@ -40,7 +42,8 @@ M.Link = Link
 
 local LINK_OPTIONS = options.option_set("url", "stream", "consumer",
   "block", "min_idle", "claim_every", "max_deliveries", "count",
-  "connect_timeout", "dlq", "start", "fanout", "retain", "outbox")
+  "connect_timeout", "dlq", "start", "fanout", "retain", "outbox",
+  "partitions", "lease")
 local PUBLISH_OPTIONS = options.option_set("key", "priority",
   "correlation_id", "causation_id", "headers")
 
@@ -141,17 +144,30 @@ end
 local fan_read
 local function fan_start(conn)
   local link = conn.link
-  if link.fan_last then return fan_read(conn) end
-  conn:cmd(function(ok, v)
-    if not ok then return end          -- lost: a reconnect starts again
-    link.fan_last = type(v) == "table" and v[1] and v[1][1] or "0-0"
-    fan_read(conn)
-  end, "XREVRANGE", link.stream, "+", "-", "COUNT", 1)
+  local streams, last = link.part_streams, link.fan_last
+  local missing = 0
+  for _, st in ipairs(streams) do
+    if not last[st] then
+      missing = missing + 1
+      conn:cmd(function(ok, v)
+        if not ok then return end      -- lost: a reconnect starts again
+        last[st] = type(v) == "table" and v[1] and v[1][1] or "0-0"
+        missing = missing - 1
+        if missing == 0 then fan_read(conn) end
+      end, "XREVRANGE", st, "+", "-", "COUNT", 1)
+    end
+  end
+  if missing == 0 then fan_read(conn) end
 end
-
 
 fan_read = function(conn)
   local link = conn.link
+  local streams, last = link.part_streams, link.fan_last
+  local args, n = { "XREAD", "COUNT", link.count, "BLOCK", link.block,
+                    "STREAMS" }, #streams
+  for i, st in ipairs(streams) do
+    args[6 + i], args[6 + n + i] = st, last[st]
+  end
   conn:cmd(function(ok, v, is_lost)
     if is_lost then return end
     if not ok then
@@ -160,7 +176,7 @@ fan_read = function(conn)
     end
     for _, st in ipairs(v or {}) do
       for _, e in ipairs(st[2]) do
-        link.fan_last = e[1]
+        last[st[1]] = e[1]
         local lid, err = link:inject(e[1], e[2] or {})
         if not lid then
           link.counts.dropped = link.counts.dropped + 1
@@ -170,8 +186,7 @@ fan_read = function(conn)
     end
     if link:is_full() then return redisconn.later(conn, 50, fan_read) end
     fan_read(conn)
-  end, "XREAD", "COUNT", link.count, "BLOCK", link.block, "STREAMS",
-  link.stream, link.fan_last)
+  end, unpack(args, 1, 6 + 2 * n))
 end
 
 -- True while the bus has more than half its queue_limit pending: reads
@@ -179,64 +194,6 @@ end
 function Link:is_full()
   local c = self.bus._core
   return c ~= nil and c:pending() * 2 > self.queue_limit
-end
-
--- Stream ids ("ms-seq"): their order, and the one after id.
-local function id_parts(id)
-  local a, b = id:match("^(%d+)%-(%d+)$")
-  return tonumber(a) or 0, tonumber(b) or 0
-end
-local function id_less(x, y)
-  local a1, b1 = id_parts(x)
-  local a2, b2 = id_parts(y)
-  return a1 < a2 or (a1 == a2 and b1 < b2)
-end
-local function id_next(id)
-  local a, b = id_parts(id)
-  return ("%d-%d"):format(a, b + 1)
-end
-
--- Trims the stream to retain (XTRIM MINID), never past what a group
--- still needs: its oldest pending entry, and what it has not read yet
--- (MAXLEN ~ would delete pending entries). Again every retain / 2 (at
--- most a minute).
-function M.trim(self)
-  self.trimmer = nil
-  if self.is_closed then return end
-  local c, stream = self.cmdc, self.stream
-  local limit = ("%d-0"):format(self.bus:_now() - self.retain)
-  local function lower(id)                   -- keep id and what follows
-    if id and id_less(id, limit) then
-      limit = id
-    end
-  end
-  c:cmd(function(ok, groups)
-    if not ok or self.is_closed then return end
-    local waiting = 1
-    local function done()
-      waiting = waiting - 1
-      if waiting > 0 then return end
-      c:cmd(function(is_ok, v)
-        if is_ok then self.counts.trimmed = self.counts.trimmed + v end
-      end, "XTRIM", stream, "MINID", limit)
-    end
-    for _, g in ipairs(groups) do
-      local f = {}
-      for i = 1, #g - 1, 2 do f[g[i]] = g[i + 1] end
-      lower(f["last-delivered-id"] and
-            id_next(f["last-delivered-id"]))
-      if f.pending and f.pending > 0 then
-        waiting = waiting + 1
-        c:cmd(function(is_ok, v)
-          if is_ok and type(v) == "table" then lower(v[2]) end
-          done()
-        end, "XPENDING", stream, f.name)
-      end
-    end
-    done()
-  end, "XINFO", "GROUPS", stream)
-  self.trimmer = self.bus:_after(min(floor(self.retain / 2), 60000),
-                                 M.trim, self):unref()
 end
 
 local function watchdog(self)
@@ -305,6 +262,9 @@ function Link:publish(etype, payload, opts)
   local text, err = json_encode(payload, bus._max_payload or MAX_PAYLOAD)
   if not text then fail(2, "bad payload: %s", err) end
   local args, n = self.args, self.nhead       -- "XADD", stream
+  if self.partitions then
+    args[2] = redispart.stream_of(self, opts and opts.key)
+  end
   args[n + 1], args[n + 2], args[n + 3] = "*", "type", etype
   args[n + 4], args[n + 5], args[n + 6] = "payload", text, "ts"
   args[n + 7] = self.bus:_now()
@@ -424,7 +384,15 @@ function Link:stats()
   s.sending = nil
   s.groups = {}
   for name, g in pairs(self.groups) do
-    s.groups[name] = { reading = g.from == ">", inflight = g.ninflight }
+    local reading = g.from == ">"
+    if g.owned then                    -- partitions: every owned one
+      reading = true
+      for _, child in pairs(g.owned) do
+        reading = reading and (child.is_closed or child.from == ">")
+      end
+    end
+    s.groups[name] = { reading = reading, inflight = g.ninflight,
+                       partitions = g.owned and redispart.owned(g) }
   end
   s.connections = {}
   for _, conn in ipairs(self.conns) do
@@ -462,6 +430,18 @@ function Link:close()
   end
 end
 Link.__close = Link.close
+
+-- Links made on each bus so far: a link's number on its bus, in its
+-- groups' local subjects ($G.GROUP.N.type), so that two links of one bus
+-- in groups of one name do not share their events. Stable across
+-- restarts when a program makes its links in the same order (the inbox's
+-- durable consumer reads the subjects it stored).
+local serials = setmetatable({}, { __mode = "k" })
+local function next_serial(bus)
+  local n = (serials[bus] or 0) + 1
+  serials[bus] = n
+  return n
+end
 
 local function check_count(opts, k, dflt, level)
   local v = opts[k]
@@ -520,12 +500,23 @@ function M.new(bus, opts, level)
     connect_timeout = check_seconds(opts, "connect_timeout", 2000, level),
     start_id = opts.start == "all" and "0" or "$",
     queue_limit = bus._core:stats().queue_limit,
+    serial = next_serial(bus),
+    partitions = opts.partitions and check_count(opts, "partitions", nil,
+                                                 level),
+    lease = check_seconds(opts, "lease", 10000, level), next_part = 0,
+    fan_last = {},
     groups = {}, conns = {}, leaders = {},
     counts = { published = 0, failed = 0, received = 0, acked = 0,
                dead = 0, lost = 0, claimed = 0, dropped = 0, skipped = 0,
                trimmed = 0, duplicates = 0, outboxed = 0, resent = 0,
                sending = 0 },
   }, Link)
+  self.part_streams = { stream }
+  if self.partitions then
+    for i = 0, self.partitions - 1 do
+      self.part_streams[i + 1] = ("%s:%d"):format(stream, i)
+    end
+  end
   self.args = { "XADD", stream }    -- publish's, reused: send copies them
   self.nhead = 2
   local counts = self.counts
@@ -546,7 +537,7 @@ function M.new(bus, opts, level)
   end
   self.dog = bus:_after(1000, watchdog, self):unref()
   if self.retain then
-    self.trimmer = bus:_after(0, M.trim, self)
+    self.trimmer = bus:_after(0, redistrim.trim, self)
   end
   if opts.outbox ~= false and bus:_has_store() and not bus._readonly then
     redisout.start(self)
@@ -565,6 +556,7 @@ end
 --- claim_every (min_idle / 2), max_deliveries (5), count (100), dlq
 --- (stream .. ":dlq"), retain (seconds entries are kept; nil: all),
 --- outbox (true: on a store, publishes from handlers go through it),
+--- partitions (per-key order across processes), lease (10 s),
 --- connect_timeout (2 s).
 ---@tparam table opts
 ---@return a link (publish, subscribe, on, flush, pending, leader, every,

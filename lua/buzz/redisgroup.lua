@@ -31,8 +31,8 @@ local filter = require "buzz.filter"
 local util = require "buzz.util"
 local redisconn = require "buzz.redisconn"
 
-local type, pairs, ipairs, setmetatable, error =
-      type, pairs, ipairs, setmetatable, error
+local type, pairs, ipairs, setmetatable, error, pcall, tostring =
+      type, pairs, ipairs, setmetatable, error, pcall, tostring
 local unpack = table.unpack or unpack   -- luacheck: ignore 143
 local fail, quote = util.fail, util.quote
 
@@ -57,7 +57,7 @@ function Group:ack(rid)
   local link = self.link
   link.cmdc:cmd(function(ok, v)
     if ok then link.counts.acked = link.counts.acked + v end
-  end, "XACK", link.stream, self.name, rid)
+  end, "XACK", self.stream, self.name, rid)
 end
 
 -- To the dead-letter stream with why, then acked.
@@ -102,7 +102,7 @@ function Group:deliver(rid, fields, attempt)
                      ("not handled in %d deliveries"):format(attempt - 1))
   end
   local lid, err, is_bad = link:inject(rid, fields, self.prefix,
-    self.inbox and ("redis:%s:%s:%s"):format(link.stream, self.name, rid)
+    self.inbox and ("redis:%s:%s:%s"):format(self.stream, self.name, rid)
     or nil)
   if not lid then
     if is_bad then return self:dead(rid, fields, attempt, err) end
@@ -114,23 +114,47 @@ function Group:deliver(rid, fields, attempt)
   end
   self.inflight[rid] = lid
   self.ninflight = self.ninflight + 1
-  self.by_lid[lid] = { rid = rid, attempt = attempt }
+  self.unsettled = self.unsettled + 1
+  self.by_lid[lid] = { rid = rid, attempt = attempt, g = self }
 end
 
--- Delivers entries this consumer was given again, with Redis's delivery
--- count of each (XPENDING over their range).
-function Group:deliver_counted(entries)
-  local link = self.link
-  local first, last = entries[1][1], entries[#entries][1]
-  link.cmdc:cmd(function(ok, v)
-    if not ok or self.is_closed then return end   -- they stay pending
-    local counts = {}
-    for _, p in ipairs(v) do counts[p[1]] = p[4] end
-    for _, e in ipairs(entries) do
-      self:deliver(e[1], e[2], counts[e[1]] or 1)
+-- Delivers the batches read so far, in the order they were read, while
+-- the one at the head has what it waits for (its delivery counts).
+function Group:flush_batches()
+  local q = self.batches
+  while q[q.first] and q[q.first].counts do
+    local b = q[q.first]
+    q[q.first], q.first = nil, q.first + 1
+    if not b.is_dropped and not self.is_closed then
+      for _, e in ipairs(b.entries) do
+        self:deliver(e[1], e[2], b.counts[e[1]] or 1)
+      end
     end
-  end, "XPENDING", link.stream, self.name, first, last,
-  #entries * 4 + 100, link.consumer)
+  end
+end
+
+-- Delivers entries in read order: new ones (">") at once unless an
+-- earlier batch still waits; entries this consumer was given again with
+-- Redis's delivery count of each (XPENDING over their range) once it
+-- comes. (A new entry delivered before an older batch's counts came back
+-- would break a key's order.)
+function Group:deliver_batch(entries, is_new)
+  local q = self.batches
+  local b = { entries = entries, counts = is_new and {} or nil }
+  q[q.last + 1], q.last = b, q.last + 1
+  if not is_new then
+    local first, last = entries[1][1], entries[#entries][1]
+    local ok = self.link.cmdc:cmd(function(is_ok, v)
+      b.counts, b.is_dropped = {}, not is_ok    -- dropped: still pending
+      if is_ok then
+        for _, p in ipairs(v) do b.counts[p[1]] = p[4] end
+      end
+      self:flush_batches()
+    end, "XPENDING", self.stream, self.name, first, last,
+    #entries * 4 + 100, self.link.consumer)
+    if not ok then b.counts, b.is_dropped = {}, true end
+  end
+  self:flush_batches()
 end
 
 local function create(conn, start)
@@ -139,7 +163,7 @@ local function create(conn, start)
     if not ok and not is_lost and not v:match("^BUSYGROUP") then
       g:report(v)
     end
-  end, "XGROUP", "CREATE", g.link.stream, g.name, start, "MKSTREAM")
+  end, "XGROUP", "CREATE", g.stream, g.name, start, "MKSTREAM")
 end
 
 local function read(conn)
@@ -163,10 +187,10 @@ local function read(conn)
         g.from = ">"
       else
         g.from = entries[#entries][1]
-        g:deliver_counted(entries)
+        g:deliver_batch(entries, false)
       end
     else
-      for _, e in ipairs(entries) do g:deliver(e[1], e[2], 1) end
+      if entries[1] then g:deliver_batch(entries, true) end
     end
     if link:is_full() then return redisconn.later(conn, 50, read) end
     if g.ninflight >= link.count then
@@ -179,10 +203,10 @@ local function read(conn)
   if from == ">" then
     ok = conn:cmd(got, "XREADGROUP", "GROUP", g.name, link.consumer,
                   "COUNT", link.count, "BLOCK", link.block, "STREAMS",
-                  link.stream, ">")
+                  g.stream, ">")
   else
     ok = conn:cmd(got, "XREADGROUP", "GROUP", g.name, link.consumer,
-                  "COUNT", link.count, "STREAMS", link.stream, from)
+                  "COUNT", link.count, "STREAMS", g.stream, from)
   end
   if ok then g.reads_out = g.reads_out + 1 end   -- (down: the reconnect
 end                                              -- reads again)
@@ -215,9 +239,9 @@ function Group:claim(cursor)
       end
     end
     link.counts.claimed = link.counts.claimed + #fresh
-    if fresh[1] then self:deliver_counted(fresh) end
+    if fresh[1] then self:deliver_batch(fresh, false) end
     if v[1] ~= "0-0" then self:claim(v[1]) end
-  end, "XAUTOCLAIM", link.stream, self.name, link.consumer, link.min_idle,
+  end, "XAUTOCLAIM", self.stream, self.name, link.consumer, link.min_idle,
   cursor, "COUNT", link.count)
 end
 
@@ -231,11 +255,11 @@ function Group:sweep()
       for i = 1, #info - 1, 2 do f[info[i]] = info[i + 1] end
       if f.name ~= link.consumer and f.pending == 0
          and f.idle > 10 * link.min_idle then
-        link.cmdc:cmd(false, "XGROUP", "DELCONSUMER", link.stream, self.name,
+        link.cmdc:cmd(false, "XGROUP", "DELCONSUMER", self.stream, self.name,
                       f.name)
       end
     end
-  end, "XINFO", "CONSUMERS", link.stream, self.name)
+  end, "XINFO", "CONSUMERS", self.stream, self.name)
 end
 
 local function tick(self)
@@ -247,36 +271,76 @@ local function tick(self)
                  :unref()
 end
 
+-- The first delivery of an entry the reader g injected has started: it
+-- no longer waits here (reads resume when half of those did).
+local function started(g, info)
+  if info.is_started then return end
+  info.is_started = true
+  g.inflight[info.rid] = nil
+  local k = g.ninflight - 1
+  g.ninflight = k
+  if g.is_parked and k * 2 <= g.link.count and g.reads_out == 0
+     and not g.is_closed then
+    g.is_parked = false
+    read(g.conn)
+  end
+end
+
+-- The entry is done with (acked, or dead-lettered).
+local function settled(self, ev, info)
+  if not info then return end
+  self.by_lid[ev.id] = nil
+  info.g.unsettled = info.g.unsettled - 1
+  if info.g.on_settled then info.g:on_settled() end
+end
+
+-- The copy of ev a handler gets: the real type, the group, the attempt.
+local function copy(self, ev, info)
+  return { id = ev.id, type = ev.type:sub(#self.prefix + 1),
+    payload = ev.payload, ts = ev.ts, priority = ev.priority,
+    key = ev.key, attempt = info and not self.inbox and not self.retries
+                            and info.attempt or ev.attempt,
+    correlation_id = ev.correlation_id, causation_id = ev.causation_id,
+    headers = ev.headers, group = self.name }
+end
+
 -- What the local subscription calls: a copy of the event with the real
--- type, the handler, then the ack.
+-- type, the handler, then the ack. With retries (partitions), a failure
+-- is retried here (the key's lane waits) and the last one dead-letters.
 local function wrap(self, handler, test)
-  local plen = #self.prefix
   return function(ev)
     local info = self.by_lid[ev.id]
+    local g = info and info.g or self     -- the reader that read it
     local rid = info and info.rid or (ev.headers or {})["redis-id"]
     if self.inbox and rid and not self.is_closed then
-      self:ack(rid)             -- committed to the store: the inbox has it
+      g:ack(rid)                -- committed to the store: the inbox has it
     end
-    if info then
-      self.by_lid[ev.id] = nil
-      self.inflight[info.rid] = nil
-      local k = self.ninflight - 1
-      self.ninflight = k
-      if self.is_parked and k * 2 <= self.link.count
-         and self.reads_out == 0 then
-        self.is_parked = false
-        read(self.conn)
+    if info then started(g, info) end
+    local e = copy(self, ev, info)
+    if self.retries then
+      local ok, err = true, nil
+      if not test or test(e) then ok, err = pcall(handler, e) end
+      if not ok then
+        if ev.attempt < self.retries then error(err, 0) end
+        self:report(("%s failed %d times: %s"):format(rid or "?",
+                    ev.attempt, tostring(err)))
+        if rid then g:dead_event(rid, e, ev.attempt, err) end
+        return settled(self, ev, info)
       end
+    elseif not test or test(e) then
+      handler(e)
     end
-    local e = { id = ev.id, type = ev.type:sub(plen + 1),
-      payload = ev.payload, ts = ev.ts, priority = ev.priority,
-      key = ev.key, attempt = info and not self.inbox and info.attempt
-                                or ev.attempt,
-      correlation_id = ev.correlation_id, causation_id = ev.causation_id,
-      headers = ev.headers, group = self.name }
-    if not test or test(e) then handler(e) end
-    if rid and not self.inbox and not self.is_closed then self:ack(rid) end
+    if rid and not self.inbox and not self.is_closed then g:ack(rid) end
+    settled(self, ev, info)
   end
+end
+
+-- The dead letter of an event that failed here (its entry rebuilt).
+function Group:dead_event(rid, e, attempts, err)
+  local f = { "type", e.type, "payload", core.json_encode(e.payload) or
+              "null", "ts", e.ts }
+  if e.key ~= nil then f[#f + 1], f[#f + 2] = "key", tostring(e.key) end
+  self:dead(rid, f, attempts, tostring(err))
 end
 
 --- Ends the subscription: this process reads no more of the group
@@ -284,16 +348,33 @@ end
 function Group:unsubscribe()
   if self.is_closed then return end
   self.is_closed = true
-  if self.timer then self.timer:cancel() end
-  self.conn:close()
-  for i, conn in ipairs(self.link.conns) do
-    if conn == self.conn then table.remove(self.link.conns, i) break end
+  if self.owned then
+    require("buzz.redispart").close(self)
+  else
+    if self.timer then self.timer:cancel() end
+    self.conn:close()
+    for i, conn in ipairs(self.link.conns) do
+      if conn == self.conn then table.remove(self.link.conns, i) break end
+    end
   end
   self.link.groups[self.name] = nil
   self.sub:unsubscribe()
 end
 Group.close = Group.unsubscribe
 Group.__close = Group.unsubscribe
+
+--- A reader of group name on stream (the group itself, or one partition
+--- of it: redispart.lua), with fields.
+-- @local
+function M.reader(link, name, stream, fields)
+  local self = setmetatable(fields, Group)
+  self.link, self.name, self.stream = link, name, stream
+  self.inflight, self.ninflight, self.unsettled = {}, 0, 0
+  self.is_parked, self.reads_out = false, 0
+  self.batches = { first = 1, last = 0 }
+  return self
+end
+M.read, M.create = read, create
 
 --- r:subscribe(pattern, handler, opts) with opts.group.
 -- @local
@@ -308,8 +389,13 @@ function M.subscribe(link, pattern, handler, opts, level)
          .. "group is one handler per process", name)
   end
   local inbox = link.bus:_has_store() and opts.inbox ~= false
+    and not link.partitions
   if opts.inbox ~= nil and type(opts.inbox) ~= "boolean" then
     fail(level, "bad inbox: expected a boolean, got %s", quote(opts.inbox))
+  end
+  if opts.inbox and link.partitions then
+    fail(level, "inbox does not go with partitions (yet): a partition's "
+         .. "failures are retried in order here instead")
   end
   local lopts = {}
   for k, v in pairs(opts) do
@@ -319,19 +405,29 @@ function M.subscribe(link, pattern, handler, opts, level)
     if k ~= "group" and k ~= "filter" and k ~= "inbox" then lopts[k] = v end
   end
   if inbox then lopts.durable = "redis." .. name end
+  lopts.name = opts.name or ("%s (redis group %s, %s)"):format(pattern,
+    name, link.consumer)                 -- in on_error, metrics, retries
+  if link.partitions then              -- in order, retried here
+    lopts.ordered = true
+    lopts.retry = { max = link.max_deliveries, base = 0.1, max_delay = 5 }
+  end
   local test = opts.filter ~= nil and filter.predicate(opts.filter, level + 1)
   if not options.is_callable(handler) then
     fail(level, "bad handler: expected a function, got %s", type(handler))
   end
-  local self = setmetatable({ link = link, name = name, pattern = pattern,
-    inbox = inbox,
-    prefix = "$G." .. name .. ".", inflight = {}, by_lid = {},
-    ninflight = 0, is_parked = false, reads_out = 0 }, Group)
+  local self = M.reader(link, name, link.stream, {
+    pattern = pattern, inbox = inbox,
+    prefix = ("$G.%s.%s."):format(name, link.serial),  -- (one per link)
+    by_lid = {}, retries = link.partitions and link.max_deliveries })
   util.check_subject_arg(pattern, "pattern", "order.*", level + 1)
   self.sub = link.bus:_subscribe(self.prefix .. pattern,
                                  wrap(self, handler, test), lopts, level + 1)
   if not self.sub then error("bus:redis: cannot subscribe", level + 1) end
   link.groups[name] = self
+  if link.partitions then
+    require("buzz.redispart").start(link, self)
+    return self
+  end
   self.conn = redisconn.new(link, "group " .. name, start,
                              link.block + 5000, self)
   link.conns[#link.conns + 1] = self.conn

@@ -14,7 +14,7 @@
 -- @module buzz.redisout
 local failure = require "buzz.failure"
 
-local type, error = type, error
+local type, error, ipairs = type, error, ipairs
 local unpack = table.unpack or unpack   -- luacheck: ignore 143
 
 local M = {}
@@ -28,13 +28,15 @@ local KEEP_MS = 86400000                  -- how long a sent key is kept
 -- The durable consumer's handler: one outbox entry to the stream.
 local function sender(link)
   local stream, counts = link.stream, link.counts
+  local mine = {}                       -- the streams (partitions) of link
+  for _, st in ipairs(link.part_streams) do mine[st] = true end
   return function(ev)
     local p = ev.payload
-    if type(p) ~= "table" or p.s ~= stream then return end  -- another's
+    if type(p) ~= "table" or not mine[p.s] then return end  -- another's
     local key = ("%s:out:%s:%d"):format(stream, link.consumer, ev.id)
     local ok, v = failure.await(function(done)
       local sent, err = link.cmdc:cmd(function(is_ok, r) done(is_ok, r) end,
-        "EVAL", SCRIPT, 2, stream, key, KEEP_MS, unpack(p.a))
+        "EVAL", SCRIPT, 2, p.s, key, KEEP_MS, unpack(p.a))
       if not sent then done(false, err) end
     end)
     if not ok then error(v, 0) end     -- retried: it stays in the outbox
@@ -64,7 +66,7 @@ function M.put(link, args, first, n)
   local c = link.bus._core
   local a = {}
   for i = first, n do a[#a + 1] = args[i] end
-  local id, err, code = c:publish(TYPE, { s = link.stream, a = a }, 2,
+  local id, err, code = c:publish(TYPE, { s = args[2], a = a }, 2,
     link.stream,          -- the key: one ordered lane (a retry holds it)
     nil, nil, nil, nil, nil, true, link.bus._clock.ms)
   if not id then return nil, err, code end
