@@ -90,6 +90,7 @@ build = {
   --   ["buzz.redisout"] = "lua/buzz/redisout.lua"
   --   ["buzz.redispart"] = "lua/buzz/redispart.lua"
   --   ["buzz.redistrim"] = "lua/buzz/redistrim.lua"
+  --   ["buzz.redisngx"] = "lua/buzz/redisngx.lua"
   --   ["buzz.reducers"] = "lua/buzz/reducers.lua"
   --   ["buzz.router"] = "lua/buzz/router.lua"
   --   ["buzz.runner"] = "lua/buzz/runner.lua"

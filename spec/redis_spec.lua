@@ -617,13 +617,14 @@ describe("bus:redis #redis", function()
     local function link(name)
       return bus:redis{ url = srv.url, stream = stream, consumer = name,
                         partitions = 4, lease = 0.6, block = 0.1,
-                        fanout = name == "a" }
+                        fanout = name == "a", max_deliveries = 2 }
     end
     local a, b = link("a"), link("b")
     local fan, got = {}, {}
     bus:subscribe("p.*", function(ev) fan[#fan + 1] = ev.payload end)
     for _, r in ipairs { a, b } do
       r:subscribe("p.*", function(ev)
+        if ev.payload == "poison" then error("never") end
         got[ev.key] = (got[ev.key] or "") .. ev.payload .. ","
         if ev.payload == 5 and ev.attempt == 1 then error("again") end
       end, { group = "g" })
@@ -659,6 +660,17 @@ describe("bus:redis #redis", function()
     assert.equal(12, total)
     assert.is_true(used <= 3)           -- three keys: three partitions
     assert.equal("0", srv:cli("XLEN", stream))
+    -- what fails max_deliveries times: a dead letter of the bus and of
+    -- the dead-letter stream, acked
+    assert(a:publish("p.x", "poison", { key = "kp" }))
+    S.until_(bus, function() return #bus:dead_letters() == 1 end)
+    local dl = bus:dead_letters()[1]
+    assert.equal("exhausted", dl.reason)
+    assert.equal("poison", dl.event.payload)
+    S.until_(bus, function()
+      return srv:cli("XLEN", stream .. ":dlq") == "1"
+    end)
+    assert.matches("never", srv:cli("XRANGE", stream .. ":dlq", "-", "+"))
     bus:close()
   end)
 

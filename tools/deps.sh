@@ -9,7 +9,7 @@ PACKAGES="
   lua5.4 liblua5.4-dev
   luajit2 libluajit2-5.1-dev
   libuv1-dev libcjson-dev libsqlite3-dev sqlite3 libhttp-parser-dev libssl-dev
-  libhiredis-dev redis-server
+  libhiredis-dev redis-server lua-nginx-redis
   lua-busted lua-mediator lua-luv lua-check lua-ldoc
   luarocks cppcheck valgrind neovim
   nginx libnginx-mod-http-lua libnginx-mod-http-ndk lua-resty-core curl

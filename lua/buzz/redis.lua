@@ -26,6 +26,7 @@ local redisconn = require "buzz.redisconn"
 local redisout = require "buzz.redisout"
 local redispart = require "buzz.redispart"
 local redistrim = require "buzz.redistrim"
+local redisngx = require "buzz.redisngx"
 
 local type, tostring, tonumber, setmetatable, pairs, ipairs, pcall, error =
       type, tostring, tonumber, setmetatable, pairs, ipairs, pcall, error
@@ -101,6 +102,16 @@ local function check(self, method)
   end
 end
 Link.check = check
+
+-- A new connection: the C one on the bus's loop, or under OpenResty (a
+-- bus driven by nginx, whose loop is not libuv's) a cosocket's.
+function Link:dial(c)
+  if self.is_ngx then
+    return redisngx.connect(self.bus, self.host, self.port,
+                            self.connect_timeout, self.block + 5000)
+  end
+  return c:redis(self.host, self.port, self.connect_timeout)
+end
 
 -- The bus's publish of an event read from the stream: under its own type
 -- (fanout), or the group's subject (prefix). Returns the local id, or nil
@@ -501,6 +512,8 @@ function M.new(bus, opts, level)
     start_id = opts.start == "all" and "0" or "$",
     queue_limit = bus._core:stats().queue_limit,
     serial = next_serial(bus),
+    is_ngx = type(ngx) == "table" and type(ngx.socket) == "table"
+             and bus._driver ~= nil,    -- (ngx: OpenResty's global)
     partitions = opts.partitions and check_count(opts, "partitions", nil,
                                                  level),
     lease = check_seconds(opts, "lease", 10000, level), next_part = 0,

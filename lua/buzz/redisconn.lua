@@ -35,7 +35,7 @@ function Conn:open()
   local link = self.link
   local c = link.bus._core
   if self.is_closed or not c then return end
-  local h, err = c:redis(link.host, link.port, link.connect_timeout)
+  local h, err = link:dial(c)
   if not h then
     self:lost(err:gsub("^%u+: bus:redis: ", ""))
     return

@@ -321,11 +321,11 @@ local function wrap(self, handler, test)
       local ok, err = true, nil
       if not test or test(e) then ok, err = pcall(handler, e) end
       if not ok then
-        if ev.attempt < self.retries then error(err, 0) end
-        self:report(("%s failed %d times: %s"):format(rid or "?",
-                    ev.attempt, tostring(err)))
-        if rid then g:dead_event(rid, e, ev.attempt, err) end
-        return settled(self, ev, info)
+        if ev.attempt >= self.retries then  -- the last: the bus buries it
+          if rid then g:dead_event(rid, e, ev.attempt, err) end  -- (its
+          settled(self, ev, info)           -- dead letters), Redis's too
+        end
+        error(err, 0)
       end
     elseif not test or test(e) then
       handler(e)
