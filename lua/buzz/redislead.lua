@@ -34,6 +34,8 @@ local RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then "
 local RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then "
   .. "return redis.call('DEL', KEYS[1]) else return 0 end"
 
+M.RENEW, M.RELEASE = RENEW, RELEASE          -- (redispart.lua's too)
+
 local MEMBER_EVERY, MEMBER_TTL = 1000, 5000   -- ms
 
 --- True while this process holds the lease.

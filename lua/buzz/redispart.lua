@@ -24,10 +24,8 @@ local type, ipairs, pairs, tonumber, floor =
 
 local M = {}
 
-local RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-  .. "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"
-local RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-  .. "return redis.call('DEL', KEYS[1]) else return 0 end"
+local redislead = require "buzz.redislead"  -- (its lease scripts)
+local RENEW, RELEASE = redislead.RENEW, redislead.RELEASE
 
 --- A string's hash (djb2 modulo 2^32: the same on Lua 5.4 and LuaJIT,
 --- and in every process).
