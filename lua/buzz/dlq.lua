@@ -235,7 +235,23 @@ end
 M.copy = deep_copy
 M.event_of = event_of
 
---- Puts select, remove, redrive and dlq_payload on the supervisor class.
+--- A dead letter no runner made (a Redis group's entry that reached
+--- max_deliveries, or is not a buzz event: lua/buzz/redisgroup.lua),
+--- kept, stored and announced as a runner's are; nothing redrives it
+--- (no runner has its name).
+function Sup:bury_event(name, pattern, ev, reason, err)
+  local rec = { id = self.next_dead, subscription = name, pattern = pattern,
+    reason = reason, error = err, attempts = {}, event = ev,
+    failed_at = self:now(), redrives = 0 }
+  self.next_dead = rec.id + 1
+  self.dead[#self.dead + 1] = rec
+  self:put("dead", ("%012d"):format(rec.id), rec)
+  self:announce("$DLQ." .. ev.type, self:dlq_payload(rec))
+  return rec
+end
+
+--- Puts select, remove, redrive, dlq_payload and bury_event on the
+--- supervisor class.
 -- @local
 function M.supervisor(Supervisor)
   for k, f in pairs(Sup) do Supervisor[k] = f end

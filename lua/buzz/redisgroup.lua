@@ -31,8 +31,8 @@ local filter = require "buzz.filter"
 local util = require "buzz.util"
 local redisconn = require "buzz.redisconn"
 
-local type, pairs, ipairs, setmetatable, error, pcall, tostring =
-      type, pairs, ipairs, setmetatable, error, pcall, tostring
+local type, pairs, ipairs, setmetatable, error, pcall, tostring, tonumber =
+      type, pairs, ipairs, setmetatable, error, pcall, tostring, tonumber
 local unpack = table.unpack or unpack   -- luacheck: ignore 143
 local fail, quote = util.fail, util.quote
 
@@ -60,9 +60,27 @@ function Group:ack(rid)
   end, "XACK", self.stream, self.name, rid)
 end
 
--- To the dead-letter stream with why, then acked.
-function Group:dead(rid, fields, deliveries, why)
+-- The bus's dead letter of an entry no handler of its ran to the end
+-- (bus:dead_letters{}, a $DLQ event), as a runner's are.
+function Group:bury(rid, fields, why)
+  local env = {}
+  for i = 1, #fields - 1, 2 do env[fields[i]] = fields[i + 1] end
+  local payload = env.payload and core.json_decode(env.payload)
+  local sup = self.link.bus._sup
+  if not sup then return end                       -- (a closed bus)
+  sup:bury_event(self.sub and self.sub.name or self.name, self.pattern, {
+    type = type(env.type) == "string" and core.check_subject(env.type)
+           and env.type or "redis.invalid",
+    payload = payload, key = env.key, ts = tonumber(env.ts),
+    correlation_id = env.correlation_id,
+    headers = { ["redis-id"] = rid } }, "exhausted", why)
+end
+
+-- To the dead-letter stream with why, then acked; with is_buried, the
+-- bus's dead letters have it too.
+function Group:dead(rid, fields, deliveries, why, is_buried)
   local link = self.link
+  if is_buried then self:bury(rid, fields, why) end
   local args = { "XADD", link.dlq, "*" }
   for i = 1, #fields do args[#args + 1] = fields[i] end
   for _, v in ipairs { "redis_id", rid, "group", self.name, "deliveries",
@@ -99,13 +117,14 @@ function Group:deliver(rid, fields, attempt)
   end
   if attempt > link.max_deliveries then
     return self:dead(rid, fields, attempt - 1,
-                     ("not handled in %d deliveries"):format(attempt - 1))
+                     ("not handled in %d deliveries"):format(attempt - 1),
+                     true)
   end
   local lid, err, is_bad = link:inject(rid, fields, self.prefix,
     self.inbox and ("redis:%s:%s:%s"):format(self.stream, self.name, rid)
     or nil)
   if not lid then
-    if is_bad then return self:dead(rid, fields, attempt, err) end
+    if is_bad then return self:dead(rid, fields, attempt, err, true) end
     return self:report(("%s stays pending: %s"):format(rid, err))
   end
   if err == "duplicate" then                 -- in the inbox already
