@@ -685,6 +685,39 @@ describe("bus:redis #redis", function()
     bus:close()
   end)
 
+  it("partitions with a store: the inbox keeps each key in order",
+     function()
+    local stream = fresh_stream()
+    local path = H.tmp_store()
+    local bus = buzz.new{ store = path, on_error = function() end }
+    local r = bus:redis{ url = srv.url, stream = stream, consumer = "a",
+                         partitions = 2, lease = 0.6, block = 0.1,
+                         fanout = false }
+    local got = {}
+    r:subscribe("p.*", function(ev)
+      got[ev.key] = (got[ev.key] or "") .. ev.payload .. ","
+      if ev.payload == 2 and ev.attempt == 1 then error("again") end
+    end, { group = "g" })
+    S.until_(bus, function()
+      local g = r:stats().groups.g
+      return #g.partitions == 2 and g.reading
+    end)
+    for s = 1, 6 do assert(r:publish("p.x", s, { key = "k" .. s % 2 })) end
+    S.until_(bus, function()
+      return got.k0 == "2,2,4,6," and got.k1 == "1,3,5,"
+    end)
+    for i = 0, 1 do
+      H.eventually(function()
+        return srv:cli("XPENDING", stream .. ":" .. i, "g"):match("^0")
+      end, 5, "partition " .. i .. " acked")
+    end
+    local names = {}                        -- the inbox: redis.g
+    for _, c in ipairs(bus:consumers()) do names[c.name] = true end
+    assert.is_true(names["redis.g"])
+    bus:close()
+    H.remove_store(path)
+  end)
+
   it("raises on bad input", function()
     local bus = buzz.new()
     assert.error_matches(function() bus:redis{ url = "http://x" } end,

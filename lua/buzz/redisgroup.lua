@@ -408,13 +408,8 @@ function M.subscribe(link, pattern, handler, opts, level)
          .. "group is one handler per process", name)
   end
   local inbox = link.bus:_has_store() and opts.inbox ~= false
-    and not link.partitions
   if opts.inbox ~= nil and type(opts.inbox) ~= "boolean" then
     fail(level, "bad inbox: expected a boolean, got %s", quote(opts.inbox))
-  end
-  if opts.inbox and link.partitions then
-    fail(level, "inbox does not go with partitions (yet): a partition's "
-         .. "failures are retried in order here instead")
   end
   local lopts = {}
   for k, v in pairs(opts) do
