@@ -575,6 +575,34 @@ describe("bus:redis #redis", function()
     st, out = cli("nonsense")
     assert.equal(2, st)
     assert.matches("say what", out)
+    -- the same module in this process (what its lines print)
+    local function here(words, opts)
+      local path = os.tmpname()
+      local f, saved = assert(io.open(path, "w")), io.stdout
+      package.loaded["buzz.cliredis"] = nil
+      io.stdout = f                     -- (the module keeps io.stdout)
+      local ok, err = pcall(function()
+        local ctx = { buses = {} }
+        opts.words, opts.url = words, srv.url
+        require("buzz.cliredis").redis(opts, ctx)
+        for _, b in ipairs(ctx.buses) do b:close() end
+      end)
+      io.stdout = saved
+      f:close()
+      package.loaded["buzz.cliredis"] = nil
+      local text = H.read(path)
+      os.remove(path)
+      assert(ok, tostring(err))
+      return text
+    end
+    assert.matches(stream .. "  2 entries  1 groups",
+                   here({ "streams" }, {}), 1, true)
+    assert.matches('"group":"billing"', here({ "groups", stream },
+                                               { json = true }), 1, true)
+    assert.matches("idle %d+ ms  1 deliveries",
+                   here({ "pending", stream, "billing" }, {}))
+    assert.matches('"error":"not handled in 1 deliveries"',
+                   here({ "dlq", stream }, { json = true }), 1, true)
     st, out = H.sh(H.cli("redis --url redis://127.0.0.1:1/0 streams 2>&1"))
     assert.equal(1, st)
     assert.matches("cannot reach Redis at redis://127%.0%.0%.1:1/0: cannot "
