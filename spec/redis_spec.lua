@@ -580,14 +580,14 @@ describe("bus:redis #redis", function()
       local path = os.tmpname()
       local f, saved = assert(io.open(path, "w")), io.stdout
       package.loaded["buzz.cliredis"] = nil
-      io.stdout = f                     -- (the module keeps io.stdout)
+      rawset(io, "stdout", f)           -- (the module keeps io.stdout)
       local ok, err = pcall(function()
         local ctx = { buses = {} }
         opts.words, opts.url = words, srv.url
         require("buzz.cliredis").redis(opts, ctx)
         for _, b in ipairs(ctx.buses) do b:close() end
       end)
-      io.stdout = saved
+      rawset(io, "stdout", saved)
       f:close()
       package.loaded["buzz.cliredis"] = nil
       local text = H.read(path)
