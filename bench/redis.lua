@@ -5,8 +5,9 @@
 -- 1. Publishing: the floor is redis-benchmark's pipelined XADD (-P 100,
 --    the same fields as a buzz envelope of a small payload); beside it,
 --    buzz publishing N events through r:publish (pipelined by the
---    connection) until Redis confirmed them. Printed: both rates and
---    their ratio (target >= 0.5).
+--    connection) until Redis confirmed them, in three interleaved
+--    rounds. Printed: the best rate of each and their ratio (target
+--    >= 0.5).
 -- 2. Through a group: 3 worker processes in one consumer group, N events
 --    published at once; events/s from the first publish to the last
 --    handled (a worker writes one line per event).
@@ -92,24 +93,37 @@ print(("== bus:redis (%s), redis-server %s"):format(flavour,
 -- 1. Publishing against redis-benchmark's pipelined XADD
 local N = QUICK and 20000 or 200000
 local payload = core.json_encode({ n = 12345, name = "order" })
-local floor_out = sh(("redis-benchmark -p %d -P 100 -n %d -q XADD floor '*' "
-  .. "type b.x payload '%s' ts 1796600000000 2>&1"):format(port, N, payload))
-local floor_rate = tonumber(floor_out:match("([%d%.]+) requests per second"))
 local bus = buzz.new()
 local r = bus:redis{ url = url, stream = "pub", fanout = false }
 assert(r:flush(5))
-local t0 = core.hrtime()
-for i = 1, N do
-  r:publish("b.x", { n = i, name = "order" })
-  if i % 1000 == 0 then bus:step(1) end       -- let replies in
+local function floor_round()
+  local out = sh(("redis-benchmark -p %d -P 100 -n %d -q XADD floor '*' "
+    .. "type b.x payload '%s' ts 1796600000000 2>&1"):format(port, N,
+                                                            payload))
+  cli("DEL", "floor")
+  return tonumber(out:match("([%d%.]+) requests per second")) or 0
 end
-assert(r:flush(60))
-local secs = (core.hrtime() - t0) / 1e9
-local rate = N / secs
+local function buzz_round()
+  local t0 = core.hrtime()
+  for i = 1, N do
+    r:publish("b.x", { n = i, name = "order" })
+    if i % 1000 == 0 then bus:step(1) end     -- let replies in
+  end
+  assert(r:flush(60))
+  cli("DEL", "pub")
+  return N / ((core.hrtime() - t0) / 1e9)
+end
+-- interleaved rounds, best of each: the two are separate processes, and
+-- the machine is shared
+local floor_rate, rate = 0, 0
+for _ = 1, QUICK and 1 or 3 do
+  floor_rate = math.max(floor_rate, floor_round())
+  rate = math.max(rate, buzz_round())
+end
 print(("publish: redis-benchmark -P 100 XADD %.0f/s, buzz r:publish %.0f/s"
-       .. " (%d events) -> %.2fx of the floor (target >= 0.50: %s)")
-      :format(floor_rate or 0, rate, N, rate / (floor_rate or 1),
-              rate / (floor_rate or 1) >= 0.5 and "met" or "MISS"))
+       .. " (%d events, best of interleaved rounds) -> %.2fx of the floor "
+       .. "(target >= 0.50: %s)"):format(floor_rate, rate, N,
+       rate / floor_rate, rate / floor_rate >= 0.5 and "met" or "MISS"))
 bus:close()
 
 -- 2. Three workers in a group
@@ -137,7 +151,7 @@ os.execute("sleep 0.5")
 bus = buzz.new()
 r = bus:redis{ url = url, stream = "grp", fanout = false }
 assert(r:flush(5))
-t0 = core.hrtime()
+local t0 = core.hrtime()
 for i = 1, M do
   r:publish("b.x", i)
   if i % 1000 == 0 then bus:step(1) end
@@ -147,7 +161,7 @@ local deadline = os.time() + 120
 while #lines(dir .. "/grp") < M and os.time() < deadline do
   os.execute("sleep 0.01")
 end
-secs = (core.hrtime() - t0) / 1e9
+local secs = (core.hrtime() - t0) / 1e9
 print(("group: %d events through 3 worker processes in %.2f s: %.0f "
        .. "events/s end to end"):format(#lines(dir .. "/grp"), secs,
                                         #lines(dir .. "/grp") / secs))

@@ -5,6 +5,7 @@
 ** core's loop | nil, err, code. Its methods:
 **   conn:send(arg, ...) -> true | nil, err, code
 **     (arguments are strings or numbers; integers are sent as integers)
+**   conn:sendv(t, n) -> the same, with the arguments t[1..n]
 **   conn:next() -> true, value | false, message | nil
 **     (the oldest reply: a string for a bulk or status reply, an integer,
 **     false for a nil reply, a table (array) for an array reply, in which
@@ -80,22 +81,38 @@ static int lredis_connect(lua_State *L) {
 }
 
 /* conn:send(arg, ...) */
-static int lredis_send(lua_State *L) {
-  struct lredis *h = check_redis(L);
+/* n in decimal at s (room for 21 bytes); returns its length. */
+static int put_int(char *s, long long n) {
+  char digits[24];
+  unsigned long long u = n < 0 ? 0ULL - (unsigned long long)n
+                               : (unsigned long long)n;
+  int k = 0, len = 0;
+  do {
+    digits[k++] = (char)('0' + u % 10);
+    u /= 10;
+  } while (u > 0);
+  if (n < 0) s[len++] = '-';
+  while (k > 0) s[len++] = digits[--k];
+  s[len] = '\0';
+  return len;
+}
+
+/* Sends the argc values from stack slot base on as one command. */
+static int send_from(lua_State *L, struct lredis *h, int base, int argc) {
   const char *argv[ARGS_MAX];
   size_t lens[ARGS_MAX];
   char nums[ARGS_MAX][32];
-  int argc = lua_gettop(L) - 1, i, rc;
+  int i, rc;
   if (argc < 1) return luaL_error(L, "conn:send: no command");
   if (argc > ARGS_MAX)
     return luaL_error(L, "conn:send: more than %d arguments", ARGS_MAX);
   for (i = 0; i < argc; i++) {
-    int idx = i + 2;
+    int idx = base + i;
     if (lua_type(L, idx) == LUA_TNUMBER) {
       lua_Number n = lua_tonumber(L, idx);
       int len;
       if (n == (lua_Number)(long long)n && n > -9.2e18 && n < 9.2e18)
-        len = snprintf(nums[i], sizeof nums[i], "%lld", (long long)n);
+        len = put_int(nums[i], (long long)n);
       else
         len = snprintf(nums[i], sizeof nums[i], "%.17g", (double)n);
       argv[i] = nums[i];
@@ -113,6 +130,25 @@ static int lredis_send(lua_State *L) {
   }
   lua_pushboolean(L, 1);
   return 1;
+}
+
+static int lredis_send(lua_State *L) {
+  struct lredis *h = check_redis(L);
+  return send_from(L, h, 2, lua_gettop(L) - 1);
+}
+
+/* conn:sendv(t, n): the command t[1..n] (publish's reused table: no
+** unpack, no varargs copied twice) */
+static int lredis_sendv(lua_State *L) {
+  struct lredis *h = check_redis(L);
+  int n = (int)luaL_checkinteger(L, 3), i;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (n < 1 || n > ARGS_MAX)
+    return luaL_error(L, "conn:sendv: %d arguments (1 to %d)", n, ARGS_MAX);
+  lua_settop(L, 3);
+  luaL_checkstack(L, n, "conn:sendv");
+  for (i = 1; i <= n; i++) lua_rawgeti(L, 2, i);
+  return send_from(L, h, 4, n);
 }
 
 /* Pushes reply as a Lua value (an error nested in an array: { err }). */
@@ -220,6 +256,7 @@ const luaL_Reg buzz__lredis_methods[] = {
 
 static const luaL_Reg redis_methods[] = {
   { "send", lredis_send },
+  { "sendv", lredis_sendv },
   { "next", lredis_next },
   { "state", lredis_state },
   { "waiting", lredis_waiting },

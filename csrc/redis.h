@@ -1,9 +1,10 @@
 /*
 ** redis.h: a Redis connection on the core's libuv loop (redis.c), for
 ** bus:redis (lua/buzz/redis.lua). Plain C: no Lua here. Commands are
-** formatted by hiredis (redisFormatCommandArgv) and written over a TCP
-** socket buzz owns; replies are parsed by hiredis's redisReader and
-** queued, in the order the commands were sent, for the Lua layer to pull
+** written in RESP (by redis.c: hiredis 0.14's redisFormatCommandArgv
+** formats with sprintf, a quarter of a publish) over a TCP socket buzz
+** owns; replies are parsed by hiredis's redisReader and queued, in the
+** order the commands were sent, for the Lua layer to pull
 ** (buzz__redis_next). hiredis's own connection and its libuv adapter are
 ** not used: the socket, its timeouts and its errors are ours. C never
 ** calls Lua.

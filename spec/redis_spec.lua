@@ -48,11 +48,15 @@ describe("the connection (core:redis) #redis", function()
     assert.is_true(c:send("LRANGE", "l", 0, -1))
     assert.is_true(c:send("NOSUCHCOMMAND"))
     assert.is_true(c:send("INCRBY", "n", 2 ^ 40))
+    local big = ("x"):rep(100000) .. "\r\n$3\r\n"   -- RESP-like bytes
+    assert.is_true(c:sendv({ "SET", "big", big }, 3))
+    assert.is_true(c:send("GET", "big"))
+    assert.is_true(c:send("INCRBY", "m", -12345678901))
     local got = {}
     S.until_(bus, function()
       local ok, v = c:next()
       if ok ~= nil then got[#got + 1] = { ok, v } end
-      return #got == 7
+      return #got == 10
     end)
     assert.same({ true, "OK" }, got[1])
     assert.same({ true, "42" }, got[2])
@@ -62,6 +66,9 @@ describe("the connection (core:redis) #redis", function()
     assert.is_false(got[6][1])
     assert.matches("^ERR unknown command", got[6][2])
     assert.same({ true, 2 ^ 40 }, got[7])
+    assert.same({ true, "OK" }, got[8])
+    assert.is_true(got[9][2] == big)
+    assert.same({ true, -12345678901 }, got[10])
     assert.equal(0, c:waiting())
     assert.equal("ready", (c:state()))
     c:close()

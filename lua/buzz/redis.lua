@@ -27,6 +27,7 @@ local redisout = require "buzz.redisout"
 local redispart = require "buzz.redispart"
 local redistrim = require "buzz.redistrim"
 local redisngx = require "buzz.redisngx"
+local in_handler = require("buzz.task").in_handler
 
 local type, tostring, tonumber, setmetatable, pairs, ipairs, pcall, error =
       type, tostring, tonumber, setmetatable, pairs, ipairs, pcall, error
@@ -268,7 +269,12 @@ end
 ---  headers
 function Link:publish(etype, payload, opts)
   check(self, "publish")
-  util.check_type_arg(etype, "order.placed", 2)
+  local types = self.types                    -- (checked before: memo)
+  if not types[etype] then
+    util.check_type_arg(etype, "order.placed", 2)
+    if types.n >= 4096 then self.types = { n = 0 } types = self.types end
+    types[etype], types.n = true, types.n + 1
+  end
   local bus = self.bus
   local text, err = json_encode(payload, bus._max_payload or MAX_PAYLOAD)
   if not text then fail(2, "bad payload: %s", err) end
@@ -284,14 +290,15 @@ function Link:publish(etype, payload, opts)
     options.check_options(opts, PUBLISH_OPTIONS, "redis:publish", 2)
     n = envelope(opts, args, n, 2)
   end
-  if opts == nil or opts.correlation_id == nil then
+  if (opts == nil or opts.correlation_id == nil) and in_handler(bus._task)
+  then
     local _, corr = bus._core:current()       -- inside a handler
     if corr ~= nil then
       args[n + 1], args[n + 2] = "correlation_id", tostring(corr)
       n = n + 2
     end
   end
-  if self.outbox_sub and self.bus:_is_in_handler() then
+  if self.outbox_sub and in_handler(bus._task) then
     local ok, e, code = redisout.put(self, args, self.nhead + 2, n)
     return ok, e, code
   end
@@ -299,8 +306,7 @@ function Link:publish(etype, payload, opts)
   if cmdc.is_down then
     return nil, self:unavailable(cmdc.why), "EUNAVAILABLE"
   end
-  local ok, e, code = cmdc:cmd_data(self.on_added, etype,
-                                    unpack(args, 1, n))
+  local ok, e, code = cmdc:cmdv(self.on_added, etype, args, n)
   if not ok then return nil, e, code end
   local counts = self.counts
   counts.sending = counts.sending + 1
@@ -518,7 +524,7 @@ function M.new(bus, opts, level)
                                                  level),
     lease = check_seconds(opts, "lease", 10000, level), next_part = 0,
     fan_last = {},
-    groups = {}, conns = {}, leaders = {},
+    groups = {}, conns = {}, leaders = {}, types = { n = 0 },
     counts = { published = 0, failed = 0, received = 0, acked = 0,
                dead = 0, lost = 0, claimed = 0, dropped = 0, skipped = 0,
                trimmed = 0, duplicates = 0, outboxed = 0, resent = 0,

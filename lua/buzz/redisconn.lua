@@ -67,6 +67,20 @@ function Conn:cmd_data(cb, data, ...)
   return true
 end
 
+-- As cmd_data, with the command's arguments args[1..n] (publish's table).
+function Conn:cmdv(cb, data, args, n)
+  local h = self.h
+  if not h or not h:sendv(args, n) then
+    return nil, self.link:unavailable(self.why), "EUNAVAILABLE"
+  end
+  local t = self.tail + 1
+  self.tail = t
+  self.cbs[t] = cb or false
+  if data ~= nil then self.data[t] = data end
+  if not self.since then self.since = self.link.bus:_now() end
+  return true
+end
+
 function Conn:cmd(cb, ...)
   return self:cmd_data(cb, nil, ...)
 end

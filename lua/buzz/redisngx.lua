@@ -112,6 +112,10 @@ function H:send(...)
   return true
 end
 
+function H:sendv(t, n)
+  return self:send(unpack(t, 1, n))
+end
+
 function H:next()
   local q, i = self.replies, self.head
   local r = q[i]
