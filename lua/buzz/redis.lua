@@ -9,10 +9,11 @@
 --   r:leader(name, fn), r:every(seconds, type, fn), r:members() (in
 --   redislead.lua), r:close()
 --
--- The connections are C (csrc/redis.c: hiredis formats commands and parses
--- replies, the socket is buzz's, on the bus's loop); redisconn.lua keeps
--- a queue of reply callbacks per connection (Redis answers in order) and
--- reconnects with backoff; this module runs a watchdog over silent ones.
+-- The connections are C (csrc/redis.c writes commands in RESP, hiredis's
+-- reader parses replies, the socket is buzz's, on the bus's loop);
+-- redisconn.lua keeps a queue of reply callbacks per connection (Redis
+-- answers in order) and reconnects with backoff; this module runs a
+-- watchdog over silent ones.
 -- Entries read without a group (fanout) are published on the bus under
 -- their own type, so every subscription, route and window sees them; a
 -- group's entries go to that group's one subscription (redisgroup.lua).
