@@ -753,6 +753,23 @@ describe("bus:redis #redis", function()
     H.remove_store(path)
   end)
 
+  it("authenticates and selects the database the url names", function()
+    local locked = S.start("s3cret")
+    local bus = buzz.new{ on_error = function() end }
+    local r = bus:redis{ url = ("redis://:s3cret@127.0.0.1:%d/2")
+                               :format(locked.port), stream = "auth" }
+    assert(r:publish("a.x", 1))
+    assert(r:flush(5))
+    assert.equal("1", locked:cli("-n", 2, "XLEN", "auth"))
+    assert.equal("0", locked:cli("XLEN", "auth"))       -- not in db 0
+    local bad = bus:redis{ url = ("redis://:wrong@127.0.0.1:%d/0")
+                                 :format(locked.port), stream = "auth" }
+    assert(bad:publish("a.x", 2))
+    S.until_(bus, function() return bad:stats().failed == 1 end)
+    bus:close()
+    locked:remove()
+  end)
+
   it("raises on bad input", function()
     local bus = buzz.new()
     assert.error_matches(function() bus:redis{ url = "http://x" } end,

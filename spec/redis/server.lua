@@ -3,6 +3,7 @@
 -- its pid. Needs Debian's redis-server (tools/deps.sh installs it).
 --   local S = require "spec.redis.server"
 --   local srv = S.start()      -- srv.port, srv.dir, srv.url
+--   S.start(password)          -- one that asks for it (requirepass)
 --   srv:cli("XLEN", "s")       -- what redis-cli prints, trimmed
 --   srv:stop(); srv:restart(); srv:remove()
 -- and S.until_(bus, fn, seconds): runs the bus until fn() is true.
@@ -17,20 +18,21 @@ end
 function Server:launch()
   local _, out = sh(("redis-server --bind 127.0.0.1 --port %d --dir %s "
     .. "--appendonly yes --save '' --daemonize yes --pidfile %s/pid "
-    .. "--logfile %s/log 2>&1"):format(self.port, self.dir, self.dir,
-                                       self.dir))
+    .. "--logfile %s/log %s 2>&1"):format(self.port, self.dir, self.dir,
+                                          self.dir, self.extra or ""))
   local ok = pcall(H.eventually, function()
     return self:cli("PING") == "PONG"
   end, 5, "redis-server on port " .. self.port)
   return ok, out
 end
 
-function S.start()
+function S.start(password)
   local dir = H.mktemp_dir()
   math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)"), 16))
   for _ = 1, 20 do
     local port = math.random(20000, 45000)
-    local srv = setmetatable({ dir = dir, port = port,
+    local srv = setmetatable({ dir = dir, port = port, password = password,
+      extra = password and "--requirepass " .. password,
       url = ("redis://127.0.0.1:%d/0"):format(port) }, Server)
     if srv:launch() and srv:pid() then return srv end
   end
@@ -40,8 +42,9 @@ end
 function Server:cli(...)
   local args = {}
   for i, a in ipairs { ... } do args[i] = H.quote(tostring(a)) end
-  local _, out = sh(("redis-cli -p %d %s 2>&1"):format(self.port,
-                                                     table.concat(args, " ")))
+  local _, out = sh(("redis-cli -p %d %s%s 2>&1"):format(self.port,
+    self.password and "--no-auth-warning -a " .. self.password .. " " or "",
+    table.concat(args, " ")))
   return (out:gsub("%s+$", ""))
 end
 
