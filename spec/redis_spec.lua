@@ -430,11 +430,11 @@ describe("bus:redis #redis", function()
     local la = a:leader("boss", function(l)
       elected[#elected + 1] = "a"
       assert.is_true(l:is_leader())
-    end, { lease = 0.3 })
+    end, { lease = 1 })
     local lb = b:leader("boss", function() elected[#elected + 1] = "b" end,
-                        { lease = 0.3 })
+                        { lease = 1 })
     S.until_(bus, function() return #elected == 1 end)
-    spin(bus, 0.5)                      -- renewals keep it where it is
+    spin(bus, 1.2)                      -- renewals keep it where it is
     assert.equal(1, #elected)
     local was, other = elected[1], elected[1] == "a" and lb or la
     assert.is_false(other:is_leader());
@@ -662,7 +662,7 @@ describe("bus:redis #redis", function()
     local bus = buzz.new{ on_error = function() end }
     local function link(name)
       return bus:redis{ url = srv.url, stream = stream, consumer = name,
-                        partitions = 4, lease = 0.6, block = 0.1,
+                        partitions = 4, lease = 1.5, block = 0.1,
                         fanout = name == "a", max_deliveries = 2 }
     end
     local a, b = link("a"), link("b")
@@ -726,7 +726,7 @@ describe("bus:redis #redis", function()
     local path = H.tmp_store()
     local bus = buzz.new{ store = path, on_error = function() end }
     local r = bus:redis{ url = srv.url, stream = stream, consumer = "a",
-                         partitions = 2, lease = 0.6, block = 0.1,
+                         partitions = 2, lease = 1.5, block = 0.1,
                          fanout = false }
     local got = {}
     r:subscribe("p.*", function(ev)
