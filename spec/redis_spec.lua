@@ -784,6 +784,14 @@ describe("bus:redis #redis", function()
                          'bad outbox')
     assert.error_matches(function() bus:redis{ partitions = 0 } end,
                          'partitions')
+    assert.error_matches(function() bus:redis{ stream = "" } end,
+                         'bad stream: expected a non%-empty string')
+    assert.error_matches(function() bus:redis{ consumer = 5 } end,
+                         'bad consumer')
+    assert.error_matches(function()
+      bus:redis{ url = "redis://127.0.0.1:6379/x" } end,
+      'the database is a number')
+    assert.error_matches(function() bus:redis{ lease = -1 } end, 'lease')
     assert.error_matches(function() bus:redis{ partitions = 1.5 } end,
                          'partitions')
     local r = bus:redis{ url = srv.url, stream = fresh_stream() }

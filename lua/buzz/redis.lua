@@ -41,7 +41,6 @@ local PRIORITIES = options.PRIORITIES
 local M = {}
 local Link = {}
 Link.__index = Link
-M.Link = Link
 
 local LINK_OPTIONS = options.option_set("url", "stream", "consumer",
   "block", "min_idle", "claim_every", "max_deliveries", "count",
@@ -103,7 +102,6 @@ local function check(self, method)
     error(("r:%s: this Redis link is closed"):format(method), 3)
   end
 end
-Link.check = check
 
 -- A new connection: the C one on the bus's loop, or under OpenResty (a
 -- bus driven by nginx, whose loop is not libuv's) a cosocket's.

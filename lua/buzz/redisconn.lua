@@ -1,6 +1,7 @@
 --- buzz.redisconn: one Redis connection of a link (lua/buzz/redis.lua)
--- over the C connection (core:redis, csrc/lredis.c), made again when it
--- is lost. cmd(cb, ...) sends a command and keeps cb in a queue: Redis
+-- over the C connection (core:redis, csrc/lredis.c) or, under OpenResty,
+-- a cosocket's (redisngx.lua): link:dial picks. Made again when it is
+-- lost. cmd(cb, ...) sends a command and keeps cb in a queue: Redis
 -- answers in order, so pump() hands each reply to the next callback,
 -- cb(ok, value, is_lost) (ok false: an error reply, or the connection
 -- was lost before the reply came, is_lost true). on_ready(conn) runs at
@@ -52,25 +53,10 @@ function Conn:open()
   if self.on_ready then self.on_ready(self) end
 end
 
--- As cmd, with data given to cb as its fourth argument (a callback
--- shared by many commands, not a closure each: publish's).
-function Conn:cmd_data(cb, data, ...)
-  local h = self.h
-  if not h or not h:send(...) then
-    return nil, self.link:unavailable(self.why), "EUNAVAILABLE"
-  end
-  local t = self.tail + 1
-  self.tail = t
-  self.cbs[t] = cb or false
-  if data ~= nil then self.data[t] = data end
-  if not self.since then self.since = self.link.bus:_now() end
-  return true
-end
-
--- As cmd_data, with the command's arguments args[1..n] (publish's table).
-function Conn:cmdv(cb, data, args, n)
-  local h = self.h
-  if not h or not h:sendv(args, n) then
+-- After a send: queues cb (and its data) for the command's reply; true,
+-- or (nothing was sent: the connection is down) nil, err, code.
+local function expect(self, is_sent, cb, data)
+  if not is_sent then
     return nil, self.link:unavailable(self.why), "EUNAVAILABLE"
   end
   local t = self.tail + 1
@@ -82,12 +68,16 @@ function Conn:cmdv(cb, data, args, n)
 end
 
 function Conn:cmd(cb, ...)
-  return self:cmd_data(cb, nil, ...)
+  local h = self.h
+  return expect(self, h and h:send(...), cb, nil)
 end
 
--- Commands sent and not answered yet.
-function Conn:waiting()
-  return self.tail - self.head + 1
+-- As cmd, with the command's arguments args[1..n] (publish's reused
+-- table) and data given to cb as its fourth argument (a callback shared
+-- by many commands, not a closure each).
+function Conn:cmdv(cb, data, args, n)
+  local h = self.h
+  return expect(self, h and h:sendv(args, n), cb, data)
 end
 
 function Conn:pump()

@@ -60,7 +60,6 @@ local function winner(members, i)
   end
   return best
 end
-M.winner = winner
 
 -- A partition's reader, at each (re)connect: the group, what is pending
 -- (taken over), then its own pending entries and new ones, in order.
