@@ -220,7 +220,7 @@ static int lcore_new(lua_State *L) {
   c = (lcore *)buzz_newud(L, sizeof *c);
   memset(c, 0, sizeof *c);             /* closed until acquired */
   c->bus.is_closed = 1;
-  c->upcast_ref = LUA_NOREF;
+  c->has_upcast = 0;
   c->ev_slot = LUA_NOREF;
   c->batch_ref = LUA_NOREF;
   c->batch_prio = -1;
@@ -396,24 +396,14 @@ static int lcore_flush(lua_State *L) {
   return 1;
 }
 
-/* core:set_upcast(fn | nil): fn(ev) upcasts stored events in place. */
 /*
-** Makes *ref a U ref to the value at slot 2 (a function), or LUA_NOREF
-** for nil, releasing the one it held. Released here or with U.
+** core:set_upcast(on): the bus has upcasters. Lua upcasts stored events
+** as it reads them (lua/buzz/store.lua, task.lua); the core then leaves
+** durable pages unprefiltered, since a prefilter would test the payload
+** before its upcast (the subscription's own filter tests it after).
 */
-static void set_fn_ref(lua_State *L, int *ref) {
-  int u = push_refs(L);
-  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TFUNCTION);
-  unref(L, u, ref);
-  if (!lua_isnoneornil(L, 2)) {
-    lua_pushvalue(L, 2);
-    *ref = luaL_ref(L, u);
-  }
-  lua_pop(L, 1);
-}
-
 static int lcore_set_upcast(lua_State *L) {
-  set_fn_ref(L, &check_core(L)->upcast_ref);
+  check_core(L)->has_upcast = lua_toboolean(L, 2);
   return 0;
 }
 

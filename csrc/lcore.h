@@ -40,7 +40,8 @@ typedef struct lcore {
   int64_t id_safe;     /* ids up to this are reserved in the store: */
                        /* no word with it needed (buzz__ids_take) */
   size_t ndurable;     /* live durable subs */
-  int upcast_ref;      /* U ref: upcast(ev) from lua/buzz, or LUA_NOREF */
+  int has_upcast;      /* upcasters are set: Lua upcasts durable pages, so
+                          the core does not prefilter them (set_upcast) */
   int cur_slot;        /* U ref: the current event, false for none
                           (lcore_holder; released with U) */
   int depth_slot;      /* U ref: the publish_sync levels the hot path
@@ -126,9 +127,8 @@ static inline void buzz__set_field_int(lua_State *L, const char *k,
 ** there: pushes an array of event tables, returns how many).
 */
 extern const luaL_Reg buzz__lstore_methods[];
-int buzz__lstore_read_page(lua_State *L, lcore *c, int u,
-                           const buzz_query *q, int is_strict,
-                           int64_t *bad_id);
+int buzz__lstore_read_page(lua_State *L, lcore *c, const buzz_query *q,
+                           int is_strict, int64_t *bad_id);
 
 /*
 ** lprefilter.c: the where{} prefilter. buzz__pf_holds: may ev pass the

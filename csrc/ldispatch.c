@@ -20,8 +20,11 @@
 ** moves that consumer's position past each one once it has run, and its
 ** position reaches the writer at the next take. errs, when not nil, is an
 ** array of failures to report, three entries each: "CODE: message" (or
-** the message of a stored event that does not decode or upcast), the
-** event table or false, the subscription object or false.
+** the message of a stored event that does not decode), the event table
+** or false, the subscription object or false. Stored events come as
+** stored: the Lua layer upcasts them (task.lua), and with upcasters set
+** (core:set_upcast) pages are not prefiltered, since the filter must see
+** the upcast payload.
 **
 ** Priority across a batch: a publish of an event more urgent than the
 ** last one the latest take at level 0 handed out sets subs.preempt to its
@@ -111,7 +114,7 @@ static int take_durables(lua_State *L, lcore *c, lua_Integer max,
     q.pattern.p = sub->pattern;
     q.pattern.n = sub->len;
     q.limit = max > PAGE_MAX ? PAGE_MAX : max;
-    k = read_page(L, c, T_U, &q, 1, &bad);
+    k = read_page(L, c, &q, 1, &bad);
     if (k < 0) {                       /* the position stays put */
       add_store_err(L, nerr, lua_tostring(L, -1));
       lua_settop(L, top);
@@ -122,7 +125,7 @@ static int take_durables(lua_State *L, lcore *c, lua_Integer max,
       lua_getfield(L, -1, "id");
       read = (int64_t)lua_tointeger(L, -1);
       lua_pop(L, 1);
-      if (sub->filter_ref != BUZZ_NOREF) {
+      if (sub->filter_ref != BUZZ_NOREF && !c->has_upcast) {
         buzz_event e;
         int holds;
         memset(&e, 0, sizeof e);
@@ -144,7 +147,7 @@ static int take_durables(lua_State *L, lcore *c, lua_Integer max,
     if (bad > 0) {                     /* report it, skip that event */
       lua_rawgeti(L, T_U, sub->data_ref);            /* top+4 */
       lua_pushvalue(L, top + 2);
-      add_err(L, nerr, lua_isnil(L, top + 3) ? 0 : top + 3, top + 4);
+      add_err(L, nerr, top + 3, top + 4);
       to = bad;
     } else if (k < q.limit) {
       to = q.to_id;                    /* read to the committed end */

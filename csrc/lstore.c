@@ -16,8 +16,8 @@
 ** does not decode is never rewritten here, it comes back with
 ** decode_error set; every write goes to the writer in order with the
 ** bus's other writes (the same group commit). A memory bus has no store:
-** these methods return nil, err, "EINVAL" there. Rows are upcast by the
-** function core:set_upcast gives (lbuzz.c sets it).
+** these methods return nil, err, "EINVAL" there. Rows come back as
+** stored: Lua upcasts them (lua/buzz/store.lua), the core calls no Lua.
 **
 ** It does not own the store (ldurable.c opens it, lbuzz.c closes it),
 ** does not take the writer's news by itself (store_sync and store_flush
@@ -82,13 +82,12 @@ static int set_json(lua_State *L, int key, buzz_str v, int64_t id,
 }
 
 /*
-** Pushes the event table of a stored row, upcast when an upcaster is set.
-** Returns 0; or BUZZ_EDECODE with the table on top, not upcast, when its
-** payload or headers do not decode (see set_json); or BUZZ_EINVAL with
-** the upcaster's error on top instead of the table. Only called from
-** methods (uses the upvalues).
+** Pushes the event table of a stored row, as stored (Lua upcasts it:
+** lua/buzz/store.lua). Returns 0; or BUZZ_EDECODE, the table still on
+** top, when its payload or headers do not decode (see set_json). Only
+** called from methods (uses the upvalues).
 */
-static int push_stored(lua_State *L, lcore *c, int u, const buzz_stored *r) {
+static int push_stored(lua_State *L, const buzz_stored *r) {
   int prio = r->priority >= 0 && r->priority < BUZZ_NPRIO ? r->priority
              : BUZZ_PRIO_NORMAL, rc;
   lua_createtable(L, 0, 7 + (r->key_kind != 0) + (r->corr.p != NULL) +
@@ -111,31 +110,20 @@ static int push_stored(lua_State *L, lcore *c, int u, const buzz_stored *r) {
     set_str(L, UV_STREAM, r->stream);
     set_int(L, UV_SVERSION, r->stream_version);
   }
-  if (rc != 0) return rc;              /* nothing to upcast */
-  if (c->upcast_ref != LUA_NOREF) {
-    lua_rawgeti(L, u, c->upcast_ref);
-    lua_pushvalue(L, -2);
-    if (lua_pcall(L, 1, 0, 0) != 0) {
-      lua_remove(L, -2);
-      return BUZZ_EINVAL;
-    }
-  }
-  return 0;
+  return rc;
 }
 
 /*
 ** Reads one page of stored events into a new array on top: the rows of q
-** up to q->limit. Returns the number read; if an upcaster raised on a
-** row, or (with is_strict) a row does not decode, the page stops before
-** it, *bad_id is its id, and the message and the row's event table (nil
-** for an upcaster's raise) are pushed above the array. Without is_strict
-** a row that does not decode is in the page, with decode_error set. A
-** store failure returns a negative code with a message on top instead of
-** the array.
+** up to q->limit. Returns the number read; if (with is_strict) a row
+** does not decode, the page stops before it, *bad_id is its id, and the
+** message and the row's event table are pushed above the array. Without
+** is_strict a row that does not decode is in the page, with decode_error
+** set. A store failure returns a negative code with a message on top
+** instead of the array.
 */
-int buzz__lstore_read_page(lua_State *L, lcore *c, int u,
-                           const buzz_query *q, int is_strict,
-                           int64_t *bad_id) {
+int buzz__lstore_read_page(lua_State *L, lcore *c, const buzz_query *q,
+                           int is_strict, int64_t *bad_id) {
   buzz_stored row;
   char err[ERR_MAX];
   int n = 0, rc;
@@ -147,23 +135,12 @@ int buzz__lstore_read_page(lua_State *L, lcore *c, int u,
   }
   lua_createtable(L, q->limit < 1024 ? (int)q->limit : 1024, 0);
   while ((rc = buzz__store_next(c->store, &row, err, sizeof err)) > 0) {
-    int bad = push_stored(L, c, u, &row);
+    int bad = push_stored(L, &row);
     if (bad == BUZZ_EDECODE && is_strict) {
       buzz__store_query_done(c->store);   /* let go of the snapshot */
       *bad_id = row.id;
       lua_getfield(L, -1, "decode_error");
       lua_insert(L, -2);                  /* array, message, table */
-      return n;
-    }
-    if (bad != 0 && bad != BUZZ_EDECODE) {
-      char num[32];
-      buzz__store_query_done(c->store);   /* let go of the snapshot */
-      *bad_id = row.id;
-      snprintf(num, sizeof num, "%lld", (long long)row.id);
-      lua_pushfstring(L, "upcasting event %s failed: ", num);
-      lua_insert(L, -2);
-      lua_concat(L, 2);
-      lua_pushnil(L);                     /* array, message, nil */
       return n;
     }
     lua_rawseti(L, -2, ++n);
@@ -207,13 +184,11 @@ static buzz_store *need_store(lua_State *L, lcore *c, const char *what) {
 ** core:query(filters, after_id, limit) -> array of events | nil, err,
 ** code. filters: pattern, to_id, from_ts, to_ts, key (string or
 ** integer). One page of stored events with id > after_id, in id order.
-** An upcaster's raise is raised (the caller is in Lua, not a handler).
 */
 static int lcore_query(lua_State *L) {
   lcore *c = check_core(L);
   buzz_query q;
   int64_t bad;
-  int u, n;
   luaL_checktype(L, 2, LUA_TTABLE);
   memset(&q, 0, sizeof q);
   q.after_id = buzz__check_int(L, 3, "after_id", 0, INT64_MAX);
@@ -235,16 +210,11 @@ static int lcore_query(lua_State *L) {
     q.has_key = 1;
     q.key.p = lua_tolstring(L, -1, &q.key.n);
   }
-  u = push_refs(L);
-  if ((n = buzz__lstore_read_page(L, c, u, &q, 0, &bad)) < 0) {
+  if (buzz__lstore_read_page(L, c, &q, 0, &bad) < 0) {
     lua_pushnil(L);
     lua_pushfstring(L, "ESTORE: %s", lua_tostring(L, -2));
     lua_pushliteral(L, "ESTORE");
     return 3;
-  }
-  if (bad > 0) {                       /* the upcaster's raise */
-    lua_pop(L, 1);
-    return lua_error(L);
   }
   return 1;
 }

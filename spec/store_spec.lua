@@ -671,6 +671,40 @@ describe("the store", function()
       assert.equal(1, raw[1].version)
     end)
 
+    it("filters a durable consumer on the upcast payload", function()
+      local bus = H.bus{ store = path }
+      for i = 1, 6 do bus:publish("e", { n = i }) end   -- v1: { n }
+      bus:upcaster("e", 1, function(p) return { amount = p.n * 10 } end)
+      local got = {}
+      bus:subscribe("e", function(ev) got[#got + 1] = ev.payload.amount end,
+                    { durable = "d",
+                      filter = { ["payload.amount"] = { gt = 30 } } })
+      bus:drain()
+      assert.same({ 40, 50, 60 }, got)
+      assert.equal(6, bus:_position("d"))
+    end)
+
+    it("raise an upcaster's error from events() and replay", function()
+      local bus = H.bus{ store = path }
+      for i = 1, 3 do bus:publish("e", i) end
+      bus:flush()
+      bus:upcaster("e", 1, function(p)
+        if p == 2 then error("no two", 0) end
+        return p * 10
+      end)
+      local seen = {}
+      assert.has_error(function()
+        for ev in bus:events() do seen[#seen + 1] = ev.payload end
+      end, "upcasting event 2 failed: no two")
+      assert.same({}, seen)            -- the page is upcast before use
+      assert.has_error(function()
+        bus:replay{ handler = function() end }
+      end, "upcasting event 2 failed: no two")
+      local one = {}
+      for ev in bus:events{ to = 1 } do one[#one + 1] = ev.payload end
+      assert.same({ 10 }, one)
+    end)
+
     it("refuses bad registrations", function()
       local bus = H.bus{ store = path }
       bus:upcaster("a", 1, print)

@@ -133,7 +133,7 @@ function M.new(opts)
     _store = store,           -- path, or nil for a memory bus
     _durability = store and (durability or "batch"),
     _readonly = opts.readonly or false,
-    _upcasters = nil,         -- type -> { [from_version] = fn }
+    _upcasters = nil, _upcast = nil,  -- type -> chain; runner (store.lua)
     _clock = clock,
     _manual = clock.is_manual and clock,  -- stamps events, or false
     _timers = tl,             -- delays, retries, timeouts, sleeps

@@ -10,8 +10,8 @@ local errors = require "buzz.errors"
 local storable = require "buzz.storable"
 local core = require "buzz.core"
 
-local type, error, ipairs, pairs, tostring, xpcall, assert =
-      type, error, ipairs, pairs, tostring, xpcall, assert
+local type, error, ipairs, pairs, tostring, xpcall, pcall, assert =
+      type, error, ipairs, pairs, tostring, xpcall, pcall, assert
 local traceback = debug.traceback
 local floor, huge = math.floor, math.huge
 local json_encode, json_decode = core.json_encode, core.json_decode
@@ -111,18 +111,70 @@ local function query_filters(f, allowed, what, level)
   return q, from_id and from_id - 1 or 0, f.limit or huge
 end
 
+-- Applies the upcaster chain of ev.type to a stored event, in place.
+local function upcaster_runner(chains)
+  return function(ev)
+    local chain = chains[ev.type]
+    if not chain then return end
+    local v = ev.version or 1
+    local f = chain[v]
+    while f do
+      ev.payload = f(ev.payload, ev)
+      v = v + 1
+      f = chain[v]
+    end
+    ev.version = v
+  end
+end
+
+--- Upcasts evs[from..n] (from defaults to 1), stored events as the core
+--- read them, in place with up (the bus's upcaster chains,
+--- Store:upcaster); rows that do not decode are left as they are.
+--- Returns nil, or at the first raise its index and the message
+--- "upcasting event ID failed: ERROR" (the events after it are not
+--- upcast).
+---@return integer|nil i, string|nil err
+function M.upcast(up, evs, n, from)
+  for i = from or 1, n do
+    local ev = evs[i]
+    if not ev.decode_error then
+      local ok, e = pcall(up, ev)
+      if not ok then
+        return i, ("upcasting event %d failed: %s"):format(ev.id,
+                                                          tostring(e))
+      end
+    end
+  end
+  return nil
+end
+local upcast = M.upcast
+
+-- One page of the query q from the core c of the bus self, upcast; nil,
+-- err, code if the store fails. An upcaster's raise is raised: the
+-- caller is the reader, not a handler.
+local function query(self, c, q, after, limit)
+  local page, err, code = c:query(q, after, limit < PAGE and limit or PAGE)
+  if not page then return nil, err, code end
+  local up = self._upcast
+  if up then
+    local i, e = upcast(up, page, #page)
+    if i then error(e, 0) end
+  end
+  return page
+end
+
 -- Reads the next page or raises the store's failure.
-local function page_of(c, q, after, limit)
-  local page, err = c:query(q, after, limit < PAGE and limit or PAGE)
+local function page_of(self, c, q, after, limit)
+  local page, err = query(self, c, q, after, limit)
   if not page then error(err, 3) end
   return page
 end
 
--- The iterator of events() over the core c: pages of the query q after
--- the id after, at most limit events; nil, err, code if the first page
--- fails.
-local function stored_events(c, q, after, limit)
-  local page, err, code = c:query(q, after, limit < PAGE and limit or PAGE)
+-- The iterator of events() over the core c of the bus self: pages of the
+-- query q after the id after, at most limit events; nil, err, code if
+-- the first page fails.
+local function stored_events(self, c, q, after, limit)
+  local page, err, code = query(self, c, q, after, limit)
   if not page then return nil, err, code end
   local i, seen = 0, 0
   return function()
@@ -131,7 +183,7 @@ local function stored_events(c, q, after, limit)
     local ev = page[i]
     if ev == nil then
       if #page < PAGE then return nil end
-      page, i = page_of(c, q, after, limit - seen), 1
+      page, i = page_of(self, c, q, after, limit - seen), 1
       ev = page[1]
       if ev == nil then return nil end
     end
@@ -150,7 +202,7 @@ end
 function Store:events(filters)
   local c = check_store(self, "events")
   local q, after, limit = query_filters(filters, QUERY_OPTIONS, "events", 2)
-  local iter, err, code = stored_events(c, q, after, limit)
+  local iter, err, code = stored_events(self, c, q, after, limit)
   return iter, err, code
 end
 
@@ -195,7 +247,7 @@ function Store:replay(opts)
                       or "(error object is not a string)", 2)
     return e
   end
-  local iter, err, code = stored_events(c, q, after, limit)
+  local iter, err, code = stored_events(self, c, q, after, limit)
   if not iter then return nil, err, code end
   local n = 0
   for ev in iter do
@@ -212,22 +264,6 @@ function Store:replay(opts)
     if not self._core then break end   -- a handler closed the bus
   end
   return n
-end
-
--- Applies the upcaster chain of ev.type to a stored event, in place.
-local function upcaster_runner(chains)
-  return function(ev)
-    local chain = chains[ev.type]
-    if not chain then return end
-    local v = ev.version or 1
-    local f = chain[v]
-    while f do
-      ev.payload = f(ev.payload, ev)
-      v = v + 1
-      f = chain[v]
-    end
-    ev.version = v
-  end
 end
 
 --- Registers fn to rewrite payloads of etype stored at from_version into
@@ -248,7 +284,8 @@ function Store:upcaster(etype, from_version, fn)
   if not chains then
     chains = {}
     self._upcasters = chains
-    c:set_upcast(upcaster_runner(chains))
+    self._upcast = upcaster_runner(chains)   -- read by task.lua too
+    c:set_upcast(true)
   end
   local chain = chains[etype] or {}
   if chain[from_version] then

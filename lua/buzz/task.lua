@@ -21,6 +21,7 @@
 -- @module buzz.task
 local core = require "buzz.core"
 local metrics = require "buzz.metrics"
+local upcast = require("buzz.store").upcast
 
 local rawget, type, pcall, setmetatable = rawget, type, pcall, setmetatable
 local co_lib = coroutine
@@ -56,6 +57,7 @@ function M.new(bus)
     deferred = false,       -- the supervisor kept jobs for the next drive
     subs = {}, evs = {},    -- the queue's batch: [pos..last] not run yet
     pos = 1, last = 0, is_durable = false,
+    skip = false,           -- durable batch: index -> true, upcast failed
     psubs = {}, pevs = {},  -- a preempting take's (one delivery)
     extra = 0,              -- preempting deliveries a batch made
     states = setmetatable({}, { __mode = "k" }),  -- thread -> run_batch's
@@ -157,6 +159,22 @@ function M.give(t, co)
   if k <= POOL_MAX then t.pool[k], t.npool = co, k end
 end
 
+-- Upcasts a durable page (evs[1..m], subs[i] the consumer of evs[i]) with
+-- the bus's upcasters: an event an upcaster raises on is reported and
+-- skipped (acked unrun). Returns the skipped indexes, or false.
+local function upcast_page(bus, subs, evs, m)
+  local skip, from = false, 1
+  while from <= m do
+    local i, err = upcast(bus._upcast, evs, m, from)
+    if not i then break end
+    skip = skip or {}
+    skip[i] = true
+    bus._report(err, nil, subs[i])
+    from = i + 1
+  end
+  return skip
+end
+
 -- Reports what core:take could not hand out.
 local function report_errs(bus, errs)
   for i = 1, #errs, 3 do
@@ -196,12 +214,12 @@ end
 -- their own threads (run) and count in t.extra.
 local function run_batch(t, upto, st)
   local subs, evs, hold, slot, bus = t.subs, t.evs, t.hold, t.slot, t.bus
-  local is_durable, pos = t.is_durable, t.pos
+  local is_durable, pos, skip = t.is_durable, t.pos, t.skip
   while pos <= upto do
     local sub, ev = subs[pos], evs[pos]
     pos = pos + 1
     t.pos = pos
-    if sub.is_active then
+    if sub.is_active and not (skip and skip[pos - 1]) then
       if sub._once then sub.is_active = false end   -- the core ended it
       hold[slot] = ev
       local m = sub._m                 -- counted (lua/buzz/metrics.lua)
@@ -267,6 +285,7 @@ function M.drive(t, max)
       if m == 0 or t.is_stopped then break end
       pos, last = 1, m
       t.pos, t.last, t.is_durable = 1, m, is_durable or false
+      t.skip = is_durable and bus._upcast and upcast_page(bus, subs, evs, m)
     end
     local upto = pos + (max - n) - 1
     if upto > last then upto = last end
