@@ -29,8 +29,9 @@
 ** the Lua layer to take. While a handler runs, its event is current
 ** (U[cur_slot], which task.lua, hot.lua and core:resume set): publish
 ** inherits the correlation id from it and takes its id as the causation
-** id. The one call into Lua left in the binding is the reporter
-** (U.report, ldurable.c) for store failures that belong to no delivery.
+** id. The core calls no Lua: store failures that belong to no delivery
+** are kept in U[fail_slot] for the Lua layer to report (ldurable.c's
+** report_store, core:holder), and Lua upcasts stored events itself.
 **
 ** The hot path of the Lua layer (lua/buzz/hot.lua) has a call of its own
 ** in lhot.c (sync_id); lcore.h shares the core object and the helpers they
@@ -186,9 +187,7 @@ void buzz__lcore_push_event(lua_State *L, lcore *c, int u, buzz_event *ev,
 /* -------------------------------------------------------------- core */
 
 /*
-** core.new(queue_limit, report, opts) -> core | nil, err, code.
-** report(err, ev, sub, trace) is called for every failed delivery (and
-** with err alone for a store failure that belongs to no delivery). opts
+** core.new(queue_limit, opts) -> core | nil, err, code. opts
 ** (optional): dedup_window_ms, max_payload, now_ms (the bus's clock, for
 ** the dedup keys a store loads), and store = { path, durability (0 none,
 ** 1 batch, 2 sync), readonly, max_bytes, max_backlog, max_age_ms, max_events }. A
@@ -199,23 +198,22 @@ static int lcore_new(lua_State *L) {
                                 BUZZ_INT_EXACT);
   int64_t window = 0, max_payload = 0, now;
   lcore *c;
-  int rc, has_opts = lua_istable(L, 3);
-  luaL_checktype(L, 2, LUA_TFUNCTION);
-  lua_settop(L, 3);
+  int rc, has_opts = lua_istable(L, 2);
+  lua_settop(L, 2);
   if (has_opts) {                      /* may raise: before acquiring */
     buzz_store_opts o;
-    window = buzz__field_int(L, 3, "dedup_window_ms", 0, 0,
+    window = buzz__field_int(L, 2, "dedup_window_ms", 0, 0,
                              INT64_C(31536000000));   /* a year */
-    max_payload = buzz__field_int(L, 3, "max_payload", 0, 0,
+    max_payload = buzz__field_int(L, 2, "max_payload", 0, 0,
                                   BUZZ_INT_EXACT);
-    lua_getfield(L, 3, "store");
+    lua_getfield(L, 2, "store");
     if (lua_istable(L, -1)) {
       check_store_opts(L, lua_gettop(L));
       store_opts(L, lua_gettop(L), &o);
     }
     lua_pop(L, 1);
   }
-  now = has_opts ? buzz__field_int(L, 3, "now_ms", 0, 0, BUZZ_INT_EXACT) : 0;
+  now = has_opts ? buzz__field_int(L, 2, "now_ms", 0, 0, BUZZ_INT_EXACT) : 0;
   if (now == 0) now = buzz__clock_ms();
   c = (lcore *)buzz_newud(L, sizeof *c);
   memset(c, 0, sizeof *c);             /* closed until acquired */
@@ -228,8 +226,8 @@ static int lcore_new(lua_State *L) {
   c->max_payload = max_payload > 0 ? (size_t)max_payload : 1048576;
   luaL_setmetatable(L, CORE_MT);
   lua_newtable(L);                     /* U */
-  lua_pushvalue(L, 2);
-  c->report_ref = luaL_ref(L, -2);
+  lua_pushboolean(L, 0);               /* U[fail_slot]: store failures */
+  c->fail_slot = luaL_ref(L, -2);      /* for Lua to report, false: none */
   lua_pushboolean(L, 0);               /* U[cur_slot]: the current */
   c->cur_slot = luaL_ref(L, -2);       /* event, false for none */
   lua_pushinteger(L, 0);               /* U[depth_slot]: the hot path's */
@@ -244,7 +242,7 @@ static int lcore_new(lua_State *L) {
     return push_fail(L, rc, NULL);
   }
   if (has_opts) {
-    lua_getfield(L, 3, "store");
+    lua_getfield(L, 2, "store");
     if (lua_istable(L, -1) && open_store(L, c, lua_gettop(L), now) != 0) {
       buzz__dedup_free(c->dedup);      /* nil, err, code are on top */
       c->dedup = NULL;
@@ -257,7 +255,7 @@ static int lcore_new(lua_State *L) {
     }
   }
   c->is_open = 1;
-  lua_settop(L, 4);
+  lua_settop(L, 3);
   return 1;
 }
 
@@ -408,20 +406,23 @@ static int lcore_set_upcast(lua_State *L) {
 }
 
 /*
-** core:holder() -> U, slot, dslot: U[slot] is the current event (false:
-** none). lua/buzz/task.lua and lua/buzz/hot.lua set it while they run a
+** core:holder() -> U, slot, dslot, fslot: U[slot] is the current event
+** (false: none). lua/buzz/task.lua and lua/buzz/hot.lua set it while they run a
 ** handler, as core:resume does while it resumes; publish inherits from
 ** it. U[dslot] is the number of publish_sync levels the hot path has
 ** open, which hot.lua keeps: with the core's own (nsync) they make the
-** depth EDEPTH bounds. U is the core's ref table: nothing else in it is
-** for Lua to touch.
+** depth EDEPTH bounds. U[fslot] is false, or an array of store failures
+** that belong to no delivery ("ESTORE: ..."), which Lua reports and
+** clears (task.lua's failures): the core calls no reporter. U is the
+** core's ref table: nothing else in it is for Lua to touch.
 */
 static int lcore_holder(lua_State *L) {
   lcore *c = check_core(L);
   push_refs(L);
   lua_pushinteger(L, c->cur_slot);
   lua_pushinteger(L, c->depth_slot);
-  return 3;
+  lua_pushinteger(L, c->fail_slot);
+  return 4;
 }
 
 static int lcore_stats(lua_State *L) {

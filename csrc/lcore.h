@@ -47,8 +47,9 @@ typedef struct lcore {
   int depth_slot;      /* U ref: the publish_sync levels the hot path
                           (lua/buzz/hot.lua) has open, an integer it
                           keeps (lcore_holder; released with U) */
-  int report_ref;      /* U ref: the reporter of store failures that
-                          belong to no delivery (released with U) */
+  int fail_slot;       /* U ref: false, or an array of store failures that
+                          belong to no delivery, for Lua to report
+                          (report_store, lcore_holder; released with U) */
   int ev_slot;         /* U ref kept for the table of the queued event
                           under delivery (push_event): reused for each
                           event instead of a luaL_ref and a luaL_unref per

@@ -142,18 +142,28 @@ buzz_sub *buzz__lcore_find_durable(const lcore *c, const char *name) {
   return NULL;
 }
 
-/* Calls the reporter with a failure that belongs to no delivery. */
+/*
+** Keeps a store failure that belongs to no delivery for the Lua layer to
+** report: appended to the array at U[fail_slot] (made on the first), which
+** Lua clears (core:holder). Stack: U at u (an absolute index).
+*/
 void buzz__lcore_report_store(lua_State *L, lcore *c, int u,
                               const char *err) {
-  lua_rawgeti(L, u, c->report_ref);
+  lua_rawgeti(L, u, c->fail_slot);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, u, c->fail_slot);
+  }
   lua_pushfstring(L, "ESTORE: %s", err);
-  if (lua_pcall(L, 1, 0, 0) != 0) lua_pop(L, 1);
+  lua_rawseti(L, -2, (lua_Integer)buzz_rawlen(L, -2) + 1);
+  lua_pop(L, 1);
 }
 
 /*
 ** Before a read: commits what is in flight, so the read sees the bus's own
-** writes. A failed group goes to on_error; an on_error that closed the
-** bus makes this raise.
+** writes. A failed group is kept for Lua to report (report_store).
 */
 void buzz__lcore_catch_up(lua_State *L, lcore *c) {
   char err[ERR_MAX];
@@ -162,7 +172,6 @@ void buzz__lcore_catch_up(lua_State *L, lcore *c) {
   u = push_refs(L);
   if (store_flush(L, c, u, err) < 0) report_store(L, c, u, err);
   lua_pop(L, 1);
-  if (!c->is_open) luaL_error(L, "attempt to use a closed bus");
 }
 
 

@@ -158,9 +158,8 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
         if (c->bus.last_id < ev->id) c->bus.last_id = ev->id; /* used */
         return push_store_fail(L, rc, err);
       }
-      report_store(L, c, u, err);      /* another group's failure (an
-                                          on_error that closes the bus
-                                          gets ECLOSED from bus_publish) */
+      report_store(L, c, u, err);      /* another group's failure: kept
+                                          for Lua to report */
     }
   }
   return 0;

@@ -169,7 +169,7 @@ static int push_no_store(lua_State *L, const char *what, const char *verb) {
 /*
 ** Returns the store, or pushes nil, err, "EINVAL" for a memory bus. Reads
 ** see the caller's own writes: what is in flight is committed first (a
-** failed group is reported to on_error, and the read goes on).
+** failed group is kept for Lua to report, and the read goes on).
 */
 static buzz_store *need_store(lua_State *L, lcore *c, const char *what) {
   if (c->store) {

@@ -61,8 +61,8 @@ static int durable_start(lua_State *L, lcore *c, const char *name,
 
 /*
 ** core:subscribe(pattern, subobj, handler, is_once, durable, start_new,
-** prefilter) -> id | nil, err, code. subobj is what next() and the
-** reporter hand back; handler is called. durable names a durable
+** prefilter) -> id | nil, err, code. subobj is what core:take hands
+** out; handler is what the Lua layer calls. durable names a durable
 ** consumer, which reads the store from its saved position instead of the
 ** live queue. prefilter (a table, see pf_holds) skips events before
 ** they are delivered.

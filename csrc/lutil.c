@@ -7,7 +7,7 @@
 ** with the rest of the binding: the usage message for a bad subject
 ** (buzz__lsubject_usage: subscribe, publish and audience word their
 ** refusals with it) and the traceback of a failed delivery
-** (buzz__ltraceback: lbuzz.c's reporter takes one per failed attempt).
+** (buzz__ltraceback: core.traceback, for the Lua layer's reports).
 **
 ** No state, no core object: everything here works on its arguments and
 ** the stack. Nothing raises except for misuse of the module functions

@@ -313,7 +313,7 @@ describe("store paths the store cannot take", function()
       ("bad store: the path %q contains a NUL byte; give a path without "
        .. "one"):format(cut .. "\0b.db"))
     assert.has_error(function()
-      require("buzz.core").new(10, function() end,
+      require("buzz.core").new(10,
                                { store = { path = cut .. "\0b.db" } })
     end, "bad store: the path contains a NUL byte")
     assert.is_nil(H.slurp(cut), "nothing was created at the cut path")
@@ -326,7 +326,7 @@ describe("store paths the store cannot take", function()
                 .. "in-memory bus"
     assert.has_error(function() buzz.new{ store = ":memory:" } end, msg)
     assert.has_error(function()
-      require("buzz.core").new(10, function() end,
+      require("buzz.core").new(10,
                                { store = { path = ":memory:" } })
     end, msg)
     for _, suffix in ipairs { "", "-lock", "-wal", "-shm" } do

@@ -91,4 +91,21 @@ describe("layout", function()
     end
     assert.same({}, missing)
   end)
+
+  -- DESIGN.md: delivery is pulled, and C never calls Lua (no handler, no
+  -- reporter, no upcaster): Lua resumes its own threads (core:resume is
+  -- a call Lua makes), so no lua_call or lua_pcall appears in csrc/.
+  it("keeps calls into Lua out of the C core", function()
+    local calls = {}
+    for _, path in ipairs(files_of("csrc")) do
+      local n = 0
+      for line in read(path):gmatch("[^\n]+") do
+        n = n + 1
+        if line:find("lua_p?callk?%s*%(") then
+          calls[#calls + 1] = ("%s:%d: %s"):format(path, n, line)
+        end
+      end
+    end
+    assert.same({}, calls)
+  end)
 end)

@@ -961,6 +961,23 @@ describe("the store", function()
       assert.equal("ok\n", sqlite(path, "PRAGMA integrity_check"))
     end)
 
+    it("reports a failed commit that a read comes upon, once, to on_error",
+       function()
+      bus:close()
+      local errs = {}
+      local full = H.bus{ store = path, max_size = 64 * 1024,
+                          on_error = function(e) errs[#errs + 1] = e end }
+      local pad = string.rep("p", 900)
+      for i = 1, 200 do full:publish("e", { i = i, pad = pad }) end
+      assert.same({}, errs)            -- batch durability: nobody waited
+      local n = #collect(full:events())  -- the read waits for the commit
+      assert.equal(1, #errs)
+      assert.matches("^ESTORE: database or disk is full", errs[1])
+      assert.equal(n, #collect(full:events()))
+      assert.equal(1, #errs)           -- reported once, and cleared
+      full:close()
+    end)
+
     it("forgets the dedup key of an event that was not stored", function()
       bus:close()
       local full = H.bus{ store = path, max_size = 64 * 1024 }

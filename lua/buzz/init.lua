@@ -123,7 +123,7 @@ function M.new(opts)
     }
   end
   local report = reporter(on_error or default_on_error)
-  local c, err, code = core.new(limit, report, copts)
+  local c, err, code = core.new(limit, copts)
   if not c then return nil, err, code end
   clock = clock or timers.real_clock()
   local tl = timers.new(clock)

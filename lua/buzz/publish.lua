@@ -18,6 +18,7 @@ local publish_options = options.publish_options
 local scan_options = options.scan_publish_options
 local check_options = options.check_publish_options
 local run_level = task.run_level
+local failures = require("buzz.store").failures
 
 local M = {}
 local Pub = {}             -- the bus's methods (M.install)
@@ -100,6 +101,8 @@ local function publisher(method)
       id, err, code = c[method](c, etype, payload, prio, key, corr, nil,
                                 headers, dedup, version)
     end
+    local t = self._task
+    if t.hold[t.fslot] then failures(t) end   -- a store's (task.lua)
     if not id then
       local _, e, k = refused(err, code, 3)   -- not a tail call: levels
       return nil, e, k

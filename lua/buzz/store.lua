@@ -35,6 +35,20 @@ local PAGE = 256
 -- init.lua's check_bus and refused (install sets them).
 local check_bus, refused
 
+--- Reports the store failures that belong to no delivery, which the core
+--- keeps for this layer (task.lua's hold[fslot]: a failed commit that a
+--- read, or a publish waiting for its own, came upon): called by drive,
+--- close, and the publishes and reads of a bus with a store.
+---@param t table the bus's task state (lua/buzz/task.lua)
+function M.failures(t)
+  local hold, fslot = t.hold, t.fslot
+  local f = hold[fslot]
+  if not f then return end
+  hold[fslot] = false
+  for i = 1, #f do t.bus._report(f[i]) end
+end
+local failures = M.failures
+
 -- The core's store_info with what only this layer knows.
 -- store_info's counts of state rows: field -> kind.
 local STATE_COUNTS = { retries = "retry", dead_letters = "dead",
@@ -42,6 +56,7 @@ local STATE_COUNTS = { retries = "retry", dead_letters = "dead",
 
 local function store_info(self, c, with_types, with_events)
   local info, err, code = c:store_info(with_types, with_events)
+  failures(self._task)                 -- a commit the read waited for
   if not info then return nil, err, code end
   info.path = self._store
   info.durability = self._durability
@@ -154,6 +169,7 @@ local upcast = M.upcast
 -- caller is the reader, not a handler.
 local function query(self, c, q, after, limit)
   local page, err, code = c:query(q, after, limit < PAGE and limit or PAGE)
+  failures(self._task)                 -- a commit the read waited for
   if not page then return nil, err, code end
   local up = self._upcast
   if up then

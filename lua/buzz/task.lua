@@ -21,7 +21,8 @@
 -- @module buzz.task
 local core = require "buzz.core"
 local metrics = require "buzz.metrics"
-local upcast = require("buzz.store").upcast
+local store = require "buzz.store"
+local upcast, failures = store.upcast, store.failures
 
 local rawget, type, pcall, setmetatable = rawget, type, pcall, setmetatable
 local co_lib = coroutine
@@ -63,9 +64,10 @@ function M.new(bus)
     states = setmetatable({}, { __mode = "k" }),  -- thread -> run_batch's
     hold = false, slot = 0,  -- hold[slot]: the current event (the core's);
     dslot = 0,              -- hold[dslot]: hot.lua's publish_sync levels
+    fslot = 0,              -- hold[fslot]: store failures to report
     levels = {},            -- publish_sync level -> { subs, evs }
   }
-  t.hold, t.slot, t.dslot = bus._core:holder()
+  t.hold, t.slot, t.dslot, t.fslot = bus._core:holder()
   return t
 end
 
@@ -272,6 +274,7 @@ end
 ---@return integer
 function M.drive(t, max)
   local bus, n = t.bus, 0
+  if t.hold[t.fslot] then failures(t) end
   local c = bus._core
   if not c or t.is_stopped then return 0 end
   local subs, evs, states, d = t.subs, t.evs, t.states, t.depth
@@ -375,6 +378,7 @@ end
 --- The bus closed: what a take handed out and nothing ran is dropped,
 --- and a drive under way stops.
 function M.close(t)
+  failures(t)                          -- the last ones the core kept
   t.last = t.pos - 1                   -- (a drive under way counts by pos)
   t.is_stopped = true
 end

@@ -11,7 +11,7 @@ local function noop() end
 
 describe("the dispatcher", function()
   local c
-  before_each(function() c = assert(core.new(100, noop)) end)
+  before_each(function() c = assert(core.new(100)) end)
   after_each(function() c:close() end)
 
   it("hands one event to each subscription in order, then the next",
@@ -128,7 +128,7 @@ end)
 
 describe("the loop contract", function()
   local c
-  before_each(function() c = assert(core.new(100, noop)) end)
+  before_each(function() c = assert(core.new(100)) end)
   after_each(function() c:close() end)
 
   it("reports timeout 0 while events are pending and -1 when idle",

@@ -62,7 +62,7 @@ end
 
 describe("the loop's timer", function()
   local c
-  before_each(function() c = assert(core.new(100, noop)) end)
+  before_each(function() c = assert(core.new(100)) end)
   after_each(function() c:close() end)
 
   it("counts timeout() down to the armed time, and -1 once disarmed",
@@ -153,15 +153,9 @@ describe("the loop's timer", function()
 end)
 
 describe("resume", function()
-  local c, reports
-  before_each(function()
-    reports = {}
-    c = assert(core.new(100, function(err) reports[#reports + 1] = err end))
-  end)
-  after_each(function()
-    c:close()
-    assert.same({}, reports)
-  end)
+  local c
+  before_each(function() c = assert(core.new(100)) end)
+  after_each(function() c:close() end)
 
   it("gives publishes inside the thread the event's correlation and "
      .. "causation", function()
@@ -291,7 +285,7 @@ end)
 
 describe("engine publishes", function()
   local c
-  before_each(function() c = assert(core.new(100, noop)) end)
+  before_each(function() c = assert(core.new(100)) end)
   after_each(function() c:close() end)
 
   local function engine_publish(method, type, payload)
@@ -343,7 +337,7 @@ describe("the state table", function()
   local path, cores
 
   local function open(readonly, durability)
-    local c = assert(core.new(100, noop, { store = {
+    local c = assert(core.new(100, { store = {
       path = path, durability = durability or 1,
       readonly = readonly and 1 or 0 } }))
     cores[#cores + 1] = c
@@ -466,7 +460,7 @@ describe("the state table", function()
   end)
 
   it("is not there on a memory bus (EINVAL)", function()
-    local c = assert(core.new(100, noop))
+    local c = assert(core.new(100))
     cores[#cores + 1] = c
     for _, try in ipairs {
       function() return c:state_put("k", "n", "v") end,

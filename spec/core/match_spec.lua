@@ -101,7 +101,7 @@ local MATCHING = {
 
 describe("matching", function()
   local c
-  before_each(function() c = assert(core.new(1000, noop)) end)
+  before_each(function() c = assert(core.new(1000)) end)
   after_each(function() c:close() end)
 
   for _, case in ipairs(MATCHING) do

@@ -13,7 +13,7 @@ local PRIO = { critical = 0, high = 1, normal = 2, low = 3 }
 
 describe("the queue", function()
   local c
-  before_each(function() c = assert(core.new(10, noop)) end)
+  before_each(function() c = assert(core.new(10)) end)
   after_each(function() c:close() end)
 
   local function drain_types()
@@ -105,7 +105,7 @@ describe("the queue", function()
   end)
 
   it("accepts an unlimited queue with limit 0", function()
-    local u = assert(core.new(0, noop))
+    local u = assert(core.new(0))
     assert(u:subscribe("e", {}, noop))
     for i = 1, 1000 do assert(u:publish("e", i)) end
     assert.equal(1000, u:pending())
