@@ -40,6 +40,7 @@ local check_bus, refused
 --- read, or a publish waiting for its own, came upon): called by drive,
 --- close, and the publishes and reads of a bus with a store.
 ---@param t table the bus's task state (lua/buzz/task.lua)
+-- @local
 function M.failures(t)
   local hold, fslot = t.hold, t.fslot
   local f = hold[fslot]
@@ -149,6 +150,7 @@ end
 --- "upcasting event ID failed: ERROR" (the events after it are not
 --- upcast).
 ---@return integer|nil i, string|nil err
+-- @local
 function M.upcast(up, evs, n, from)
   for i = from or 1, n do
     local ev = evs[i]
