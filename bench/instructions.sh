@@ -72,10 +72,12 @@ for c in batch none; do
   printf '  %-12s %8d\n' "$c" "$(per_event "$c" store)"
 done
 # bench/match.lua: publish_sync to 1,000 patterns, one hot type, then
-# rotating through 2,000 / 4,000 / 8,200 / 16,400 types (the type cache
-# holds 4,096: no cliff past it), then 16,400 with 100,000 subscriptions.
+# rotating through 2,000 / 4,000 / 5,000 / 6,000 / 8,200 / 16,400 types
+# (the core's type cache and each of hot.lua's two memos hold 4,096: the
+# cost rises gradually past it, no cliff), then 16,400 with 100,000
+# subscriptions.
 echo "type cache, instructions per event ($lua)"
-for c in hot rot20 rot40 rot82 rot164 rot164_100k; do
+for c in hot rot20 rot40 rot50 rot60 rot82 rot164 rot164_100k; do
   printf '  %-12s %8d\n' "$c" "$(per_event "$c" match)"
 done
 # bench/store.lua: reads of a generated store (bus:replay{}, bus:events{}),

@@ -311,9 +311,9 @@ function M.run()
   -- The type cache (4,096 types) past its capacity: the share of lookups
   -- that miss, counted by the core, and the rate, per rotation size.
   util.note("publish_sync rotating through n types (2 matches each); the "
-            .. "type cache holds 4,096 (instructions per event: "
-            .. "sh bench/instructions.sh):")
-  for _, k in ipairs { 20, 40, 82, 164 } do
+            .. "type cache and each of the hot path's two memos hold 4,096 "
+            .. "(instructions per event: sh bench/instructions.sh):")
+  for _, k in ipairs { 20, 40, 50, 60, 82, 164 } do
     local rot = M.uncached_types(k)
     local b = buzz.new()
     for i = 1, #patterns do b:subscribe(patterns[i], handler) end
@@ -357,7 +357,8 @@ end
 -- patterns, of one hot type ("hot", 3 matches) or rotating through 100 * k
 -- types ("rotK", 2 matches each). Every type is published twice before the
 -- n counted events, so the cache is in its steady state when they start.
-local ROTATIONS = { rot20 = 20, rot40 = 40, rot82 = 82, rot164 = 164 }
+local ROTATIONS = { rot20 = 20, rot40 = 40, rot50 = 50, rot60 = 60, rot82 = 82,
+                    rot164 = 164 }
 
 -- "rot164_100k": rot164 with 99,000 more subscriptions that match none.
 function M.run_case(name, n)

@@ -55,10 +55,18 @@ local SAMPLE, hist_age, hist_since = metrics.SAMPLE, metrics.hist_age,
 
 local M = {}
 
--- Memoized audiences: at most MEMO_MAX types per memo; a full memo is
--- started afresh (a miss costs one core:audience, the lookup the core's
--- own path makes for every event).
+-- Memoized audiences, in two generations of at most MEMO_MAX types each:
+-- publish_sync looks in the young one (memo); a miss there looks in the
+-- old one (old), and a type found there moves up. A full young memo
+-- becomes the old one and a new one starts. So a rotation of types a
+-- little longer than MEMO_MAX still mostly hits (the share falls off
+-- gradually up to 2 * MEMO_MAX, where emptying one memo whole fell off a
+-- cliff), and no key is ever deleted from a table (a Lua table with
+-- deleted keys rehashes on almost every insert once full). A miss in
+-- both costs one core:audience, the lookup the core's own path makes for
+-- every event.
 local MEMO_MAX = 4096
+M.MEMO_MAX = MEMO_MAX
 
 local WORKERS_MAX = 64  -- idle workers kept per bus
 M.WORKERS_MAX = WORKERS_MAX
@@ -79,7 +87,8 @@ M.DONE = DONE
 --- core.publish (the methods, looked up once), its task state (task.lua)
 --- and the holder of the current event it shares (hold[slot]; hold[dslot]
 --- the publish_sync levels open here), its manual clock (or false), memo
---- (type -> audience, false for none), nmemo, its idle workers
+--- (type -> audience, false for none), nmemo, old (the memo before),
+--- its idle workers
 --- (workers[1..nworkers]) and the states of the threads it ran an
 --- audience in (thread -> st; weak).
 ---@param bus table
@@ -88,14 +97,14 @@ function M.new(bus)
   local c, t = bus._core, bus._task
   return { bus = bus, c = c, sync_id = c.sync_id, publish = c.publish,
            task = t, hold = t.hold, slot = t.slot, dslot = t.dslot,
-           manual = bus._manual, memo = {}, nmemo = 0,
+           manual = bus._manual, memo = {}, nmemo = 0, old = {},
            workers = {}, nworkers = 0,
            states = setmetatable({}, { __mode = "k" }) }
 end
 
 --- Subscriptions changed: forget every memoized audience.
 function M.invalidate(h)
-  h.memo, h.nmemo = {}, 0
+  h.memo, h.nmemo, h.old = {}, 0, {}
 end
 
 --- The audience of etype from the core, memoized: an array of one
@@ -105,12 +114,15 @@ end
 ---@return table|false
 function M.audience(h, etype)
   if type(etype) ~= "string" then return false end
-  local aud = h.c:audience(etype, false)
-  if not aud then return false end    -- a type publish refuses: not kept
-  if #aud == 0 then aud = false end
+  local aud = h.old[etype]
+  if aud == nil then
+    aud = h.c:audience(etype, false)
+    if not aud then return false end  -- a type publish refuses: not kept
+    if #aud == 0 then aud = false end
+  end
   local n = h.nmemo
   if n >= MEMO_MAX then
-    h.memo, n = {}, 0
+    h.old, h.memo, n = h.memo, {}, 0
   end
   h.memo[etype], h.nmemo = aud, n + 1
   return aud
