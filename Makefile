@@ -31,7 +31,7 @@ SRCS     = csrc/error.c csrc/map.c csrc/match.c csrc/queue.c csrc/bus.c \
            csrc/lprefilter.c csrc/lutil.c csrc/lcheck.c \
            csrc/http.c csrc/lhttp.c csrc/redis.c csrc/lredis.c
 HDRS     = csrc/buzz.h csrc/store.h csrc/compat.h csrc/json.h csrc/jsonint.h csrc/lcheck.h \
-           csrc/lcore.h csrc/storeint.h csrc/http.h csrc/redis.h
+           csrc/lcore.h csrc/engine.h csrc/storeint.h csrc/http.h csrc/redis.h
 
 WARN     = -std=c99 -Wall -Wextra -pedantic -Wshadow -Wmissing-prototypes \
            -Werror=implicit-function-declaration

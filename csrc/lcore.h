@@ -14,7 +14,7 @@
 #define BUZZ_LCORE_H
 
 #include "compat.h"
-#include "store.h"
+#include "engine.h"
 
 #if defined(__GNUC__) && !defined(_WIN32)
 #pragma GCC visibility push(hidden)
@@ -27,19 +27,10 @@
 ** __gc and __close
 */
 typedef struct lcore {
-  buzz_bus bus;        /* owns; embedded */
+  buzz_engine eng;     /* owns; embedded: the bus, the store, the dedup
+                          keys and the commit gate (engine.h) */
   buzz_loop *loop;     /* owns; NULL once closed */
-  buzz_store *store;   /* owns; NULL for a memory bus or once closed */
-  buzz_dedup *dedup;   /* owns; NULL until the first dedup key */
-  int64_t dedup_window;/* ms */
   size_t max_payload;  /* bytes of JSON a stored payload may take */
-  int durability;      /* BUZZ_DUR_* */
-  int64_t gate_id;     /* the highest queued id that must be committed */
-  int64_t committed;   /* before delivery, and the committed id last seen */
-  int64_t appended_id; /* the last event id handed to the writer */
-  int64_t id_safe;     /* ids up to this are reserved in the store: */
-                       /* no word with it needed (buzz__ids_take) */
-  size_t ndurable;     /* live durable subs */
   int upcast_ref;      /* U ref: upcast(ev) from lua/buzz, or LUA_NOREF */
   int cur_slot;        /* U ref: the current event, false for none
                           (lcore_holder; released with U) */

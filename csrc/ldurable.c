@@ -55,10 +55,10 @@ typedef struct sync_ctx {
 static void on_store_fail(void *data, const char *msg, int64_t lo,
                           int64_t hi) {
   sync_ctx *y = (sync_ctx *)data;
-  size_t dropped = lo > 0 ? buzz__bus_drop_range(&y->c->bus, lo, hi, &y->x)
+  size_t dropped = lo > 0 ? buzz__bus_drop_range(&y->c->eng.bus, lo, hi, &y->x)
                    : 0;
-  if (lo > 0 && y->c->dedup)          /* a retry must not be a duplicate */
-    buzz__dedup_forget(y->c->dedup, lo, hi);
+  if (lo > 0 && y->c->eng.dedup)      /* a retry must not be a duplicate */
+    buzz__dedup_forget(y->c->eng.dedup, lo, hi);
   if (y->watch >= lo && y->watch <= hi && lo > 0) y->is_lost = 1;
   if (y->n++ > 0) return;             /* the first failure tells the story */
   if (lo > 0)
@@ -86,7 +86,7 @@ int buzz__lcore_store_sync_watch(lua_State *L, lcore *c, int u,
   y.watch = watch;
   y.is_lost = 0;
   err[0] = '\0';
-  buzz__store_poll(c->store, &c->committed, on_store_fail, &y);
+  buzz__store_poll(c->eng.store, &c->eng.committed, on_store_fail, &y);
   if (is_lost) *is_lost = y.is_lost;
   return y.n > 0 ? BUZZ_ESTORE : 0;
 }
@@ -97,7 +97,7 @@ int buzz__lcore_store_sync(lua_State *L, lcore *c, int u, char *err) {
 
 /* Waits for every commit, then takes the writer's news (store_sync). */
 int buzz__lcore_store_flush(lua_State *L, lcore *c, int u, char *err) {
-  buzz__store_flush(c->store);
+  buzz__store_flush(c->eng.store);
   return store_sync(L, c, u, err);
 }
 
@@ -115,7 +115,7 @@ int buzz__lcore_append_ack(lcore *c, const char *name,
   spec.key.p = pattern;
   spec.key.n = strlen(pattern);
   if ((row = buzz__row_new(&spec)) == NULL) return BUZZ_ENOMEM;
-  if (buzz__store_append(c->store, row) < 0) {
+  if (buzz__store_append(c->eng.store, row) < 0) {
     snprintf(err, ERR_MAX, "the store was opened read-only");
     return BUZZ_ESTORE;
   }
@@ -135,8 +135,8 @@ int buzz__lcore_save_position(lcore *c, buzz_sub *sub, char *err) {
 /* The live durable sub named name on this bus, or NULL. */
 buzz_sub *buzz__lcore_find_durable(const lcore *c, const char *name) {
   size_t i;
-  for (i = 0; i < c->bus.nslots; i++) {
-    buzz_sub *s = c->bus.slots[i];
+  for (i = 0; i < c->eng.bus.nslots; i++) {
+    buzz_sub *s = c->eng.bus.slots[i];
     if (s && s->durable && strcmp(s->durable, name) == 0) return s;
   }
   return NULL;
@@ -158,7 +158,7 @@ void buzz__lcore_report_store(lua_State *L, lcore *c, int u,
 void buzz__lcore_catch_up(lua_State *L, lcore *c) {
   char err[ERR_MAX];
   int u;
-  if (buzz__store_is_idle(c->store)) return;
+  if (buzz__store_is_idle(c->eng.store)) return;
   u = push_refs(L);
   if (store_flush(L, c, u, err) < 0) report_store(L, c, u, err);
   lua_pop(L, 1);
@@ -174,9 +174,9 @@ void buzz__lcore_catch_up(lua_State *L, lcore *c) {
 */
 static int durables_behind(lcore *c, int64_t committed) {
   size_t i;
-  if (c->ndurable == 0) return 0;
-  for (i = 0; i < c->bus.nslots; i++) {
-    buzz_sub *sub = c->bus.slots[i];
+  if (c->eng.ndurable == 0) return 0;
+  for (i = 0; i < c->eng.bus.nslots; i++) {
+    buzz_sub *sub = c->eng.bus.slots[i];
     if (sub && sub->durable && sub->page_last == 0 && sub->acked < committed)
       return 1;
   }
@@ -193,12 +193,12 @@ int buzz__lcore_has_work(lcore *c) {
   if ((c->servers != NULL && buzz__lhttp_has_queued(c)) ||
       (c->redis != NULL && buzz__lredis_has_replies(c)))
     return 1;
-  if (c->store == NULL) return buzz__bus_pending(&c->bus) > 0;
-  committed = buzz__store_committed(c->store);
-  if (buzz__bus_pending(&c->bus) > 0) {
+  if (c->eng.store == NULL) return buzz__bus_pending(&c->eng.bus) > 0;
+  committed = buzz__store_committed(c->eng.store);
+  if (buzz__bus_pending(&c->eng.bus) > 0) {
     int p;
-    const buzz_queue *q = &c->bus.queue;
-    if (c->gate_id <= committed) return 1;
+    const buzz_queue *q = &c->eng.bus.queue;
+    if (c->eng.gate_id <= committed) return 1;
     for (p = 0; p < BUZZ_NPRIO && !q->head[p]; p++) {}
     if (p < BUZZ_NPRIO && q->head[p]->id <= committed) return 1;
   }
@@ -210,7 +210,7 @@ int buzz__lcore_has_work(lcore *c) {
 void buzz__lcore_signal_work(lcore *c) {
   int is_due = has_work(c);
   buzz__loop_signal(c->loop, is_due);
-  if (!is_due && c->store) buzz__loop_consume(c->loop);
+  if (!is_due && c->eng.store) buzz__loop_consume(c->loop);
 }
 
 
@@ -282,17 +282,17 @@ int buzz__lcore_open_store(lua_State *L, lcore *c, int t, int64_t now) {
   o.notify = on_commit;
   o.data = c->loop;
   err[0] = '\0';
-  if ((rc = buzz__store_open(&c->store, path, &o, err, sizeof err)) < 0)
+  if ((rc = buzz__store_open(&c->eng.store, path, &o, err, sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   lua_pop(L, 1);
-  c->durability = o.durability;
-  c->bus.last_id = buzz__store_last_id(c->store);
-  c->committed = c->bus.last_id;
-  if ((rc = buzz__dedup_new(&c->dedup, c->dedup_window)) < 0)
+  c->eng.durability = o.durability;
+  c->eng.bus.last_id = buzz__store_last_id(c->eng.store);
+  c->eng.committed = c->eng.bus.last_id;
+  if ((rc = buzz__dedup_new(&c->eng.dedup, c->eng.dedup_window)) < 0)
     return push_fail(L, rc, NULL);
   if (o.is_readonly) return 0;         /* it never publishes: no keys */
-  if ((rc = buzz__store_dedup_load(c->store, now - c->dedup_window,
-                                   dedup_loaded, c->dedup, err,
+  if ((rc = buzz__store_dedup_load(c->eng.store, now - c->eng.dedup_window,
+                                   dedup_loaded, c->eng.dedup, err,
                                    sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   return 0;

@@ -43,7 +43,8 @@ static int ref_opt(lua_State *L, int u, int idx) {
 /* Gives an event record back: to the spare list, or to free() once the
 ** bus is closed (its spare list is gone). */
 static void event_drop(lcore *c, buzz_event *ev) {
-  if (c->is_open && !c->bus.is_closed) buzz__event_free(&c->bus.queue, ev);
+  if (c->is_open && !c->eng.bus.is_closed)
+    buzz__event_free(&c->eng.bus.queue, ev);
   else free(ev);
 }
 
@@ -53,7 +54,7 @@ static int push_append_fail(lua_State *L, lcore *c, int rc) {
   char msg[ERR_MAX];
   if (rc != BUZZ_EFULL)
     return push_fail(L, rc, "the store was opened read-only");
-  buzz__store_stats(c->store, &st);
+  buzz__store_stats(c->eng.store, &st);
   snprintf(msg, sizeof msg, "the store's writer is behind: %lld bytes "
            "wait to be written (max_backlog = %lld); retry when it has "
            "caught up (bus:flush() waits for that) or raise max_backlog",
@@ -68,12 +69,13 @@ static int push_append_fail(lua_State *L, lcore *c, int rc) {
 ** skip the call while NEED_ID() is false: the hot path is one comparison.
 ** Stack: U at u.
 */
-#define NEED_ID(c) ((c)->bus.last_id >= (c)->id_safe)
+#define NEED_ID(c) ((c)->eng.bus.last_id >= (c)->eng.id_safe)
 
 static int take_id(lua_State *L, lcore *c, int u, char *err) {
   char why[ERR_MAX];
   int rc;
-  if ((rc = buzz__ids_take(c->store, c->bus.last_id + 1, &c->id_safe)) == 0)
+  if ((rc = buzz__ids_take(c->eng.store, c->eng.bus.last_id + 1,
+                           &c->eng.id_safe)) == 0)
     return 0;
   if (rc == BUZZ_ESTORE && store_sync(L, c, u, why) < 0)
     snprintf(err, ERR_MAX, "cannot reserve ids, so nothing was published: "
@@ -121,7 +123,7 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
     spec.headers.p = lua_tolstring(L, -1, &spec.headers.n);
   }
   spec.kind = BUZZ_ROW_EVENT;
-  spec.id = ev->id = c->bus.last_id + 1;
+  spec.id = ev->id = c->eng.bus.last_id + 1;
   if (ev->ts == 0) ev->ts = buzz__clock_ms();   /* or the caller's */
   spec.ts = ev->ts;
   spec.causation_id = ev->causation_id;
@@ -146,16 +148,16 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
   if ((row = buzz__row_new(&spec)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   lua_settop(L, top);
-  if ((rc = buzz__store_append(c->store, row)) < 0)
+  if ((rc = buzz__store_append(c->eng.store, row)) < 0)
     return push_append_fail(L, c, rc);
-  c->appended_id = spec.id;
-  if ((is_sync && c->durability != BUZZ_DUR_NONE) ||
-      c->durability == BUZZ_DUR_SYNC) {
+  c->eng.appended_id = spec.id;
+  if ((is_sync && c->eng.durability != BUZZ_DUR_NONE) ||
+      c->eng.durability == BUZZ_DUR_SYNC) {
     int is_lost;
-    buzz__store_flush(c->store);
+    buzz__store_flush(c->eng.store);
     if ((rc = store_sync_watch(L, c, u, err, ev->id, &is_lost)) < 0) {
       if (is_lost) {                   /* this event: the caller is told */
-        if (c->bus.last_id < ev->id) c->bus.last_id = ev->id; /* used */
+        if (c->eng.bus.last_id < ev->id) c->eng.bus.last_id = ev->id; /* used */
         return push_store_fail(L, rc, err);
       }
       report_store(L, c, u, err);      /* another group's failure (an
@@ -285,8 +287,8 @@ static int do_publish(lua_State *L, int mode) {
   ctx.u = push_refs(L);                /* slot 16 */
   push_current(L, c, ctx.u);           /* S_CUR: inherited from */
   if (dkey) now = ts > 0 ? ts : buzz__clock_ms();  /* the bus's clock */
-  if (dkey && c->dedup &&
-      (id = buzz__dedup_find(c->dedup, dkey, dlen, now)) != 0) {
+  if (dkey && c->eng.dedup &&
+      (id = buzz__dedup_find(c->eng.dedup, dkey, dlen, now)) != 0) {
     lua_pushinteger(L, (lua_Integer)id);
     lua_pushliteral(L, "duplicate");
     return 2;
@@ -301,44 +303,44 @@ static int do_publish(lua_State *L, int mode) {
     push_correlation(L, S_CUR);        /* inherit it */
     lua_replace(L, 6);
   }
-  if (c->store && mode == 0 && c->bus.queue.limit &&   /* before the */
-      c->bus.queue.count >= c->bus.queue.limit)         /* append; the */
+  if (c->eng.store && mode == 0 && c->eng.bus.queue.limit && /* before the */
+      c->eng.bus.queue.count >= c->eng.bus.queue.limit) /* append; the */
     goto full;                         /* bus checks memory buses itself */
-  if ((ev = buzz__event_new(&c->bus.queue)) == NULL)
+  if ((ev = buzz__event_new(&c->eng.bus.queue)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   ev->priority = (unsigned char)prio;
   ev->causation_id = caus == 0 ? event_id(L, S_CUR) : (int64_t)caus;
   ev->version = (int)version;
   ev->stream_version = sversion;
   if (ts > 0) ev->ts = (int64_t)ts;    /* a manual clock's time */
-  if (c->store &&
+  if (c->eng.store &&
       store_publish(L, c, ctx.u, ev, mode == 1, type, len, dkey, dlen)) {
     event_drop(c, ev);
     return 3;
   }
-  rc = buzz__bus_publish(&c->bus, ev, type, len, mode != 0, &level);
+  rc = buzz__bus_publish(&c->eng.bus, ev, type, len, mode != 0, &level);
   if (rc < 0) {
-    if (c->store && c->bus.last_id < ev->id)
-      c->bus.last_id = ev->id;         /* appended already: used up */
+    if (c->eng.store && c->eng.bus.last_id < ev->id)
+      c->eng.bus.last_id = ev->id;     /* appended already: used up */
     event_drop(c, ev);
     if (rc == BUZZ_EFULL) goto full;
     return push_fail(L, rc, NULL);
   }
-  id = c->bus.last_id;
+  id = c->eng.bus.last_id;
   BUZZ_METRIC(c->published[prio]++);
   if (dkey) {
-    if (c->dedup == NULL &&
-        buzz__dedup_new(&c->dedup, c->dedup_window) < 0)
+    if (c->eng.dedup == NULL &&
+        buzz__dedup_new(&c->eng.dedup, c->eng.dedup_window) < 0)
       return push_fail(L, BUZZ_ENOMEM, NULL);
-    if (buzz__dedup_put(c->dedup, dkey, dlen, id, now) < 0)
+    if (buzz__dedup_put(c->eng.dedup, dkey, dlen, id, now) < 0)
       return push_fail(L, BUZZ_ENOMEM, NULL);
   }
   if (rc == 0) {                       /* no audience: freed already */
     lua_pushinteger(L, (lua_Integer)id);
     return 1;
   }
-  if (c->store && mode == 0 && c->durability != BUZZ_DUR_NONE)
-    c->gate_id = id;                   /* deliver only once committed */
+  if (c->eng.store && mode == 0 && c->eng.durability != BUZZ_DUR_NONE)
+    c->eng.gate_id = id;               /* deliver only once committed */
   if (mode != 1) {                     /* values wait in U until delivery */
     ev->payload_ref = ref_opt(L, ctx.u, 3);
     ev->key_ref = ref_opt(L, ctx.u, 5);
@@ -372,7 +374,7 @@ full:
   lua_pushnil(L);
   {                                    /* a count: no (int) cut */
     char num[24];
-    snprintf(num, sizeof num, "%zu", buzz__bus_pending(&c->bus));
+    snprintf(num, sizeof num, "%zu", buzz__bus_pending(&c->eng.bus));
     lua_pushfstring(L, "%s: queue is full (%s pending events); drain "
                     "the bus or raise queue_limit",
                     buzz__err_name(BUZZ_EFULL), num);

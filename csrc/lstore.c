@@ -141,15 +141,15 @@ int buzz__lstore_read_page(lua_State *L, lcore *c, int u,
   int n = 0, rc;
   err[0] = '\0';
   *bad_id = 0;
-  if (buzz__store_query(c->store, q) < 0) {
+  if (buzz__store_query(c->eng.store, q) < 0) {
     lua_pushliteral(L, "cannot query the store");
     return BUZZ_ESTORE;
   }
   lua_createtable(L, q->limit < 1024 ? (int)q->limit : 1024, 0);
-  while ((rc = buzz__store_next(c->store, &row, err, sizeof err)) > 0) {
+  while ((rc = buzz__store_next(c->eng.store, &row, err, sizeof err)) > 0) {
     int bad = push_stored(L, c, u, &row);
     if (bad == BUZZ_EDECODE && is_strict) {
-      buzz__store_query_done(c->store);   /* let go of the snapshot */
+      buzz__store_query_done(c->eng.store); /* let go of the snapshot */
       *bad_id = row.id;
       lua_getfield(L, -1, "decode_error");
       lua_insert(L, -2);                  /* array, message, table */
@@ -157,7 +157,7 @@ int buzz__lstore_read_page(lua_State *L, lcore *c, int u,
     }
     if (bad != 0 && bad != BUZZ_EDECODE) {
       char num[32];
-      buzz__store_query_done(c->store);   /* let go of the snapshot */
+      buzz__store_query_done(c->eng.store); /* let go of the snapshot */
       *bad_id = row.id;
       snprintf(num, sizeof num, "%lld", (long long)row.id);
       lua_pushfstring(L, "upcasting event %s failed: ", num);
@@ -195,9 +195,9 @@ static int push_no_store(lua_State *L, const char *what, const char *verb) {
 ** failed group is reported to on_error, and the read goes on).
 */
 static buzz_store *need_store(lua_State *L, lcore *c, const char *what) {
-  if (c->store) {
+  if (c->eng.store) {
     catch_up(L, c);
-    return c->store;
+    return c->eng.store;
   }
   push_no_store(L, what, "reads");
   return NULL;
@@ -287,10 +287,10 @@ static int lcore_consumers(lua_State *L) {
   if (!need_store(L, c, "consumers()")) return 3;
   lua_newtable(L);
   x.L = L;
-  x.store = c->store;
+  x.store = c->eng.store;
   x.n = 0;
   err[0] = '\0';
-  if ((rc = buzz__store_consumers(c->store, on_consumer, &x, err,
+  if ((rc = buzz__store_consumers(c->eng.store, on_consumer, &x, err,
                                   sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   return 1;
@@ -311,7 +311,7 @@ static int lcore_stream_version(lua_State *L) {
   stream.p = luaL_checklstring(L, 2, &stream.n);
   if (!need_store(L, c, "stream_version()")) return 3;
   err[0] = '\0';
-  if ((rc = buzz__store_stream_version(c->store, stream, &v, err,
+  if ((rc = buzz__store_stream_version(c->eng.store, stream, &v, err,
                                        sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   lua_pushinteger(L, (lua_Integer)v);
@@ -339,7 +339,7 @@ static int lcore_remove_consumer(lua_State *L) {
     return 3;
   }
   err[0] = '\0';
-  if ((found = buzz__store_consumer(c->store, name, len, &acked, err,
+  if ((found = buzz__store_consumer(c->eng.store, name, len, &acked, err,
                                     sizeof err)) < 0)
     return push_store_fail(L, found, err);
   memset(&spec, 0, sizeof spec);
@@ -348,7 +348,7 @@ static int lcore_remove_consumer(lua_State *L) {
   spec.type.n = len;
   if ((row = buzz__row_new(&spec)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
-  if ((rc = buzz__store_append(c->store, row)) < 0)
+  if ((rc = buzz__store_append(c->eng.store, row)) < 0)
     return push_fail(L, rc, "the store was opened read-only");
   if ((rc = store_flush(L, c, push_refs(L), err)) < 0)
     return push_store_fail(L, rc, err);
@@ -380,10 +380,10 @@ static int lcore_store_info(lua_State *L) {
   int rc, with_events = lua_isnoneornil(L, 3) || lua_toboolean(L, 3);
   if (!need_store(L, c, "store_info()")) return 3;
   err[0] = '\0';
-  if ((rc = buzz__store_size(c->store, with_events ? &count : NULL, &first,
+  if ((rc = buzz__store_size(c->eng.store, with_events ? &count : NULL, &first,
                              &last, &bytes, &wal, err, sizeof err)) < 0)
     return push_store_fail(L, rc, err);
-  buzz__store_stats(c->store, &st);
+  buzz__store_stats(c->eng.store, &st);
   lua_createtable(L, 0, 16);
   if (with_events) set_i(L, "events", count);
   set_i(L, "first_id", first);
@@ -403,10 +403,11 @@ static int lcore_store_info(lua_State *L) {
   set_i(L, "max_backlog", st.backlog_limit);
   set_i(L, "refused", st.refused);
   set_i(L, "checkpoints", st.checkpoints);
-  set_i(L, "dedup_keys", c->dedup ? (int64_t)buzz__dedup_count(c->dedup) : 0);
+  set_i(L, "dedup_keys",
+        c->eng.dedup ? (int64_t)buzz__dedup_count(c->eng.dedup) : 0);
   if (lua_toboolean(L, 2)) {
     lua_newtable(L);
-    if ((rc = buzz__store_types(c->store, on_type_count, L, err,
+    if ((rc = buzz__store_types(c->eng.store, on_type_count, L, err,
                                 sizeof err)) < 0)
       return push_store_fail(L, rc, err);
     lua_setfield(L, -2, "types");
@@ -429,9 +430,9 @@ static int state_write(lua_State *L, lcore *c, const buzz_row *spec) {
     return push_store_fail(L, rc, err);
   if ((row = buzz__row_new(spec)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
-  if ((rc = buzz__store_append(c->store, row)) < 0)
+  if ((rc = buzz__store_append(c->eng.store, row)) < 0)
     return push_fail(L, rc, "the store was opened read-only");
-  if (c->durability == BUZZ_DUR_SYNC &&
+  if (c->eng.durability == BUZZ_DUR_SYNC &&
       (rc = store_flush(L, c, u, err)) < 0)
     return push_store_fail(L, rc, err);
   lua_pushboolean(L, 1);
@@ -451,7 +452,7 @@ static int lcore_state_put(lua_State *L) {
   spec.type.p = luaL_checklstring(L, 2, &spec.type.n);
   spec.key.p = luaL_checklstring(L, 3, &spec.key.n);
   spec.payload.p = luaL_checklstring(L, 4, &spec.payload.n);
-  if (c->store == NULL) return push_no_store(L, "state_put()", "writes");
+  if (c->eng.store == NULL) return push_no_store(L, "state_put()", "writes");
   return state_write(L, c, &spec);
 }
 
@@ -467,7 +468,7 @@ static int lcore_state_del(lua_State *L) {
   spec.kind = BUZZ_ROW_STATE_DEL;
   spec.type.p = luaL_checklstring(L, 2, &spec.type.n);
   spec.key.p = luaL_optlstring(L, 3, NULL, &spec.key.n);
-  if (c->store == NULL) return push_no_store(L, "state_del()", "writes");
+  if (c->eng.store == NULL) return push_no_store(L, "state_del()", "writes");
   return state_write(L, c, &spec);
 }
 
@@ -505,7 +506,7 @@ static int lcore_state_list(lua_State *L) {
   x.L = L;
   x.n = 0;
   err[0] = '\0';
-  if ((rc = buzz__store_state(c->store, kind, name, on_state, &x, err,
+  if ((rc = buzz__store_state(c->eng.store, kind, name, on_state, &x, err,
                               sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   return 1;
@@ -531,7 +532,7 @@ static int lcore_state_count(lua_State *L) {
   kind.p = luaL_checklstring(L, 2, &kind.n);
   if (!need_store(L, c, "state_count()")) return 3;
   err[0] = '\0';
-  if ((rc = buzz__store_state(c->store, kind, none, on_state_count, &n, err,
+  if ((rc = buzz__store_state(c->eng.store, kind, none, on_state_count, &n, err,
                               sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   lua_pushinteger(L, (lua_Integer)n);
