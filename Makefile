@@ -26,6 +26,7 @@ JSON_SRCS = csrc/json.c csrc/jsonenc.c csrc/jsondec.c
 SRCS     = csrc/error.c csrc/map.c csrc/match.c csrc/queue.c csrc/bus.c \
            csrc/loop.c $(JSON_SRCS) csrc/store.c csrc/storeopen.c csrc/storeread.c \
            csrc/storelock.c csrc/storewal.c csrc/ids.c csrc/dedup.c \
+           csrc/engine.c csrc/consumer.c \
            csrc/lbuzz.c csrc/lpublish.c csrc/lsubscribe.c csrc/ldurable.c \
            csrc/ldispatch.c csrc/lhot.c csrc/lmetrics.c csrc/lstore.c \
            csrc/lprefilter.c csrc/lutil.c csrc/lcheck.c \

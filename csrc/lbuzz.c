@@ -6,11 +6,12 @@
 ** push_fail, unref, the event table push_event builds). The other binding
 ** files (l*.c, sharing lcore.h) hold the rest: publish in lpublish.c,
 ** subscriptions in lsubscribe.c, the store side (opening, the writer's
-** news, durable positions, the work due) in ldurable.c, delivery in
-** ldispatch.c.
+** news, the work due) in ldurable.c, delivery in ldispatch.c; the plain-C
+** engine under them is engine.c (the publish pipeline, the commit gate)
+** and consumer.c (durable positions and pages).
 **
-** A core object ("buzz.core" userdata) embeds the dispatcher and owns the
-** libuv loop. Its user value is the ref table U: every Lua value the core
+** A core object ("buzz.core" userdata) embeds the engine (engine.h: the
+** dispatcher, the store, the dedup keys) and owns the libuv loop. Its user value is the ref table U: every Lua value the core
 ** keeps (payloads, keys, headers, correlation ids, event tables, the Lua
 ** subscription objects) is a luaL_ref into U, released here when the core
 ** lets go of it (on_event_free, unsubscribe) or all at once when close()
@@ -288,13 +289,8 @@ static int lcore_close(lua_State *L) {
     }
     lua_pop(L, 1);
   }
-  if (c->eng.store && c->eng.bus.slots != NULL) { /* durable positions, */
-    size_t i;                              /* the writer stops */
-    char err[ERR_MAX];
-    for (i = 0; i < c->eng.bus.nslots; i++)
-      if (c->eng.bus.slots[i] && c->eng.bus.slots[i]->durable)
-        save_position(c, c->eng.bus.slots[i], err);
-  }
+  buzz__consumer_save_all(&c->eng);   /* durable positions, before the
+                                         writer stops */
   if (c->eng.store)                    /* the next session goes on from */
     buzz__ids_release(c->eng.store, c->eng.bus.last_id); /* here, no gap */
   n = buzz__bus_close(&c->eng.bus, NULL); /* U is dropped whole below */

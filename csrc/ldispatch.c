@@ -37,6 +37,12 @@
 ** current event, from which publish inherits the correlation and
 ** causation ids; on Lua 5.4 with a fresh budget of C calls (see there).
 ** It is the only place the core resumes a thread.
+**
+** A binding file: it reads the arguments, builds the event tables, runs
+** the prefilter on a page and fills subs, evs and errs. It does not keep
+** the commit gate (engine.c decides what waits for its commit), nor a
+** durable consumer's position or page (consumer.c does: which page comes
+** next, where the position goes once it is done).
 */
 #include <limits.h>
 #include <stdio.h>
@@ -101,16 +107,11 @@ static int take_durables(lua_State *L, lcore *c, lua_Integer max,
     buzz_query q;
     int64_t bad, last = 0, read = 0, to;
     int k, j, n = 0, top = lua_gettop(L);
-    if (sub == NULL || sub->durable == NULL || sub->page_last != 0)
-      continue;
-    if (save_position(c, sub, err) < 0) add_store_err(L, nerr, err);
-    if (sub->acked >= c->eng.committed) continue;
-    memset(&q, 0, sizeof q);
-    q.after_id = sub->acked;
-    q.to_id = c->eng.committed;
-    q.pattern.p = sub->pattern;
-    q.pattern.n = sub->len;
-    q.limit = max > PAGE_MAX ? PAGE_MAX : max;
+    if (!buzz__consumer_is_idle(sub)) continue;   /* a page out, or none */
+    if (buzz__consumer_save(c->eng.store, sub, err) < 0)
+      add_store_err(L, nerr, err);
+    if (!buzz__consumer_query(sub, c->eng.committed, (int64_t)max, &q))
+      continue;                        /* not behind */
     k = read_page(L, c, T_U, &q, 1, &bad);
     if (k < 0) {                       /* the position stays put */
       add_store_err(L, nerr, lua_tostring(L, -1));
@@ -145,20 +146,15 @@ static int take_durables(lua_State *L, lcore *c, lua_Integer max,
       lua_rawgeti(L, T_U, sub->data_ref);            /* top+4 */
       lua_pushvalue(L, top + 2);
       add_err(L, nerr, lua_isnil(L, top + 3) ? 0 : top + 3, top + 4);
-      to = bad;
-    } else if (k < q.limit) {
-      to = q.to_id;                    /* read to the committed end */
-    } else {
-      to = read;
     }
+    to = buzz__consumer_page_end(&q, k, bad, read);
     lua_settop(L, top);
-    if (n == 0) {
-      sub->acked = to;
-      if (save_position(c, sub, err) < 0) add_store_err(L, nerr, err);
+    if (n == 0) {                      /* nothing passed: move on now */
+      if (buzz__consumer_skip(c->eng.store, sub, to, err) < 0)
+        add_store_err(L, nerr, err);
       continue;
     }
-    sub->page_last = last;
-    sub->page_to = to;
+    buzz__consumer_page_out(sub, last, to);
     return n;
   }
   return 0;
@@ -222,11 +218,9 @@ static int lcore_take(lua_State *L) {
     if (n > 0 && !more_now(c, (size_t)level)) break;
     if (below < BUZZ_NPRIO && (level > 0 || !is_urgent(c, below))) break;
     if (level == 0) {
-      c->eng.bus.has_gate = c->eng.gate_id > c->eng.committed; /* never */
-      c->eng.bus.gate = c->eng.committed;           /* uncommitted */
-      c->eng.bus.is_gated = 0;
-      c->eng.bus.has_below = below < BUZZ_NPRIO;    /* nor, preempting, */
-      c->eng.bus.below = below;                     /* a less urgent one */
+      buzz__engine_arm_gate(&c->eng);  /* never deliver uncommitted */
+      c->eng.bus.has_below = below < BUZZ_NPRIO;   /* nor, preempting, */
+      c->eng.bus.below = below;                    /* a less urgent one */
     }
     rc = buzz__bus_next(&c->eng.bus, (size_t)level, &sub, &ev, &ctx);
     if (rc == 0 && level == 0 && c->eng.bus.is_gated) {
@@ -292,11 +286,7 @@ static int lcore_ack(lua_State *L) {
   u = push_refs(L);
   lua_rawgeti(L, u, sub->data_ref);
   if (!lua_rawequal(L, -1, 3)) return 0;
-  if (ev_id > sub->acked) sub->acked = ev_id;
-  if (ev_id >= sub->page_last) {
-    if (sub->page_to > sub->acked) sub->acked = sub->page_to;
-    sub->page_last = 0;
-  }
+  buzz__consumer_ack(sub, ev_id);
   return 0;
 }
 

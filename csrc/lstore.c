@@ -20,8 +20,9 @@
 ** function core:set_upcast gives (lbuzz.c sets it).
 **
 ** It does not own the store (ldurable.c opens it, lbuzz.c closes it),
-** does not take the writer's news by itself (store_sync and store_flush
-** stay with the commit gate in ldurable.c), and delivers nothing.
+** does not take the writer's news by itself (ldurable.c's store_sync and
+** store_flush, over engine.c), keeps no durable position (consumer.c
+** does), and delivers nothing.
 */
 #include <limits.h>
 #include <stdio.h>
@@ -331,7 +332,7 @@ static int lcore_remove_consumer(lua_State *L) {
   int64_t acked;
   int rc, found;
   if (!need_store(L, c, "remove_consumer()")) return 3;
-  if (find_durable(c, name)) {
+  if (buzz__consumer_find(&c->eng.bus, name)) {
     lua_pushnil(L);
     lua_pushfstring(L, "durable consumer \"%s\" is subscribed on this "
                     "bus: unsubscribe it before removing it", name);

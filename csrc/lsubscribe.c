@@ -14,7 +14,7 @@
 ** most once per bus, and its position is saved when it unsubscribes.
 **
 ** It does not deliver (ldispatch.c does), and keeps no position itself
-** (ldurable.c appends and finds them).
+** (consumer.c appends, saves and finds them).
 */
 #include <limits.h>
 #include <stdlib.h>
@@ -43,7 +43,7 @@ static int durable_start(lua_State *L, lcore *c, const char *name,
     lua_pushliteral(L, "EINVAL");
     return 3;
   }
-  if (find_durable(c, name)) {
+  if (buzz__consumer_find(&c->eng.bus, name)) {
     lua_pushnil(L);
     lua_pushfstring(L, "durable consumer \"%s\" is already subscribed on "
                     "this bus; unsubscribe it first or pick another name",
@@ -86,7 +86,8 @@ static int lcore_subscribe(lua_State *L) {
       return push_fail(L, BUZZ_ENOMEM, NULL);
     memcpy(name, durable, nlen + 1);
     err[0] = '\0';
-    if ((rc = append_ack(c, name, pat, acked, err)) < 0) {
+    if ((rc = buzz__consumer_append_ack(c->eng.store, name, pat, acked,
+                                        err)) < 0) {
       free(name);
       return push_store_fail(L, rc, err);
     }
@@ -154,7 +155,7 @@ static int lcore_unsubscribe(lua_State *L) {
   if (sub->durable) {
     char err[ERR_MAX];
     c->eng.ndurable--;
-    save_position(c, sub, err);        /* keep its place */
+    buzz__consumer_save(c->eng.store, sub, err);   /* keep its place */
   }
   buzz__bus_unsubscribe(&c->eng.bus, sub); /* may free sub */
   luaL_unref(L, u, ref);
