@@ -26,12 +26,13 @@ JSON_SRCS = csrc/json.c csrc/jsonenc.c csrc/jsondec.c
 SRCS     = csrc/error.c csrc/map.c csrc/match.c csrc/queue.c csrc/bus.c \
            csrc/loop.c $(JSON_SRCS) csrc/store.c csrc/storeopen.c csrc/storeread.c \
            csrc/storelock.c csrc/storewal.c csrc/ids.c csrc/dedup.c \
+           csrc/engine.c csrc/consumer.c \
            csrc/lbuzz.c csrc/lpublish.c csrc/lsubscribe.c csrc/ldurable.c \
            csrc/ldispatch.c csrc/lhot.c csrc/lmetrics.c csrc/lstore.c \
            csrc/lprefilter.c csrc/lutil.c csrc/lcheck.c \
            csrc/http.c csrc/lhttp.c csrc/redis.c csrc/lredis.c
 HDRS     = csrc/buzz.h csrc/store.h csrc/compat.h csrc/json.h csrc/jsonint.h csrc/lcheck.h \
-           csrc/lcore.h csrc/storeint.h csrc/http.h csrc/redis.h
+           csrc/lcore.h csrc/engine.h csrc/storeint.h csrc/http.h csrc/redis.h
 
 WARN     = -std=c99 -Wall -Wextra -pedantic -Wshadow -Wmissing-prototypes \
            -Werror=implicit-function-declaration

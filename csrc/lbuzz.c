@@ -6,11 +6,12 @@
 ** push_fail, unref, the event table push_event builds). The other binding
 ** files (l*.c, sharing lcore.h) hold the rest: publish in lpublish.c,
 ** subscriptions in lsubscribe.c, the store side (opening, the writer's
-** news, durable positions, the work due) in ldurable.c, delivery in
-** ldispatch.c.
+** news, the work due) in ldurable.c, delivery in ldispatch.c; the plain-C
+** engine under them is engine.c (the publish pipeline, the commit gate)
+** and consumer.c (durable positions and pages).
 **
-** A core object ("buzz.core" userdata) embeds the dispatcher and owns the
-** libuv loop. Its user value is the ref table U: every Lua value the core
+** A core object ("buzz.core" userdata) embeds the engine (engine.h: the
+** dispatcher, the store, the dedup keys) and owns the libuv loop. Its user value is the ref table U: every Lua value the core
 ** keeps (payloads, keys, headers, correlation ids, event tables, the Lua
 ** subscription objects) is a luaL_ref into U, released here when the core
 ** lets go of it (on_event_free, unsubscribe) or all at once when close()
@@ -217,12 +218,12 @@ static int lcore_new(lua_State *L) {
   if (now == 0) now = buzz__clock_ms();
   c = (lcore *)buzz_newud(L, sizeof *c);
   memset(c, 0, sizeof *c);             /* closed until acquired */
-  c->bus.is_closed = 1;
+  c->eng.bus.is_closed = 1;
   c->has_upcast = 0;
   c->ev_slot = LUA_NOREF;
   c->batch_ref = LUA_NOREF;
   c->batch_prio = -1;
-  c->dedup_window = window > 0 ? window : 120000;
+  c->eng.dedup_window = window > 0 ? window : 120000;
   c->max_payload = max_payload > 0 ? (size_t)max_payload : 1048576;
   luaL_setmetatable(L, CORE_MT);
   lua_newtable(L);                     /* U */
@@ -233,22 +234,22 @@ static int lcore_new(lua_State *L) {
   lua_pushinteger(L, 0);               /* U[depth_slot]: the hot path's */
   c->depth_slot = luaL_ref(L, -2);     /* publish_sync levels */
   buzz_setuv(L, -2);
-  if ((rc = buzz__bus_init(&c->bus, (size_t)limit)) < 0)
+  if ((rc = buzz__bus_init(&c->eng.bus, (size_t)limit)) < 0)
     return push_fail(L, rc, NULL);
-  c->bus.on_event_free = on_event_free;
-  c->bus.accept = accept_event;
+  c->eng.bus.on_event_free = on_event_free;
+  c->eng.bus.accept = accept_event;
   if ((rc = buzz__loop_new(&c->loop)) < 0) {
-    buzz__bus_close(&c->bus, NULL);
+    buzz__bus_close(&c->eng.bus, NULL);
     return push_fail(L, rc, NULL);
   }
   if (has_opts) {
     lua_getfield(L, 2, "store");
     if (lua_istable(L, -1) && open_store(L, c, lua_gettop(L), now) != 0) {
-      buzz__dedup_free(c->dedup);      /* nil, err, code are on top */
-      c->dedup = NULL;
-      buzz__store_close(c->store);
-      c->store = NULL;
-      buzz__bus_close(&c->bus, NULL);
+      buzz__dedup_free(c->eng.dedup);  /* nil, err, code are on top */
+      c->eng.dedup = NULL;
+      buzz__store_close(c->eng.store);
+      c->eng.store = NULL;
+      buzz__bus_close(&c->eng.bus, NULL);
       buzz__loop_close(c->loop);
       c->loop = NULL;
       return 3;
@@ -271,11 +272,11 @@ static int lcore_close(lua_State *L) {
     return 1;
   }
   c->is_open = 0;                      /* mark closed before releasing */
-  if (c->bus.slots != NULL) {          /* tell live subscriptions */
+  if (c->eng.bus.slots != NULL) {      /* tell live subscriptions */
     size_t i;
     buzz_getuv(L, 1);
-    for (i = 0; i < c->bus.nslots; i++) {
-      buzz_sub *sub = c->bus.slots[i];
+    for (i = 0; i < c->eng.bus.nslots; i++) {
+      buzz_sub *sub = c->eng.bus.slots[i];
       if (sub == NULL) continue;
       lua_rawgeti(L, -1, sub->data_ref);
       if (lua_istable(L, -1)) {
@@ -286,22 +287,17 @@ static int lcore_close(lua_State *L) {
     }
     lua_pop(L, 1);
   }
-  if (c->store && c->bus.slots != NULL) {   /* durable positions, before */
-    size_t i;                              /* the writer stops */
-    char err[ERR_MAX];
-    for (i = 0; i < c->bus.nslots; i++)
-      if (c->bus.slots[i] && c->bus.slots[i]->durable)
-        save_position(c, c->bus.slots[i], err);
-  }
-  if (c->store)                        /* the next session goes on from */
-    buzz__ids_release(c->store, c->bus.last_id);   /* here, no gap */
-  n = buzz__bus_close(&c->bus, NULL);  /* U is dropped whole below */
-  c->ndurable = 0;
-  buzz__store_close(c->store);         /* commits what is left; before the
+  buzz__consumer_save_all(&c->eng);   /* durable positions, before the
+                                         writer stops */
+  if (c->eng.store)                    /* the next session goes on from */
+    buzz__ids_release(c->eng.store, c->eng.bus.last_id); /* here, no gap */
+  n = buzz__bus_close(&c->eng.bus, NULL); /* U is dropped whole below */
+  c->eng.ndurable = 0;
+  buzz__store_close(c->eng.store);     /* commits what is left; before the
                                           loop, whose handle it wakes */
-  c->store = NULL;
-  buzz__dedup_free(c->dedup);
-  c->dedup = NULL;
+  c->eng.store = NULL;
+  buzz__dedup_free(c->eng.dedup);
+  c->eng.dedup = NULL;
   buzz__lhttp_close_all(c);            /* their handles close with it */
   buzz__lredis_close_all(c);
   buzz__loop_close(c->loop);
@@ -327,7 +323,7 @@ static int lcore_is_closed(lua_State *L) {
 
 static int lcore_pending(lua_State *L) {
   lcore *c = check_core(L);
-  lua_pushinteger(L, (lua_Integer)buzz__bus_pending(&c->bus));
+  lua_pushinteger(L, (lua_Integer)buzz__bus_pending(&c->eng.bus));
   return 1;
 }
 
@@ -374,8 +370,8 @@ static int lcore_fd(lua_State *L) {
 static int lcore_wait(lua_State *L) {
   lcore *c = check_core(L);
   if (has_work(c)) lua_pushboolean(L, 1);
-  else lua_pushboolean(L, buzz__loop_wait(c->loop, c->store != NULL &&
-                                          !buzz__store_is_idle(c->store)));
+  else lua_pushboolean(L, buzz__loop_wait(c->loop, c->eng.store != NULL &&
+                                          !buzz__store_is_idle(c->eng.store)));
   return 1;
 }
 
@@ -384,7 +380,7 @@ static int lcore_flush(lua_State *L) {
   lcore *c = check_core(L);
   char err[ERR_MAX];
   int rc;
-  if (c->store == NULL) {
+  if (c->eng.store == NULL) {
     lua_pushboolean(L, 1);
     return 1;
   }
@@ -428,12 +424,12 @@ static int lcore_holder(lua_State *L) {
 static int lcore_stats(lua_State *L) {
   lcore *c = check_core(L);
   lua_createtable(L, 0, 6);
-  set_i(L, "pending", (int64_t)buzz__bus_pending(&c->bus));
-  set_i(L, "subscriptions", (int64_t)c->bus.nsubs);
-  set_i(L, "last_id", c->bus.last_id);
-  set_i(L, "cached_types", (int64_t)buzz__trie_cached(c->bus.trie));
-  set_i(L, "type_misses", buzz__trie_misses(c->bus.trie));
-  set_i(L, "queue_limit", (int64_t)c->bus.queue.limit);
+  set_i(L, "pending", (int64_t)buzz__bus_pending(&c->eng.bus));
+  set_i(L, "subscriptions", (int64_t)c->eng.bus.nsubs);
+  set_i(L, "last_id", c->eng.bus.last_id);
+  set_i(L, "cached_types", (int64_t)buzz__trie_cached(c->eng.bus.trie));
+  set_i(L, "type_misses", buzz__trie_misses(c->eng.bus.trie));
+  set_i(L, "queue_limit", (int64_t)c->eng.bus.queue.limit);
   return 1;
 }
 

@@ -2,7 +2,8 @@
 ** lcore.h: the core object ("buzz.core" userdata) as the binding files
 ** see it. lbuzz.c owns it (module, lifecycle, the small methods);
 ** lpublish.c publishes; lsubscribe.c subscribes; ldurable.c is its store
-** side (opening, the writer's news, durable positions, the work due);
+** side (opening, the writer's news, the work due); the plain-C engine
+** state it embeds and the files that work on it are engine.h's;
 ** ldispatch.c hands out deliveries; lhot.c holds the calls of the Lua
 ** layer's hot path (lua/buzz/hot.lua); lmetrics.c reports the counters; lstore.c the store's queries,
 ** consumers and state rows; lprefilter.c the where{} prefilter; lutil.c
@@ -14,7 +15,7 @@
 #define BUZZ_LCORE_H
 
 #include "compat.h"
-#include "store.h"
+#include "engine.h"
 
 #if defined(__GNUC__) && !defined(_WIN32)
 #pragma GCC visibility push(hidden)
@@ -27,19 +28,10 @@
 ** __gc and __close
 */
 typedef struct lcore {
-  buzz_bus bus;        /* owns; embedded */
+  buzz_engine eng;     /* owns; embedded: the bus, the store, the dedup
+                          keys and the commit gate (engine.h) */
   buzz_loop *loop;     /* owns; NULL once closed */
-  buzz_store *store;   /* owns; NULL for a memory bus or once closed */
-  buzz_dedup *dedup;   /* owns; NULL until the first dedup key */
-  int64_t dedup_window;/* ms */
   size_t max_payload;  /* bytes of JSON a stored payload may take */
-  int durability;      /* BUZZ_DUR_* */
-  int64_t gate_id;     /* the highest queued id that must be committed */
-  int64_t committed;   /* before delivery, and the committed id last seen */
-  int64_t appended_id; /* the last event id handed to the writer */
-  int64_t id_safe;     /* ids up to this are reserved in the store: */
-                       /* no word with it needed (buzz__ids_take) */
-  size_t ndurable;     /* live durable subs */
   int has_upcast;      /* upcasters are set: Lua upcasts durable pages, so
                           the core does not prefilter them (set_upcast) */
   int cur_slot;        /* U ref: the current event, false for none
@@ -71,8 +63,7 @@ typedef struct lcore {
 
 #define SYNC_MAX 100   /* nested publish_sync deliveries; one more is
                           refused with EDEPTH (README, "Driving the bus") */
-#define PAGE_MAX 256   /* stored events read per query page */
-#define ERR_MAX 512
+#define ERR_MAX BUZZ_ERR_MAX   /* err buffers, engine.h's size */
 
 /* What on_event_free needs: the state, the stack slot of U and the core
 ** (whose ev_slot an event's table may be in). */
@@ -170,10 +161,6 @@ int buzz__lcore_store_sync_watch(lua_State *L, lcore *c, int u,
                                  char *err, int64_t watch, int *is_lost);
 int buzz__lcore_store_sync(lua_State *L, lcore *c, int u, char *err);
 int buzz__lcore_store_flush(lua_State *L, lcore *c, int u, char *err);
-int buzz__lcore_append_ack(lcore *c, const char *name,
-                           const char *pattern, int64_t acked, char *err);
-int buzz__lcore_save_position(lcore *c, buzz_sub *sub, char *err);
-buzz_sub *buzz__lcore_find_durable(const lcore *c, const char *name);
 void buzz__lcore_report_store(lua_State *L, lcore *c, int u,
                               const char *err);
 void buzz__lcore_catch_up(lua_State *L, lcore *c);
@@ -228,10 +215,8 @@ void buzz__lmetrics_register(lua_State *L);
 ** check, buzz__lcore_check, or the inline one).
 */
 #define accept_event buzz__pf_accept
-#define append_ack buzz__lcore_append_ack
 #define catch_up buzz__lcore_catch_up
 #define check_store_opts buzz__lcore_check_store_opts
-#define find_durable buzz__lcore_find_durable
 #define has_work buzz__lcore_has_work
 #define open_store buzz__lcore_open_store
 #define pf_holds buzz__pf_holds
@@ -243,7 +228,6 @@ void buzz__lmetrics_register(lua_State *L);
 #define sync_levels buzz__lcore_sync_levels
 #define read_page buzz__lstore_read_page
 #define report_store buzz__lcore_report_store
-#define save_position buzz__lcore_save_position
 #define set_i buzz__set_field_int
 #define signal_work buzz__lcore_signal_work
 #define store_flush buzz__lcore_store_flush

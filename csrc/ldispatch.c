@@ -40,6 +40,12 @@
 ** current event, from which publish inherits the correlation and
 ** causation ids; on Lua 5.4 with a fresh budget of C calls (see there).
 ** It is the only place the core resumes a thread.
+**
+** A binding file: it reads the arguments, builds the event tables, runs
+** the prefilter on a page and fills subs, evs and errs. It does not keep
+** the commit gate (engine.c decides what waits for its commit), nor a
+** durable consumer's position or page (consumer.c does: which page comes
+** next, where the position goes once it is done).
 */
 #include <limits.h>
 #include <stdio.h>
@@ -99,21 +105,16 @@ static int take_durables(lua_State *L, lcore *c, lua_Integer max,
   char err[ERR_MAX];
   size_t i;
   if (store_sync(L, c, T_U, err) < 0) add_store_err(L, nerr, err);
-  for (i = 0; i < c->bus.nslots && c->is_open; i++) {
-    buzz_sub *sub = c->bus.slots[i];
+  for (i = 0; i < c->eng.bus.nslots && c->is_open; i++) {
+    buzz_sub *sub = c->eng.bus.slots[i];
     buzz_query q;
     int64_t bad, last = 0, read = 0, to;
     int k, j, n = 0, top = lua_gettop(L);
-    if (sub == NULL || sub->durable == NULL || sub->page_last != 0)
-      continue;
-    if (save_position(c, sub, err) < 0) add_store_err(L, nerr, err);
-    if (sub->acked >= c->committed) continue;
-    memset(&q, 0, sizeof q);
-    q.after_id = sub->acked;
-    q.to_id = c->committed;
-    q.pattern.p = sub->pattern;
-    q.pattern.n = sub->len;
-    q.limit = max > PAGE_MAX ? PAGE_MAX : max;
+    if (!buzz__consumer_is_idle(sub)) continue;   /* a page out, or none */
+    if (buzz__consumer_save(c->eng.store, sub, err) < 0)
+      add_store_err(L, nerr, err);
+    if (!buzz__consumer_query(sub, c->eng.committed, (int64_t)max, &q))
+      continue;                        /* not behind */
     k = read_page(L, c, &q, 1, &bad);
     if (k < 0) {                       /* the position stays put */
       add_store_err(L, nerr, lua_tostring(L, -1));
@@ -148,20 +149,15 @@ static int take_durables(lua_State *L, lcore *c, lua_Integer max,
       lua_rawgeti(L, T_U, sub->data_ref);            /* top+4 */
       lua_pushvalue(L, top + 2);
       add_err(L, nerr, top + 3, top + 4);
-      to = bad;
-    } else if (k < q.limit) {
-      to = q.to_id;                    /* read to the committed end */
-    } else {
-      to = read;
     }
+    to = buzz__consumer_page_end(&q, k, bad, read);
     lua_settop(L, top);
-    if (n == 0) {
-      sub->acked = to;
-      if (save_position(c, sub, err) < 0) add_store_err(L, nerr, err);
+    if (n == 0) {                      /* nothing passed: move on now */
+      if (buzz__consumer_skip(c->eng.store, sub, to, err) < 0)
+        add_store_err(L, nerr, err);
       continue;
     }
-    sub->page_last = last;
-    sub->page_to = to;
+    buzz__consumer_page_out(sub, last, to);
     return n;
   }
   return 0;
@@ -175,7 +171,7 @@ static int take_durables(lua_State *L, lcore *c, lua_Integer max,
 ** the handlers before it left it.
 */
 static int more_now(const lcore *c, size_t level) {
-  const buzz_cursor *cur = &c->bus.cursors[level];
+  const buzz_cursor *cur = &c->eng.bus.cursors[level];
   if (cur->ev == NULL || cur->vec == NULL) return level == 0;
   if (cur->i >= cur->vec->n) return level == 0;
   return cur->vec->subs[cur->i]->filter_ref == BUZZ_NOREF;
@@ -187,11 +183,11 @@ static int more_now(const lcore *c, size_t level) {
 ** else the queue's head if it is.
 */
 static int is_urgent(const lcore *c, int below) {
-  const buzz_cursor *cur = &c->bus.cursors[0];
+  const buzz_cursor *cur = &c->eng.bus.cursors[0];
   int p;
   if (cur->ev != NULL && cur->vec != NULL && cur->i < cur->vec->n)
     return cur->ev->priority < below;  /* its subscriptions are not done */
-  for (p = 0; p < BUZZ_NPRIO && !c->bus.queue.head[p]; p++) {}
+  for (p = 0; p < BUZZ_NPRIO && !c->eng.bus.queue.head[p]; p++) {}
   return p < below;
 }
 
@@ -216,7 +212,7 @@ static int lcore_take(lua_State *L) {
   ctx.c = c;
   ctx.u = push_refs(L);                /* T_U */
   lua_pushnil(L);                      /* T_ERRS */
-  if (level > 0 && (size_t)level >= c->bus.depth) max = 0;  /* closed */
+  if (level > 0 && (size_t)level >= c->eng.bus.depth) max = 0; /* closed */
   if (max > INT_MAX) max = INT_MAX;
   while (n < max && c->is_open) {
     buzz_sub *sub;
@@ -225,19 +221,17 @@ static int lcore_take(lua_State *L) {
     if (n > 0 && !more_now(c, (size_t)level)) break;
     if (below < BUZZ_NPRIO && (level > 0 || !is_urgent(c, below))) break;
     if (level == 0) {
-      c->bus.has_gate = c->gate_id > c->committed;  /* never deliver */
-      c->bus.gate = c->committed;                   /* uncommitted */
-      c->bus.is_gated = 0;
-      c->bus.has_below = below < BUZZ_NPRIO;        /* nor, preempting, */
-      c->bus.below = below;                         /* a less urgent one */
+      buzz__engine_arm_gate(&c->eng);  /* never deliver uncommitted */
+      c->eng.bus.has_below = below < BUZZ_NPRIO;   /* nor, preempting, */
+      c->eng.bus.below = below;                    /* a less urgent one */
     }
-    rc = buzz__bus_next(&c->bus, (size_t)level, &sub, &ev, &ctx);
-    if (rc == 0 && level == 0 && c->bus.is_gated) {
+    rc = buzz__bus_next(&c->eng.bus, (size_t)level, &sub, &ev, &ctx);
+    if (rc == 0 && level == 0 && c->eng.bus.is_gated) {
       char err[ERR_MAX];
-      int64_t was = c->committed;
+      int64_t was = c->eng.committed;
       int had = nerr;
       if (store_sync(L, c, T_U, err) < 0) add_store_err(L, &nerr, err);
-      if (c->committed != was || nerr != had) continue;
+      if (c->eng.committed != was || nerr != had) continue;
       break;                           /* the commit wakes the fd */
     }
     if (rc < 0) {
@@ -263,10 +257,10 @@ static int lcore_take(lua_State *L) {
     }
     c->batch_prio = prio;
   }
-  c->bus.has_gate = 0;
-  c->bus.has_below = 0;
-  if (n == 0 && level == 0 && max > 0 && c->is_open && c->store &&
-      c->ndurable > 0) {
+  c->eng.bus.has_gate = 0;
+  c->eng.bus.has_below = 0;
+  if (n == 0 && level == 0 && max > 0 && c->is_open && c->eng.store &&
+      c->eng.ndurable > 0) {
     n = take_durables(L, c, max, &nerr);
     is_durable = n > 0;
   }
@@ -289,17 +283,13 @@ static int lcore_ack(lua_State *L) {
   lcore *c = check_core(L);
   int64_t id = buzz__check_int(L, 2, "sub_id", 1, BUZZ_INT_EXACT);
   int64_t ev_id = buzz__check_int(L, 4, "ev_id", 1, BUZZ_INT_EXACT);
-  buzz_sub *sub = buzz__bus_sub(&c->bus, id);
+  buzz_sub *sub = buzz__bus_sub(&c->eng.bus, id);
   int u;
   if (sub == NULL || sub->durable == NULL || sub->is_dead) return 0;
   u = push_refs(L);
   lua_rawgeti(L, u, sub->data_ref);
   if (!lua_rawequal(L, -1, 3)) return 0;
-  if (ev_id > sub->acked) sub->acked = ev_id;
-  if (ev_id >= sub->page_last) {
-    if (sub->page_to > sub->acked) sub->acked = sub->page_to;
-    sub->page_last = 0;
-  }
+  buzz__consumer_ack(sub, ev_id);
   return 0;
 }
 
@@ -315,14 +305,14 @@ static int lcore_wait_commit(lua_State *L) {
   lcore *c = check_core(L);
   char err[ERR_MAX];
   int rc;
-  if (c->store == NULL ||
-      (buzz__bus_pending(&c->bus) == 0 && c->ndurable == 0)) {
+  if (c->eng.store == NULL ||
+      (buzz__bus_pending(&c->eng.bus) == 0 && c->eng.ndurable == 0)) {
     lua_pushboolean(L, 0);
     return 1;
   }
-  if (!buzz__store_is_idle(c->store)) {
+  if (!buzz__store_is_idle(c->eng.store)) {
     rc = store_flush(L, c, push_refs(L), err);
-  } else if (buzz__store_committed(c->store) > c->committed) {
+  } else if (buzz__store_committed(c->eng.store) > c->eng.committed) {
     rc = store_sync(L, c, push_refs(L), err);  /* news not taken yet */
   } else {
     lua_pushboolean(L, 0);
@@ -339,7 +329,8 @@ static int lcore_wait_commit(lua_State *L) {
 /* core:is_writing() -> are writes in flight (a commit will wake the fd)? */
 static int lcore_is_writing(lua_State *L) {
   lcore *c = check_core(L);
-  lua_pushboolean(L, c->store != NULL && !buzz__store_is_idle(c->store));
+  lua_pushboolean(L, c->eng.store != NULL &&
+                  !buzz__store_is_idle(c->eng.store));
   return 1;
 }
 

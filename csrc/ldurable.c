@@ -1,25 +1,25 @@
 /*
-** ldurable.c: the store side of the core object: opening the store a bus
-** is created with (its options, the dedup keys it loads), the writer's
-** news (buzz__lcore_store_sync takes the committed id and the groups that
-** failed to commit, whose events leave the queue undelivered;
+** ldurable.c: the store side of the core object, as the binding sees it:
+** opening the store a bus is created with (its options, the dedup keys
+** it loads), the writer's news with the Lua context it needs
+** (buzz__lcore_store_sync hands engine.c's buzz__engine_sync the lctx
+** that releases the refs of the events a failed group drops;
 ** buzz__lcore_store_flush waits for every commit first), catching up
-** before a read, reporting a store failure that belongs to no delivery,
-** durable consumers' positions (append_ack, save_position, find_durable),
-** and the work take() can hand out now (has_work: queued events once
-** committed, durable consumers behind; signal_work keeps a polled
-** descriptor readable while there is some). A binding file: its functions
-** are shared through lcore.h with lbuzz.c (new, close), lpublish.c,
-** lsubscribe.c, ldispatch.c and lstore.c, and it registers no method.
+** before a read, keeping a store failure that belongs to no delivery
+** for the Lua layer to report (U[fail_slot]), and the work take() can hand out now (has_work:
+** queued requests and replies, and engine.c's buzz__engine_is_due;
+** signal_work keeps a polled descriptor readable while there is some). A
+** binding file: its functions are shared through lcore.h with lbuzz.c
+** (new, close), lpublish.c, lsubscribe.c, ldispatch.c and lstore.c, and
+** it registers no method.
 **
-** Invariants: a failed group's events are dropped from the queue and
-** their dedup keys forgotten (a retry must not be a duplicate), and the
-** first failure's message is the one reported; a durable consumer's
-** position goes to the writer only when it moved, in order with the
-** bus's other writes.
+** Invariants: the first failure's message is the one reported (engine.c
+** keeps the rest of the writer's news invariants); the on_commit hook
+** only wakes the loop (it runs on the writer thread).
 **
 ** It does not close the store (lcore_close in lbuzz.c does, after saving
-** positions), does not append events (lpublish.c does), and delivers
+** positions), does not append events (engine.c does, for lpublish.c),
+** keeps no durable consumer position (consumer.c does), and delivers
 ** nothing.
 */
 #include <stdio.h>
@@ -42,53 +42,19 @@ int buzz__lcore_store_fail(lua_State *L, int rc, const char *err) {
   return push_fail(L, rc, err[0] ? err : NULL);
 }
 
-typedef struct sync_ctx {
-  lcore *c;
-  lctx x;
-  char *err;
-  int n;
-  int64_t watch;       /* an event id the caller asks about, or 0 */
-  int is_lost;         /* set if watch was in a failed group */
-} sync_ctx;
-
-/* A group failed to commit: its events leave the queue, undelivered. */
-static void on_store_fail(void *data, const char *msg, int64_t lo,
-                          int64_t hi) {
-  sync_ctx *y = (sync_ctx *)data;
-  size_t dropped = lo > 0 ? buzz__bus_drop_range(&y->c->bus, lo, hi, &y->x)
-                   : 0;
-  if (lo > 0 && y->c->dedup)          /* a retry must not be a duplicate */
-    buzz__dedup_forget(y->c->dedup, lo, hi);
-  if (y->watch >= lo && y->watch <= hi && lo > 0) y->is_lost = 1;
-  if (y->n++ > 0) return;             /* the first failure tells the story */
-  if (lo > 0)
-    snprintf(y->err, ERR_MAX, "%s (events %lld to %lld were not stored%s)",
-             msg, (long long)lo, (long long)hi,
-             dropped ? " and will not be delivered" : "");
-  else
-    snprintf(y->err, ERR_MAX, "%s", msg);
-}
-
 /*
-** Takes the writer's news: the committed id, and failed groups, whose
-** events are dropped from the queue. Returns 0, or BUZZ_ESTORE with the
-** first failure's message in err. Stack: U at u.
+** Takes the writer's news (buzz__engine_sync): the committed id, and
+** failed groups, whose events are dropped from the queue (their refs
+** released through on_event_free, which gets the lctx). Returns 0, or
+** BUZZ_ESTORE with the first failure's message in err. Stack: U at u.
 */
 int buzz__lcore_store_sync_watch(lua_State *L, lcore *c, int u,
                                  char *err, int64_t watch, int *is_lost) {
-  sync_ctx y;
-  y.c = c;
-  y.x.L = L;
-  y.x.c = c;
-  y.x.u = u;
-  y.err = err;
-  y.n = 0;
-  y.watch = watch;
-  y.is_lost = 0;
-  err[0] = '\0';
-  buzz__store_poll(c->store, &c->committed, on_store_fail, &y);
-  if (is_lost) *is_lost = y.is_lost;
-  return y.n > 0 ? BUZZ_ESTORE : 0;
+  lctx x;
+  x.L = L;
+  x.c = c;
+  x.u = u;
+  return buzz__engine_sync(&c->eng, &x, watch, is_lost, err);
 }
 
 int buzz__lcore_store_sync(lua_State *L, lcore *c, int u, char *err) {
@@ -97,49 +63,8 @@ int buzz__lcore_store_sync(lua_State *L, lcore *c, int u, char *err) {
 
 /* Waits for every commit, then takes the writer's news (store_sync). */
 int buzz__lcore_store_flush(lua_State *L, lcore *c, int u, char *err) {
-  buzz__store_flush(c->store);
+  buzz__store_flush(c->eng.store);
   return store_sync(L, c, u, err);
-}
-
-/* Appends a durable consumer's position for the writer. */
-int buzz__lcore_append_ack(lcore *c, const char *name,
-                           const char *pattern, int64_t acked, char *err) {
-  buzz_row spec;
-  buzz_row *row;
-  memset(&spec, 0, sizeof spec);
-  spec.kind = BUZZ_ROW_ACK;
-  spec.id = acked;
-  spec.ts = buzz__clock_ms();
-  spec.type.p = name;
-  spec.type.n = strlen(name);
-  spec.key.p = pattern;
-  spec.key.n = strlen(pattern);
-  if ((row = buzz__row_new(&spec)) == NULL) return BUZZ_ENOMEM;
-  if (buzz__store_append(c->store, row) < 0) {
-    snprintf(err, ERR_MAX, "the store was opened read-only");
-    return BUZZ_ESTORE;
-  }
-  return 0;
-}
-
-/* Gives the writer a durable sub's position if it moved since last time. */
-int buzz__lcore_save_position(lcore *c, buzz_sub *sub, char *err) {
-  int rc;
-  if (sub->acked == sub->saved) return 0;
-  if ((rc = append_ack(c, sub->durable, sub->pattern, sub->acked, err)) < 0)
-    return rc;
-  sub->saved = sub->acked;
-  return 1;
-}
-
-/* The live durable sub named name on this bus, or NULL. */
-buzz_sub *buzz__lcore_find_durable(const lcore *c, const char *name) {
-  size_t i;
-  for (i = 0; i < c->bus.nslots; i++) {
-    buzz_sub *s = c->bus.slots[i];
-    if (s && s->durable && strcmp(s->durable, name) == 0) return s;
-  }
-  return NULL;
 }
 
 /*
@@ -168,7 +93,7 @@ void buzz__lcore_report_store(lua_State *L, lcore *c, int u,
 void buzz__lcore_catch_up(lua_State *L, lcore *c) {
   char err[ERR_MAX];
   int u;
-  if (buzz__store_is_idle(c->store)) return;
+  if (buzz__store_is_idle(c->eng.store)) return;
   u = push_refs(L);
   if (store_flush(L, c, u, err) < 0) report_store(L, c, u, err);
   lua_pop(L, 1);
@@ -178,40 +103,15 @@ void buzz__lcore_catch_up(lua_State *L, lcore *c) {
 /* ---------------------------------------------------------- work due */
 
 /*
-** Is a durable subscription with no page out behind the committed log?
-** committed is a peek at the writer's (store_sync() takes its news).
-*/
-static int durables_behind(lcore *c, int64_t committed) {
-  size_t i;
-  if (c->ndurable == 0) return 0;
-  for (i = 0; i < c->bus.nslots; i++) {
-    buzz_sub *sub = c->bus.slots[i];
-    if (sub && sub->durable && sub->page_last == 0 && sub->acked < committed)
-      return 1;
-  }
-  return 0;
-}
-
-/*
-** Work that take() can hand out now: queued events (with a store, once
-** the queue's head is committed) or durable consumers behind. Writes in
-** flight are not work: their commit wakes the loop.
+** Work that take() can hand out now: a request or reply queued for the
+** Lua layer, or what the engine has due (buzz__engine_is_due: queued
+** events past the commit gate, durable consumers behind).
 */
 int buzz__lcore_has_work(lcore *c) {
-  int64_t committed;
   if ((c->servers != NULL && buzz__lhttp_has_queued(c)) ||
       (c->redis != NULL && buzz__lredis_has_replies(c)))
     return 1;
-  if (c->store == NULL) return buzz__bus_pending(&c->bus) > 0;
-  committed = buzz__store_committed(c->store);
-  if (buzz__bus_pending(&c->bus) > 0) {
-    int p;
-    const buzz_queue *q = &c->bus.queue;
-    if (c->gate_id <= committed) return 1;
-    for (p = 0; p < BUZZ_NPRIO && !q->head[p]; p++) {}
-    if (p < BUZZ_NPRIO && q->head[p]->id <= committed) return 1;
-  }
-  return durables_behind(c, committed);
+  return buzz__engine_is_due(&c->eng);
 }
 
 /* Keeps a polled descriptor readable exactly while work is due; with a
@@ -219,7 +119,7 @@ int buzz__lcore_has_work(lcore *c) {
 void buzz__lcore_signal_work(lcore *c) {
   int is_due = has_work(c);
   buzz__loop_signal(c->loop, is_due);
-  if (!is_due && c->store) buzz__loop_consume(c->loop);
+  if (!is_due && c->eng.store) buzz__loop_consume(c->loop);
 }
 
 
@@ -291,17 +191,17 @@ int buzz__lcore_open_store(lua_State *L, lcore *c, int t, int64_t now) {
   o.notify = on_commit;
   o.data = c->loop;
   err[0] = '\0';
-  if ((rc = buzz__store_open(&c->store, path, &o, err, sizeof err)) < 0)
+  if ((rc = buzz__store_open(&c->eng.store, path, &o, err, sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   lua_pop(L, 1);
-  c->durability = o.durability;
-  c->bus.last_id = buzz__store_last_id(c->store);
-  c->committed = c->bus.last_id;
-  if ((rc = buzz__dedup_new(&c->dedup, c->dedup_window)) < 0)
+  c->eng.durability = o.durability;
+  c->eng.bus.last_id = buzz__store_last_id(c->eng.store);
+  c->eng.committed = c->eng.bus.last_id;
+  if ((rc = buzz__dedup_new(&c->eng.dedup, c->eng.dedup_window)) < 0)
     return push_fail(L, rc, NULL);
   if (o.is_readonly) return 0;         /* it never publishes: no keys */
-  if ((rc = buzz__store_dedup_load(c->store, now - c->dedup_window,
-                                   dedup_loaded, c->dedup, err,
+  if ((rc = buzz__store_dedup_load(c->eng.store, now - c->eng.dedup_window,
+                                   dedup_loaded, c->eng.dedup, err,
                                    sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   return 0;

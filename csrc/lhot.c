@@ -25,17 +25,17 @@ int buzz__lhot_sync_id(lua_State *L) {
   lua_Integer hot = lua_tointeger(L, 2);   /* 0 unless an integer */
   lua_Integer prio = lua_tointeger(L, 3);
   int levels;
-  if (c->store != NULL)
+  if (c->eng.store != NULL)
     return luaL_error(L, "core:sync_id() is for a memory bus; a store's "
                       "events go through core:publish_sync()");
   if (hot < 0 || hot > SYNC_MAX) hot = SYNC_MAX;
   levels = c->nsync + (int)hot;
   if (levels >= SYNC_MAX) return push_too_deep(L, levels);
-  if (c->bus.last_id >= BUZZ_INT_EXACT)
+  if (c->eng.bus.last_id >= BUZZ_INT_EXACT)
     return push_fail(L, BUZZ_EINVAL, "no ids left");
   BUZZ_METRIC(c->published[prio >= 0 && prio < BUZZ_NPRIO
                            ? prio : BUZZ_PRIO_NORMAL]++);
-  lua_pushinteger(L, (lua_Integer)++c->bus.last_id);
+  lua_pushinteger(L, (lua_Integer)++c->eng.bus.last_id);
   lua_pushinteger(L, (lua_Integer)buzz__clock_ms());
   return 2;
 }

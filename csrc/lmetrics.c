@@ -79,18 +79,18 @@ int buzz__lmetrics(lua_State *L) {
   int64_t queued[BUZZ_NPRIO];
   int p;
   for (p = 0; p < BUZZ_NPRIO; p++)
-    queued[p] = (int64_t)c->bus.queue.nprio[p];
+    queued[p] = (int64_t)c->eng.bus.queue.nprio[p];
   lua_createtable(L, 0, 4);
   push_by_prio(L, c->published);
   lua_setfield(L, -2, "published");
   push_by_prio(L, queued);
   lua_setfield(L, -2, "queued");
   set_i(L, "refused_full", c->refused_full);
-  if (c->store != NULL) {
+  if (c->eng.store != NULL) {
     buzz_store_stats st;
     int64_t first, last, bytes, wal;
     char err[ERR_MAX];
-    buzz__store_stats(c->store, &st);
+    buzz__store_stats(c->eng.store, &st);
     lua_createtable(L, 0, 10);
     set_i(L, "appended", st.appended);
     set_i(L, "committed", st.committed);
@@ -100,7 +100,7 @@ int buzz__lmetrics(lua_State *L) {
     set_i(L, "backlog_bytes", st.backlog_bytes);
     set_i(L, "refused", st.refused);
     set_i(L, "checkpoints", st.checkpoints);
-    if (buzz__store_size(c->store, NULL, &first, &last, &bytes, &wal, err,
+    if (buzz__store_size(c->eng.store, NULL, &first, &last, &bytes, &wal, err,
                          sizeof err) == 0)
       set_i(L, "wal_bytes", wal);
     push_commit_latency(L, &st);

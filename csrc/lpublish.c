@@ -2,22 +2,25 @@
 ** lpublish.c: publishing on the core object: core:publish (queues the
 ** event), core:publish_sync (opens a sync level the Lua layer takes with
 ** core:take) and core:current (the event a publish made now inherits
-** from). With a store, an event is appended to the log before it is
-** queued (store_publish), with its id reserved first (take_id, ids.c).
-** A binding file: luaopen_buzz_core in lbuzz.c registers
-** buzz__lpublish_methods with the core's upvalues (lcore.h); lhot.c's
-** core:sync_id shares the count of publish_sync levels
+** from). The binding's part of the pipeline: it reads and checks the
+** arguments, inherits from the current event, encodes the JSON and
+** fills the row's strings (store_publish), keeps the event's values as
+** refs, sets preempt and pushes the results; engine.c runs the steps in
+** plain C (the dedup check, the id reservation, the append, the queue,
+** the commit gate). A binding file: luaopen_buzz_core in lbuzz.c
+** registers buzz__lpublish_methods with the core's upvalues (lcore.h);
+** lhot.c's core:sync_id shares the count of publish_sync levels
 ** (buzz__lcore_sync_levels) and the EDEPTH message (buzz__lcore_too_deep).
 **
 ** Invariants: a publish inside a handler inherits the correlation id of
 ** the current event (U[cur_slot]) and takes its id as the causation id;
-** an id appended to the store is used up even when the bus then refuses
-** the event; a dedup key is recorded only once its event is published.
-** Queued events keep their values in U until delivery (refs released by
-** on_event_free in lbuzz.c).
+** the engine's (engine.c's head) hold: an appended id is used up, a
+** dedup key is recorded only once its event is published. Queued events
+** keep their values in U until delivery (refs released by on_event_free
+** in lbuzz.c).
 **
-** It does not deliver (ldispatch.c and the Lua layer do), does not take the
-** writer's news itself (ldurable.c's store_sync does), and builds an
+** It does not deliver (ldispatch.c and the Lua layer do), does not take
+** the writer's news or reserve ids itself (engine.c does), and builds an
 ** event table only for publish_sync (lbuzz.c's push_event).
 */
 #include <limits.h>
@@ -43,66 +46,32 @@ static int ref_opt(lua_State *L, int u, int idx) {
 /* Gives an event record back: to the spare list, or to free() once the
 ** bus is closed (its spare list is gone). */
 static void event_drop(lcore *c, buzz_event *ev) {
-  if (c->is_open && !c->bus.is_closed) buzz__event_free(&c->bus.queue, ev);
+  if (c->is_open && !c->eng.bus.is_closed)
+    buzz__event_free(&c->eng.bus.queue, ev);
   else free(ev);
 }
 
-/* Pushes nil, err, code for an event the store's append refused. */
-static int push_append_fail(lua_State *L, lcore *c, int rc) {
-  buzz_store_stats st;
-  char msg[ERR_MAX];
-  if (rc != BUZZ_EFULL)
-    return push_fail(L, rc, "the store was opened read-only");
-  buzz__store_stats(c->store, &st);
-  snprintf(msg, sizeof msg, "the store's writer is behind: %lld bytes "
-           "wait to be written (max_backlog = %lld); retry when it has "
-           "caught up (bus:flush() waits for that) or raise max_backlog",
-           (long long)st.backlog_bytes, (long long)st.backlog_limit);
-  return push_fail(L, rc, msg);
-}
-
 /*
-** With a store: makes sure the next id (bus.last_id + 1) is reserved
-** (ids.c), so that no crash can hand it out again. Returns 0, or BUZZ_ESTORE
-** (or BUZZ_ENOMEM) with the reason in err: the id is then not used. Callers
-** skip the call while NEED_ID() is false: the hot path is one comparison.
+** With a store: takes the writer's news and reserves the id (engine.c),
+** encodes the payload (slot 3) and headers (slot 8), and appends the row
+** (buzz__engine_append, which presets ev's id and ts and, for sync
+** durability or a publish_sync, waits for its commit). Returns 0, or
+** pushes nil, err, code (EINVAL/ETOOBIG for a payload JSON cannot hold,
+** which the Lua layer raises; ESTORE for the world) and returns 3.
 ** Stack: U at u.
-*/
-#define NEED_ID(c) ((c)->bus.last_id >= (c)->id_safe)
-
-static int take_id(lua_State *L, lcore *c, int u, char *err) {
-  char why[ERR_MAX];
-  int rc;
-  if ((rc = buzz__ids_take(c->store, c->bus.last_id + 1, &c->id_safe)) == 0)
-    return 0;
-  if (rc == BUZZ_ESTORE && store_sync(L, c, u, why) < 0)
-    snprintf(err, ERR_MAX, "cannot reserve ids, so nothing was published: "
-             "%.*s", ERR_MAX - 64, why);        /* room for the head */
-  else if (rc == BUZZ_ESTORE)
-    snprintf(err, ERR_MAX, "cannot reserve ids, so nothing was published "
-             "(the store is read-only, or its last reservation failed)");
-  else
-    snprintf(err, ERR_MAX, "%s", buzz__err_message(rc));
-  return rc;
-}
-
-/*
-** With a store: encodes the payload (slot 3) and headers (slot 8), appends
-** the row (id and ts preset in ev) and, for sync durability or a
-** publish_sync, waits for its commit. Returns 0, or pushes nil, err, code
-** (EINVAL/ETOOBIG for a payload JSON cannot hold, which the Lua layer
-** raises; ESTORE for the world) and returns 3. Stack: U at u.
 */
 static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
                          int is_sync, const char *type, size_t len,
                          const char *dkey, size_t dlen) {
-  buzz_row spec, *row;
+  buzz_row spec;
   char err[ERR_MAX];
+  lctx x;
   int rc, top = lua_gettop(L);
+  x.L = L;
+  x.u = u;
+  x.c = c;
   memset(&spec, 0, sizeof spec);
-  if ((rc = store_sync(L, c, u, err)) < 0)  /* an earlier group failed */
-    return push_store_fail(L, rc, err);
-  if (NEED_ID(c) && (rc = take_id(L, c, u, err)) < 0)
+  if ((rc = buzz__engine_begin(&c->eng, &x, err)) < 0)
     return push_store_fail(L, rc, err);
   if ((rc = buzz__json_encode(L, 3, "payload", c->max_payload)) != 0) {
     lua_pushnil(L);
@@ -120,13 +89,6 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
     }
     spec.headers.p = lua_tolstring(L, -1, &spec.headers.n);
   }
-  spec.kind = BUZZ_ROW_EVENT;
-  spec.id = ev->id = c->bus.last_id + 1;
-  if (ev->ts == 0) ev->ts = buzz__clock_ms();   /* or the caller's */
-  spec.ts = ev->ts;
-  spec.causation_id = ev->causation_id;
-  spec.priority = ev->priority;
-  spec.version = ev->version ? ev->version : 1;
   spec.type.p = type;
   spec.type.n = len;
   if (lua_type(L, 5) == LUA_TNUMBER) {
@@ -139,29 +101,13 @@ static int store_publish(lua_State *L, lcore *c, int u, buzz_event *ev,
     spec.corr.p = lua_tolstring(L, 6, &spec.corr.n);
   spec.dedup.p = dkey;
   spec.dedup.n = dlen;
-  if (ev->stream_version != 0) {
+  if (ev->stream_version != 0)
     spec.stream.p = lua_tolstring(L, 13, &spec.stream.n);
-    spec.stream_version = ev->stream_version;
-  }
-  if ((row = buzz__row_new(&spec)) == NULL)
-    return push_fail(L, BUZZ_ENOMEM, NULL);
-  lua_settop(L, top);
-  if ((rc = buzz__store_append(c->store, row)) < 0)
-    return push_append_fail(L, c, rc);
-  c->appended_id = spec.id;
-  if ((is_sync && c->durability != BUZZ_DUR_NONE) ||
-      c->durability == BUZZ_DUR_SYNC) {
-    int is_lost;
-    buzz__store_flush(c->store);
-    if ((rc = store_sync_watch(L, c, u, err, ev->id, &is_lost)) < 0) {
-      if (is_lost) {                   /* this event: the caller is told */
-        if (c->bus.last_id < ev->id) c->bus.last_id = ev->id; /* used */
-        return push_store_fail(L, rc, err);
-      }
-      report_store(L, c, u, err);      /* another group's failure: kept
-                                          for Lua to report */
-    }
-  }
+  rc = buzz__engine_append(&c->eng, &spec, ev, is_sync, &x, err);
+  lua_settop(L, top);                  /* the JSON is copied in the row */
+  if (rc < 0) return push_store_fail(L, rc, err);
+  if (rc > 0)                          /* another group's failure: kept */
+    report_store(L, c, u, err);        /* for Lua to report */
   return 0;
 }
 
@@ -284,8 +230,7 @@ static int do_publish(lua_State *L, int mode) {
   ctx.u = push_refs(L);                /* slot 16 */
   push_current(L, c, ctx.u);           /* S_CUR: inherited from */
   if (dkey) now = ts > 0 ? ts : buzz__clock_ms();  /* the bus's clock */
-  if (dkey && c->dedup &&
-      (id = buzz__dedup_find(c->dedup, dkey, dlen, now)) != 0) {
+  if (dkey && (id = buzz__engine_duplicate(&c->eng, dkey, dlen, now)) != 0) {
     lua_pushinteger(L, (lua_Integer)id);
     lua_pushliteral(L, "duplicate");
     return 2;
@@ -300,44 +245,35 @@ static int do_publish(lua_State *L, int mode) {
     push_correlation(L, S_CUR);        /* inherit it */
     lua_replace(L, 6);
   }
-  if (c->store && mode == 0 && c->bus.queue.limit &&   /* before the */
-      c->bus.queue.count >= c->bus.queue.limit)         /* append; the */
-    goto full;                         /* bus checks memory buses itself */
-  if ((ev = buzz__event_new(&c->bus.queue)) == NULL)
+  if (mode == 0 && buzz__engine_is_full(&c->eng))    /* before the append */
+    goto full;
+  if ((ev = buzz__event_new(&c->eng.bus.queue)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
   ev->priority = (unsigned char)prio;
   ev->causation_id = caus == 0 ? event_id(L, S_CUR) : (int64_t)caus;
   ev->version = (int)version;
   ev->stream_version = sversion;
   if (ts > 0) ev->ts = (int64_t)ts;    /* a manual clock's time */
-  if (c->store &&
+  if (c->eng.store &&
       store_publish(L, c, ctx.u, ev, mode == 1, type, len, dkey, dlen)) {
     event_drop(c, ev);
     return 3;
   }
-  rc = buzz__bus_publish(&c->bus, ev, type, len, mode != 0, &level);
+  rc = buzz__engine_queue(&c->eng, ev, type, len, mode != 0, &level);
   if (rc < 0) {
-    if (c->store && c->bus.last_id < ev->id)
-      c->bus.last_id = ev->id;         /* appended already: used up */
     event_drop(c, ev);
     if (rc == BUZZ_EFULL) goto full;
     return push_fail(L, rc, NULL);
   }
-  id = c->bus.last_id;
+  id = c->eng.bus.last_id;
   BUZZ_METRIC(c->published[prio]++);
-  if (dkey) {
-    if (c->dedup == NULL &&
-        buzz__dedup_new(&c->dedup, c->dedup_window) < 0)
-      return push_fail(L, BUZZ_ENOMEM, NULL);
-    if (buzz__dedup_put(c->dedup, dkey, dlen, id, now) < 0)
-      return push_fail(L, BUZZ_ENOMEM, NULL);
-  }
+  if (dkey && buzz__engine_remember(&c->eng, dkey, dlen, id, now) < 0)
+    return push_fail(L, BUZZ_ENOMEM, NULL);     /* rc is still the bus's */
   if (rc == 0) {                       /* no audience: freed already */
     lua_pushinteger(L, (lua_Integer)id);
     return 1;
   }
-  if (c->store && mode == 0 && c->durability != BUZZ_DUR_NONE)
-    c->gate_id = id;                   /* deliver only once committed */
+  buzz__engine_gate(&c->eng, mode != 0, id);  /* delivered once committed */
   if (mode != 1) {                     /* values wait in U until delivery */
     ev->payload_ref = ref_opt(L, ctx.u, 3);
     ev->key_ref = ref_opt(L, ctx.u, 5);
@@ -371,7 +307,7 @@ full:
   lua_pushnil(L);
   {                                    /* a count: no (int) cut */
     char num[24];
-    snprintf(num, sizeof num, "%zu", buzz__bus_pending(&c->bus));
+    snprintf(num, sizeof num, "%zu", buzz__bus_pending(&c->eng.bus));
     lua_pushfstring(L, "%s: queue is full (%s pending events); drain "
                     "the bus or raise queue_limit",
                     buzz__err_name(BUZZ_EFULL), num);

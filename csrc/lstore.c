@@ -20,8 +20,9 @@
 ** stored: Lua upcasts them (lua/buzz/store.lua), the core calls no Lua.
 **
 ** It does not own the store (ldurable.c opens it, lbuzz.c closes it),
-** does not take the writer's news by itself (store_sync and store_flush
-** stay with the commit gate in ldurable.c), and delivers nothing.
+** does not take the writer's news by itself (ldurable.c's store_sync and
+** store_flush, over engine.c), keeps no durable position (consumer.c
+** does), and delivers nothing.
 */
 #include <limits.h>
 #include <stdio.h>
@@ -129,15 +130,15 @@ int buzz__lstore_read_page(lua_State *L, lcore *c, const buzz_query *q,
   int n = 0, rc;
   err[0] = '\0';
   *bad_id = 0;
-  if (buzz__store_query(c->store, q) < 0) {
+  if (buzz__store_query(c->eng.store, q) < 0) {
     lua_pushliteral(L, "cannot query the store");
     return BUZZ_ESTORE;
   }
   lua_createtable(L, q->limit < 1024 ? (int)q->limit : 1024, 0);
-  while ((rc = buzz__store_next(c->store, &row, err, sizeof err)) > 0) {
+  while ((rc = buzz__store_next(c->eng.store, &row, err, sizeof err)) > 0) {
     int bad = push_stored(L, &row);
     if (bad == BUZZ_EDECODE && is_strict) {
-      buzz__store_query_done(c->store);   /* let go of the snapshot */
+      buzz__store_query_done(c->eng.store); /* let go of the snapshot */
       *bad_id = row.id;
       lua_getfield(L, -1, "decode_error");
       lua_insert(L, -2);                  /* array, message, table */
@@ -172,9 +173,9 @@ static int push_no_store(lua_State *L, const char *what, const char *verb) {
 ** failed group is kept for Lua to report, and the read goes on).
 */
 static buzz_store *need_store(lua_State *L, lcore *c, const char *what) {
-  if (c->store) {
+  if (c->eng.store) {
     catch_up(L, c);
-    return c->store;
+    return c->eng.store;
   }
   push_no_store(L, what, "reads");
   return NULL;
@@ -257,10 +258,10 @@ static int lcore_consumers(lua_State *L) {
   if (!need_store(L, c, "consumers()")) return 3;
   lua_newtable(L);
   x.L = L;
-  x.store = c->store;
+  x.store = c->eng.store;
   x.n = 0;
   err[0] = '\0';
-  if ((rc = buzz__store_consumers(c->store, on_consumer, &x, err,
+  if ((rc = buzz__store_consumers(c->eng.store, on_consumer, &x, err,
                                   sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   return 1;
@@ -281,7 +282,7 @@ static int lcore_stream_version(lua_State *L) {
   stream.p = luaL_checklstring(L, 2, &stream.n);
   if (!need_store(L, c, "stream_version()")) return 3;
   err[0] = '\0';
-  if ((rc = buzz__store_stream_version(c->store, stream, &v, err,
+  if ((rc = buzz__store_stream_version(c->eng.store, stream, &v, err,
                                        sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   lua_pushinteger(L, (lua_Integer)v);
@@ -301,7 +302,7 @@ static int lcore_remove_consumer(lua_State *L) {
   int64_t acked;
   int rc, found;
   if (!need_store(L, c, "remove_consumer()")) return 3;
-  if (find_durable(c, name)) {
+  if (buzz__consumer_find(&c->eng.bus, name)) {
     lua_pushnil(L);
     lua_pushfstring(L, "durable consumer \"%s\" is subscribed on this "
                     "bus: unsubscribe it before removing it", name);
@@ -309,7 +310,7 @@ static int lcore_remove_consumer(lua_State *L) {
     return 3;
   }
   err[0] = '\0';
-  if ((found = buzz__store_consumer(c->store, name, len, &acked, err,
+  if ((found = buzz__store_consumer(c->eng.store, name, len, &acked, err,
                                     sizeof err)) < 0)
     return push_store_fail(L, found, err);
   memset(&spec, 0, sizeof spec);
@@ -318,7 +319,7 @@ static int lcore_remove_consumer(lua_State *L) {
   spec.type.n = len;
   if ((row = buzz__row_new(&spec)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
-  if ((rc = buzz__store_append(c->store, row)) < 0)
+  if ((rc = buzz__store_append(c->eng.store, row)) < 0)
     return push_fail(L, rc, "the store was opened read-only");
   if ((rc = store_flush(L, c, push_refs(L), err)) < 0)
     return push_store_fail(L, rc, err);
@@ -350,10 +351,10 @@ static int lcore_store_info(lua_State *L) {
   int rc, with_events = lua_isnoneornil(L, 3) || lua_toboolean(L, 3);
   if (!need_store(L, c, "store_info()")) return 3;
   err[0] = '\0';
-  if ((rc = buzz__store_size(c->store, with_events ? &count : NULL, &first,
+  if ((rc = buzz__store_size(c->eng.store, with_events ? &count : NULL, &first,
                              &last, &bytes, &wal, err, sizeof err)) < 0)
     return push_store_fail(L, rc, err);
-  buzz__store_stats(c->store, &st);
+  buzz__store_stats(c->eng.store, &st);
   lua_createtable(L, 0, 16);
   if (with_events) set_i(L, "events", count);
   set_i(L, "first_id", first);
@@ -373,10 +374,11 @@ static int lcore_store_info(lua_State *L) {
   set_i(L, "max_backlog", st.backlog_limit);
   set_i(L, "refused", st.refused);
   set_i(L, "checkpoints", st.checkpoints);
-  set_i(L, "dedup_keys", c->dedup ? (int64_t)buzz__dedup_count(c->dedup) : 0);
+  set_i(L, "dedup_keys",
+        c->eng.dedup ? (int64_t)buzz__dedup_count(c->eng.dedup) : 0);
   if (lua_toboolean(L, 2)) {
     lua_newtable(L);
-    if ((rc = buzz__store_types(c->store, on_type_count, L, err,
+    if ((rc = buzz__store_types(c->eng.store, on_type_count, L, err,
                                 sizeof err)) < 0)
       return push_store_fail(L, rc, err);
     lua_setfield(L, -2, "types");
@@ -399,9 +401,9 @@ static int state_write(lua_State *L, lcore *c, const buzz_row *spec) {
     return push_store_fail(L, rc, err);
   if ((row = buzz__row_new(spec)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
-  if ((rc = buzz__store_append(c->store, row)) < 0)
+  if ((rc = buzz__store_append(c->eng.store, row)) < 0)
     return push_fail(L, rc, "the store was opened read-only");
-  if (c->durability == BUZZ_DUR_SYNC &&
+  if (c->eng.durability == BUZZ_DUR_SYNC &&
       (rc = store_flush(L, c, u, err)) < 0)
     return push_store_fail(L, rc, err);
   lua_pushboolean(L, 1);
@@ -421,7 +423,7 @@ static int lcore_state_put(lua_State *L) {
   spec.type.p = luaL_checklstring(L, 2, &spec.type.n);
   spec.key.p = luaL_checklstring(L, 3, &spec.key.n);
   spec.payload.p = luaL_checklstring(L, 4, &spec.payload.n);
-  if (c->store == NULL) return push_no_store(L, "state_put()", "writes");
+  if (c->eng.store == NULL) return push_no_store(L, "state_put()", "writes");
   return state_write(L, c, &spec);
 }
 
@@ -437,7 +439,7 @@ static int lcore_state_del(lua_State *L) {
   spec.kind = BUZZ_ROW_STATE_DEL;
   spec.type.p = luaL_checklstring(L, 2, &spec.type.n);
   spec.key.p = luaL_optlstring(L, 3, NULL, &spec.key.n);
-  if (c->store == NULL) return push_no_store(L, "state_del()", "writes");
+  if (c->eng.store == NULL) return push_no_store(L, "state_del()", "writes");
   return state_write(L, c, &spec);
 }
 
@@ -475,7 +477,7 @@ static int lcore_state_list(lua_State *L) {
   x.L = L;
   x.n = 0;
   err[0] = '\0';
-  if ((rc = buzz__store_state(c->store, kind, name, on_state, &x, err,
+  if ((rc = buzz__store_state(c->eng.store, kind, name, on_state, &x, err,
                               sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   return 1;
@@ -501,7 +503,7 @@ static int lcore_state_count(lua_State *L) {
   kind.p = luaL_checklstring(L, 2, &kind.n);
   if (!need_store(L, c, "state_count()")) return 3;
   err[0] = '\0';
-  if ((rc = buzz__store_state(c->store, kind, none, on_state_count, &n, err,
+  if ((rc = buzz__store_state(c->eng.store, kind, none, on_state_count, &n, err,
                               sizeof err)) < 0)
     return push_store_fail(L, rc, err);
   lua_pushinteger(L, (lua_Integer)n);

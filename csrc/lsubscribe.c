@@ -14,7 +14,7 @@
 ** most once per bus, and its position is saved when it unsubscribes.
 **
 ** It does not deliver (ldispatch.c does), and keeps no position itself
-** (ldurable.c appends and finds them).
+** (consumer.c appends, saves and finds them).
 */
 #include <limits.h>
 #include <stdlib.h>
@@ -36,14 +36,14 @@ static int durable_start(lua_State *L, lcore *c, const char *name,
                          size_t nlen, int start_new, int64_t *acked) {
   char err[ERR_MAX];
   int rc;
-  if (c->store == NULL) {
+  if (c->eng.store == NULL) {
     lua_pushnil(L);
     lua_pushliteral(L, "durable consumers keep their position in a store: "
                     "create the bus with buzz.new{ store = \"events.db\" }");
     lua_pushliteral(L, "EINVAL");
     return 3;
   }
-  if (find_durable(c, name)) {
+  if (buzz__consumer_find(&c->eng.bus, name)) {
     lua_pushnil(L);
     lua_pushfstring(L, "durable consumer \"%s\" is already subscribed on "
                     "this bus; unsubscribe it first or pick another name",
@@ -53,9 +53,9 @@ static int durable_start(lua_State *L, lcore *c, const char *name,
   }
   catch_up(L, c);                      /* read its latest position */
   err[0] = '\0';
-  rc = buzz__store_consumer(c->store, name, nlen, acked, err, sizeof err);
+  rc = buzz__store_consumer(c->eng.store, name, nlen, acked, err, sizeof err);
   if (rc < 0) return push_store_fail(L, rc, err);
-  if (rc == 0) *acked = start_new ? c->bus.last_id : 0;
+  if (rc == 0) *acked = start_new ? c->eng.bus.last_id : 0;
   return 0;
 }
 
@@ -86,7 +86,8 @@ static int lcore_subscribe(lua_State *L) {
       return push_fail(L, BUZZ_ENOMEM, NULL);
     memcpy(name, durable, nlen + 1);
     err[0] = '\0';
-    if ((rc = append_ack(c, name, pat, acked, err)) < 0) {
+    if ((rc = buzz__consumer_append_ack(c->eng.store, name, pat, acked,
+                                        err)) < 0) {
       free(name);
       return push_store_fail(L, rc, err);
     }
@@ -96,7 +97,8 @@ static int lcore_subscribe(lua_State *L) {
   ref = luaL_ref(L, u);
   lua_pushvalue(L, 4);
   fn_ref = luaL_ref(L, u);
-  if ((rc = buzz__bus_subscribe(&c->bus, pat, len, is_once, ref, &sub)) < 0) {
+  if ((rc = buzz__bus_subscribe(&c->eng.bus, pat, len, is_once, ref,
+                                &sub)) < 0) {
     luaL_unref(L, u, ref);
     luaL_unref(L, u, fn_ref);
     free(name);
@@ -110,7 +112,7 @@ static int lcore_subscribe(lua_State *L) {
   if (name) {
     sub->durable = name;
     sub->acked = sub->saved = acked;
-    c->ndurable++;
+    c->eng.ndurable++;
     buzz__loop_signal(c->loop, 1);
   }
   lua_pushinteger(L, (lua_Integer)sub->slot + 1);
@@ -123,7 +125,7 @@ static int lcore_subscribe(lua_State *L) {
 ** reused), or NULL. Pushes U and sets *u to its slot when it finds one.
 */
 static buzz_sub *live_sub(lua_State *L, lcore *c, int *u) {
-  buzz_sub *sub = buzz__bus_sub(&c->bus, buzz__check_int(L, 2, "id", 0,
+  buzz_sub *sub = buzz__bus_sub(&c->eng.bus, buzz__check_int(L, 2, "id", 0,
                                                          INT64_MAX));
   int is_it;
   if (sub == NULL) return NULL;
@@ -152,10 +154,10 @@ static int lcore_unsubscribe(lua_State *L) {
   unref(L, u, &sub->filter_ref);
   if (sub->durable) {
     char err[ERR_MAX];
-    c->ndurable--;
-    save_position(c, sub, err);        /* keep its place */
+    c->eng.ndurable--;
+    buzz__consumer_save(c->eng.store, sub, err);   /* keep its place */
   }
-  buzz__bus_unsubscribe(&c->bus, sub);   /* may free sub */
+  buzz__bus_unsubscribe(&c->eng.bus, sub); /* may free sub */
   luaL_unref(L, u, ref);
   luaL_unref(L, u, fn_ref);
   lua_pushboolean(L, 1);
@@ -191,9 +193,9 @@ static int lcore_subs(lua_State *L) {
   lcore *c = check_core(L);
   int u = push_refs(L), n = 0;
   size_t i;
-  lua_createtable(L, c->bus.nsubs < INT_MAX ? (int)c->bus.nsubs : 0, 0);
-  for (i = 0; i < c->bus.nslots; i++) {
-    buzz_sub *sub = c->bus.slots[i];
+  lua_createtable(L, c->eng.bus.nsubs < INT_MAX ? (int)c->eng.bus.nsubs : 0, 0);
+  for (i = 0; i < c->eng.bus.nslots; i++) {
+    buzz_sub *sub = c->eng.bus.slots[i];
     if (sub == NULL) continue;
     lua_rawgeti(L, u, sub->data_ref);
     lua_rawseti(L, -2, ++n);
@@ -218,9 +220,9 @@ static int lcore_audience(lua_State *L) {
   if (subject_usage(L, "type", type, len, 0, lua_isnone(L, 3) ||
                     lua_toboolean(L, 3)))
     return 3;
-  if ((s = buzz__trie_subject(c->bus.trie, type, len)) == NULL)
+  if ((s = buzz__trie_subject(c->eng.bus.trie, type, len)) == NULL)
     return push_fail(L, BUZZ_ENOMEM, NULL);
-  rc = buzz__trie_match(c->bus.trie, s, &v);
+  rc = buzz__trie_match(c->eng.bus.trie, s, &v);
   buzz__subject_release(s);
   if (rc < 0) return push_fail(L, rc, NULL);
   u = push_refs(L);
