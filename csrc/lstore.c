@@ -62,12 +62,12 @@ static void set_str(lua_State *L, int key, buzz_str v) {
 static int set_json(lua_State *L, int key, buzz_str v, int64_t id,
                     const char *what) {
   if (v.p == NULL) return 0;
+  lua_pushvalue(L, UV(key));
   if (buzz__json_decode(L, v.p, v.n) == 0) {
-    lua_pushvalue(L, UV(key));
-    lua_insert(L, -2);
     lua_rawset(L, -3);
     return 0;
   }
+  lua_remove(L, -2);                   /* the key */
   {
     char num[32];
     snprintf(num, sizeof num, "%lld", (long long)id);
