@@ -169,8 +169,13 @@ typedef struct fast_reader {
   const char *p, *end;
 } fast_reader;
 
-static void fast_skip_space(fast_reader *r) {
+static void skip_spaces(fast_reader *r) {
   while (r->p < r->end && is_space(*r->p)) r->p++;
+}
+
+/* Skips white space; most texts have none, and this test inlines. */
+static void fast_skip_space(fast_reader *r) {
+  if (r->p < r->end && is_space(*r->p)) skip_spaces(r);
 }
 
 /*
@@ -274,7 +279,7 @@ static int fast_object(lua_State *L, fast_reader *r, int depth) {
         lua_pushvalue(L, base + 2 * i + 2);
         lua_rawset(L, -3);
       }
-      lua_insert(L, base + 1);
+      lua_replace(L, base + 1);
       lua_settop(L, base + 1);
       return 0;
     }

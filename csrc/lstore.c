@@ -55,6 +55,32 @@ static void set_str(lua_State *L, int key, buzz_str v) {
 }
 
 /*
+** The type string of the row before, in stack slot slot (nil at first):
+** the rows of a page mostly share a few types, and comparing the bytes
+** costs less than Lua interning them again.
+*/
+typedef struct type_memo {
+  int slot;
+  const char *p;   /* borrows: the bytes of the string in slot */
+  size_t n;
+} type_memo;
+
+/* Sets field UV(UV_TYPE) of the table on top to the string v, if present. */
+static void set_type(lua_State *L, type_memo *m, buzz_str v) {
+  if (v.p == NULL) return;
+  lua_pushvalue(L, UV(UV_TYPE));
+  if (m->p != NULL && v.n == m->n && memcmp(v.p, m->p, v.n) == 0) {
+    lua_pushvalue(L, m->slot);
+  } else {
+    lua_pushlstring(L, v.p, v.n);
+    m->p = lua_tolstring(L, -1, &m->n);
+    lua_pushvalue(L, -1);
+    lua_replace(L, m->slot);
+  }
+  lua_rawset(L, -3);
+}
+
+/*
 ** Decodes JSON text into field UV(key) of the table on top (event id). A
 ** row that does not decode leaves the field unset and gets decode_error =
 ** "EDECODE: event <id>'s stored <what> is not valid JSON (...)" instead
@@ -63,12 +89,12 @@ static void set_str(lua_State *L, int key, buzz_str v) {
 static int set_json(lua_State *L, int key, buzz_str v, int64_t id,
                     const char *what) {
   if (v.p == NULL) return 0;
+  lua_pushvalue(L, UV(key));
   if (buzz__json_decode(L, v.p, v.n) == 0) {
-    lua_pushvalue(L, UV(key));
-    lua_insert(L, -2);
     lua_rawset(L, -3);
     return 0;
   }
+  lua_remove(L, -2);                   /* the key */
   {
     char num[32];
     snprintf(num, sizeof num, "%lld", (long long)id);
@@ -88,13 +114,13 @@ static int set_json(lua_State *L, int key, buzz_str v, int64_t id,
 ** top, when its payload or headers do not decode (see set_json). Only
 ** called from methods (uses the upvalues).
 */
-static int push_stored(lua_State *L, const buzz_stored *r) {
+static int push_stored(lua_State *L, type_memo *m, const buzz_stored *r) {
   int prio = r->priority >= 0 && r->priority < BUZZ_NPRIO ? r->priority
              : BUZZ_PRIO_NORMAL, rc;
   lua_createtable(L, 0, 7 + (r->key_kind != 0) + (r->corr.p != NULL) +
                          (r->causation_id != 0) + (r->headers.p != NULL));
   set_int(L, UV_ID, r->id);
-  set_str(L, UV_TYPE, r->type);
+  set_type(L, m, r->type);
   rc = set_json(L, UV_PAYLOAD, r->payload, r->id, "payload");
   set_int(L, UV_TS, r->ts);
   lua_pushvalue(L, UV(UV_PRIORITY));
@@ -126,6 +152,7 @@ static int push_stored(lua_State *L, const buzz_stored *r) {
 int buzz__lstore_read_page(lua_State *L, lcore *c, const buzz_query *q,
                            int is_strict, int64_t *bad_id) {
   buzz_stored row;
+  type_memo memo;
   char err[ERR_MAX];
   int n = 0, rc;
   err[0] = '\0';
@@ -134,18 +161,24 @@ int buzz__lstore_read_page(lua_State *L, lcore *c, const buzz_query *q,
     lua_pushliteral(L, "cannot query the store");
     return BUZZ_ESTORE;
   }
+  lua_pushnil(L);                         /* memo.slot, removed below */
+  memo.slot = lua_gettop(L);
+  memo.p = NULL;
+  memo.n = 0;
   lua_createtable(L, q->limit < 1024 ? (int)q->limit : 1024, 0);
   while ((rc = buzz__store_next(c->eng.store, &row, err, sizeof err)) > 0) {
-    int bad = push_stored(L, &row);
+    int bad = push_stored(L, &memo, &row);
     if (bad == BUZZ_EDECODE && is_strict) {
       buzz__store_query_done(c->eng.store); /* let go of the snapshot */
       *bad_id = row.id;
       lua_getfield(L, -1, "decode_error");
       lua_insert(L, -2);                  /* array, message, table */
+      lua_remove(L, memo.slot);
       return n;
     }
     lua_rawseti(L, -2, ++n);
   }
+  lua_remove(L, memo.slot);
   if (rc < 0) {
     lua_pop(L, 1);
     lua_pushstring(L, err);

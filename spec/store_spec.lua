@@ -609,6 +609,40 @@ describe("the store", function()
       remove_store(path .. "2")
     end)
 
+    it("goes on across pages after raises, each reported with its event "
+       .. "and traceback", function()
+      local errs = {}
+      local b2 = H.bus{ store = path, readonly = true,
+                        on_error = function(e, ev, _, trace)
+        errs[#errs + 1] = { e = e, id = ev.id, trace = trace }
+      end }
+      local seen = 0
+      local n = b2:replay{ handler = function(ev)
+        seen = seen + 1
+        if ev.id % 250 == 1 then error("bad " .. ev.id) end
+      end }
+      assert.equal(600, n)
+      assert.equal(600, seen)
+      assert.equal(3, #errs)
+      for k, id in ipairs { 1, 251, 501 } do
+        assert.equal(id, errs[k].id)
+        assert.matches("bad " .. id, errs[k].e)
+        assert.matches("store_spec.lua", errs[k].trace)
+      end
+      b2:close()
+    end)
+
+    it("stops when a handler closes the bus", function()
+      local b2 = H.bus{ store = path, readonly = true }
+      local seen = 0
+      local n = b2:replay{ handler = function()
+        seen = seen + 1
+        if seen == 300 then b2:close() end
+      end }
+      assert.equal(300, n)
+      assert.equal(300, seen)
+    end)
+
     it("replays to a named durable consumer", function()
       local got = 0
       bus:subscribe("user.*", function() got = got + 1 end,
