@@ -23,7 +23,7 @@ per_event() {
 # bench/dispatch.lua: issue 14's hot path against mediator_lua, one
 # subscriber and a trivial handler (options tables made once).
 echo "dispatch, instructions per event ($lua, callgrind; N = $n and $((n * 3)))"
-for c in sync sync_key sync_opts queued mediator pcall; do
+for c in sync sync_key sync_opts queued mediator pcall event_table yieldable; do
   eval "ic_$c=$(per_event "$c" dispatch)"
   eval "v=\$ic_$c"
   printf '  %-12s %8d\n' "$c" "$v"
