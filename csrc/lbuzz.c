@@ -458,6 +458,7 @@ lcore *buzz__lcore_check(lua_State *L) { return check_core(L); }
 */
 static const luaL_Reg core_methods[] = {
   { "sync_id", buzz__lhot_sync_id },
+  { "ffi_sync_id", buzz__lhot_ffi_sync_id },
   { "metrics", buzz__lmetrics },
   { "holder", lcore_holder },
   { "pending", lcore_pending },

@@ -200,8 +200,9 @@ extern const luaL_Reg buzz__lredis_methods[];
 void buzz__lredis_register(lua_State *L);
 void buzz__lredis_close_all(lcore *c);
 
-/* lhot.c: core:sync_id. */
+/* lhot.c: core:sync_id, and core:ffi_sync_id (its FFI twin's address). */
 int buzz__lhot_sync_id(lua_State *L);
+int buzz__lhot_ffi_sync_id(lua_State *L);
 
 /* lmetrics.c: core:metrics; core.histogram (registered on the module). */
 int buzz__lmetrics(lua_State *L);

@@ -191,6 +191,37 @@ describe("publish_sync's hot path", function()
     assert.matches("^EDEPTH: publish_sync nested 101 deep", refused[2])
   end)
 
+  it("on LuaJIT, takes ids from the core through the FFI: in step with "
+     .. "core:sync_id, and none where core:sync_id refuses", function()
+    if not rawget(_G, "jit") then
+      pending("the FFI is LuaJIT's")
+      return
+    end
+    local ffi = require "ffi"
+    local c = bus._core
+    local f = ffi.cast("double (*)(void *, int, int, double *)",
+                       c:ffi_sync_id())
+    local ts = ffi.new("double[1]")
+    local a = c:sync_id(0, 2)
+    local b = f(c, 0, 2, ts)
+    local d = c:sync_id(0, 2)
+    assert.same({ a + 1, a + 2 }, { b, d })
+    assert.is_true(math.abs(ts[0] - os.time() * 1000) < 2000)
+    assert.equal(0, f(c, 100, 2, ts))          -- EDEPTH: no id taken
+    assert.equal(d + 1, (c:sync_id(0, 2)))
+    local path = H.tmp_store()
+    local stored = H.bus{ store = path }
+    assert.equal(0, f(stored._core, 0, 2, ts))  -- a store's ids are not
+    stored:close()                              -- the hot path's
+    H.remove_store(path)
+    assert.is_truthy(bus._hot.sync_id ~= c.sync_id)   -- the path uses it
+    local id = bus:publish_sync("job.none")
+    bus:subscribe("job.x", function() end)
+    assert.equal(id + 1, bus:publish_sync("job.x"))
+    bus:close()
+    assert.equal(0, f(c, 0, 2, ts))            -- closed
+  end)
+
   it("stops at a handler that closes the bus", function()
     local later = H.counter(0)
     bus:subscribe("job.done", function() bus:close() end)

@@ -45,7 +45,7 @@ local core = require "buzz.core"
 local task = require "buzz.task"
 local metrics = require "buzz.metrics"
 
-local type, pcall, setmetatable = type, pcall, setmetatable
+local type, pcall, setmetatable, rawget = type, pcall, setmetatable, rawget
 -- The raw coroutine functions (task.lua's: OpenResty's are for nginx).
 local create, yield = task.create, task.co_yield
 local close = coroutine.close          -- nil before Lua 5.4
@@ -54,6 +54,28 @@ local SAMPLE, hist_age, hist_since = metrics.SAMPLE, metrics.hist_age,
                                      metrics.hist_since
 
 local M = {}
+
+-- On LuaJIT, core:sync_id through the FFI: a trace calls a C function
+-- there, where a call through the Lua C API leaves the trace. The
+-- function is the core's own (core:ffi_sync_id gives its address), and
+-- answers 0 wherever core:sync_id would refuse: that then says why.
+local ffi_ok, ffi = false, nil
+if rawget(_G, "jit") then ffi_ok, ffi = pcall(require, "ffi") end
+local SYNC_ID_T = ffi_ok and ffi.typeof("double (*)(void *, int, int, "
+                                       .. "double *)")
+
+-- The sync_id of core c for the hot path: core:sync_id, or on LuaJIT a
+-- function with the same results over the FFI twin.
+local function sync_id_of(c)
+  local sync_id = c.sync_id
+  if not SYNC_ID_T then return sync_id end
+  local f, ts = ffi.cast(SYNC_ID_T, c:ffi_sync_id()), ffi.new("double[1]")
+  return function(core_, hot, prio)
+    local id = f(core_, hot, prio, ts)
+    if id ~= 0 then return id, ts[0] end
+    return sync_id(core_, hot, prio)   -- EDEPTH, or a closed bus: why
+  end
+end
 
 -- Memoized audiences, in two generations of at most MEMO_MAX types each:
 -- publish_sync looks in the young one (memo); a miss there looks in the
@@ -95,7 +117,7 @@ M.DONE = DONE
 ---@return table
 function M.new(bus)
   local c, t = bus._core, bus._task
-  return { bus = bus, c = c, sync_id = c.sync_id, publish = c.publish,
+  return { bus = bus, c = c, sync_id = sync_id_of(c), publish = c.publish,
            task = t, hold = t.hold, slot = t.slot, dslot = t.dslot,
            manual = bus._manual, memo = {}, nmemo = 0, old = {},
            workers = {}, nworkers = 0,
