@@ -110,8 +110,8 @@ M.DONE = DONE
 --- and the holder of the current event it shares (hold[slot]; hold[dslot]
 --- the publish_sync levels open here), its manual clock (or false), memo
 --- (type -> audience, false for none), nmemo, old (the memo before),
---- its idle workers
---- (workers[1..nworkers]) and the states of the threads it ran an
+--- its idle workers (spare, one at hand, and
+--- workers[1..nworkers]) and the states of the threads it ran an
 --- audience in (thread -> st; weak).
 ---@param bus table
 ---@return table
@@ -120,7 +120,7 @@ function M.new(bus)
   return { bus = bus, c = c, sync_id = sync_id_of(c), publish = c.publish,
            task = t, hold = t.hold, slot = t.slot, dslot = t.dslot,
            manual = bus._manual, memo = {}, nmemo = 0, old = {},
-           workers = {}, nworkers = 0,
+           workers = {}, nworkers = 0, spare = false,
            states = setmetatable({}, { __mode = "k" }) }
 end
 
@@ -264,6 +264,20 @@ function M.worker(h)
   local co = create(body)
   h.states[co] = st
   return co
+end
+
+--- An idle worker of h's pool, or a new one.
+function M.take(h)
+  local k = h.nworkers
+  if k == 0 then return M.worker(h) end
+  h.nworkers = k - 1
+  return h.workers[k]
+end
+
+--- Gives worker co, idle again, back to h's pool (kept if there is room).
+function M.give(h, co)
+  local k = h.nworkers + 1
+  if k <= WORKERS_MAX then h.workers[k], h.nworkers = co, k end
 end
 
 --- The run in co stopped short of its event's end: the handler of

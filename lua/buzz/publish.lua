@@ -120,10 +120,9 @@ local PRIORITY_NAMES = { [0] = "critical", "high", "normal", "low" }
 
 local publish_sync_core = publisher("publish_sync")
 local hot_audience = hot_path.audience
-local hot_inherit, hot_worker, hot_settle = hot_path.inherit,
-                                           hot_path.worker, hot_path.settle
-local DONE, FRESH_AT, WORKERS_MAX = hot_path.DONE, hot_path.FRESH_AT,
-                                    hot_path.WORKERS_MAX
+local hot_inherit, hot_settle = hot_path.inherit, hot_path.settle
+local hot_take, hot_give = hot_path.take, hot_path.give
+local DONE, FRESH_AT = hot_path.DONE, hot_path.FRESH_AT
 local co_resume = task.co_resume
 
 --- Delivers an event to its handlers before returning, even in a handler.
@@ -138,6 +137,39 @@ local co_resume = task.co_resume
 -- @function Bus:publish_sync
 function Pub:publish_sync(etype, payload, opts)
   local h = HOT[self]                  -- nil unless self is such a bus
+  if h and opts == nil then
+    -- the hottest call of all: no options, a memoized audience, not deep
+    -- (the general hot path below, less what it need not check)
+    local aud = h.memo[etype]
+    local hold, dslot = h.hold, h.dslot
+    local hd = hold[dslot]
+    if aud and hd < FRESH_AT then
+      local id, ts, code = h.sync_id(h.c, hd, 2)
+      if not id then return nil, ts, code end   -- EDEPTH
+      local m = h.manual
+      if m then ts = m.ms end
+      local ev = { id = id, type = etype, payload = payload, ts = ts,
+                   priority = "normal", attempt = 1 }
+      local slot = h.slot
+      local cur = hold[slot]
+      if cur then hot_inherit(ev, cur) end      -- inside a handler
+      local co = h.spare                -- an idle worker kept at hand
+      if co then
+        h.spare = false
+      else
+        co = hot_take(h)
+      end
+      hold[slot], hold[dslot] = ev, hd + 1   -- (task.in_handler)
+      local ok, what, arg = co_resume(co, ev, aud)
+      hold[slot], hold[dslot] = cur, hd
+      if what == DONE and ok then
+        if h.spare then hot_give(h, co) else h.spare = co end
+        return id
+      end
+      hot_settle(h, co, ev, aud, ok, what, arg)
+      return id
+    end
+  end
   if h then
     local aud = h.memo[etype]
     if aud == nil then aud = hot_audience(h, etype) end
@@ -178,12 +210,7 @@ function Pub:publish_sync(etype, payload, opts)
       end
       local cur = hold[slot]
       if cur then hot_inherit(ev, cur) end      -- inside a handler
-      local k, co = h.nworkers
-      if k > 0 then
-        co, h.nworkers = h.workers[k], k - 1
-      else
-        co = hot_worker(h)
-      end
+      local co = hot_take(h)
       hold[slot], hold[dslot] = ev, hd + 1   -- (task.in_handler)
       local ok, what, arg
       if hd < FRESH_AT then
@@ -193,8 +220,7 @@ function Pub:publish_sync(etype, payload, opts)
       end
       hold[slot], hold[dslot] = cur, hd
       if what == DONE and ok then
-        k = h.nworkers + 1
-        if k <= WORKERS_MAX then h.workers[k], h.nworkers = co, k end
+        hot_give(h, co)
         return id
       end
       hot_settle(h, co, ev, aud, ok, what, arg)
