@@ -14,7 +14,9 @@
 -- Also here: "is a handler running?" (in_handler: depth, counted by every
 -- resume made here, the supervisor's included, and hot.lua's publish_sync
 -- levels), stop(), and what a take handed out
--- but a stop() left unrun (run first by the next drive).
+-- but a stop() left unrun (run first by the next drive). A durable page
+-- is upcast here before it runs (the core calls no upcaster), and the
+-- store failures the core kept are reported at each drive and at close.
 --
 -- Not here: failure policy (lua/buzz/failure.lua), timers, the hot path of
 -- publish_sync on a memory bus (lua/buzz/hot.lua).
